@@ -1,0 +1,73 @@
+# kpod-metrics: `make run` and `make test` are all a newcomer needs (Debian/Ubuntu, as root).
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PYTEST    := $(VENV)/bin/pytest
+CONFIG    ?= config.example.yaml
+
+# System packages: the BPF toolchain, libbpf's runtime, promtool (tests lint the exposition
+# with it), iproute2 (network-namespace tests), bpftrace and perf (benchmarks compare with them).
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool prometheus iproute2 python3-venv \
+                python3-dev bpftrace linux-perf util-linux e2fsprogs
+
+ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+BPF_SRC   := $(wildcard bpf/*.bpf.c)
+BPF_OBJ   := $(BPF_SRC:.bpf.c=.bpf.o)
+BPF_HDR   := $(wildcard bpf/*.h)
+CLANG     ?= clang
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I bpf
+
+.PHONY: setup run test bench lint fmt bpf clean system-packages venv
+
+setup: system-packages venv bpf
+
+# Idempotent: apt runs only when a package is missing.
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# vmlinux.h is generated from the build machine's BTF; CO-RE relocates field offsets at load
+# time, so objects built here run on other kernels with BTF.
+bpf/vmlinux.h:
+	@test -r /sys/kernel/btf/vmlinux || { echo "bpf/vmlinux.h: /sys/kernel/btf/vmlinux is missing (kernel without BTF)"; exit 2; }
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+bpf/%.bpf.o: bpf/%.bpf.c bpf/vmlinux.h $(BPF_HDR)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+bpf: $(BPF_OBJ)
+
+run: setup
+	$(VENV)/bin/kpod-metrics run --config $(CONFIG)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PYTEST) -q
+
+bench: setup
+	$(PY) -m bench
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+fmt: venv
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -f bpf/*.bpf.o bpf/vmlinux.h
+	rm -rf build dist *.egg-info

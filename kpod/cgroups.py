@@ -1,0 +1,192 @@
+"""Where the cgroups are, and which cgroup an id means.
+
+`parse_mountinfo_cgroups` is a pure parser of /proc/self/mountinfo.  `CgroupIndex` walks the
+cgroup2 tree once per cycle (os.scandir, no /proc scan) and answers id -> path: a cgroup2 id
+is the inode number of the cgroup's directory, which is what `bpf_get_current_cgroup_id()`
+and `kn->id` return in the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kpod.model import CgroupRef
+
+log = logging.getLogger("kpod.cgroups")
+
+
+@dataclass(frozen=True)
+class CgroupMounts:
+    """The cgroup mounts of a host: the cgroup2 mount, and v1 controllers by name."""
+
+    unified: str | None
+    v1: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> str:
+        if self.unified and not self.v1:
+            return "v2"
+        if self.unified and self.v1:
+            return "hybrid"
+        return "v1" if self.v1 else "none"
+
+
+def _unescape_mount_path(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in path:
+        return path
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        if path[i] == "\\" and path[i + 1 : i + 4].isdigit() and i + 4 <= len(path):
+            out.append(chr(int(path[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo_cgroups(text: str) -> CgroupMounts:
+    """Find the cgroup2 mount and the v1 controller mounts in mountinfo text.
+
+    Lines that do not have the mountinfo shape are skipped.  With several cgroup2 mounts
+    (bind mounts of sub-trees inside containers), the one whose root is "/" wins.
+    """
+    unified: str | None = None
+    unified_is_root = False
+    v1: dict[str, str] = {}
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split()
+        tail = right.split()
+        if len(fields) < 5 or len(tail) < 3:
+            continue
+        root, mount_point = fields[3], _unescape_mount_path(fields[4])
+        fstype, options = tail[0], tail[2]
+        if fstype == "cgroup2":
+            if unified is None or (root == "/" and not unified_is_root):
+                unified, unified_is_root = mount_point, root == "/"
+        elif fstype == "cgroup":
+            for option in options.split(","):
+                if option in ("rw", "ro") or option.startswith("release_agent"):
+                    continue
+                v1.setdefault(option, mount_point)
+    return CgroupMounts(unified=unified, v1=v1)
+
+
+def is_cgroup2_mount(path: str, mounts: CgroupMounts) -> bool:
+    return mounts.unified is not None and os.path.realpath(path) == os.path.realpath(mounts.unified)
+
+
+def resolve_cgroup_root(configured: str, mountinfo_text: str) -> tuple[str, CgroupMounts]:
+    """The cgroup2 mount to use: `configured` if it is one, else the one in mountinfo.
+
+    A configured path that contains `cgroup.controllers` is taken as a cgroup2 root even when
+    it is not in our mountinfo (a host's tree mounted into the agent's container, or a test
+    fixture).
+    """
+    mounts = parse_mountinfo_cgroups(mountinfo_text)
+    if os.path.exists(os.path.join(configured, "cgroup.controllers")):
+        return configured, mounts
+    if mounts.unified:
+        return mounts.unified, mounts
+    raise FileNotFoundError(f"{configured}: not a cgroup2 mount, and no cgroup2 mount in mountinfo")
+
+
+# A k8s node's workload cgroups live under these top-level names (systemd and cgroupfs drivers).
+KUBEPODS_TOPS = ("kubepods.slice", "kubepods")
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupEntry:
+    ref: CgroupRef
+    is_leaf: bool
+
+
+class CgroupIndex:
+    """An id -> path map of a cgroup2 tree, refreshed by walking it.
+
+    `scope` limits the walk: "kubepods" walks only the pod subtrees (on a node that is all the
+    agent reports), "all" walks the whole tree (local mode on any Linux host).
+    Thread-safe: receivers collect concurrently.
+    """
+
+    # Do not walk again for an unknown id more often than this (an id of a cgroup that is
+    # already gone would otherwise trigger a walk per lookup).
+    MISS_REFRESH_INTERVAL_S = 1.0
+
+    def __init__(self, root: str, scope: str = "all", mounts: CgroupMounts | None = None) -> None:
+        self.root = root.rstrip("/") or "/"
+        self.scope = scope
+        self.mounts = mounts or CgroupMounts(unified=root)
+        self._lock = threading.Lock()
+        self._by_id: dict[int, CgroupEntry] = {}
+        self._walked_at = 0.0
+        self._walks = 0
+
+    @property
+    def walks(self) -> int:
+        return self._walks
+
+    def abspath(self, path: str) -> str:
+        return self.root if path == "/" else self.root + path
+
+    def _walk_roots(self) -> Iterable[str]:
+        if self.scope == "all":
+            yield self.root
+            return
+        for top in KUBEPODS_TOPS:
+            candidate = os.path.join(self.root, top)
+            if os.path.isdir(candidate):
+                yield candidate
+
+    def refresh(self) -> None:
+        """Walk the tree and rebuild the map.  Cgroups that vanish mid-walk are skipped."""
+        found: dict[int, CgroupEntry] = {}
+        prefix_len = len(self.root) if self.root != "/" else 0
+        stack = list(self._walk_roots())
+        while stack:
+            directory = stack.pop()
+            try:
+                inode = os.stat(directory).st_ino
+                children = [e.path for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue  # removed while we walked
+            relative = directory[prefix_len:] or "/"
+            found[inode] = CgroupEntry(CgroupRef(inode, relative), is_leaf=not children)
+            stack.extend(children)
+        with self._lock:
+            self._by_id = found
+            self._walked_at = time.monotonic()
+            self._walks += 1
+
+    def path_of(self, cgroup_id: int) -> str | None:
+        """The path of a cgroup id, walking again (rate-limited) when the id is unknown."""
+        entry = self._by_id.get(cgroup_id)
+        if entry is None and time.monotonic() - self._walked_at >= self.MISS_REFRESH_INTERVAL_S:
+            self.refresh()
+            entry = self._by_id.get(cgroup_id)
+        return entry.ref.path if entry else None
+
+    def ref(self, cgroup_id: int) -> CgroupRef | None:
+        path = self.path_of(cgroup_id)
+        return CgroupRef(cgroup_id, path) if path is not None else None
+
+    def known_ids(self) -> set[int]:
+        return set(self._by_id)
+
+    def workloads(self) -> list[CgroupRef]:
+        """The cgroups whose files the cgroup receivers read: the leaves of the tree.
+
+        Leaves, because cgroup2 counters are hierarchical: reporting a pod's cgroup and its
+        containers' would count everything twice in any sum.  The root is never a workload.
+        """
+        return [e.ref for e in self._by_id.values() if e.is_leaf and e.ref.path != "/"]

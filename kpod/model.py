@@ -1,0 +1,160 @@
+"""The data model that flows through the pipeline.
+
+It mirrors the OpenTelemetry metrics data model (a monotonic cumulative Sum, a Gauge, an
+explicit-bucket Histogram) but stays a few slotted classes, because kernel data arrives
+pre-aggregated: a receiver reads cumulative counters and log2 bucket counts from BPF maps or
+cgroup files and hands them over as they are.  Nothing here goes through the OTel metrics API
+(it has no asynchronous histogram); the OTLP exporter converts these points to the SDK's
+data classes only when it is configured.
+
+A batch is a full snapshot: every cycle each receiver emits the current value of every series
+it knows.  A series whose cgroup disappeared is simply absent from the next batch, so the
+exporters never have to expire anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+# Attribute tuples are sorted (key, value) pairs: hashable, cheap to compare, and the order
+# in which labels are rendered.
+Attributes = tuple[tuple[str, str], ...]
+
+NO_ATTRIBUTES: Attributes = ()
+
+
+def attributes(**items: str) -> Attributes:
+    """Build a sorted attribute tuple from keyword arguments."""
+    return tuple(sorted(items.items()))
+
+
+class Kind(enum.Enum):
+    COUNTER = "counter"  # OTel Sum, monotonic, cumulative temporality
+    GAUGE = "gauge"  # OTel Gauge
+    HISTOGRAM = "histogram"  # OTel explicit-bucket Histogram, cumulative
+
+
+@dataclass(frozen=True, slots=True)
+class MetricDef:
+    """What a metric is: one definition per metric, owned by the receiver that emits it.
+
+    `name` is the spec's dotted name (kpod.cpu.runqueue.latency); `unit` is UCUM
+    ("s", "By", "1"); `attribute_keys` are the point's own attributes (syscall, device, ...),
+    not the Kubernetes ones, which the enrichment processor adds as a Resource.
+    """
+
+    name: str
+    kind: Kind
+    unit: str
+    description: str
+    attribute_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupRef:
+    """The identity of a cgroup: its cgroup2 id (the directory's inode) and path.
+
+    `path` is relative to the cgroup2 mount and starts with "/" ("/" is the root).  It is empty
+    when the receiver saw only an id that no longer resolves (the cgroup is gone).
+    """
+
+    id: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """Who a point belongs to, set by the enrichment processor.
+
+    `labels` are the Prometheus labels (namespace, pod, container, node, optional label_*);
+    `otel` are the OpenTelemetry resource attributes (k8s.pod.name, container.id, ...).
+    Resources are shared by every point of a cgroup, so they are built once per cgroup.
+    """
+
+    labels: Attributes
+    otel: Attributes = NO_ATTRIBUTES
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramValue:
+    """Bucket counts as the kernel aggregated them.
+
+    `bounds` are the explicit upper bounds (OTel semantics: bucket i counts values in
+    (bounds[i-1], bounds[i]]; the last bucket, one longer than bounds, is (bounds[-1], +inf)).
+    `counts` are per-bucket, not cumulative; `count` == sum(counts).
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(slots=True)
+class Point:
+    """One data point of one metric for one cgroup (or for the agent itself, cgroup None)."""
+
+    metric: MetricDef
+    cgroup: CgroupRef | None
+    attributes: Attributes
+    value: float | HistogramValue
+    resource: Resource | None = None
+    start_time_ns: int = 0
+
+
+@dataclass(slots=True)
+class Batch:
+    """The points of one collection cycle, in emission order."""
+
+    points: list[Point] = field(default_factory=list)
+    time_ns: int = field(default_factory=time.time_ns)
+
+    def add(self, point: Point) -> None:
+        self.points.append(point)
+
+    def extend(self, points: Iterable[Point]) -> None:
+        self.points.extend(points)
+
+    def __iter__(self) -> Iterator[Point]:
+        return iter(self.points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def copy(self) -> Batch:
+        """A copy whose point list and points can be changed without touching this one."""
+        return Batch(
+            points=[
+                Point(p.metric, p.cgroup, p.attributes, p.value, p.resource, p.start_time_ns)
+                for p in self.points
+            ],
+            time_ns=self.time_ns,
+        )
+
+    def by_metric(self) -> dict[MetricDef, list[Point]]:
+        groups: dict[MetricDef, list[Point]] = {}
+        for point in self.points:
+            groups.setdefault(point.metric, []).append(point)
+        return groups
+
+
+def counter(
+    metric: MetricDef,
+    cgroup: CgroupRef | None,
+    value: float,
+    attrs: Attributes = NO_ATTRIBUTES,
+    start_time_ns: int = 0,
+) -> Point:
+    return Point(metric, cgroup, attrs, value, None, start_time_ns)
+
+
+def merge_attributes(first: Attributes, second: Mapping[str, str] | Attributes) -> Attributes:
+    items = dict(first)
+    items.update(second)
+    return tuple(sorted(items.items()))

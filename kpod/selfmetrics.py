@@ -1,0 +1,71 @@
+"""The agent's own metrics (kpod_collection_errors_total{receiver}, kpod_series, ...).
+
+Components count into one shared `SelfMetrics`; each cycle the pipeline appends its points
+to the batch, so self-metrics travel through the exporters like any other point (with no
+cgroup and no resource).  Names are the final Prometheus names: these are not the spec's
+dotted kernel metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from kpod.model import Attributes, HistogramValue, Kind, MetricDef, Point
+
+
+@dataclass
+class _Family:
+    metric: MetricDef
+    values: dict[Attributes, float]
+
+
+class SelfMetrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._families: dict[str, _Family] = {}
+
+    def _family(self, name: str, kind: Kind, unit: str, description: str, keys: tuple[str, ...]) -> _Family:
+        family = self._families.get(name)
+        if family is None:
+            family = _Family(MetricDef(name, kind, unit, description, keys), {})
+            self._families[name] = family
+        return family
+
+    def declare_counter(self, name: str, description: str, keys: tuple[str, ...] = (), unit: str = "1") -> None:
+        with self._lock:
+            self._family(name, Kind.COUNTER, unit, description, keys)
+
+    def inc(self, name: str, description: str, labels: Attributes = (), amount: float = 1.0, unit: str = "1") -> None:
+        with self._lock:
+            family = self._family(name, Kind.COUNTER, unit, description, tuple(k for k, _ in labels))
+            family.values[labels] = family.values.get(labels, 0.0) + amount
+
+    def set(self, name: str, description: str, value: float, labels: Attributes = (), unit: str = "1") -> None:
+        with self._lock:
+            family = self._family(name, Kind.GAUGE, unit, description, tuple(k for k, _ in labels))
+            family.values[labels] = value
+
+    def forget(self, name: str, labels: Attributes) -> None:
+        """Drop one series (a BPF program that was unloaded, an exporter that is gone)."""
+        with self._lock:
+            family = self._families.get(name)
+            if family:
+                family.values.pop(labels, None)
+
+    def get(self, name: str, labels: Attributes = ()) -> float:
+        with self._lock:
+            family = self._families.get(name)
+            return family.values.get(labels, 0.0) if family else 0.0
+
+    def points(self) -> list[Point]:
+        with self._lock:
+            out: list[Point] = []
+            for family in self._families.values():
+                for labels, value in family.values.items():
+                    out.append(Point(family.metric, None, labels, value))
+            return out
+
+
+def histogram_point(metric: MetricDef, labels: Attributes, value: HistogramValue) -> Point:
+    return Point(metric, None, labels, value)

@@ -1,0 +1,87 @@
+"""The `kpod:` section of the config file, as typed dataclasses.
+
+Field defaults here are the agent's defaults; `config.example.yaml` documents the same values
+and a test keeps the two equal.  The config loader (kpod.config) validates YAML against these
+classes: unknown keys, wrong types and out-of-range values are errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kpod.units import Duration
+
+DEFAULT_TRACKED_SYSCALLS = [
+    "read",
+    "write",
+    "openat",
+    "close",
+    "connect",
+    "accept4",
+    "sendto",
+    "recvfrom",
+    "epoll_wait",
+    "futex",
+]
+
+
+@dataclass
+class KubeletSettings:
+    url: str = "https://${env:NODE_IP}:10250/pods"
+    poll_interval: Duration = field(default_factory=lambda: Duration.parse("30s"))
+    # Verification of the kubelet's certificate is on unless this is set.
+    insecure_skip_verify: bool = False
+    token_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    ca_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+@dataclass
+class DiscoverySettings:
+    mode: str = "informer"  # informer | kubelet | local
+    kubelet: KubeletSettings = field(default_factory=KubeletSettings)
+
+    CHOICES = ("informer", "kubelet", "local")
+
+
+@dataclass
+class CgroupSettings:
+    root: str = "/sys/fs/cgroup"
+    proc_root: str = "/proc"
+
+
+@dataclass
+class FilterSettings:
+    namespaces: list[str] = field(default_factory=list)
+    exclude_namespaces: list[str] = field(default_factory=lambda: ["kube-system", "kube-public"])
+    label_selector: str = ""
+    # Pod labels copied onto every series as label_<name>; off by default (cardinality).
+    include_labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BpfSettings:
+    enabled: bool = True
+    program_dir: str = ""  # empty = the objects shipped with the package
+    map_max_entries: int = 10240
+
+
+@dataclass
+class SyscallSettings:
+    tracked_syscalls: list[str] = field(default_factory=lambda: list(DEFAULT_TRACKED_SYSCALLS))
+
+
+@dataclass
+class KpodSettings:
+    profile: str = "standard"  # minimal | standard | comprehensive | custom
+    poll_interval: Duration = field(default_factory=lambda: Duration.parse("30s"))
+    # A cycle that has not finished after this long is abandoned (receivers still running
+    # are reported as timed out).  0 = the poll interval.
+    cycle_timeout: Duration = field(default_factory=lambda: Duration.parse("0s"))
+    node_name: str = ""  # empty = the host name
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    cgroup: CgroupSettings = field(default_factory=CgroupSettings)
+    filter: FilterSettings = field(default_factory=FilterSettings)
+    bpf: BpfSettings = field(default_factory=BpfSettings)
+    syscall: SyscallSettings = field(default_factory=SyscallSettings)
+
+    PROFILES = ("minimal", "standard", "comprehensive", "custom")
