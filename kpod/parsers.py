@@ -1,0 +1,339 @@
+"""Pure parsers for the cgroup, /proc and /sys files the cgroup receivers read.
+
+One small function per file format, in the style of psutil: text in, plain data out, no I/O.
+None of them raises on odd input.  The kernel writes these files in a fixed shape, but a
+reader can still see a truncated read (a cgroup removed mid-read), a field added by a newer
+kernel, or bytes decoded with replacement characters; a malformed line is skipped and the
+lines that parsed are returned.  Functions whose callers may care report how many lines they
+skipped.
+
+Units are the kernel's: microseconds for PSI and cpu.stat, bytes for io and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# A device number as (major, minor): the key of io.stat and blkio lines, and of /sys/dev/block.
+DevNum = tuple[int, int]
+
+
+def _int(text: str) -> int | None:
+    """A base-10 integer, or None.  Only ASCII digits with an optional sign, unlike int()."""
+    # int() accepts "1_000", " 12 " and non-ASCII digits; none of those is a kernel number.
+    body = text[1:] if text[:1] in ("-", "+") else text
+    if not body or not body.isascii() or not body.isdigit():
+        return None
+    return int(text)
+
+
+def parse_devnum(text: str) -> DevNum | None:
+    """ "254:0" -> (254, 0), or None."""
+    major, sep, minor = text.partition(":")
+    if not sep:
+        return None
+    ma, mi = _int(major), _int(minor)
+    if ma is None or mi is None or ma < 0 or mi < 0:
+        return None
+    return ma, mi
+
+
+# --------------------------------------------------------------------------------------------
+# Flat-keyed files: "key value" per line (cpu.stat, memory.stat v1 and v2, memory.events).
+
+
+def parse_flat_keyed(text: str) -> tuple[dict[str, int], int]:
+    """Parse a flat-keyed file into ({key: value}, skipped_lines).
+
+    A line must be exactly two fields, a key and an integer.  Unknown keys are kept (a newer
+    kernel adds fields; callers pick what they know).  If a key repeats, the last one wins.
+    """
+    values: dict[str, int] = {}
+    skipped = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            skipped += 1
+            continue
+        value = _int(fields[1])
+        if value is None:
+            skipped += 1
+            continue
+        values[fields[0]] = value
+    return values, skipped
+
+
+def parse_cpu_stat(text: str) -> dict[str, int]:
+    """cgroup2 cpu.stat: usage_usec, user_usec, system_usec, and with the cpu controller
+    nr_periods, nr_throttled, throttled_usec, nr_bursts, burst_usec (6.1); 6.18 adds nice_usec.
+
+    Keys are returned as in the file; which ones exist depends on kernel and controller.
+    """
+    return parse_flat_keyed(text)[0]
+
+
+def parse_memory_stat(text: str) -> dict[str, int]:
+    """memory.stat, v2 (anon, file, inactive_file, ...) or v1 (cache, rss, total_inactive_file, ...)."""
+    return parse_flat_keyed(text)[0]
+
+
+def parse_single_int(text: str) -> int | None:
+    """A one-value file (memory.current, memory.usage_in_bytes): the integer, or None.
+
+    None also for "max" (memory.max without a limit) and for an empty or garbled file.
+    """
+    fields = text.split()
+    if len(fields) != 1:
+        return None
+    return _int(fields[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Block I/O.
+
+
+def parse_io_stat(text: str) -> dict[DevNum, dict[str, int]]:
+    """cgroup2 io.stat: "MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. dbytes=.. dios=.." per device.
+
+    Returns {(major, minor): {key: value}}.  Keys beyond the six base ones (cost.*, latency
+    keys of iocost/iolatency) are kept.  A malformed key=value pair is dropped on its own;
+    a line without a valid device number is skipped.  An empty file means no I/O.
+    """
+    devices: dict[DevNum, dict[str, int]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        dev = parse_devnum(fields[0])
+        if dev is None:
+            continue
+        stats: dict[str, int] = {}
+        for pair in fields[1:]:
+            key, sep, raw = pair.partition("=")
+            value = _int(raw) if sep and key else None
+            if value is not None:
+                stats[key] = value
+        if stats:
+            devices[dev] = stats
+    return devices
+
+
+# The operations a blkio.throttle.* line carries, as the kernel spells them.
+BLKIO_OPS = ("Read", "Write", "Sync", "Async", "Discard", "Total")
+
+
+def parse_blkio_throttle(text: str) -> dict[DevNum, dict[str, int]]:
+    """cgroup v1 blkio.throttle.io_service_bytes / io_serviced: "MAJ:MIN Op value" lines.
+
+    Returns {(major, minor): {"Read": n, "Write": n, ...}}.  The closing "Total N" line (no
+    device) is a sum and is not returned.  A file that is only "Total 0" returns {}: on recent
+    kernels these counters are only kept on devices that have a throttle rule, so an empty
+    result means NO DATA, not "no I/O" (see shared/fixtures/README.md, surprise 1).
+    """
+    devices: dict[DevNum, dict[str, int]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or fields[1] not in BLKIO_OPS:
+            continue
+        dev = parse_devnum(fields[0])
+        value = _int(fields[2])
+        if dev is None or value is None:
+            continue
+        devices.setdefault(dev, {})[fields[1]] = value
+    return devices
+
+
+# --------------------------------------------------------------------------------------------
+# Pressure stall information.
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """One line of a *.pressure file.  `total_usec` is cumulative stall time in microseconds."""
+
+    avg10: float
+    avg60: float
+    avg300: float
+    total_usec: int
+
+
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    # float() accepts "nan" and "inf"; the kernel never writes them.
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+def parse_pressure(text: str) -> dict[str, Pressure]:
+    """cpu/memory/io/irq.pressure: "some avg10=.. avg60=.. avg300=.. total=.." and "full ...".
+
+    Returns {"some": Pressure, "full": Pressure} with whichever lines exist (cpu "full" exists
+    at cgroup level since 5.13, irq.pressure has only "full").  A line without a valid
+    `total` is skipped; missing averages read as 0.0 (the total is what matters for counters).
+    """
+    lines: dict[str, Pressure] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0] not in ("some", "full"):
+            continue
+        pairs: dict[str, str] = {}
+        for pair in fields[1:]:
+            key, sep, raw = pair.partition("=")
+            if sep:
+                pairs[key] = raw
+        total = _int(pairs.get("total", ""))
+        if total is None or total < 0:
+            continue
+        averages = [_float(pairs.get(k, "")) for k in ("avg10", "avg60", "avg300")]
+        a10, a60, a300 = (a if a is not None else 0.0 for a in averages)
+        lines[fields[0]] = Pressure(a10, a60, a300, total)
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# /proc/<pid>/net/dev
+
+
+@dataclass(frozen=True, slots=True)
+class NetDevCounters:
+    rx_bytes: int
+    rx_packets: int
+    rx_errors: int
+    rx_drops: int
+    rx_fifo: int
+    rx_frame: int
+    rx_compressed: int
+    rx_multicast: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errors: int
+    tx_drops: int
+    tx_fifo: int
+    tx_colls: int
+    tx_carrier: int
+    tx_compressed: int
+
+
+def parse_net_dev(text: str) -> dict[str, NetDevCounters]:
+    """/proc/<pid>/net/dev: {interface: counters} for the network namespace of <pid>.
+
+    The two header lines have no "name:" prefix of the right shape and are skipped, as is
+    any line without exactly 16 integer columns.  Interface names cannot contain ':' (the
+    kernel refuses them), so the first ':' ends the name even when a wide number touches it.
+    """
+    interfaces: dict[str, NetDevCounters] = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        name = name.strip()
+        if not sep or not name or "|" in name or " " in name:
+            continue
+        columns = [_int(f) for f in rest.split()]
+        if len(columns) != 16 or any(c is None for c in columns):
+            continue
+        interfaces[name] = NetDevCounters(*columns)  # type: ignore[arg-type]
+    return interfaces
+
+
+# --------------------------------------------------------------------------------------------
+# /proc/<pid>/mountinfo
+
+
+@dataclass(frozen=True, slots=True)
+class MountInfo:
+    mount_id: int
+    parent_id: int
+    dev: DevNum
+    root: str  # the path inside the filesystem that is mounted here ("/" unless a bind mount)
+    mount_point: str  # relative to the process's root
+    options: str  # per-mount options (rw,relatime)
+    optional: tuple[str, ...]  # shared:N, master:N, ...
+    fstype: str
+    source: str
+    super_options: str
+
+
+def unescape_mountinfo(path: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as \\ooo octal."""
+    if "\\" not in path:
+        return path
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        chunk = path[i + 1 : i + 4]
+        if path[i] == "\\" and len(chunk) == 3 and all(c in "01234567" for c in chunk):
+            out.append(chr(int(chunk, 8)))
+            i += 4
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    """/proc/<pid>/mountinfo, one MountInfo per well-formed line, in file order.
+
+    Shape: "id parent maj:min root mount_point options [optional...] - fstype source super_options".
+    """
+    mounts: list[MountInfo] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields = left.split(" ")
+        tail = right.split(" ")
+        if len(fields) < 6 or len(tail) < 2:
+            continue
+        mount_id, parent_id = _int(fields[0]), _int(fields[1])
+        dev = parse_devnum(fields[2])
+        if mount_id is None or parent_id is None or dev is None:
+            continue
+        mounts.append(
+            MountInfo(
+                mount_id=mount_id,
+                parent_id=parent_id,
+                dev=dev,
+                root=unescape_mountinfo(fields[3]),
+                mount_point=unescape_mountinfo(fields[4]),
+                options=fields[5],
+                optional=tuple(f for f in fields[6:] if f),
+                fstype=tail[0],
+                source=unescape_mountinfo(tail[1]),
+                super_options=tail[2] if len(tail) > 2 else "",
+            )
+        )
+    return mounts
+
+
+# --------------------------------------------------------------------------------------------
+# /sys/dev/block/M:m/uevent and cgroup.procs
+
+
+def parse_uevent(text: str) -> dict[str, str]:
+    """KEY=value lines (MAJOR, MINOR, DEVNAME, DEVTYPE, DISKSEQ, ...)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if sep and key and " " not in key:
+            values[key] = value.strip()
+    return values
+
+
+def parse_devname(text: str) -> str | None:
+    """The DEVNAME of a uevent file ("vda", "nvme0n1p1", "mapper/..." is "dm-0"), or None."""
+    name = parse_uevent(text).get("DEVNAME")
+    return name or None
+
+
+def parse_cgroup_procs(text: str) -> list[int]:
+    """cgroup.procs: one PID per line; an empty file is a cgroup without processes."""
+    pids: list[int] = []
+    for line in text.splitlines():
+        pid = _int(line.strip())
+        if pid is not None and pid > 0:
+            pids.append(pid)
+    return pids
