@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from kpod.cgroups import CgroupIndex
     from kpod.config import KpodSettings
     from kpod.selfmetrics import SelfMetrics
+    from kpod.status import AgentStatus
 
 
 class ComponentUnavailable(Exception):
@@ -42,7 +43,9 @@ class Context:
     cgroups: CgroupIndex
     self_metrics: SelfMetrics
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("kpod"))
-    # The names of the receivers in the running pipeline, for processors that need to know.
+    # Readiness, cycle and receiver state, shared by the whole agent (None in unit tests).
+    status: AgentStatus | None = None
+    # Shared services between components, by name (one dict for the whole agent).
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +118,8 @@ class Factory:
     config_class: type
     create: Callable[[Context, Any], Component]
     description: str = ""
+    # eBPF receivers: left out of the profiles when `kpod.bpf.enabled` is false.
+    requires_bpf: bool = False
 
 
 @dataclass

@@ -37,7 +37,8 @@ class KubeletSettings:
 
 @dataclass
 class DiscoverySettings:
-    mode: str = "informer"  # informer | kubelet | local
+    # informer | kubelet | local; empty = informer inside a pod, local elsewhere.
+    mode: str = ""
     kubelet: KubeletSettings = field(default_factory=KubeletSettings)
 
     CHOICES = ("informer", "kubelet", "local")

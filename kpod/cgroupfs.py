@@ -1,0 +1,111 @@
+"""File access shared by the cgroup-file receivers (disk, net_iface, filesystem, memory, pressure).
+
+The parsers in kpod.parsers are pure; this module does the reading: one `os.read` loop per
+file (kernfs and procfs files are generated on read, so there is nothing to gain from Python's
+buffered layer), the error accounting every receiver must do the same way, and the few path
+rules of the cgroup layouts (v1 controller paths on hybrid hosts, the pod cgroup of a
+container, the live processes of a cgroup).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from kpod.cgroups import CgroupMounts
+from kpod.component import Receiver
+from kpod.model import CgroupRef
+from kpod.parsers import parse_cgroup_procs
+
+COLLECTION_ERRORS = "kpod.collection.errors"
+COLLECTION_ERRORS_HELP = "Files a receiver could not read in a cycle (the cgroup or process went away)"
+
+_READ_CHUNK = 65536
+
+
+def read_text(path: str) -> str:
+    """The whole file as text.  Raises OSError (FileNotFoundError when it vanished).
+
+    Bytes that are not UTF-8 are kept as surrogate escapes (os.fsdecode's convention), so
+    paths from mountinfo round-trip to the kernel unchanged and parsers never see a decode error.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return os.fsdecode(b"".join(chunks))
+
+
+def v1_path(mounts: CgroupMounts, controller: str, cgroup_path: str) -> str | None:
+    """The v1 directory of `controller` for a cgroup2-relative path, on hybrid hosts.
+
+    Container runtimes and systemd create the same relative path in every hierarchy they
+    manage (kubepods.slice/... or kubepods/...), so the cgroup2 path is also the v1 path.
+    """
+    mount = mounts.v1.get(controller)
+    if mount is None:
+        return None
+    return mount if cgroup_path == "/" else mount.rstrip("/") + cgroup_path
+
+
+# The pod-level cgroup of both kubelet cgroup drivers:
+#   systemd:  kubepods-burstable-pod0a1b2c3d_0000_..._000000000001.slice
+#   cgroupfs: pod0a1b2c3d-0000-...-000000000004
+_UID = r"[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}"
+_POD_DIR = re.compile(r"(^|-)pod" + _UID + r"(\.slice)?$")
+
+
+def pod_cgroup_path(cgroup_path: str) -> str | None:
+    """The pod cgroup a container cgroup belongs to (its parent, if that is a pod), or None."""
+    parent, _, _ = cgroup_path.rpartition("/")
+    name = parent.rpartition("/")[2]
+    return parent if parent and _POD_DIR.search(name) else None
+
+
+class CgroupFileReceiver(Receiver):
+    """A receiver that reads files per cgroup: the error accounting they share.
+
+    A file that cannot be read is skipped and counted in kpod.collection.errors{receiver};
+    the rest of the cycle goes on.  The one exception is a file that a live cgroup simply does
+    not have (a controller not enabled for that subtree): that is a property of the node, not
+    an error, and counting it every cycle would bury real errors.
+    """
+
+    def _error(self, amount: int = 1) -> None:
+        self.context.self_metrics.inc(
+            COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, labels=(("receiver", self.id),), amount=amount
+        )
+
+    def _read(self, path: str, cgroup_dir: str | None = None) -> str | None:
+        """Read a file, or count the failure and return None.
+
+        `cgroup_dir`: the directory that holds the file; when given, a missing file in a
+        directory that still exists is "not provided here" and not counted.
+        """
+        try:
+            return read_text(path)
+        except FileNotFoundError:
+            if cgroup_dir is not None and os.path.isdir(cgroup_dir):
+                return None
+            self._error()
+            return None
+        except OSError as err:
+            # ENODEV/ESRCH: a process or cgroup torn down between open and read; EACCES: a
+            # process that changed credentials.  All are per-file, none stops the cycle.
+            self.log.debug("reading %s: %s", path, err)
+            self._error()
+            return None
+
+    def _pids(self, ref: CgroupRef) -> list[int] | None:
+        """The processes of a cgroup from its cgroup.procs (never a /proc scan)."""
+        directory = self.context.cgroups.abspath(ref.path)
+        text = self._read(directory + "/cgroup.procs")
+        if text is None:
+            return None
+        return parse_cgroup_procs(text)
