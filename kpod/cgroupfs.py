@@ -57,7 +57,9 @@ def v1_path(mounts: CgroupMounts, controller: str, cgroup_path: str) -> str | No
 # The pod-level cgroup of both kubelet cgroup drivers:
 #   systemd:  kubepods-burstable-pod0a1b2c3d_0000_..._000000000001.slice
 #   cgroupfs: pod0a1b2c3d-0000-...-000000000004
-_UID = r"[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}"
+# (a static pod's cgroup carries the kubelet's 32-hex-digit config hash instead of a uid)
+_H = "[0-9a-fA-F]"
+_UID = rf"(?:{_H}{{8}}[-_]{_H}{{4}}[-_]{_H}{{4}}[-_]{_H}{{4}}[-_]{_H}{{12}}|{_H}{{32}})"
 _POD_DIR = re.compile(r"(^|-)pod" + _UID + r"(\.slice)?$")
 
 
