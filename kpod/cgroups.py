@@ -187,6 +187,7 @@ class CgroupIndex:
         """The cgroups whose files the cgroup receivers read: the leaves of the tree.
 
         Leaves, because cgroup2 counters are hierarchical: reporting a pod's cgroup and its
-        containers' would count everything twice in any sum.  The root is never a workload.
+        containers' would count everything twice in any sum.  The root counts only when it is a
+        leaf itself (a host with no cgroups below the root: its processes are the workload).
         """
-        return [e.ref for e in self._by_id.values() if e.is_leaf and e.ref.path != "/"]
+        return [e.ref for e in self._by_id.values() if e.is_leaf]

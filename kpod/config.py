@@ -168,10 +168,6 @@ def _build_value(tp: Any, value: Any, where: _Where, meta: typing.Mapping[str, A
         if value is None:
             return None
         return _build_value(args[0], value, where, meta)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        return build(tp, value, where)  # type: ignore[arg-type]
     if tp is Duration:
         try:
             duration = Duration.parse(value)
@@ -179,6 +175,10 @@ def _build_value(tp: Any, value: Any, where: _Where, meta: typing.Mapping[str, A
             raise where.error(str(error)) from None
         _check_range(duration.seconds, where, meta)
         return duration
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        return build(tp, value, where)  # type: ignore[arg-type]
     if tp is bool:
         if not isinstance(value, bool):
             raise where.error(f"expected true or false, got {value!r}")
@@ -263,7 +263,7 @@ def _leaf_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str
     for name, tp in typing.get_type_hints(cls).items():
         if not any(f.name == name for f in dataclasses.fields(cls)):
             continue
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp) and tp is not Duration:
             out.extend(_leaf_paths(tp, (*prefix, name)))  # type: ignore[arg-type]
         else:
             out.append(((*prefix, name), tp))
@@ -432,7 +432,10 @@ def load_config(
         ("exporter", exporter_ids, config.exporters),
     ):
         for component_id in ids:
-            raw, where = declared[kind].get(component_id, (None, root.child(f"{kind}s", document)))
+            if component_id in declared[kind]:
+                raw, where = declared[kind][component_id]
+            else:  # implied by the profile or the default pipeline
+                raw, where = None, root.child("kpod", document).child("profile", raw_kpod)
             target.append(_component(registry, kind, component_id, raw, where, overrides.get(component_id, {})))
     return config
 
@@ -459,6 +462,8 @@ def _finish_settings(kpod: KpodSettings, where: _Where, environ: typing.Mapping[
         raise _Where(where.source, "kpod.poll_interval", where.line).error("must be at least 100ms")
     if not kpod.node_name:
         kpod.node_name = socket.gethostname()
+    # The default URL names ${env:NODE_IP}; a default never went through the file's substitution.
+    kpod.discovery.kubelet.url = str(substitute_env(kpod.discovery.kubelet.url, environ))
     try:
         resolve_syscalls(kpod.syscall.tracked_syscalls)
     except ValueError as error:

@@ -121,18 +121,20 @@ class Renderer:
             self._resource_labels.clear()
             self._attribute_labels.clear()
 
-    def render(self, batch: Batch, openmetrics: bool = False) -> tuple[bytes, int]:
-        """Render a batch; returns the body and the number of series (histograms count once)."""
-        out: list[str] = []
-        append = out.append
+    def render(self, batch: Batch) -> tuple[bytes, bytes, int]:
+        """Render a batch as text 0.0.4 and as OpenMetrics 1.0 (samples are rendered once;
+        only the HELP/TYPE lines differ).  Returns both bodies and the number of series
+        (a histogram counts once)."""
+        text: list[str] = []
+        openmetrics: list[str] = []
         series = 0
         for metric, points in _merged_families(batch, self._labels).items():
             family = family_name(metric)
             sample = prometheus_name(metric)
             kind = metric.kind
-            type_word = kind.value
-            append(f"# HELP {family if openmetrics else sample} {escape_help(metric.description)}\n")
-            append(f"# TYPE {family if openmetrics else sample} {type_word}\n")
+            help_text = escape_help(metric.description)
+            body: list[str] = []
+            append = body.append
             if kind is Kind.HISTOGRAM:
                 for labels, value in points.items():
                     if not isinstance(value, HistogramValue):
@@ -156,10 +158,12 @@ class Renderer:
                         append(f"{sample}{{{labels}}} {format_value(value)}\n")
                     else:
                         append(f"{sample} {format_value(value)}\n")
-        if openmetrics:
-            append("# EOF\n")
+            samples = "".join(body)
+            text.append(f"# HELP {sample} {help_text}\n# TYPE {sample} {kind.value}\n{samples}")
+            openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind.value}\n{samples}")
+        openmetrics.append("# EOF\n")
         self.trim()
-        return "".join(out).encode("utf-8"), series
+        return "".join(text).encode("utf-8"), "".join(openmetrics).encode("utf-8"), series
 
 
 def _merged_families(batch: Batch, labels_of: object) -> dict[MetricDef, dict[str, float | HistogramValue]]:

@@ -1,0 +1,77 @@
+"""The agent process: build the pipeline from a config, run cycles until a signal, shut down.
+
+SIGTERM and SIGINT end the loop; shutdown (BPF links and objects closed, the listener closed)
+must complete within 5 s, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+from kpod.cgroups import CgroupIndex, resolve_cgroup_root
+from kpod.config import AgentConfig
+from kpod.pipeline import Pipeline
+
+log = logging.getLogger("kpod.agent")
+
+
+def build_cgroup_index(config: AgentConfig) -> CgroupIndex:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            mountinfo = handle.read()
+    except OSError:
+        mountinfo = ""
+    root, mounts = resolve_cgroup_root(config.kpod.cgroup.root, mountinfo)
+    # On a Kubernetes node the agent reports pods only; locally, every cgroup.
+    scope = "all" if config.kpod.discovery.mode == "local" else "kubepods"
+    return CgroupIndex(root, scope=scope, mounts=mounts)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.cgroups = build_cgroup_index(config)
+        self.pipeline = Pipeline(config, self.cgroups)
+        self.stop_event = threading.Event()
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        if signum is not None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def run(self, max_cycles: int | None = None) -> None:
+        """Run cycles every poll interval until stopped.  A cycle that overruns makes the next
+        start late instead of overlapping (missed ticks are skipped, not queued)."""
+        interval = self.config.kpod.poll_interval.seconds
+        self.pipeline.start()
+        try:
+            cycles = 0
+            next_start = time.monotonic()
+            while not self.stop_event.is_set():
+                began = time.monotonic()
+                batch = self.pipeline.run_cycle()
+                cycles += 1
+                log.debug("cycle %d: %d points in %.3fs", cycles, len(batch), time.monotonic() - began)
+                if max_cycles is not None and cycles >= max_cycles:
+                    break
+                next_start += interval
+                now = time.monotonic()
+                if next_start < now:  # overran: skip the ticks we missed
+                    next_start = now + interval - ((now - next_start) % interval)
+                self.stop_event.wait(next_start - now)
+        finally:
+            self.pipeline.shutdown()
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

@@ -1,0 +1,566 @@
+"""A thin, typed ctypes binding over libbpf.so.1: just what kpod's receivers need.
+
+Objects are CO-RE `.bpf.o` files built by `make bpf`; libbpf relocates them against the
+running kernel's BTF at load time, so nothing is compiled here and no kernel headers are read.
+
+    obj = BpfObject.open("bpf/cpu_sched.bpf.o")
+    obj.maps["sched_switches"].set_max_entries(4096)     # before load
+    obj.programs["sched_switch"].set_autoload(False)     # optional program off
+    obj.load()
+    link = obj.programs["sched_switch"].attach()         # tracepoint / tp_btf / raw_tp
+    for key, value in obj.maps["sched_switches"].lookup_batch(): ...
+    obj.close()                                          # destroys links, frees maps
+
+Errors from libbpf come back as `LibbpfError` (an OSError with errno set).  libbpf's own log
+goes to the `kpod.libbpf` logger (warnings as WARNING, info and debug as DEBUG); the lines of
+the latest failed load are kept on the exception, since the verifier's reason is in them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from ctypes import (
+    POINTER,
+    byref,
+    c_bool,
+    c_char_p,
+    c_int,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from dataclasses import dataclass
+
+log = logging.getLogger("kpod.libbpf")
+
+LIBBPF_SONAME = "libbpf.so.1"
+
+# enum bpf_map_type values we care about (uapi, stable).
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+
+MAP_TYPE_NAMES = {
+    BPF_MAP_TYPE_HASH: "hash",
+    BPF_MAP_TYPE_ARRAY: "array",
+    BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash",
+    BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+    BPF_MAP_TYPE_LRU_HASH: "lru_hash",
+    BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+}
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+
+class LibbpfError(OSError):
+    """A libbpf call failed.  `log_lines` holds what libbpf logged during the call, if anything."""
+
+    def __init__(self, err: int, what: str, log_lines: list[str] | None = None) -> None:
+        err = abs(err) or errno.EINVAL
+        super().__init__(err, f"{what}: {os.strerror(err)}")
+        self.log_lines = log_lines or []
+
+
+# --- loading the library -----------------------------------------------------------------
+
+_PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
+
+_lib: ctypes.CDLL | None = None
+_lib_lock = threading.Lock()
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+_libc.vsnprintf.restype = c_int
+
+# libbpf logs through one process-wide callback; lines logged while a thread loads an object
+# are also collected for that thread so a failed load can explain itself.
+_capture = threading.local()
+
+
+def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
+    buf = ctypes.create_string_buffer(2048)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    text = buf.value.decode(errors="replace").rstrip("\n")
+    lines = getattr(_capture, "lines", None)
+    if lines is not None:
+        lines.append(text)
+    log.log(logging.WARNING if level == LIBBPF_WARN else logging.DEBUG, "%s", text)
+    return 0
+
+
+_print_callback = _PRINT_FN(_on_libbpf_print)  # module-level: must outlive every call
+
+
+def _sig(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> None:
+    fn = getattr(lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
+def lib() -> ctypes.CDLL:
+    """libbpf.so.1 with argument types declared; raises LibbpfError if it is not installed."""
+    global _lib
+    with _lib_lock:
+        if _lib is not None:
+            return _lib
+        try:
+            handle = ctypes.CDLL(LIBBPF_SONAME, use_errno=True)
+        except OSError as exc:
+            raise LibbpfError(errno.ENOENT, f"{LIBBPF_SONAME} not found (apt install libbpf1)") from exc
+        p = c_void_p
+        _sig(handle, "libbpf_set_print", p, _PRINT_FN)
+        _sig(handle, "libbpf_major_version", c_uint32)
+        _sig(handle, "libbpf_minor_version", c_uint32)
+        _sig(handle, "bpf_object__open_file", p, c_char_p, p)
+        _sig(handle, "bpf_object__load", c_int, p)
+        _sig(handle, "bpf_object__close", None, p)
+        _sig(handle, "bpf_object__name", c_char_p, p)
+        _sig(handle, "bpf_object__btf", p, p)
+        _sig(handle, "bpf_object__next_program", p, p, p)
+        _sig(handle, "bpf_object__next_map", p, p, p)
+        _sig(handle, "bpf_program__name", c_char_p, p)
+        _sig(handle, "bpf_program__section_name", c_char_p, p)
+        _sig(handle, "bpf_program__set_autoload", c_int, p, c_bool)
+        _sig(handle, "bpf_program__autoload", c_bool, p)
+        _sig(handle, "bpf_program__fd", c_int, p)
+        _sig(handle, "bpf_program__attach", p, p)
+        _sig(handle, "bpf_program__attach_perf_event", p, p, c_int)
+        _sig(handle, "bpf_link__destroy", c_int, p)
+        _sig(handle, "bpf_map__name", c_char_p, p)
+        _sig(handle, "bpf_map__type", c_int, p)
+        _sig(handle, "bpf_map__fd", c_int, p)
+        _sig(handle, "bpf_map__max_entries", c_uint32, p)
+        _sig(handle, "bpf_map__set_max_entries", c_int, p, c_uint32)
+        _sig(handle, "bpf_map__key_size", c_uint32, p)
+        _sig(handle, "bpf_map__value_size", c_uint32, p)
+        _sig(handle, "bpf_map__btf_key_type_id", c_uint32, p)
+        _sig(handle, "bpf_map__btf_value_type_id", c_uint32, p)
+        _sig(handle, "bpf_map_lookup_elem", c_int, c_int, p, p)
+        _sig(handle, "bpf_map_update_elem", c_int, c_int, p, p, c_uint64)
+        _sig(handle, "bpf_map_delete_elem", c_int, c_int, p)
+        _sig(handle, "bpf_map_get_next_key", c_int, c_int, p, p)
+        _sig(handle, "bpf_map_lookup_batch", c_int, c_int, p, p, p, p, POINTER(c_uint32), p)
+        _sig(handle, "bpf_map_delete_batch", c_int, c_int, p, POINTER(c_uint32), p)
+        _sig(handle, "bpf_obj_get_info_by_fd", c_int, c_int, p, POINTER(c_uint32))
+        _sig(handle, "btf__load_vmlinux_btf", p)
+        _sig(handle, "btf__free", None, p)
+        _sig(handle, "btf__type_cnt", c_uint32, p)
+        _sig(handle, "btf__type_by_id", p, p, c_uint32)
+        _sig(handle, "btf__name_by_offset", c_char_p, p, c_uint32)
+        _sig(handle, "btf__find_by_name_kind", c_int, p, c_char_p, c_uint32)
+        handle.libbpf_set_print(_print_callback)
+        _lib = handle
+        return handle
+
+
+def version() -> str:
+    handle = lib()
+    return f"{handle.libbpf_major_version()}.{handle.libbpf_minor_version()}"
+
+
+def _errno_or(default: int = errno.EINVAL) -> int:
+    return ctypes.get_errno() or default
+
+
+class _Capture:
+    """Collects libbpf's log lines on this thread for the duration of a call."""
+
+    def __enter__(self) -> list[str]:
+        self.previous = getattr(_capture, "lines", None)
+        _capture.lines = []
+        return _capture.lines
+
+    def __exit__(self, *exc: object) -> None:
+        _capture.lines = self.previous
+
+
+# --- objects, programs, links --------------------------------------------------------------
+
+
+class Link:
+    """An attachment; `destroy` detaches it (idempotent)."""
+
+    def __init__(self, ptr: int, what: str) -> None:
+        self._ptr: int | None = ptr
+        self.what = what
+
+    def destroy(self) -> None:
+        if self._ptr:
+            lib().bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+    @property
+    def alive(self) -> bool:
+        return self._ptr is not None
+
+
+@dataclass(frozen=True)
+class ProgramStats:
+    """Kernel-side cost from bpf_prog_info; run_* stay 0 unless kernel.bpf_stats_enabled=1."""
+
+    id: int
+    run_time_ns: int
+    run_cnt: int
+
+
+class Program:
+    def __init__(self, obj: BpfObject, ptr: int) -> None:
+        self._obj = obj
+        self._ptr = ptr
+        self.name: str = lib().bpf_program__name(ptr).decode()
+        self.section: str = lib().bpf_program__section_name(ptr).decode()
+
+    def set_autoload(self, autoload: bool) -> None:
+        """Before load: a program with autoload off is neither verified nor loaded."""
+        rc = lib().bpf_program__set_autoload(self._ptr, autoload)
+        if rc:
+            raise LibbpfError(rc, f"{self.name}: set_autoload")
+
+    @property
+    def autoload(self) -> bool:
+        return bool(lib().bpf_program__autoload(self._ptr))
+
+    @property
+    def fd(self) -> int:
+        return lib().bpf_program__fd(self._ptr)
+
+    def attach(self) -> Link:
+        """Attach by section name (tracepoint/, tp_btf/, raw_tp/ ...); kept in the object's links."""
+        with _Capture() as lines:
+            ptr = lib().bpf_program__attach(self._ptr)
+        if not ptr:
+            raise LibbpfError(_errno_or(), f"attach {self.name} ({self.section})", lines)
+        link = Link(ptr, self.section)
+        self._obj.links.append(link)
+        return link
+
+    def attach_perf_event(self, perf_fd: int) -> Link:
+        """Attach to an opened perf event.  On success libbpf owns perf_fd (closes it on destroy)."""
+        with _Capture() as lines:
+            ptr = lib().bpf_program__attach_perf_event(self._ptr, perf_fd)
+        if not ptr:
+            raise LibbpfError(_errno_or(), f"attach {self.name} to perf event", lines)
+        link = Link(ptr, f"perf_event fd {perf_fd}")
+        self._obj.links.append(link)
+        return link
+
+    def stats(self) -> ProgramStats:
+        info = prog_info(self.fd)
+        return ProgramStats(int(info.id), int(info.run_time_ns), int(info.run_cnt))
+
+
+class Map:
+    def __init__(self, ptr: int) -> None:
+        self._ptr = ptr
+        handle = lib()
+        self.name: str = handle.bpf_map__name(ptr).decode()
+        self.type: int = handle.bpf_map__type(ptr)
+        self.key_size: int = handle.bpf_map__key_size(ptr)
+        self.value_size: int = handle.bpf_map__value_size(ptr)
+        self.btf_key_type_id: int = handle.bpf_map__btf_key_type_id(ptr)
+        self.btf_value_type_id: int = handle.bpf_map__btf_value_type_id(ptr)
+
+    @property
+    def type_name(self) -> str:
+        return MAP_TYPE_NAMES.get(self.type, str(self.type))
+
+    @property
+    def max_entries(self) -> int:
+        return lib().bpf_map__max_entries(self._ptr)
+
+    def set_max_entries(self, n: int) -> None:
+        """Only before load."""
+        rc = lib().bpf_map__set_max_entries(self._ptr, n)
+        if rc:
+            raise LibbpfError(rc, f"{self.name}: set_max_entries({n})")
+
+    @property
+    def fd(self) -> int:
+        return lib().bpf_map__fd(self._ptr)
+
+    def id(self) -> int:
+        return int(map_info(self.fd).id)
+
+    # Element access works on raw bytes; kpod.btflayout turns them into structs.
+
+    def lookup(self, key: bytes) -> bytes | None:
+        value = ctypes.create_string_buffer(self.value_size)
+        rc = lib().bpf_map_lookup_elem(self.fd, key, value)
+        if rc:
+            if -rc == errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
+                return None
+            raise LibbpfError(rc, f"{self.name}: lookup")
+        return value.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        rc = lib().bpf_map_update_elem(self.fd, key, value, flags)
+        if rc:
+            raise LibbpfError(rc, f"{self.name}: update")
+
+    def delete(self, key: bytes) -> bool:
+        rc = lib().bpf_map_delete_elem(self.fd, key)
+        if rc:
+            if -rc == errno.ENOENT:
+                return False
+            raise LibbpfError(rc, f"{self.name}: delete")
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        """Iterate keys with get_next_key (one syscall per key; entries may change meanwhile)."""
+        handle = lib()
+        current = ctypes.create_string_buffer(self.key_size)
+        nxt = ctypes.create_string_buffer(self.key_size)
+        first = True
+        while True:
+            rc = handle.bpf_map_get_next_key(self.fd, None if first else current, nxt)
+            if rc:
+                if -rc == errno.ENOENT:
+                    return
+                raise LibbpfError(rc, f"{self.name}: get_next_key")
+            first = False
+            yield nxt.raw
+            ctypes.memmove(current, nxt, self.key_size)
+
+    def count(self) -> int:
+        """The real number of entries (arrays: max_entries, they are always full)."""
+        if self.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY):
+            return self.max_entries
+        return sum(1 for _ in self.keys())
+
+    def lookup_batch(self, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
+        """All (key, value) pairs via BPF_MAP_LOOKUP_BATCH, `chunk` entries per syscall.
+
+        Hash maps only (per-CPU maps return one value per possible CPU: not handled here).
+        """
+        handle = lib()
+        ks, vs = self.key_size, self.value_size
+        keys = ctypes.create_string_buffer(ks * chunk)
+        values = ctypes.create_string_buffer(vs * chunk)
+        # The batch cursor is opaque; for hash maps the kernel uses a u32 bucket index.
+        in_batch = ctypes.create_string_buffer(max(ks, 8))
+        out_batch = ctypes.create_string_buffer(max(ks, 8))
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            count = c_uint32(chunk)
+            rc = handle.bpf_map_lookup_batch(
+                self.fd, None if first else in_batch, out_batch, keys, values, byref(count), None
+            )
+            err = -rc if rc else 0
+            if rc and err != errno.ENOENT:
+                if err == errno.ENOSPC and chunk < (1 << 20):
+                    # A bucket holds more entries than the buffer: retry bigger.
+                    return self.lookup_batch(chunk * 4)
+                raise LibbpfError(rc, f"{self.name}: lookup_batch")
+            raw_k, raw_v = keys.raw, values.raw
+            for i in range(count.value):
+                out.append((raw_k[i * ks : (i + 1) * ks], raw_v[i * vs : (i + 1) * vs]))
+            if err == errno.ENOENT:  # no more entries
+                return out
+            ctypes.memmove(in_batch, out_batch, len(out_batch))
+            first = False
+
+    def delete_batch(self, keys: list[bytes]) -> int:
+        """Delete keys with BPF_MAP_DELETE_BATCH; returns how many were deleted.
+
+        The kernel stops at the first key that is missing (ENOENT); the rest are then deleted
+        one by one, since a key deleted meanwhile by someone else is not an error for us.
+        """
+        if not keys:
+            return 0
+        buf = b"".join(keys)
+        count = c_uint32(len(keys))
+        rc = lib().bpf_map_delete_batch(self.fd, buf, byref(count), None)
+        if rc == 0:
+            return count.value
+        if -rc != errno.ENOENT:
+            raise LibbpfError(rc, f"{self.name}: delete_batch")
+        done = count.value
+        for key in keys[done + 1 :]:
+            done += self.delete(key)
+        return done
+
+
+class BpfObject:
+    """An opened (then loaded) BPF object file.  `close` is idempotent and destroys links."""
+
+    def __init__(self, ptr: int, path: str) -> None:
+        self._ptr: int | None = ptr
+        self.path = path
+        self.links: list[Link] = []
+        self.loaded = False
+        handle = lib()
+        self.name: str = handle.bpf_object__name(ptr).decode()
+        self.programs: dict[str, Program] = {}
+        prog = handle.bpf_object__next_program(ptr, None)
+        while prog:
+            program = Program(self, prog)
+            self.programs[program.name] = program
+            prog = handle.bpf_object__next_program(ptr, prog)
+        self.maps: dict[str, Map] = {}
+        mp = handle.bpf_object__next_map(ptr, None)
+        while mp:
+            bpf_map = Map(mp)
+            self.maps[bpf_map.name] = bpf_map
+            mp = handle.bpf_object__next_map(ptr, mp)
+
+    @classmethod
+    def open(cls, path: str) -> BpfObject:
+        with _Capture() as lines:
+            ptr = lib().bpf_object__open_file(path.encode(), None)
+        if not ptr:
+            raise LibbpfError(_errno_or(errno.ENOENT), f"open {path}", lines)
+        return cls(ptr, path)
+
+    @property
+    def btf_ptr(self) -> int:
+        """The object's `struct btf *` (owned by the object; valid until close)."""
+        if not self._ptr:
+            raise ValueError(f"{self.path}: object is closed")
+        return lib().bpf_object__btf(self._ptr) or 0
+
+    def load(self) -> None:
+        if not self._ptr:
+            raise ValueError(f"{self.path}: object is closed")
+        with _Capture() as lines:
+            rc = lib().bpf_object__load(self._ptr)
+        if rc:
+            raise LibbpfError(rc, f"load {os.path.basename(self.path)}", lines)
+        self.loaded = True
+
+    def destroy_links(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.links.clear()
+
+    def close(self) -> None:
+        self.destroy_links()
+        if self._ptr:
+            lib().bpf_object__close(self._ptr)
+            self._ptr = None
+            self.loaded = False
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- bpf_*_info via BTF-derived structs ------------------------------------------------------
+
+
+def prog_info(fd: int) -> ctypes.Structure:
+    """struct bpf_prog_info for a program fd, laid out from the running kernel's BTF."""
+    from kpod.btflayout import vmlinux_struct  # noqa: PLC0415 - btflayout imports this module
+
+    info_type = vmlinux_struct("bpf_prog_info")
+    info = info_type()
+    size = c_uint32(ctypes.sizeof(info))
+    rc = lib().bpf_obj_get_info_by_fd(fd, byref(info), byref(size))
+    if rc:
+        raise LibbpfError(rc, "bpf_obj_get_info_by_fd(prog)")
+    return info
+
+
+def map_info(fd: int) -> ctypes.Structure:
+    from kpod.btflayout import vmlinux_struct  # noqa: PLC0415
+
+    info_type = vmlinux_struct("bpf_map_info")
+    info = info_type()
+    size = c_uint32(ctypes.sizeof(info))
+    rc = lib().bpf_obj_get_info_by_fd(fd, byref(info), byref(size))
+    if rc:
+        raise LibbpfError(rc, "bpf_obj_get_info_by_fd(map)")
+    return info
+
+
+# --- perf events ----------------------------------------------------------------------------
+
+PERF_TYPE_SOFTWARE = 1
+PERF_COUNT_SW_PAGE_FAULTS_MAJ = 6
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
+
+
+class PerfEventAttr(ctypes.Structure):
+    """The first 64 bytes of struct perf_event_attr (PERF_ATTR_SIZE_VER0, a frozen ABI).
+
+    The kernel accepts this older, shorter size and zero-fills the rest; flags stay 0, so the
+    event starts enabled.
+    """
+
+    _fields_ = (
+        ("type", c_uint32),
+        ("size", c_uint32),
+        ("config", c_uint64),
+        ("sample_period", c_uint64),
+        ("sample_type", c_uint64),
+        ("read_format", c_uint64),
+        ("flags", c_uint64),
+        ("wakeup_events", c_uint32),
+        ("bp_type", c_uint32),
+        ("config1", c_uint64),
+    )
+
+
+def perf_event_open(type_: int, config: int, cpu: int, sample_period: int = 1, pid: int = -1) -> int:
+    """perf_event_open(2) for one CPU (pid -1: every task on that CPU).  Returns the fd."""
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise LibbpfError(errno.ENOSYS, f"perf_event_open: unknown syscall number on {platform.machine()}")
+    attr = PerfEventAttr(type=type_, size=ctypes.sizeof(PerfEventAttr), config=config, sample_period=sample_period)
+    syscall = _libc.syscall
+    syscall.restype = ctypes.c_long
+    fd = syscall(ctypes.c_long(nr), byref(attr), c_int(pid), c_int(cpu), c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        raise LibbpfError(ctypes.get_errno(), f"perf_event_open(type={type_}, config={config}, cpu={cpu})")
+    return int(fd)
+
+
+def online_cpus(path: str = "/sys/devices/system/cpu/online") -> list[int]:
+    """Parse a CPU list like "0-3,5" (the format of /sys/devices/system/cpu/online)."""
+    with open(path) as f:
+        text = f.read().strip()
+    cpus: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.extend(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_NOEXIST",
+    "BpfObject",
+    "LibbpfError",
+    "Link",
+    "Map",
+    "PerfEventAttr",
+    "Program",
+    "ProgramStats",
+    "lib",
+    "map_info",
+    "online_cpus",
+    "perf_event_open",
+    "prog_info",
+    "version",
+]

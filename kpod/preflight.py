@@ -1,0 +1,96 @@
+"""What a node offers the agent: kernel, BTF, cgroup layout, capabilities, tracefs.
+
+Read-only checks for `kpod-metrics check` and for receivers' preflight(); nothing here mounts,
+writes or loads anything.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+from kpod.cgroups import CgroupMounts, parse_mountinfo_cgroups
+
+# Capability numbers (linux/capability.h).
+CAPABILITIES = {
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_RESOURCE": 24,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+}
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+TRACEFS_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def parse_cap_eff(status_text: str) -> int:
+    """The effective capability mask from /proc/<pid>/status (0 if absent or garbled)."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return int(line.split(":", 1)[1].strip(), 16)
+            except ValueError:
+                return 0
+    return 0
+
+
+def effective_capabilities() -> set[str]:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            mask = parse_cap_eff(handle.read())
+    except OSError:
+        mask = 0
+    return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
+
+
+def can_use_bpf() -> str | None:
+    """None if this process may load BPF programs, else why not (one line)."""
+    if not os.path.exists(BTF_PATH):
+        return f"kernel has no BTF ({BTF_PATH} missing): CO-RE programs cannot be relocated"
+    caps = effective_capabilities()
+    if "CAP_SYS_ADMIN" in caps:
+        return None
+    missing = [cap for cap in ("CAP_BPF", "CAP_PERFMON") if cap not in caps]
+    if missing:
+        return f"missing capability {' and '.join(missing)} (needed to load and attach BPF programs)"
+    return None
+
+
+def tracefs_mount() -> str | None:
+    for path in TRACEFS_PATHS:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    return None
+
+
+@dataclass
+class NodeFacts:
+    kernel: str
+    machine: str
+    btf: bool
+    cgroup_layout: str
+    cgroup2_mount: str | None
+    capabilities: set[str]
+    tracefs: str | None
+    root: bool
+
+
+def node_facts() -> NodeFacts:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
+            mounts = parse_mountinfo_cgroups(handle.read())
+    except OSError:
+        mounts = CgroupMounts(unified=None)
+    return NodeFacts(
+        kernel=platform.release(),
+        machine=platform.machine(),
+        btf=os.path.exists(BTF_PATH),
+        cgroup_layout=mounts.layout,
+        cgroup2_mount=mounts.unified,
+        capabilities=effective_capabilities(),
+        tracefs=tracefs_mount(),
+        root=os.geteuid() == 0,
+    )

@@ -1,0 +1,251 @@
+"""k8sattributes: put namespace / pod / container / node on every per-cgroup point.
+
+Configured like any processor (`processors: {k8sattributes: {...}}` and listed in
+`service.pipelines`).  What it reads from the `kpod:` section:
+
+    kpod.discovery.mode     informer (default) | kubelet | local   -> where pod names come from
+    kpod.discovery.kubelet  url, poll_interval, token_file, ca_file, insecure_skip_verify
+    kpod.node_name          this node ("" = the host name): the informer's field selector and
+                            the `node` label
+    kpod.filter             namespaces, exclude_namespaces, label_selector, include_labels
+
+Each point with a cgroup gets `Point.resource` (see kpod.resolve for the rules): Prometheus
+labels namespace, pod, container, node (+ label_<x> per include_labels) and OTLP attributes
+k8s.namespace.name, k8s.pod.name, k8s.pod.uid, k8s.container.name, container.id, k8s.node.name.
+Points without a cgroup (self-metrics) pass untouched.  In informer and kubelet mode a point
+whose cgroup belongs to no known, allowed pod is dropped and its cgroup counted in
+`kpod_cgroups_unresolved_total{reason}` once per cycle.
+
+Several cgroups can get one label set: the pod sandbox and CRI-O's conmon cgroups are all
+container="" of their pod.  Two series with one label set would break the exposition, so
+points that end up identical in (metric, attributes, labels) are merged: values and histogram
+buckets are summed ("pod overhead").
+
+Shared with receivers: `context.extras["pods"]` is the `kpod.pods.PodStore` discovery fills
+(informer/kubelet mode; absent in local mode).  `store.snapshot()` maps pod uid -> PodInfo
+(name, namespace, labels, host_network, containers); `store.host_network_uids()` is the set the
+net_iface receiver skips.  The pipeline must hand all components one `extras` dict, and this
+processor sets it when it is created (before any receiver starts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kpod.component import ComponentUnavailable, Context, Factory, Processor
+from kpod.model import Batch, HistogramValue, Point, Resource
+from kpod.pods import PodStore
+from kpod.resolve import OTEL_CONTAINER_ID, Drop, LocalResolver, PodResolver, node_name
+from kpod.selector import PodFilter, include_label_names
+from kpod.units import Duration
+
+UNRESOLVED_METRIC = "kpod_cgroups_unresolved_total"
+UNRESOLVED_HELP = "cgroups whose points were dropped because they belong to no known pod, by reason, per cycle"
+PODS_METRIC = "kpod_discovery_pods"
+PODS_HELP = "pods of this node that discovery knows"
+EXTRAS_PODS = "pods"
+
+
+@dataclass
+class K8sAttributesConfig:
+    # Informer mode: a kubeconfig file.  Empty: the in-cluster service account when running
+    # in a pod, else $KUBECONFIG, else ~/.kube/config.
+    kubeconfig: str = ""
+    # start() waits this long for the first pod list, so that the first cycles are labelled;
+    # after that it returns and cycles drop pod cgroups (reason not_synced) until the list lands.
+    wait_for_sync: Duration = field(default_factory=lambda: Duration.parse("10s"))
+    # Server-side length of one watch request (the API server ends it; we resume from the last
+    # resourceVersion).
+    watch_timeout: Duration = field(default_factory=lambda: Duration.parse("5m"))
+    # Connect and read timeout of list and kubelet requests; a watch's read timeout is
+    # watch_timeout plus this.
+    request_timeout: Duration = field(default_factory=lambda: Duration.parse("30s"))
+    # Reconnect backoff after an error: doubles from backoff_initial up to backoff_max.
+    backoff_initial: Duration = field(default_factory=lambda: Duration.parse("1s"))
+    backoff_max: Duration = field(default_factory=lambda: Duration.parse("30s"))
+
+
+class K8sAttributesProcessor(Processor):
+    mutates_data = True
+
+    def __init__(self, context: Context, config: K8sAttributesConfig) -> None:
+        super().__init__(context, config)
+        settings = context.settings
+        self.mode = settings.discovery.mode
+        if self.mode not in ("informer", "kubelet", "local"):
+            raise ValueError(f"kpod.discovery.mode: unknown mode {self.mode!r} (informer, kubelet or local)")
+        self.node = node_name(settings.node_name)
+        filters = settings.filter
+        include = include_label_names(filters.include_labels)
+        self.store: PodStore | None = None
+        self.discovery: Any = None
+        self.resolver: LocalResolver | PodResolver
+        if self.mode == "local":
+            self.resolver = LocalResolver(self.node, include)
+        else:
+            self.store = PodStore()
+            self.resolver = PodResolver(
+                self.node,
+                self.store,
+                PodFilter.build(filters.namespaces, filters.exclude_namespaces, filters.label_selector),
+                include,
+                abspath=context.cgroups.abspath if context.cgroups is not None else None,
+                proc_root=settings.cgroup.proc_root,
+            )
+            context.extras[EXTRAS_PODS] = self.store
+        # (cgroup id, path) -> Resource or drop reason, valid for one store generation.
+        self._cache: dict[tuple[int, str], Resource | Drop] = {}
+        self._cache_generation = -1
+        self._last_used: dict[tuple[int, str], float] = {}
+        self._last_prune = time.monotonic()
+        context.self_metrics.declare_counter(UNRESOLVED_METRIC, UNRESOLVED_HELP, ("reason",))
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self.mode == "local":
+            filters = self.context.settings.filter
+            if filters.namespaces or filters.label_selector:
+                # Without the API there are no namespaces or labels to match: filtering would drop
+                # every pod, so it is off, and said so.
+                self.log.warning("discovery mode local: namespaces and label_selector filters are not applied")
+            return
+        from kpod.discovery import create_discovery  # imports the kubernetes client: only when used
+
+        assert self.store is not None
+        self.discovery = create_discovery(self.mode, self.context.settings, self.config, self.store, self.log, self.node)
+        try:
+            self.discovery.start()
+        except ComponentUnavailable:
+            self.discovery = None
+            raise
+        if not self.discovery.wait_synced(self.config.wait_for_sync.seconds):
+            self.log.warning(
+                "no pod list after %s (%s); cgroups stay unlabelled until it arrives",
+                self.config.wait_for_sync,
+                self.store.last_error or "no answer yet",
+            )
+
+    def shutdown(self) -> None:
+        discovery, self.discovery = self.discovery, None
+        if discovery is not None:
+            discovery.stop()
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "node": self.node, "cached_cgroups": len(self._cache)}
+        if self.store is not None:
+            out.update(pods=len(self.store), synced=self.store.synced, last_error=self.store.last_error)
+        if self.discovery is not None:
+            out.update(self.discovery.status())
+        return out
+
+    # Per cycle ----------------------------------------------------------------------------
+
+    def _prune(self, now: float) -> None:
+        # Forget cgroups unused for a few cycles: the cache holds live cgroups only.
+        horizon = max(3 * self.context.settings.poll_interval.seconds, 30.0)
+        if now - self._last_prune < horizon:
+            return
+        self._last_prune = now
+        stale = [key for key, used in self._last_used.items() if now - used > horizon]
+        for key in stale:
+            self._last_used.pop(key, None)
+            self._cache.pop(key, None)
+        if isinstance(self.resolver, PodResolver):
+            self.resolver.forget({key[0] for key in self._last_used})
+
+    def resolve(self, point: Point) -> Resource | Drop:
+        assert point.cgroup is not None
+        key = (point.cgroup.id, point.cgroup.path)
+        found = self._cache.get(key)
+        if found is None:
+            found = self.resolver.resolve(point.cgroup)
+            self._cache[key] = found
+        return found
+
+    def process(self, batch: Batch) -> Batch:
+        now = time.monotonic()
+        if self.store is not None:
+            self.context.self_metrics.set(PODS_METRIC, PODS_HELP, float(len(self.store)))
+            if self.store.generation != self._cache_generation:
+                # Pods changed: names, filters and "all started" may have changed with them.
+                self._cache.clear()
+                self._cache_generation = self.store.generation
+        kept: list[Point] = []
+        dropped: dict[str, set[int]] = {}
+        for point in batch.points:
+            if point.cgroup is None:
+                kept.append(point)
+                continue
+            found = self.resolve(point)
+            self._last_used[(point.cgroup.id, point.cgroup.path)] = now
+            if isinstance(found, Resource):
+                point.resource = found
+                kept.append(point)
+            else:
+                dropped.setdefault(found, set()).add(point.cgroup.id)
+        for reason, ids in dropped.items():
+            self.context.self_metrics.inc(UNRESOLVED_METRIC, UNRESOLVED_HELP, (("reason", reason),), len(ids))
+        batch.points = merge_duplicates(kept, self.log)
+        self._prune(now)
+        return batch
+
+
+def _merge_values(first: Point, other: Point) -> float | HistogramValue | None:
+    a, b = first.value, other.value
+    if isinstance(a, HistogramValue) and isinstance(b, HistogramValue):
+        if a.bounds != b.bounds:
+            return None
+        return HistogramValue(a.bounds, tuple(x + y for x, y in zip(a.counts, b.counts, strict=True)), a.sum + b.sum)
+    if isinstance(a, HistogramValue) or isinstance(b, HistogramValue):
+        return None
+    return a + b
+
+
+def merge_duplicates(points: list[Point], log: Any) -> list[Point]:
+    """Sum points that share metric, attributes and Prometheus labels (see the module doc)."""
+    seen: dict[tuple[Any, ...], int] = {}
+    out: list[Point] = []
+    for point in points:
+        if point.resource is None:
+            out.append(point)
+            continue
+        key = (point.metric, point.attributes, point.resource.labels)
+        index = seen.get(key)
+        if index is None:
+            seen[key] = len(out)
+            out.append(point)
+            continue
+        first = out[index]
+        value = _merge_values(first, point)
+        if value is None:
+            log.debug("cannot merge %s points of different shapes; keeping the first", point.metric.name)
+            continue
+        assert first.resource is not None
+        # The merged point stands for several containers: no single container.id.
+        otel = tuple(item for item in first.resource.otel if item[0] != OTEL_CONTAINER_ID)
+        starts = [t for t in (first.start_time_ns, point.start_time_ns) if t]
+        out[index] = Point(
+            first.metric,
+            first.cgroup,
+            first.attributes,
+            value,
+            Resource(first.resource.labels, otel),
+            min(starts) if starts else 0,
+        )
+    return out
+
+
+def _create(context: Context, config: K8sAttributesConfig) -> K8sAttributesProcessor:
+    return K8sAttributesProcessor(context, config)
+
+
+factory = Factory(
+    type="k8sattributes",
+    kind="processor",
+    config_class=K8sAttributesConfig,
+    create=_create,
+    description="namespace/pod/container/node labels from node-scoped pod discovery (informer, kubelet or local)",
+)

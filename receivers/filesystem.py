@@ -1,0 +1,161 @@
+"""filesystem: capacity, usage and available bytes of each container's real filesystems.
+
+Per container (leaf cgroup) with a live process, from that process's view of the world:
+
+  * <proc_root>/<pid>/mountinfo lists the container's mounts (its root overlay, volumes,
+    emptyDirs, tmpfs mounts);
+  * statvfs(<proc_root>/<pid>/root/<mountpoint>) measures each one in the container's own
+    mount namespace, so nothing has to be mounted or entered by the agent.
+
+Reported: mounts of real filesystems.  Skipped:
+  * pseudo filesystems (proc, sysfs, cgroup, devpts, mqueue, ...) and anything mounted under
+    /proc, /sys or /dev (masked paths, /dev/shm, /dev/pts);
+  * bind-mounted single files (/etc/hosts, /etc/resolv.conf, /etc/hostname,
+    /dev/termination-log, secrets projected as files): they are not filesystems of the
+    container, and they would repeat the node's disk under many names (reference-pitfalls.md
+    item 10).  A file mount is recognised by its path or, for any bind mount (root != "/"),
+    by stat telling a regular file;
+  * repeats: each filesystem (device number) once per container, under its first mountpoint in
+    mountinfo order (the root "/" comes first).
+
+Values (bytes, gauges): capacity = f_blocks * f_frsize, available = f_bavail * f_frsize (what an
+unprivileged writer can still use), usage = (f_blocks - f_bfree) * f_frsize (as df "Used").
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_mod
+from dataclasses import dataclass, field
+
+from kpod.cgroupfs import CgroupFileReceiver, read_text
+from kpod.component import ComponentUnavailable, Context, Factory
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
+from kpod.parsers import MountInfo, parse_mountinfo
+
+_MP = ("mountpoint",)
+CAPACITY = MetricDef("kpod.fs.capacity.bytes", Kind.GAUGE, "By", "Filesystem size", _MP)
+USAGE = MetricDef("kpod.fs.usage.bytes", Kind.GAUGE, "By", "Filesystem bytes in use", _MP)
+AVAILABLE = MetricDef(
+    "kpod.fs.available.bytes", Kind.GAUGE, "By", "Filesystem bytes available to unprivileged users", _MP
+)
+
+PSEUDO_FSTYPES = frozenset(
+    {
+        "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts", "devtmpfs",
+        "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "proc", "pstore", "rpc_pipefs",
+        "securityfs", "selinuxfs", "sysfs", "tracefs",
+    }
+)  # fmt: skip
+
+# Files the kubelet and runtimes bind-mount into every container.
+KNOWN_FILE_MOUNTS = frozenset(
+    {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/dev/termination-log", "/run/.containerenv"}
+)
+_PSEUDO_PREFIXES = ("/proc/", "/sys/", "/dev/")
+
+
+@dataclass
+class FilesystemConfig:
+    # Extra filesystem types to skip (e.g. "squashfs", "fuse.lxcfs").
+    exclude_fstypes: list[str] = field(default_factory=list)
+    # Mountpoints (and everything below them) to skip.
+    exclude_mountpoints: list[str] = field(default_factory=list)
+
+
+def candidate_mounts(
+    mounts: list[MountInfo],
+    exclude_fstypes: frozenset[str] = frozenset(),
+    exclude_mountpoints: tuple[str, ...] = (),
+) -> list[MountInfo]:
+    """The mounts worth measuring, by mountinfo alone (no I/O): pure, so it is unit tested.
+
+    Drops pseudo filesystems, mounts under /proc, /sys and /dev, the known file mounts and
+    excluded ones.  Bind mounts of other single files still need a stat, and repeats of a
+    device are dropped after it (so a file bind mount cannot hide a real volume on the same
+    device): both are the receiver's job.
+    """
+    chosen: list[MountInfo] = []
+    for mount in mounts:
+        point = mount.mount_point
+        if mount.fstype in PSEUDO_FSTYPES or mount.fstype in exclude_fstypes:
+            continue
+        if point in ("/proc", "/sys", "/dev") or point.startswith(_PSEUDO_PREFIXES):
+            continue
+        if point in KNOWN_FILE_MOUNTS:
+            continue
+        if any(point == p or point.startswith(p.rstrip("/") + "/") for p in exclude_mountpoints):
+            continue
+        chosen.append(mount)
+    return chosen
+
+
+class FilesystemReceiver(CgroupFileReceiver):
+    metrics = (CAPACITY, USAGE, AVAILABLE)
+
+    def __init__(self, context: Context, config: FilesystemConfig) -> None:
+        super().__init__(context, config)
+        self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
+        self._exclude_fstypes = frozenset(config.exclude_fstypes)
+        self._exclude_points = tuple(config.exclude_mountpoints)
+
+    def preflight(self) -> str | None:
+        if not os.path.exists(f"{self.proc_root}/1/mountinfo"):
+            return f"{self.proc_root}/1/mountinfo is missing: needs the host's /proc (hostPID)"
+        return None
+
+    def route(self) -> str:
+        return f"statvfs via {self.proc_root}/<pid>/root for the mounts in {self.proc_root}/<pid>/mountinfo"
+
+    def start(self) -> None:
+        reason = self.preflight()
+        if reason:
+            raise ComponentUnavailable(reason)
+
+    def collect(self) -> Batch:
+        batch = Batch()
+        for ref in self.context.cgroups.workloads():
+            pids = self._pids(ref)
+            if pids:
+                self._collect_container(ref, pids, batch)
+        return batch
+
+    def _collect_container(self, ref: CgroupRef, pids: list[int], batch: Batch) -> None:
+        # Any process of the container sees the container's mounts; the first one that is
+        # still alive will do.  Its exit between the reads is the usual "pod ended" error.
+        for pid in pids:
+            try:
+                text = read_text(f"{self.proc_root}/{pid}/mountinfo")
+                break
+            except OSError:
+                continue
+        else:
+            self._error()
+            return
+        root = f"{self.proc_root}/{pid}/root"
+        seen: set[tuple[int, int]] = set()
+        for mount in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points):
+            if mount.dev in seen:
+                continue  # the same filesystem under another mountpoint: once per container
+            path = root + mount.mount_point if mount.mount_point != "/" else root + "/"
+            try:
+                if mount.root != "/" and stat_mod.S_ISREG(os.stat(path).st_mode):
+                    continue  # a bind-mounted single file: not a filesystem of the container
+                vfs = os.statvfs(path)
+            except OSError:
+                self._error()
+                continue
+            seen.add(mount.dev)
+            attrs = (("mountpoint", mount.mount_point),)
+            batch.add(Point(CAPACITY, ref, attrs, float(vfs.f_blocks * vfs.f_frsize)))
+            batch.add(Point(USAGE, ref, attrs, float((vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize)))
+            batch.add(Point(AVAILABLE, ref, attrs, float(vfs.f_bavail * vfs.f_frsize)))
+
+
+factory = Factory(
+    type="filesystem",
+    kind="receiver",
+    config_class=FilesystemConfig,
+    create=lambda context, config: FilesystemReceiver(context, config),
+    description="Capacity, usage and available bytes of each container's filesystems (statvfs)",
+)

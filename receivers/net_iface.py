@@ -1,0 +1,171 @@
+"""net_iface: interface counters once per pod network namespace.
+
+All containers of a pod share one network namespace, so reading net/dev per container would
+repeat the pod's interfaces N times (reference-pitfalls.md item 10).  Per cycle:
+
+  1. The workloads (leaf cgroups) are grouped by pod: the pod cgroup is a container's parent
+     when that parent is named like a kubelet pod cgroup; any other leaf is its own group
+     (local mode, non-Kubernetes cgroups).
+  2. For each group, one live process is taken from the cgroup.procs of its containers (the
+     first container that has one).  No /proc scan.
+  3. The process's network namespace is identified by the inode of <proc_root>/<pid>/ns/net.
+     A namespace already reported this cycle is skipped (two groups in one netns), and so is
+     the host's (that of <proc_root>/1): host-network pods would report the node's interfaces.
+  4. <proc_root>/<pid>/net/dev is parsed and emitted, minus excluded interfaces (`lo` by default).
+
+Points carry the pod's cgroup (the group's cgroup), not a container's: the enrichment processor
+then labels them with namespace and pod and no container.  Counters are cumulative as the
+kernel keeps them (a veth's counters restart when the pod's namespace is recreated).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from kpod.cgroupfs import CgroupFileReceiver, pod_cgroup_path
+from kpod.component import ComponentUnavailable, Context, Factory
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
+from kpod.parsers import NetDevCounters, parse_net_dev
+
+_IFACE = ("interface",)
+
+
+def _def(name: str, unit: str, description: str) -> MetricDef:
+    return MetricDef(f"kpod.net.iface.{name}", Kind.COUNTER, unit, description, _IFACE)
+
+
+RX_BYTES = _def("rx.bytes", "By", "Bytes received on the pod's interfaces")
+TX_BYTES = _def("tx.bytes", "By", "Bytes transmitted on the pod's interfaces")
+RX_PACKETS = _def("rx.packets", "{packet}", "Packets received on the pod's interfaces")
+TX_PACKETS = _def("tx.packets", "{packet}", "Packets transmitted on the pod's interfaces")
+RX_ERRORS = _def("rx.errors", "{error}", "Receive errors on the pod's interfaces")
+TX_ERRORS = _def("tx.errors", "{error}", "Transmit errors on the pod's interfaces")
+RX_DROPS = _def("rx.drops", "{packet}", "Received packets dropped on the pod's interfaces")
+TX_DROPS = _def("tx.drops", "{packet}", "Packets dropped on transmit on the pod's interfaces")
+
+# metric, NetDevCounters field
+_FIELDS: tuple[tuple[MetricDef, str], ...] = (
+    (RX_BYTES, "rx_bytes"),
+    (TX_BYTES, "tx_bytes"),
+    (RX_PACKETS, "rx_packets"),
+    (TX_PACKETS, "tx_packets"),
+    (RX_ERRORS, "rx_errors"),
+    (TX_ERRORS, "tx_errors"),
+    (RX_DROPS, "rx_drops"),
+    (TX_DROPS, "tx_drops"),
+)
+
+
+@dataclass
+class NetIfaceConfig:
+    # Interfaces never reported.  `lo` carries only the pod's traffic to itself.
+    exclude_interfaces: list[str] = field(default_factory=lambda: ["lo"])
+
+
+class NetIfaceReceiver(CgroupFileReceiver):
+    metrics = tuple(metric for metric, _ in _FIELDS)
+
+    def __init__(self, context: Context, config: NetIfaceConfig) -> None:
+        super().__init__(context, config)
+        self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
+        self._host_netns: int | None = None
+        self._excluded = frozenset(config.exclude_interfaces)
+        self._last = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
+
+    def _host_ns(self) -> int:
+        # The init process's netns is the node's: fixed for the life of the host.
+        return os.stat(f"{self.proc_root}/1/ns/net").st_ino
+
+    def preflight(self) -> str | None:
+        try:
+            self._host_ns()
+        except OSError as err:
+            return f"cannot read {self.proc_root}/1/ns/net ({err.strerror}): needs the host's /proc (hostPID)"
+        return None
+
+    def route(self) -> str:
+        return f"{self.proc_root}/<pid>/net/dev, one process per pod netns (from cgroup.procs)"
+
+    def start(self) -> None:
+        try:
+            self._host_netns = self._host_ns()
+        except OSError as err:
+            raise ComponentUnavailable(
+                f"cannot read {self.proc_root}/1/ns/net ({err.strerror}): needs the host's /proc (hostPID)"
+            ) from err
+
+    def status(self) -> dict[str, object]:
+        return {"route": self.route(), **self._last}
+
+    def _groups(self) -> dict[str, list[CgroupRef]]:
+        """Leaves grouped by pod cgroup path (a non-pod leaf is its own group), in a stable order."""
+        groups: dict[str, list[CgroupRef]] = {}
+        for ref in sorted(self.context.cgroups.workloads(), key=lambda r: r.path):
+            groups.setdefault(pod_cgroup_path(ref.path) or ref.path, []).append(ref)
+        return groups
+
+    def _pod_ref(self, group_path: str, members: list[CgroupRef]) -> CgroupRef | None:
+        if len(members) == 1 and members[0].path == group_path:
+            return members[0]
+        try:
+            inode = os.stat(self.context.cgroups.abspath(group_path)).st_ino
+        except OSError:
+            return None  # the pod went away
+        return CgroupRef(inode, group_path)
+
+    def _one_pid_netns(self, members: list[CgroupRef]) -> tuple[int, int] | None:
+        """(pid, netns inode) of one live process of the group, or None."""
+        for ref in members:
+            for pid in self._pids(ref) or ():
+                try:
+                    return pid, os.stat(f"{self.proc_root}/{pid}/ns/net").st_ino
+                except OSError:
+                    continue  # exited since cgroup.procs was read: try the next one
+        return None
+
+    def collect(self) -> Batch:
+        if self._host_netns is None:
+            self.start()
+        batch = Batch()
+        seen: set[int] = set()
+        stats = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
+        for group_path, members in self._groups().items():
+            found = self._one_pid_netns(members)
+            if found is None:
+                continue  # no live process: nothing to attribute, and no namespace to read
+            pid, netns = found
+            if netns == self._host_netns:
+                stats["host_network_skipped"] += 1
+                continue
+            if netns in seen:
+                stats["shared_skipped"] += 1
+                continue
+            text = self._read(f"{self.proc_root}/{pid}/net/dev")
+            if text is None:
+                continue
+            ref = self._pod_ref(group_path, members)
+            if ref is None:
+                continue
+            seen.add(netns)
+            stats["namespaces"] += 1
+            self._emit(ref, parse_net_dev(text), batch)
+        self._last = stats
+        return batch
+
+    def _emit(self, ref: CgroupRef, interfaces: dict[str, NetDevCounters], batch: Batch) -> None:
+        for name, counters in interfaces.items():
+            if name in self._excluded:
+                continue
+            attrs = (("interface", name),)
+            for metric, attr in _FIELDS:
+                batch.add(Point(metric, ref, attrs, float(getattr(counters, attr))))
+
+
+factory = Factory(
+    type="net_iface",
+    kind="receiver",
+    config_class=NetIfaceConfig,
+    create=lambda context, config: NetIfaceReceiver(context, config),
+    description="Interface rx/tx bytes, packets, errors and drops once per pod network namespace",
+)
