@@ -8,4 +8,4 @@ from kpod.component import ComponentUnavailable
 
 
 def create_discovery(mode: str, *args: Any) -> NoReturn:
-    raise ComponentUnavailable(f"discovery mode {mode} is not implemented yet; use kpod.discovery.mode: local")
+    raise ComponentUnavailable(f"discovery mode {mode} is not implemented yet; use mode local")

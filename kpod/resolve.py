@@ -122,7 +122,9 @@ class LocalResolver:
             return self._build(container=_last_component(path), pod_uid=pod.pod_uid)
         container = parse_container_path(path)
         if container is not None and not container.conmon:
-            return self._build(container=short_id(container.container_id), container_id=container.container_id)
+            return self._build(
+                container=short_id(container.container_id), container_id=container.container_id
+            )
         return self._build(container="" if path == "/" else _last_component(path))
 
 
@@ -179,7 +181,9 @@ class PodResolver:
             return True
         return False
 
-    def container_label(self, pod: PodInfo, cgroup: CgroupRef, container_id: str, conmon: bool) -> tuple[str, str]:
+    def container_label(
+        self, pod: PodInfo, cgroup: CgroupRef, container_id: str, conmon: bool
+    ) -> tuple[str, str]:
         """(container label, k8s.container.name) for a cgroup of `pod`."""
         if not container_id or conmon:
             return "", ""

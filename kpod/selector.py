@@ -160,7 +160,7 @@ def parse_selector(text: str) -> Selector:
         token, position = lexer.peek()
         if token == "!":
             lexer.next()
-            key_token, key_position = lexer.peek()
+            _, key_position = lexer.peek()
             key = _check_key(text, lexer.next(), key_position)
             requirements.append(Requirement(key, NOT_EXISTS))
         else:
@@ -173,10 +173,14 @@ def parse_selector(text: str) -> Selector:
                     raise _error(text, value_position, f"expected a value, got {value_token!r}")
                 value = "" if value_token in ("", ",") else lexer.next()
                 operator = NOT_EQUALS if op == "!=" else EQUALS
-                requirements.append(Requirement(key, operator, frozenset([_check_value(text, value, value_position)])))
+                requirements.append(
+                    Requirement(key, operator, frozenset([_check_value(text, value, value_position)]))
+                )
             elif op in ("in", "notin"):
                 lexer.next()
-                requirements.append(Requirement(key, IN if op == "in" else NOT_IN, _parse_values(text, lexer)))
+                requirements.append(
+                    Requirement(key, IN if op == "in" else NOT_IN, _parse_values(text, lexer))
+                )
             elif op in ("", ","):
                 requirements.append(Requirement(key, EXISTS))
             else:
@@ -205,7 +209,9 @@ class PodFilter:
     selector: Selector = Selector()
 
     @classmethod
-    def build(cls, namespaces: Iterable[str], exclude_namespaces: Iterable[str], label_selector: str) -> PodFilter:
+    def build(
+        cls, namespaces: Iterable[str], exclude_namespaces: Iterable[str], label_selector: str
+    ) -> PodFilter:
         return cls(frozenset(namespaces), frozenset(exclude_namespaces), parse_selector(label_selector))
 
     def allows(self, namespace: str, labels: Mapping[str, str]) -> bool:

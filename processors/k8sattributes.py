@@ -42,7 +42,7 @@ from kpod.selector import PodFilter, include_label_names
 from kpod.units import Duration
 
 UNRESOLVED_METRIC = "kpod_cgroups_unresolved_total"
-UNRESOLVED_HELP = "cgroups whose points were dropped because they belong to no known pod, by reason, per cycle"
+UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
 PODS_METRIC = "kpod_discovery_pods"
 PODS_HELP = "pods of this node that discovery knows"
 EXTRAS_PODS = "pods"
@@ -110,12 +110,14 @@ class K8sAttributesProcessor(Processor):
             if filters.namespaces or filters.label_selector:
                 # Without the API there are no namespaces or labels to match: filtering would drop
                 # every pod, so it is off, and said so.
-                self.log.warning("discovery mode local: namespaces and label_selector filters are not applied")
+                self.log.warning("discovery mode local: the namespaces and label_selector filters are off")
             return
         from kpod.discovery import create_discovery  # imports the kubernetes client: only when used
 
         assert self.store is not None
-        self.discovery = create_discovery(self.mode, self.context.settings, self.config, self.store, self.log, self.node)
+        self.discovery = create_discovery(
+            self.mode, self.context.settings, self.config, self.store, self.log, self.node
+        )
         try:
             self.discovery.start()
         except ComponentUnavailable:
@@ -198,7 +200,9 @@ def _merge_values(first: Point, other: Point) -> float | HistogramValue | None:
     if isinstance(a, HistogramValue) and isinstance(b, HistogramValue):
         if a.bounds != b.bounds:
             return None
-        return HistogramValue(a.bounds, tuple(x + y for x, y in zip(a.counts, b.counts, strict=True)), a.sum + b.sum)
+        return HistogramValue(
+            a.bounds, tuple(x + y for x, y in zip(a.counts, b.counts, strict=True)), a.sum + b.sum
+        )
     if isinstance(a, HistogramValue) or isinstance(b, HistogramValue):
         return None
     return a + b
@@ -247,5 +251,5 @@ factory = Factory(
     kind="processor",
     config_class=K8sAttributesConfig,
     create=_create,
-    description="namespace/pod/container/node labels from node-scoped pod discovery (informer, kubelet or local)",
+    description="namespace/pod/container/node labels from node-scoped pod discovery",
 )

@@ -28,28 +28,29 @@ THROTTLED4 = "49f23186d2d246f4876c5265d01ee0d626ef3dfb3b06746f4dfc9a38ebbe383f"
 OOM5 = "267466eaac6dd05ee9555d3a95d989576e6e9096baaea95f589935fff5b21acf"
 
 # Every cgroup directory of the fixture and what it must parse to (None: not a pod's cgroup).
+P1 = (
+    "/kubepods.slice/kubepods-burstable.slice/"
+    "kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
+)
+P2 = "/kubepods.slice/kubepods-pod0a1b2c3d_0000_4000_8000_000000000002.slice"
+P3 = (
+    "/kubepods.slice/kubepods-besteffort.slice/"
+    "kubepods-besteffort-pod0a1b2c3d_0000_4000_8000_000000000003.slice"
+)
 P4 = "/kubepods/burstable/pod0a1b2c3d-0000-4000-8000-000000000004"
 P5 = "/kubepods/pod0a1b2c3d-0000-4000-8000-000000000005"
 EXPECTED: dict[str, PodPath | None] = {
     "/kubepods.slice": None,
     "/kubepods.slice/kubepods-burstable.slice": None,
     "/kubepods.slice/kubepods-besteffort.slice": None,
-    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice":
-        PodPath(UID.format(1), "", "", "burstable"),
-    f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice/cri-containerd-{SANDBOX1}.scope":
-        PodPath(UID.format(1), SANDBOX1, "containerd", "burstable"),
-    f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice/cri-containerd-{IO1}.scope":
-        PodPath(UID.format(1), IO1, "containerd", "burstable"),
-    f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice/cri-containerd-{THROTTLED1}.scope":
-        PodPath(UID.format(1), THROTTLED1, "containerd", "burstable"),
-    "/kubepods.slice/kubepods-pod0a1b2c3d_0000_4000_8000_000000000002.slice":
-        PodPath(UID.format(2), "", "", "guaranteed"),
-    f"/kubepods.slice/kubepods-pod0a1b2c3d_0000_4000_8000_000000000002.slice/cri-containerd-{OOM2}.scope":
-        PodPath(UID.format(2), OOM2, "containerd", "guaranteed"),
-    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d_0000_4000_8000_000000000003.slice":
-        PodPath(UID.format(3), "", "", "besteffort"),
-    f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d_0000_4000_8000_000000000003.slice/cri-containerd-{HOLDER3}.scope":
-        PodPath(UID.format(3), HOLDER3, "containerd", "besteffort"),
+    P1: PodPath(UID.format(1), "", "", "burstable"),
+    f"{P1}/cri-containerd-{SANDBOX1}.scope": PodPath(UID.format(1), SANDBOX1, "containerd", "burstable"),
+    f"{P1}/cri-containerd-{IO1}.scope": PodPath(UID.format(1), IO1, "containerd", "burstable"),
+    f"{P1}/cri-containerd-{THROTTLED1}.scope": PodPath(UID.format(1), THROTTLED1, "containerd", "burstable"),
+    P2: PodPath(UID.format(2), "", "", "guaranteed"),
+    f"{P2}/cri-containerd-{OOM2}.scope": PodPath(UID.format(2), OOM2, "containerd", "guaranteed"),
+    P3: PodPath(UID.format(3), "", "", "besteffort"),
+    f"{P3}/cri-containerd-{HOLDER3}.scope": PodPath(UID.format(3), HOLDER3, "containerd", "besteffort"),
     "/kubepods": None,
     "/kubepods/burstable": None,
     "/kubepods/besteffort": None,
@@ -65,7 +66,7 @@ def fixture_cgroups() -> list[str]:
     """Every cgroup directory of the fixture tree, as a path relative to its root."""
     found = []
     for directory, subdirs, _files in os.walk(FIXTURE):
-        relative = directory[len(FIXTURE):]
+        relative = directory[len(FIXTURE) :]
         if relative in ("", "/proc", "/sys") or relative.startswith(("/proc/", "/sys/")):
             if relative == "":
                 subdirs[:] = [d for d in subdirs if d not in ("proc", "sys")]
@@ -101,37 +102,55 @@ API_UID = "6f9c1e2a-1b2c-4d3e-8f90-a1b2c3d4e5f6"
     ("path", "expected"),
     [
         # CRI-O and docker (cri-dockerd) under the systemd driver.
-        (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/crio-{CID}.scope",
-         PodPath(API_UID, CID, "crio", "burstable")),
-        (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/crio-conmon-{CID}.scope",
-         PodPath(API_UID, CID, "crio", "burstable", conmon=True)),
-        (f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{SYSTEMD_UID}.slice/docker-{CID}.scope",
-         PodPath(API_UID, CID, "docker", "besteffort")),
+        (
+            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/crio-{CID}.scope",
+            PodPath(API_UID, CID, "crio", "burstable"),
+        ),
+        (
+            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/crio-conmon-{CID}.scope",
+            PodPath(API_UID, CID, "crio", "burstable", conmon=True),
+        ),
+        (
+            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{SYSTEMD_UID}.slice/docker-{CID}.scope",
+            PodPath(API_UID, CID, "docker", "besteffort"),
+        ),
         # Guaranteed pod, no QoS slice.
-        (f"/kubepods.slice/kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope",
-         PodPath(API_UID, CID, "containerd", "guaranteed")),
+        (
+            f"/kubepods.slice/kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope",
+            PodPath(API_UID, CID, "containerd", "guaranteed"),
+        ),
         # cgroupfs driver: bare ids (containerd, docker) and CRI-O's prefixed names.
         (f"/kubepods/besteffort/pod{API_UID}/{CID}", PodPath(API_UID, CID, "", "besteffort")),
         (f"/kubepods/pod{API_UID}/crio-{CID}", PodPath(API_UID, CID, "crio", "guaranteed")),
-        (f"/kubepods/burstable/pod{API_UID}/crio-conmon-{CID}",
-         PodPath(API_UID, CID, "crio", "burstable", True)),
+        (
+            f"/kubepods/burstable/pod{API_UID}/crio-conmon-{CID}",
+            PodPath(API_UID, CID, "crio", "burstable", True),
+        ),
         # kind / k3s-in-docker: the node's kubepods under a prefix; a kubelet with --cgroup-root.
         (f"/docker/{'f' * 64}/kubepods/burstable/pod{API_UID}/{CID}", PodPath(API_UID, CID, "", "burstable")),
-        (f"/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
-         f"kubelet-kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope",
-         PodPath(API_UID, CID, "containerd", "besteffort")),
-        (f"/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{SYSTEMD_UID}.slice",
-         PodPath(API_UID, "", "", "guaranteed")),
+        (
+            f"/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
+            f"kubelet-kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope",
+            PodPath(API_UID, CID, "containerd", "besteffort"),
+        ),
+        (
+            f"/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{SYSTEMD_UID}.slice",
+            PodPath(API_UID, "", "", "guaranteed"),
+        ),
         # Seen from inside a cgroup namespace: relative to a root below or beside ours.
         (f"/../../kubepods/burstable/pod{API_UID}/{CID}", PodPath(API_UID, CID, "", "burstable")),
         (f"/burstable/pod{API_UID}/{CID}", PodPath(API_UID, CID, "", "burstable")),
         # A workload's own sub-cgroups below its container belong to the container.
-        (f"/kubepods.slice/kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope/init.scope",
-         PodPath(API_UID, CID, "containerd", "guaranteed")),
+        (
+            f"/kubepods.slice/kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope/init.scope",
+            PodPath(API_UID, CID, "containerd", "guaranteed"),
+        ),
         # Static pod: the kubelet's 32-hex config hash instead of a UUID.
-        (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{'ab' * 16}.slice/"
-         f"cri-containerd-{CID}.scope",
-         PodPath("ab" * 16, CID, "containerd", "burstable")),
+        (
+            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{'ab' * 16}.slice/"
+            f"cri-containerd-{CID}.scope",
+            PodPath("ab" * 16, CID, "containerd", "burstable"),
+        ),
         (f"/kubepods/burstable/pod{'AB' * 16}", PodPath("ab" * 16, "", "", "burstable")),
         # Trailing slash and upper case as some tools print them.
         (f"/kubepods/pod{API_UID.upper()}/{CID.upper()}/", PodPath(API_UID, CID, "", "guaranteed")),
