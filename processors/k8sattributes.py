@@ -14,7 +14,7 @@ labels namespace, pod, container, node (+ label_<x> per include_labels) and OTLP
 k8s.namespace.name, k8s.pod.name, k8s.pod.uid, k8s.container.name, container.id, k8s.node.name.
 Points without a cgroup (self-metrics) pass untouched.  In informer and kubelet mode a point
 whose cgroup belongs to no known, allowed pod is dropped and its cgroup counted in
-`kpod_cgroups_unresolved_total{reason}` once per cycle.
+`kpod.cgroups.unresolved{reason}` (kpod_cgroups_unresolved_total) once per cycle.
 
 Several cgroups can get one label set: the pod sandbox and CRI-O's conmon cgroups are all
 container="" of their pod.  Two series with one label set would break the exposition, so
@@ -41,9 +41,9 @@ from kpod.resolve import OTEL_CONTAINER_ID, Drop, LocalResolver, PodResolver, no
 from kpod.selector import PodFilter, include_label_names
 from kpod.units import Duration
 
-UNRESOLVED_METRIC = "kpod_cgroups_unresolved_total"
+UNRESOLVED_METRIC = "kpod.cgroups.unresolved"
 UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
-PODS_METRIC = "kpod_discovery_pods"
+PODS_METRIC = "kpod.discovery.pods"
 PODS_HELP = "pods of this node that discovery knows"
 EXTRAS_PODS = "pods"
 
