@@ -105,7 +105,7 @@ class PrometheusExporter(Exporter):
             protocol_version = "HTTP/1.1"
             server_version = "kpod-metrics"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # one line per scrape would drown the agent's own log
 
             def do_GET(self) -> None:

@@ -211,7 +211,7 @@ def _build_value(tp: Any, value: Any, where: _Where, meta: typing.Mapping[str, A
             raise where.error(f"at most {limit} items, got {len(value)}")
         return [_build_value(item_type, item, where, {}) for item in value]
     if origin is dict:
-        key_type, item_type = typing.get_args(tp)
+        _, item_type = typing.get_args(tp)
         if value is None:
             return {}
         if not isinstance(value, dict):
@@ -338,6 +338,7 @@ class AgentConfig:
 
 TOP_LEVEL_KEYS = ("kpod", "receivers", "processors", "exporters", "service")
 DEFAULT_PROCESSORS = ["k8sattributes"]
+DEFAULT_EXPORTERS = ["prometheus"]
 # Keys every receiver accepts in addition to its own.
 COMMON_RECEIVER_KEYS = ("interval",)
 
@@ -396,6 +397,13 @@ def load_config(
         for kind, section in (("receiver", "receivers"), ("processor", "processors"), ("exporter", "exporters"))
     }
     pipeline = _pipeline(document, root)
+    profile_overrides = dict(profiles.profile_receivers(kpod.profile))
+    # Every declared component is checked, in file order, even if no pipeline uses it.
+    built: dict[tuple[str, str], ComponentConfig] = {}
+    for kind, entries in declared.items():
+        for component_id, (raw, where) in entries.items():
+            overrides_for = profile_overrides.get(component_id, {}) if kind == "receiver" else {}
+            built[kind, component_id] = _component(registry, kind, component_id, raw, where, overrides_for)
 
     # Receivers: the profile's, plus any the pipeline names (custom: only those).
     receiver_ids: list[str] = []
@@ -415,7 +423,10 @@ def load_config(
             "no receivers: with profile custom, list them in service.pipelines.metrics.receivers"
         )
     processor_ids = [cid for cid, _ in pipeline["processors"]] or list(DEFAULT_PROCESSORS)
-    exporter_ids = [cid for cid, _ in pipeline["exporters"]]
+    # Without a pipeline, the Prometheus exporter with its defaults (the file may configure it).
+    exporter_ids = [cid for cid, _ in pipeline["exporters"]] or (
+        [] if "service" in document else list(DEFAULT_EXPORTERS)
+    )
     for kind, ids, wheres in (
         ("processor", processor_ids, dict(pipeline["processors"])),
         ("exporter", exporter_ids, dict(pipeline["exporters"])),
@@ -432,11 +443,12 @@ def load_config(
         ("exporter", exporter_ids, config.exporters),
     ):
         for component_id in ids:
-            if component_id in declared[kind]:
-                raw, where = declared[kind][component_id]
-            else:  # implied by the profile or the default pipeline
-                raw, where = None, root.child("kpod", document).child("profile", raw_kpod)
-            target.append(_component(registry, kind, component_id, raw, where, overrides.get(component_id, {})))
+            if (kind, component_id) in built:
+                target.append(built[kind, component_id])
+                continue
+            # Implied by the profile or the default pipeline.
+            where = root.child("kpod", document).child("profile", raw_kpod)
+            target.append(_component(registry, kind, component_id, None, where, overrides.get(component_id, {})))
     return config
 
 
@@ -526,7 +538,7 @@ def _pipeline(document: dict[str, Any], root: _Where) -> dict[str, list[tuple[st
     metrics = pipelines.get("metrics")
     where = where.child("metrics", pipelines)
     if metrics is None:
-        metrics = {"exporters": ["prometheus"]}
+        metrics = {}
     if not isinstance(metrics, dict):
         raise where.error("expected a mapping with keys receivers, processors, exporters")
     out: dict[str, list[tuple[str, _Where]]] = {}

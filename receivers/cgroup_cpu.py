@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from kpod.cgroupfs import read_text
-from kpod.component import Context, Factory, Receiver
+from kpod.component import Factory, Receiver
 from kpod.model import Batch, Kind, MetricDef, Point
 from kpod.parsers import parse_cpu_stat
 
