@@ -74,6 +74,7 @@ class BtfTypeInfo:
     int_encoding: int = 0
     int_bits: int = 0
     params: tuple[int, ...] = ()  # FUNC_PROTO parameter type ids
+    enumerators: tuple[tuple[str, int], ...] = ()
 
 
 class Btf:
@@ -117,6 +118,19 @@ class Btf:
                     bit_offset, bitfield_size = m.offset, 0
                 members.append(BtfMember(self.name(m.name_off), m.type, bit_offset, bitfield_size))
             info["members"] = tuple(members)
+        elif kind == KIND_ENUM:
+            values = []
+            for i in range(vlen):
+                pairs = (ctypes.c_uint32 * 2).from_address(tail + 8 * i)
+                raw = pairs[1]
+                values.append((self.name(pairs[0]), raw - (1 << 32) if kflag and raw >> 31 else raw))
+            info["enumerators"] = tuple(values)
+        elif kind == KIND_ENUM64:
+            values = []
+            for i in range(vlen):
+                triple = (ctypes.c_uint32 * 3).from_address(tail + 12 * i)
+                values.append((self.name(triple[0]), triple[1] | (triple[2] << 32)))
+            info["enumerators"] = tuple(values)
         elif kind == KIND_FUNC_PROTO:
             info["params"] = tuple(
                 _BtfParam.from_address(tail + i * ctypes.sizeof(_BtfParam)).type for i in range(vlen)
@@ -127,6 +141,11 @@ class Btf:
         """The id of the named type of that kind, or 0."""
         type_id = self._lib.btf__find_by_name_kind(self.ptr, name.encode(), kind)
         return type_id if type_id > 0 else 0
+
+    def enum(self, name: str) -> dict[str, int]:
+        """The enumerators of a named enum (constants C shares with Python), or {}."""
+        type_id = self.find(name, KIND_ENUM) or self.find(name, KIND_ENUM64)
+        return dict(self.type(type_id).enumerators) if type_id else {}
 
     def resolve(self, type_id: int) -> BtfTypeInfo:
         """Skip typedefs and qualifiers."""
@@ -198,11 +217,11 @@ class Btf:
         for i, m in enumerate(t.members):
             if m.bitfield_size or m.bit_offset % 8:
                 continue  # bitfields: left to padding
-            member_type = self.resolve(m.type)
+            member_type = self.resolve(m.type_id)
             if member_type.kind == KIND_INT and member_type.int_bits % 8:
                 continue  # a non-kflag bitfield
             offset = m.bit_offset // 8
-            ctype = self.ctype(m.type)
+            ctype = self.ctype(m.type_id)
             name = m.name
             if not name:
                 name = f"_anon{i}"
@@ -228,9 +247,11 @@ class Btf:
             record = type(
                 t.name or f"anon_{t.id}",
                 (ctypes.Union,),
-                {"_pack_": 1, "_fields_": [*fields, ("_size", ctypes.c_uint8 * size)], **(
-                    {"_anonymous_": anonymous} if anonymous else {}
-                )},
+                {
+                    "_pack_": 1,
+                    "_fields_": [*fields, ("_size", ctypes.c_uint8 * size)],
+                    **({"_anonymous_": anonymous} if anonymous else {}),
+                },
             )
         if ctypes.sizeof(record) != size:
             raise LayoutError(f"{t.name}: ctypes size {ctypes.sizeof(record)} != BTF size {size}")

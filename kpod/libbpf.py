@@ -469,7 +469,7 @@ class BpfObject:
 
 def prog_info(fd: int) -> ctypes.Structure:
     """struct bpf_prog_info for a program fd, laid out from the running kernel's BTF."""
-    from kpod.btflayout import vmlinux_struct  # noqa: PLC0415 - btflayout imports this module
+    from kpod.btflayout import vmlinux_struct
 
     info_type = vmlinux_struct("bpf_prog_info")
     info = info_type()
@@ -481,7 +481,7 @@ def prog_info(fd: int) -> ctypes.Structure:
 
 
 def map_info(fd: int) -> ctypes.Structure:
-    from kpod.btflayout import vmlinux_struct  # noqa: PLC0415
+    from kpod.btflayout import vmlinux_struct
 
     info_type = vmlinux_struct("bpf_map_info")
     info = info_type()
@@ -529,7 +529,9 @@ def perf_event_open(type_: int, config: int, cpu: int, sample_period: int = 1, p
     attr = PerfEventAttr(type=type_, size=ctypes.sizeof(PerfEventAttr), config=config, sample_period=sample_period)
     syscall = _libc.syscall
     syscall.restype = ctypes.c_long
-    fd = syscall(ctypes.c_long(nr), byref(attr), c_int(pid), c_int(cpu), c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    fd = syscall(
+        ctypes.c_long(nr), byref(attr), c_int(pid), c_int(cpu), c_int(-1), ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC)
+    )
     if fd < 0:
         raise LibbpfError(ctypes.get_errno(), f"perf_event_open(type={type_}, config={config}, cpu={cpu})")
     return int(fd)

@@ -1,0 +1,170 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Shared helpers for kpod's BPF programs (CO-RE, compiled against vmlinux.h).
+ *
+ * Conventions that the Python side (kpod/ebpf.py) relies on, so keep them:
+ *  - A per-cgroup map's key is a struct with a member named `cgroup_id` (the cgroup2 id, i.e.
+ *    the cgroup directory's inode).  Userspace finds cgroup keys by that name to delete the
+ *    entries of cgroups that are gone, and sets such maps' max_entries from the config.
+ *  - Each object has one error map named `<prefix>_errors`: an ARRAY with one entry whose value
+ *    is a struct of __u64 counters, one member per map, named exactly like the map.  Failed
+ *    inserts are counted there, in the kernel (kpod.bpf.map.update.errors.total{map}).
+ *  - Histograms are `struct kpod_hist`, log2 slots over nanoseconds (see kpod_hist_slot).
+ *  - Map names stay <= 15 characters: the kernel truncates longer ones, and bpftool then shows
+ *    a different name than libbpf.
+ */
+#ifndef __KPOD_BPF_H
+#define __KPOD_BPF_H
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+/* Default size of per-cgroup maps; the agent overrides it before load (kpod.bpf.map_max_entries). */
+#define KPOD_MAX_ENTRIES 10240
+
+/* vmlinux.h has no errno values. */
+#define KPOD_EEXIST 17
+
+#define KPOD_TASK_RUNNING 0
+
+struct kpod_cgroup_key {
+	__u64 cgroup_id;
+};
+
+/*
+ * Log2 histogram over nanoseconds.  Slot 0 holds [0, 2^FIRST_BITS - 1]; slot k >= 1 holds the
+ * values whose bit length is k + FIRST_BITS, i.e. [2^(k+FIRST_BITS-1), 2^(k+FIRST_BITS) - 1];
+ * the last slot also takes everything larger.  So slot k's inclusive upper bound is exactly
+ * 2^(k+FIRST_BITS) - 1 ns, which userspace exports as an explicit bucket bound.
+ * With 10 and 27: first bound 1.023 us, last finite bound 2^35-1 ns (34.4 s).
+ * Starting at 1 us instead of 1 ns saves ten slots per cgroup that sub-microsecond waits
+ * would never tell apart anyway.
+ */
+enum kpod_hist_layout {
+	KPOD_HIST_FIRST_BITS = 10,
+	KPOD_HIST_SLOTS = 27,
+};
+
+struct kpod_hist {
+	__u64 slots[KPOD_HIST_SLOTS];
+	__u64 sum;   /* nanoseconds */
+	__u64 count;
+	/*
+	 * Zero bytes: only here so that the enum above (the slot mapping) is in the object's BTF,
+	 * where userspace reads it to compute the bucket bounds.
+	 */
+	enum kpod_hist_layout layout[0];
+};
+
+/* floor(log2(v)) for v > 0, branch-free enough for the verifier (no loops). */
+static __always_inline __u32 kpod_log2(__u64 v)
+{
+	__u32 r = 0, shift;
+
+	shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+static __always_inline __u32 kpod_hist_slot(__u64 v)
+{
+	__u32 bits = v ? kpod_log2(v) + 1 : 0;  /* bit length */
+
+	if (bits <= KPOD_HIST_FIRST_BITS)
+		return 0;
+	bits -= KPOD_HIST_FIRST_BITS;
+	return bits < KPOD_HIST_SLOTS ? bits : KPOD_HIST_SLOTS - 1;
+}
+
+static __always_inline void kpod_hist_add(struct kpod_hist *h, __u64 v)
+{
+	__u32 slot = kpod_hist_slot(v);
+
+	/* Re-check the bound where the verifier can see it. */
+	if (slot >= KPOD_HIST_SLOTS)
+		return;
+	__sync_fetch_and_add(&h->slots[slot], 1);
+	__sync_fetch_and_add(&h->sum, v);
+	__sync_fetch_and_add(&h->count, 1);
+}
+
+/* Defines the object's error map; `value_type` is a struct of one __u64 per map, named like the map. */
+#define KPOD_ERRORS_MAP(name, value_type)		\
+	struct {					\
+		__uint(type, BPF_MAP_TYPE_ARRAY);	\
+		__uint(max_entries, 1);			\
+		__type(key, __u32);			\
+		__type(value, value_type);		\
+	} name SEC(".maps")
+
+/* Count one failed update at byte offset `off` of the error map's value (offsetof(struct, map)). */
+static __always_inline void kpod_count_error(void *errors, __u32 off)
+{
+	__u32 zero = 0;
+	char *counters = bpf_map_lookup_elem(errors, &zero);
+
+	if (counters)
+		__sync_fetch_and_add((__u64 *)(counters + off), 1);
+}
+
+/*
+ * Look `key` up, inserting `init` if it is absent.  A failed insert (map full, out of memory)
+ * is counted in the error map and returns NULL.  -EEXIST means another CPU inserted the key
+ * between our lookup and update, which is fine: look it up again.
+ */
+static __always_inline void *kpod_lookup_or_init(void *map, const void *key, const void *init,
+						 void *errors, __u32 err_off)
+{
+	void *val = bpf_map_lookup_elem(map, key);
+	long rc;
+
+	if (val)
+		return val;
+	rc = bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	if (rc && rc != -KPOD_EEXIST) {
+		kpod_count_error(errors, err_off);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(map, key);
+}
+
+/* Add `delta` to a __u64 counter, inserting it on first use (failures counted as above). */
+static __always_inline void kpod_counter_add(void *map, const void *key, __u64 delta,
+					     void *errors, __u32 err_off)
+{
+	__u64 zero = 0, *val;
+
+	val = kpod_lookup_or_init(map, key, &zero, errors, err_off);
+	if (val)
+		__sync_fetch_and_add(val, delta);
+}
+
+/*
+ * The cgroup2 id of any task (not only current): task->cgroups->dfl_cgrp->kn->id, read with
+ * CO-RE so field offsets are relocated to the running kernel.  Equals bpf_get_current_cgroup_id()
+ * for current and the inode of the cgroup2 directory (stat -c %i).
+ */
+static __always_inline __u64 kpod_task_cgroup_id(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+}
+
+/* task_struct.state became __state in 5.14; CO-RE picks whichever the kernel has. */
+struct task_struct___pre_5_14 {
+	long state;
+} __attribute__((preserve_access_index));
+
+static __always_inline long kpod_task_state(struct task_struct *task)
+{
+	if (bpf_core_field_exists(task->__state))
+		return BPF_CORE_READ(task, __state);
+	return BPF_CORE_READ((struct task_struct___pre_5_14 *)task, state);
+}
+
+#endif /* __KPOD_BPF_H */

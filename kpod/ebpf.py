@@ -1,0 +1,546 @@
+"""The layer every eBPF receiver stands on: load an object, pick hooks, read maps, clean up.
+
+How to add a program (net.bpf.c, syscall.bpf.c, ...)
+----------------------------------------------------
+1. C: `bpf/<name>.bpf.c` including "kpod.bpf.h".  Per-cgroup maps are hashes keyed by a struct
+   with a `cgroup_id` member (`struct kpod_cgroup_key`, or your own struct adding e.g. a
+   syscall number); histograms are `struct kpod_hist` filled with `kpod_hist_add()` (log2 slots
+   over nanoseconds).  Define the error map with
+   `KPOD_ERRORS_MAP(<prefix>_errors, struct <prefix>_errors_value)`, one __u64 member per map
+   named exactly like the map, and insert with `kpod_lookup_or_init()` / `kpod_counter_add()`
+   so failed inserts are counted in the kernel.  Keep map names <= 15 characters and unique
+   across objects (they are the `map` label).  `make bpf` builds `bpf/<name>.bpf.o`.
+2. Python: a receiver subclassing `BpfReceiver` with
+       object_name = "<name>"
+       program_specs = (ProgramSpec("func_name", feeds=("kpod.x.y",)), ...)
+   Mark programs `optional=True` when the receiver is still useful without them, and list
+   alternatives for one metric in priority order (a tp_btf program and a tracepoint fallback):
+   the first whose hook exists on this kernel is loaded, the others get autoload off
+   (bpf_program__set_autoload).  Perf-event programs give `perf_event=(type, config)` and are
+   attached to one event per online CPU.  `enabled_programs()` lets config switch programs off.
+3. `collect()` reads maps with `self.read_cgroup_map(map_name)`, which returns
+   (CgroupRef, value) for live cgroups and batch-deletes entries of cgroups that are gone, and
+   turns `struct kpod_hist` values into `HistogramValue` with `self.histogram(value)`.
+   `BpfReceiver.collect()` adds per-program kernel cost (bpf_stats) for you.
+4. Register the factory in pyproject.toml under [project.entry-points."kpod.receivers"].
+   Every loaded object is in `REGISTRY`, so the bpf_maps receiver reports its maps with no
+   extra code; tests/test_bpf_layout.py checks its map structs against the BTF automatically.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib.resources
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from kpod import btflayout, libbpf
+from kpod.btflayout import LayoutError, MapLayout
+from kpod.component import ComponentUnavailable, Receiver
+from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
+
+log = logging.getLogger("kpod.ebpf")
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
+BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+CGROUP_KEY_FIELD = "cgroup_id"
+
+PROGRAM_RUN_SECONDS = MetricDef(
+    "kpod.bpf.program.run.seconds",
+    Kind.COUNTER,
+    "s",
+    "Kernel time spent running this BPF program (needs sysctl kernel.bpf_stats_enabled=1)",
+    ("program",),
+)
+PROGRAM_RUNS = MetricDef(
+    "kpod.bpf.program.runs",
+    Kind.COUNTER,
+    "1",
+    "Times this BPF program ran (needs sysctl kernel.bpf_stats_enabled=1)",
+    ("program",),
+)
+
+
+# --- can eBPF run here? --------------------------------------------------------------------
+
+
+def effective_caps(status_path: str = "/proc/self/status") -> int:
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def bpf_preflight(object_path: str | None = None) -> str | None:
+    """Why BPF programs cannot be loaded here (one line), or None.  Changes nothing."""
+    caps = effective_caps()
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
+        return "needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs"
+    if not os.path.exists(BTF_VMLINUX):
+        return f"kernel has no BTF ({BTF_VMLINUX} missing): CO-RE programs cannot be relocated"
+    try:
+        libbpf.lib()
+    except libbpf.LibbpfError as exc:
+        return str(exc)
+    if object_path is not None and not os.path.exists(object_path):
+        return f"{object_path} not found (build it with `make bpf`)"
+    return None
+
+
+def object_path(name: str, program_dir: str = "") -> str:
+    """Where `<name>.bpf.o` is: the configured directory, else the one shipped in kpod.bpf."""
+    directory = program_dir or str(importlib.resources.files("kpod.bpf"))
+    return os.path.join(directory, f"{name}.bpf.o")
+
+
+def bpf_stats_enabled() -> bool:
+    try:
+        with open(BPF_STATS_SYSCTL) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def hook_unavailable(section: str) -> str | None:
+    """Why the hook a program's section names is missing on this kernel, or None.
+
+    tp_btf/raw_tp need the kernel's BTF typedef of the tracepoint; tracepoint/ needs tracefs
+    (which we never mount ourselves); perf_event is checked when the events are opened.
+    """
+    kind, _, target = section.partition("/")
+    if kind in ("tp_btf", "raw_tp", "raw_tracepoint"):
+        if btflayout.tracepoint_params(target) is None:
+            return f"kernel has no {kind}/{target}"
+        return None
+    if kind in ("tracepoint", "tp"):
+        if not any(os.path.isdir(os.path.join(root, "events", target)) for root in TRACEFS_ROOTS):
+            return f"no tracefs event {target} (tracefs not mounted or tracepoint missing)"
+        return None
+    return None
+
+
+# --- program specs and loaded objects --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """One BPF program of an object and what it feeds.
+
+    Programs with the same `feeds` are alternatives in the order listed.  `optional`: the
+    receiver runs without it (its metrics are then absent).  `perf_event`: (type, config) of a
+    perf event opened on every online CPU with sample_period 1.
+    """
+
+    program: str
+    feeds: tuple[str, ...]
+    optional: bool = False
+    perf_event: tuple[int, int] | None = None
+
+
+@dataclass
+class Route:
+    program: str
+    hook: str  # the section, e.g. "tp_btf/sched_switch", or "perf_event PAGE_FAULTS_MAJ"
+    feeds: tuple[str, ...]
+    active: bool
+    reason: str = ""  # why not active
+
+
+_FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load|failed to find)")
+
+
+class LoadedObject:
+    """A loaded, attached BPF object plus what Python knows about its maps."""
+
+    def __init__(self, name: str, obj: libbpf.BpfObject, layouts: dict[str, MapLayout], routes: list[Route]) -> None:
+        self.name = name
+        self.obj = obj
+        self.layouts = layouts
+        self.routes = routes
+        self.loaded_at_ns = time.time_ns()
+        self.error_map = next((m for m in obj.maps if m.endswith("_errors")), None)
+        btf = btflayout.Btf(obj.btf_ptr)
+        hist = btf.enum("kpod_hist_layout")
+        self.hist_first_bits: int = hist.get("KPOD_HIST_FIRST_BITS", 0)
+        self.hist_slots: int = hist.get("KPOD_HIST_SLOTS", 0)
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.obj.closed
+
+    def map_names(self) -> list[str]:
+        return list(self.obj.maps)
+
+    def cgroup_maps(self) -> list[str]:
+        return [n for n, lay in self.layouts.items() if lay.has_key_field(CGROUP_KEY_FIELD)]
+
+    def error_counts(self) -> dict[str, int]:
+        """Failed inserts per map, as the kernel counted them."""
+        if not self.error_map:
+            return {}
+        raw = self.obj.maps[self.error_map].lookup(b"\0\0\0\0")
+        if raw is None:
+            return {}
+        value = self.layouts[self.error_map].value(raw)
+        return {name: int(getattr(value, name)) for name, _ in value._fields_ if not name.startswith("_")}
+
+    def program_stats(self) -> dict[str, libbpf.ProgramStats]:
+        out: dict[str, libbpf.ProgramStats] = {}
+        for route in self.routes:
+            if route.active:
+                out[route.program] = self.obj.programs[route.program].stats()
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self.obj.close()
+        REGISTRY.remove(self)
+
+
+class BpfRegistry:
+    """Every BPF object kpod has loaded in this process (the bpf_maps receiver reads it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: list[LoadedObject] = []
+
+    def add(self, loaded: LoadedObject) -> None:
+        with self._lock:
+            taken = {m for o in self._objects for m in o.map_names()}
+            clash = taken.intersection(loaded.map_names())
+            if clash:
+                # Map names are the `map` label; two objects with one name would merge series.
+                log.warning("%s: map names %s already used by another loaded object", loaded.name, sorted(clash))
+            self._objects.append(loaded)
+
+    def remove(self, loaded: LoadedObject) -> None:
+        with self._lock:
+            self._objects = [o for o in self._objects if o is not loaded]
+
+    def objects(self) -> list[LoadedObject]:
+        with self._lock:
+            return list(self._objects)
+
+
+REGISTRY = BpfRegistry()
+
+
+def _plan(obj: libbpf.BpfObject, specs: Iterable[ProgramSpec], enabled: set[str]) -> list[Route]:
+    """Choose which programs to load: the first available alternative per fed metric set."""
+    routes: list[Route] = []
+    satisfied: set[tuple[str, ...]] = set()
+    for spec in specs:
+        program = obj.programs.get(spec.program)
+        if program is None:
+            raise LayoutError(f"{obj.path}: no program {spec.program}")
+        hook = program.section
+        if spec.perf_event is not None:
+            hook = f"perf_event type={spec.perf_event[0]} config={spec.perf_event[1]}"
+        if spec.program not in enabled:
+            routes.append(Route(spec.program, hook, spec.feeds, False, "disabled by config"))
+        elif spec.feeds in satisfied:
+            routes.append(Route(spec.program, hook, spec.feeds, False, "an earlier alternative is used"))
+        else:
+            reason = hook_unavailable(program.section)
+            routes.append(Route(spec.program, hook, spec.feeds, reason is None, reason or ""))
+            if reason is None:
+                satisfied.add(spec.feeds)
+    return routes
+
+
+def plan_routes(name: str, program_dir: str, specs: Iterable[ProgramSpec], enabled: set[str]) -> list[Route]:
+    """The routes a receiver would use on this kernel, without loading anything (for `check`)."""
+    with libbpf.BpfObject.open(object_path(name, program_dir)) as obj:
+        return _plan(obj, specs, enabled)
+
+
+def load_object(
+    name: str,
+    specs: tuple[ProgramSpec, ...],
+    enabled: set[str],
+    max_entries: int,
+    program_dir: str = "",
+) -> LoadedObject:
+    """Open, size, load and attach `<name>.bpf.o`, and register it.
+
+    Per-cgroup maps (key has `cgroup_id`) get `max_entries`.  A program that fails to verify
+    or attach is dropped if it is optional (its route says why); a required one fails the
+    whole load with LibbpfError.  Nothing stays loaded on failure.
+    """
+    path = object_path(name, program_dir)
+    by_name = {s.program: s for s in specs}
+    dropped: dict[str, str] = {}
+    for _attempt in range(len(specs) + 1):
+        obj = libbpf.BpfObject.open(path)
+        try:
+            layouts = btflayout.map_layouts(obj)
+            for map_name, layout in layouts.items():
+                if layout.has_key_field(CGROUP_KEY_FIELD):
+                    obj.maps[map_name].set_max_entries(max_entries)
+            routes = _plan(obj, specs, enabled - set(dropped))
+            for route in routes:
+                if route.program in dropped:
+                    route.reason = dropped[route.program]
+            active = {r.program for r in routes if r.active}
+            for prog_name, program in obj.programs.items():
+                program.set_autoload(prog_name in active)
+            missing = [r for r in routes if not r.active and not by_name[r.program].optional]
+            missing = [r for r in missing if not any(o.active and o.feeds == r.feeds for o in routes)]
+            if missing:
+                raise libbpf.LibbpfError(
+                    errno.ENOENT, f"{name}: required program {missing[0].program}: {missing[0].reason}"
+                )
+            try:
+                obj.load()
+            except libbpf.LibbpfError as exc:
+                failed = {m.group(1) for line in exc.log_lines for m in _FAILED_PROG.finditer(line)}
+                optional_failed = {p for p in failed if p in by_name and by_name[p].optional}
+                if not failed or failed - optional_failed:
+                    raise
+                for prog_name in optional_failed:
+                    dropped[prog_name] = f"failed to load: {exc.strerror}"
+                    log.warning(
+                        "%s: optional program %s did not load (%s); going on without it", name, prog_name, exc.strerror
+                    )
+                obj.close()
+                continue
+            _attach_all(obj, routes, by_name)
+            loaded = LoadedObject(name, obj, layouts, routes)
+            REGISTRY.add(loaded)
+            return loaded
+        except BaseException:
+            obj.close()
+            raise
+    raise libbpf.LibbpfError(errno.EINVAL, f"{name}: gave up loading after dropping programs")
+
+
+def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, ProgramSpec]) -> None:
+    for route in routes:
+        if not route.active:
+            continue
+        spec = by_name[route.program]
+        program = obj.programs[route.program]
+        before = len(obj.links)
+        try:
+            if spec.perf_event is not None:
+                _attach_perf_per_cpu(program, *spec.perf_event)
+            else:
+                program.attach()
+        except libbpf.LibbpfError as exc:
+            if not spec.optional:
+                raise
+            for link in obj.links[before:]:
+                link.destroy()
+            del obj.links[before:]
+            route.active = False
+            route.reason = f"attach failed: {exc.strerror}"
+            log.warning("%s: optional program %s not attached: %s", obj.name, route.program, exc)
+
+
+def _attach_perf_per_cpu(program: libbpf.Program, type_: int, config: int) -> None:
+    for cpu in libbpf.online_cpus():
+        fd = libbpf.perf_event_open(type_, config, cpu, sample_period=1)
+        try:
+            program.attach_perf_event(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+# --- histograms ----------------------------------------------------------------------------
+
+
+def log2_bounds(first_bits: int, slots: int, scale: float) -> tuple[float, ...]:
+    """Explicit upper bounds of the kernel's log2 slots (see kpod.bpf.h), times `scale`.
+
+    Slot k holds integers up to 2^(k+first_bits) - 1; the last slot is the +inf bucket.
+    """
+    return tuple(((1 << (k + first_bits)) - 1) * scale for k in range(slots - 1))
+
+
+# --- the receiver base ---------------------------------------------------------------------
+
+
+@dataclass
+class _MapState:
+    # cgroup ids seen unresolved in the previous cycle: deleted if still unresolved now.
+    pending: set[int] = field(default_factory=set)
+
+
+class BpfReceiver(Receiver):
+    """A receiver backed by one BPF object.  Subclasses set object_name and program_specs."""
+
+    object_name: ClassVar[str] = ""
+    program_specs: ClassVar[tuple[ProgramSpec, ...]] = ()
+
+    def __init__(self, context: Any, config: Any) -> None:
+        super().__init__(context, config)
+        self.loaded: LoadedObject | None = None
+        self._map_state: dict[str, _MapState] = {}
+        self._bounds_cache: dict[float, tuple[float, ...]] = {}
+
+    # -- configuration hooks for subclasses --
+
+    def enabled_programs(self) -> set[str]:
+        return {s.program for s in self.program_specs}
+
+    # -- lifecycle --
+
+    @property
+    def _bpf_settings(self) -> Any:
+        return self.context.settings.bpf
+
+    def _object_path(self) -> str:
+        return object_path(self.object_name, self._bpf_settings.program_dir)
+
+    def preflight(self) -> str | None:
+        if not self._bpf_settings.enabled:
+            return "eBPF is disabled (kpod.bpf.enabled: false)"
+        return bpf_preflight(self._object_path())
+
+    def start(self) -> None:
+        reason = self.preflight()
+        if reason:
+            raise ComponentUnavailable(reason)
+        try:
+            self.loaded = load_object(
+                self.object_name,
+                self.program_specs,
+                self.enabled_programs(),
+                self._bpf_settings.map_max_entries,
+                self._bpf_settings.program_dir,
+            )
+        except (libbpf.LibbpfError, LayoutError) as exc:
+            detail = next((ln for ln in reversed(getattr(exc, "log_lines", [])) if ln.strip()), "")
+            raise ComponentUnavailable(f"{self.object_name}.bpf.o: {exc}" + (f" ({detail})" if detail else "")) from exc
+        for route in self.loaded.routes:
+            state = "on" if route.active else f"off ({route.reason})"
+            self.log.info("%s: %s -> %s", route.program, route.hook, state)
+        if not any(r.active for r in self.loaded.routes):
+            reasons = "; ".join(f"{r.program}: {r.reason}" for r in self.loaded.routes)
+            self.shutdown()
+            raise ComponentUnavailable(f"{self.object_name}: no program can run ({reasons})")
+
+    def shutdown(self) -> None:
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
+
+    def routes(self) -> list[Route]:
+        if self.loaded is not None:
+            return self.loaded.routes
+        if self.preflight():
+            return []
+        return plan_routes(
+            self.object_name, self._bpf_settings.program_dir, self.program_specs, self.enabled_programs()
+        )
+
+    def route(self) -> str:
+        reason = self.preflight()
+        if reason:
+            return f"unavailable: {reason}"
+        parts = []
+        for r in self.routes():
+            metrics = ",".join(r.feeds)
+            parts.append(f"{metrics} <- {r.hook}" if r.active else f"{metrics} <- {r.hook}: off ({r.reason})")
+        return "; ".join(parts)
+
+    def status(self) -> dict[str, Any]:
+        if self.loaded is None:
+            return {"loaded": False}
+        return {
+            "loaded": True,
+            "routes": {r.program: (r.hook if r.active else f"off: {r.reason}") for r in self.loaded.routes},
+            "map_update_errors": self.loaded.error_counts(),
+        }
+
+    # -- collection --
+
+    def collect(self) -> Batch:
+        batch = Batch()
+        if self.loaded is None:
+            return batch
+        self.collect_maps(batch)
+        batch.extend(self.program_cost_points())
+        return batch
+
+    def collect_maps(self, batch: Batch) -> None:
+        """Subclasses: add the points of their maps."""
+        raise NotImplementedError
+
+    def feeds_active(self, metric_name: str) -> bool:
+        return self.loaded is not None and any(r.active and metric_name in r.feeds for r in self.loaded.routes)
+
+    def read_cgroup_map(self, map_name: str) -> list[tuple[CgroupRef, Any]]:
+        """(cgroup, value) of every entry of a live cgroup; entries of gone cgroups are deleted.
+
+        An id that does not resolve is deleted only when it did not resolve in the previous
+        cycle either: a cgroup created after the index's last walk gets one cycle to appear
+        instead of having its counter reset.  Scalar values come back as int, structs as the
+        BTF-derived ctypes struct.
+        """
+        assert self.loaded is not None
+        layout = self.loaded.layouts[map_name]
+        bpf_map = self.loaded.obj.maps[map_name]
+        state = self._map_state.setdefault(map_name, _MapState())
+        out: list[tuple[CgroupRef, Any]] = []
+        unresolved: set[int] = set()
+        stale: list[bytes] = []
+        for raw_key, raw_value in bpf_map.lookup_batch():
+            cgroup_id = int(getattr(layout.key(raw_key), CGROUP_KEY_FIELD))
+            ref = self.context.cgroups.ref(cgroup_id)
+            if ref is None:
+                unresolved.add(cgroup_id)
+                if cgroup_id in state.pending:
+                    stale.append(raw_key)
+                continue
+            value = layout.value(raw_value)
+            out.append((ref, value.value if isinstance(value, ctypes._SimpleCData) else value))
+        if stale:
+            try:
+                deleted = bpf_map.delete_batch(stale)
+                self.log.debug("%s: deleted %d entries of gone cgroups", map_name, deleted)
+            except libbpf.LibbpfError as exc:
+                self.log.warning("%s: deleting entries of gone cgroups failed: %s", map_name, exc)
+        state.pending = unresolved - {int(getattr(layout.key(k), CGROUP_KEY_FIELD)) for k in stale}
+        return out
+
+    def histogram(self, hist: Any, scale: float = 1e-9) -> HistogramValue:
+        """A `struct kpod_hist` (nanoseconds by default) as an explicit-bucket histogram."""
+        assert self.loaded is not None
+        bounds = self._bounds_cache.get(scale)
+        if bounds is None:
+            bounds = log2_bounds(self.loaded.hist_first_bits, self.loaded.hist_slots, scale)
+            self._bounds_cache[scale] = bounds
+        return HistogramValue(bounds, tuple(int(c) for c in hist.slots), int(hist.sum) * scale)
+
+    def program_cost_points(self) -> list[Point]:
+        """kpod.bpf.program.run.seconds / .runs per program, when kernel.bpf_stats_enabled=1."""
+        if self.loaded is None or not bpf_stats_enabled():
+            return []
+        points: list[Point] = []
+        start = self.loaded.loaded_at_ns
+        for program, stats in self.loaded.program_stats().items():
+            attrs = attributes(program=program)
+            points.append(Point(PROGRAM_RUN_SECONDS, None, attrs, stats.run_time_ns / 1e9, None, start))
+            points.append(Point(PROGRAM_RUNS, None, attrs, float(stats.run_cnt), None, start))
+        return points
+
+    def point(self, metric: MetricDef, ref: CgroupRef, value: float | HistogramValue) -> Point:
+        start = self.loaded.loaded_at_ns if self.loaded else 0
+        return Point(metric, ref, (), value, None, start)

@@ -1,0 +1,65 @@
+"""Diagnostics of every BPF map kpod has loaded: fill level, capacity, failed inserts.
+
+Reads the shared registry (kpod.ebpf.REGISTRY), so it covers the maps of every eBPF receiver
+in the process without knowing them.  Entry counts are real (the keys are counted); update
+errors are counted by the programs themselves, in each object's `<prefix>_errors` map.
+"""
+
+from __future__ import annotations
+
+from kpod.component import EmptyConfig, Factory, Receiver
+from kpod.ebpf import REGISTRY, bpf_preflight
+from kpod.libbpf import LibbpfError
+from kpod.model import Batch, Kind, MetricDef, Point, attributes
+
+MAP_ENTRIES = MetricDef("kpod.bpf.map.entries", Kind.GAUGE, "1", "Entries currently in the BPF map", ("map",))
+MAP_CAPACITY = MetricDef("kpod.bpf.map.capacity", Kind.GAUGE, "1", "Maximum entries of the BPF map", ("map",))
+MAP_UPDATE_ERRORS = MetricDef(
+    "kpod.bpf.map.update.errors.total",
+    Kind.COUNTER,
+    "1",
+    "Inserts into the BPF map that failed in the kernel (map full, no memory)",
+    ("map",),
+)
+
+
+class BpfMapsReceiver(Receiver):
+    metrics = (MAP_ENTRIES, MAP_CAPACITY, MAP_UPDATE_ERRORS)
+
+    def preflight(self) -> str | None:
+        if not self.context.settings.bpf.enabled:
+            return "eBPF is disabled (kpod.bpf.enabled: false)"
+        return bpf_preflight()
+
+    def route(self) -> str:
+        reason = self.preflight()
+        return f"unavailable: {reason}" if reason else "maps of the loaded eBPF receivers (bpf syscalls)"
+
+    def collect(self) -> Batch:
+        batch = Batch()
+        for loaded in REGISTRY.objects():
+            try:
+                errors = loaded.error_counts()
+                for name, bpf_map in loaded.obj.maps.items():
+                    attrs = attributes(map=name)
+                    start = loaded.loaded_at_ns
+                    batch.add(Point(MAP_ENTRIES, None, attrs, float(bpf_map.count()), None, start))
+                    batch.add(Point(MAP_CAPACITY, None, attrs, float(bpf_map.max_entries), None, start))
+                    if name in errors:
+                        batch.add(Point(MAP_UPDATE_ERRORS, None, attrs, float(errors[name]), None, start))
+            except (LibbpfError, ValueError) as exc:
+                # The owner shut the object down while we read it: it is simply gone.
+                self.log.debug("%s: skipped: %s", loaded.name, exc)
+        return batch
+
+    def status(self) -> dict[str, object]:
+        return {"objects": [o.name for o in REGISTRY.objects()]}
+
+
+factory = Factory(
+    "bpf_maps",
+    "receiver",
+    EmptyConfig,
+    BpfMapsReceiver,
+    "eBPF map diagnostics: entries, capacity and in-kernel update errors per map",
+)

@@ -1,0 +1,53 @@
+"""CPU scheduling per cgroup from bpf/cpu_sched.bpf.c: run-queue latency and context switches.
+
+- kpod.cpu.runqueue.latency: time from becoming runnable (wakeup, new task, or preempted and
+  still runnable) to running, charged to the cgroup of the task that waited.  Log2 buckets in
+  the kernel, exported as an explicit-bucket histogram in seconds.
+- kpod.cpu.context.switches: counted when a task of the cgroup is switched OUT (the same event
+  the kernel counts in /proc/<pid>/status voluntary + nonvoluntary_ctxt_switches).
+"""
+
+from __future__ import annotations
+
+from kpod.component import EmptyConfig, Factory
+from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.model import Batch, Kind, MetricDef
+
+RUNQ_LATENCY = MetricDef(
+    "kpod.cpu.runqueue.latency",
+    Kind.HISTOGRAM,
+    "s",
+    "Time tasks of the cgroup waited in a CPU run queue before running",
+)
+CONTEXT_SWITCHES = MetricDef(
+    "kpod.cpu.context.switches",
+    Kind.COUNTER,
+    "1",
+    "Context switches of the cgroup's tasks, counted when a task is switched out",
+)
+
+
+class CpuSchedReceiver(BpfReceiver):
+    metrics = (RUNQ_LATENCY, CONTEXT_SWITCHES, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
+    object_name = "cpu_sched"
+    program_specs = (
+        ProgramSpec("sched_switch", feeds=(RUNQ_LATENCY.name, CONTEXT_SWITCHES.name)),
+        # Without wakeup hooks only preempted tasks are timed: worse, but still worth running.
+        ProgramSpec("sched_wakeup", feeds=("kpod.cpu.runqueue.latency (wakeups)",), optional=True),
+        ProgramSpec("sched_wakeup_new", feeds=("kpod.cpu.runqueue.latency (new tasks)",), optional=True),
+    )
+
+    def collect_maps(self, batch: Batch) -> None:
+        for ref, hist in self.read_cgroup_map("sched_runq_lat"):
+            batch.add(self.point(RUNQ_LATENCY, ref, self.histogram(hist)))
+        for ref, count in self.read_cgroup_map("sched_switches"):
+            batch.add(self.point(CONTEXT_SWITCHES, ref, float(count)))
+
+
+factory = Factory(
+    "cpu_sched",
+    "receiver",
+    EmptyConfig,
+    CpuSchedReceiver,
+    "eBPF: run-queue latency histogram and context switches per cgroup",
+)
