@@ -1,11 +1,499 @@
-"""Node-scoped pod discovery (informer and kubelet modes): being written, see issue 5."""
+"""Node-scoped pod discovery: keeps a PodStore filled from the API server or the kubelet.
+
+`InformerDiscovery` (kpod.discovery.mode: informer) lists and then watches the pods of this
+node only (fieldSelector spec.nodeName=<node>: one watch per node, never the cluster), with the
+real `kubernetes` client:
+  - list (paginated), remember the list's resourceVersion, watch from it with bookmarks on;
+    every event's resourceVersion moves the resume point, so a watch that ends (the server's
+    timeoutSeconds, a dropped connection) resumes where it stopped without a relist;
+  - "410 Gone" (an ERROR event, or an HTTP 410: our resourceVersion was compacted away) leads
+    to a relist, which replaces the store in one step: the old pods are served until then;
+  - any other error: log (once per distinct message), back off (doubling, capped), retry.
+    The store keeps the last known pods all along, so labels survive an API outage.
+  Memory: responses are read raw (`_preload_content=False`) and parsed with `json`, never into
+  the client's model classes, and each pod is cut down to a `PodInfo` at once.
+
+`KubeletDiscovery` (mode: kubelet) polls the kubelet's /pods (already node-local) every
+kpod.discovery.kubelet.poll_interval with the service-account token; TLS verification against
+ca_file unless insecure_skip_verify; plain http allowed (a local proxy).  A failed poll (bad
+token, bad certificate, garbage) is logged and the last good list stays.
+
+Both run in one daemon thread, started and stopped by the k8sattributes processor.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from kpod.component import ComponentUnavailable
+from kpod.pods import PodInfo, PodStore, pod_from_json
+from kpod.settings import KpodSettings
+
+LIST_PAGE_SIZE = 500
 
 
-def create_discovery(mode: str, *args: Any) -> NoReturn:
-    raise ComponentUnavailable(f"discovery mode {mode} is not implemented yet; use mode local")
+class DiscoveryConfig(Protocol):
+    """The k8sattributes processor config fields discovery reads."""
+
+    kubeconfig: str
+    watch_timeout: Any
+    request_timeout: Any
+    backoff_initial: Any
+    backoff_max: Any
+
+
+class Gone(Exception):
+    """The resourceVersion we resume from is too old (HTTP 410 / ERROR event with code 410)."""
+
+
+def parse_pod_list(data: bytes | str, log: logging.Logger | None = None) -> tuple[list[PodInfo], str, str]:
+    """(pods, metadata.resourceVersion, metadata.continue) of a PodList document.
+
+    Raises ValueError with a short reason for anything that is not a PodList.  A malformed
+    item is skipped (logged), not fatal: one odd pod must not hide the others.
+    """
+    try:
+        document = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"response is not JSON ({error})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("items"), list):
+        kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
+        raise ValueError(f"response is not a PodList (kind {kind!r})")
+    pods: list[PodInfo] = []
+    for item in document["items"]:
+        try:
+            pods.append(pod_from_json(item))
+        except (ValueError, AttributeError, TypeError) as error:
+            if log:
+                log.debug("skipping a malformed pod in the list: %s", error)
+    metadata = document.get("metadata") or {}
+    return pods, str(metadata.get("resourceVersion") or ""), str(metadata.get("continue") or "")
+
+
+class _Base:
+    """The thread, the stop event and error logging shared by both discoveries."""
+
+    kind = "discovery"
+
+    def __init__(self, store: PodStore, log: logging.Logger) -> None:
+        self.store = store
+        self.log = log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_logged = ""
+        self.errors = 0
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run_guarded, name=f"kpod-{self.kind}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._interrupt()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def _interrupt(self) -> None:
+        """Unblock a blocking read so that stop() is prompt."""
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.store.synced and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.02)
+        return self.store.synced
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except Exception:  # a bug here must be visible, and the last pods stay served
+            self.log.exception("%s thread died; pods are no longer updated", self.kind)
+            self.store.set_error(f"{self.kind} thread died")
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _error(self, message: str) -> None:
+        """Log an error once per distinct message (an outage would otherwise log per retry)."""
+        self.errors += 1
+        self.store.set_error(message)
+        if message != self._last_logged:
+            self.log.error("%s: %s (serving the last %d known pods)", self.kind, message, len(self.store))
+            self._last_logged = message
+        else:
+            self.log.debug("%s: %s (again)", self.kind, message)
+
+    def _recovered(self) -> None:
+        if self._last_logged:
+            self.log.info("%s: recovered, %d pods", self.kind, len(self.store))
+            self._last_logged = ""
+
+    def status(self) -> dict[str, Any]:
+        return {"discovery_errors": self.errors}
+
+
+def load_client_configuration(kubeconfig: str) -> Any:
+    """A kubernetes client Configuration: kubeconfig if given, else in-cluster, else $KUBECONFIG.
+
+    Raises ComponentUnavailable with the reason when none works.
+    """
+    from kubernetes import client, config  # the client costs ~20 MB: imported only when used
+
+    configuration = client.Configuration()
+    if kubeconfig:
+        try:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        except Exception as error:
+            raise ComponentUnavailable(f"kubeconfig {kubeconfig}: {error}") from None
+        return configuration
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+            return configuration
+        except Exception as error:
+            raise ComponentUnavailable(f"in-cluster config: {error}") from None
+    path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    try:
+        config.load_kube_config(config_file=path.split(os.pathsep)[0], client_configuration=configuration)
+    except Exception as error:
+        raise ComponentUnavailable(
+            f"no Kubernetes API config: not in a pod, and {path}: {error} (set KUBECONFIG, or use discovery mode local)"
+        ) from None
+    return configuration
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a connection-level failure, without urllib3's nesting."""
+    import urllib3.exceptions
+
+    if isinstance(error, urllib3.exceptions.NewConnectionError):
+        return f"cannot connect to the API server: {error.__cause__ or error}".replace("\n", " ")
+    if isinstance(error, urllib3.exceptions.ProtocolError):
+        return f"connection to the API server broken: {error.args[0] if error.args else error}"
+    if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+        return "API server read timed out"
+    if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
+        return describe_error(error.reason)
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+
+class InformerDiscovery(_Base):
+    kind = "informer"
+
+    def __init__(self, store: PodStore, log: logging.Logger, node: str, config: DiscoveryConfig) -> None:
+        super().__init__(store, log)
+        self.node = node
+        self.field_selector = f"spec.nodeName={node}"
+        self.watch_timeout = max(1, round(config.watch_timeout.seconds))
+        self.request_timeout = max(0.1, config.request_timeout.seconds)
+        self.backoff_initial = max(0.01, config.backoff_initial.seconds)
+        self.backoff_max = max(self.backoff_initial, config.backoff_max.seconds)
+        self.kubeconfig = config.kubeconfig
+        self.resource_version = ""
+        self.lists = 0
+        self.watches = 0
+        self.relists_after_gone = 0
+        self._api: Any = None
+        self._api_client: Any = None
+        self._response: Any = None
+        self._response_lock = threading.Lock()
+
+    def start(self) -> None:
+        from kubernetes import client
+
+        configuration = load_client_configuration(self.kubeconfig)
+        # Our loop retries with backoff; urllib3's own retries would only add noise and delay.
+        configuration.retries = False
+        self._api_client = client.ApiClient(configuration)
+        self._api = client.CoreV1Api(self._api_client)
+        super().start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        super().stop(timeout)
+        if self._api_client is not None:
+            self._api_client.close()
+            self._api_client = None
+
+    def _interrupt(self) -> None:
+        with self._response_lock:
+            response = self._response
+        if response is not None:
+            try:
+                response.shutdown()  # unblocks a read in progress in the thread
+            except Exception:
+                self.log.debug("could not shut the watch response down", exc_info=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "discovery_errors": self.errors,
+            "field_selector": self.field_selector,
+            "resource_version": self.resource_version,
+            "lists": self.lists,
+            "watches": self.watches,
+            "relists_after_gone": self.relists_after_gone,
+        }
+
+    # One list, one watch --------------------------------------------------------------------
+
+    def _call(self, **kwargs: Any) -> Any:
+        """A raw request; the response is kept so that stop() can cut it."""
+        response = self._api.list_pod_for_all_namespaces(
+            field_selector=self.field_selector, _preload_content=False, **kwargs
+        )
+        with self._response_lock:
+            self._response = response
+        if self._stop.is_set():
+            response.shutdown()
+        return response
+
+    def _forget_response(self, response: Any) -> None:
+        with self._response_lock:
+            if self._response is response:
+                self._response = None
+        try:
+            response.release_conn()
+        except Exception:  # a connection we cut ourselves
+            self.log.debug("release_conn failed", exc_info=True)
+
+    def list(self) -> str:
+        """List this node's pods into the store; returns the list's resourceVersion."""
+        pods: list[PodInfo] = []
+        cont = ""
+        version = ""
+        while True:
+            kwargs: dict[str, Any] = {"limit": LIST_PAGE_SIZE, "_request_timeout": self.request_timeout}
+            if cont:
+                kwargs["_continue"] = cont
+            response = self._call(**kwargs)
+            try:
+                data = response.data
+            finally:
+                self._forget_response(response)
+            page, page_version, cont = parse_pod_list(data, self.log)
+            del data
+            pods.extend(page)
+            version = version or page_version
+            if not cont:
+                break
+        if not version:
+            raise ValueError("pod list without metadata.resourceVersion")
+        self.store.replace(pods)
+        self.lists += 1
+        if not pods:
+            self.log.warning("no pods on node %r: is kpod.node_name this node's name?", self.node)
+        return version
+
+    def _lines(self, response: Any) -> Iterator[bytes]:
+        """The lines of a streamed watch response (events are newline-terminated JSON)."""
+        pending = b""
+        for chunk in response.stream(65536, decode_content=True):
+            pending += chunk
+            while True:
+                newline = pending.find(b"\n")
+                if newline < 0:
+                    break
+                line, pending = pending[:newline], pending[newline + 1 :]
+                if line.strip():
+                    yield line
+        if pending.strip():
+            yield pending
+
+    def watch(self, version: str) -> tuple[str, int]:
+        """Watch from `version` until the stream ends; returns (last version, events seen).
+
+        Raises Gone when the server says the version is too old.
+        """
+        response = self._call(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout,
+            # The server ends the watch after timeout_seconds; the read timeout is only there
+            # to notice a connection that died silently.
+            _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
+        )
+        self.watches += 1
+        events = 0
+        try:
+            for line in self._lines(response):
+                if self._stop.is_set():
+                    break
+                event = json.loads(line)
+                kind = event.get("type")
+                obj = event.get("object") or {}
+                if kind == "ERROR":
+                    code = obj.get("code")
+                    if code == 410:
+                        raise Gone(obj.get("message") or "resource version too old")
+                    raise RuntimeError(f"watch error {code}: {obj.get('message') or obj.get('reason')}")
+                new_version = (obj.get("metadata") or {}).get("resourceVersion")
+                if kind in ("ADDED", "MODIFIED"):
+                    try:
+                        self.store.upsert(pod_from_json(obj))
+                    except (ValueError, AttributeError, TypeError) as error:
+                        # Skip it rather than fail the watch: resuming would replay it forever.
+                        self.log.debug("skipping a malformed pod event: %s", error)
+                elif kind == "DELETED":
+                    uid = (obj.get("metadata") or {}).get("uid")
+                    if uid:
+                        self.store.delete(str(uid).lower())
+                elif kind != "BOOKMARK":
+                    self.log.debug("ignoring watch event of type %r", kind)
+                    continue
+                if new_version:
+                    version = str(new_version)
+                    self.resource_version = version
+                events += 1
+        finally:
+            self._forget_response(response)
+        return version, events
+
+    # The loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        backoff = self.backoff_initial
+        version = ""
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                if not version:
+                    version = self.list()
+                    self.resource_version = version
+                    self._recovered()
+                    backoff = self.backoff_initial
+                version, events = self.watch(version)
+                # A watch that ended by itself at once with nothing in it (a proxy closing idle
+                # streams?) must not turn into a busy loop: it counts as a failure.
+                if events == 0 and time.monotonic() - began < 1.0 and not self._stop.is_set():
+                    raise RuntimeError("watch ended immediately without events")
+                self._recovered()
+                backoff = self.backoff_initial
+                continue
+            except Gone as error:
+                if self._stop.is_set():
+                    break
+                # Our version was compacted away: relist (the store keeps serving meanwhile).
+                self.log.info("informer: %s; relisting", error)
+                self.relists_after_gone += 1
+                version = ""
+                continue
+            except ApiException as error:
+                if error.status == 410:
+                    self.log.info("informer: 410 Gone; relisting")
+                    self.relists_after_gone += 1
+                    version = ""
+                    continue
+                message = f"API server {error.status} {error.reason}".strip()
+                if error.status in (401, 403):
+                    message += " (check the service account token and RBAC: list/watch pods)"
+            except Exception as error:
+                if self._stop.is_set():
+                    break
+                message = describe_error(error)
+            self._error(message)
+            if self._stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, self.backoff_max)
+
+
+class KubeletDiscovery(_Base):
+    kind = "kubelet"
+
+    def __init__(self, store: PodStore, log: logging.Logger, settings: KpodSettings, request_timeout: float) -> None:
+        super().__init__(store, log)
+        kubelet = settings.discovery.kubelet
+        self.url = kubelet.url
+        self.poll_interval = max(0.05, kubelet.poll_interval.seconds)
+        self.token_file = kubelet.token_file
+        self.ca_file = kubelet.ca_file
+        self.insecure = kubelet.insecure_skip_verify
+        self.request_timeout = request_timeout
+        self.polls = 0
+
+    def start(self) -> None:
+        if not self.url.startswith(("https://", "http://")):
+            raise ComponentUnavailable(f"kubelet url {self.url!r}: not an http(s) URL")
+        if "${" in self.url:
+            raise ComponentUnavailable(f"kubelet url {self.url!r}: an environment variable is not set")
+        super().start()
+
+    def status(self) -> dict[str, Any]:
+        return {"discovery_errors": self.errors, "url": self.url, "polls": self.polls}
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self.insecure:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"CA file {self.ca_file}: {error}") from None
+
+    def fetch(self) -> list[PodInfo]:
+        """One poll.  Raises ValueError with a message a user can act on."""
+        headers = {"Accept": "application/json"}
+        try:
+            with open(self.token_file) as handle:  # re-read: projected tokens rotate
+                headers["Authorization"] = f"Bearer {handle.read().strip()}"
+        except OSError as error:
+            if self.url.startswith("https://"):
+                raise ValueError(f"token file {self.token_file}: {error.strerror}") from None
+        request = urllib.request.Request(self.url, headers=headers)
+        context = self._ssl_context() if self.url.startswith("https://") else None
+        try:
+            with urllib.request.urlopen(request, timeout=self.request_timeout, context=context) as response:
+                data = response.read()
+        except urllib.error.HTTPError as error:
+            hint = " (the token was rejected)" if error.code in (401, 403) else ""
+            raise ValueError(f"{self.url}: HTTP {error.code} {error.reason}{hint}") from None
+        except urllib.error.URLError as error:
+            reason = error.reason
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise ValueError(
+                    f"{self.url}: TLS certificate not trusted by {self.ca_file} ({reason.verify_message})"
+                ) from None
+            raise ValueError(f"{self.url}: {reason}") from None
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"{self.url}: {error}") from None
+        try:
+            pods, _, _ = parse_pod_list(data, self.log)
+        except ValueError as error:
+            raise ValueError(f"{self.url}: {error}") from None
+        return pods
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pods = self.fetch()
+            except ValueError as error:
+                self._error(str(error))
+            else:
+                self.store.replace(pods)
+                self.polls += 1
+                self._recovered()
+            if self._stop.wait(self.poll_interval):
+                break
+
+
+def create_discovery(
+    mode: str, settings: KpodSettings, config: DiscoveryConfig, store: PodStore, log: logging.Logger, node: str
+) -> InformerDiscovery | KubeletDiscovery:
+    if mode == "informer":
+        return InformerDiscovery(store, log, node, config)
+    if mode == "kubelet":
+        return KubeletDiscovery(store, log, settings, config.request_timeout.seconds)
+    raise ValueError(f"no discovery for mode {mode!r}")
