@@ -1,0 +1,256 @@
+"""The cgroup receivers over a 110-pod node built from captured files (both cgroup drivers,
+pure v2 and hybrid), through the entry points the agent uses.
+
+Expected values are computed from the fixture files with the parsers or taken from the
+fixtures README's exact values, never from the receivers themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from cgroup_tree import FIXTURES, HYBRID_MEM, V2, Tree, build_tree
+
+from kpod.cgroupfs import COLLECTION_ERRORS
+from kpod.component import Receiver
+from kpod.model import Batch, Point
+from kpod.parsers import parse_memory_stat, parse_pressure, parse_single_int
+from kpod.selfmetrics import SelfMetrics
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
+
+MY_RECEIVERS = ("disk", "net_iface", "filesystem", "cgroup_memory", "pressure")
+
+
+def make(tree: Tree, type_name: str, self_metrics: SelfMetrics | None = None, **config: object) -> Receiver:
+    (ep,) = [e for e in entry_points(group="kpod.receivers") if e.name == type_name]
+    factory = ep.load()
+    cfg = factory.config_class(**config)
+    if type_name == "disk":
+        cfg.sysfs_root = tree.sys_root
+    receiver = factory.create(tree.context(type_name, self_metrics=self_metrics), cfg)
+    assert receiver.preflight() is None
+    receiver.start()
+    return receiver
+
+
+def by_key(batch: Batch) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], float]:
+    out: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for p in batch:
+        assert p.cgroup is not None
+        key = (p.metric.name, p.cgroup.path, p.attributes)
+        assert key not in out, f"duplicate series {key}"
+        out[key] = p.value  # type: ignore[assignment]
+    return out
+
+
+@pytest.fixture(params=[("v2", "systemd"), ("v2", "cgroupfs"), ("hybrid", "systemd"), ("hybrid", "cgroupfs")],
+                ids=lambda p: "-".join(p))  # fmt: skip
+def tree(request: pytest.FixtureRequest, tmp_path: Path) -> Tree:
+    layout, driver = request.param
+    return build_tree(tmp_path, pods=110, layout=layout, driver=driver)
+
+
+def containers(tree: Tree, role: str) -> list[str]:
+    return [c.path for p in tree.pods for c in p.containers if c.role == role]
+
+
+# ------------------------------------------------------------------------------------------ disk
+
+
+def test_disk(tree: Tree) -> None:
+    receiver = make(tree, "disk")
+    first = by_key(receiver.collect())
+    second = by_key(receiver.collect())
+    assert first == second  # cumulative values exported as they are, never added up per cycle
+    if tree.layout == "v2":
+        assert receiver.route() == "io.stat (cgroup2)"
+        with_io = containers(tree, "io") + containers(tree, "exited")
+        # Exact (fixtures README): dd read 4 MiB and wrote 8 MiB on vda (254:0).
+        expected = {"kpod.disk.read.bytes": 4194304, "kpod.disk.written.bytes": 8388608}
+    else:
+        assert receiver.route() == "blkio v1 fallback"
+        # Odd pods' I/O containers have a throttle rule on loop0; every other cgroup is "Total 0".
+        with_io = [c.path for i, p in enumerate(tree.pods, 1) for c in p.containers if c.role == "io" and i % 2]
+        expected = {"kpod.disk.read.bytes": 2097152, "kpod.disk.written.bytes": 4194304}
+        assert receiver.status()["v1_cgroups_without_data"] == len(tree.index().workloads()) - len(with_io)
+    device = "vda" if tree.layout == "v2" else "loop0"
+    for path in with_io:
+        for name, value in expected.items():
+            assert first[(name, path, (("device", device),))] == value
+    assert {path for _, path, _ in first} == set(with_io)  # no series for cgroups without data
+    assert len(first) == 4 * len(with_io)
+    for (name, _, _), value in first.items():
+        if name in ("kpod.disk.reads", "kpod.disk.writes"):
+            assert value > 0  # ios counts are as captured: present, not asserted exactly
+
+
+def test_disk_unknown_device_labelled_by_number(tree: Tree) -> None:
+    shutil.rmtree(Path(tree.sys_root) / "dev" / "block")
+    points = list(make(tree, "disk").collect())
+    assert points and {p.attributes for p in points} <= {(("device", "254:0"),), (("device", "7:0"),)}
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def test_cgroup_memory(tree: Tree) -> None:
+    receiver = make(tree, "cgroup_memory")
+    got = by_key(receiver.collect())
+    if tree.layout == "v2":
+        src = V2 / "kubepods.slice/kubepods-besteffort.slice"
+        src = next(src.glob("*pod*003.slice/cri-containerd-*.scope"))
+        usage = parse_single_int((src / "memory.current").read_text())
+        inactive = parse_memory_stat((src / "memory.stat").read_text())["inactive_file"]
+        assert usage == 29491200  # the memory holder, as captured
+    else:
+        usage = parse_single_int((HYBRID_MEM / "memory.usage_in_bytes").read_text())
+        inactive = parse_memory_stat((HYBRID_MEM / "memory.stat").read_text())["total_inactive_file"]
+        assert (usage, inactive) == (24051712, 2150400)
+    assert usage is not None
+    for path in containers(tree, "io"):
+        assert got[("kpod.mem.usage.bytes", path, ())] == usage
+        assert got[("kpod.mem.working_set.bytes", path, ())] == usage - inactive
+    assert len(got) == 2 * len(tree.index().workloads())
+
+
+# ------------------------------------------------------------------------------------------ pressure
+
+
+def test_pressure(tree: Tree) -> None:
+    got = by_key(make(tree, "pressure").collect())
+    workloads = tree.index().workloads()
+    assert len(got) == len(workloads) * 3 * 2  # cpu, memory, io x some, full: all captured files have both
+    for ref in workloads:
+        for resource in ("cpu", "memory", "io"):
+            lines = parse_pressure(Path(tree.cgroup_root + ref.path, f"{resource}.pressure").read_text())
+            for kind, line in lines.items():
+                key = (f"kpod.pressure.{resource}.waiting.seconds", ref.path, (("kind", kind),))
+                assert got[key] == line.total_usec / 1e6
+
+
+# ------------------------------------------------------------------------------------------ net_iface
+
+
+def test_net_iface_once_per_pod_namespace(tree: Tree) -> None:
+    receiver = make(tree, "net_iface")
+    got = by_key(receiver.collect())
+    pod_net = [p for p in tree.pods if not p.host_network]
+    # Exact (fixtures README): eth0 received 7 frames / 1370 bytes (2 dropped), sent 10 / 1000.
+    expected = {"rx.bytes": 1370, "rx.packets": 7, "rx.errors": 0, "rx.drops": 2,
+                "tx.bytes": 1000, "tx.packets": 10, "tx.errors": 0, "tx.drops": 0}  # fmt: skip
+    for pod in pod_net:
+        for name, value in expected.items():
+            assert got[(f"kpod.net.iface.{name}", pod.path, (("interface", "eth0"),))] == value
+    # Once per pod (on the pod cgroup, not per container), lo excluded, host network skipped.
+    assert len(got) == 8 * len(pod_net)
+    assert {path for _, path, _ in got} == {p.path for p in pod_net}
+    assert receiver.status()["host_network_skipped"] == len(tree.pods) - len(pod_net)
+    # The point's cgroup id is the pod cgroup's inode (what the enrichment processor resolves).
+    point = next(iter(receiver.collect()))
+    assert point.cgroup is not None and point.cgroup.id == os.stat(tree.cgroup_root + point.cgroup.path).st_ino
+
+
+def test_net_iface_loopback_configurable(tree: Tree) -> None:
+    got = by_key(make(tree, "net_iface", exclude_interfaces=[]).collect())
+    assert {attrs for _, _, attrs in got} == {(("interface", "lo"),), (("interface", "eth0"),)}
+
+
+def test_net_iface_shared_namespace_reported_once(tree: Tree) -> None:
+    # Two pods in one netns (a misconfiguration, or a non-pod cgroup joining a pod's netns).
+    a, b = tree.pods[0], tree.pods[1]
+    for c in b.containers:
+        if c.pid:
+            link = Path(tree.proc_root, str(c.pid), "ns", "net")
+            link.unlink()
+            link.symlink_to(a.netns_file)
+    receiver = make(tree, "net_iface")
+    got = by_key(receiver.collect())
+    assert receiver.status()["shared_skipped"] == 1
+    assert {p for _, p, _ in got} & {a.path, b.path} == {a.path}
+
+
+# ------------------------------------------------------------------------------------------ filesystem
+
+
+def test_filesystem(tree: Tree) -> None:
+    got = by_key(make(tree, "filesystem").collect())
+    # mountinfo-container.txt: / (overlay 0:24), /usr/lib/modules (0:24 again: once), /srv/share,
+    # /mnt/data, /run, /run/netns (0:27 again), /data (tmpfs); /etc/hosts is a file; the rest pseudo.
+    expected_points = {"/", "/srv/share", "/mnt/data", "/run", "/data"}
+    live = [c for p in tree.pods for c in p.containers if c.pid]
+    assert len(got) == 3 * len(expected_points) * len(live)
+    for c in live:
+        points = {attrs[0][1] for (_, path, attrs) in got if path == c.path}
+        assert points == expected_points
+        # The fake root is a directory of the test machine: its statvfs is the truth.  That
+        # filesystem is shared with the rest of the machine, so free space may move a little
+        # between the receiver's statvfs and ours (the exact check is the namespace test).
+        vfs = os.statvfs(Path(tree.proc_root, str(c.pid), "root", "data"))
+        attrs = (("mountpoint", "/data"),)
+        capacity = vfs.f_blocks * vfs.f_frsize
+        assert got[("kpod.fs.capacity.bytes", c.path, attrs)] == capacity
+        slack = capacity // 100
+        assert abs(got[("kpod.fs.available.bytes", c.path, attrs)] - vfs.f_bavail * vfs.f_frsize) <= slack
+        used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+        assert abs(got[("kpod.fs.usage.bytes", c.path, attrs)] - used) <= slack
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_vanished_cgroup_is_counted_and_cycle_kept(tree: Tree) -> None:
+    sm = SelfMetrics()
+    receivers = {name: make(tree, name, sm) for name in ("disk", "cgroup_memory", "pressure")}
+    victim = containers(tree, "io")[0]  # odd pod 1: has blkio data on hybrid too
+    before = {name: len(r.collect()) for name, r in receivers.items()}
+    # The pod ends after the walk: its directories go (the index still lists the cgroup).
+    shutil.rmtree(tree.cgroup_root + victim)
+    for mount in tree.mounts.v1.values():
+        shutil.rmtree(mount + victim)
+    for name, r in receivers.items():
+        after = r.collect()
+        assert 0 < len(after) < before[name]
+        assert all(p.cgroup is not None and p.cgroup.path != victim for p in after)
+        assert sm.get(COLLECTION_ERRORS, (("receiver", name),)) >= 1
+
+
+def test_dead_pid_is_counted_for_filesystem(tree: Tree) -> None:
+    sm = SelfMetrics()
+    receiver = make(tree, "filesystem", sm)
+    c = next(c for p in tree.pods for c in p.containers if c.role == "io")
+    shutil.rmtree(Path(tree.proc_root, str(c.pid)))
+    points = receiver.collect()
+    assert all(p.cgroup is not None and p.cgroup.path != c.path for p in points)
+    assert len(points) > 0
+    assert sm.get(COLLECTION_ERRORS, (("receiver", "filesystem"),)) == 1
+
+
+def test_controller_file_missing_in_live_cgroup_is_not_an_error(tree: Tree) -> None:
+    sm = SelfMetrics()
+    receiver = make(tree, "pressure", sm)
+    path = containers(tree, "io")[0]
+    os.unlink(tree.cgroup_root + path + "/io.pressure")
+    got = by_key(receiver.collect())
+    assert not any(k[0].startswith("kpod.pressure.io") and k[1] == path for k in got)
+    assert sm.get(COLLECTION_ERRORS, (("receiver", "pressure"),)) == 0
+
+
+# ------------------------------------------------------------------------------------------ all
+
+
+def test_whole_receiver_set(tree: Tree) -> None:
+    names = [e.name for e in entry_points(group="kpod.receivers")]
+    assert set(MY_RECEIVERS) <= set(names)
+    sm = SelfMetrics()
+    total: list[Point] = []
+    for name in MY_RECEIVERS:
+        total.extend(make(tree, name, sm).collect())
+    live = sum(1 for p in tree.pods for c in p.containers if c.pid)
+    assert len(total) > 110 * 10
+    assert live == 220
+    assert sm.points() == []  # a healthy tree: no collection errors at all
