@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from itertools import accumulate
 
 from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point, Resource
 
@@ -51,7 +52,10 @@ def escape_label_value(value: str) -> str:
     if not value.isascii():
         # Values from pods may carry bytes that are not UTF-8 (decoded with surrogateescape):
         # replace them so the exposition stays valid UTF-8.
-        value = value.encode("utf-8", "replace").decode("utf-8")
+        try:
+            value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # lone surrogates that no decoder produced
+            value = value.encode("utf-8", "replace").decode("utf-8")
     if "\\" in value or '"' in value or "\n" in value:
         value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value
@@ -86,6 +90,11 @@ class Renderer:
         self._resource_labels: dict[Resource | None, str] = {}
         self._attribute_labels: dict[Attributes, str] = {}
         self._bucket_bounds: dict[tuple[float, ...], list[str]] = {}
+        # Series rendered last cycle: (metric, labels) -> (value, text); and bucket line
+        # prefixes by (family, labels, bounds).  Both keep only what the last cycle used.
+        self._rendered: dict[tuple[MetricDef, str], tuple[float | HistogramValue, bytes]] = {}
+        self._prefixes: dict[tuple[str, str, tuple[float, ...]], list[str]] = {}
+        self._next_prefixes: dict[tuple[str, str, tuple[float, ...]], list[str]] = {}
 
     def _labels(self, point: Point) -> str:
         resource = point.resource
@@ -121,49 +130,74 @@ class Renderer:
             self._resource_labels.clear()
             self._attribute_labels.clear()
 
+    def _bucket_prefixes(self, family: str, labels: str, bounds: tuple[float, ...]) -> list[str]:
+        key = (family, labels, bounds)
+        prefixes = self._prefixes.get(key)
+        if prefixes is None:
+            head = f"{family}_bucket{{{labels}," if labels else f"{family}_bucket{{"
+            prefixes = [f'{head}le="{le}"}} ' for le in self._les(bounds)]
+        self._next_prefixes[key] = prefixes
+        return prefixes
+
+    def _histogram(self, family: str, labels: str, value: HistogramValue) -> bytes:
+        prefixes = self._bucket_prefixes(family, labels, value.bounds)
+        cumulative = list(accumulate(value.counts[: len(prefixes)]))
+        cumulative += [cumulative[-1] if cumulative else 0] * (len(prefixes) - len(cumulative))
+        suffix = f"{{{labels}}}" if labels else ""
+        buckets = "\n".join([p + str(c) for p, c in zip(prefixes, cumulative, strict=True)])
+        tail = f"\n{family}_sum{suffix} {format_value(value.sum)}\n{family}_count{suffix} {cumulative[-1]}\n"
+        return (buckets + tail).encode()
+
     def render(self, batch: Batch) -> tuple[bytes, bytes, int]:
         """Render a batch as text 0.0.4 and as OpenMetrics 1.0 (samples are rendered once;
         only the HELP/TYPE lines differ).  Returns both bodies and the number of series
-        (a histogram counts once)."""
-        text: list[str] = []
-        openmetrics: list[str] = []
+        (a histogram counts once).
+
+        A series whose value did not change since the last render reuses its text: on a real
+        node most histograms (idle syscalls, quiet sockets) are unchanged from cycle to cycle.
+        """
+        text: list[bytes] = []
+        openmetrics: list[bytes] = []
         series = 0
+        previous = self._rendered
+        rendered: dict[tuple[MetricDef, str], tuple[float | HistogramValue, bytes]] = {}
+        self._next_prefixes = {}
         for metric, points in _merged_families(batch, self._labels).items():
             family = family_name(metric)
             sample = prometheus_name(metric)
             kind = metric.kind
             help_text = escape_help(metric.description)
-            body: list[str] = []
+            body: list[bytes] = []
             append = body.append
-            if kind is Kind.HISTOGRAM:
-                for labels, value in points.items():
-                    if not isinstance(value, HistogramValue):
-                        continue
-                    series += 1
-                    prefix = f"{family}_bucket{{{labels}," if labels else f"{family}_bucket{{"
-                    cumulative = 0
-                    counts = value.counts
-                    for i, le in enumerate(self._les(value.bounds)):
-                        cumulative += counts[i] if i < len(counts) else 0
-                        append(f'{prefix}le="{le}"}} {cumulative}\n')
-                    suffix = f"{{{labels}}}" if labels else ""
-                    append(f"{family}_sum{suffix} {format_value(value.sum)}\n")
-                    append(f"{family}_count{suffix} {cumulative}\n")
-            else:
-                for labels, value in points.items():
-                    if isinstance(value, HistogramValue):
-                        continue
-                    series += 1
-                    if labels:
-                        append(f"{sample}{{{labels}}} {format_value(value)}\n")
-                    else:
-                        append(f"{sample} {format_value(value)}\n")
-            samples = "".join(body)
-            text.append(f"# HELP {sample} {help_text}\n# TYPE {sample} {kind.value}\n{samples}")
-            openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind.value}\n{samples}")
-        openmetrics.append("# EOF\n")
+            histogram = kind is Kind.HISTOGRAM
+            for labels, value in points.items():
+                if isinstance(value, HistogramValue) is not histogram:
+                    continue  # a point whose value does not fit its metric's kind
+                series += 1
+                key = (metric, labels)
+                cached = previous.get(key)
+                if cached is not None and cached[0] == value:
+                    chunk = cached[1]
+                    if histogram:  # keep its bucket prefixes alive for the next cycle
+                        self._bucket_prefixes(family, labels, value.bounds)  # type: ignore[union-attr]
+                elif histogram:
+                    chunk = self._histogram(family, labels, value)  # type: ignore[arg-type]
+                elif labels:
+                    chunk = f"{sample}{{{labels}}} {format_value(value)}\n".encode()  # type: ignore[arg-type]
+                else:
+                    chunk = f"{sample} {format_value(value)}\n".encode()  # type: ignore[arg-type]
+                rendered[key] = (value, chunk)
+                append(chunk)
+            samples = b"".join(body)
+            text.append(f"# HELP {sample} {help_text}\n# TYPE {sample} {kind.value}\n".encode())
+            text.append(samples)
+            openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind.value}\n".encode())
+            openmetrics.append(samples)
+        openmetrics.append(b"# EOF\n")
+        self._rendered = rendered
+        self._prefixes = self._next_prefixes
         self.trim()
-        return "".join(text).encode("utf-8"), "".join(openmetrics).encode("utf-8"), series
+        return b"".join(text), b"".join(openmetrics), series
 
 
 def _merged_families(batch: Batch, labels_of: object) -> dict[MetricDef, dict[str, float | HistogramValue]]:

@@ -37,7 +37,9 @@ class Kind(enum.Enum):
     HISTOGRAM = "histogram"  # OTel explicit-bucket Histogram, cumulative
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: a metric definition is a module-level constant, compared by identity; that keeps
+# its hash (computed for every point in every cycle) as cheap as an object's.
+@dataclass(frozen=True, slots=True, eq=False)
 class MetricDef:
     """What a metric is: one definition per metric, owned by the receiver that emits it.
 

@@ -188,10 +188,13 @@ class Pipeline:
                 self._receiver_failed(running, f"collection timed out after {timeout_s:g}s", "failing")
                 running.last_batch = None
 
+        # A receiver that was not due this cycle contributes its last batch; points of cgroups
+        # that are gone since (not in this cycle's walk) leave the exposition now, not later.
+        known = self.cgroups.known_ids()
         batch = Batch()
         for running in self.receivers:
             if running.started and running.last_batch is not None:
-                batch.extend(running.last_batch.points)
+                batch.extend(p for p in running.last_batch.points if p.cgroup is None or p.cgroup.id in known)
         for processor in self.processors:
             if processor.mutates_data:
                 batch = batch.copy()

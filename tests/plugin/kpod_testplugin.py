@@ -40,7 +40,9 @@ class ConstantReceiver(Receiver):
             raise RuntimeError("boom")
         if self.config.hang_collect_s:
             time.sleep(self.config.hang_collect_s)
-        ref = CgroupRef(1, "/plugin.slice/" + self.id.replace("/", "-"))
+        # Charged to the first cgroup of the tree the agent watches (in tests, an empty one).
+        workloads = self.context.cgroups.workloads()
+        ref: CgroupRef | None = workloads[0] if workloads else None
         return Batch([Point(CONSTANT, ref, (("source", self.id),), self.config.value)])
 
 

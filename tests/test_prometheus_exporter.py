@@ -1,0 +1,164 @@
+"""The Prometheus side: naming rule, escaping, promtool-clean exposition, the HTTP endpoints."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.synthetic import LOG2_BOUNDS, node_batch
+from kpod.component import Context
+from kpod.exposition import Renderer, escape_label_value, family_name, prometheus_name
+from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.selfmetrics import SelfMetrics
+from kpod.settings import KpodSettings
+from kpod.status import AgentStatus
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "unit", "expected"),
+    [
+        ("kpod.cpu.runqueue.latency", Kind.HISTOGRAM, "s", "kpod_cpu_runqueue_latency_seconds"),
+        ("kpod.cpu.context.switches", Kind.COUNTER, "1", "kpod_cpu_context_switches_total"),
+        ("kpod.net.tcp.bytes.sent", Kind.COUNTER, "By", "kpod_net_tcp_bytes_sent_total"),
+        ("kpod.syscall.count", Kind.COUNTER, "1", "kpod_syscall_count_total"),
+        ("kpod.disk.read.bytes", Kind.COUNTER, "By", "kpod_disk_read_bytes_total"),
+        ("kpod.fs.usage.bytes", Kind.GAUGE, "By", "kpod_fs_usage_bytes"),
+        ("kpod.bpf.map.update.errors.total", Kind.COUNTER, "1", "kpod_bpf_map_update_errors_total"),
+        ("kpod.cpu.usage.seconds", Kind.COUNTER, "s", "kpod_cpu_usage_seconds_total"),
+        ("kpod.collection.duration", Kind.GAUGE, "s", "kpod_collection_duration_seconds"),
+    ],
+)
+def test_naming_rule(name: str, kind: Kind, unit: str, expected: str) -> None:
+    metric = MetricDef(name, kind, unit, "x")
+    assert prometheus_name(metric) == expected
+    assert family_name(metric) == expected.removesuffix("_total")
+
+
+def test_label_values_are_escaped_and_cannot_inject_series() -> None:
+    metric = MetricDef("kpod.test.value", Kind.GAUGE, "1", "help with \\ and\nnewline")
+    hostile = 'a"b\\c\nkpod_fake{pod="x"} 1'
+    bad_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")
+    resource = Resource((("namespace", hostile), ("pod", bad_utf8), ("container", ""), ("node", "n")))
+    batch = Batch([Point(metric, CgroupRef(5, "/x"), (("interface", "eth0"),), 1.0, resource)])
+    text, openmetrics, series = Renderer().render(batch)
+    assert series == 1
+    families = list(text_string_to_metric_families(text.decode()))
+    assert [f.name for f in families] == ["kpod_test_value"]
+    (sample,) = families[0].samples
+    assert sample.labels["namespace"] == hostile
+    assert sample.labels["pod"] == "caf\ufffd"
+    assert escape_label_value('x"y') == 'x\\"y'
+    assert b"kpod_fake" not in text.split(b"\n", 3)[-1].split(b"{", 1)[0]
+
+
+def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
+    metric = MetricDef("kpod.cpu.runqueue.latency", Kind.HISTOGRAM, "s", "Run-queue latency.")
+    counts = (0, 2, 3) + (0,) * (len(LOG2_BOUNDS) - 3) + (1,)
+    value = HistogramValue(LOG2_BOUNDS, counts, 0.25)
+    resource = Resource((("namespace", "a"), ("pod", "b"), ("container", "c"), ("node", "n")))
+    text, _, _ = Renderer().render(Batch([Point(metric, CgroupRef(1, "/"), (), value, resource)]))
+    (family,) = text_string_to_metric_families(text.decode())
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets["1e-06"] == 0
+    assert buckets["3e-06"] == 2
+    assert buckets["7e-06"] == 5
+    assert buckets["+Inf"] == 6
+    assert len(buckets) == len(LOG2_BOUNDS) + 1
+    count = next(s.value for s in family.samples if s.name.endswith("_count"))
+    total = next(s.value for s in family.samples if s.name.endswith("_sum"))
+    assert (count, total) == (6, 0.25)
+
+
+def test_duplicate_label_sets_are_added_not_repeated() -> None:
+    """A pod's sandbox and pod-level cgroups both carry container="": one series, summed."""
+    metric = MetricDef("kpod.cpu.context.switches", Kind.COUNTER, "1", "Switches.")
+    resource = Resource((("namespace", "a"), ("pod", "b"), ("container", ""), ("node", "n")))
+    batch = Batch([Point(metric, CgroupRef(1, "/p"), (), 3, resource), Point(metric, CgroupRef(2, "/p/s"), (), 4, resource)])
+    text, _, series = Renderer().render(batch)
+    assert series == 1
+    assert b'kpod_cpu_context_switches_total{namespace="a",pod="b",container="",node="n"} 7\n' in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+def test_node_sized_exposition_passes_promtool() -> None:
+    text, openmetrics, series = Renderer().render(node_batch(pods=20))
+    assert series > 1000
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
+    # promtool prints lint findings (naming, missing help) and exits non-zero on any of them.
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert result.stdout.strip() == b"" and result.stderr.strip() == b"", result.stderr.decode()
+    # promtool reads only the text format; the OpenMetrics body goes through a strict parser.
+    families = list(openmetrics_families(openmetrics.decode()))
+    assert sum(len(f.samples) for f in families) == text.count(b"\n") - 2 * len(families)
+
+
+@pytest.fixture
+def exporter() -> object:
+    from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter
+
+    from kpod.cgroups import CgroupIndex
+
+    status = AgentStatus(poll_interval_s=1.0)
+    context = Context(
+        id="prometheus", settings=KpodSettings(), cgroups=CgroupIndex("/nonexistent"),
+        self_metrics=SelfMetrics(), status=status,
+    )
+    instance = PrometheusExporter(context, PrometheusConfig(endpoint="127.0.0.1:0"))
+    instance.start()
+    yield instance
+    instance.shutdown()
+
+
+def get(address: tuple[str, int], path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection(*address, timeout=10)
+    connection.request("GET", path, headers=headers or {})
+    response = connection.getresponse()
+    response.body = response.read()  # type: ignore[attr-defined]
+    connection.close()
+    return response
+
+
+def test_http_endpoints(exporter: object) -> None:
+    address = exporter.address  # type: ignore[attr-defined]
+    status: AgentStatus = exporter.context.status  # type: ignore[attr-defined]
+    assert get(address, "/healthz").status == 200
+    not_ready = get(address, "/readyz")
+    assert not_ready.status == 503
+    assert json.loads(not_ready.body)["ready"] is False  # type: ignore[attr-defined]
+
+    exporter.export(node_batch(pods=3))  # type: ignore[attr-defined]
+    status.cycle_done()
+    assert get(address, "/readyz").status == 200
+    plain = get(address, "/metrics")
+    assert plain.status == 200
+    assert plain.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    spec_path = get(address, "/actuator/prometheus")
+    assert spec_path.body == plain.body  # type: ignore[attr-defined]
+    zipped = get(address, "/metrics", {"Accept-Encoding": "gzip"})
+    assert zipped.getheader("Content-Encoding") == "gzip"
+    assert gzip.decompress(zipped.body) == plain.body  # type: ignore[attr-defined]
+    om = get(address, "/metrics", {"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
+    assert om.getheader("Content-Type").startswith("application/openmetrics-text")
+    assert om.body.endswith(b"# EOF\n")  # type: ignore[attr-defined]
+    assert b"# TYPE kpod_cpu_context_switches counter" in om.body  # type: ignore[attr-defined]
+    assert b"# TYPE kpod_cpu_context_switches_total counter" in plain.body  # type: ignore[attr-defined]
+    debug = json.loads(get(address, "/debug/status").body)  # type: ignore[attr-defined]
+    assert debug["cycles"] == 1 and debug["series"] == len(node_batch(pods=3))
+    assert get(address, "/nope").status == 404
+
+
+def test_scrape_serves_the_cached_exposition(exporter: object) -> None:
+    """Scrapes between two cycles return identical bytes: nothing is collected or rendered."""
+    exporter.export(node_batch(pods=2))  # type: ignore[attr-defined]
+    address = exporter.address  # type: ignore[attr-defined]
+    first = get(address, "/metrics").body  # type: ignore[attr-defined]
+    assert get(address, "/metrics").body == first  # type: ignore[attr-defined]
+    exporter.export(node_batch(pods=1))  # type: ignore[attr-defined]
+    assert get(address, "/metrics").body != first  # type: ignore[attr-defined]
