@@ -60,7 +60,8 @@ def node_batch(pods: int = 110, seed: int = 1) -> Batch:
     add = batch.points.append
     for i in range(pods):
         uid = f"0a1b2c3d-0000-4000-8000-{i:012d}"
-        cgroup = CgroupRef(10_000 + i, f"/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{i:064x}.scope")
+        pod_slice = f"/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice"
+        cgroup = CgroupRef(10_000 + i, f"{pod_slice}/cri-containerd-{i:064x}.scope")
         resource = Resource(
             (("namespace", f"ns-{i % 7}"), ("pod", f"web-{i}-abcde"), ("container", "app"), ("node", "node-1"))
         )

@@ -26,13 +26,8 @@ HYBRID = FIXTURES / "cgroup-hybrid-kernel-6.18"
 
 
 # Real files of one container of each role, from the 6.1 capture.
-_POD1 = (
-    "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
-)
-_POD3 = (
-    "kubepods.slice/kubepods-besteffort.slice/"
-    "kubepods-besteffort-pod0a1b2c3d_0000_4000_8000_000000000003.slice"
-)
+_POD1 = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
+_POD3 = "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d_0000_4000_8000_000000000003.slice"
 SRC_IO = _POD1 + "/cri-containerd-a38b6325e8f53ac409df59c7e8415bdad54139296ebfa17f5dbb24a9774ed983.scope"
 SRC_SANDBOX = _POD1 + "/cri-containerd-dfa15a989fae12701a7a9b2890bad323888b19ccf407ba514797a491c2d2a09a.scope"
 SRC_MEM = _POD3 + "/cri-containerd-13bf7efd066cba86cb078dd995ca5edd1ca632bfe55d45fa78038acb8ce9dbd4.scope"
@@ -174,6 +169,21 @@ def build_tree(base: Path, pods: int = 110, layout: str = "v2", driver: str = "s
     return tree
 
 
+def _own_mountinfo(text: str, pid: int) -> str:
+    """The captured container mountinfo, made this container's own as on a real node: its
+    own mount ids, root overlay (0:24), /run tmpfs (0:27) and /data tmpfs (0:34).  The
+    node's disk (254:0), the 9p share and the pseudo filesystems stay shared."""
+    own = {"0:24": f"0:{100000 + pid}", "0:27": f"0:{200000 + pid}", "0:34": f"0:{300000 + pid}"}
+    lines = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        fields[0] = str(int(fields[0]) + pid * 100)
+        fields[1] = str(int(fields[1]) + pid * 100)
+        fields[2] = own.get(fields[2], fields[2])
+        lines.append(" ".join(fields))
+    return "\n".join(lines) + "\n"
+
+
 def _write_container(tree: Tree, n: int, c: Container, pod: Pod, mountinfo: str, net_dev: str,
                      mountpoints: list[str]) -> None:  # fmt: skip
     base = tree.base
@@ -204,7 +214,7 @@ def _write_container(tree: Tree, n: int, c: Container, pod: Pod, mountinfo: str,
     (pdir / "net").mkdir()
     (pdir / "ns" / "net").symlink_to(pod.netns_file)
     (pdir / "net" / "dev").write_text(net_dev)
-    (pdir / "mountinfo").write_text(mountinfo)
+    (pdir / "mountinfo").write_text(_own_mountinfo(mountinfo, c.pid))
     root = base / "roots" / str(c.pid)
     for point in mountpoints:
         target = root / point.lstrip("/")

@@ -207,6 +207,8 @@ class FakeApiServer:
         self._thread: threading.Thread | None = None
         self._sockets: set[socket.socket] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.request_times: list[float] = []  # time.monotonic() of each request, as `requests`
+        self.list_delay = 0.0  # seconds a list request waits before answering (a slow relist)
         self.open_watches = 0
 
     # Lifecycle ----------------------------------------------------------------------------
@@ -389,6 +391,7 @@ def _make_handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
             api.requests.append((parts.path, query))
+            api.request_times.append(time.monotonic())
             if api.token and self.headers.get("Authorization") != f"Bearer {api.token}":
                 self._send_json(401, _status(401, "Unauthorized", "Unauthorized"))
                 return
@@ -407,6 +410,8 @@ def _make_handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             if query.get("watch") in ("true", "1"):
                 self._watch(node, query)
             else:
+                if api.list_delay:
+                    time.sleep(api.list_delay)
                 self._send_json(200, api._list(node, int(query.get("limit") or 0), query.get("continue", "")))
 
         def _chunk(self, obj: dict[str, Any]) -> None:

@@ -14,10 +14,7 @@ from hypothesis import strategies as st
 
 from kpod import parsers as p
 
-POD1 = (
-    "kubepods.slice/kubepods-burstable.slice/"
-    "kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
-)
+POD1 = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
 CRI = "/cri-containerd-{}.scope"
 POD1_IO = POD1 + CRI.format("a38b6325e8f53ac409df59c7e8415bdad54139296ebfa17f5dbb24a9774ed983")
 POD1_THROTTLED = POD1 + CRI.format("3c0c837a59a218341857c7aea4e6464fa8a940d7464c340799f75275162afcc9")

@@ -47,7 +47,7 @@ def test_label_values_are_escaped_and_cannot_inject_series() -> None:
     bad_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")
     resource = Resource((("namespace", hostile), ("pod", bad_utf8), ("container", ""), ("node", "n")))
     batch = Batch([Point(metric, CgroupRef(5, "/x"), (("interface", "eth0"),), 1.0, resource)])
-    text, openmetrics, series = Renderer().render(batch)
+    text, _, series = Renderer().render(batch)
     assert series == 1
     families = list(text_string_to_metric_families(text.decode()))
     assert [f.name for f in families] == ["kpod_test_value"]
@@ -80,7 +80,9 @@ def test_duplicate_label_sets_are_added_not_repeated() -> None:
     """A pod's sandbox and pod-level cgroups both carry container="": one series, summed."""
     metric = MetricDef("kpod.cpu.context.switches", Kind.COUNTER, "1", "Switches.")
     resource = Resource((("namespace", "a"), ("pod", "b"), ("container", ""), ("node", "n")))
-    batch = Batch([Point(metric, CgroupRef(1, "/p"), (), 3, resource), Point(metric, CgroupRef(2, "/p/s"), (), 4, resource)])
+    batch = Batch(
+        [Point(metric, CgroupRef(1, "/p"), (), 3, resource), Point(metric, CgroupRef(2, "/p/s"), (), 4, resource)]
+    )
     text, _, series = Renderer().render(batch)
     assert series == 1
     assert b'kpod_cpu_context_switches_total{namespace="a",pod="b",container="",node="n"} 7\n' in text
