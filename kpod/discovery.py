@@ -134,6 +134,8 @@ class _Base:
             self.log.debug("%s: %s (again)", self.kind, message)
 
     def _recovered(self) -> None:
+        if self.store.last_error:
+            self.store.set_error("")
         if self._last_logged:
             self.log.info("%s: recovered, %d pods", self.kind, len(self.store))
             self._last_logged = ""
@@ -323,6 +325,7 @@ class InformerDiscovery(_Base):
             _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
         )
         self.watches += 1
+        self._recovered()  # connected and streaming: whatever failed before works again
         events = 0
         try:
             for line in self._lines(response):

@@ -1,0 +1,330 @@
+"""Informer discovery against a fake API server, driven by the real `kubernetes` client.
+
+The processor runs as the pipeline runs it (factory.create, start, process, shutdown); the fake
+API server speaks list/watch over HTTP with chunked JSON lines.  Labels must follow pods as they
+appear, change and disappear; 410, dropped streams, 500s and outages must never lose labels.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fake_apiserver import FakeApiServer, Pod, container_id, make_pod
+from kpod.processors.k8sattributes import (
+    EXTRAS_PODS,
+    UNRESOLVED_METRIC,
+    K8sAttributesConfig,
+    K8sAttributesProcessor,
+    factory,
+)
+
+from kpod.cgroups import CgroupIndex
+from kpod.component import ComponentUnavailable, Context
+from kpod.discovery import InformerDiscovery
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
+from kpod.pods import PodStore
+from kpod.selfmetrics import SelfMetrics
+from kpod.settings import KpodSettings
+from kpod.units import Duration
+
+NODE = "node-a"
+CPU = MetricDef("kpod.cpu.usage", Kind.COUNTER, "s", "cpu time")
+
+
+def cgroup_of(pod: Pod, cid: str) -> CgroupRef:
+    """The systemd-driver cgroup path of a container of `pod` (containerd)."""
+    uid = pod["metadata"]["uid"].replace("-", "_")
+    path = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{cid}.scope"
+    return CgroupRef(abs(hash(path)) % 10**9, path)
+
+
+def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    server = FakeApiServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def config(kubeconfig: str, **overrides: object) -> K8sAttributesConfig:
+    values: dict[str, object] = {
+        "kubeconfig": kubeconfig,
+        "wait_for_sync": Duration(5),
+        "watch_timeout": Duration(30),
+        "request_timeout": Duration(5),
+        "backoff_initial": Duration(0.05),
+        "backoff_max": Duration(0.2),
+    }
+    values.update(overrides)
+    return K8sAttributesConfig(**values)  # type: ignore[arg-type]
+
+
+class Harness:
+    """A k8sattributes processor in informer mode, pointed at `api`."""
+
+    def __init__(self, api: FakeApiServer, tmp_path: Path, settings: KpodSettings | None = None, **cfg: object):
+        self.settings = settings or KpodSettings()
+        self.settings.discovery.mode = "informer"
+        self.settings.node_name = NODE
+        self.self_metrics = SelfMetrics()
+        self.context = Context(
+            "k8sattributes", self.settings, CgroupIndex(str(tmp_path)), self.self_metrics, logging.getLogger("test")
+        )
+        kubeconfig = api.write_kubeconfig(str(tmp_path / "kubeconfig"))
+        processor = factory.create(self.context, config(kubeconfig, **cfg))
+        assert isinstance(processor, K8sAttributesProcessor)
+        self.processor = processor
+
+    @property
+    def discovery(self) -> InformerDiscovery:
+        assert isinstance(self.processor.discovery, InformerDiscovery)
+        return self.processor.discovery
+
+    @property
+    def store(self) -> PodStore:
+        assert self.processor.store is not None
+        return self.processor.store
+
+    def labels(self, cgroup: CgroupRef) -> dict[str, str] | None:
+        """The Prometheus labels a point of `cgroup` gets this cycle, None if it is dropped."""
+        batch = self.processor.process(Batch([Point(CPU, cgroup, (), 1.0)]))
+        if not batch.points:
+            return None
+        assert batch.points[0].resource is not None
+        return dict(batch.points[0].resource.labels)
+
+    def unresolved(self, reason: str) -> float:
+        return self.self_metrics.get(UNRESOLVED_METRIC, (("reason", reason),))
+
+
+@pytest.fixture
+def harness(api: FakeApiServer, tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(api, tmp_path)
+    yield h
+    h.processor.shutdown()
+
+
+def test_pods_appear_change_and_disappear(api: FakeApiServer, tmp_path: Path) -> None:
+    settings = KpodSettings()
+    settings.filter.include_labels = ["team"]
+    web = api.add_pod(make_pod("web-1", namespace="shop", labels={"app": "web", "team": "a"}))
+    cid = container_id("shop/web-1/app")
+    h = Harness(api, tmp_path, settings)
+    try:
+        h.processor.start()
+        assert h.labels(cgroup_of(web, cid)) == {
+            "namespace": "shop",
+            "pod": "web-1",
+            "container": "app",
+            "node": NODE,
+            "label_team": "a",
+        }
+        # A pod created after the list arrives through the watch.
+        db = api.add_pod(make_pod("db-1", namespace="shop", labels={"team": "b"}, containers=[("pg", "f" * 64)]))
+        assert until(lambda: h.labels(cgroup_of(db, "f" * 64)) is not None)
+        assert h.labels(cgroup_of(db, "f" * 64)) == {
+            "namespace": "shop",
+            "pod": "db-1",
+            "container": "pg",
+            "node": NODE,
+            "label_team": "b",
+        }
+
+        # A label change (MODIFIED) shows in the next cycle.
+        def relabel(pod: Pod) -> None:
+            pod["metadata"]["labels"]["team"] = "c"
+
+        api.update_pod(web["metadata"]["uid"], relabel)
+        assert until(lambda: (h.labels(cgroup_of(web, cid)) or {}).get("label_team") == "c")
+
+        # A restarted container: new id in the status, old one in lastState; both resolve.
+        new_cid = "e" * 64
+
+        def restart(pod: Pod) -> None:
+            status = pod["status"]["containerStatuses"][0]
+            status["lastState"] = {"terminated": {"containerID": status["containerID"], "exitCode": 1}}
+            status["containerID"] = f"containerd://{new_cid}"
+
+        api.update_pod(web["metadata"]["uid"], restart)
+        assert until(lambda: (h.labels(cgroup_of(web, new_cid)) or {}).get("container") == "app")
+        assert (h.labels(cgroup_of(web, cid)) or {}).get("container") == "app"
+
+        # DELETED: the pod's cgroups are dropped from the next cycle on, and counted.
+        api.delete_pod(web["metadata"]["uid"])
+        assert until(lambda: h.labels(cgroup_of(web, new_cid)) is None)
+        assert h.unresolved("unknown_pod") >= 1
+        assert h.labels(cgroup_of(db, "f" * 64)) is not None
+    finally:
+        h.processor.shutdown()
+
+
+def test_only_this_node_is_listed_and_watched(api: FakeApiServer, harness: Harness) -> None:
+    here = api.add_pod(make_pod("here-1"))
+    there = api.add_pod(make_pod("there-1", node="node-b"))
+    harness.processor.start()
+    api.add_pod(make_pod("there-2", node="node-b"))
+    late = api.add_pod(make_pod("here-2"))
+    assert until(lambda: late["metadata"]["uid"] in harness.store.snapshot())
+    assert set(harness.store.snapshot()) == {here["metadata"]["uid"], late["metadata"]["uid"]}
+    assert there["metadata"]["uid"] not in harness.store.snapshot()
+    # Never a cluster-wide request: every list and watch carries this node's field selector.
+    assert api.requests
+    assert all(query.get("fieldSelector") == f"spec.nodeName={NODE}" for _, query in api.requests)
+    assert any(query.get("watch") == "true" and query.get("allowWatchBookmarks") == "true" for _, query in api.requests)
+    assert harness.context.extras[EXTRAS_PODS] is harness.store
+
+
+def test_410_relists_and_keeps_serving_meanwhile(api: FakeApiServer, harness: Harness) -> None:
+    web = api.add_pod(make_pod("web-1"))
+    cgroup = cgroup_of(web, container_id("default/web-1/app"))
+    harness.processor.start()
+    assert harness.labels(cgroup) is not None
+    api.list_delay = 1.0  # the relist takes a second: the old pods must be served during it
+    added_meanwhile = api.add_pod(make_pod("web-2"))  # reaches us by the watch or by the relist
+    api.expire_watches()  # ERROR event, code 410; history compacted
+    assert until(lambda: api.requests[-1][1].get("limit") == "500", timeout=5)  # relisting
+    assert harness.labels(cgroup) == {"namespace": "default", "pod": "web-1", "container": "app", "node": NODE}
+    assert until(lambda: harness.discovery.relists_after_gone == 1 and harness.discovery.lists == 2)
+    api.list_delay = 0.0
+    assert added_meanwhile["metadata"]["uid"] in harness.store.snapshot()
+    # After the relist the watch resumes from the new list's version and sees new events.
+    third = api.add_pod(make_pod("web-3"))
+    assert until(lambda: third["metadata"]["uid"] in harness.store.snapshot())
+    assert harness.discovery.errors == 0
+
+
+def test_resume_from_compacted_version_gets_410_and_relists(api: FakeApiServer, harness: Harness) -> None:
+    api.add_pod(make_pod("web-1"))
+    harness.processor.start()
+    # The stream breaks and the history is compacted before we come back: resuming from our
+    # version is answered with an ERROR 410 event, and we relist.
+    api.compact()
+    gone = api.add_pod(make_pod("web-2"))
+    api.compact()
+    api.drop_watches()
+    assert until(lambda: harness.discovery.relists_after_gone >= 1)
+    assert until(lambda: gone["metadata"]["uid"] in harness.store.snapshot())
+
+
+def test_watch_timeout_resumes_without_relist(api: FakeApiServer, tmp_path: Path) -> None:
+    h = Harness(api, tmp_path, watch_timeout=Duration(1))
+    try:
+        h.processor.start()
+        assert until(lambda: h.discovery.watches >= 3, timeout=8)
+        assert h.discovery.lists == 1
+        pod = api.add_pod(make_pod("web-1"))
+        assert until(lambda: pod["metadata"]["uid"] in h.store.snapshot())
+        assert h.discovery.errors == 0
+    finally:
+        h.processor.shutdown()
+
+
+def test_bookmarks_move_the_resume_point(api: FakeApiServer, harness: Harness) -> None:
+    harness.processor.start()
+    api.add_pod(make_pod("elsewhere", node="node-b"))  # moves the server's version, not our pods
+    before = harness.discovery.resource_version
+    api.send_bookmark()
+    assert until(lambda: harness.discovery.resource_version == str(api.resource_version))
+    assert harness.discovery.resource_version != before
+
+
+def test_dropped_connections_and_500s_back_off_then_recover(api: FakeApiServer, harness: Harness) -> None:
+    web = api.add_pod(make_pod("web-1"))
+    cgroup = cgroup_of(web, container_id("default/web-1/app"))
+    harness.processor.start()
+    first_request = len(api.requests)
+    api.fail_next(4, 500)
+    api.drop_watches()
+    late = api.add_pod(make_pod("web-2"))
+    assert until(lambda: late["metadata"]["uid"] in harness.store.snapshot())
+    assert harness.labels(cgroup) is not None
+    assert harness.discovery.errors >= 5  # the broken stream and four 500s
+    # Backoff doubles from 0.05 s and is capped at 0.2 s: the gaps between the failed attempts.
+    times = api.request_times[first_request : first_request + 6]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 0.04 and gaps[1] >= 0.09 and gaps[2] >= 0.18
+    assert max(gaps) < 0.6
+    assert harness.store.last_error == ""
+
+
+def test_outage_keeps_last_labels_and_catches_up(api: FakeApiServer, harness: Harness) -> None:
+    web = api.add_pod(make_pod("web-1"))
+    old = api.add_pod(make_pod("old-1"))
+    cgroup = cgroup_of(web, container_id("default/web-1/app"))
+    harness.processor.start()
+    expected = harness.labels(cgroup)
+    assert expected is not None
+    api.stop()
+    # During the outage: pods are created and deleted, and we keep serving what we knew.
+    during = api.add_pod(make_pod("during-1"))
+    api.delete_pod(old["metadata"]["uid"])
+    assert until(lambda: harness.store.last_error != "")
+    time.sleep(0.5)  # several failed reconnects
+    assert harness.labels(cgroup) == expected
+    assert old["metadata"]["uid"] in harness.store.snapshot()
+    api.start()
+    assert until(lambda: during["metadata"]["uid"] in harness.store.snapshot())
+    assert until(lambda: old["metadata"]["uid"] not in harness.store.snapshot())
+    assert harness.labels(cgroup) == expected
+    assert until(lambda: harness.store.last_error == "")
+
+
+def test_wrong_token_is_an_error_that_keeps_the_pods(api: FakeApiServer, harness: Harness) -> None:
+    web = api.add_pod(make_pod("web-1"))
+    harness.processor.start()
+    api.token = "rotated"  # our token is no longer accepted
+    api.drop_watches()
+    assert until(lambda: "401" in harness.store.last_error)
+    assert "token" in harness.store.last_error
+    assert web["metadata"]["uid"] in harness.store.snapshot()
+
+
+def test_cycles_before_the_first_list_drop_as_not_synced(api: FakeApiServer, tmp_path: Path) -> None:
+    web = api.add_pod(make_pod("web-1"))
+    cgroup = cgroup_of(web, container_id("default/web-1/app"))
+    api.stop()
+    h = Harness(api, tmp_path, wait_for_sync=Duration(0.2))
+    try:
+        h.processor.start()  # returns after wait_for_sync although nothing answered
+        assert h.labels(cgroup) is None
+        assert h.unresolved("not_synced") == 1
+        api.start()
+        assert until(lambda: h.labels(cgroup) is not None)
+    finally:
+        h.processor.shutdown()
+
+
+def test_no_api_config_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    settings = KpodSettings()
+    settings.discovery.mode = "informer"
+    context = Context("k8sattributes", settings, CgroupIndex(str(tmp_path)), SelfMetrics())
+    processor = factory.create(context, K8sAttributesConfig())
+    with pytest.raises(ComponentUnavailable, match="KUBECONFIG"):
+        processor.start()
+    processor.shutdown()
+
+
+def test_shutdown_is_prompt_during_a_long_watch(api: FakeApiServer, harness: Harness) -> None:
+    harness.processor.start()
+    assert until(lambda: api.open_watches == 1)
+    began = time.monotonic()
+    harness.processor.shutdown()
+    assert time.monotonic() - began < 2.0
+    harness.processor.shutdown()  # idempotent
