@@ -1,0 +1,261 @@
+"""Helpers for tests against the real kernel: cgroup trees, workloads, receivers.
+
+Everything created here is removed again, also when a test fails: processes we started are
+killed by PID, processes still in our cgroups are moved to the root cgroup first, and the
+directories we made are removed deepest first.  Directories that existed before (a
+kubepods.slice someone else made) are never removed, and nothing outside what we created is
+touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kpod.cgroups import CgroupIndex, parse_mountinfo_cgroups
+from kpod.component import Context
+from kpod.selfmetrics import SelfMetrics
+from kpod.settings import KpodSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kernel_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (loads BPF programs, creates cgroups)"
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "kernel has no BTF (/sys/kernel/btf/vmlinux missing)"
+    return None
+
+
+_REASON = kernel_skip_reason()
+# Apply to kernel test modules: `pytestmark = kernel_test`.
+kernel_test = [pytest.mark.kernel, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+
+def mounts():
+    with open("/proc/self/mountinfo") as f:
+        return parse_mountinfo_cgroups(f.read())
+
+
+def cgroup2_root() -> str:
+    unified = mounts().unified
+    if not unified:
+        pytest.skip("no cgroup2 mount in /proc/self/mountinfo")
+    return unified
+
+
+def write(path: str | Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@dataclass
+class Pod:
+    """A kubepods-shaped pod cgroup with one container scope (systemd driver names)."""
+
+    uid: str
+    pod_dir: Path
+    container_dir: Path
+
+    @property
+    def container_id(self) -> int:
+        return os.stat(self.container_dir).st_ino
+
+    @property
+    def pod_id(self) -> int:
+        return os.stat(self.pod_dir).st_ino
+
+
+@dataclass
+class CgroupTree:
+    """Builds cgroups under a cgroup2 (or v1 controller) root and removes exactly those."""
+
+    root: Path
+    created: list[Path] = field(default_factory=list)
+
+    def mkdir(self, relative: str) -> Path:
+        path = self.root
+        for part in Path(relative).parts:
+            path = path / part
+            if not path.exists():
+                path.mkdir()
+                self.created.append(path)
+        return path
+
+    def pod(self, qos: str = "burstable") -> Pod:
+        uid = str(uuid.uuid4())
+        qos_slice = f"kubepods-{qos}.slice"
+        pod_slice = f"kubepods-{qos}-pod{uid.replace('-', '_')}.slice"
+        scope = f"cri-containerd-{uuid.uuid4().hex}{uuid.uuid4().hex}.scope"
+        container = self.mkdir(f"kubepods.slice/{qos_slice}/{pod_slice}/{scope}")
+        return Pod(uid, container.parent, container)
+
+    def move(self, pid: int, cgroup: Path) -> None:
+        write(cgroup / "cgroup.procs", str(pid))
+
+    def cleanup(self) -> None:
+        """Move stragglers to the root, then rmdir deepest first (retrying while tasks exit)."""
+        for path in reversed(self.created):
+            for _ in range(50):
+                try:
+                    procs = (path / "cgroup.procs").read_text().split()
+                except OSError:
+                    procs = []
+                for pid in procs:
+                    with contextlib.suppress(OSError):
+                        write(self.root / "cgroup.procs", pid)
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                print(f"kernel_util: could not remove {path}", file=sys.stderr)
+        self.created.clear()
+
+
+@contextlib.contextmanager
+def cgroup_tree(root: str | Path | None = None) -> Iterator[CgroupTree]:
+    tree = CgroupTree(Path(root or cgroup2_root()))
+    try:
+        yield tree
+    finally:
+        tree.cleanup()
+
+
+class Workload:
+    """A Python child that waits for "go" on stdin, so it can be moved into cgroups first.
+
+    `code` runs after go; it may print a result line (JSON) that `result()` returns.  The child
+    is killed by PID on `stop()` (and by the context manager, also on failure).
+    """
+
+    PRELUDE = (
+        "import os, sys, json, time, mmap\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"  # wait for go
+    )
+
+    def __init__(self, code: str, cpu: int | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.PRELUDE + code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        if cpu is not None:
+            os.sched_setaffinity(self.pid, {cpu})
+        # Started, imported, and asleep in read(): moving it into a cgroup now does not
+        # charge its start-up to that cgroup, and does not wake it.
+        try:
+            if self.readline() != "ready":
+                raise RuntimeError(f"workload {self.pid} did not start")
+            deadline = time.monotonic() + 10
+            while self.state() != "S" and time.monotonic() < deadline:
+                time.sleep(0.001)
+        except BaseException:
+            self.stop()
+            raise
+
+    def state(self) -> str:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return ""
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def readline(self, timeout: float = 30.0) -> str:
+        assert self.proc.stdout is not None
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"workload {self.pid} printed nothing in {timeout}s")
+        return self.proc.stdout.readline().strip()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+@contextlib.contextmanager
+def workloads() -> Iterator[list[Workload]]:
+    started: list[Workload] = []
+    try:
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def context(component_id: str, cgroup_root: str | None = None, **bpf: object) -> Context:
+    settings = KpodSettings()
+    for key, value in bpf.items():
+        setattr(settings.bpf, key, value)
+    root = cgroup_root or cgroup2_root()
+    index = CgroupIndex(root, scope="all")
+    index.refresh()
+    return Context(component_id, settings, index, SelfMetrics())
+
+
+@contextlib.contextmanager
+def sysctl(path: str, value: str) -> Iterator[None]:
+    """Set a sysctl for the duration of a block and restore the previous value."""
+    with open(path) as f:
+        previous = f.read().strip()
+    write(path, value)
+    try:
+        yield
+    finally:
+        write(path, previous)
+
+
+def proc_status_switches(text: str) -> int:
+    total = 0
+    for line in text.splitlines():
+        if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+            total += int(line.split()[1])
+    return total
+
+
+def stat_majflt(text: str) -> int:
+    """majflt (field 12) of /proc/<pid>/stat; fields counted after the ")" of comm."""
+    rest = text.rsplit(")", 1)[1].split()
+    return int(rest[9])
+
+
+def points_for(batch, metric_name: str, cgroup_id: int) -> list:
+    return [p for p in batch if p.metric.name == metric_name and p.cgroup is not None and p.cgroup.id == cgroup_id]

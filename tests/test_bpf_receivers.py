@@ -1,0 +1,400 @@
+"""eBPF receivers against the real kernel, compared with ground truth from /proc.
+
+Each test builds kubepods-shaped cgroup2 directories, runs Python workloads in them and
+compares what the receivers report for those cgroups with what the kernel says about the
+workload itself.  Needs root and BTF; skipped otherwise, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kernel_util import (
+    Workload,
+    cgroup_tree,
+    context,
+    kernel_test,
+    mounts,
+    points_for,
+    proc_status_switches,
+    stat_majflt,
+    sysctl,
+    workloads,
+)
+from kpod.receivers.bpf_maps import BpfMapsReceiver
+from kpod.receivers.cpu_sched import CpuSchedReceiver
+from kpod.receivers.memory import MemoryConfig, MemoryReceiver
+
+from kpod import libbpf
+from kpod.component import ComponentUnavailable, EmptyConfig
+from kpod.ebpf import REGISTRY
+
+pytestmark = kernel_test
+
+
+def collect(receiver):
+    """One cycle as the pipeline runs it: walk the cgroup tree, then collect."""
+    receiver.context.cgroups.refresh()
+    return receiver.collect()
+
+
+def started(receiver):
+    receiver.start()
+    return receiver
+
+
+def test_context_switches_at_least_proc_status() -> None:
+    code = (
+        "before = open('/proc/self/status').read()\n"
+        "for _ in range(3000):\n"
+        "    time.sleep(0.0002)\n"
+        "after = open('/proc/self/status').read()\n"
+        "print(json.dumps([before, after]), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    with cgroup_tree() as tree, workloads() as procs:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            w = Workload(code)
+            procs.append(w)
+            tree.move(w.pid, pod.container_dir)
+            w.go()
+            before, after = json.loads(w.readline())
+            truth = proc_status_switches(after) - proc_status_switches(before)
+            batch = collect(receiver)
+            points = points_for(batch, "kpod.cpu.context.switches", pod.container_id)
+            assert len(points) == 1, f"one series for the container cgroup, got {points}"
+            assert points[0].cgroup.path.endswith(pod.container_dir.name)
+            assert truth >= 3000
+            assert points[0].value >= truth
+            # A cgroup's switches are its own: not several times the truth either.
+            assert points[0].value <= truth * 1.5 + 50
+        finally:
+            receiver.shutdown()
+
+
+def test_runqueue_latency_charged_to_the_waiting_pod() -> None:
+    """Two CPU hogs pinned to one CPU in pod B: B waits; an idle pod A gets no series."""
+    duration = 1.0
+    hog = f"end = time.monotonic() + {duration}\nwhile time.monotonic() < end:\n    pass\nprint('done', flush=True)\n"
+    idle = "sys.stdin.readline()\n"
+    cpu = min(os.sched_getaffinity(0))
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    with cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            sleeper = Workload(idle)
+            procs.append(sleeper)
+            tree.move(sleeper.pid, pod_a.container_dir)
+            # A blocked reader is not woken by being moved: A never becomes runnable here.
+            hogs = [Workload(hog, cpu=cpu) for _ in range(2)]
+            procs.extend(hogs)
+            for h in hogs:
+                tree.move(h.pid, pod_b.container_dir)
+            for h in hogs:
+                h.go()
+            for h in hogs:
+                assert h.readline() == "done"
+            batch = collect(receiver)
+            b_points = points_for(batch, "kpod.cpu.runqueue.latency", pod_b.container_id)
+            assert len(b_points) == 1
+            hist = b_points[0].value
+            assert b_points[0].metric.unit == "s"
+            assert hist.count > 0
+            # Both hogs are runnable for ~duration on one CPU: together they wait about
+            # `duration` (each half of the time).  Generous limits: other tasks share the CPU.
+            assert 0.25 * duration <= hist.sum <= 3 * duration, hist
+            # Bucket bounds are exact: the sum lies between the lower and upper bounds' totals.
+            lows = (0.0, *hist.bounds)
+            highs = (*hist.bounds, float("inf"))
+            assert sum(c * lo for c, lo in zip(hist.counts, lows, strict=True)) <= hist.sum
+            assert hist.sum <= sum(c * hi for c, hi in zip(hist.counts, highs, strict=True) if c)
+            assert len(hist.counts) == len(hist.bounds) + 1
+            assert not points_for(batch, "kpod.cpu.runqueue.latency", pod_a.container_id)
+            assert not points_for(batch, "kpod.cpu.context.switches", pod_a.container_id)
+        finally:
+            receiver.shutdown()
+
+
+def test_runqueue_wait_goes_to_next_not_to_the_task_switched_out() -> None:
+    """Pod A: a CPU hog.  Pod B: a SCHED_IDLE sleeper on the same CPU, which never preempts.
+
+    Every wakeup of B waits for A's hog to be switched out, so most switches are
+    prev=A -> next=B with a long wait of B's, and B -> A with a short wait of A's (B runs
+    for microseconds).  Charging the wait to the task switched out (current) would swap the
+    two; charging it to `next` keeps B's sum far above A's.
+    """
+    cpu = min(os.sched_getaffinity(0))
+    hog = "end = time.monotonic() + 30\nwhile time.monotonic() < end:\n    pass\n"
+    sleeper = (
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "for _ in range(20):\n"
+        "    time.sleep(0.001)\n"
+        "print('done', flush=True)\n"
+    )
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    with cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            a = Workload(hog, cpu=cpu)
+            b = Workload(sleeper, cpu=cpu)
+            procs.extend([a, b])
+            tree.move(a.pid, pod_a.container_dir)
+            tree.move(b.pid, pod_b.container_dir)
+            a.go()
+            b.go()
+            assert b.readline(timeout=60) == "done"
+            a.stop()
+            batch = collect(receiver)
+            (b_hist,) = [p.value for p in points_for(batch, "kpod.cpu.runqueue.latency", pod_b.container_id)]
+            a_sum = sum(p.value.sum for p in points_for(batch, "kpod.cpu.runqueue.latency", pod_a.container_id))
+            assert b_hist.count >= 20
+            assert b_hist.sum > 0.005  # B waited behind the hog at each of its wakeups
+            assert b_hist.sum > 10 * a_sum, (b_hist.sum, a_sum)
+        finally:
+            receiver.shutdown()
+
+
+def test_major_faults_equal_majflt(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A file on a disk-backed filesystem (tmpfs pages cannot be dropped from the page cache).
+    directory = Path("/var/tmp") / f"kpod-test-{uuid.uuid4().hex}"
+    directory.mkdir()
+    data = directory / "data"
+    size = 16 << 20
+    try:
+        with open(data, "wb") as f:
+            f.write(os.urandom(size))
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        code = (
+            f"f = open({str(data)!r}, 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+            "stat = lambda: open('/proc/self/stat').read()\n"
+            "before = stat()\n"
+            "total = 0\n"
+            "for off in range(0, len(m), 4096):\n"
+            "    total += m[off]\n"
+            "after = stat()\n"
+            "print(json.dumps([before, after]), flush=True)\n"
+            "sys.stdin.readline()\n"
+        )
+        receiver = MemoryReceiver(context("memory"), MemoryConfig())
+        with cgroup_tree() as tree, workloads() as procs:
+            pod = tree.pod()
+            receiver.start()
+            try:
+                w = Workload(code)
+                procs.append(w)
+                tree.move(w.pid, pod.container_dir)
+                w.go()
+                before, after = json.loads(w.readline())
+                truth = stat_majflt(after) - stat_majflt(before)
+                assert truth > 0, "the file was not dropped from the page cache"
+                batch = collect(receiver)
+                points = points_for(batch, "kpod.mem.major.page.faults", pod.container_id)
+                assert len(points) == 1
+                assert points[0].value == truth
+            finally:
+                receiver.shutdown()
+    finally:
+        data.unlink(missing_ok=True)
+        directory.rmdir()
+
+
+def test_major_faults_can_be_turned_off() -> None:
+    receiver = MemoryReceiver(context("memory"), MemoryConfig(major_faults=False))
+    receiver.start()
+    try:
+        assert "perf_event" in receiver.route() and "off (disabled by config)" in receiver.route()
+        perf_fds = [fd for fd in os.listdir("/proc/self/fd") if "perf_event" in _readlink(f"/proc/self/fd/{fd}")]
+        assert not perf_fds
+    finally:
+        receiver.shutdown()
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def test_oom_kill_counted_once_for_the_victims_pod() -> None:
+    memory_root = mounts().v1.get("memory")
+    if memory_root is None:
+        pytest.skip("no v1 memory controller on this host (pure cgroup2 needs memory.max instead)")
+    hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
+    receiver = MemoryReceiver(context("memory"), MemoryConfig(major_faults=False))
+    with cgroup_tree() as tree, cgroup_tree(memory_root) as v1, workloads() as procs:
+        pod, bystander = tree.pod(), tree.pod()
+        memcg = v1.mkdir(f"kpod-test-oom-{uuid.uuid4().hex[:12]}")
+        (memcg / "memory.limit_in_bytes").write_text(str(64 << 20))
+        receiver.start()
+        try:
+            w = Workload(hog)
+            procs.append(w)
+            tree.move(w.pid, pod.container_dir)
+            v1.move(w.pid, memcg)
+            other = Workload("sys.stdin.readline()\n")
+            procs.append(other)
+            tree.move(other.pid, bystander.container_dir)
+            w.go()
+            rc = w.wait(60)
+            assert rc == -9, f"the hog should be OOM-killed (SIGKILL), exit status {rc}"
+            batch = collect(receiver)
+            points = points_for(batch, "kpod.mem.oom.kills", pod.container_id)
+            assert [p.value for p in points] == [1.0]
+            assert not points_for(batch, "kpod.mem.oom.kills", bystander.container_id)
+        finally:
+            receiver.shutdown()
+
+
+def test_full_map_counts_update_errors() -> None:
+    """With room for 2 cgroups, switches in more cgroups must fail to insert and be counted."""
+    ctx = context("cpu_sched", map_max_entries=2)
+    receiver = CpuSchedReceiver(ctx, EmptyConfig())
+    maps = BpfMapsReceiver(context("bpf_maps"), EmptyConfig())
+    with cgroup_tree() as tree, workloads() as procs:
+        receiver.start()
+        try:
+            for _ in range(4):
+                pod = tree.pod()
+                w = Workload("for _ in range(20):\n    time.sleep(0.001)\nprint('x', flush=True)\n")
+                procs.append(w)
+                tree.move(w.pid, pod.container_dir)
+                w.go()
+                w.readline()
+            batch = collect(maps)
+            by_map = {
+                (p.metric.name, dict(p.attributes)["map"]): p.value
+                for p in batch
+                if dict(p.attributes).get("map") == "sched_switches"
+            }
+            assert by_map[("kpod.bpf.map.capacity", "sched_switches")] == 2
+            assert by_map[("kpod.bpf.map.entries", "sched_switches")] == 2
+            assert by_map[("kpod.bpf.map.update.errors.total", "sched_switches")] > 0
+        finally:
+            receiver.shutdown()
+
+
+def test_entries_of_gone_cgroups_are_deleted() -> None:
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    with cgroup_tree() as tree, workloads() as procs:
+        receiver.start()
+        try:
+            pod = tree.pod()
+            gone_id = pod.container_id
+            w = Workload("for _ in range(50):\n    time.sleep(0.001)\nprint('x', flush=True)\n")
+            procs.append(w)
+            tree.move(w.pid, pod.container_dir)
+            w.go()
+            w.readline()
+            w.stop()
+            assert points_for(collect(receiver), "kpod.cpu.context.switches", gone_id)
+            tree.cleanup()  # the pod goes away
+            receiver.context.cgroups.refresh()
+            switches = receiver.loaded.obj.maps["sched_switches"]
+
+            def keys() -> set[int]:
+                return {int.from_bytes(k[:8], "little") for k in switches.keys()}  # noqa: SIM118 - a BPF map
+
+            assert gone_id in keys()
+            collect(receiver)  # first miss: kept one cycle (the index may just be behind)
+            assert gone_id in keys()
+            collect(receiver)  # second miss: deleted
+            assert gone_id not in keys()
+        finally:
+            receiver.shutdown()
+
+
+def test_program_cost_self_metrics_when_bpf_stats_enabled() -> None:
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    with sysctl("/proc/sys/kernel/bpf_stats_enabled", "1"):
+        receiver.start()
+        try:
+            time.sleep(0.2)
+            batch = collect(receiver)
+            runs = {dict(p.attributes)["program"]: p.value for p in batch if p.metric.name == "kpod.bpf.program.runs"}
+            secs = {
+                dict(p.attributes)["program"]: p.value for p in batch if p.metric.name == "kpod.bpf.program.run.seconds"
+            }
+            assert runs["sched_switch"] > 0
+            assert 0 < secs["sched_switch"] < 1.0
+            assert all(p.cgroup is None for p in batch if p.metric.name.startswith("kpod.bpf.program"))
+        finally:
+            receiver.shutdown()
+
+
+def _bpftool_ids(kind: str) -> set[int]:
+    out = subprocess.run(["bpftool", "-j", kind, "show"], check=True, capture_output=True, text=True).stdout
+    return {item["id"] for item in json.loads(out or "[]")}
+
+
+def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
+    def perf_fds() -> int:
+        return sum("perf_event" in _readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd"))
+
+    perf_before = perf_fds()
+    receivers = [
+        CpuSchedReceiver(context("cpu_sched"), EmptyConfig()),
+        MemoryReceiver(context("memory"), MemoryConfig()),
+    ]
+    prog_ids: set[int] = set()
+    map_ids: set[int] = set()
+    link_count_before = len(_bpftool_ids("link"))
+    try:
+        for r in receivers:
+            r.start()
+            loaded = r.loaded
+            assert loaded is not None
+            prog_ids |= {s.id for s in loaded.program_stats().values()}
+            map_ids |= {m.id() for m in loaded.obj.maps.values()}
+        assert prog_ids <= _bpftool_ids("prog") and map_ids <= _bpftool_ids("map")
+        assert perf_fds() > perf_before
+        assert len(_bpftool_ids("link")) > link_count_before
+    finally:
+        for r in receivers:
+            r.shutdown()
+            r.shutdown()  # idempotent
+    # The kernel frees programs and maps once the last reference goes, partly from deferred
+    # work after an RCU grace period: give it a moment.
+    deadline = time.monotonic() + 10
+    while (prog_ids & _bpftool_ids("prog") or map_ids & _bpftool_ids("map")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not prog_ids & _bpftool_ids("prog")
+    assert not map_ids & _bpftool_ids("map")
+    assert perf_fds() == perf_before
+    assert not [o for o in REGISTRY.objects() if o.name in ("cpu_sched", "mem")]
+
+
+def test_unavailable_reason_is_one_line(tmp_path: Path) -> None:
+    receiver = CpuSchedReceiver(context("cpu_sched", program_dir=str(tmp_path)), EmptyConfig())
+    reason = receiver.preflight()
+    assert reason and "\n" not in reason and "make bpf" in reason
+    with pytest.raises(ComponentUnavailable, match="make bpf"):
+        receiver.start()
+    receiver.shutdown()  # safe after a failed start
+
+
+def test_route_names_the_hooks() -> None:
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    assert "tp_btf/sched_switch" in receiver.route()
+    memory = MemoryReceiver(context("memory"), MemoryConfig())
+    route = memory.route()
+    assert "tp_btf/mark_victim" in route and "perf_event" in route
+    assert libbpf.version().startswith("1.")
