@@ -1,0 +1,120 @@
+"""A fake kubelet serving GET /pods over HTTPS (or HTTP) with bearer-token authentication.
+
+`make_certs(directory)` makes a throwaway CA, a server certificate for 127.0.0.1 signed by it,
+and an unrelated second CA (for "wrong CA" tests), with the `openssl` command.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: str
+    cert: str
+    key: str
+    other_ca: str
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _make_ca(directory: Path, name: str) -> tuple[str, str]:
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    return str(key), str(cert)
+
+
+def make_certs(directory: Path) -> Certs:
+    ca_key, ca_cert = _make_ca(directory, "kpod-test-ca")
+    _, other_cert = _make_ca(directory, "kpod-other-ca")
+    key, csr, cert = directory / "kubelet.key", directory / "kubelet.csr", directory / "kubelet.crt"
+    extensions = directory / "kubelet.ext"
+    extensions.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+    )
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1",
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(extensions),
+    )  # fmt: skip
+    return Certs(ca=ca_cert, cert=str(cert), key=str(key), other_ca=other_cert)
+
+
+class FakeKubelet:
+    """Serves `pods` as a PodList at /pods.  `garbage = True` serves a broken body instead."""
+
+    def __init__(self, token: str = "kubelet-token", certs: Certs | None = None) -> None:
+        self.token = token
+        self.certs = certs
+        self.pods: list[dict[str, Any]] = []
+        self.garbage = False
+        self.requests = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        scheme = "https" if self.certs else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}/pods"
+
+    def start(self) -> FakeKubelet:
+        kubelet = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                kubelet.requests += 1
+                if self.path != "/pods":
+                    self._reply(404, b"404 page not found\n")
+                elif kubelet.token and self.headers.get("Authorization") != f"Bearer {kubelet.token}":
+                    self._reply(401, b"Unauthorized\n")
+                elif kubelet.garbage:
+                    self._reply(200, b'{"kind": "PodList", "items": [{"metadata": ')
+                else:
+                    body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": kubelet.pods}
+                    self._reply(200, json.dumps(body).encode())
+
+            def _reply(self, code: int, data: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        if self.certs:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.certs.cert, self.certs.key)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
