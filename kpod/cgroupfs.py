@@ -31,15 +31,18 @@ def read_text(path: str) -> str:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks: list[bytes] = []
-        while True:
-            chunk = os.read(fd, _READ_CHUNK)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        data = os.read(fd, _READ_CHUNK)
+        if data:
+            # Most files fit one read; keep reading until EOF for the few that do not
+            # (a large cgroup.procs or mountinfo).
+            chunks = [data]
+            while chunk := os.read(fd, _READ_CHUNK):
+                chunks.append(chunk)
+            if len(chunks) > 1:
+                data = b"".join(chunks)
     finally:
         os.close(fd)
-    return os.fsdecode(b"".join(chunks))
+    return data.decode("utf-8", "surrogateescape")
 
 
 def v1_path(mounts: CgroupMounts, controller: str, cgroup_path: str) -> str | None:

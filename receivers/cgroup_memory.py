@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from kpod.cgroupfs import CgroupFileReceiver, read_text, v1_path
 from kpod.component import ComponentUnavailable, Context, EmptyConfig, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.parsers import parse_memory_stat, parse_single_int
+from kpod.parsers import parse_flat_keyed_value, parse_single_int
 
 USAGE = MetricDef("kpod.mem.usage.bytes", Kind.GAUGE, "By", "Memory charged to the cgroup (memory.current)")
 WORKING_SET = MetricDef(
@@ -100,9 +100,7 @@ class CgroupMemoryReceiver(CgroupFileReceiver):
                 self._collect_one(ref, directory, unified, source, batch)
         return batch
 
-    def _collect_one(
-        self, ref: CgroupRef, directory: str, unified: str, source: _Source, batch: Batch
-    ) -> None:
+    def _collect_one(self, ref: CgroupRef, directory: str, unified: str, source: _Source, batch: Batch) -> None:
         # `unified` decides whether a missing file is an error: while the cgroup2 directory
         # exists, a missing file means "not provided here" (the root, or no v1 counterpart).
         text = self._read(f"{directory}/{source.usage_file}", unified)
@@ -116,7 +114,7 @@ class CgroupMemoryReceiver(CgroupFileReceiver):
         stat = self._read(f"{directory}/memory.stat", unified)
         if stat is None:
             return  # usage without a working set beats no series at all
-        inactive = parse_memory_stat(stat).get(source.inactive_key)
+        inactive = parse_flat_keyed_value(stat, source.inactive_key)
         batch.add(Point(WORKING_SET, ref, (), float(working_set(usage, inactive))))
 
 

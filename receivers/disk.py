@@ -28,18 +28,10 @@ from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import DevNum, parse_blkio_throttle, parse_devname, parse_io_stat
 
-READ_BYTES = MetricDef(
-    "kpod.disk.read.bytes", Kind.COUNTER, "By", "Bytes read from block devices", ("device",)
-)
-WRITTEN_BYTES = MetricDef(
-    "kpod.disk.written.bytes", Kind.COUNTER, "By", "Bytes written to block devices", ("device",)
-)
-READS = MetricDef(
-    "kpod.disk.reads", Kind.COUNTER, "{operation}", "Read operations on block devices", ("device",)
-)
-WRITES = MetricDef(
-    "kpod.disk.writes", Kind.COUNTER, "{operation}", "Write operations on block devices", ("device",)
-)
+READ_BYTES = MetricDef("kpod.disk.read.bytes", Kind.COUNTER, "By", "Bytes read from block devices", ("device",))
+WRITTEN_BYTES = MetricDef("kpod.disk.written.bytes", Kind.COUNTER, "By", "Bytes written to block devices", ("device",))
+READS = MetricDef("kpod.disk.reads", Kind.COUNTER, "{operation}", "Read operations on block devices", ("device",))
+WRITES = MetricDef("kpod.disk.writes", Kind.COUNTER, "{operation}", "Write operations on block devices", ("device",))
 
 ROUTE_V2 = "io.stat (cgroup2)"
 ROUTE_V1 = "blkio v1 fallback"

@@ -98,6 +98,7 @@ class FilesystemReceiver(CgroupFileReceiver):
         self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
         self._exclude_fstypes = frozenset(config.exclude_fstypes)
         self._exclude_points = tuple(config.exclude_mountpoints)
+        self._mount_cache: dict[int, tuple[str, list[MountInfo]]] = {}
 
     def preflight(self) -> str | None:
         if not os.path.exists(f"{self.proc_root}/1/mountinfo"):
@@ -114,13 +115,37 @@ class FilesystemReceiver(CgroupFileReceiver):
 
     def collect(self) -> Batch:
         batch = Batch()
+        # (device, root inside the filesystem) -> statvfs result, or None for a regular file.
+        # Within one cycle the same subtree of the same filesystem measures the same through
+        # any container's root (keyed by root too, so per-directory quotas stay apart).
+        measured: dict[tuple[tuple[int, int], str], os.statvfs_result | None] = {}
+        live: set[int] = set()
         for ref in self.context.cgroups.workloads():
             pids = self._pids(ref)
             if pids:
-                self._collect_container(ref, pids, batch)
+                self._collect_container(ref, pids, batch, measured, live)
+        # Forget the mount tables of processes that were not read this cycle.
+        for pid in self._mount_cache.keys() - live:
+            del self._mount_cache[pid]
         return batch
 
-    def _collect_container(self, ref: CgroupRef, pids: list[int], batch: Batch) -> None:
+    def _candidates(self, pid: int, text: str) -> list[MountInfo]:
+        # A container's mount table rarely changes: parse it again only when its text does.
+        cached = self._mount_cache.get(pid)
+        if cached is not None and cached[0] == text:
+            return cached[1]
+        chosen = candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points)
+        self._mount_cache[pid] = (text, chosen)
+        return chosen
+
+    def _collect_container(
+        self,
+        ref: CgroupRef,
+        pids: list[int],
+        batch: Batch,
+        measured: dict[tuple[tuple[int, int], str], os.statvfs_result | None],
+        live: set[int],
+    ) -> None:
         # Any process of the container sees the container's mounts; the first one that is
         # still alive will do.  Its exit between the reads is the usual "pod ended" error.
         for pid in pids:
@@ -132,18 +157,27 @@ class FilesystemReceiver(CgroupFileReceiver):
         else:
             self._error()
             return
+        live.add(pid)
         root = f"{self.proc_root}/{pid}/root"
         seen: set[tuple[int, int]] = set()
-        for mount in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points):
+        for mount in self._candidates(pid, text):
             if mount.dev in seen:
                 continue  # the same filesystem under another mountpoint: once per container
-            path = root + mount.mount_point if mount.mount_point != "/" else root + "/"
-            try:
-                if mount.root != "/" and stat_mod.S_ISREG(os.stat(path).st_mode):
-                    continue  # a bind-mounted single file: not a filesystem of the container
-                vfs = os.statvfs(path)
-            except OSError:
-                self._error()
+            key = (mount.dev, mount.root)
+            if key in measured:
+                vfs = measured[key]
+            else:
+                path = root + mount.mount_point if mount.mount_point != "/" else root + "/"
+                try:
+                    # A bind-mounted single file (root != "/" and a regular file) is not a
+                    # filesystem of the container: remembered as None.
+                    is_file = mount.root != "/" and stat_mod.S_ISREG(os.stat(path).st_mode)
+                    vfs = None if is_file else os.statvfs(path)
+                except OSError:
+                    self._error()
+                    continue
+                measured[key] = vfs
+            if vfs is None:
                 continue
             seen.add(mount.dev)
             attrs = (("mountpoint", mount.mount_point),)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from kpod.cgroupfs import CgroupFileReceiver, read_text
 from kpod.component import ComponentUnavailable, Context, EmptyConfig, Factory
 from kpod.model import Batch, Kind, MetricDef, Point
-from kpod.parsers import parse_pressure
+from kpod.parsers import parse_pressure_totals
 
 _KIND = ("kind",)
 CPU = MetricDef(
@@ -83,8 +83,8 @@ class PressureReceiver(CgroupFileReceiver):
                 text = self._read(f"{directory}/{name}", directory)
                 if text is None:
                     continue
-                for kind, line in parse_pressure(text).items():
-                    batch.add(Point(metric, ref, _KINDS[kind], line.total_usec / 1e6))
+                for kind, total_usec in parse_pressure_totals(text).items():
+                    batch.add(Point(metric, ref, _KINDS[kind], total_usec / 1e6))
         return batch
 
 

@@ -320,3 +320,42 @@ def test_truncation_at_every_offset_never_raises(relative: str) -> None:
         for cut in range(len(text)):
             parse(text[:cut])
         assert parse(text) == full
+
+
+# ---------------------------------------------------------------------------------- fast paths
+
+
+def test_flat_keyed_value_agrees_with_full_parse() -> None:
+    for text in (
+        (V2 / POD3_MEM / "memory.stat").read_text(),
+        (HYBRID / "memory/kpod-fixture-mem/memory.stat").read_text(),
+    ):
+        full = p.parse_memory_stat(text)
+        for key, value in full.items():
+            assert p.parse_flat_keyed_value(text, key) == value
+    assert p.parse_flat_keyed_value((V2 / POD3_MEM / "memory.stat").read_text(), "inactive_file") is not None
+    # A key that is only a suffix or prefix of another is not matched.
+    assert p.parse_flat_keyed_value("total_inactive_file 5\ninactive_filex 6\n", "inactive_file") is None
+    assert p.parse_flat_keyed_value("inactive_file 5", "inactive_file") == 5
+    assert p.parse_flat_keyed_value("a 1\ninactive_file x\n", "inactive_file") is None
+    assert p.parse_flat_keyed_value("", "a") is None
+
+
+def test_pressure_totals_agree_with_full_parse() -> None:
+    for path in (
+        V2 / "cpu.pressure",
+        V2 / POD1_THROTTLED / "cpu.pressure",
+        HYBRID / "unified/kpod-fixture-unified/io.pressure",
+    ):
+        text = path.read_text()
+        assert p.parse_pressure_totals(text) == {k: v.total_usec for k, v in p.parse_pressure(text).items()}
+    assert p.parse_pressure_totals("some avg10=0 total=12\nfull avg10=0 tot") == {"some": 12}
+    assert p.parse_pressure_totals("somewhat total=3\nfull total=-1\n") == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), key=st.sampled_from(["inactive_file", "a", "total"]))
+def test_fast_paths_never_raise(data: bytes, key: str) -> None:
+    text = data.decode("utf-8", "surrogateescape")
+    p.parse_flat_keyed_value(text, key)
+    p.parse_pressure_totals(text)
