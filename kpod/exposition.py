@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import accumulate
 
 from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point, Resource
@@ -81,126 +81,125 @@ def _pairs(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f'{label_name(k)}="{escape_label_value(v)}"' for k, v in labels)
 
 
-class Renderer:
-    """Renders batches; caches label strings across cycles (labels of a series rarely change)."""
+class _Series:
+    """What the renderer remembers of one series between cycles."""
 
-    MAX_CACHE = 200_000
+    __slots__ = ("bounds", "chunk", "template", "value")
+
+    def __init__(self, value: float | HistogramValue, chunk: bytes, template: bytes, bounds: tuple[float, ...]):
+        self.value = value
+        self.chunk = chunk
+        self.template = template
+        self.bounds = bounds
+
+
+class Renderer:
+    """Renders batches.  Caches across cycles what rarely changes: label strings, each
+    histogram's text template, and the text of series whose value did not change (on a real
+    node most histograms, idle syscalls and quiet sockets, are unchanged from cycle to cycle).
+    Caches hold only what the last cycle used."""
 
     def __init__(self) -> None:
-        self._resource_labels: dict[Resource | None, str] = {}
-        self._attribute_labels: dict[Attributes, str] = {}
-        self._bucket_bounds: dict[tuple[float, ...], list[str]] = {}
-        # Series rendered last cycle: (metric, labels) -> (value, text); and bucket line
-        # prefixes by (family, labels, bounds).  Both keep only what the last cycle used.
-        self._rendered: dict[tuple[MetricDef, str], tuple[float | HistogramValue, bytes]] = {}
-        self._prefixes: dict[tuple[str, str, tuple[float, ...]], list[str]] = {}
-        self._next_prefixes: dict[tuple[str, str, tuple[float, ...]], list[str]] = {}
+        # id(resource) -> (resource, label text); the resource is kept so the id stays unique.
+        self._heads: dict[int, tuple[Resource, str]] = {}
+        self._tails: dict[Attributes, str] = {}
+        self._les_cache: dict[tuple[float, ...], list[str]] = {}
+        self._series: dict[tuple[MetricDef, str], _Series] = {}
 
     def _labels(self, point: Point) -> str:
         resource = point.resource
-        head = self._resource_labels.get(resource)
-        if head is None:
-            if resource is not None:
-                head = _pairs(resource.labels)
-            elif point.cgroup is not None:
-                # No enrichment processor in the pipeline: name the cgroup so series stay apart.
-                head = _pairs((("cgroup", point.cgroup.path or str(point.cgroup.id)),))
+        if resource is not None:
+            cached = self._heads.get(id(resource))
+            if cached is not None and cached[0] is resource:
+                head = cached[1]
             else:
-                head = ""
-            if resource is not None:
-                self._resource_labels[resource] = head
+                head = _pairs(resource.labels)
+                self._heads[id(resource)] = (resource, head)
+        elif point.cgroup is not None:
+            # No enrichment processor in the pipeline: name the cgroup so series stay apart.
+            head = _pairs((("cgroup", point.cgroup.path or str(point.cgroup.id)),))
+        else:
+            head = ""
         attrs = point.attributes
         if not attrs:
             return head
-        tail = self._attribute_labels.get(attrs)
+        tail = self._tails.get(attrs)
         if tail is None:
-            tail = _pairs(attrs)
-            self._attribute_labels[attrs] = tail
+            tail = self._tails[attrs] = _pairs(attrs)
         return f"{head},{tail}" if head else tail
 
     def _les(self, bounds: tuple[float, ...]) -> list[str]:
-        les = self._bucket_bounds.get(bounds)
+        les = self._les_cache.get(bounds)
         if les is None:
-            les = [format_value(float(b)) for b in bounds] + ["+Inf"]
-            self._bucket_bounds[bounds] = les
+            les = self._les_cache[bounds] = [format_value(float(b)) for b in bounds] + ["+Inf"]
         return les
 
-    def trim(self) -> None:
-        if len(self._resource_labels) + len(self._attribute_labels) > self.MAX_CACHE:
-            self._resource_labels.clear()
-            self._attribute_labels.clear()
-
-    def _bucket_prefixes(self, family: str, labels: str, bounds: tuple[float, ...]) -> list[str]:
-        key = (family, labels, bounds)
-        prefixes = self._prefixes.get(key)
-        if prefixes is None:
-            head = f"{family}_bucket{{{labels}," if labels else f"{family}_bucket{{"
-            prefixes = [f'{head}le="{le}"}} ' for le in self._les(bounds)]
-        self._next_prefixes[key] = prefixes
-        return prefixes
-
-    def _histogram(self, family: str, labels: str, value: HistogramValue) -> bytes:
-        prefixes = self._bucket_prefixes(family, labels, value.bounds)
-        cumulative = list(accumulate(value.counts[: len(prefixes)]))
-        cumulative += [cumulative[-1] if cumulative else 0] * (len(prefixes) - len(cumulative))
-        suffix = f"{{{labels}}}" if labels else ""
-        buckets = "\n".join([p + str(c) for p, c in zip(prefixes, cumulative, strict=True)])
-        tail = f"\n{family}_sum{suffix} {format_value(value.sum)}\n{family}_count{suffix} {cumulative[-1]}\n"
-        return (buckets + tail).encode()
+    def _histogram_template(self, family: str, labels: str, bounds: tuple[float, ...]) -> bytes:
+        """The whole text of one histogram series with %d holes for the cumulative counts and
+        the count, and %b for the sum: one bytes-format call renders a series."""
+        escaped = labels.replace("%", "%%")
+        head = f"{family}_bucket{{{escaped}," if labels else f"{family}_bucket{{"
+        suffix = f"{{{escaped}}}" if labels else ""
+        lines = [f'{head}le="{le}"}} %d\n' for le in self._les(bounds)]
+        lines.append(f"{family}_sum{suffix} %b\n{family}_count{suffix} %d\n")
+        return "".join(lines).encode()
 
     def render(self, batch: Batch) -> tuple[bytes, bytes, int]:
         """Render a batch as text 0.0.4 and as OpenMetrics 1.0 (samples are rendered once;
         only the HELP/TYPE lines differ).  Returns both bodies and the number of series
-        (a histogram counts once).
-
-        A series whose value did not change since the last render reuses its text: on a real
-        node most histograms (idle syscalls, quiet sockets) are unchanged from cycle to cycle.
-        """
+        (a histogram counts once)."""
         text: list[bytes] = []
         openmetrics: list[bytes] = []
-        series = 0
-        previous = self._rendered
-        rendered: dict[tuple[MetricDef, str], tuple[float | HistogramValue, bytes]] = {}
-        self._next_prefixes = {}
+        previous = self._series
+        current: dict[tuple[MetricDef, str], _Series] = {}
         for metric, points in _merged_families(batch, self._labels).items():
             family = family_name(metric)
             sample = prometheus_name(metric)
-            kind = metric.kind
+            histogram = metric.kind is Kind.HISTOGRAM
             help_text = escape_help(metric.description)
-            body: list[bytes] = []
-            append = body.append
-            histogram = kind is Kind.HISTOGRAM
+            text.append(f"# HELP {sample} {help_text}\n# TYPE {sample} {metric.kind.value}\n".encode())
+            openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {metric.kind.value}\n".encode())
+            first = len(text)
+            append = text.append
             for labels, value in points.items():
                 if isinstance(value, HistogramValue) is not histogram:
                     continue  # a point whose value does not fit its metric's kind
-                series += 1
                 key = (metric, labels)
-                cached = previous.get(key)
-                if cached is not None and cached[0] == value:
-                    chunk = cached[1]
-                    if histogram:  # keep its bucket prefixes alive for the next cycle
-                        self._bucket_prefixes(family, labels, value.bounds)  # type: ignore[union-attr]
+                entry = previous.get(key)
+                if entry is not None and entry.value == value:
+                    pass
                 elif histogram:
-                    chunk = self._histogram(family, labels, value)  # type: ignore[arg-type]
-                elif labels:
-                    chunk = f"{sample}{{{labels}}} {format_value(value)}\n".encode()  # type: ignore[arg-type]
+                    bounds = value.bounds  # type: ignore[union-attr]
+                    if entry is None or entry.bounds != bounds:
+                        entry = _Series(value, b"", self._histogram_template(family, labels, bounds), bounds)
+                    entry.value = value
+                    entry.chunk = _fill(entry.template, value)  # type: ignore[arg-type]
                 else:
-                    chunk = f"{sample} {format_value(value)}\n".encode()  # type: ignore[arg-type]
-                rendered[key] = (value, chunk)
-                append(chunk)
-            samples = b"".join(body)
-            text.append(f"# HELP {sample} {help_text}\n# TYPE {sample} {kind.value}\n".encode())
-            text.append(samples)
-            openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {kind.value}\n".encode())
-            openmetrics.append(samples)
+                    line = f"{sample}{{{labels}}} " if labels else f"{sample} "
+                    entry = _Series(value, f"{line}{format_value(value)}\n".encode(), b"", ())  # type: ignore[arg-type]
+                current[key] = entry
+                append(entry.chunk)
+            openmetrics.extend(text[first:])
         openmetrics.append(b"# EOF\n")
-        self._rendered = rendered
-        self._prefixes = self._next_prefixes
-        self.trim()
-        return b"".join(text), b"".join(openmetrics), series
+        self._series = current
+        if len(self._heads) > 4 * len(current) + 1000 or len(self._tails) > 4 * len(current) + 1000:
+            self._heads.clear()  # resources of gone cgroups
+            self._tails.clear()
+        return b"".join(text), b"".join(openmetrics), len(current)
 
 
-def _merged_families(batch: Batch, labels_of: object) -> dict[MetricDef, dict[str, float | HistogramValue]]:
+def _fill(template: bytes, value: HistogramValue) -> bytes:
+    buckets = len(value.bounds) + 1
+    counts = value.counts
+    if len(counts) != buckets:  # tolerate a short or long count tuple: pad or cut
+        counts = (tuple(counts) + (0,) * buckets)[:buckets]
+    cumulative = tuple(accumulate(counts))
+    return template % (*cumulative, format_value(value.sum).encode(), cumulative[-1])
+
+
+def _merged_families(
+    batch: Batch, labels_of: Callable[[Point], str]
+) -> dict[MetricDef, dict[str, float | HistogramValue]]:
     """Group points by metric and label string.
 
     Two cgroups can carry the same labels (a pod's sandbox cgroup and its pod-level cgroup are
@@ -208,12 +207,11 @@ def _merged_families(batch: Batch, labels_of: object) -> dict[MetricDef, dict[st
     cgroups are added up and the last gauge wins.
     """
     families: dict[MetricDef, dict[str, float | HistogramValue]] = {}
-    labels_fn = labels_of  # a bound method; kept local for speed
     for point in batch.points:
         series = families.get(point.metric)
         if series is None:
             series = families[point.metric] = {}
-        key = labels_fn(point)  # type: ignore[operator]
+        key = labels_of(point)
         previous = series.get(key)
         if previous is None or point.metric.kind is Kind.GAUGE:
             series[key] = point.value
