@@ -61,6 +61,9 @@ _FIELDS: tuple[tuple[MetricDef, str], ...] = (
 class NetIfaceConfig:
     # Interfaces never reported.  `lo` carries only the pod's traffic to itself.
     exclude_interfaces: list[str] = field(default_factory=lambda: ["lo"])
+    # The host's network namespace, whose pods (hostNetwork) are skipped.  Empty: <proc_root>/1/ns/net,
+    # or /proc/self/ns/net when pid 1 cannot be read (the agent then must run with hostNetwork).
+    host_netns_path: str = ""
 
 
 class NetIfaceReceiver(CgroupFileReceiver):
@@ -70,30 +73,49 @@ class NetIfaceReceiver(CgroupFileReceiver):
         super().__init__(context, config)
         self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
         self._host_netns: int | None = None
+        self._host_netns_path = ""
         self._excluded = frozenset(config.exclude_interfaces)
         self._last = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
 
-    def _host_ns(self) -> int:
-        # The init process's netns is the node's: fixed for the life of the host.
-        return os.stat(f"{self.proc_root}/1/ns/net").st_ino
+    def _host_ns(self) -> tuple[int, str]:
+        """(inode, path) of the host's network namespace.
+
+        The init process's netns is the node's and fixed for the life of the host.  Reading
+        it needs ptrace-read access to pid 1, which some sandboxes deny even to root; the
+        agent's own netns is then the reference, which is the host's when the agent runs with
+        hostNetwork (as the DaemonSet does).
+        """
+        candidates = [self.config.host_netns_path] if self.config.host_netns_path else [
+            f"{self.proc_root}/1/ns/net",
+            "/proc/self/ns/net",
+        ]  # fmt: skip
+        error: OSError | None = None
+        for path in candidates:
+            try:
+                return os.stat(path).st_ino, path
+            except OSError as err:
+                error = err
+        assert error is not None
+        raise error
 
     def preflight(self) -> str | None:
         try:
             self._host_ns()
         except OSError as err:
-            return f"cannot read {self.proc_root}/1/ns/net ({err.strerror}): needs the host's /proc (hostPID)"
+            return f"cannot identify the host network namespace: {err}"
         return None
 
     def route(self) -> str:
-        return f"{self.proc_root}/<pid>/net/dev, one process per pod netns (from cgroup.procs)"
+        return (
+            f"{self.proc_root}/<pid>/net/dev, one process per pod netns (from cgroup.procs); "
+            f"host netns from {self._host_netns_path or self._host_ns()[1]}"
+        )
 
     def start(self) -> None:
         try:
-            self._host_netns = self._host_ns()
+            self._host_netns, self._host_netns_path = self._host_ns()
         except OSError as err:
-            raise ComponentUnavailable(
-                f"cannot read {self.proc_root}/1/ns/net ({err.strerror}): needs the host's /proc (hostPID)"
-            ) from err
+            raise ComponentUnavailable(f"cannot identify the host network namespace: {err}") from err
 
     def status(self) -> dict[str, object]:
         return {"route": self.route(), **self._last}
