@@ -23,13 +23,16 @@ from pathlib import Path
 
 import pytest
 from cgroup_tree import make_context
+from kpod.receivers.cgroup_memory import CgroupMemoryReceiver
 from kpod.receivers.disk import DiskConfig, DiskReceiver
 from kpod.receivers.filesystem import FilesystemConfig, FilesystemReceiver
 from kpod.receivers.net_iface import NetIfaceConfig, NetIfaceReceiver
+from kpod.receivers.pressure import PressureReceiver
 
 from kpod.cgroups import CgroupIndex, CgroupMounts, parse_mountinfo_cgroups
+from kpod.component import EmptyConfig
 from kpod.model import Batch
-from kpod.parsers import parse_blkio_throttle, parse_io_stat, parse_net_dev
+from kpod.parsers import parse_blkio_throttle, parse_io_stat, parse_memory_stat, parse_net_dev, parse_pressure_totals
 
 MOUNTS = parse_mountinfo_cgroups(Path("/proc/self/mountinfo").read_text())
 
@@ -345,3 +348,67 @@ def test_disk_real_block_io(scratch: Scratch, tmp_path: Path) -> None:
         assert first[("kpod.disk.reads", rel, device)] == stats["rios"]
     # Cumulative counters as they are: a second cycle does not add anything up.
     assert _series(receiver.collect()) == first
+
+
+# ------------------------------------------------------------------------------------------ memory, PSI
+
+_HOLDER = r"""
+import sys
+block = bytearray(16 * 1024 * 1024)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _memory_route() -> str | None:
+    assert MOUNTS.unified is not None
+    if "memory" in Path(MOUNTS.unified, "cgroup.controllers").read_text().split():
+        return "v2"
+    return "v1" if "memory" in MOUNTS.v1 else None
+
+
+@pytest.mark.skipif(
+    _skip_reason() is not None or _memory_route() is None,
+    reason=str(_skip_reason() or "no memory controller"),
+)
+def test_memory_and_pressure_real(scratch: Scratch) -> None:
+    s = scratch
+    base, pods = _pod_tree(s, pods=1, containers=1)
+    container = pods[0][0]
+    rel = container[len(base) :]
+    v1: dict[str, str] = {}
+    cgroups = [container]
+    if _memory_route() == "v1":
+        memory_base = f"{MOUNTS.v1['memory']}/{s.tag}"
+        cgroups.append(s.mkdirs(memory_base + rel))
+        v1["memory"] = memory_base
+    memory_dir = cgroups[-1]
+    proc = s.spawn([sys.executable, "-c", _HOLDER], cgroups)
+    assert proc.stdout and proc.stdout.readline().strip() == "ready"
+
+    index = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base, v1))
+    index.refresh()
+    memory = CgroupMemoryReceiver(make_context("cgroup_memory", index), EmptyConfig())
+    memory.start()
+    got = _series(memory.collect())
+    usage_file, inactive_key = ("memory.current", "inactive_file") if not v1 else (
+        "memory.usage_in_bytes", "total_inactive_file")  # fmt: skip
+    usage = int(Path(memory_dir, usage_file).read_text())
+    inactive = parse_memory_stat(Path(memory_dir, "memory.stat").read_text())[inactive_key]
+    # The process is idle, but the kernel may still settle per-CPU charge batches: 1 MiB slack.
+    assert abs(got[("kpod.mem.usage.bytes", rel, ())] - usage) <= 1 << 20
+    assert got[("kpod.mem.usage.bytes", rel, ())] >= 16 * 1024 * 1024  # the touched bytearray
+    assert abs(got[("kpod.mem.working_set.bytes", rel, ())] - (usage - inactive)) <= 1 << 20
+
+    pressure = PressureReceiver(make_context("pressure", index), EmptyConfig())
+    assert pressure.preflight() is None
+    before = {r: parse_pressure_totals(Path(container, f"{r}.pressure").read_text()) for r in ("cpu", "memory", "io")}
+    got = _series(pressure.collect())
+    after = {r: parse_pressure_totals(Path(container, f"{r}.pressure").read_text()) for r in ("cpu", "memory", "io")}
+    for resource, lines in before.items():
+        for kind, total in lines.items():
+            value = got[(f"kpod.pressure.{resource}.waiting.seconds", rel, (("kind", kind),))]
+            assert total / 1e6 <= value <= after[resource][kind] / 1e6
+    assert len(got) == sum(len(lines) for lines in before.values())
