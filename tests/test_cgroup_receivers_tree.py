@@ -48,11 +48,21 @@ def by_key(batch: Batch) -> dict[tuple[str, str, tuple[tuple[str, str], ...]], f
     return out
 
 
-@pytest.fixture(params=[("v2", "systemd"), ("v2", "cgroupfs"), ("hybrid", "systemd"), ("hybrid", "cgroupfs")],
-                ids=lambda p: "-".join(p))  # fmt: skip
-def tree(request: pytest.FixtureRequest, tmp_path: Path) -> Tree:
+LAYOUTS = [("v2", "systemd"), ("v2", "cgroupfs"), ("hybrid", "systemd"), ("hybrid", "cgroupfs")]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: "-".join(p))
+def tree(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tree:
+    """A node shared by the tests that only read it (building one takes a moment)."""
     layout, driver = request.param
-    return build_tree(tmp_path, pods=110, layout=layout, driver=driver)
+    return build_tree(tmp_path_factory.mktemp(f"{layout}-{driver}"), pods=110, layout=layout, driver=driver)
+
+
+@pytest.fixture(params=LAYOUTS, ids=lambda p: "-".join(p))
+def fresh_tree(request: pytest.FixtureRequest, tmp_path: Path) -> Tree:
+    """A (smaller) node of its own, for tests that break something in it."""
+    layout, driver = request.param
+    return build_tree(tmp_path, pods=12, layout=layout, driver=driver)
 
 
 def containers(tree: Tree, role: str) -> list[str]:
@@ -89,9 +99,9 @@ def test_disk(tree: Tree) -> None:
             assert value > 0  # ios counts are as captured: present, not asserted exactly
 
 
-def test_disk_unknown_device_labelled_by_number(tree: Tree) -> None:
-    shutil.rmtree(Path(tree.sys_root) / "dev" / "block")
-    points = list(make(tree, "disk").collect())
+def test_disk_unknown_device_labelled_by_number(fresh_tree: Tree) -> None:
+    shutil.rmtree(Path(fresh_tree.sys_root) / "dev" / "block")
+    points = list(make(fresh_tree, "disk").collect())
     assert points and {p.attributes for p in points} <= {(("device", "254:0"),), (("device", "7:0"),)}
 
 
@@ -160,15 +170,15 @@ def test_net_iface_loopback_configurable(tree: Tree) -> None:
     assert {attrs for _, _, attrs in got} == {(("interface", "lo"),), (("interface", "eth0"),)}
 
 
-def test_net_iface_shared_namespace_reported_once(tree: Tree) -> None:
+def test_net_iface_shared_namespace_reported_once(fresh_tree: Tree) -> None:
     # Two pods in one netns (a misconfiguration, or a non-pod cgroup joining a pod's netns).
-    a, b = tree.pods[0], tree.pods[1]
+    a, b = fresh_tree.pods[0], fresh_tree.pods[1]
     for c in b.containers:
         if c.pid:
-            link = Path(tree.proc_root, str(c.pid), "ns", "net")
+            link = Path(fresh_tree.proc_root, str(c.pid), "ns", "net")
             link.unlink()
             link.symlink_to(a.netns_file)
-    receiver = make(tree, "net_iface")
+    receiver = make(fresh_tree, "net_iface")
     got = by_key(receiver.collect())
     assert receiver.status()["shared_skipped"] == 1
     assert {p for _, p, _ in got} & {a.path, b.path} == {a.path}
@@ -203,14 +213,14 @@ def test_filesystem(tree: Tree) -> None:
 # ------------------------------------------------------------------------------------------ errors
 
 
-def test_vanished_cgroup_is_counted_and_cycle_kept(tree: Tree) -> None:
+def test_vanished_cgroup_is_counted_and_cycle_kept(fresh_tree: Tree) -> None:
     sm = SelfMetrics()
-    receivers = {name: make(tree, name, sm) for name in ("disk", "cgroup_memory", "pressure")}
-    victim = containers(tree, "io")[0]  # odd pod 1: has blkio data on hybrid too
+    receivers = {name: make(fresh_tree, name, sm) for name in ("disk", "cgroup_memory", "pressure")}
+    victim = containers(fresh_tree, "io")[0]  # odd pod 1: has blkio data on hybrid too
     before = {name: len(r.collect()) for name, r in receivers.items()}
     # The pod ends after the walk: its directories go (the index still lists the cgroup).
-    shutil.rmtree(tree.cgroup_root + victim)
-    for mount in tree.mounts.v1.values():
+    shutil.rmtree(fresh_tree.cgroup_root + victim)
+    for mount in fresh_tree.mounts.v1.values():
         shutil.rmtree(mount + victim)
     for name, r in receivers.items():
         after = r.collect()
@@ -219,22 +229,22 @@ def test_vanished_cgroup_is_counted_and_cycle_kept(tree: Tree) -> None:
         assert sm.get(COLLECTION_ERRORS, (("receiver", name),)) >= 1
 
 
-def test_dead_pid_is_counted_for_filesystem(tree: Tree) -> None:
+def test_dead_pid_is_counted_for_filesystem(fresh_tree: Tree) -> None:
     sm = SelfMetrics()
-    receiver = make(tree, "filesystem", sm)
-    c = next(c for p in tree.pods for c in p.containers if c.role == "io")
-    shutil.rmtree(Path(tree.proc_root, str(c.pid)))
+    receiver = make(fresh_tree, "filesystem", sm)
+    c = next(c for p in fresh_tree.pods for c in p.containers if c.role == "io")
+    shutil.rmtree(Path(fresh_tree.proc_root, str(c.pid)))
     points = receiver.collect()
     assert all(p.cgroup is not None and p.cgroup.path != c.path for p in points)
     assert len(points) > 0
     assert sm.get(COLLECTION_ERRORS, (("receiver", "filesystem"),)) == 1
 
 
-def test_controller_file_missing_in_live_cgroup_is_not_an_error(tree: Tree) -> None:
+def test_controller_file_missing_in_live_cgroup_is_not_an_error(fresh_tree: Tree) -> None:
     sm = SelfMetrics()
-    receiver = make(tree, "pressure", sm)
-    path = containers(tree, "io")[0]
-    os.unlink(tree.cgroup_root + path + "/io.pressure")
+    receiver = make(fresh_tree, "pressure", sm)
+    path = containers(fresh_tree, "io")[0]
+    os.unlink(fresh_tree.cgroup_root + path + "/io.pressure")
     got = by_key(receiver.collect())
     assert not any(k[0].startswith("kpod.pressure.io") and k[1] == path for k in got)
     assert sm.get(COLLECTION_ERRORS, (("receiver", "pressure"),)) == 0
