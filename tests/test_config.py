@@ -177,6 +177,7 @@ def test_kpod_env_overrides_win_over_the_file(tmp_path: Path, clean_env: dict[st
         ),
         ("kpod:\n  profile: minimal\n  profile: standard\n", ":3: duplicate key 'profile'"),
         ("metrics: {}\n", ":1: metrics: unknown top-level key"),
+        ("kpod:\n  filter: {label_selector: 'app in (a'}\n", "kpod.filter.label_selector:"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("kpod:\n  syscall: {tracked_syscalls: [" + ", ".join(["read"] * 10000) + "]}\n", "at most 1000 items"),
     ],

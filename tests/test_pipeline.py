@@ -126,6 +126,28 @@ def test_hanging_receiver_is_abandoned_and_never_overlaps(
         pipeline.shutdown()
 
 
+def test_per_receiver_interval_keeps_last_values_between_collections(
+    tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]
+) -> None:
+    config = plugin_config(
+        tmp_path, clean_env, {"constant/hourly": "{value: 5, interval: 1h}", "constant/often": "{interval: 100ms}"}
+    )
+    pipeline = Pipeline(config, empty_index(tmp_path))
+    pipeline.start()
+    try:
+        batches = []
+        for _ in range(3):
+            batches.append(pipeline.run_cycle())
+            time.sleep(0.15)
+    finally:
+        pipeline.shutdown()
+    hourly, often = (running.receiver for running in pipeline.receivers)
+    assert (hourly.collects, often.collects) == (1, 3)  # type: ignore[attr-defined]
+    for batch in batches:  # the hourly receiver's last values stay in every cycle's batch
+        sources = {p.attributes[0][1] for p in batch.points if p.metric.name == "test.constant"}
+        assert sources == {"constant/hourly", "constant/often"}
+
+
 def test_series_of_a_removed_cgroup_leave_at_the_next_cycle(
     tmp_path: Path, clean_env: dict[str, str], real_cgroup_root: str
 ) -> None:

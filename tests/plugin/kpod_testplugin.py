@@ -35,7 +35,10 @@ class ConstantReceiver(Receiver):
     def shutdown(self) -> None:
         EVENTS.append(("shutdown", self.id))
 
+    collects = 0
+
     def collect(self) -> Batch:
+        self.collects += 1
         if self.config.fail_collect:
             raise RuntimeError("boom")
         if self.config.hang_collect_s:
