@@ -103,7 +103,7 @@ class CgroupMemoryReceiver(CgroupFileReceiver):
     def _collect_one(self, ref: CgroupRef, directory: str, unified: str, source: _Source, batch: Batch) -> None:
         # `unified` decides whether a missing file is an error: while the cgroup2 directory
         # exists, a missing file means "not provided here" (the root, or no v1 counterpart).
-        text = self._read(f"{directory}/{source.usage_file}", unified)
+        text = self._read(f"{directory}/{source.usage_file}", unified, record=True)
         if text is None:
             return
         usage = parse_single_int(text)
@@ -111,7 +111,7 @@ class CgroupMemoryReceiver(CgroupFileReceiver):
             self._error()
             return
         batch.add(Point(USAGE, ref, (), float(usage)))
-        stat = self._read(f"{directory}/memory.stat", unified)
+        stat = self._read(f"{directory}/memory.stat", unified, record=True)
         if stat is None:
             return  # usage without a working set beats no series at all
         inactive = parse_flat_keyed_value(stat, source.inactive_key)

@@ -129,7 +129,7 @@ class DiskReceiver(CgroupFileReceiver):
 
     def _collect_v2(self, ref: CgroupRef, batch: Batch) -> None:
         directory = self.context.cgroups.abspath(ref.path)
-        text = self._read(directory + "/io.stat", directory)
+        text = self._read(directory + "/io.stat", directory, record=True)
         if not text:
             return  # empty io.stat: the cgroup did no block I/O yet
         for dev, stats in parse_io_stat(text).items():
@@ -146,14 +146,14 @@ class DiskReceiver(CgroupFileReceiver):
         # A missing v1 directory while the cgroup2 one still exists is a workload the blkio
         # hierarchy does not mirror (not an error); if both are gone the pod ended mid-cycle.
         unified = self.context.cgroups.abspath(ref.path)
-        service = self._read(directory + "/blkio.throttle.io_service_bytes", unified)
+        service = self._read(directory + "/blkio.throttle.io_service_bytes", unified, record=True)
         if service is None:
             return
         bytes_by_dev = parse_blkio_throttle(service)
         if not bytes_by_dev:
             self._no_data += 1  # "Total 0" only: no data, not zero I/O
             return
-        served = self._read(directory + "/blkio.throttle.io_serviced", unified)
+        served = self._read(directory + "/blkio.throttle.io_serviced", unified, record=True)
         ios_by_dev = parse_blkio_throttle(served) if served else {}
         for dev, ops in bytes_by_dev.items():
             attrs = (("device", self.device_name(dev)),)

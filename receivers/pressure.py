@@ -76,15 +76,16 @@ class PressureReceiver(CgroupFileReceiver):
 
     def collect(self) -> Batch:
         batch = Batch()
+        add = batch.points.append  # about 6 points per cgroup: skip the method lookup
         cgroups = self.context.cgroups
         for ref in cgroups.workloads():
             directory = cgroups.abspath(ref.path)
             for name, metric in _FILES:
-                text = self._read(f"{directory}/{name}", directory)
+                text = self._read(f"{directory}/{name}", directory, record=True)
                 if text is None:
                     continue
                 for kind, total_usec in parse_pressure_totals(text).items():
-                    batch.add(Point(metric, ref, _KINDS[kind], total_usec / 1e6))
+                    add(Point(metric, ref, _KINDS[kind], total_usec / 1e6))
         return batch
 
 
