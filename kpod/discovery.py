@@ -10,8 +10,10 @@ real `kubernetes` client:
     to a relist, which replaces the store in one step: the old pods are served until then;
   - any other error: log (once per distinct message), back off (doubling, capped), retry.
     The store keeps the last known pods all along, so labels survive an API outage.
-  Memory: responses are read raw (`_preload_content=False`) and parsed with `json`, never into
-  the client's model classes, and each pod is cut down to a `PodInfo` at once.
+  Memory: responses are read raw (the urllib3 response, what `_preload_content=False` gives)
+  and parsed with `json`, never into the client's model classes, and each pod is cut down to a
+  `PodInfo` at once.  Requests go through the client's ApiClient, not the generated CoreV1Api
+  (whose import alone costs ~21 MiB).  See docs/perf/k8s.md for the measured figures.
 
 `KubeletDiscovery` (mode: kubelet) polls the kubelet's /pods (already node-local) every
 kpod.discovery.kubelet.poll_interval with the service-account token; TLS verification against
@@ -149,7 +151,7 @@ def load_client_configuration(kubeconfig: str) -> Any:
 
     Raises ComponentUnavailable with the reason when none works.
     """
-    from kubernetes import client, config  # the client costs ~20 MB: imported only when used
+    from kubernetes import client, config  # ~33 MiB of imports: only in the modes that need it
 
     configuration = client.Configuration()
     if kubeconfig:
@@ -205,7 +207,6 @@ class InformerDiscovery(_Base):
         self.lists = 0
         self.watches = 0
         self.relists_after_gone = 0
-        self._api: Any = None
         self._api_client: Any = None
         self._response: Any = None
         self._response_lock = threading.Lock()
@@ -217,7 +218,6 @@ class InformerDiscovery(_Base):
         # Our loop retries with backoff; urllib3's own retries would only add noise and delay.
         configuration.retries = False
         self._api_client = client.ApiClient(configuration)
-        self._api = client.CoreV1Api(self._api_client)
         super().start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -247,11 +247,28 @@ class InformerDiscovery(_Base):
 
     # One list, one watch --------------------------------------------------------------------
 
-    def _call(self, **kwargs: Any) -> Any:
-        """A raw request; the response is kept so that stop() can cut it."""
-        response = self._api.list_pod_for_all_namespaces(
-            field_selector=self.field_selector, _preload_content=False, **kwargs
+    def _call(self, query: list[tuple[str, str]], timeout: float | tuple[float, float]) -> Any:
+        """GET /api/v1/pods with this node's field selector; the raw urllib3 response.
+
+        Through the client's ApiClient (its configuration, authentication with token refresh,
+        TLS, connection pool), but not through the generated CoreV1Api: importing that module
+        loads some 250 model classes, about 21 MiB of RSS, for nothing we read.  The response
+        is kept so that stop() can cut it.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        method, url, headers, body, post = self._api_client.param_serialize(
+            method="GET",
+            resource_path="/api/v1/pods",
+            query_params=[("fieldSelector", self.field_selector), *query],
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
         )
+        rest_response = self._api_client.call_api(method, url, headers, body, post, _request_timeout=timeout)
+        if not 200 <= rest_response.status <= 299:
+            rest_response.read()
+            raise ApiException.from_response(http_resp=rest_response, body=None, data=None)
+        response = rest_response.response
         with self._response_lock:
             self._response = response
         if self._stop.is_set():
@@ -273,10 +290,10 @@ class InformerDiscovery(_Base):
         cont = ""
         version = ""
         while True:
-            kwargs: dict[str, Any] = {"limit": LIST_PAGE_SIZE, "_request_timeout": self.request_timeout}
+            query = [("limit", str(LIST_PAGE_SIZE))]
             if cont:
-                kwargs["_continue"] = cont
-            response = self._call(**kwargs)
+                query.append(("continue", cont))
+            response = self._call(query, self.request_timeout)
             try:
                 data = response.data
             finally:
@@ -316,13 +333,15 @@ class InformerDiscovery(_Base):
         Raises Gone when the server says the version is too old.
         """
         response = self._call(
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.watch_timeout,
-            # The server ends the watch after timeout_seconds; the read timeout is only there
+            [
+                ("watch", "true"),
+                ("resourceVersion", version),
+                ("allowWatchBookmarks", "true"),
+                ("timeoutSeconds", str(self.watch_timeout)),
+            ],
+            # The server ends the watch after timeoutSeconds; the read timeout is only there
             # to notice a connection that died silently.
-            _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
+            (self.request_timeout, self.watch_timeout + self.request_timeout),
         )
         self.watches += 1
         self._recovered()  # connected and streaming: whatever failed before works again

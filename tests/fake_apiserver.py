@@ -106,6 +106,26 @@ def make_pod(
             "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTP"}, "periodSeconds": 10},
         }
 
+    spec = {
+        "nodeName": node,
+        "hostNetwork": host_network,
+        "containers": [spec_container(c) for c, _ in containers],
+        "initContainers": [spec_container(c) for c, _ in init_containers],
+        "volumes": [
+            {"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}
+        ],
+        "restartPolicy": "Always",
+        "serviceAccountName": "default",
+        "tolerations": [
+            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+        ],
+        "dnsPolicy": "ClusterFirst",
+        "schedulerName": "default-scheduler",
+        "priority": 0,
+    }
+    # kubectl apply leaves the whole manifest in an annotation: often the largest field of a pod.
+    applied = json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec})
     return {
         "kind": "Pod",
         "apiVersion": "v1",
@@ -116,7 +136,10 @@ def make_pod(
             "resourceVersion": "0",
             "creationTimestamp": "2026-11-28T10:00:00Z",
             "labels": dict(labels or {"app": name.rsplit("-", 1)[0]}),
-            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-28T09:59:00Z"},
+            "annotations": {
+                "kubectl.kubernetes.io/restartedAt": "2026-11-28T09:59:00Z",
+                "kubectl.kubernetes.io/last-applied-configuration": applied,
+            },
             "ownerReferences": [
                 {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{name}-rs", "uid": str(uuid.uuid4())}
             ],
@@ -139,24 +162,7 @@ def make_pod(
                 },
             ],
         },
-        "spec": {
-            "nodeName": node,
-            "hostNetwork": host_network,
-            "containers": [spec_container(c) for c, _ in containers],
-            "initContainers": [spec_container(c) for c, _ in init_containers],
-            "volumes": [
-                {"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}
-            ],
-            "restartPolicy": "Always",
-            "serviceAccountName": "default",
-            "tolerations": [
-                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
-                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
-            ],
-            "dnsPolicy": "ClusterFirst",
-            "schedulerName": "default-scheduler",
-            "priority": 0,
-        },
+        "spec": spec,
         "status": {
             "phase": phase,
             "hostIP": "10.0.0.10",
@@ -518,6 +524,7 @@ def main() -> None:
     parser.add_argument("--node", default="node-a")
     parser.add_argument("--token", default="test-token")
     parser.add_argument("--kubeconfig", help="write a kubeconfig pointing at the server here")
+    parser.add_argument("--churn", type=float, default=0.0, help="pod updates (MODIFIED events) per second")
     args = parser.parse_args()
     api = FakeApiServer(token=args.token, port=args.port).start()
     for i in range(args.pods):
@@ -525,9 +532,22 @@ def main() -> None:
     if args.kubeconfig:
         api.write_kubeconfig(args.kubeconfig)
     print(api.url, flush=True)
+    uids = [p["metadata"]["uid"] for p in api.pods()]
+    tick = 0
+
+    def touch(pod: Pod) -> None:
+        # What a busy node sends: status and annotation updates of running pods.
+        pod["metadata"]["annotations"]["kpod.test/tick"] = str(tick)
+        pod["status"]["conditions"][1]["lastTransitionTime"] = f"2026-11-28T10:{tick % 60:02d}:00Z"
+
     try:
         while True:
-            time.sleep(3600)
+            if args.churn > 0 and uids:
+                time.sleep(1.0 / args.churn)
+                tick += 1
+                api.update_pod(uids[tick % len(uids)], touch)
+            else:
+                time.sleep(3600)
     except KeyboardInterrupt:
         api.stop()
 
