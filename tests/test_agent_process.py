@@ -4,6 +4,7 @@ clean shutdown on SIGTERM, `check`."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +12,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,3 +146,33 @@ def test_check_reports_node_and_receivers(tmp_path: Path) -> None:
     assert f"kernel:       {os.uname().release}" in out
     assert "cgroups:" in out and "BTF:" in out and "capabilities:" in out and "tracefs:" in out
     assert "cgroup_cpu" in out and "ok: cpu.stat under" in out
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
+def test_real_exposition_of_every_receiver_passes_promtool(tmp_path: Path) -> None:
+    """The comprehensive profile on this host (eBPF receivers when root with BTF, cgroup
+    receivers always): what a scraper really gets is lint-clean, in both formats."""
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "kpod: {profile: comprehensive, poll_interval: 300ms, discovery: {mode: local}}\n"
+        f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
+    )
+    process = start_agent(config, agent_env())
+    try:
+        wait_for(f"http://127.0.0.1:{port}/readyz")
+        time.sleep(1.0)  # a few cycles with kernel data in the maps
+        text = wait_for(f"http://127.0.0.1:{port}/metrics")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            openmetrics = response.read().decode()
+    finally:
+        code, _, stderr = stop(process)
+    assert code == 0, stderr
+    assert b"kpod_cpu_usage_seconds_total" in text
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    families = list(openmetrics_families(openmetrics))
+    assert any(f.name == "kpod_cpu_usage_seconds" for f in families)
