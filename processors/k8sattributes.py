@@ -37,7 +37,18 @@ from typing import Any
 from kpod.component import ComponentUnavailable, Context, Factory, Processor
 from kpod.model import Batch, HistogramValue, Point, Resource
 from kpod.pods import PodStore
-from kpod.resolve import OTEL_CONTAINER_ID, Drop, LocalResolver, PodResolver, node_name
+from kpod.resolve import (
+    DROP_FILTERED,
+    DROP_GONE,
+    DROP_NOT_A_POD,
+    DROP_NOT_SYNCED,
+    DROP_UNKNOWN_POD,
+    OTEL_CONTAINER_ID,
+    Drop,
+    LocalResolver,
+    PodResolver,
+    node_name,
+)
 from kpod.selector import PodFilter, include_label_names
 from kpod.units import Duration
 
@@ -101,6 +112,10 @@ class K8sAttributesProcessor(Processor):
         self._last_used: dict[tuple[int, str], float] = {}
         self._last_prune = time.monotonic()
         context.self_metrics.declare_counter(UNRESOLVED_METRIC, UNRESOLVED_HELP, ("reason",))
+        if self.mode != "local":
+            # Present from the start at 0, so that rate() and alerts work from the first drop.
+            for reason in (DROP_GONE, DROP_NOT_A_POD, DROP_UNKNOWN_POD, DROP_NOT_SYNCED, DROP_FILTERED):
+                context.self_metrics.inc(UNRESOLVED_METRIC, UNRESOLVED_HELP, (("reason", reason),), 0)
 
     # Lifecycle ----------------------------------------------------------------------------
 
