@@ -20,7 +20,7 @@ CLANG     ?= clang
 LLVM_STRIP ?= llvm-strip
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I bpf
 
-.PHONY: setup run test bench lint fmt bpf clean system-packages venv
+.PHONY: setup run test bench lint fmt bpf clean system-packages venv wheel manifests docs
 
 setup: system-packages venv bpf
 
@@ -44,9 +44,12 @@ $(VENV)/.installed: pyproject.toml
 
 # vmlinux.h is generated from the build machine's BTF; CO-RE relocates field offsets at load
 # time, so objects built here run on other kernels with BTF.
+# VMLINUX_BTF: another kernel's BTF (e.g. an arm64 node's /sys/kernel/btf/vmlinux) to build for that
+# architecture with ARCH=arm64 (see deploy/README.md, "Multi-arch").
+VMLINUX_BTF ?= /sys/kernel/btf/vmlinux
 bpf/vmlinux.h:
-	@test -r /sys/kernel/btf/vmlinux || { echo "bpf/vmlinux.h: /sys/kernel/btf/vmlinux is missing (kernel without BTF)"; exit 2; }
-	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+	@test -r $(VMLINUX_BTF) || { echo "bpf/vmlinux.h: $(VMLINUX_BTF) is missing (kernel without BTF)"; exit 2; }
+	bpftool btf dump file $(VMLINUX_BTF) format c > $@.tmp && mv $@.tmp $@
 
 # -g emits BTF (CO-RE needs it); llvm-strip -g then drops the DWARF, which nothing at runtime
 # reads (the .BTF and .BTF.ext sections stay): the objects shrink from ~650 KB to ~20 KB.
@@ -72,6 +75,22 @@ lint: venv
 
 fmt: venv
 	$(VENV)/bin/ruff format .
+
+# The wheel ships the compiled BPF objects as package data of kpod.bpf (the image installs only
+# this).  WHEEL_FLAGS=--no-build-isolation builds offline with the venv's setuptools.
+DIST ?= dist
+WHEEL_FLAGS ?=
+wheel: bpf
+	$(PY) -m pip wheel -q --no-deps $(WHEEL_FLAGS) --wheel-dir $(DIST) .
+	$(PY) scripts/check_wheel.py $(DIST)
+
+# deploy/manifests/ is rendered from the Helm chart (never edited by hand); a test compares.
+manifests: venv
+	$(PY) scripts/render_manifests.py
+
+# docs/METRICS.md and docs/CONFIGURATION.md are generated from the code; a test compares.
+docs: venv
+	$(PY) scripts/gen_docs.py
 
 clean:
 	rm -f bpf/*.bpf.o bpf/vmlinux.h
