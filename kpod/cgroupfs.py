@@ -9,6 +9,7 @@ container, the live processes of a cgroup).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -88,8 +89,12 @@ _UID = rf"(?:{_H}{{8}}[-_]{_H}{{4}}[-_]{_H}{{4}}[-_]{_H}{{4}}[-_]{_H}{{12}}|{_H}
 _POD_DIR = re.compile(r"(^|-)pod" + _UID + r"(\.slice)?$")
 
 
+@functools.lru_cache(maxsize=16384)
 def pod_cgroup_path(cgroup_path: str) -> str | None:
-    """The pod cgroup a container cgroup belongs to (its parent, if that is a pod), or None."""
+    """The pod cgroup a container cgroup belongs to (its parent, if that is a pod), or None.
+
+    Cached: the answer depends on the path alone, and the same paths come back every cycle.
+    """
     parent, _, _ = cgroup_path.rpartition("/")
     name = parent.rpartition("/")[2]
     return parent if parent and _POD_DIR.search(name) else None

@@ -74,6 +74,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
         self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
         self._host_netns: int | None = None
         self._host_netns_path = ""
+        self._pod_refs: dict[str, CgroupRef] = {}
         self._excluded = frozenset(config.exclude_interfaces)
         self._last = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
 
@@ -130,11 +131,16 @@ class NetIfaceReceiver(CgroupFileReceiver):
     def _pod_ref(self, group_path: str, members: list[CgroupRef]) -> CgroupRef | None:
         if len(members) == 1 and members[0].path == group_path:
             return members[0]
-        try:
-            inode = os.stat(self.context.cgroups.abspath(group_path)).st_ino
-        except OSError:
-            return None  # the pod went away
-        return CgroupRef(inode, group_path)
+        # The pod cgroup is not a workload, so the index has no ref for it at hand: its id is
+        # its directory's inode, remembered while the pod lasts (a new pod has a new path).
+        ref = self._pod_refs.get(group_path)
+        if ref is None:
+            try:
+                ref = CgroupRef(os.stat(self.context.cgroups.abspath(group_path)).st_ino, group_path)
+            except OSError:
+                return None  # the pod went away
+            self._pod_refs[group_path] = ref
+        return ref
 
     def _one_pid_netns(self, members: list[CgroupRef]) -> tuple[int, int] | None:
         """(pid, netns inode) of one live process of the group, or None."""
@@ -152,7 +158,8 @@ class NetIfaceReceiver(CgroupFileReceiver):
         batch = Batch()
         seen: set[int] = set()
         stats = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
-        for group_path, members in self._groups().items():
+        groups = self._groups()
+        for group_path, members in groups.items():
             found = self._one_pid_netns(members)
             if found is None:
                 continue  # no live process: nothing to attribute, and no namespace to read
@@ -173,6 +180,8 @@ class NetIfaceReceiver(CgroupFileReceiver):
             stats["namespaces"] += 1
             self._emit(ref, parse_net_dev(text), batch)
         self._last = stats
+        for path in self._pod_refs.keys() - groups.keys():
+            del self._pod_refs[path]  # pods that are gone
         return batch
 
     def _emit(self, ref: CgroupRef, interfaces: dict[str, NetDevCounters], batch: Batch) -> None:
