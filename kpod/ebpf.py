@@ -52,6 +52,7 @@ CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 CGROUP_KEY_FIELD = "cgroup_id"
 
 PROGRAM_RUN_SECONDS = MetricDef(
@@ -129,6 +130,19 @@ def hook_unavailable(section: str) -> str | None:
     if kind in ("tracepoint", "tp"):
         if not any(os.path.isdir(os.path.join(root, "events", target)) for root in TRACEFS_ROOTS):
             return f"no tracefs event {target} (tracefs not mounted or tracepoint missing)"
+        return None
+    if kind in ("fentry", "fexit", "fmod_ret"):
+        # Whether the kernel lets us attach (some refuse fentry with EPERM) shows at load,
+        # where a failed optional program is dropped and the next alternative is tried.
+        if not btflayout.vmlinux().find(target, btflayout.KIND_FUNC):
+            return f"kernel BTF has no function {target}"
+        return None
+    if kind in ("kprobe", "kretprobe"):
+        # libbpf attaches through the kprobe PMU, or legacy tracefs kprobe_events.
+        if not os.path.exists(KPROBE_PMU_TYPE) and not any(
+            os.path.exists(os.path.join(root, "kprobe_events")) for root in TRACEFS_ROOTS
+        ):
+            return "kernel has no kprobes (no kprobe PMU, no kprobe_events)"
         return None
     return None
 

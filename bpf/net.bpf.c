@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * TCP per cgroup: bytes sent / received, retransmits, connections, smoothed RTT.
+ *
+ * Every event is charged to the SOCKET's cgroup, sk->sk_cgrp_data.cgroup->kn->id (the cgroup2
+ * id): retransmits, state changes and RTT samples mostly fire in softirq, where `current` is
+ * whatever task the CPU happened to interrupt.  The socket's cgroup is set when the socket is
+ * created (socket(2)), and an accepted socket inherits its listener's (sk_clone_lock copies
+ * sk_cgrp_data), so it is the cgroup of the process that owns the socket.
+ *
+ * Bytes are what send/recv RETURNED (real bytes moved), not the lengths asked for:
+ *  - 6.x: tp_btf/sock_send_length and tp_btf/sock_recv_length, which fire in
+ *    sock_{send,recv}msg_nosec with the return value; only ret > 0 on TCP stream sockets, and
+ *    MSG_PEEK reads are skipped (peeked bytes stay queued and are counted when consumed).
+ *  - kernels without those tracepoints (6.1): fexit/tcp_sendmsg and fexit/tcp_recvmsg
+ *    (return value, same socket cgroup), else kretprobes that see only the return value and
+ *    charge current's cgroup (process context: the caller), counting MSG_PEEK too.
+ *  Userspace picks one route per direction at load time (bpf_program__set_autoload).
+ *
+ * Not seen by any route: splice(2) from a TCP socket (tcp_splice_read) and
+ * TCP_ZEROCOPY_RECEIVE, which bypass recvmsg.
+ */
+#include "kpod.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define KPOD_MSG_PEEK 2
+
+/* One entry per cgroup for all TCP counters: one lookup per event, one entry per pod. */
+struct net_tcp_value {
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u64 retransmits;     /* retransmitted skbs (tcp:tcp_retransmit_skb with no error) */
+	__u64 conn_active;     /* SYN_SENT -> ESTABLISHED (connect) */
+	__u64 conn_passive;    /* SYN_RECV -> ESTABLISHED (accept side) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KPOD_MAX_ENTRIES);
+	__type(key, struct kpod_cgroup_key);
+	__type(value, struct net_tcp_value);
+} net_tcp SEC(".maps");
+
+/* Smoothed RTT samples (nanoseconds) per cgroup; separate map: only pods with TCP traffic. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KPOD_MAX_ENTRIES);
+	__type(key, struct kpod_cgroup_key);
+	__type(value, struct kpod_hist);
+} net_rtt SEC(".maps");
+
+struct net_errors_value {
+	__u64 net_tcp;
+	__u64 net_rtt;
+};
+KPOD_ERRORS_MAP(net_errors, struct net_errors_value);
+
+#define ERR_OFF(map) offsetof(struct net_errors_value, map)
+
+/* The cgroup2 id of the socket's owner.  A NULL anywhere reads as 0 (fault-safe BTF loads). */
+/*
+ * tp_btf and fexit hand us typed (BTF) pointers: plain dereferences compile to direct,
+ * fault-safe loads with CO-RE-relocated offsets, cheaper than bpf_probe_read_kernel calls.
+ */
+static __always_inline __u64 sk_cgroup_id(const struct sock *sk)
+{
+	return sk->sk_cgrp_data.cgroup->kn->id;
+}
+
+static __always_inline bool is_tcp_stream(const struct sock *sk)
+{
+	/* A SOCK_RAW socket can have protocol IPPROTO_TCP too: check the type as well. */
+	return sk->sk_protocol == IPPROTO_TCP && sk->sk_type == SOCK_STREAM;
+}
+
+static __always_inline struct net_tcp_value *tcp_value(__u64 cgroup_id)
+{
+	struct kpod_cgroup_key key = { .cgroup_id = cgroup_id };
+	struct net_tcp_value *v = bpf_map_lookup_elem(&net_tcp, &key);
+
+	if (v)
+		return v;
+	{
+		/* First event of this cgroup: the only path that builds a zeroed value. */
+		struct net_tcp_value zero = {};
+
+		return kpod_lookup_or_init(&net_tcp, &key, &zero, &net_errors, ERR_OFF(net_tcp));
+	}
+}
+
+static __always_inline void add_sent(__u64 cgroup_id, __s64 bytes)
+{
+	struct net_tcp_value *v;
+
+	if (bytes <= 0)
+		return;
+	v = tcp_value(cgroup_id);
+	if (v)
+		__sync_fetch_and_add(&v->bytes_sent, bytes);
+}
+
+static __always_inline void add_received(__u64 cgroup_id, __s64 bytes)
+{
+	struct net_tcp_value *v;
+
+	if (bytes <= 0)
+		return;
+	v = tcp_value(cgroup_id);
+	if (v)
+		__sync_fetch_and_add(&v->bytes_received, bytes);
+}
+
+/* --- bytes, 6.x route: the tracepoints carry the return value --------------------------- */
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(tcp_send_length, struct sock *sk, int ret, int flags)
+{
+	if (ret <= 0 || !is_tcp_stream(sk))
+		return 0;
+	add_sent(sk_cgroup_id(sk), ret);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(tcp_recv_length, struct sock *sk, int ret, int flags)
+{
+	if (ret <= 0 || (flags & KPOD_MSG_PEEK) || !is_tcp_stream(sk))
+		return 0;
+	add_received(sk_cgroup_id(sk), ret);
+	return 0;
+}
+
+/* --- bytes, fallback 1 (kernels without sock_*_length): fexit sees args and return ------ */
+
+SEC("fexit/tcp_sendmsg")
+int BPF_PROG(tcp_sendmsg_exit, struct sock *sk, struct msghdr *msg, size_t size, int ret)
+{
+	add_sent(sk_cgroup_id(sk), ret);
+	return 0;
+}
+
+/* The 5.19+ signature (no `nonblock`); userspace only picks this route when the kernel's BTF
+ * says tcp_recvmsg has these five parameters. */
+SEC("fexit/tcp_recvmsg")
+int BPF_PROG(tcp_recvmsg_exit, struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len,
+	     int ret)
+{
+	if (flags & KPOD_MSG_PEEK)
+		return 0;
+	add_received(sk_cgroup_id(sk), ret);
+	return 0;
+}
+
+/* --- bytes, fallback 2: kretprobes (return value only; process context, so current) ---- */
+
+SEC("kretprobe/tcp_sendmsg")
+int BPF_KRETPROBE(tcp_sendmsg_ret, int ret)
+{
+	add_sent(bpf_get_current_cgroup_id(), ret);
+	return 0;
+}
+
+SEC("kretprobe/tcp_recvmsg")
+int BPF_KRETPROBE(tcp_recvmsg_ret, int ret)
+{
+	add_received(bpf_get_current_cgroup_id(), ret);
+	return 0;
+}
+
+/* --- retransmits ------------------------------------------------------------------------ */
+
+/* 6.11+ passes the result of the retransmission (and fires on failures too). */
+struct trace_event_raw_tcp_retransmit_skb___kpod {
+	int err;
+} __attribute__((preserve_access_index));
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(tcp_retransmit)
+{
+	const struct sock *sk = (const struct sock *)ctx[0];
+	struct net_tcp_value *v;
+
+	/*
+	 * CO-RE resolves the check to a constant at load, so on kernels whose tracepoint has two
+	 * arguments the verifier never sees the ctx[2] access.
+	 */
+	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb___kpod, err)) {
+		if ((int)ctx[2] != 0)
+			return 0;  /* not retransmitted (e.g. -EBUSY: still queued in the host) */
+	}
+	v = tcp_value(sk_cgroup_id(sk));
+	if (v)
+		__sync_fetch_and_add(&v->retransmits, 1);
+	return 0;
+}
+
+/* --- connections -------------------------------------------------------------------------- */
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(tcp_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	struct net_tcp_value *v;
+
+	if (newstate != TCP_ESTABLISHED || (oldstate != TCP_SYN_SENT && oldstate != TCP_SYN_RECV))
+		return 0;
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;  /* the tracepoint fires for SCTP and DCCP sockets too */
+	v = tcp_value(sk_cgroup_id(sk));
+	if (!v)
+		return 0;
+	if (oldstate == TCP_SYN_SENT)
+		__sync_fetch_and_add(&v->conn_active, 1);
+	else
+		__sync_fetch_and_add(&v->conn_passive, 1);
+	return 0;
+}
+
+/* --- smoothed RTT --------------------------------------------------------------------------- */
+
+/*
+ * tcp_probe fires for each incoming segment on an established socket (tcp_rcv_established).
+ * The kernel keeps srtt_us scaled by 8 (tcp_rtt_estimator); the tracepoint's own `srtt` field
+ * is srtt_us >> 3, i.e. microseconds.  We read the socket, so we shift exactly once to get that
+ * same value, then make nanoseconds for the shared histogram.
+ */
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
+{
+	struct kpod_cgroup_key key;
+	struct kpod_hist *hist;
+	/* sk is typed struct sock: the verifier refuses direct loads past it, so read tcp_sock's
+	 * field with one probe read (tcp_probe only fires for TCP sockets). */
+	__u32 srtt_us = BPF_CORE_READ((struct tcp_sock *)sk, srtt_us) >> 3;
+
+	if (!srtt_us)
+		return 0;  /* no RTT sample yet */
+	key.cgroup_id = sk_cgroup_id(sk);
+	hist = bpf_map_lookup_elem(&net_rtt, &key);
+	if (!hist) {
+		struct kpod_hist zero = {};
+
+		hist = kpod_lookup_or_init(&net_rtt, &key, &zero, &net_errors, ERR_OFF(net_rtt));
+		if (!hist)
+			return 0;
+	}
+	kpod_hist_add(hist, (__u64)srtt_us * 1000);
+	return 0;
+}

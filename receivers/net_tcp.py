@@ -1,0 +1,134 @@
+"""TCP per cgroup from bpf/net.bpf.c: bytes, retransmits, connections, smoothed RTT.
+
+Every metric is charged to the cgroup that owns the SOCKET (sk->sk_cgrp_data, set at
+socket(2); an accepted socket inherits its listener's), not to `current`: retransmits, state
+changes and RTT samples fire mostly in softirq, on whatever task the CPU interrupted.
+
+- kpod.net.tcp.bytes.sent / .received: bytes send/recv calls RETURNED (really moved), not the
+  lengths requested.  Route per direction, first available: tp_btf/sock_{send,recv}_length
+  (6.x), fexit/tcp_{send,recv}msg (kernels without those tracepoints, e.g. 6.1), kretprobes
+  (return value only; charged to the calling task's cgroup and MSG_PEEK reads counted).
+- kpod.net.tcp.retransmits: retransmitted skbs (tcp:tcp_retransmit_skb; on 6.11+ only those
+  whose retransmission succeeded).  One skb may carry several segments (TCP_INFO's
+  tcpi_total_retrans counts segments).
+- kpod.net.tcp.connections{direction}: transitions to ESTABLISHED, `direction="active"` from
+  SYN_SENT (connect) and `direction="passive"` from SYN_RECV (the accepting side).
+- kpod.net.tcp.rtt: the socket's smoothed RTT at each tcp_probe (each incoming segment on an
+  established socket), as the tracepoint reports it (srtt_us >> 3, microseconds; NOT scaled
+  by 8 again), exported in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kpod import btflayout
+from kpod.component import Factory
+from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.model import Batch, Kind, MetricDef, Point, attributes
+
+BYTES_SENT = MetricDef(
+    "kpod.net.tcp.bytes.sent", Kind.COUNTER, "By", "Bytes sent on the cgroup's TCP sockets (as returned by send)"
+)
+BYTES_RECEIVED = MetricDef(
+    "kpod.net.tcp.bytes.received",
+    Kind.COUNTER,
+    "By",
+    "Bytes received on the cgroup's TCP sockets (as returned by recv; peeks not counted)",
+)
+RETRANSMITS = MetricDef("kpod.net.tcp.retransmits", Kind.COUNTER, "1", "TCP skbs retransmitted on the cgroup's sockets")
+CONNECTIONS = MetricDef(
+    "kpod.net.tcp.connections",
+    Kind.COUNTER,
+    "1",
+    "TCP connections of the cgroup's sockets that reached ESTABLISHED; direction: active (connect) or passive"
+    " (accepted)",
+    ("direction",),
+)
+RTT = MetricDef(
+    "kpod.net.tcp.rtt",
+    Kind.HISTOGRAM,
+    "s",
+    "Smoothed round-trip time of the cgroup's TCP sockets, sampled at each received segment",
+)
+
+ACTIVE = attributes(direction="active")
+PASSIVE = attributes(direction="passive")
+
+# The fexit receive route is compiled for tcp_recvmsg(sk, msg, len, flags, addr_len) (5.19+);
+# older kernels have an extra `nonblock` parameter, which would shift `flags` and the return.
+TCP_RECVMSG_PARAMS = 5
+
+
+@dataclass
+class NetTcpConfig:
+    # The RTT histogram is the biggest map value (one histogram per pod) and tcp_probe the most
+    # frequent TCP hook (each received segment): it can be switched off alone.
+    rtt: bool = True
+
+
+def kernel_function_params(name: str) -> int | None:
+    """How many parameters the running kernel's function has (from its BTF), or None."""
+    btf = btflayout.vmlinux()
+    func_id = btf.find(name, btflayout.KIND_FUNC)
+    if not func_id:
+        return None
+    proto = btf.type(btf.type(func_id).size_or_type)
+    return len(proto.params) if proto.kind == btflayout.KIND_FUNC_PROTO else None
+
+
+class NetTcpReceiver(BpfReceiver):
+    metrics = (BYTES_SENT, BYTES_RECEIVED, RETRANSMITS, CONNECTIONS, RTT, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
+    object_name = "net"
+    # All optional: the receiver is useful with any subset of its hooks.  Same `feeds` =
+    # alternatives, first available wins (the others get autoload off).
+    program_specs = (
+        ProgramSpec("tcp_send_length", feeds=(BYTES_SENT.name,), optional=True),
+        ProgramSpec("tcp_sendmsg_exit", feeds=(BYTES_SENT.name,), optional=True),
+        ProgramSpec("tcp_sendmsg_ret", feeds=(BYTES_SENT.name,), optional=True),
+        ProgramSpec("tcp_recv_length", feeds=(BYTES_RECEIVED.name,), optional=True),
+        ProgramSpec("tcp_recvmsg_exit", feeds=(BYTES_RECEIVED.name,), optional=True),
+        ProgramSpec("tcp_recvmsg_ret", feeds=(BYTES_RECEIVED.name,), optional=True),
+        ProgramSpec("tcp_retransmit", feeds=(RETRANSMITS.name,), optional=True),
+        ProgramSpec("tcp_set_state", feeds=(CONNECTIONS.name,), optional=True),
+        ProgramSpec("tcp_probe", feeds=(RTT.name,), optional=True),
+    )
+
+    def enabled_programs(self) -> set[str]:
+        enabled = {s.program for s in self.program_specs}
+        if not self.config.rtt:
+            enabled.discard("tcp_probe")
+        if kernel_function_params("tcp_recvmsg") not in (None, TCP_RECVMSG_PARAMS):
+            # Pre-5.19 signature: the kretprobe (return value only) is the right fallback.
+            enabled.discard("tcp_recvmsg_exit")
+        return enabled
+
+    def collect_maps(self, batch: Batch) -> None:
+        sent = self.feeds_active(BYTES_SENT.name)
+        received = self.feeds_active(BYTES_RECEIVED.name)
+        retransmits = self.feeds_active(RETRANSMITS.name)
+        connections = self.feeds_active(CONNECTIONS.name)
+        start = self.loaded.loaded_at_ns if self.loaded else 0
+        for ref, v in self.read_cgroup_map("net_tcp"):
+            if sent:
+                batch.add(self.point(BYTES_SENT, ref, float(v.bytes_sent)))
+            if received:
+                batch.add(self.point(BYTES_RECEIVED, ref, float(v.bytes_received)))
+            if retransmits:
+                batch.add(self.point(RETRANSMITS, ref, float(v.retransmits)))
+            if connections:
+                batch.add(Point(CONNECTIONS, ref, ACTIVE, float(v.conn_active), None, start))
+                batch.add(Point(CONNECTIONS, ref, PASSIVE, float(v.conn_passive), None, start))
+        if self.feeds_active(RTT.name):
+            for ref, hist in self.read_cgroup_map("net_rtt"):
+                batch.add(self.point(RTT, ref, self.histogram(hist)))
+
+
+factory = Factory(
+    "net_tcp",
+    "receiver",
+    NetTcpConfig,
+    NetTcpReceiver,
+    "eBPF: TCP bytes (as returned), retransmits, connections and smoothed RTT per socket-owning cgroup",
+    requires_bpf=True,
+)
