@@ -7,103 +7,137 @@
  *    runnable (it was preempted), stamped in sched_enqueued[pid];
  *  - dequeue: sched_switch for `next`; the wait is charged to next's cgroup (not to current,
  *    which at sched_switch is still prev).
- * Context switches are counted on switch-OUT, to prev's cgroup: that is where the kernel
- * counts /proc/<pid>/status voluntary_ctxt_switches + nonvoluntary_ctxt_switches.
+ * Context switches are counted on switch-OUT, to prev's cgroup: that is exactly where the
+ * kernel counts /proc/<pid>/status voluntary_ctxt_switches + nonvoluntary_ctxt_switches.
+ * One value struct per cgroup holds both the counter and the histogram, and when prev and
+ * next share a cgroup (two tasks of one pod) one hash lookup serves both.
  */
 #include "kpod.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, KPOD_MAX_ENTRIES);
-	__type(key, struct kpod_cgroup_key);
-	__type(value, struct kpod_hist);
-} sched_runq_lat SEC(".maps");
+/* Per cgroup: switches out, and the run-queue wait histogram. */
+struct sched_cgroup_value {
+	__u64 switches;
+	struct kpod_hist runq;
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, KPOD_MAX_ENTRIES);
 	__type(key, struct kpod_cgroup_key);
-	__type(value, __u64);
-} sched_switches SEC(".maps");
+	__type(value, struct sched_cgroup_value);
+} sched_cgroups SEC(".maps");
 
 /*
- * Enqueue timestamps per thread id.  Entries live from wakeup to switch-in, so only runnable
- * threads occupy it; LRU evicts the odd stale one (a thread that died runnable).
+ * Enqueue timestamp per task, in task-local storage: one slot hangs off each task_struct, so
+ * the lookup is a pointer chase instead of a hash, and the kernel frees it when the task
+ * exits (no stale entries, nothing to size).  0 = not waiting.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, KPOD_MAX_ENTRIES);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, __u64);
 } sched_enqueued SEC(".maps");
 
 struct sched_errors_value {
-	__u64 sched_runq_lat;
-	__u64 sched_switches;
+	__u64 sched_cgroups;
 	__u64 sched_enqueued;
 };
 KPOD_ERRORS_MAP(sched_errors, struct sched_errors_value);
 
 #define ERR_OFF(map) offsetof(struct sched_errors_value, map)
 
-static __always_inline void enqueue(__u32 pid, __u64 now)
+static __always_inline void enqueue(struct task_struct *task, __u64 now)
 {
+	__u64 *ts;
+
 	/* pid 0 is each CPU's idle task: it never waits in a run queue. */
-	if (!pid)
+	if (!task->pid)
 		return;
-	if (bpf_map_update_elem(&sched_enqueued, &pid, &now, BPF_ANY))
+	ts = bpf_task_storage_get(&sched_enqueued, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (ts)
+		*ts = now;
+	else
 		kpod_count_error(&sched_errors, ERR_OFF(sched_enqueued));
 }
+
+/*
+ * tp_btf hands us typed task pointers: plain dereferences (task->pid) compile to direct,
+ * fault-safe loads with CO-RE-relocated offsets, cheaper than bpf_probe_read_kernel calls.
+ */
 
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(sched_wakeup, struct task_struct *p)
 {
-	enqueue(BPF_CORE_READ(p, pid), bpf_ktime_get_ns());
+	enqueue(p, bpf_ktime_get_ns());
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(sched_wakeup_new, struct task_struct *p)
 {
-	enqueue(BPF_CORE_READ(p, pid), bpf_ktime_get_ns());
+	enqueue(p, bpf_ktime_get_ns());
 	return 0;
+}
+
+static __always_inline struct sched_cgroup_value *cgroup_stats(struct kpod_cgroup_key *key)
+{
+	struct sched_cgroup_value *stats = bpf_map_lookup_elem(&sched_cgroups, key);
+
+	if (!stats) {
+		/* First event of this cgroup: the only path that pays for a zeroed struct. */
+		struct sched_cgroup_value zero = {};
+
+		stats = kpod_lookup_or_init(&sched_cgroups, key, &zero, &sched_errors, ERR_OFF(sched_cgroups));
+	}
+	return stats;
 }
 
 SEC("tp_btf/sched_switch")
 int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
 	struct kpod_cgroup_key key = {};
-	struct kpod_hist zero = {}, *hist;
-	__u64 now = bpf_ktime_get_ns(), *tsp, delta;
-	__u32 prev_pid = BPF_CORE_READ(prev, pid), next_pid = BPF_CORE_READ(next, pid);
+	struct sched_cgroup_value *stats = NULL;
+	__u64 now = 0, *tsp, delta, next_cgroup;
 
-	/* Switch-out: current is still prev here, so the cheap helper gives prev's cgroup. */
-	if (prev_pid) {
+	/* Switch-out.  current is still prev here, so the cheap helper gives prev's cgroup. */
+	if (prev->pid) {
 		key.cgroup_id = bpf_get_current_cgroup_id();
-		kpod_counter_add(&sched_switches, &key, 1, &sched_errors, ERR_OFF(sched_switches));
+		stats = cgroup_stats(&key);
+		if (stats)
+			__sync_fetch_and_add(&stats->switches, 1);
 		/*
 		 * A preempted prev stays on the run queue even if it had started to set a sleep
 		 * state; a prev in TASK_RUNNING yielded and stays runnable too.  Either way its
 		 * wait starts now.
 		 */
-		if (preempt || kpod_task_state(prev) == KPOD_TASK_RUNNING)
-			enqueue(prev_pid, now);
+		if (preempt || kpod_btf_task_state(prev) == KPOD_TASK_RUNNING) {
+			now = bpf_ktime_get_ns();
+			enqueue(prev, now);
+		}
 	}
 
-	/* Switch-in: charge next's wait to next's cgroup. */
-	tsp = bpf_map_lookup_elem(&sched_enqueued, &next_pid);
-	if (!tsp)
-		return 0;  /* enqueued before we attached */
+	/* Switch-in: charge next's wait, if it was stamped, to next's cgroup. */
+	if (!next->pid)
+		return 0;  /* the idle task */
+	tsp = bpf_task_storage_get(&sched_enqueued, next, 0, 0);
+	if (!tsp || !*tsp)
+		return 0;  /* not stamped: woken before we attached */
+	if (!now)
+		now = bpf_ktime_get_ns();
 	delta = now - *tsp;
-	bpf_map_delete_elem(&sched_enqueued, &next_pid);
+	*tsp = 0;
 	if ((__s64)delta < 0)
 		return 0;  /* stamped on another CPU whose clock read later; drop it */
-
-	key.cgroup_id = kpod_task_cgroup_id(next);
-	hist = kpod_lookup_or_init(&sched_runq_lat, &key, &zero, &sched_errors, ERR_OFF(sched_runq_lat));
-	if (hist)
-		kpod_hist_add(hist, delta);
+	next_cgroup = next->cgroups->dfl_cgrp->kn->id;
+	if (!stats || next_cgroup != key.cgroup_id) {
+		key.cgroup_id = next_cgroup;
+		stats = cgroup_stats(&key);
+		if (!stats)
+			return 0;
+	}
+	kpod_hist_add(&stats->runq, delta);
 	return 0;
 }

@@ -167,4 +167,12 @@ static __always_inline long kpod_task_state(struct task_struct *task)
 	return BPF_CORE_READ((struct task_struct___pre_5_14 *)task, state);
 }
 
+/* The same for a typed (tp_btf) task pointer: direct loads, no helper call. */
+static __always_inline long kpod_btf_task_state(struct task_struct *task)
+{
+	if (bpf_core_field_exists(task->__state))
+		return task->__state;
+	return ((struct task_struct___pre_5_14 *)task)->state;
+}
+
 #endif /* __KPOD_BPF_H */

@@ -49,6 +49,10 @@ class _BtfParam(ctypes.Structure):
     _fields_ = (("name_off", c_uint32), ("type", c_uint32))
 
 
+# Names of the padding members the builder adds; real C members never start with this.
+PAD_PREFIX = "__kpod_pad"
+
+
 class LayoutError(Exception):
     """A BTF type is missing or does not have the shape the Python side needs."""
 
@@ -233,12 +237,12 @@ class Btf:
             if offset < pos:
                 continue  # overlaps what we already placed (cannot happen without bitfields)
             if offset > pos:
-                fields.append((f"_pad{i}", ctypes.c_uint8 * (offset - pos)))
+                fields.append((f"{PAD_PREFIX}{i}", ctypes.c_uint8 * (offset - pos)))
             fields.append((name, ctype))
             pos = offset + ctypes.sizeof(ctype)
         size = t.size_or_type
         if not is_union and pos < size:
-            fields.append(("_pad_end", ctypes.c_uint8 * (size - pos)))
+            fields.append((f"{PAD_PREFIX}_end", ctypes.c_uint8 * (size - pos)))
         namespace: dict[str, Any] = {"_pack_": 1, "_fields_": fields}
         if anonymous:
             namespace["_anonymous_"] = anonymous
@@ -249,7 +253,7 @@ class Btf:
                 (ctypes.Union,),
                 {
                     "_pack_": 1,
-                    "_fields_": [*fields, ("_size", ctypes.c_uint8 * size)],
+                    "_fields_": [*fields, (f"{PAD_PREFIX}_size", ctypes.c_uint8 * size)],
                     **({"_anonymous_": anonymous} if anonymous else {}),
                 },
             )
@@ -302,6 +306,10 @@ class MapLayout:
     def has_key_field(self, name: str) -> bool:
         return any(f[0] == name for f in getattr(self.key_type, "_fields_", ()))
 
+    def value_fields(self) -> list[str]:
+        """The value struct's member names (padding the builder added left out)."""
+        return [f[0] for f in getattr(self.value_type, "_fields_", ()) if not f[0].startswith(PAD_PREFIX)]
+
     def require(self, key_fields: tuple[str, ...] = (), value_fields: tuple[str, ...] = ()) -> None:
         """Fail early (at open, before load) if the C struct lost a member Python reads."""
         for side, ctype, wanted in (("key", self.key_type, key_fields), ("value", self.value_type, value_fields)):
@@ -335,7 +343,7 @@ def describe(ctype: Any, prefix: str = "") -> dict[str, tuple[int, int]]:
     """{member path: (byte offset, size)} of a ctypes record, flattened (for the layout test)."""
     out: dict[str, tuple[int, int]] = {}
     for name, sub in getattr(ctype, "_fields_", ()):
-        if name.startswith("_pad"):
+        if name.startswith(PAD_PREFIX):
             continue
         field = getattr(ctype, name)
         path = prefix + name

@@ -210,8 +210,9 @@ class LoadedObject:
         raw = self.obj.maps[self.error_map].lookup(b"\0\0\0\0")
         if raw is None:
             return {}
-        value = self.layouts[self.error_map].value(raw)
-        return {name: int(getattr(value, name)) for name, _ in value._fields_ if not name.startswith("_")}
+        layout = self.layouts[self.error_map]
+        value = layout.value(raw)
+        return {name: int(getattr(value, name)) for name in layout.value_fields()}
 
     def program_stats(self) -> dict[str, libbpf.ProgramStats]:
         out: dict[str, libbpf.ProgramStats] = {}

@@ -4,11 +4,11 @@ Objects are CO-RE `.bpf.o` files built by `make bpf`; libbpf relocates them agai
 running kernel's BTF at load time, so nothing is compiled here and no kernel headers are read.
 
     obj = BpfObject.open("bpf/cpu_sched.bpf.o")
-    obj.maps["sched_switches"].set_max_entries(4096)     # before load
+    obj.maps["sched_cgroups"].set_max_entries(4096)     # before load
     obj.programs["sched_switch"].set_autoload(False)     # optional program off
     obj.load()
     link = obj.programs["sched_switch"].attach()         # tracepoint / tp_btf / raw_tp
-    for key, value in obj.maps["sched_switches"].lookup_batch(): ...
+    for key, value in obj.maps["sched_cgroups"].lookup_batch(): ...
     obj.close()                                          # destroys links, frees maps
 
 Errors from libbpf come back as `LibbpfError` (an OSError with errno set).  libbpf's own log
@@ -50,6 +50,18 @@ BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_SK_STORAGE = 24
+BPF_MAP_TYPE_INODE_STORAGE = 28
+BPF_MAP_TYPE_TASK_STORAGE = 29
+BPF_MAP_TYPE_CGRP_STORAGE = 32
+
+# Local-storage maps hang their values off kernel objects: no keys to iterate, no max_entries.
+LOCAL_STORAGE_TYPES = (
+    BPF_MAP_TYPE_SK_STORAGE,
+    BPF_MAP_TYPE_INODE_STORAGE,
+    BPF_MAP_TYPE_TASK_STORAGE,
+    BPF_MAP_TYPE_CGRP_STORAGE,
+)
 
 MAP_TYPE_NAMES = {
     BPF_MAP_TYPE_HASH: "hash",
@@ -58,6 +70,10 @@ MAP_TYPE_NAMES = {
     BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     BPF_MAP_TYPE_LRU_HASH: "lru_hash",
     BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+    BPF_MAP_TYPE_SK_STORAGE: "sk_storage",
+    BPF_MAP_TYPE_INODE_STORAGE: "inode_storage",
+    BPF_MAP_TYPE_TASK_STORAGE: "task_storage",
+    BPF_MAP_TYPE_CGRP_STORAGE: "cgrp_storage",
 }
 
 BPF_ANY = 0
@@ -334,8 +350,15 @@ class Map:
             yield nxt.raw
             ctypes.memmove(current, nxt, self.key_size)
 
-    def count(self) -> int:
-        """The real number of entries (arrays: max_entries, they are always full)."""
+    @property
+    def countable(self) -> bool:
+        """False for local-storage maps: userspace cannot iterate them and they have no capacity."""
+        return self.type not in LOCAL_STORAGE_TYPES
+
+    def count(self) -> int | None:
+        """The real number of entries (arrays: max_entries, always full); None if not countable."""
+        if not self.countable:
+            return None
         if self.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY):
             return self.max_entries
         return sum(1 for _ in self.keys())

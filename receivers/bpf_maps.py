@@ -38,18 +38,27 @@ class BpfMapsReceiver(Receiver):
     def collect(self) -> Batch:
         batch = Batch()
         for loaded in REGISTRY.objects():
+            start = loaded.loaded_at_ns
             try:
                 errors = loaded.error_counts()
-                for name, bpf_map in loaded.obj.maps.items():
-                    attrs = attributes(map=name)
-                    start = loaded.loaded_at_ns
-                    batch.add(Point(MAP_ENTRIES, None, attrs, float(bpf_map.count()), None, start))
-                    batch.add(Point(MAP_CAPACITY, None, attrs, float(bpf_map.max_entries), None, start))
-                    if name in errors:
-                        batch.add(Point(MAP_UPDATE_ERRORS, None, attrs, float(errors[name]), None, start))
             except (LibbpfError, ValueError) as exc:
                 # The owner shut the object down while we read it: it is simply gone.
                 self.log.debug("%s: skipped: %s", loaded.name, exc)
+                continue
+            for name, bpf_map in loaded.obj.maps.items():
+                attrs = attributes(map=name)
+                try:
+                    entries = bpf_map.count()
+                    capacity = bpf_map.max_entries
+                except (LibbpfError, ValueError) as exc:
+                    self.log.debug("%s/%s: skipped: %s", loaded.name, name, exc)
+                    continue
+                # Task-local storage has neither a key space nor a capacity to report.
+                if entries is not None:
+                    batch.add(Point(MAP_ENTRIES, None, attrs, float(entries), None, start))
+                    batch.add(Point(MAP_CAPACITY, None, attrs, float(capacity), None, start))
+                if name in errors:
+                    batch.add(Point(MAP_UPDATE_ERRORS, None, attrs, float(errors[name]), None, start))
         return batch
 
     def status(self) -> dict[str, object]:

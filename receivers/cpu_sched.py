@@ -3,8 +3,8 @@
 - kpod.cpu.runqueue.latency: time from becoming runnable (wakeup, new task, or preempted and
   still runnable) to running, charged to the cgroup of the task that waited.  Log2 buckets in
   the kernel, exported as an explicit-bucket histogram in seconds.
-- kpod.cpu.context.switches: counted when a task of the cgroup is switched OUT (the same event
-  the kernel counts in /proc/<pid>/status voluntary + nonvoluntary_ctxt_switches).
+- kpod.cpu.context.switches: counted when a task of the cgroup is switched OUT, the same event
+  the kernel counts in /proc/<pid>/status voluntary + nonvoluntary_ctxt_switches.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ class CpuSchedReceiver(BpfReceiver):
     )
 
     def collect_maps(self, batch: Batch) -> None:
-        for ref, hist in self.read_cgroup_map("sched_runq_lat"):
-            batch.add(self.point(RUNQ_LATENCY, ref, self.histogram(hist)))
-        for ref, count in self.read_cgroup_map("sched_switches"):
-            batch.add(self.point(CONTEXT_SWITCHES, ref, float(count)))
+        for ref, stats in self.read_cgroup_map("sched_cgroups"):
+            batch.add(self.point(CONTEXT_SWITCHES, ref, float(stats.switches)))
+            if stats.runq.count:
+                batch.add(self.point(RUNQ_LATENCY, ref, self.histogram(stats.runq)))
 
 
 factory = Factory(

@@ -115,7 +115,7 @@ def test_conventions(obj_path: Path) -> None:
         layouts = btflayout.map_layouts(obj)
         errors = [n for n in obj.maps if n.endswith("_errors")]
         assert len(errors) == 1, "exactly one <prefix>_errors map per object"
-        counted = {n for n, _ in layouts[errors[0]].value_type._fields_ if not n.startswith("_")}
+        counted = set(layouts[errors[0]].value_fields())
         assert counted == set(obj.maps) - set(errors), "one error counter per map, named like the map"
         for name in obj.maps:
             assert len(name) <= 15, f"{name}: the kernel truncates map names to 15 characters"

@@ -1,0 +1,304 @@
+"""Kernel cost of kpod's BPF programs, side by side with equivalent bpftrace one-liners.
+
+    .venv/bin/python -m bench.bpf_cost [--loops 200000] [--runs 3] [--write docs/perf/bpf.md]
+
+Needs root and BTF.  What it measures:
+- per-event kernel cost of each program from bpf_stats (run_time_ns / run_cnt, sysctl
+  kernel.bpf_stats_enabled=1, restored afterwards) while `perf bench sched pipe` pinned to one
+  CPU generates context switches;
+- the same for bpftrace one-liners on the same events with the same per-cgroup key (bpftrace
+  0.17 has no raw/BTF tracepoints, so it uses tracepoint:sched:*; tracefs is mounted for it if
+  it is not, and unmounted again);
+- throughput of `perf bench sched pipe` with no agent, with kpod's programs, with bpftrace;
+- load + attach time of all of kpod's objects (median of runs, kernel BTF parse included);
+- memlock of kpod's maps at the default 10,240 entries (bpftool's bytes_memlock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from kpod.receivers.cpu_sched import CpuSchedReceiver
+from kpod.receivers.memory import MemoryReceiver
+
+from kpod import btflayout, libbpf
+from kpod.ebpf import load_object
+
+REPO = Path(__file__).resolve().parents[1]
+STATS = "/proc/sys/kernel/bpf_stats_enabled"
+TRACEFS = "/sys/kernel/tracing"
+
+# Same hook, same kind of key (a cgroup id; bpftrace can only name current's, the task switched out).
+BPFTRACE_COUNT = "tracepoint:sched:sched_switch { @switches[cgroup] = count(); }"
+# What cpu_sched.bpf.c does, as far as bpftrace's tracepoint args allow: enqueue stamps on
+# wakeup/wakeup_new/preempted prev, a log2 histogram at switch-in.  The tracepoint gives no
+# pointer to `next`, so the histogram key is the current (prev) cgroup: the same key cost.
+BPFTRACE_RUNQLAT = (
+    "tracepoint:sched:sched_wakeup,tracepoint:sched:sched_wakeup_new { @q[args->pid] = nsecs; } "
+    "tracepoint:sched:sched_switch { @switches[cgroup] = count(); "
+    "if (args->prev_state == 0) { @q[args->prev_pid] = nsecs; } "
+    "$t = @q[args->next_pid]; if ($t) { @lat[cgroup] = hist(nsecs - $t); delete(@q[args->next_pid]); } }"
+)
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def prog_table() -> dict[int, dict]:
+    return {p["id"]: p for p in json.loads(sh("bpftool", "-j", "prog", "show") or "[]")}
+
+
+def pipe_bench(loops: int, cpu: int) -> float:
+    """ops/s of perf bench sched pipe with both tasks on one CPU (every op = 2 switches)."""
+    out = sh("taskset", "-c", str(cpu), "perf", "bench", "sched", "pipe", "-l", str(loops))
+    return float(re.search(r"([\d.]+) ops/sec", out).group(1))
+
+
+def per_event(before: dict[int, dict], after: dict[int, dict], ids: list[int]) -> dict[int, tuple[float, int]]:
+    out = {}
+    for pid in ids:
+        b, a = before.get(pid, {}), after.get(pid, {})
+        runs = a.get("run_cnt", 0) - b.get("run_cnt", 0)
+        ns = a.get("run_time_ns", 0) - b.get("run_time_ns", 0)
+        out[pid] = (ns / runs if runs else float("nan"), runs)
+    return out
+
+
+class BpftraceRun:
+    def __init__(self, script: str) -> None:
+        self.script = script
+        self.before = set(prog_table())
+        self.proc = subprocess.Popen(
+            ["bpftrace", "-e", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 30
+        self.ids: list[int] = []
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bpftrace exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+            new = {i: p for i, p in prog_table().items() if i not in self.before and p.get("type") == "tracepoint"}
+            if len(new) >= self.script.count("tracepoint:"):
+                self.ids = sorted(new)
+                time.sleep(0.5)
+                return
+            time.sleep(0.1)
+        raise RuntimeError("bpftrace did not attach")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def measure(loops: int, runs: int, cpu: int) -> dict:
+    results: dict = {}
+    results["baseline_ops"] = statistics.median(pipe_bench(loops, cpu) for _ in range(runs))
+
+    # kpod: cpu_sched (as it runs) and mem (the perf_event program does not fire here).
+    from kpod.cgroups import CgroupIndex
+    from kpod.component import Context, EmptyConfig
+    from kpod.selfmetrics import SelfMetrics
+    from kpod.settings import KpodSettings
+
+    ctx = Context("cpu_sched", KpodSettings(), CgroupIndex("/"), SelfMetrics())
+    receiver = CpuSchedReceiver(ctx, EmptyConfig())
+    receiver.start()
+    try:
+        assert receiver.loaded is not None
+        stats = receiver.loaded.program_stats()
+        ids = {s.id: name for name, s in stats.items()}
+        before = prog_table()
+        ops = [pipe_bench(loops, cpu) for _ in range(runs)]
+        after = prog_table()
+        results["kpod_ops"] = statistics.median(ops)
+        results["kpod"] = {ids[i]: v for i, v in per_event(before, after, list(ids)).items()}
+    finally:
+        receiver.shutdown()
+
+    mounted_here = False
+    if not os.path.isdir(os.path.join(TRACEFS, "events")):
+        subprocess.run(["mount", "-t", "tracefs", "none", TRACEFS], check=True)
+        mounted_here = True
+    try:
+        for label, script in (("bpftrace_count", BPFTRACE_COUNT), ("bpftrace_runqlat", BPFTRACE_RUNQLAT)):
+            run = BpftraceRun(script)
+            try:
+                before = prog_table()
+                ops = [pipe_bench(loops, cpu) for _ in range(runs)]
+                after = prog_table()
+                names = {i: after[i].get("name", str(i)) for i in run.ids}
+                results[f"{label}_ops"] = statistics.median(ops)
+                results[label] = {names[i]: v for i, v in per_event(before, after, run.ids).items()}
+            finally:
+                run.stop()
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", TRACEFS], check=False)
+    return results
+
+
+def load_times(runs: int) -> list[float]:
+    from kpod.receivers.memory import MemoryReceiver
+
+    times = []
+    for _ in range(runs):
+        btflayout.release_vmlinux()  # include the kernel BTF parse, as a fresh agent pays it
+        t0 = time.perf_counter()
+        objs = [
+            load_object(
+                "cpu_sched", CpuSchedReceiver.program_specs, {s.program for s in CpuSchedReceiver.program_specs}, 10240
+            ),
+            load_object("mem", MemoryReceiver.program_specs, {s.program for s in MemoryReceiver.program_specs}, 10240),
+        ]
+        times.append(time.perf_counter() - t0)
+        for o in objs:
+            o.close()
+    btflayout.release_vmlinux()
+    return times
+
+
+def memlock() -> dict[str, int]:
+    objs = [
+        load_object(
+            "cpu_sched", CpuSchedReceiver.program_specs, {s.program for s in CpuSchedReceiver.program_specs}, 10240
+        ),
+        load_object("mem", MemoryReceiver.program_specs, {s.program for s in MemoryReceiver.program_specs}, 10240),
+    ]
+    try:
+        ids = {m.id(): name for o in objs for name, m in o.obj.maps.items()}
+        table = {m["id"]: m for m in json.loads(sh("bpftool", "-j", "map", "show"))}
+        return {ids[i]: int(table[i].get("bytes_memlock", 0)) for i in ids}
+    finally:
+        for o in objs:
+            o.close()
+
+
+def render(res: dict, loads: list[float], mem: dict[str, int], args: argparse.Namespace, cpu: int) -> str:
+    def ns(table: dict, name: str) -> str:
+        v = table.get(name)
+        return f"{v[0]:.0f} ns ({v[1]:,} runs)" if v else "-"
+
+    kpod = res["kpod"]
+    bt_count = res["bpftrace_count"]
+    bt_rq = res["bpftrace_runqlat"]
+    bt_rq_switch = next((v for k, v in bt_rq.items() if "switch" in k), None)
+    bt_count_switch = next(iter(bt_count.values()), None)
+    ours = kpod["sched_switch"][0]
+    lines = [
+        "## eBPF programs: kernel cost per event (bench/bpf_cost.py)",
+        "",
+        f"Command: `.venv/bin/python -m bench.bpf_cost --loops {args.loops} --runs {args.runs}`  ",
+        f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs "
+        f"({_cpu_model()}), libbpf {libbpf.version()}, {sh('bpftrace', '--version').strip()}  ",
+        f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Load: `perf bench sched pipe -l {args.loops}` pinned to CPU {cpu}, median of {args.runs} runs; "
+        "per-event cost is bpf_stats run_time_ns / run_cnt over those runs.",
+        "",
+        "| handler | hook | ns per event |",
+        "|---|---|---|",
+        f"| kpod sched_switch (switch count + enqueue + run-queue histogram) | tp_btf/sched_switch | "
+        f"{ns(kpod, 'sched_switch')} |",
+        f"| kpod sched_wakeup | tp_btf/sched_wakeup | {ns(kpod, 'sched_wakeup')} |",
+        f"| bpftrace `@switches[cgroup] = count()` | tracepoint:sched:sched_switch | "
+        f"{bt_count_switch[0]:.0f} ns ({bt_count_switch[1]:,} runs) |"
+        if bt_count_switch
+        else "| bpftrace count | - | - |",
+        f"| bpftrace runqlat-equivalent sched_switch | tracepoint:sched:sched_switch | "
+        f"{bt_rq_switch[0]:.0f} ns ({bt_rq_switch[1]:,} runs) |"
+        if bt_rq_switch
+        else "| bpftrace runqlat | - | - |",
+        "",
+        f"Ratio kpod sched_switch / bpftrace runqlat-equivalent sched_switch: **{ours / bt_rq_switch[0]:.2f}**"
+        if bt_rq_switch
+        else "",
+        f"Ratio kpod sched_switch / bpftrace count-only sched_switch: **{ours / bt_count_switch[0]:.2f}** "
+        "(bpftrace does far less work there)"
+        if bt_count_switch
+        else "",
+        "",
+        "Throughput of the same pipe benchmark (ops/s, median; ratio to no agent):",
+        "",
+        "| configuration | ops/s | ratio |",
+        "|---|---|---|",
+    ]
+    base = res["baseline_ops"]
+    for label, key in (
+        ("no agent", "baseline_ops"),
+        ("kpod cpu_sched", "kpod_ops"),
+        ("bpftrace count-only", "bpftrace_count_ops"),
+        ("bpftrace runqlat-equivalent", "bpftrace_runqlat_ops"),
+    ):
+        lines.append(f"| {label} | {res[key]:,.0f} | {res[key] / base:.3f} |")
+    lines += [
+        "",
+        f"Load + attach of cpu_sched.bpf.o and mem.bpf.o (open, BTF layouts, load, attach incl. one perf "
+        f"event per CPU, kernel BTF parse included): median {statistics.median(loads) * 1000:.0f} ms, "
+        f"min {min(loads) * 1000:.0f} ms, max {max(loads) * 1000:.0f} ms over {len(loads)} runs.",
+        "",
+        "Memlock of kpod's maps at 10,240 entries (bpftool bytes_memlock):",
+        "",
+        "| map | bytes |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {b:,} |" for name, b in sorted(mem.items())]
+    lines += [f"| **total** | **{sum(mem.values()):,}** ({sum(mem.values()) / 2**20:.2f} MiB) |", ""]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loops", type=int, default=200000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--write", default="", help="write the markdown section to this file")
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not os.path.exists("/sys/kernel/btf/vmlinux"):
+        raise SystemExit("bench.bpf_cost needs root and /sys/kernel/btf/vmlinux")
+    for tool in ("perf", "bpftool", "bpftrace", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"bench.bpf_cost needs {tool} (make system-packages)")
+    cpu = max(os.sched_getaffinity(0))
+    with open(STATS) as f:
+        previous = f.read().strip()
+    with open(STATS, "w") as f:
+        f.write("1")
+    try:
+        res = measure(args.loops, args.runs, cpu)
+        loads = load_times(max(args.runs, 5))
+        mem = memlock()
+    finally:
+        with open(STATS, "w") as f:
+            f.write(previous)
+    text = render(res, loads, mem, args, cpu)
+    print(text)
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
