@@ -19,7 +19,8 @@ from kpod.model import CgroupRef
 from kpod.parsers import parse_cgroup_procs
 
 COLLECTION_ERRORS = "kpod.collection.errors"
-COLLECTION_ERRORS_HELP = "Files a receiver could not read in a cycle (the cgroup or process went away)"
+# Same name and help as kpod.pipeline's, which declares the family: one family, whoever counts first.
+COLLECTION_ERRORS_HELP = "Receiver start or collection failures, by receiver."
 
 _READ_CHUNK = 65536
 

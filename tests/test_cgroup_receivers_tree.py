@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 from cgroup_tree import FIXTURES, HYBRID_MEM, V2, Tree, build_tree
+from kpod.receivers.filesystem import candidate_mounts
 
-from kpod.cgroupfs import COLLECTION_ERRORS
+from kpod.cgroupfs import COLLECTION_ERRORS, pod_cgroup_path
 from kpod.component import Receiver
 from kpod.model import Batch, Point
-from kpod.parsers import parse_memory_stat, parse_pressure, parse_single_int
+from kpod.parsers import parse_memory_stat, parse_mountinfo, parse_pressure, parse_single_int
 from kpod.selfmetrics import SelfMetrics
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
@@ -264,3 +265,31 @@ def test_whole_receiver_set(tree: Tree) -> None:
     assert len(total) > 110 * 10
     assert live == 220
     assert sm.points() == []  # a healthy tree: no collection errors at all
+
+
+# ------------------------------------------------------------------------------------------ pure helpers
+
+
+def test_candidate_mounts_of_captured_container() -> None:
+    mounts = parse_mountinfo((V2 / "proc" / "mountinfo-container.txt").read_text())
+    chosen = [m.mount_point for m in candidate_mounts(mounts)]
+    # Pseudo filesystems, everything under /proc, /sys, /dev, the nsfs and /etc/hosts are gone;
+    # repeats of a device are left to the receiver (after its regular-file check).
+    assert chosen == ["/", "/run", "/run/netns", "/usr/lib/modules/6.1.0-56-amd64", "/srv/share", "/mnt/data", "/data"]
+    assert [m.mount_point for m in candidate_mounts(mounts, frozenset({"tmpfs"}), ("/srv", "/mnt/"))] == [
+        "/",
+        "/usr/lib/modules/6.1.0-56-amd64",
+    ]
+
+
+def test_pod_cgroup_path_both_drivers() -> None:
+    systemd = (
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
+    )
+    assert pod_cgroup_path(systemd + "/cri-containerd-" + "a" * 64 + ".scope") == systemd
+    cgroupfs = "/kubepods/pod0a1b2c3d-0000-4000-8000-000000000005"
+    assert pod_cgroup_path(cgroupfs + "/" + "b" * 64) == cgroupfs
+    static = "/kubepods/besteffort/pod" + "c" * 32
+    assert pod_cgroup_path(static + "/" + "d" * 64) == static
+    for not_a_container in ("/kubepods/burstable", "/system.slice/ssh.service", "/x", "/"):
+        assert pod_cgroup_path(not_a_container) is None
