@@ -37,7 +37,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -290,8 +290,12 @@ def load_object(
     enabled: set[str],
     max_entries: int,
     program_dir: str = "",
+    before_attach: Callable[[libbpf.BpfObject], None] | None = None,
 ) -> LoadedObject:
     """Open, size, load and attach `<name>.bpf.o`, and register it.
+
+    `before_attach(obj)` runs after load and before any program is attached: the place to
+    fill maps the programs read (a filter) so that no event is seen with them empty.
 
     Per-cgroup maps (key has `cgroup_id`) get `max_entries`.  A program that fails to verify
     or attach is dropped if it is optional (its route says why); a required one fails the
@@ -334,6 +338,8 @@ def load_object(
                     )
                 obj.close()
                 continue
+            if before_attach is not None:
+                before_attach(obj)
             _attach_all(obj, routes, by_name)
             loaded = LoadedObject(name, obj, layouts, routes)
             REGISTRY.add(loaded)
@@ -414,6 +420,9 @@ class BpfReceiver(Receiver):
     def enabled_programs(self) -> set[str]:
         return {s.program for s in self.program_specs}
 
+    def before_attach(self, obj: libbpf.BpfObject) -> None:
+        """Subclasses: fill maps after load, before the programs run (see load_object)."""
+
     # -- lifecycle --
 
     @property
@@ -439,6 +448,7 @@ class BpfReceiver(Receiver):
                 self.enabled_programs(),
                 self._bpf_settings.map_max_entries,
                 self._bpf_settings.program_dir,
+                before_attach=self.before_attach,
             )
         except (libbpf.LibbpfError, LayoutError) as exc:
             detail = next((ln for ln in reversed(getattr(exc, "log_lines", [])) if ln.strip()), "")

@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * Syscalls per (cgroup, syscall): count, errors (return value < 0), latency histogram.
+ *
+ * Only the syscalls userspace wrote into sys_filter (an array indexed by syscall number,
+ * filled after load and before attach) are timed.  Every syscall on the node runs both hooks,
+ * so an untracked one must cost as little as possible: one bounds check and one array lookup
+ * (which the verifier inlines: no helper call), then return.  No timestamp, no map update.
+ *
+ * Tracked: sys_enter stamps the thread's start time in task-local storage (a slot hanging off
+ * the task_struct: a pointer chase instead of a hash lookup, no capacity to outgrow however
+ * many threads sit in a blocking syscall, freed by the kernel when the thread exits).
+ * sys_exit consumes the stamp and charges current's cgroup (syscalls run in process
+ * context).  A syscall is counted at its exit, and only if its entry was seen: one that was
+ * already running when we attached is not counted, and the child's return from fork/clone
+ * (a sys_exit without a sys_enter) is not a second call.  So count == latency samples.
+ */
+#include "kpod.bpf.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Syscall numbers we can track (x86_64 and arm64 numbers are well below). */
+enum kpod_syscall_layout {
+	KPOD_SYSCALL_SLOTS = 1024,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KPOD_SYSCALL_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);  /* 1 = tracked */
+} sys_filter SEC(".maps");
+
+/* Start time (ns) of the thread's current tracked syscall; 0 = none in flight. */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} sys_start SEC(".maps");
+
+struct sys_key {
+	__u64 cgroup_id;
+	__u32 nr;
+	__u32 _pad;  /* explicit, so the whole key is initialised (hash keys compare bytes) */
+};
+
+struct sys_value {
+	__u32 nr;       /* the key's syscall number again: userspace reads values with it */
+	__u32 _pad;
+	__u64 count;
+	__u64 errors;   /* returned < 0 */
+	struct kpod_hist latency;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, KPOD_MAX_ENTRIES);
+	__type(key, struct sys_key);
+	__type(value, struct sys_value);
+} sys_stats SEC(".maps");
+
+struct sys_errors_value {
+	__u64 sys_filter;  /* never fails (an array); here because every map has a counter */
+	__u64 sys_start;
+	__u64 sys_stats;
+};
+KPOD_ERRORS_MAP(sys_errors, struct sys_errors_value);
+
+#define ERR_OFF(map) offsetof(struct sys_errors_value, map)
+
+/* x86 marks 32-bit (int 0x80 / sysenter) syscalls TS_COMPAT: their numbers are the ia32 table's. */
+#define KPOD_TS_COMPAT 0x0002
+
+struct thread_info___x86 {
+	__u32 status;
+} __attribute__((preserve_access_index));
+
+static __always_inline bool tracked(__u64 nr)
+{
+	__u32 idx = nr;
+	__u32 *on;
+
+	/* Also drops -1 (no syscall) and x32's numbers (bit 30 set). */
+	if (nr >= KPOD_SYSCALL_SLOTS)
+		return false;
+	on = bpf_map_lookup_elem(&sys_filter, &idx);
+	return on && *on;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
+{
+	struct task_struct *task;
+	__u64 *ts;
+
+	if (!tracked(id))
+		return 0;
+	task = bpf_get_current_task_btf();
+#ifdef __TARGET_ARCH_x86
+	if (bpf_core_field_exists(((struct thread_info___x86 *)0)->status)) {
+		if (((struct thread_info___x86 *)&task->thread_info)->status & KPOD_TS_COMPAT)
+			return 0;
+	}
+#endif
+	ts = bpf_task_storage_get(&sys_start, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!ts) {
+		kpod_count_error(&sys_errors, ERR_OFF(sys_start));
+		return 0;
+	}
+	*ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
+{
+	struct sys_key key = {};
+	struct sys_value *v;
+	__u64 *ts, start, nr;
+
+	/* The tracepoint passes the return value, not the number: read what syscall_get_nr() does. */
+#if defined(__TARGET_ARCH_x86)
+	nr = regs->orig_ax;
+#elif defined(__TARGET_ARCH_arm64)
+	nr = (__u64)(long)regs->syscallno;
+#else
+#error "syscall.bpf.c: unsupported architecture"
+#endif
+	if (!tracked(nr))
+		return 0;
+	/* No storage yet: create nothing here, a syscall without a seen entry is not counted. */
+	ts = bpf_task_storage_get(&sys_start, bpf_get_current_task_btf(), 0, 0);
+	if (!ts || !*ts)
+		return 0;
+	start = *ts;
+	*ts = 0;
+
+	key.cgroup_id = bpf_get_current_cgroup_id();
+	key.nr = nr;
+	v = bpf_map_lookup_elem(&sys_stats, &key);
+	if (!v) {
+		/* First call of this syscall in this cgroup: the only path building a zeroed value. */
+		struct sys_value init = { .nr = nr };
+
+		v = kpod_lookup_or_init(&sys_stats, &key, &init, &sys_errors, ERR_OFF(sys_stats));
+		if (!v)
+			return 0;
+	}
+	__sync_fetch_and_add(&v->count, 1);
+	if (ret < 0)
+		__sync_fetch_and_add(&v->errors, 1);
+	kpod_hist_add(&v->latency, bpf_ktime_get_ns() - start);
+	return 0;
+}

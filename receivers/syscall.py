@@ -1,0 +1,120 @@
+"""Syscalls per (cgroup, syscall) from bpf/syscall.bpf.c: count, errors, latency.
+
+The tracked set is `kpod.syscall.tracked_syscalls` (names), resolved to this machine's numbers
+(x86_64 or arm64, kpod.syscalls) and written into the kernel's filter map after load and
+before the programs are attached; every other syscall returns after one array lookup.
+
+- kpod.syscall.count{syscall}: calls that returned, whose entry was seen (a call already in
+  progress when the agent attached is not counted; fork/clone count once, in the parent).
+  A call interrupted by a signal and restarted by the kernel counts twice, as strace shows it.
+- kpod.syscall.errors{syscall}: of those, calls that returned < 0.
+- kpod.syscall.latency{syscall}: entry to exit, log2 buckets in the kernel, seconds.
+32-bit (compat) syscalls on x86_64 are not counted: their numbers belong to another table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kpod import libbpf
+from kpod.component import ComponentUnavailable, Factory
+from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.model import Batch, Kind, MetricDef, Point, attributes
+from kpod.syscalls import resolve_syscalls
+
+COUNT = MetricDef("kpod.syscall.count", Kind.COUNTER, "1", "Tracked syscalls made by the cgroup's tasks", ("syscall",))
+ERRORS = MetricDef(
+    "kpod.syscall.errors", Kind.COUNTER, "1", "Tracked syscalls of the cgroup that returned an error", ("syscall",)
+)
+LATENCY = MetricDef(
+    "kpod.syscall.latency", Kind.HISTOGRAM, "s", "Time from entry to exit of tracked syscalls", ("syscall",)
+)
+
+FILTER_MAP = "sys_filter"
+TRACKED = (1).to_bytes(4, "little")
+
+
+@dataclass
+class SyscallConfig:
+    # Empty: kpod.syscall.tracked_syscalls.  Names, resolved for this machine's architecture.
+    tracked_syscalls: list[str] = field(default_factory=list)
+
+
+class SyscallReceiver(BpfReceiver):
+    metrics = (COUNT, ERRORS, LATENCY, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
+    object_name = "syscall"
+    program_specs = (
+        # Both needed: enter stamps the start, exit counts and times.
+        ProgramSpec("sys_enter", feeds=("kpod.syscall.* (entry)",)),
+        ProgramSpec("sys_exit", feeds=(COUNT.name, ERRORS.name, LATENCY.name)),
+    )
+
+    def __init__(self, context: Any, config: SyscallConfig) -> None:
+        super().__init__(context, config)
+        self.tracked: dict[str, int] = {}
+        self._names: dict[int, tuple[tuple[str, str], ...]] = {}
+
+    def tracked_names(self) -> list[str]:
+        return list(self.config.tracked_syscalls or self.context.settings.syscall.tracked_syscalls)
+
+    def start(self) -> None:
+        try:
+            self.tracked = resolve_syscalls(self.tracked_names())
+        except ValueError as exc:  # an unknown name, or an architecture without a table
+            raise ComponentUnavailable(str(exc)) from exc
+        if not self.tracked:
+            raise ComponentUnavailable("no syscalls to track (kpod.syscall.tracked_syscalls is empty)")
+        # Attribute tuples built once: one per tracked syscall, reused every cycle.
+        self._names = {nr: attributes(syscall=name) for name, nr in self.tracked.items()}
+        super().start()
+
+    def before_attach(self, obj: libbpf.BpfObject) -> None:
+        """Write the tracked set into the kernel's filter map before any program can run."""
+        filter_map = obj.maps[FILTER_MAP]
+        slots = filter_map.max_entries
+        for name, nr in self.tracked.items():
+            if not 0 <= nr < slots:
+                raise libbpf.LibbpfError(22, f"syscall {name} ({nr}) is beyond the filter's {slots} slots")
+            filter_map.update(nr.to_bytes(4, "little"), TRACKED)
+
+    def filter_contents(self) -> set[int]:
+        """The syscall numbers the kernel's filter map holds (read back from the kernel)."""
+        assert self.loaded is not None
+        filter_map = self.loaded.obj.maps[FILTER_MAP]
+        on: set[int] = set()
+        for nr in range(filter_map.max_entries):
+            raw = filter_map.lookup(nr.to_bytes(4, "little"))
+            if raw is not None and int.from_bytes(raw, "little"):
+                on.add(nr)
+        return on
+
+    def route(self) -> str:
+        route = super().route()
+        names = ",".join(self.tracked_names())
+        return f"{route}; tracked: {names}" if not route.startswith("unavailable") else route
+
+    def collect_maps(self, batch: Batch) -> None:
+        start = self.loaded.loaded_at_ns if self.loaded else 0
+        for ref, v in self.read_cgroup_map("sys_stats"):
+            attrs = self._names.get(int(v.nr))
+            if attrs is None:
+                continue  # cannot happen: only tracked numbers pass the filter
+            batch.add(Point(COUNT, ref, attrs, float(v.count), None, start))
+            batch.add(Point(ERRORS, ref, attrs, float(v.errors), None, start))
+            batch.add(Point(LATENCY, ref, attrs, self.histogram(v.latency), None, start))
+
+    def status(self) -> dict[str, object]:
+        status = super().status()
+        status["tracked_syscalls"] = dict(self.tracked)
+        return status
+
+
+factory = Factory(
+    "syscall",
+    "receiver",
+    SyscallConfig,
+    SyscallReceiver,
+    "eBPF: count, errors and latency per (cgroup, syscall) for the tracked syscalls",
+    requires_bpf=True,
+)

@@ -1,0 +1,254 @@
+"""The syscall receiver against the real kernel, with a workload whose syscalls are all known.
+
+The workload is a small C program compiled here (no interpreter in the measured window).  It
+is started, prints "ready", and blocks in read(0) before it is moved into its pod, so its
+dynamic loader's syscalls happen elsewhere.  In the pod it makes exactly:
+
+    read(0)           x 1   (the blocked read waiting for "go"; it RETURNS in the pod)
+    getppid()         x N   (tracked, succeed)
+    read(-1)          x M   (tracked, fail with EBADF)
+    openat(/dev/null) x 1   (untracked)
+    read(devnull)     x Z   (tracked, return 0: not an error)
+    getuid()          x K   (untracked)
+    write(1, "done")  x 1   (untracked here)
+    read(0)           x 1   (blocks again until the test is done: entered, not returned)
+
+With read and getppid tracked: count(getppid) == N, errors 0; count(read) == 1 + M + Z,
+errors(read) == M; nothing for getuid or write.  The filter map is read back with bpftool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kernel_util import cgroup_tree, context, kernel_test, points_for
+from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
+
+from kpod.component import ComponentUnavailable
+from kpod.syscalls import resolve_syscalls
+
+pytestmark = kernel_test
+
+N_OK, M_FAIL, K_UNTRACKED, Z_EOF = 1000, 777, 500, 3
+GO_DELAY = 0.3  # seconds the first read(0) blocks in the pod before "go"
+
+WORKLOAD_C = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+	long n = atol(argv[1]), m = atol(argv[2]), k = atol(argv[3]), z = atol(argv[4]), i;
+	int devnull;
+	char c;
+
+	if (write(1, "ready\n", 6) != 6)
+		return 2;
+	if (read(0, &c, 1) != 1)        /* wait for go: the only successful read in the pod */
+		return 3;
+	for (i = 0; i < n; i++)
+		getppid();
+	for (i = 0; i < m; i++)
+		if (read(-1, &c, 1) != -1)  /* EBADF */
+			return 4;
+	devnull = open("/dev/null", O_RDONLY);
+	for (i = 0; i < z; i++)
+		if (read(devnull, &c, 1) != 0)  /* EOF: returns 0, which is not an error */
+			return 6;
+	for (i = 0; i < k; i++)
+		getuid();
+	if (write(1, "done\n", 5) != 5)
+		return 5;
+	(void)read(0, &c, 1);           /* blocks until the test kills us */
+	return 0;
+}
+"""
+
+
+def compiler() -> str:
+    for cc in ("cc", "gcc", "clang"):
+        path = shutil.which(cc)
+        if path:
+            return path
+    pytest.skip("no C compiler (cc/gcc/clang) to build the workload")
+
+
+@pytest.fixture(scope="module")
+def workload_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("syscall-workload")
+    src, binary = directory / "workload.c", directory / "workload"
+    src.write_text(WORKLOAD_C)
+    subprocess.run([compiler(), "-O1", "-o", str(binary), str(src)], check=True)
+    return binary
+
+
+@contextlib.contextmanager
+def started_workload(binary: Path) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        [str(binary), str(N_OK), str(M_FAIL), str(K_UNTRACKED), str(Z_EOF)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + 10
+        while _state(proc.pid) != "S" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert _state(proc.pid) == "S", "workload is not blocked in read(0)"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream:
+                stream.close()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def collect(receiver: SyscallReceiver):
+    receiver.context.cgroups.refresh()
+    return receiver.collect()
+
+
+def by_syscall(batch, metric: str, cgroup_id: int) -> dict[str, object]:
+    return {dict(p.attributes)["syscall"]: p.value for p in points_for(batch, metric, cgroup_id)}
+
+
+def bpftool_filter(map_id: int) -> set[int]:
+    """The filter map's set entries, as bpftool (not our binding) reads them from the kernel."""
+    out = subprocess.run(
+        ["bpftool", "-j", "map", "dump", "id", str(map_id)], check=True, capture_output=True, text=True
+    ).stdout
+    on = set()
+    for entry in json.loads(out):
+        key = entry.get("key")
+        value = entry.get("value")
+        # Without BTF pretty-printing bpftool gives hex byte strings; with it, integers.
+        k = key if isinstance(key, int) else int.from_bytes(bytes(int(b, 16) for b in key), "little")
+        v = value if isinstance(value, int) else int.from_bytes(bytes(int(b, 16) for b in value), "little")
+        if v:
+            on.add(k)
+    return on
+
+
+def test_counts_errors_and_latency_exact_for_a_known_workload(workload_binary: Path) -> None:
+    tracked = ["read", "getppid"]
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=tracked))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            numbers = resolve_syscalls(tracked)
+            # The tracked set is really in the kernel's filter map, and nothing else is.
+            filter_id = receiver.loaded.obj.maps["sys_filter"].id()
+            assert bpftool_filter(filter_id) == set(numbers.values())
+            assert receiver.filter_contents() == set(numbers.values())
+            with started_workload(workload_binary) as proc:
+                tree.move(proc.pid, pod.container_dir)
+                time.sleep(GO_DELAY)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == b"done\n"
+                batch = collect(receiver)
+            count = by_syscall(batch, "kpod.syscall.count", pod.container_id)
+            errors = by_syscall(batch, "kpod.syscall.errors", pod.container_id)
+            latency = by_syscall(batch, "kpod.syscall.latency", pod.container_id)
+            assert count == {"getppid": N_OK, "read": 1 + M_FAIL + Z_EOF}, count
+            assert errors == {"getppid": 0, "read": M_FAIL}, errors
+            assert set(latency) == {"getppid", "read"}  # untracked getuid / write: nothing
+            assert latency["getppid"].count == N_OK
+            assert latency["read"].count == 1 + M_FAIL + Z_EOF
+            # The read waiting for "go" blocked >= GO_DELAY: one sample in a bucket that high.
+            read_hist = latency["read"]
+            assert read_hist.sum >= GO_DELAY
+            slow = sum(
+                c
+                for c, bound in zip(read_hist.counts, (*read_hist.bounds, float("inf")), strict=True)
+                if bound >= GO_DELAY
+            )
+            assert slow == 1, read_hist
+            assert points_for(batch, "kpod.syscall.latency", pod.container_id)[0].metric.unit == "s"
+            # Only tracked numbers are keys of the stats map for this cgroup.
+            stats = receiver.loaded.obj.maps["sys_stats"]
+            layout = receiver.loaded.layouts["sys_stats"]
+            ours = {layout.key(k).nr for k, _ in stats.lookup_batch() if layout.key(k).cgroup_id == pod.container_id}
+            assert ours == set(numbers.values())
+        finally:
+            receiver.shutdown()
+
+
+def test_untracked_syscalls_give_nothing(workload_binary: Path) -> None:
+    """Track only getuid's neighbour getgid: the workload (which never calls it) gets no series."""
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["getgid"]))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            with started_workload(workload_binary) as proc:
+                tree.move(proc.pid, pod.container_dir)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == b"done\n"
+                batch = collect(receiver)
+            assert not points_for(batch, "kpod.syscall.count", pod.container_id)
+            assert not points_for(batch, "kpod.syscall.latency", pod.container_id)
+        finally:
+            receiver.shutdown()
+
+
+def test_default_tracked_set_comes_from_settings() -> None:
+    ctx = context("syscall")
+    ctx.settings.syscall.tracked_syscalls = ["openat", "close"]
+    receiver = SyscallReceiver(ctx, SyscallConfig())
+    receiver.start()
+    try:
+        assert receiver.filter_contents() == set(resolve_syscalls(["openat", "close"]).values())
+        assert "tracked: openat,close" in receiver.route()
+    finally:
+        receiver.shutdown()
+
+
+def test_unknown_syscall_name_is_one_line_unavailable() -> None:
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["read", "no_such_call"]))
+    with pytest.raises(ComponentUnavailable, match="no_such_call"):
+        receiver.start()
+    assert receiver.loaded is None
+    receiver.shutdown()
+
+
+def test_shutdown_removes_programs_and_maps() -> None:
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig())
+    receiver.start()
+    prog_ids = {s.id for s in receiver.loaded.program_stats().values()}
+    map_ids = {m.id() for m in receiver.loaded.obj.maps.values()}
+    receiver.shutdown()
+
+    def ids(kind: str) -> set[int]:
+        out = subprocess.run(["bpftool", "-j", kind, "show"], check=True, capture_output=True, text=True).stdout
+        return {item["id"] for item in json.loads(out or "[]")}
+
+    deadline = time.monotonic() + 10
+    while (prog_ids & ids("prog") or map_ids & ids("map")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not prog_ids & ids("prog")
+    assert not map_ids & ids("map")
