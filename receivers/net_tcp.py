@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from kpod import btflayout
 from kpod.component import Factory
-from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec, Route
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 BYTES_SENT = MetricDef(
@@ -102,6 +102,22 @@ class NetTcpReceiver(BpfReceiver):
             # Pre-5.19 signature: the kretprobe (return value only) is the right fallback.
             enabled.discard("tcp_recvmsg_exit")
         return enabled
+
+    def start(self) -> None:
+        super().start()
+        if self.loaded is not None:
+            self._explain(self.loaded.routes)
+
+    def routes(self) -> list[Route]:
+        return self._explain(super().routes())
+
+    def _explain(self, routes: list[Route]) -> list[Route]:
+        """Say why the fexit receive route is off when it is the kernel's signature, not config."""
+        params = kernel_function_params("tcp_recvmsg")
+        for route in routes:
+            if route.program == "tcp_recvmsg_exit" and not route.active and params not in (None, TCP_RECVMSG_PARAMS):
+                route.reason = f"tcp_recvmsg has {params} parameters here, the program expects {TCP_RECVMSG_PARAMS}"
+        return routes
 
     def collect_maps(self, batch: Batch) -> None:
         sent = self.feeds_active(BYTES_SENT.name)
