@@ -77,7 +77,7 @@ fmt: venv
 	$(VENV)/bin/ruff format .
 
 # The wheel ships the compiled BPF objects as package data of kpod.bpf (the image installs only
-# this).  WHEEL_FLAGS=--no-build-isolation builds offline with the venv's setuptools.
+# this).  WHEEL_FLAGS=--no-build-isolation builds offline (needs setuptools>=77 installed).
 DIST ?= dist
 WHEEL_FLAGS ?=
 wheel: bpf
