@@ -65,16 +65,6 @@ def pipe_bench(loops: int, cpu: int) -> float:
     return float(re.search(r"([\d.]+) ops/sec", out).group(1))
 
 
-def per_event(before: dict[int, dict], after: dict[int, dict], ids: list[int]) -> dict[int, tuple[float, int]]:
-    out = {}
-    for pid in ids:
-        b, a = before.get(pid, {}), after.get(pid, {})
-        runs = a.get("run_cnt", 0) - b.get("run_cnt", 0)
-        ns = a.get("run_time_ns", 0) - b.get("run_time_ns", 0)
-        out[pid] = (ns / runs if runs else float("nan"), runs)
-    return out
-
-
 class BpftraceRun:
     def __init__(self, script: str) -> None:
         self.script = script
@@ -104,50 +94,68 @@ class BpftraceRun:
             self.proc.wait()
 
 
+class KpodRun:
+    """cpu_sched as the agent runs it (the mem object's programs do not fire on this load)."""
+
+    def __init__(self) -> None:
+        from kpod.cgroups import CgroupIndex
+        from kpod.component import Context, EmptyConfig
+        from kpod.selfmetrics import SelfMetrics
+        from kpod.settings import KpodSettings
+
+        ctx = Context("cpu_sched", KpodSettings(), CgroupIndex("/"), SelfMetrics())
+        self.receiver = CpuSchedReceiver(ctx, EmptyConfig())
+        self.receiver.start()
+        assert self.receiver.loaded is not None
+        self.names = {s.id: name for name, s in self.receiver.loaded.program_stats().items()}
+        self.ids = sorted(self.names)
+
+    def stop(self) -> None:
+        self.receiver.shutdown()
+
+
 def measure(loops: int, runs: int, cpu: int) -> dict:
-    results: dict = {}
-    results["baseline_ops"] = statistics.median(pipe_bench(loops, cpu) for _ in range(runs))
+    """Rounds of: no agent, kpod, bpftrace count-only, bpftrace runqlat-equivalent.
 
-    # kpod: cpu_sched (as it runs) and mem (the perf_event program does not fire here).
-    from kpod.cgroups import CgroupIndex
-    from kpod.component import Context, EmptyConfig
-    from kpod.selfmetrics import SelfMetrics
-    from kpod.settings import KpodSettings
-
-    ctx = Context("cpu_sched", KpodSettings(), CgroupIndex("/"), SelfMetrics())
-    receiver = CpuSchedReceiver(ctx, EmptyConfig())
-    receiver.start()
-    try:
-        assert receiver.loaded is not None
-        stats = receiver.loaded.program_stats()
-        ids = {s.id: name for name, s in stats.items()}
-        before = prog_table()
-        ops = [pipe_bench(loops, cpu) for _ in range(runs)]
-        after = prog_table()
-        results["kpod_ops"] = statistics.median(ops)
-        results["kpod"] = {ids[i]: v for i, v in per_event(before, after, list(ids)).items()}
-    finally:
-        receiver.shutdown()
-
+    Interleaving the configurations in every round spreads the drift of a shared VM over all
+    of them instead of penalising whichever ran last.  Per-event costs add up the bpf_stats
+    deltas of all rounds.
+    """
+    configs = {
+        "kpod": KpodRun,
+        "bpftrace_count": lambda: BpftraceRun(BPFTRACE_COUNT),
+        "bpftrace_runqlat": lambda: BpftraceRun(BPFTRACE_RUNQLAT),
+    }
+    ops: dict[str, list[float]] = {"baseline": [], **{k: [] for k in configs}}
+    costs: dict[str, dict[str, list[float]]] = {k: {} for k in configs}  # name -> [ns, runs]
     mounted_here = False
     if not os.path.isdir(os.path.join(TRACEFS, "events")):
         subprocess.run(["mount", "-t", "tracefs", "none", TRACEFS], check=True)
         mounted_here = True
     try:
-        for label, script in (("bpftrace_count", BPFTRACE_COUNT), ("bpftrace_runqlat", BPFTRACE_RUNQLAT)):
-            run = BpftraceRun(script)
-            try:
-                before = prog_table()
-                ops = [pipe_bench(loops, cpu) for _ in range(runs)]
-                after = prog_table()
-                names = {i: after[i].get("name", str(i)) for i in run.ids}
-                results[f"{label}_ops"] = statistics.median(ops)
-                results[label] = {names[i]: v for i, v in per_event(before, after, run.ids).items()}
-            finally:
-                run.stop()
+        for _ in range(runs):
+            ops["baseline"].append(pipe_bench(loops, cpu))
+            for label, make in configs.items():
+                run = make()
+                try:
+                    before = prog_table()
+                    ops[label].append(pipe_bench(loops, cpu))
+                    after = prog_table()
+                    names = getattr(run, "names", None) or {i: after[i].get("name", str(i)) for i in run.ids}
+                    for pid in run.ids:
+                        b, a = before.get(pid, {}), after.get(pid, {})
+                        acc = costs[label].setdefault(names[pid], [0.0, 0])
+                        acc[0] += a.get("run_time_ns", 0) - b.get("run_time_ns", 0)
+                        acc[1] += a.get("run_cnt", 0) - b.get("run_cnt", 0)
+                finally:
+                    run.stop()
     finally:
         if mounted_here:
             subprocess.run(["umount", TRACEFS], check=False)
+    results: dict = {"baseline_ops": statistics.median(ops["baseline"])}
+    for label in configs:
+        results[f"{label}_ops"] = statistics.median(ops[label])
+        results[label] = {n: (ns / cnt if cnt else float("nan"), int(cnt)) for n, (ns, cnt) in costs[label].items()}
     return results
 
 
@@ -205,8 +213,9 @@ def render(res: dict, loads: list[float], mem: dict[str, int], args: argparse.Na
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs "
         f"({_cpu_model()}), libbpf {libbpf.version()}, {sh('bpftrace', '--version').strip()}  ",
         f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
-        f"Load: `perf bench sched pipe -l {args.loops}` pinned to CPU {cpu}, median of {args.runs} runs; "
-        "per-event cost is bpf_stats run_time_ns / run_cnt over those runs.",
+        f"Load: `perf bench sched pipe -l {args.loops}` pinned to CPU {cpu}; {args.runs} rounds, each running "
+        "no agent, kpod, and both bpftrace scripts in turn (medians of ops/s); per-event cost is "
+        "bpf_stats run_time_ns / run_cnt summed over all rounds.",
         "",
         "| handler | hook | ns per event |",
         "|---|---|---|",
@@ -256,6 +265,24 @@ def render(res: dict, loads: list[float], mem: dict[str, int], args: argparse.Na
     ]
     lines += [f"| {name} | {b:,} |" for name, b in sorted(mem.items())]
     lines += [f"| **total** | **{sum(mem.values()):,}** ({sum(mem.values()) / 2**20:.2f} MiB) |", ""]
+    lines += [
+        "Notes:",
+        "",
+        "- Targets from issue 3: sched_switch <= 150 ns per event, our cost / bpftrace's < 1, "
+        "load + attach <= 100 ms, memlock of the standard profile's maps <= 8 MiB (this table covers "
+        "cpu_sched and mem; net adds its own).",
+        "- bpftrace 0.17 has no raw or BTF tracepoints, so its scripts use tracepoint:sched:*; a "
+        "tracepoint program also pays for the event record the kernel builds before it runs, which "
+        "bpf_stats does not count, so the ns column slightly favours bpftrace.  Its count-only script "
+        "does one per-CPU map update; the runqlat-equivalent does what cpu_sched does except keying the "
+        "histogram by next's cgroup, which its tracepoint arguments cannot reach.",
+        "- The enqueue stamps live in task-local storage (memcg-charged, allocated per task that "
+        "becomes runnable, freed at exit), so they do not show in bytes_memlock.",
+        "- The pipe benchmark is the worst case (every op is 2 switches and 2 wakeups) and the VM is "
+        "shared with other jobs: ops/s vary by tens of percent between rounds; the per-event ns "
+        "from bpf_stats are the stable figure.",
+        "",
+    ]
     return "\n".join(line for line in lines if line is not None)
 
 
@@ -273,7 +300,7 @@ def _cpu_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--loops", type=int, default=200000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--write", default="", help="write the markdown section to this file")
     args = parser.parse_args()
     if os.geteuid() != 0 or not os.path.exists("/sys/kernel/btf/vmlinux"):

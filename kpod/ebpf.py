@@ -156,13 +156,30 @@ class ProgramSpec:
 
     Programs with the same `feeds` are alternatives in the order listed.  `optional`: the
     receiver runs without it (its metrics are then absent).  `perf_event`: (type, config) of a
-    perf event opened on every online CPU with sample_period 1.
+    perf event opened on every online CPU with sample_period 1.  `tp_args`: the leading
+    argument types a tp_btf/raw_tp program reads, as the kernel's BTF spells them
+    ("struct task_struct *"); a kernel whose tracepoint has other arguments (a tracepoint whose
+    prototype changed between versions) does not get the program.
     """
 
     program: str
     feeds: tuple[str, ...]
     optional: bool = False
     perf_event: tuple[int, int] | None = None
+    tp_args: tuple[str, ...] = ()
+
+
+def tp_args_mismatch(section: str, expected: tuple[str, ...]) -> str | None:
+    """Why a typed tracepoint's arguments differ from what the program reads, or None."""
+    if not expected:
+        return None
+    kind, _, target = section.partition("/")
+    params = btflayout.tracepoint_params(target)
+    if params is None:
+        return f"kernel has no {kind}/{target}"
+    if tuple(params[: len(expected)]) != expected:
+        return f"{kind}/{target} passes ({', '.join(params)}) on this kernel, not ({', '.join(expected)})"
+    return None
 
 
 @dataclass
@@ -271,7 +288,7 @@ def _plan(obj: libbpf.BpfObject, specs: Iterable[ProgramSpec], enabled: set[str]
         elif spec.feeds in satisfied:
             routes.append(Route(spec.program, hook, spec.feeds, False, "an earlier alternative is used"))
         else:
-            reason = hook_unavailable(program.section)
+            reason = hook_unavailable(program.section) or tp_args_mismatch(program.section, spec.tp_args)
             routes.append(Route(spec.program, hook, spec.feeds, reason is None, reason or ""))
             if reason is None:
                 satisfied.add(spec.feeds)

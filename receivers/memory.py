@@ -1,6 +1,7 @@
 """Memory events per cgroup from bpf/mem.bpf.c: OOM kills and major page faults.
 
-- kpod.mem.oom.kills: charged to the victim's cgroup (tp_btf/mark_victim gives the victim task).
+- kpod.mem.oom.kills: charged to the victim's cgroup (tp_btf/mark_victim gives the victim task
+  since 6.8; older kernels count the victim process at its exit, see bpf/mem.bpf.c).
 - kpod.mem.major.page.faults: a perf software event (PERF_COUNT_SW_PAGE_FAULTS_MAJ, one per
   CPU, sample_period 1) runs a perf_event program on each major fault, in the faulting task;
   the same accounting point as the task's majflt.  `major_faults: false` leaves the events
@@ -32,7 +33,8 @@ class MemoryReceiver(BpfReceiver):
     metrics = (OOM_KILLS, MAJOR_FAULTS, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "mem"
     program_specs = (
-        ProgramSpec("oom_mark_victim", feeds=(OOM_KILLS.name,), optional=True),
+        ProgramSpec("oom_mark_victim", feeds=(OOM_KILLS.name,), optional=True, tp_args=("struct task_struct *",)),
+        ProgramSpec("oom_victim_exit", feeds=(OOM_KILLS.name,), optional=True, tp_args=("struct task_struct *",)),
         ProgramSpec(
             "mem_major_fault",
             feeds=(MAJOR_FAULTS.name,),
@@ -44,7 +46,7 @@ class MemoryReceiver(BpfReceiver):
     def enabled_programs(self) -> set[str]:
         enabled = set()
         if self.config.oom_kills:
-            enabled.add("oom_mark_victim")
+            enabled |= {"oom_mark_victim", "oom_victim_exit"}
         if self.config.major_faults:
             enabled.add("mem_major_fault")
         return enabled

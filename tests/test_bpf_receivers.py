@@ -252,17 +252,28 @@ def _readlink(path: str) -> str:
         return ""
 
 
-def test_oom_kill_counted_once_for_the_victims_pod() -> None:
+class ExitFallbackMemoryReceiver(MemoryReceiver):
+    """The memory receiver as it runs on kernels before 6.8 (no task in mark_victim)."""
+
+    def enabled_programs(self) -> set[str]:
+        return super().enabled_programs() - {"oom_mark_victim"}
+
+
+@pytest.mark.parametrize("route", ["tp_btf/mark_victim", "tp_btf/sched_process_exit"])
+def test_oom_kill_counted_once_for_the_victims_pod(route: str) -> None:
     memory_root = mounts().v1.get("memory")
     if memory_root is None:
         pytest.skip("no v1 memory controller on this host (pure cgroup2 needs memory.max instead)")
     hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
-    receiver = MemoryReceiver(context("memory"), MemoryConfig(major_faults=False))
+    cls = MemoryReceiver if route == "tp_btf/mark_victim" else ExitFallbackMemoryReceiver
+    receiver = cls(context("memory"), MemoryConfig(major_faults=False))
     with cgroup_tree() as tree, cgroup_tree(memory_root) as v1, workloads() as procs:
         pod, bystander = tree.pod(), tree.pod()
         memcg = v1.mkdir(f"kpod-test-oom-{uuid.uuid4().hex[:12]}")
         (memcg / "memory.limit_in_bytes").write_text(str(64 << 20))
         receiver.start()
+        active = [r.hook for r in receiver.routes() if r.active and "kpod.mem.oom.kills" in r.feeds]
+        assert active == [route]
         try:
             w = Workload(hog)
             procs.append(w)
@@ -407,6 +418,16 @@ def test_unavailable_reason_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ComponentUnavailable, match="make bpf"):
         receiver.start()
     receiver.shutdown()  # safe after a failed start
+
+
+def test_tracepoint_signature_guard() -> None:
+    """A program reading a task pointer is not loaded where the tracepoint passes something else."""
+    from kpod.ebpf import tp_args_mismatch
+
+    assert tp_args_mismatch("tp_btf/sched_switch", ("bool", "struct task_struct *")) is None
+    reason = tp_args_mismatch("tp_btf/sched_switch", ("int",))
+    assert reason and "passes (bool, struct task_struct *" in reason
+    assert "no tp_btf/no_such_tp" in (tp_args_mismatch("tp_btf/no_such_tp", ("int",)) or "")
 
 
 def test_route_names_the_hooks() -> None:
