@@ -69,3 +69,29 @@ class SelfMetrics:
 
 def histogram_point(metric: MetricDef, labels: Attributes, value: HistogramValue) -> Point:
     return Point(metric, None, labels, value)
+
+
+# Exporter self-metrics, shared by every exporter so that one dashboard covers them all.
+# Dotted names: the Prometheus naming rule adds `_total` to the counters.
+EXPORTER_SENT_POINTS = "kpod.exporter.sent.points"
+EXPORTER_SENT_POINTS_HELP = "Points the exporter delivered (OTLP: acknowledged by the receiver; Prometheus: rendered)."
+EXPORTER_FAILED_REQUESTS = "kpod.exporter.failed.requests"
+EXPORTER_FAILED_REQUESTS_HELP = "Export requests that failed (every attempt, transient or permanent)."
+EXPORTER_DROPPED_POINTS = "kpod.exporter.dropped.points"
+EXPORTER_DROPPED_POINTS_HELP = (
+    "Points that will never be delivered: queue full (oldest batch dropped), rejected by the receiver, or shutdown."
+)
+EXPORTER_QUEUE_BATCHES = "kpod.exporter.queue.batches"
+EXPORTER_QUEUE_BATCHES_HELP = "Batches waiting in the exporter's queue (including one being retried)."
+
+
+def declare_exporter_metrics(metrics: SelfMetrics, exporter_id: str) -> None:
+    """Put the exporter's series at 0 from the start, so that rate() works from the first event."""
+    labels = (("exporter", exporter_id),)
+    for name, help_text in (
+        (EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP),
+        (EXPORTER_FAILED_REQUESTS, EXPORTER_FAILED_REQUESTS_HELP),
+        (EXPORTER_DROPPED_POINTS, EXPORTER_DROPPED_POINTS_HELP),
+    ):
+        metrics.inc(name, help_text, labels, 0)
+    metrics.set(EXPORTER_QUEUE_BATCHES, EXPORTER_QUEUE_BATCHES_HELP, 0, labels)

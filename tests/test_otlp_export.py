@@ -1,0 +1,677 @@
+"""The OTLP exporter against real OTLP receivers (gRPC MetricsService and HTTP /v1/metrics on
+127.0.0.1): what arrives equals what the batch held, point for point."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kpod.exporters.otlp import OtlpConfig, OtlpExporter, TlsConfig, resolve_target
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+from otlp_receiver import GrpcReceiver, HttpReceiver, Received, make_tls
+
+from bench.synthetic import node_batch
+from kpod.component import Context
+from kpod.config import ConfigError, load_config
+from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.selfmetrics import SelfMetrics
+from kpod.settings import KpodSettings
+from kpod.units import Duration
+
+PROTOCOLS = ("grpc", "http/protobuf")
+NODE = "node-1"
+
+
+def with_otel(batch: Batch) -> Batch:
+    """The synthetic node batch with the OTel resource attributes k8sattributes would set."""
+    resources: dict[Any, Resource] = {}
+    for point in batch.points:
+        labels = point.resource.labels if point.resource else ()
+        resource = resources.get(labels)
+        if resource is None:
+            found = dict(labels)
+            otel = {
+                "k8s.namespace.name": found["namespace"],
+                "k8s.pod.name": found["pod"],
+                "k8s.pod.uid": f"uid-{found['pod']}",
+                "k8s.container.name": found["container"],
+                "container.id": f"cid-{found['pod']}",
+                "k8s.node.name": found["node"],
+            }
+            resource = resources[labels] = Resource(labels, tuple(sorted(otel.items())))
+        point.resource = resource
+    return batch
+
+
+def make_exporter(
+    receiver: GrpcReceiver | HttpReceiver | None,
+    protocol: str,
+    metrics: SelfMetrics | None = None,
+    port: int | None = None,
+    **overrides: Any,
+) -> OtlpExporter:
+    settings = KpodSettings()
+    settings.node_name = NODE
+    settings.poll_interval = Duration(0.01)  # export() every call
+    port = port if port is not None else receiver.port  # type: ignore[union-attr]
+    config = OtlpConfig(
+        endpoint=f"127.0.0.1:{port}",
+        protocol=protocol,
+        **{
+            "tls": TlsConfig(insecure=True),
+            "backoff_initial": Duration(0.05),
+            "backoff_max": Duration(0.2),
+            "timeout": Duration(2.0),
+            **overrides,
+        },
+    )
+    config.validate()
+    context = Context(id="otlp/test", settings=settings, cgroups=None, self_metrics=metrics or SelfMetrics())  # type: ignore[arg-type]
+    exporter = OtlpExporter(context, config)
+    exporter.start()
+    return exporter
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def flatten(received: list[Received]) -> list[dict[str, Any]]:
+    """One record per data point, with its resource, scope and metric."""
+    out = []
+    for item in received:
+        for rm in item.request.resource_metrics:
+            resource = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    data = getattr(metric, kind)
+                    for dp in data.data_points:
+                        record: dict[str, Any] = {
+                            "resource": resource,
+                            "scope": (sm.scope.name, sm.scope.version),
+                            "name": metric.name,
+                            "unit": metric.unit,
+                            "description": metric.description,
+                            "kind": kind,
+                            "temporality": getattr(data, "aggregation_temporality", None),
+                            "monotonic": getattr(data, "is_monotonic", None),
+                            "attributes": {kv.key: kv.value.string_value for kv in dp.attributes},
+                            "start": dp.start_time_unix_nano,
+                            "time": dp.time_unix_nano,
+                        }
+                        if kind == "histogram":
+                            record["value"] = (
+                                tuple(dp.explicit_bounds), tuple(dp.bucket_counts), dp.sum, dp.count,
+                                dp.HasField("min"), dp.HasField("max"),
+                            )
+                        else:
+                            record["value"] = dp.as_double if dp.WhichOneof("value") == "as_double" else dp.as_int
+                        out.append(record)
+    return out
+
+
+def series_key(resource: dict[str, str], name: str, attributes: dict[str, str]) -> tuple[Any, ...]:
+    return (tuple(sorted(resource.items())), name, tuple(sorted(attributes.items())))
+
+
+def expected_records(batch: Batch) -> dict[tuple[Any, ...], Point]:
+    base = {"service.name": "kpod-metrics", "host.name": socket.gethostname(), "k8s.node.name": NODE}
+    out: dict[tuple[Any, ...], Point] = {}
+    for point in batch.points:
+        resource = dict(base)
+        if point.resource is not None:
+            resource.update(point.resource.otel)
+        key = series_key(resource, point.metric.name, dict(point.attributes))
+        assert key not in out, f"test batch has a duplicate series {key}"
+        out[key] = point
+    return out
+
+
+def total_points(received: list[Received]) -> int:
+    return len(flatten(received))
+
+
+def assert_delivered_equal(batch: Batch, received: list[Received]) -> None:
+    records = flatten(received)
+    expected = expected_records(batch)
+    assert len(records) == len(expected), (len(records), len(expected))
+    kinds = {Kind.COUNTER: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram"}
+    cumulative = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+    seen = set()
+    for record in records:
+        resource = dict(record["resource"])
+        assert resource.pop("service.version")  # present, the agent's version
+        key = series_key(resource, record["name"], record["attributes"])
+        assert key in expected, f"unexpected series {key}"
+        assert key not in seen, f"series sent twice {key}"
+        seen.add(key)
+        point = expected[key]
+        assert record["scope"][0] == "kpod-metrics"
+        assert record["unit"] == point.metric.unit
+        assert record["description"] == point.metric.description
+        assert record["kind"] == kinds[point.metric.kind]
+        assert record["time"] == batch.time_ns
+        if point.metric.kind is Kind.GAUGE:
+            assert record["temporality"] is None
+        else:
+            assert record["temporality"] == cumulative
+            assert record["start"] > 0 and record["start"] <= record["time"]
+        if point.metric.kind is Kind.COUNTER:
+            assert record["monotonic"] is True
+        if isinstance(point.value, HistogramValue):
+            bounds, counts, total, count, has_min, has_max = record["value"]
+            assert bounds == point.value.bounds
+            assert counts == point.value.counts
+            assert len(counts) == len(bounds) + 1
+            assert total == pytest.approx(point.value.sum, rel=1e-12)
+            assert count == point.value.count
+            assert not has_min and not has_max  # the kernel keeps neither
+        else:
+            assert record["value"] == pytest.approx(point.value, rel=1e-12)
+
+
+def self_point(name: str, value: float) -> Point:
+    return Point(MetricDef(name, Kind.GAUGE, "1", "agent"), None, (("exporter", "x"),), value)
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_node_batch_arrives_point_for_point(protocol: str) -> None:
+    receiver = (GrpcReceiver() if protocol == "grpc" else HttpReceiver()).start()
+    exporter = make_exporter(receiver, protocol, max_batch_points=1000, headers={"X-Scope-OrgID": "tenant-7"})
+    try:
+        batch = with_otel(node_batch(pods=40, seed=3))
+        batch.add(self_point("kpod.test.agent.gauge", 3.5))
+        exporter.export(batch)
+        received = receiver.wait_for(lambda got: total_points(got) >= len(batch))
+        time.sleep(0.1)  # anything extra would arrive now
+        received = receiver.requests()
+        assert_delivered_equal(batch, received)
+        # max_batch_points: every request within it, and more than one request for this batch.
+        sizes = [total_points([r]) for r in received]
+        assert max(sizes) <= 1000 and len(received) == -(-len(batch) // 1000)
+        assert all(r.metadata.get("x-scope-orgid") == "tenant-7" for r in received)
+        # One Resource per container of each pod, the agent's own points under the agent's.
+        pods = {rec["resource"].get("k8s.pod.name") for rec in flatten(received)}
+        assert len(pods) == 40 + 1  # 40 pods + the agent (no pod name)
+        assert exporter.sent_points == len(batch)
+        assert exporter.failed_requests == 0
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+
+
+def test_requests_are_split_below_the_collector_receive_limit() -> None:
+    """A huge max_batch_points still yields requests under 4 MiB (the Collector's default)."""
+    receiver = GrpcReceiver().start()
+    exporter = make_exporter(receiver, "grpc", max_batch_points=1_000_000, compression="none")
+    try:
+        batch = with_otel(node_batch(pods=400))  # about 4.5 MB in one request
+        exporter.export(batch)
+        received = receiver.wait_for(lambda got: total_points(got) >= len(batch), timeout=30)
+        assert len(received) >= 2
+        assert all(r.size < 4 * 1024 * 1024 for r in received)
+        assert_delivered_equal(batch, received)
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+
+
+def test_real_cgroup_cpu_points_through_the_pipeline(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """cgroup_cpu on this machine's cgroups, k8sattributes (local), OTLP: the cycle's batch,
+    with the processor's resource attributes, arrives unchanged."""
+    from kpod.agent import build_cgroup_index
+    from kpod.pipeline import Pipeline
+
+    receiver = GrpcReceiver().start()
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "kpod: {profile: custom, poll_interval: 1s, node_name: node-1, discovery: {mode: local}}\n"
+        "receivers: {cgroup_cpu: {}}\n"
+        f"exporters: {{otlp: {{endpoint: '127.0.0.1:{receiver.port}', tls: {{insecure: true}}}}}}\n"
+        "service: {pipelines: {metrics: {receivers: [cgroup_cpu], exporters: [otlp]}}}\n"
+    )
+    config = load_config(str(path), environ=clean_env)
+    pipeline = Pipeline(config, build_cgroup_index(config))
+    pipeline.start()
+    try:
+        batch = pipeline.run_cycle()
+        cgroup_points = [p for p in batch.points if p.cgroup is not None]
+        if not cgroup_points:
+            pytest.skip("cgroup_cpu found no cgroups on this machine")
+        assert all(p.resource is not None and p.resource.otel for p in cgroup_points)
+        received = receiver.wait_for(lambda got: total_points(got) >= len(batch))
+        assert_delivered_equal(batch, received)
+        names = {r["name"] for r in flatten(received)}
+        assert "kpod.exporter.sent.points" in names  # self-metrics travel too
+    finally:
+        pipeline.shutdown()
+        receiver.stop()
+
+
+# --------------------------------------------------------------------------- outages
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_collector_down_then_back(protocol: str) -> None:
+    """Stop the receiver mid-run: the queue stays within queue_size, the oldest batches are
+    dropped and counted; start it again on the same port: delivery resumes, no restart."""
+    receiver = (GrpcReceiver() if protocol == "grpc" else HttpReceiver()).start()
+    metrics = SelfMetrics()
+    exporter = make_exporter(receiver, protocol, metrics, queue_size=3)
+    labels = (("exporter", "otlp/test"),)
+    try:
+        first = with_otel(node_batch(pods=2, seed=1))
+        exporter.export(first)
+        receiver.wait_for(lambda got: total_points(got) >= len(first))
+        receiver.stop()
+
+        down_batches = [with_otel(node_batch(pods=2, seed=10 + i)) for i in range(8)]
+        max_queue = 0
+        for batch in down_batches:
+            exporter.export(batch)
+            max_queue = max(max_queue, exporter.queue_batches())
+            assert metrics.get("kpod.exporter.queue.batches", labels) <= 3
+            time.sleep(0.15)
+        assert max_queue == 3
+        assert exporter.failed_requests > 0
+        dropped = metrics.get("kpod.exporter.dropped.points", labels)
+        # 8 batches while down, at most 3 held: at least 5 were dropped, whole.
+        assert dropped >= 5 * len(first) and dropped % len(first) == 0
+        assert dropped == exporter.dropped_points
+
+        receiver.start()  # same port
+        last = down_batches[-1]
+        got = receiver.wait_for(lambda got: any(r["time"] == last.time_ns for r in flatten(got)), timeout=15)
+        # The held (newest) batches arrived, the dropped (oldest) ones never did.
+        times = {r["time"] for r in flatten(got)}
+        held = [b.time_ns for b in down_batches[-3:]]
+        assert set(held) <= times
+        assert down_batches[0].time_ns not in times
+        newest = [r for r in got if flatten([r])[0]["time"] == last.time_ns]
+        assert_delivered_equal(last, newest)
+        assert exporter.queue_batches() == 0
+        assert metrics.get("kpod.exporter.sent.points", labels) == exporter.sent_points == 4 * len(first)
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+
+
+def test_collector_absent_at_start_is_not_fatal() -> None:
+    port = GrpcReceiver().port  # nothing listens there yet
+    exporter = make_exporter(None, "grpc", port=port)
+    try:
+        batch = with_otel(node_batch(pods=1))
+        exporter.export(batch)
+        time.sleep(0.3)
+        assert exporter.failed_requests >= 1 and exporter.sent_points == 0
+        receiver = GrpcReceiver(port=port).start()
+        try:
+            got = receiver.wait_for(lambda got: total_points(got) >= len(batch), timeout=15)
+            assert_delivered_equal(batch, got)
+        finally:
+            receiver.stop()
+    finally:
+        exporter.shutdown()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_export_never_blocks_on_a_slow_collector(protocol: str) -> None:
+    receiver = (GrpcReceiver() if protocol == "grpc" else HttpReceiver()).start()
+    if protocol == "grpc":
+        receiver.delay_s = 1.5  # type: ignore[union-attr]
+    else:
+        receiver.stop()
+        # A listener that accepts and never answers.
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", receiver.port))
+        silent.listen(16)
+    exporter = make_exporter(receiver, protocol, queue_size=2)
+    try:
+        durations = []
+        for i in range(6):
+            batch = with_otel(node_batch(pods=5, seed=i))
+            began = time.perf_counter()
+            exporter.export(batch)
+            durations.append(time.perf_counter() - began)
+            time.sleep(0.05)
+        assert max(durations) < 0.05, durations
+        assert exporter.queue_batches() <= 2
+        assert exporter.dropped_points > 0
+        began = time.monotonic()
+        exporter.shutdown()
+        assert time.monotonic() - began < 3.0  # shutdown cuts the hanging request
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+        if protocol != "grpc":
+            silent.close()
+
+
+# --------------------------------------------------------------------------- permanent errors
+
+
+GRPC_PERMANENT = ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED")
+HTTP_PERMANENT = (400, 401, 403)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "failure"),
+    [("grpc", code) for code in GRPC_PERMANENT] + [("http/protobuf", status) for status in HTTP_PERMANENT],
+)
+def test_permanent_error_is_counted_logged_once_not_retried(
+    protocol: str, failure: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import grpc
+
+    receiver = (GrpcReceiver() if protocol == "grpc" else HttpReceiver()).start()
+    if protocol == "grpc":
+        receiver.fail_with = getattr(grpc.StatusCode, failure)  # type: ignore[union-attr]
+    else:
+        receiver.fail_status = failure  # type: ignore[union-attr]
+    metrics = SelfMetrics()
+    labels = (("exporter", "otlp/test"),)
+    caplog.set_level(logging.DEBUG, logger="kpod")
+    exporter = make_exporter(receiver, protocol, metrics)
+    try:
+        batches = 4
+        for i in range(batches):
+            batch = with_otel(node_batch(pods=1, seed=i))
+            exporter.export(batch)
+            deadline = time.monotonic() + 5
+            while exporter.failed_requests < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        time.sleep(0.5)  # several backoff periods: a retry would show now
+        assert receiver.attempts == batches  # one request per batch, no retry
+        assert exporter.failed_requests == batches
+        assert metrics.get("kpod.exporter.failed.requests", labels) == batches
+        assert metrics.get("kpod.exporter.dropped.points", labels) == batches * len(batch)
+        assert metrics.get("kpod.exporter.sent.points", labels) == 0
+        errors = [r for r in caplog.records if r.levelno >= logging.WARNING and "rejected" in r.getMessage()]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert str(failure) in errors[0].getMessage()
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_transient_error_is_retried_with_growing_backoff(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
+    import grpc
+
+    receiver = (GrpcReceiver() if protocol == "grpc" else HttpReceiver()).start()
+    if protocol == "grpc":
+        receiver.fail_with = grpc.StatusCode.UNAVAILABLE  # type: ignore[union-attr]
+    else:
+        receiver.fail_status = 503  # type: ignore[union-attr]
+    caplog.set_level(logging.INFO, logger="kpod")
+    exporter = make_exporter(receiver, protocol, backoff_initial=Duration(0.05), backoff_max=Duration(0.4))
+    try:
+        batch = with_otel(node_batch(pods=1))
+        exporter.export(batch)
+        time.sleep(1.5)
+        attempts = receiver.attempt_times[:]
+        # Backoff 0.05, 0.1, 0.2, 0.4, 0.4... (+-20 %): about 6 attempts in 1.5 s, not hundreds.
+        assert 4 <= len(attempts) <= 10, len(attempts)
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert gaps[0] >= 0.04 and max(gaps) <= 0.4 * 1.2 + 0.2
+        assert max(gaps) >= 0.3  # it grew up to the cap
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "retrying" in r.getMessage()]
+        assert len(warnings) == 1
+        # The collector recovers: the same batch goes through, and that is logged.
+        receiver.fail_with = None  # type: ignore[union-attr]
+        receiver.fail_status = None  # type: ignore[union-attr]
+        got = receiver.wait_for(lambda got: total_points(got) >= len(batch))
+        assert_delivered_equal(batch, got)
+        assert any("reachable again" in r.getMessage() for r in caplog.records)
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+
+
+# --------------------------------------------------------------------------- TLS and gzip
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not any(os.access(os.path.join(d, "openssl"), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
+        pytest.skip("the openssl CLI is needed to make a test CA")
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_tls_with_a_self_signed_ca(protocol: str, tls_files: Any) -> None:
+    receiver = (GrpcReceiver(tls=tls_files) if protocol == "grpc" else HttpReceiver(tls=tls_files)).start()
+    trusted = make_exporter(receiver, protocol, tls=TlsConfig(ca_file=str(tls_files.ca_cert)))
+    untrusted = make_exporter(receiver, protocol, tls=TlsConfig())  # system roots: not our CA
+    try:
+        assert trusted.target.secure and untrusted.target.secure
+        batch = with_otel(node_batch(pods=2))
+        trusted.export(batch)
+        got = receiver.wait_for(lambda got: total_points(got) >= len(batch))
+        assert_delivered_equal(batch, got)
+        untrusted.export(with_otel(node_batch(pods=2)))
+        deadline = time.monotonic() + 5
+        while untrusted.failed_requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert untrusted.failed_requests >= 1 and untrusted.sent_points == 0
+        assert total_points(receiver.requests()) == len(batch)
+    finally:
+        trusted.shutdown()
+        untrusted.shutdown()
+        receiver.stop()
+
+
+def test_grpc_mutual_tls(tls_files: Any) -> None:
+    receiver = GrpcReceiver(tls=tls_files, client_ca=True).start()
+    with_cert = make_exporter(
+        receiver, "grpc",
+        tls=TlsConfig(ca_file=str(tls_files.ca_cert), cert_file=str(tls_files.client_cert),
+                      key_file=str(tls_files.client_key)),
+    )
+    without = make_exporter(receiver, "grpc", tls=TlsConfig(ca_file=str(tls_files.ca_cert)))
+    try:
+        batch = with_otel(node_batch(pods=1))
+        with_cert.export(batch)
+        receiver.wait_for(lambda got: total_points(got) >= len(batch))
+        without.export(with_otel(node_batch(pods=1)))
+        deadline = time.monotonic() + 5
+        while without.failed_requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert without.failed_requests >= 1 and without.sent_points == 0
+    finally:
+        with_cert.shutdown()
+        without.shutdown()
+        receiver.stop()
+
+
+def test_http_gzip_on_the_wire() -> None:
+    receiver = HttpReceiver().start()
+    zipped = make_exporter(receiver, "http/protobuf", compression="gzip")
+    plain = make_exporter(receiver, "http/protobuf", compression="none")
+    try:
+        batch = with_otel(node_batch(pods=5))
+        zipped.export(batch)
+        (first,) = receiver.wait_for(lambda got: len(got) >= 1)
+        plain.export(batch)
+        second = receiver.wait_for(lambda got: len(got) >= 2)[1]
+        assert first.encoding == "gzip" and second.encoding == ""
+        assert first.size < second.size / 3  # really compressed on the wire
+        assert_delivered_equal(batch, [first])
+        assert_delivered_equal(batch, [second])
+    finally:
+        zipped.shutdown()
+        plain.shutdown()
+        receiver.stop()
+
+
+class _CountingProxy:
+    """A loopback TCP forwarder that counts the bytes the client sends (what is on the wire)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.client_bytes = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if count:
+                    with self._lock:
+                        self.client_bytes += len(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_grpc_gzip_on_the_wire(compression: str) -> None:
+    receiver = GrpcReceiver().start()
+    proxy = _CountingProxy(receiver.port)
+    exporter = make_exporter(receiver, "grpc", port=proxy.port, compression=compression)
+    try:
+        batch = with_otel(node_batch(pods=5))
+        exporter.export(batch)
+        got = receiver.wait_for(lambda got: total_points(got) >= len(batch))
+        assert_delivered_equal(batch, got)
+        message_bytes = sum(r.size for r in got)
+        if compression == "gzip":
+            assert proxy.client_bytes < message_bytes / 3, (proxy.client_bytes, message_bytes)
+        else:
+            assert proxy.client_bytes > message_bytes, (proxy.client_bytes, message_bytes)
+    finally:
+        exporter.shutdown()
+        proxy.close()
+        receiver.stop()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_targets() -> None:
+    def target(**kw: Any) -> str:
+        return str(resolve_target(OtlpConfig(**kw)))
+
+    assert target() == "grpcs://localhost:4317"
+    assert target(tls=TlsConfig(insecure=True)) == "grpc://localhost:4317"
+    assert target(endpoint="http://collector:4317") == "grpc://collector:4317"
+    assert target(endpoint="collector") == "grpcs://collector:4317"
+    assert target(protocol="http/protobuf") == "https://localhost:4318/v1/metrics"
+    assert target(protocol="http/protobuf", endpoint="http://c:4318") == "http://c:4318/v1/metrics"
+    assert target(protocol="http/protobuf", endpoint="https://otlp.example/otlp/v1/metrics") == (
+        "https://otlp.example:443/otlp/v1/metrics"
+    )
+    assert target(endpoint="[::1]:4317", tls=TlsConfig(insecure=True)) == "grpc://[::1]:4317"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ("{protocol: thrift}", "must be one of grpc, http/protobuf"),
+        ("{endpoint: 'https://c:4317', tls: {insecure: true}}", "tls.insecure"),
+        ("{tls: {cert_file: /x}}", "go together"),
+        ("{endpoint: 'ftp://c'}", "scheme"),
+        ("{endpoint: 'c:4317/path'}", "no path"),
+        ("{compression: zstd}", "must be one of gzip, none"),
+        ("{queue_size: 0}", "between 1 and"),
+        ("{max_batch_points: 0}", "between 1 and"),
+        ("{headers: {'bad header': x}}", "invalid header"),
+        ("{backoff_initial: 10s, backoff_max: 1s}", "backoff_max"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path: Path, clean_env: dict[str, str], settings: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"exporters:\n  otlp/a: {settings}\nservice: {{pipelines: {{metrics: {{exporters: [otlp/a]}}}}}}\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path), environ=clean_env)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_two_otlp_exporters_coexist(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "exporters:\n"
+        "  otlp/a: {endpoint: 'a:4317', headers: {authorization: 'Bearer x'}, interval: 60s}\n"
+        "  otlp/b: {endpoint: 'http://b:4318', protocol: http/protobuf, compression: none, queue_size: 3}\n"
+        "service: {pipelines: {metrics: {exporters: [otlp/a, otlp/b]}}}\n"
+    )
+    config = load_config(str(path), environ=clean_env)
+    a, b = config.exporters
+    assert (a.id, b.id) == ("otlp/a", "otlp/b")
+    assert a.config.headers == {"authorization": "Bearer x"} and a.config.interval.seconds == 60
+    assert b.config.queue_size == 3 and b.config.compression == "none"
+
+
+def test_interval_thins_out_snapshots() -> None:
+    receiver = GrpcReceiver().start()
+    exporter = make_exporter(receiver, "grpc", interval=Duration(0.5))
+    try:
+        batches = []
+        began = time.monotonic()
+        while time.monotonic() - began < 1.2:
+            batch = with_otel(node_batch(pods=1, seed=len(batches)))
+            batches.append(batch)
+            exporter.export(batch)
+            time.sleep(0.05)
+        time.sleep(0.3)
+        times = {r["time"] for r in flatten(receiver.requests())}
+        assert 2 <= len(times) <= 4, len(times)  # ~every 0.5 s of 1.2 s, not ~24 snapshots
+        assert batches[0].time_ns in times
+    finally:
+        exporter.shutdown()
+        receiver.stop()
+
+
+def test_points_without_otel_attributes_keep_their_labels() -> None:
+    receiver = GrpcReceiver().start()
+    exporter = make_exporter(receiver, "grpc")
+    try:
+        metric = MetricDef("kpod.test.x", Kind.COUNTER, "By", "x")
+        resource = Resource((("namespace", "a"), ("pod", "b")))
+        batch = Batch([
+            Point(metric, CgroupRef(1, "/a"), (), 5.0, resource),
+            Point(metric, CgroupRef(2, "/b"), (), 7.0, Resource((("namespace", "a"), ("pod", "c")))),
+        ])
+        exporter.export(batch)
+        got = flatten(receiver.wait_for(lambda got: total_points(got) >= 2))
+        assert sorted((r["attributes"]["pod"], r["value"]) for r in got) == [("b", 5.0), ("c", 7.0)]
+    finally:
+        exporter.shutdown()
+        receiver.stop()
