@@ -140,7 +140,7 @@ class K8sAttributesProcessor(Processor):
             raise
         if not self.discovery.wait_synced(self.config.wait_for_sync.seconds):
             self.log.warning(
-                "no pod list after %s (%s); cgroups stay unlabelled until it arrives",
+                "no pod list after %s (%s); pod cgroups are dropped (not_synced) until it arrives",
                 self.config.wait_for_sync,
                 self.store.last_error or "no answer yet",
             )
