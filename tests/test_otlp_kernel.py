@@ -1,0 +1,73 @@
+"""Kernel histograms over OTLP: the run-queue latency buckets the cpu_sched BPF map held arrive
+at a real gRPC receiver unchanged (bucket counts, bounds, sum, count), with the pod's resource."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for, workloads
+from kpod.processors.k8sattributes import K8sAttributesConfig, K8sAttributesProcessor
+from kpod.receivers.cpu_sched import CpuSchedReceiver
+from otlp_receiver import GrpcReceiver
+from test_otlp_export import assert_delivered_equal, flatten, make_exporter, total_points
+
+from kpod.component import EmptyConfig
+from kpod.model import Batch, HistogramValue
+
+pytestmark = kernel_test
+
+
+def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
+    hog = "end = time.monotonic() + 0.5\nwhile time.monotonic() < end:\n    pass\nprint('done', flush=True)\n"
+    cpu = min(os.sched_getaffinity(0))
+    receiver_context = context("cpu_sched")
+    receiver = CpuSchedReceiver(receiver_context, EmptyConfig())
+    # k8sattributes in local mode: the pod's resource attributes from the kubepods path.
+    settings = receiver_context.settings
+    settings.discovery.mode = "local"
+    settings.node_name = "node-k"
+    processor = K8sAttributesProcessor(receiver_context, K8sAttributesConfig())
+    collector = GrpcReceiver().start()
+    exporter = make_exporter(collector, "grpc")
+    with cgroup_tree() as tree, workloads() as procs:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            hogs = [Workload(hog, cpu=cpu) for _ in range(2)]
+            procs.extend(hogs)
+            for h in hogs:
+                tree.move(h.pid, pod.container_dir)
+            for h in hogs:
+                h.go()
+            for h in hogs:
+                assert h.readline() == "done"
+            receiver_context.cgroups.refresh()
+            raw = receiver.collect()
+        finally:
+            receiver.shutdown()
+        (point,) = points_for(raw, "kpod.cpu.runqueue.latency", pod.container_id)
+        hist = point.value
+        assert isinstance(hist, HistogramValue) and hist.count > 0
+        kernel_counts = hist.counts  # as read from the map, before any processing
+        batch = processor.process(Batch([p for p in raw.points if p.cgroup is not None], raw.time_ns))
+        try:
+            exporter.export(batch)
+            got = collector.wait_for(lambda got: total_points(got) >= len(batch))
+            time.sleep(0.1)
+            assert_delivered_equal(batch, collector.requests())
+            (sent,) = [
+                r for r in flatten(collector.requests())
+                if r["name"] == "kpod.cpu.runqueue.latency" and r["resource"].get("k8s.pod.uid") == pod.uid
+            ]
+            bounds, counts, total, count, _, _ = sent["value"]
+            assert counts == kernel_counts
+            assert bounds == hist.bounds
+            assert count == sum(kernel_counts)
+            assert total == pytest.approx(hist.sum)
+            assert sent["unit"] == "s" and sent["resource"]["k8s.node.name"] == "node-k"
+            assert got
+        finally:
+            exporter.shutdown()
+            collector.stop()
