@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -409,6 +411,36 @@ def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
     assert not map_ids & _bpftool_ids("map")
     assert perf_fds() == perf_before
     assert not [o for o in REGISTRY.objects() if o.name in ("cpu_sched", "mem")]
+
+
+def test_without_bpf_capabilities_start_says_why() -> None:
+    """A process without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN gets a one-line reason, not a crash."""
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop capabilities")
+    code = (
+        "from kpod.component import ComponentUnavailable, EmptyConfig\n"
+        "from kpod.receivers.cpu_sched import CpuSchedReceiver\n"
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from kernel_util import context\n"
+        "r = CpuSchedReceiver(context('cpu_sched'), EmptyConfig())\n"
+        "print(r.preflight())\n"
+        "try:\n"
+        "    r.start()\n"
+        "except ComponentUnavailable as exc:\n"
+        "    print('unavailable:', exc)\n"
+        "r.shutdown()\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--bounding-set", "-bpf,-perfmon,-sys_admin", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    ).stdout.splitlines()
+    assert out == [
+        "needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs",
+        "unavailable: needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs",
+    ]
 
 
 def test_unavailable_reason_is_one_line(tmp_path: Path) -> None:
