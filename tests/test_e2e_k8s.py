@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from fake_apiserver import FakeApiServer, make_pod
 from kernel_util import CgroupTree, cgroup_tree, mounts
+from kpod.processors.k8sattributes import PODS_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ service:
             assert until(lambda: {s["pod"] for s in series(scrape(port), metric)} == {"db-1"})
             text = scrape(port)
             assert 'kpod_cgroups_unresolved_total{reason="unknown_pod"}' in text
-            assert "kpod_discovery_pods 1" in text
+            assert f"{PODS_METRIC.replace('.', '_')} 1" in text
         finally:
             for proc in processes:
                 proc.terminate()
