@@ -334,3 +334,19 @@ def test_shutdown_is_prompt_during_a_long_watch(api: FakeApiServer, harness: Har
     harness.processor.shutdown()
     assert time.monotonic() - began < 2.0
     harness.processor.shutdown()  # idempotent
+
+
+def test_list_is_paginated(api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kpod.discovery
+
+    monkeypatch.setattr(kpod.discovery, "LIST_PAGE_SIZE", 2)
+    uids = {api.add_pod(make_pod(f"web-{i}"))["metadata"]["uid"] for i in range(5)}
+    h = Harness(api, tmp_path)
+    try:
+        h.processor.start()
+        assert set(h.store.snapshot()) == uids
+        lists = [q for _, q in api.requests if q.get("watch") != "true"]
+        assert [q.get("limit") for q in lists] == ["2", "2", "2"]
+        assert [q.get("continue") for q in lists] == [None, "2", "4"]
+    finally:
+        h.processor.shutdown()
