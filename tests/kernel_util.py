@@ -60,6 +60,31 @@ def write(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+KUBELET_CONTROLLERS = ("cpu", "io", "memory", "pids")
+
+
+def enable_controllers(cgroup: Path, wanted: tuple[str, ...] = KUBELET_CONTROLLERS) -> None:
+    """Enable for `cgroup`'s children the controllers a kubelet enables, where available.
+
+    Only for directories we made (never the root or someone else's cgroup).  A no-op on the
+    controller-less cgroup2 of a hybrid host and on v1 trees (no cgroup.controllers there).
+    """
+    try:
+        available = set((cgroup / "cgroup.controllers").read_text().split())
+        enabled = set((cgroup / "cgroup.subtree_control").read_text().split())
+    except OSError:
+        return
+    missing = [c for c in wanted if c in available and c not in enabled]
+    if missing:
+        write(cgroup / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+
+
+def pure_cgroup2_memory() -> bool:
+    """The memory controller is on cgroup2 (pure v2): OOM limits go in memory.max."""
+    unified = mounts().unified
+    return bool(unified) and "memory" in Path(unified, "cgroup.subtree_control").read_text().split()
+
+
 @dataclass
 class Pod:
     """A kubepods-shaped pod cgroup with one container scope (systemd driver names)."""
@@ -87,6 +112,10 @@ class CgroupTree:
     def mkdir(self, relative: str) -> Path:
         path = self.root
         for part in Path(relative).parts:
+            if path in self.created:
+                # A kubelet enables controllers all the way down; on pure cgroup2 a new
+                # directory has no io.stat, memory.* or cpu.max until its parent does.
+                enable_controllers(path)
             path = path / part
             if not path.exists():
                 path.mkdir()

@@ -34,21 +34,17 @@ from kpod.receivers.cpu_sched import CpuSchedReceiver
 from kpod.receivers.memory import MemoryConfig, MemoryReceiver
 
 from kpod import libbpf
-from kpod.component import ComponentUnavailable, EmptyConfig
+from kpod.component import ComponentUnavailable, EmptyConfig, Receiver
 from kpod.ebpf import REGISTRY
+from kpod.model import Batch
 
 pytestmark = kernel_test
 
 
-def collect(receiver):
+def collect(receiver: Receiver) -> Batch:
     """One cycle as the pipeline runs it: walk the cgroup tree, then collect."""
     receiver.context.cgroups.refresh()
     return receiver.collect()
-
-
-def started(receiver):
-    receiver.start()
-    return receiver
 
 
 def test_context_switches_at_least_proc_status() -> None:

@@ -1,0 +1,110 @@
+"""kpod.libbpf map primitives on a real kernel map (loaded, never attached).
+
+The cpu_sched object is loaded without attaching anything, so only this test writes to its
+per-cgroup hash map: every value read back is one the test put there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+from collections.abc import Iterator
+
+import pytest
+from kernel_util import REPO, kernel_test
+
+from kpod import btflayout, libbpf
+
+pytestmark = kernel_test
+
+OBJECT = str(REPO / "bpf" / "cpu_sched.bpf.o")
+
+
+@pytest.fixture
+def loaded() -> Iterator[libbpf.BpfObject]:
+    obj = libbpf.BpfObject.open(OBJECT)
+    obj.maps["sched_cgroups"].set_max_entries(64)
+    try:
+        obj.load()
+        yield obj
+    finally:
+        obj.close()
+
+
+def _key(layout: btflayout.MapLayout, cgroup_id: int) -> bytes:
+    key = layout.key_type()
+    key.cgroup_id = cgroup_id
+    return bytes(key)
+
+
+def _value(layout: btflayout.MapLayout, switches: int) -> bytes:
+    value = layout.value_type()
+    value.switches = switches
+    value.runq.slots[3] = switches * 2
+    value.runq.sum = switches * 3
+    return bytes(value)
+
+
+def test_update_lookup_iterate_batch_delete(loaded: libbpf.BpfObject) -> None:
+    layout = btflayout.map_layouts(loaded)["sched_cgroups"]
+    bpf_map = loaded.maps["sched_cgroups"]
+    assert bpf_map.max_entries == 64
+    ids = list(range(1000, 1050))
+    for i in ids:
+        bpf_map.update(_key(layout, i), _value(layout, i), libbpf.BPF_NOEXIST)
+    with pytest.raises(libbpf.LibbpfError) as exc:
+        bpf_map.update(_key(layout, ids[0]), _value(layout, 0), libbpf.BPF_NOEXIST)
+    assert exc.value.errno == errno.EEXIST
+
+    assert bpf_map.count() == 50
+    assert {layout.key(k).cgroup_id for k in bpf_map.keys()} == set(ids)  # noqa: SIM118 - a BPF map
+    raw = bpf_map.lookup(_key(layout, 1007))
+    assert raw is not None
+    value = layout.value(raw)
+    assert (value.switches, value.runq.slots[3], value.runq.sum) == (1007, 2014, 3021)
+    assert bpf_map.lookup(_key(layout, 1)) is None
+
+    # Small chunks: several batch calls, cursor carried between them.
+    pairs = bpf_map.lookup_batch(chunk=7)
+    assert sorted(layout.key(k).cgroup_id for k, _ in pairs) == ids
+    assert all(layout.value(v).switches == layout.key(k).cgroup_id for k, v in pairs)
+
+    # A missing key in the middle stops the kernel's batch; the rest are deleted anyway.
+    doomed = [_key(layout, i) for i in ids[:10]] + [_key(layout, 1)] + [_key(layout, i) for i in ids[10:20]]
+    assert bpf_map.delete_batch(doomed) == 20
+    assert bpf_map.count() == 30
+    assert bpf_map.delete(_key(layout, ids[-1])) is True
+    assert bpf_map.delete(_key(layout, ids[-1])) is False
+
+
+def test_full_hash_map_refuses_inserts(loaded: libbpf.BpfObject) -> None:
+    layout = btflayout.map_layouts(loaded)["sched_cgroups"]
+    bpf_map = loaded.maps["sched_cgroups"]
+    for i in range(64):
+        bpf_map.update(_key(layout, i + 1), _value(layout, 1))
+    with pytest.raises(libbpf.LibbpfError) as exc:
+        bpf_map.update(_key(layout, 10_000), _value(layout, 1))
+    assert exc.value.errno == errno.E2BIG
+
+
+def test_failed_load_explains_itself(caplog: pytest.LogCaptureFixture) -> None:
+    """libbpf's log reaches Python logging and the exception, e.g. a map that cannot be created."""
+    obj = libbpf.BpfObject.open(OBJECT)
+    try:
+        obj.maps["sched_errors"].set_max_entries(0)  # arrays need at least one entry
+        with caplog.at_level(logging.DEBUG, logger="kpod.libbpf"), pytest.raises(libbpf.LibbpfError) as exc:
+            obj.load()
+        assert exc.value.log_lines, "libbpf's messages are kept on the exception"
+        assert any("sched_errors" in line for line in exc.value.log_lines)
+        assert any(r.name == "kpod.libbpf" for r in caplog.records)
+    finally:
+        obj.close()
+
+
+def test_prog_info_from_kernel_btf(loaded: libbpf.BpfObject) -> None:
+    program = loaded.programs["sched_switch"]
+    info = libbpf.prog_info(program.fd)
+    assert bytes(info.name).rstrip(b"\0") == b"sched_switch"
+    assert program.stats().id == info.id > 0
+    assert ctypes.sizeof(type(info)) == ctypes.sizeof(btflayout.vmlinux_struct("bpf_prog_info"))
