@@ -9,15 +9,22 @@ How to add a program (net.bpf.c, syscall.bpf.c, ...)
    `KPOD_ERRORS_MAP(<prefix>_errors, struct <prefix>_errors_value)`, one __u64 member per map
    named exactly like the map, and insert with `kpod_lookup_or_init()` / `kpod_counter_add()`
    so failed inserts are counted in the kernel.  Keep map names <= 15 characters and unique
-   across objects (they are the `map` label).  `make bpf` builds `bpf/<name>.bpf.o`.
+   across objects (they are the `map` label).  Per-task scratch state (start timestamps) is
+   cheapest in task-local storage (BPF_MAP_TYPE_TASK_STORAGE, freed when the task exits); in
+   tp_btf programs read typed pointers directly (task->pid), not with BPF_CORE_READ, which
+   costs a helper call per field.  `make bpf` builds `bpf/<name>.bpf.o`.
 2. Python: a receiver subclassing `BpfReceiver` with
        object_name = "<name>"
        program_specs = (ProgramSpec("func_name", feeds=("kpod.x.y",)), ...)
    Mark programs `optional=True` when the receiver is still useful without them, and list
    alternatives for one metric in priority order (a tp_btf program and a tracepoint fallback):
    the first whose hook exists on this kernel is loaded, the others get autoload off
-   (bpf_program__set_autoload).  Perf-event programs give `perf_event=(type, config)` and are
-   attached to one event per online CPU.  `enabled_programs()` lets config switch programs off.
+   (bpf_program__set_autoload).  A tp_btf program that reads typed arguments gives
+   `tp_args=("struct task_struct *", ...)`: kernels whose tracepoint passes other types skip it
+   for the next alternative.  A program that fails to verify or attach is dropped if optional.
+   Perf-event programs give `perf_event=(type, config)` and are attached to one event per
+   online CPU.  `enabled_programs()` lets config switch programs off; `before_attach(obj)`
+   fills maps the programs read before any of them runs.
 3. `collect()` reads maps with `self.read_cgroup_map(map_name)`, which returns
    (CgroupRef, value) for live cgroups and batch-deletes entries of cgroups that are gone, and
    turns `struct kpod_hist` values into `HistogramValue` with `self.histogram(value)`.
@@ -25,6 +32,9 @@ How to add a program (net.bpf.c, syscall.bpf.c, ...)
 4. Register the factory in pyproject.toml under [project.entry-points."kpod.receivers"].
    Every loaded object is in `REGISTRY`, so the bpf_maps receiver reports its maps with no
    extra code; tests/test_bpf_layout.py checks its map structs against the BTF automatically.
+5. Test against the kernel with tests/kernel_util.py (cgroup trees with guaranteed cleanup,
+   workloads that wait for "go" until moved into their cgroup) and add the hot handlers to
+   bench/bpf_cost.py.
 """
 
 from __future__ import annotations
