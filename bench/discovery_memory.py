@@ -95,6 +95,38 @@ def child_informer(kubeconfig: str, pods: int, seconds: float) -> dict[str, floa
     }
 
 
+def child_kubelet(url: str, pods: int, seconds: float) -> dict[str, float]:
+    """Kubelet mode in a fresh process: no `kubernetes` import at all, a poll per second."""
+    import logging
+
+    from kpod.discovery import KubeletDiscovery
+    from kpod.pods import PodStore
+    from kpod.settings import KpodSettings
+    from kpod.units import Duration
+
+    settings = KpodSettings()
+    settings.discovery.kubelet.url = url
+    settings.discovery.kubelet.poll_interval = Duration(1.0)
+    store = PodStore()
+    discovery = KubeletDiscovery(store, logging.getLogger("bench"), settings, 10.0)
+    baseline = _settle()
+    discovery.start()
+    if not discovery.wait_synced(30) or len(store) != pods:
+        raise RuntimeError(f"kubelet discovery did not sync {pods} pods (got {len(store)}): {store.last_error}")
+    samples = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        samples.append(rss_kib())
+    discovery.stop()
+    return {
+        "start_kib": baseline,
+        "watch_max_kib": max(samples) if samples else rss_kib(),
+        "polls": discovery.polls,
+        "kubernetes_imported": float("kubernetes" in sys.modules),
+    }
+
+
 def child_models(kubeconfig: str, pods: int) -> dict[str, float]:
     """The client's default: deserialise the list into V1Pod objects and keep them."""
     from kubernetes import client, config
@@ -122,6 +154,20 @@ def _child(kind: str, kubeconfig: str, pods: int, seconds: float) -> dict[str, f
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _kubelet(pods: int, seconds: float) -> dict[str, float]:
+    """A fake kubelet (plain http, in this process) serving the same kind of pods."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from fake_apiserver import make_pod
+    from fake_kubelet import FakeKubelet
+
+    kubelet = FakeKubelet(token="").start()
+    kubelet.pods = [make_pod(f"app{i % 10}-{i}", namespace=f"ns{i % 5}") for i in range(pods)]
+    try:
+        return _child("kubelet", kubelet.url, pods, seconds)
+    finally:
+        kubelet.stop()
+
+
 def measure(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         kubeconfig = os.path.join(tmp, "kubeconfig")
@@ -146,11 +192,12 @@ def measure(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> dict
                 list_bytes = len(response.read())
             informer = _child("informer", kubeconfig, pods, seconds)
             models = _child("models", kubeconfig, pods, 0)
+            kubelet = _kubelet(pods, seconds)
         finally:
             server.terminate()
             server.wait(10)
     return {"pods": pods, "seconds": seconds, "churn": churn, "list_bytes": list_bytes,
-            "informer": informer, "models": models}  # fmt: skip
+            "informer": informer, "models": models, "kubelet": kubelet}  # fmt: skip
 
 
 def _mib(kib: float) -> str:
@@ -161,6 +208,7 @@ def report(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> str:
     result = measure(pods, seconds, churn)
     informer: dict[str, float] = result["informer"]  # type: ignore[assignment]
     models: dict[str, float] = result["models"]  # type: ignore[assignment]
+    kubelet: dict[str, float] = result["kubelet"]  # type: ignore[assignment]
     added_list = informer["listed_kib"] - informer["baseline_kib"]
     added_watch = informer["watch_max_kib"] - informer["baseline_kib"]
     added_models = models["listed_kib"] - models["baseline_kib"]
@@ -186,6 +234,11 @@ def report(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> str:
 | not paid: the generated `CoreV1Api` module (250 model classes) | +{_mib(models["api_module_kib"])} |
 | not paid: the same pods listed the client's default way (V1Pod models) and kept | +{_mib(added_models)} |
 
+Kubelet mode, same {pods} pods polled every second for {seconds:g} s ({kubelet["polls"]:.0f} polls) from a fake
+kubelet: **+{_mib(kubelet["watch_max_kib"] - kubelet["start_kib"])}** peak over its baseline of
+{_mib(kubelet["start_kib"])},
+and the `kubernetes` package is {"imported (unexpected)" if kubelet["kubernetes_imported"] else "never imported"}.
+
 Discovery reads raw JSON through the client's ApiClient (not CoreV1Api), parses it with `json`
 and cuts each pod down to a `PodInfo` at once; the two "not paid" rows are what the client's
 usual path would add. Discovery runs in {informer["threads"] - 1:.0f} thread besides the main one.
@@ -197,11 +250,14 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=110)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--churn", type=float, default=20.0)
-    parser.add_argument("--child", choices=("informer", "models"))
-    parser.add_argument("--kubeconfig")
+    parser.add_argument("--child", choices=("informer", "models", "kubelet"))
+    parser.add_argument("--kubeconfig", help="informer/models child: the kubeconfig; kubelet child: the URL")
     args = parser.parse_args()
     if args.child == "informer":
         print(json.dumps(child_informer(args.kubeconfig, args.pods, args.seconds)))
+        return 0
+    if args.child == "kubelet":
+        print(json.dumps(child_kubelet(args.kubeconfig, args.pods, args.seconds)))
         return 0
     if args.child == "models":
         print(json.dumps(child_models(args.kubeconfig, args.pods)))
