@@ -20,7 +20,7 @@ CLANG     ?= clang
 LLVM_STRIP ?= llvm-strip
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I bpf
 
-.PHONY: setup run test bench lint fmt bpf clean system-packages venv wheel manifests docs
+.PHONY: setup run test bench lint fmt bpf clean system-packages venv wheel manifests docs fuzz soak
 
 setup: system-packages venv bpf
 
@@ -69,6 +69,23 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Long fuzz runs: hypothesis with many more examples, then coverage-guided atheris per target
+# (installed on demand into the venv; FUZZ_SECONDS bounds each atheris target).
+FUZZ_EXAMPLES ?= 5000
+FUZZ_SECONDS  ?= 60
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) -q -p no:cacheprovider tests/test_fuzz.py
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q atheris
+	@set -o pipefail; for target in parsers mountinfo podlist watch config; do \
+	  echo "atheris: $$target ($(FUZZ_SECONDS)s)"; \
+	  $(PY) tests/fuzz_atheris.py $$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 2>&1 | tail -3 || exit 1; \
+	done
+
+# Churn soak (500 pod create/delete cycles, <= 5 minutes) and the 2-minute API server outage;
+# figures go to docs/perf/soak.md.
+soak: setup
+	SOAK_CYCLES=500 API_OUTAGE_S=120 $(PYTEST) -q -s -p no:cacheprovider tests/test_soak.py tests/test_faults.py -k "soak or outage"
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kpod.model import CgroupRef
+from kpod.parsers import unescape_mountinfo
 
 log = logging.getLogger("kpod.cgroups")
 
@@ -37,19 +38,9 @@ class CgroupMounts:
 
 
 def _unescape_mount_path(path: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    if "\\" not in path:
-        return path
-    out: list[str] = []
-    i = 0
-    while i < len(path):
-        if path[i] == "\\" and path[i + 1 : i + 4].isdigit() and i + 4 <= len(path):
-            out.append(chr(int(path[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(path[i])
-            i += 1
-    return "".join(out)
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.  One implementation
+    # with kpod.parsers: a backslash followed by anything but three octal digits is literal.
+    return unescape_mountinfo(path)
 
 
 def parse_mountinfo_cgroups(text: str) -> CgroupMounts:

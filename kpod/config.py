@@ -37,6 +37,15 @@ class ConfigError(Exception):
     """A config problem, as one line."""
 
 
+MAX_MESSAGE_PART = 300  # a hostile file must not turn the one-line error into a 100 KB line
+
+
+def _short(text: str) -> str:
+    """One line, bounded: a key or message quoting a huge or multi-line value stays readable."""
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= MAX_MESSAGE_PART else text[: MAX_MESSAGE_PART - 3] + "..."
+
+
 # --------------------------------------------------------------------------- YAML with lines
 
 
@@ -121,16 +130,23 @@ _Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 
 
 def parse_yaml(text: str, environ: typing.Mapping[str, str]) -> Any:
-    loader = _Loader(text)
+    try:
+        # The reader checks the characters at once: a NUL byte fails here, before any parsing.
+        loader = _Loader(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(_short(f"YAML error: {error}")) from None
     loader.environ = environ  # type: ignore[attr-defined]
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f"line {mark.line + 1}: " if mark else ""
-        raise ConfigError(f"{where}YAML syntax error: {error.problem}") from None
+        raise ConfigError(_short(f"{where}YAML syntax error: {error.problem}")) from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"YAML error: {error}") from None
+        raise ConfigError(_short(f"YAML error: {error}")) from None
+    except RecursionError:
+        # PyYAML composes nodes recursively: thousands of nested [ or { exhaust the stack.
+        raise ConfigError("YAML error: nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -154,7 +170,7 @@ class _Where:
 
     def error(self, message: str) -> ConfigError:
         prefix = f"{self.source}:{self.line}" if self.line else self.source
-        return ConfigError(f"{prefix}: {self.key}: {message}")
+        return ConfigError(f"{prefix}: {_short(self.key)}: {_short(message)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -192,7 +208,10 @@ def _build_value(tp: Any, value: Any, where: _Where, meta: typing.Mapping[str, A
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise where.error(f"expected a number, got {value!r}")
         _check_range(value, where, meta)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            raise where.error("number out of range") from None
     if tp is str:
         if not isinstance(value, str):
             raise where.error(f"expected a string, got {value!r}")
@@ -354,6 +373,23 @@ def load_config(
     registry: Registry | None = None,
 ) -> AgentConfig:
     """Read, substitute, override, validate.  Raises ConfigError (one line) on any problem."""
+    try:
+        return _load_config(path, environ, registry)
+    except ConfigError:
+        raise
+    except (RecursionError, OverflowError, MemoryError, ValueError, TypeError, AttributeError, KeyError) as error:
+        # A validation bug must still end as the promised one-line error, not a traceback; the
+        # words "internal error" make it recognisable (the fuzz tests fail on them).
+        raise ConfigError(
+            f"{path or '<defaults>'}: internal error while validating: {type(error).__name__}: {_short(str(error))}"
+        ) from None
+
+
+def _load_config(
+    path: str | None,
+    environ: typing.Mapping[str, str] | None,
+    registry: Registry | None,
+) -> AgentConfig:
     environ = os.environ if environ is None else environ
     registry = registry or Registry()
     source = path or "<defaults>"

@@ -34,6 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kpod.component import ComponentUnavailable
@@ -57,28 +58,120 @@ class Gone(Exception):
     """The resourceVersion we resume from is too old (HTTP 410 / ERROR event with code 410)."""
 
 
-def parse_pod_list(data: bytes | str, log: logging.Logger | None = None) -> tuple[list[PodInfo], str, str]:
-    """(pods, metadata.resourceVersion, metadata.continue) of a PodList document.
+@dataclass(frozen=True)
+class PodListPage:
+    """One decoded PodList document (a page of the API's list, or the kubelet's /pods)."""
+
+    pods: list[PodInfo]
+    resource_version: str
+    cont: str
+    skipped: int  # items that were not a usable pod
+
+
+def _load_json(data: bytes | str) -> Any:
+    """json.loads, with every way garbage can fail turned into ValueError."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        # RecursionError: a document nested thousands deep (json recurses per level).
+        raise ValueError(f"not JSON ({type(error).__name__})") from None
+
+
+def decode_pod_list(data: bytes | str, log: logging.Logger | None = None) -> PodListPage:
+    """Decode a PodList document.  Pure: never raises anything but ValueError.
 
     Raises ValueError with a short reason for anything that is not a PodList.  A malformed
-    item is skipped (logged), not fatal: one odd pod must not hide the others.
+    item is skipped (and counted), not fatal: one odd pod must not hide the others.
     """
     try:
-        document = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"response is not JSON ({error})") from None
+        document = _load_json(data)
+    except ValueError as error:
+        raise ValueError(f"response is {error}") from None
     if not isinstance(document, dict) or not isinstance(document.get("items"), list):
         kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
-        raise ValueError(f"response is not a PodList (kind {kind!r})")
+        raise ValueError(f"response is not a PodList (kind {str(kind)[:64]!r})")
     pods: list[PodInfo] = []
+    skipped = 0
     for item in document["items"]:
         try:
             pods.append(pod_from_json(item))
-        except (ValueError, AttributeError, TypeError) as error:
+        except (ValueError, AttributeError, TypeError, RecursionError) as error:
+            skipped += 1
             if log:
-                log.debug("skipping a malformed pod in the list: %s", error)
-    metadata = document.get("metadata") or {}
-    return pods, str(metadata.get("resourceVersion") or ""), str(metadata.get("continue") or "")
+                log.debug("skipping a malformed pod in the list: %s", type(error).__name__)
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    return PodListPage(
+        pods, _scalar_text(metadata.get("resourceVersion")), _scalar_text(metadata.get("continue")), skipped
+    )
+
+
+def _scalar_text(value: Any) -> str:
+    # A resourceVersion or continue token is an opaque string; anything else is treated as absent.
+    return value if isinstance(value, str) else (str(value) if isinstance(value, int) and value else "")
+
+
+def parse_pod_list(data: bytes | str, log: logging.Logger | None = None) -> tuple[list[PodInfo], str, str]:
+    """(pods, metadata.resourceVersion, metadata.continue) of a PodList document (see decode_pod_list)."""
+    page = decode_pod_list(data, log)
+    return page.pods, page.resource_version, page.cont
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One line of a watch stream, decoded.
+
+    kind: ADDED | MODIFIED | DELETED | BOOKMARK | ERROR, or SKIP for a line that is not a
+    usable event (not JSON, not an object, an unknown type).  `pod` is None for an ADDED or
+    MODIFIED event whose object is not a usable pod (`reason` says why); such an event still
+    moves the resume point.
+    """
+
+    kind: str
+    resource_version: str = ""
+    pod: PodInfo | None = None
+    uid: str = ""  # DELETED
+    code: int | None = None  # ERROR
+    reason: str = ""
+
+
+WATCH_KINDS = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")
+
+
+def decode_watch_event(line: bytes | str) -> WatchEvent:
+    """Decode one newline-delimited watch event.  Pure: never raises."""
+    try:
+        event = _load_json(line)
+    except ValueError as error:
+        return WatchEvent("SKIP", reason=str(error))
+    if not isinstance(event, dict):
+        return WatchEvent("SKIP", reason="event is not a JSON object")
+    kind = event.get("type")
+    obj = event.get("object")
+    if not isinstance(obj, dict):
+        obj = {}
+    if kind not in WATCH_KINDS:
+        return WatchEvent("SKIP", reason=f"unknown event type {str(kind)[:32]!r}")
+    if kind == "ERROR":
+        code = obj.get("code")
+        message = obj.get("message") or obj.get("reason") or ""
+        return WatchEvent(
+            "ERROR", code=code if isinstance(code, int) and not isinstance(code, bool) else None, reason=str(message)
+        )
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    version = _scalar_text(metadata.get("resourceVersion"))
+    if kind in ("ADDED", "MODIFIED"):
+        try:
+            return WatchEvent(kind, version, pod=pod_from_json(obj))
+        except (ValueError, AttributeError, TypeError, RecursionError) as error:
+            return WatchEvent(kind, version, reason=f"malformed pod: {type(error).__name__}: {str(error)[:80]}")
+    if kind == "DELETED":
+        uid = metadata.get("uid")
+        return WatchEvent(kind, version, uid=uid.lower() if isinstance(uid, str) else "")
+    return WatchEvent(kind, version)
 
 
 class _Base:
@@ -93,6 +186,7 @@ class _Base:
         self._thread: threading.Thread | None = None
         self._last_logged = ""
         self.errors = 0
+        self.skipped = 0  # list items and watch lines that were not usable pods or events
 
     def start(self) -> None:
         self._stop.clear()
@@ -143,7 +237,7 @@ class _Base:
             self._last_logged = ""
 
     def status(self) -> dict[str, Any]:
-        return {"discovery_errors": self.errors}
+        return {"discovery_errors": self.errors, "skipped_objects": self.skipped}
 
 
 def load_client_configuration(kubeconfig: str) -> Any:
@@ -238,6 +332,7 @@ class InformerDiscovery(_Base):
     def status(self) -> dict[str, Any]:
         return {
             "discovery_errors": self.errors,
+            "skipped_objects": self.skipped,
             "field_selector": self.field_selector,
             "resource_version": self.resource_version,
             "lists": self.lists,
@@ -298,10 +393,12 @@ class InformerDiscovery(_Base):
                 data = response.data
             finally:
                 self._forget_response(response)
-            page, page_version, cont = parse_pod_list(data, self.log)
+            page = decode_pod_list(data, self.log)
             del data
-            pods.extend(page)
-            version = version or page_version
+            self.skipped += page.skipped
+            pods.extend(page.pods)
+            cont = page.cont
+            version = version or page.resource_version
             if not cont:
                 break
         if not version:
@@ -350,28 +447,27 @@ class InformerDiscovery(_Base):
             for line in self._lines(response):
                 if self._stop.is_set():
                     break
-                event = json.loads(line)
-                kind = event.get("type")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    code = obj.get("code")
-                    if code == 410:
-                        raise Gone(obj.get("message") or "resource version too old")
-                    raise RuntimeError(f"watch error {code}: {obj.get('message') or obj.get('reason')}")
-                new_version = (obj.get("metadata") or {}).get("resourceVersion")
-                if kind in ("ADDED", "MODIFIED"):
-                    try:
-                        self.store.upsert(pod_from_json(obj))
-                    except (ValueError, AttributeError, TypeError) as error:
-                        # Skip it rather than fail the watch: resuming would replay it forever.
-                        self.log.debug("skipping a malformed pod event: %s", error)
-                elif kind == "DELETED":
-                    uid = (obj.get("metadata") or {}).get("uid")
-                    if uid:
-                        self.store.delete(str(uid).lower())
-                elif kind != "BOOKMARK":
-                    self.log.debug("ignoring watch event of type %r", kind)
+                event = decode_watch_event(line)
+                if event.kind == "SKIP":
+                    # Not an event at all: skip and count it; failing the watch would only
+                    # reconnect into the same stream.
+                    self.skipped += 1
+                    self.log.debug("skipping a watch line: %s", event.reason)
                     continue
+                if event.kind == "ERROR":
+                    if event.code == 410:
+                        raise Gone(event.reason or "resource version too old")
+                    raise RuntimeError(f"watch error {event.code}: {event.reason}")
+                new_version = event.resource_version
+                if event.kind in ("ADDED", "MODIFIED"):
+                    if event.pod is not None:
+                        self.store.upsert(event.pod)
+                    else:
+                        # Skip it rather than fail the watch: resuming would replay it forever.
+                        self.skipped += 1
+                        self.log.debug("skipping a malformed pod event: %s", event.reason)
+                elif event.kind == "DELETED" and event.uid:
+                    self.store.delete(event.uid)
                 if new_version:
                     version = str(new_version)
                     self.resource_version = version
@@ -452,7 +548,7 @@ class KubeletDiscovery(_Base):
         super().start()
 
     def status(self) -> dict[str, Any]:
-        return {"discovery_errors": self.errors, "url": self.url, "polls": self.polls}
+        return {"discovery_errors": self.errors, "skipped_objects": self.skipped, "url": self.url, "polls": self.polls}
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self.insecure:
@@ -492,10 +588,11 @@ class KubeletDiscovery(_Base):
         except (OSError, ssl.SSLError) as error:
             raise ValueError(f"{self.url}: {error}") from None
         try:
-            pods, _, _ = parse_pod_list(data, self.log)
+            page = decode_pod_list(data, self.log)
         except ValueError as error:
             raise ValueError(f"{self.url}: {error}") from None
-        return pods
+        self.skipped += page.skipped
+        return page.pods
 
     def _run(self) -> None:
         while not self._stop.is_set():

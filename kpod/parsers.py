@@ -71,16 +71,19 @@ def parse_flat_keyed_value(text: str, key: str) -> int | None:
     For receivers that need one field of a 50-line file (memory.stat's inactive_file): a
     substring search instead of parsing every line.
     """
-    if text.startswith(key + " "):
-        start = 0
-    else:
-        at = text.find("\n" + key + " ")
-        if at < 0:
+    needle = "\n" + key + " "
+    start = 0 if text.startswith(key + " ") else text.find(needle) + 1
+    while start > 0 or text.startswith(key + " "):
+        end = text.find("\n", start)
+        fields = text[start : end if end >= 0 else len(text)].split()
+        value = _int(fields[1]) if len(fields) == 2 and fields[0] == key else None
+        if value is not None or end < 0:
+            return value
+        # A malformed line with this key (which parse_flat_keyed skips): look further.
+        start = text.find(needle, end) + 1
+        if start == 0:
             return None
-        start = at + 1
-    end = text.find("\n", start)
-    fields = text[start : end if end >= 0 else len(text)].split()
-    return _int(fields[1]) if len(fields) == 2 and fields[0] == key else None
+    return None
 
 
 def parse_cpu_stat(text: str) -> dict[str, int]:

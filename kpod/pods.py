@@ -54,6 +54,12 @@ def _statuses(status: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     return value if isinstance(value, list) else []
 
 
+def _text(value: Any) -> str:
+    """A string field of the API JSON; anything else (a number, a list) reads as absent, so
+    that only strings ever reach label values."""
+    return value if isinstance(value, str) else ""
+
+
 def pod_from_json(obj: Mapping[str, Any]) -> PodInfo:
     """Keep the fields enrichment needs from one pod of the API or kubelet JSON.
 
@@ -69,14 +75,14 @@ def pod_from_json(obj: Mapping[str, Any]) -> PodInfo:
     started: set[str] = set()
     for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
         for entry in _statuses(status, key):
-            name = entry.get("name") or ""
-            _, cid = split_container_id(entry.get("containerID") or "")
+            name = _text(entry.get("name"))
+            _, cid = split_container_id(_text(entry.get("containerID")))
             if cid:
                 containers[cid] = name
                 if key == "containerStatuses":
                     started.add(name)
             terminated = ((entry.get("lastState") or {}).get("terminated") or {}).get("containerID")
-            _, old = split_container_id(terminated or "")
+            _, old = split_container_id(_text(terminated))
             if old:
                 containers.setdefault(old, name)
     declared = {c.get("name") for c in spec.get("containers") or [] if isinstance(c, Mapping)}
@@ -84,12 +90,12 @@ def pod_from_json(obj: Mapping[str, Any]) -> PodInfo:
     labels = metadata.get("labels") or {}
     return PodInfo(
         uid=uid.lower(),
-        name=metadata.get("name") or "",
-        namespace=metadata.get("namespace") or "",
+        name=_text(metadata.get("name")),
+        namespace=_text(metadata.get("namespace")),
         # Interned: label keys and values repeat across the pods of a deployment.
         labels=MappingProxyType({sys.intern(str(k)): sys.intern(str(v)) for k, v in labels.items()}),
         host_network=bool(spec.get("hostNetwork", False)),
-        phase=status.get("phase") or "",
+        phase=_text(status.get("phase")),
         deleting=bool(metadata.get("deletionTimestamp")),
         containers=MappingProxyType(containers),
         all_started=bool(declared) and declared <= started,

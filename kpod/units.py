@@ -12,6 +12,11 @@ _FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_DURATION_S = 86400.0
 
 
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True, order=True)
 class Duration:
     seconds: float
@@ -25,6 +30,8 @@ class Duration:
         if isinstance(value, bool):
             raise ValueError(f"expected a duration like 30s or 500ms, got {value!r}")
         if isinstance(value, int):
+            if abs(value) > MAX_DURATION_S * 1000:  # also keeps value / 1000.0 from overflowing
+                raise ValueError(f"duration {_brief(value)} is out of range (0 to 24h)")
             seconds = value / 1000.0
         elif isinstance(value, str):
             match = _DURATION.match(value)
@@ -34,7 +41,7 @@ class Duration:
         else:
             raise ValueError(f"expected a duration like 30s or 500ms, got {value!r}")
         if seconds < 0 or seconds > MAX_DURATION_S:
-            raise ValueError(f"duration {value!r} is out of range (0 to 24h)")
+            raise ValueError(f"duration {_brief(value)} is out of range (0 to 24h)")
         return cls(seconds)
 
     def __str__(self) -> str:
