@@ -19,6 +19,7 @@ from typing import Any
 from kpod.component import Context, Exporter, Factory
 from kpod.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Renderer
 from kpod.model import Batch
+from kpod.selfmetrics import EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, declare_exporter_metrics
 
 METRICS_PATHS = ("/metrics", "/actuator/prometheus")
 
@@ -65,6 +66,10 @@ class PrometheusExporter(Exporter):
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.series = 0
+        # Same self-metrics as every exporter; "sent" here means rendered into the exposition
+        # (a scrape serves them; nothing is queued, so queue and drops stay 0).
+        declare_exporter_metrics(context.self_metrics, self.id)
+        self._labels = (("exporter", self.id),)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -93,10 +98,14 @@ class PrometheusExporter(Exporter):
 
     def export(self, batch: Batch) -> None:
         text, openmetrics, self.series = self._renderer.render(batch)
+        self.context.self_metrics.inc(EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, self._labels, len(batch))
         # gzip level 1: several times faster than the default 9 for a few % more bytes.
         self._exposition = _Exposition(
             text, gzip.compress(text, 1), openmetrics, gzip.compress(openmetrics, 1)
         )
+
+    def status(self) -> dict[str, Any]:
+        return {"endpoint": self.config.endpoint, "listening": self._server is not None, "series": self.series}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         exporter = self

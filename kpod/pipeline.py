@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from kpod import __version__
+from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
 from kpod.cgroups import CgroupIndex
 from kpod.component import ComponentUnavailable, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
@@ -73,14 +74,27 @@ class Pipeline:
         for spec in config.receivers:
             receiver: Receiver = self._create(spec)  # type: ignore[assignment]
             status_entry = self.status.receivers.setdefault(spec.id, ReceiverStatus())
+            status_entry.details_source = receiver.status  # routes, map errors: in /debug/status
             interval = spec.interval.seconds if spec.interval else self.settings.poll_interval.seconds
             self.receivers.append(_RunningReceiver(spec, receiver, status_entry, interval))
         self._started: list[Exporter | Processor] = []
         self._shut_down = False
+        self.status.discovery_failure_window_s = self.settings.discovery.failure_window.seconds
+        # /debug/status: what a user pastes into a bug report, computed when it is read.
+        self.status.sections.update(
+            exporters=lambda: {e.id: e.status() for e in self.exporters},
+            processors=lambda: {p.id: p.status() for p in self.processors},
+            bpf_maps=bpf_map_fill,
+            pods_known=self._pods_known,
+        )
         self.self_metrics.declare_counter(COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, ("receiver",))
         for running in self.receivers:
             # Present from the start at 0, so rate() works from the first error on.
             self.self_metrics.inc(COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, (("receiver", running.id),), 0)
+
+    def _pods_known(self) -> int | None:
+        store = self.extras.get("pods")  # the k8sattributes processor's PodStore, if any
+        return len(store) if store is not None else None  # type: ignore[arg-type]
 
     def _create(self, spec: ComponentConfig) -> Receiver | Processor | Exporter:
         context = Context(
@@ -209,6 +223,8 @@ class Pipeline:
                     (("receiver", running.id),),
                     unit="s",
                 )
+        update_process_metrics(self.self_metrics)
+        update_bpf_metrics(self.self_metrics, self.receivers)
         batch.extend(self.self_metrics.points())
         for index, exporter in enumerate(self.exporters):
             # Exporters that change points get their own copy; the last one may take the original.

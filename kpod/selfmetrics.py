@@ -46,6 +46,14 @@ class SelfMetrics:
             family = self._family(name, Kind.GAUGE, unit, description, tuple(k for k, _ in labels))
             family.values[labels] = value
 
+    def set_counter(
+        self, name: str, description: str, value: float, labels: Attributes = (), unit: str = "1"
+    ) -> None:
+        """Set a counter to a cumulative value read elsewhere (process CPU time from /proc)."""
+        with self._lock:
+            family = self._family(name, Kind.COUNTER, unit, description, tuple(k for k, _ in labels))
+            family.values[labels] = value
+
     def forget(self, name: str, labels: Attributes) -> None:
         """Drop one series (a BPF program that was unloaded, an exporter that is gone)."""
         with self._lock:

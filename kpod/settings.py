@@ -40,6 +40,9 @@ class DiscoverySettings:
     # informer | kubelet | local; empty = informer inside a pod, local elsewhere.
     mode: str = ""
     kubelet: KubeletSettings = field(default_factory=KubeletSettings)
+    # /readyz answers 503 once discovery (informer or kubelet) has failed for longer than this;
+    # the last known pods keep being served meanwhile.  0s = discovery never affects readiness.
+    failure_window: Duration = field(default_factory=lambda: Duration.parse("5m"))
 
     CHOICES = ("informer", "kubelet", "local")
 

@@ -54,7 +54,7 @@ from kpod.units import Duration
 
 UNRESOLVED_METRIC = "kpod.cgroups.unresolved"
 UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
-PODS_METRIC = "kpod.discovery.pods"
+PODS_METRIC = "kpod.pods.discovered"
 PODS_HELP = "pods of this node that discovery knows"
 EXTRAS_PODS = "pods"
 
@@ -173,6 +173,18 @@ class K8sAttributesProcessor(Processor):
         if isinstance(self.resolver, PodResolver):
             self.resolver.forget({key[0] for key in self._last_used})
 
+    def _report_discovery(self) -> None:
+        """Readiness follows discovery: /readyz turns 503 once it has failed for longer than
+        kpod.discovery.failure_window (checked once per cycle: the window is minutes)."""
+        status = self.context.status
+        if status is None or self.store is None:
+            return
+        error = self.store.last_error
+        if error:
+            status.discovery_failed(error)
+        elif not status.discovery_ok:
+            status.discovery_recovered()
+
     def resolve(self, point: Point) -> Resource | Drop:
         assert point.cgroup is not None
         key = (point.cgroup.id, point.cgroup.path)
@@ -186,6 +198,7 @@ class K8sAttributesProcessor(Processor):
         now = time.monotonic()
         if self.store is not None:
             self.context.self_metrics.set(PODS_METRIC, PODS_HELP, float(len(self.store)))
+            self._report_discovery()
             if self.store.generation != self._cache_generation:
                 # Pods changed: names, filters and "all started" may have changed with them.
                 self._cache.clear()

@@ -1,0 +1,173 @@
+"""The agent's own process and BPF self-metrics, refreshed once per cycle by the pipeline.
+
+Process metrics carry the names Prometheus client libraries use (process_resident_memory_bytes,
+process_cpu_seconds_total, process_open_fds, process_max_fds, process_virtual_memory_bytes,
+process_start_time_seconds), so existing dashboards work; they are read from /proc/self
+directly: prometheus_client's process collector would cost an import and a registry for six
+numbers.
+
+BPF: kpod_bpf_programs_loaded (attached programs in this process) and
+kpod_bpf_programs_failed{program} (1 while a program that should run does not: its hook is
+missing, it failed to verify or attach, or its receiver could not start).  Read from
+kpod.ebpf.REGISTRY only when kpod.ebpf is already imported: without an eBPF receiver there is
+nothing to report and the libbpf binding stays unloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from kpod.selfmetrics import SelfMetrics
+
+RSS = "process.resident_memory.bytes"
+VMS = "process.virtual_memory.bytes"
+CPU = "process.cpu.seconds"
+OPEN_FDS = "process.open_fds"
+MAX_FDS = "process.max_fds"
+START_TIME = "process.start_time.seconds"
+BPF_LOADED = "kpod.bpf.programs.loaded"
+BPF_FAILED = "kpod.bpf.programs.failed"
+BPF_FAILED_HELP = "1 while a BPF program that should run does not (the reason is in /debug/status)."
+
+# Route reasons that are choices, not failures.
+_NOT_FAILURES = ("disabled by config", "an earlier alternative is used")
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _boot_time(proc: str) -> float:
+    try:
+        with open(f"{proc}/stat") as handle:
+            for line in handle:
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+_BOOT_TIME: dict[str, float] = {}
+
+
+def process_stats(proc: str = "/proc", pid: str = "self") -> dict[str, float]:
+    """RSS, virtual size, CPU seconds, open and max fds, start time of a process (missing
+    keys for what cannot be read)."""
+    out: dict[str, float] = {}
+    base = f"{proc}/{pid}"
+    try:
+        with open(f"{base}/stat") as handle:
+            # Fields after the ")" closing comm (which may contain spaces): state is field 3.
+            fields = handle.read().rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        out[CPU] = (utime + stime) / _CLOCK_TICKS
+        boot = _BOOT_TIME.get(proc)
+        if boot is None:
+            boot = _BOOT_TIME[proc] = _boot_time(proc)
+        if boot:
+            out[START_TIME] = boot + int(fields[19]) / _CLOCK_TICKS
+        out[VMS] = float(fields[20])
+        out[RSS] = float(int(fields[21]) * _PAGE_SIZE)
+    except (OSError, IndexError, ValueError):
+        pass
+    with contextlib.suppress(OSError):
+        out[OPEN_FDS] = float(len(os.listdir(f"{base}/fd")))
+    try:
+        with open(f"{base}/limits") as handle:
+            for line in handle:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    if soft.isdigit():
+                        out[MAX_FDS] = float(soft)
+    except OSError:
+        pass
+    return out
+
+
+_PROCESS_HELP = {
+    RSS: ("Resident memory size in bytes.", "By"),
+    VMS: ("Virtual memory size in bytes.", "By"),
+    CPU: ("Total user and system CPU time spent in seconds.", "s"),
+    OPEN_FDS: ("Number of open file descriptors.", "1"),
+    MAX_FDS: ("Maximum number of open file descriptors.", "1"),
+    START_TIME: ("Start time of the process since unix epoch in seconds.", "s"),
+}
+
+
+def update_process_metrics(metrics: SelfMetrics, proc: str = "/proc") -> None:
+    for name, value in process_stats(proc).items():
+        help_text, unit = _PROCESS_HELP[name]
+        if name == CPU:
+            # A counter that we read, not increment: set the cumulative value as it is.
+            metrics.set_counter(name, help_text, value, unit=unit)
+        else:
+            metrics.set(name, help_text, value, unit=unit)
+
+
+def bpf_program_states(receivers: Iterable[Any]) -> tuple[int, dict[str, bool]]:
+    """(programs attached, {program: failed?}) over the loaded BPF objects and the eBPF
+    receivers that could not start (`receivers`: objects with .receiver and .status)."""
+    ebpf = sys.modules.get("kpod.ebpf")
+    if ebpf is None:
+        return 0, {}
+    loaded = 0
+    states: dict[str, bool] = {}
+    for obj in ebpf.REGISTRY.objects():
+        for route in obj.routes:
+            if route.active:
+                loaded += 1
+                states[route.program] = False
+            elif route.reason not in _NOT_FAILURES:
+                states.setdefault(route.program, True)
+    for running in receivers:
+        specs = getattr(running.receiver, "program_specs", ())
+        not_loaded = getattr(running.receiver, "loaded", None) is None
+        if specs and not_loaded and running.status.state in ("unavailable", "failing"):
+            for spec in specs:
+                if not spec.optional:
+                    states.setdefault(spec.program, True)
+    return loaded, states
+
+
+def update_bpf_metrics(metrics: SelfMetrics, receivers: Iterable[Any]) -> None:
+    loaded, states = bpf_program_states(receivers)
+    if not states and "kpod.ebpf" not in sys.modules:
+        return
+    metrics.set(BPF_LOADED, "BPF programs attached by this agent.", float(loaded))
+    for program, failed in states.items():
+        metrics.set(BPF_FAILED, BPF_FAILED_HELP, 1.0 if failed else 0.0, (("program", program),))
+
+
+def bpf_map_fill() -> list[dict[str, Any]]:
+    """Fill level of every loaded BPF map, for /debug/status (entries are counted: it walks
+    the keys, fine for a debug page, not for every scrape)."""
+    ebpf = sys.modules.get("kpod.ebpf")
+    if ebpf is None:
+        return []
+    from kpod.libbpf import LibbpfError
+
+    out: list[dict[str, Any]] = []
+    for obj in ebpf.REGISTRY.objects():
+        try:
+            errors = obj.error_counts()
+            maps = list(obj.obj.maps.items())
+        except (LibbpfError, ValueError):  # closed by its receiver meanwhile
+            continue
+        for name, bpf_map in maps:
+            try:
+                entries = bpf_map.count()
+                capacity = bpf_map.max_entries
+            except (LibbpfError, ValueError):
+                continue
+            entry: dict[str, Any] = {"object": obj.name, "map": name, "capacity": capacity}
+            if entries is not None:
+                entry["entries"] = entries
+                entry["fill"] = round(entries / capacity, 4) if capacity else 0.0
+            if name in errors:
+                entry["update_errors"] = errors[name]
+            out.append(entry)
+    return out
