@@ -71,4 +71,5 @@ factory = Factory(
     EmptyConfig,
     BpfMapsReceiver,
     "eBPF map diagnostics: entries, capacity and in-kernel update errors per map",
+    requires_bpf=True,
 )

@@ -50,4 +50,5 @@ factory = Factory(
     EmptyConfig,
     CpuSchedReceiver,
     "eBPF: run-queue latency histogram and context switches per cgroup",
+    requires_bpf=True,
 )

@@ -66,4 +66,5 @@ factory = Factory(
     MemoryConfig,
     MemoryReceiver,
     "eBPF: OOM kills (charged to the victim) and major page faults per cgroup",
+    requires_bpf=True,
 )
