@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for, workloads
@@ -71,3 +72,41 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
         finally:
             exporter.shutdown()
             collector.stop()
+
+
+def test_bpf_self_metrics_and_map_fill_in_debug_status(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """kpod_bpf_programs_loaded counts the attached programs; /debug/status lists every loaded
+    map with its capacity (kpod.bpf.map_max_entries for per-cgroup maps) and fill level."""
+    from kpod.agent import build_cgroup_index
+    from kpod.config import load_config
+    from kpod.ebpf import REGISTRY
+    from kpod.pipeline import Pipeline
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "kpod: {profile: custom, poll_interval: 1s, discovery: {mode: local}, bpf: {map_max_entries: 4096}}\n"
+        "receivers: {cpu_sched: {}, bpf_maps: {}}\n"
+        "exporters: {prometheus: {endpoint: '127.0.0.1:0'}}\n"
+        "service: {pipelines: {metrics: {receivers: [cpu_sched, bpf_maps], exporters: [prometheus]}}}\n"
+    )
+    config = load_config(str(path), environ=clean_env)
+    pipeline = Pipeline(config, build_cgroup_index(config))
+    pipeline.start()
+    try:
+        pipeline.run_cycle()
+        objects = [o for o in REGISTRY.objects() if o.name == "cpu_sched"]
+        assert len(objects) == 1, "cpu_sched did not load"
+        active = [r.program for r in objects[0].routes if r.active]
+        assert pipeline.self_metrics.get("kpod.bpf.programs.loaded") == len(active) > 0
+        for program in active:
+            assert pipeline.self_metrics.get("kpod.bpf.programs.failed", (("program", program),)) == 0
+        status = pipeline.status.snapshot()
+        maps = {m["map"]: m for m in status["bpf_maps"] if m["object"] == "cpu_sched"}
+        assert set(maps) == set(objects[0].map_names())
+        for name in objects[0].cgroup_maps():
+            assert maps[name]["capacity"] == 4096
+            assert 0 <= maps[name]["entries"] <= 4096
+        details = status["receivers"]["cpu_sched"]["details"]
+        assert details["loaded"] is True and set(details["routes"]) >= set(active)
+    finally:
+        pipeline.shutdown()
