@@ -64,9 +64,16 @@ kpod:
     map_max_entries: {{ int $c.bpf.mapMaxEntries }}
   syscall:
     tracked_syscalls: {{ toJson $c.syscall.trackedSyscalls }}
+{{- /* A receiver named in the pipeline must be declared under receivers: (with {} at least). */}}
+{{- $receivers := deepCopy $c.receivers }}
+{{- range $c.pipelineReceivers }}
+{{- if not (hasKey $receivers .) }}
+{{- $_ := set $receivers . (dict) }}
+{{- end }}
+{{- end }}
 receivers:
-{{- if $c.receivers }}
-{{ toYaml $c.receivers | indent 2 }}
+{{- if $receivers }}
+{{ toYaml $receivers | indent 2 }}
 {{- else }} {}
 {{- end }}
 processors: {}

@@ -1,0 +1,370 @@
+"""The Helm chart, rendered by Helm's own engine (helm-python-sdk), for every profile and
+discovery mode: every object validated against the Kubernetes schemas offline
+(kubernetes-validate, strict), the security properties asserted, the rendered agent config
+loaded by the agent's own config loader, and the plain manifests compared with a fresh render.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kpod.exporters.otlp import OtlpConfig
+
+from kpod.config import load_config
+from scripts import render_manifests
+from scripts.render_manifests import CHART, MANIFESTS, manifest_texts, objects, render
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILES = ("minimal", "standard", "comprehensive", "custom")
+MODES = ("informer", "kubelet")
+# Oldest Kubernetes the chart's features need the schemas of, and the newest known.
+KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
+CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+HOST_PATHS = {"/sys/fs/cgroup", "/proc", "/sys/kernel/btf", "/sys/kernel/tracing"}
+ENV = {"NODE_NAME": "node-a", "NODE_IP": "10.0.0.7", "KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+
+EVERYTHING_ON: dict[str, Any] = {
+    "serviceMonitor": {"enabled": True},
+    "podMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "networkPolicy": {
+        "enabled": True,
+        "allowedFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        "egress": [{"ports": [{"port": 443, "protocol": "TCP"}]}],
+    },
+    "otlp": {
+        "enabled": True,
+        "endpoint": "collector.observability:4317",
+        "tlsSecretName": "otlp-client",
+        "headers": {"x-tenant": "a"},
+        "interval": "60s",
+    },
+    "createNamespace": True,
+    "appArmorProfile": {"type": "Unconfined"},
+    "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    "config": {"filter": {"includeLabels": ["app", "team"]}},
+}
+
+
+def profile_values(profile: str, mode: str) -> dict[str, Any]:
+    values: dict[str, Any] = {"config": {"profile": profile, "discovery": {"mode": mode}}}
+    if profile == "custom":
+        values["config"]["pipelineReceivers"] = ["cgroup_cpu", "cgroup_memory", "cpu_sched"]
+    return values
+
+
+def by_kind(objs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for obj in objs:
+        out.setdefault(obj["kind"], []).append(obj)
+    return out
+
+
+def daemonset(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (ds,) = by_kind(objs)["DaemonSet"]
+    return ds
+
+
+def agent_container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = daemonset(objs)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def agent_config(objs: list[dict[str, Any]], tmp_path: Path):
+    (cm,) = by_kind(objs)["ConfigMap"]
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    return load_config(str(path), environ=ENV)
+
+
+def documented_capabilities() -> list[str]:
+    """The capabilities docs/CAPABILITIES.md's table marks as needed (`| CAP_X | needed |`)."""
+    text = (REPO / "docs" / "CAPABILITIES.md").read_text()
+    return re.findall(r"^\|\s*CAP_([A-Z_]+)\s*\|\s*needed\b", text, re.M)
+
+
+# ----------------------------------------------------------------------------- every render
+
+
+RENDERS = [(p, m) for p, m in itertools.product(PROFILES, MODES)]
+
+
+@pytest.mark.parametrize(("profile", "mode"), RENDERS)
+def test_every_object_validates_against_kubernetes_schemas(profile: str, mode: str) -> None:
+    objs = objects(render(profile_values(profile, mode)))
+    kinds = {o["kind"] for o in objs}
+    assert {"DaemonSet", "ConfigMap", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service"} <= kinds
+    for obj in objs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_everything_enabled_validates(tmp_path: Path) -> None:
+    objs = objects(render(EVERYTHING_ON))
+    kinds = by_kind(objs)
+    assert set(kinds) >= CRD_KINDS and {"NetworkPolicy", "Namespace"} <= set(kinds)
+    for obj in objs:
+        if obj["kind"] in CRD_KINDS:
+            continue  # no upstream schema: checked below
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+    for kind in ("ServiceMonitor", "PodMonitor"):
+        (monitor,) = kinds[kind]
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        endpoints = monitor["spec"]["endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"]
+        assert [e["port"] for e in endpoints] == ["metrics"]
+        assert all(e["honorLabels"] is True and e["path"] == "/metrics" for e in endpoints)
+        assert monitor["spec"]["selector"]["matchLabels"] == daemonset(objs)["spec"]["selector"]["matchLabels"]
+    (policy,) = kinds["NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    container = agent_container(objs)
+    assert container["securityContext"]["appArmorProfile"] == {"type": "Unconfined"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["otlp-tls"]["readOnly"] is True
+    config = agent_config(objs, tmp_path)
+    assert [e.id for e in config.exporters] == ["prometheus", "otlp"]
+    otlp: OtlpConfig = config.exporters[1].config
+    assert otlp.endpoint == "collector.observability:4317"
+    assert otlp.tls.ca_file == "/etc/kpod-metrics/otlp-tls/ca.crt" and otlp.tls.key_file.startswith(
+        mounts["otlp-tls"]["mountPath"]
+    )
+    assert otlp.headers == {"x-tenant": "a"} and otlp.interval is not None and otlp.interval.seconds == 60
+    assert config.kpod.filter.include_labels == ["app", "team"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (make system-packages)")
+def test_prometheusrule_groups_pass_promtool(tmp_path: Path) -> None:
+    (rule,) = by_kind(objects(render({"prometheusRule": {"enabled": True}})))["PrometheusRule"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    source = yaml.safe_load((CHART / "files" / "kpod-metrics.rules.yaml").read_text())
+    assert rule["spec"]["groups"] == source["groups"]
+
+
+# ----------------------------------------------------------------------------- security
+
+
+@pytest.mark.parametrize(("profile", "mode"), RENDERS)
+def test_least_privilege(profile: str, mode: str) -> None:
+    objs = objects(render(profile_values(profile, mode)))
+    pod = daemonset(objs)["spec"]["template"]["spec"]
+    container = agent_container(objs)
+    security = container["securityContext"]
+    assert security["privileged"] is False
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert security["capabilities"]["add"] == documented_capabilities()
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"} == pod["securityContext"]["seccompProfile"]
+    assert pod["hostPID"] is True  # cgroup.procs gives PIDs in the reader's PID namespace
+    assert pod["hostNetwork"] is False
+    assert "hostIPC" not in pod
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host_paths = {v["hostPath"]["path"] for v in volumes.values() if "hostPath" in v}
+    assert host_paths == HOST_PATHS
+    for mount in container["volumeMounts"]:
+        assert mount["readOnly"] is True, mount
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["proc"] == "/host/proc" and mounts["cgroup"] == "/sys/fs/cgroup"
+    assert mounts["btf"] == "/sys/kernel/btf" and mounts["tracefs"] == "/sys/kernel/tracing"
+
+
+def test_capabilities_doc_names_the_measured_set() -> None:
+    assert documented_capabilities() == ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["capabilities"] == documented_capabilities()
+
+
+def test_proc_and_cgroup_mounts_follow_the_configured_roots(tmp_path: Path) -> None:
+    values = {"config": {"cgroup": {"root": "/host/sys/fs/cgroup", "procRoot": "/hostproc"}}}
+    objs = objects(render(values))
+    mounts = {m["name"]: m["mountPath"] for m in agent_container(objs)["volumeMounts"]}
+    assert mounts["proc"] == "/hostproc" and mounts["cgroup"] == "/host/sys/fs/cgroup"
+    config = agent_config(objs, tmp_path)
+    assert config.kpod.cgroup.proc_root == "/hostproc" and config.kpod.cgroup.root == "/host/sys/fs/cgroup"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rbac_is_read_only_pods_and_nodes_proxy_only_in_kubelet_mode(mode: str) -> None:
+    objs = objects(render({"config": {"discovery": {"mode": mode}}}))
+    kinds = by_kind(objs)
+    assert "Role" not in kinds and "RoleBinding" not in kinds
+    (role,) = kinds["ClusterRole"]
+    rules = [(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]]
+    expected = [(("",), ("pods",), ("get", "list", "watch"))]
+    if mode == "kubelet":
+        expected.append((("",), ("nodes/proxy",), ("get",)))
+    assert rules == expected
+    (binding,) = kinds["ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (account,) = kinds["ServiceAccount"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "kpod-metrics"}
+    ]
+
+
+def test_daemonset_shape() -> None:
+    objs = objects(render({}))
+    ds = daemonset(objs)
+    pod = ds["spec"]["template"]["spec"]
+    container = agent_container(objs)
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["NODE_NAME"] == "spec.nodeName" and env["NODE_IP"] == "status.hostIP"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    (service,) = by_kind(objs)["Service"]
+    assert service["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_config_change_rolls_the_daemonset() -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        return daemonset(objects(render(values)))["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum({}) == checksum({})
+    assert checksum({}) != checksum({"config": {"pollInterval": 15000}})
+
+
+# ----------------------------------------------------------------------------- the agent config
+
+
+@pytest.mark.parametrize(("profile", "mode"), RENDERS)
+def test_rendered_config_is_valid_for_the_agent(profile: str, mode: str, tmp_path: Path) -> None:
+    values = profile_values(profile, mode)
+    values["config"].update(
+        pollInterval=15000,
+        discovery={"mode": mode, "kubeletPollInterval": 45},
+        filter={"namespaces": ["shop"], "excludeNamespaces": [], "labelSelector": "app in (web),!canary"},
+        syscall={"trackedSyscalls": ["read", "write"]},
+        receivers={"net_iface": {"exclude_interfaces": ["lo", "cilium_host"]}},
+    )
+    objs = objects(render(values))
+    config = agent_config(objs, tmp_path)
+    kpod = config.kpod
+    assert kpod.profile == profile and kpod.discovery.mode == mode
+    assert kpod.poll_interval.seconds == 15 and kpod.discovery.kubelet.poll_interval.seconds == 45
+    assert kpod.discovery.kubelet.url == "https://10.0.0.7:10250/pods"
+    assert kpod.node_name == "node-a"
+    assert kpod.cgroup.proc_root == "/host/proc"
+    assert kpod.filter.namespaces == ["shop"] and kpod.filter.exclude_namespaces == []
+    assert kpod.filter.label_selector == "app in (web),!canary"
+    assert kpod.syscall.tracked_syscalls == ["read", "write"]
+    receivers = [r.id for r in config.receivers]
+    if profile == "custom":
+        assert receivers == ["cgroup_cpu", "cgroup_memory", "cpu_sched"]
+    else:
+        from kpod.profiles import profile_receivers
+
+        assert receivers == [name for name, _ in profile_receivers(profile)]
+    if "net_iface" in receivers:
+        net = next(r for r in config.receivers if r.id == "net_iface")
+        assert net.config.exclude_interfaces == ["lo", "cilium_host"]
+    assert [e.id for e in config.exporters] == ["prometheus"]
+    port = agent_container(objs)["ports"][0]["containerPort"]
+    assert config.exporters[0].config.endpoint == f"0.0.0.0:{port}"
+
+
+def test_defaults_are_the_agents_defaults_where_the_spec_does_not_differ(tmp_path: Path) -> None:
+    """The chart changes only proc_root (the host's /proc is mounted there) and the discovery mode."""
+    from kpod.settings import KpodSettings
+
+    config = agent_config(objects(render({})), tmp_path)
+    defaults = KpodSettings()
+    assert config.kpod.profile == defaults.profile
+    assert config.kpod.poll_interval.seconds == defaults.poll_interval.seconds
+    assert config.kpod.filter == defaults.filter
+    assert config.kpod.syscall == defaults.syscall
+    assert config.kpod.bpf.map_max_entries == defaults.bpf.map_max_entries
+    assert config.kpod.cgroup.root == defaults.cgroup.root
+
+
+# ----------------------------------------------------------------------------- schema and lint
+
+
+BAD_VALUES = [
+    {"config": {"pollInterval": "30s"}},
+    {"config": {"pollInterval": 10}},
+    {"config": {"profile": "maximal"}},
+    {"config": {"profile": "custom"}},  # custom needs pipelineReceivers
+    {"config": {"discovery": {"mode": "local"}}},
+    {"config": {"discovery": {"kubeletPollInterval": "30"}}},
+    {"config": {"cgroup": {"procRoot": "host/proc"}}},
+    {"config": {"filter": {"excludeNamespaces": "kube-system"}}},
+    {"config": {"filters": {}}},  # a typo is an error, not a silently ignored key
+    {"config": {"bpf": {"enabled": "yes"}}},
+    {"config": {"bpf": {"mapMaxEntries": 0}}},
+    {"config": {"syscall": {"trackedSyscalls": []}}},
+    {"image": {"repository": 5}},
+    {"resources": "small"},
+    {"capabilities": ["SYS_ADMIN", "BPF", "PERFMON"]},
+    {"capabilities": ["SYS_PTRACE"]},
+    {"hostPID": "true"},
+    {"otlp": {"enabled": True}},  # no endpoint
+    {"otlp": {"protocol": "http"}},
+    {"serviceMonitor": {"enabled": 1}},
+    {"metrics": {"port": 70000}},
+    {"tolerations": {"operator": "Exists"}},
+]
+
+
+@pytest.mark.parametrize("values", BAD_VALUES, ids=lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
+def test_schema_rejects_wrong_values(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError):
+        render(values)
+
+
+def test_schema_accepts_every_default_and_the_full_example() -> None:
+    chart = helm.Chart.load(str(CHART))
+    chart.validate_schema({})
+    chart.validate_schema(copy.deepcopy(EVERYTHING_ON))
+
+
+def test_helm_lint_is_clean() -> None:
+    report = helm.lint(str(CHART), strict=True)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report.get("errors"), report
+
+
+def test_notes_tell_how_to_verify() -> None:
+    notes = render({})["kpod-metrics/templates/NOTES.txt"]
+    for command in ("rollout status ds/kpod-metrics", "kpod-metrics check", "/metrics", "/debug/status"):
+        assert command in notes
+
+
+# ----------------------------------------------------------------------------- plain manifests
+
+
+def test_plain_manifests_equal_a_fresh_render() -> None:
+    fresh = manifest_texts()
+    committed = {p.name: p.read_text() for p in MANIFESTS.glob("*.yaml")}
+    assert set(committed) == set(fresh), "run `make manifests`"
+    for name, text in fresh.items():
+        assert committed[name] == text, f"deploy/manifests/{name} is stale: run `make manifests`"
+
+
+def test_plain_manifests_validate() -> None:
+    for path in MANIFESTS.glob("*.yaml"):
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj and obj["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_render_module_constants_match_the_chart() -> None:
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["name"] == render_manifests.RELEASE
