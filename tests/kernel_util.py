@@ -108,14 +108,17 @@ class CgroupTree:
 
     root: Path
     created: list[Path] = field(default_factory=list)
+    # Controllers to enable in each directory we make that gets children, as a kubelet does on
+    # pure cgroup2 (where a new directory has no memory.max, io.stat... until its parent
+    # enables them).  Opt-in: a cgroup with controllers enabled can hold no processes, and
+    # some tests put processes in pod-level cgroups.
+    controllers: tuple[str, ...] = ()
 
     def mkdir(self, relative: str) -> Path:
         path = self.root
         for part in Path(relative).parts:
-            if path in self.created:
-                # A kubelet enables controllers all the way down; on pure cgroup2 a new
-                # directory has no io.stat, memory.* or cpu.max until its parent does.
-                enable_controllers(path)
+            if self.controllers and path in self.created:
+                enable_controllers(path, self.controllers)
             path = path / part
             if not path.exists():
                 path.mkdir()
@@ -157,8 +160,8 @@ class CgroupTree:
 
 
 @contextlib.contextmanager
-def cgroup_tree(root: str | Path | None = None) -> Iterator[CgroupTree]:
-    tree = CgroupTree(Path(root or cgroup2_root()))
+def cgroup_tree(root: str | Path | None = None, controllers: tuple[str, ...] = ()) -> Iterator[CgroupTree]:
+    tree = CgroupTree(Path(root or cgroup2_root()), controllers=controllers)
     try:
         yield tree
     finally:

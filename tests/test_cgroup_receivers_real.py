@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from cgroup_tree import make_context
+from kernel_util import enable_controllers
 from kpod.receivers.cgroup_memory import CgroupMemoryReceiver
 from kpod.receivers.disk import DiskConfig, DiskReceiver
 from kpod.receivers.filesystem import FilesystemConfig, FilesystemReceiver
@@ -116,6 +117,12 @@ def _pod_tree(s: Scratch, pods: int, containers: int) -> tuple[str, list[list[st
     for _ in range(pods):
         pod = f"{base}/kubepods/burstable/pod{uuid.uuid4()}"
         out.append([s.mkdirs(f"{pod}/{uuid.uuid4().hex}{uuid.uuid4().hex}") for _ in range(containers)])
+    # As a kubelet does on pure cgroup2: controllers enabled down to the containers, top down,
+    # in the directories made here (processes go into containers only).  No-op on hybrid.
+    top = Path(base)
+    inner = {p for group in out for c in group for p in Path(c).parents if p == top or top in p.parents}
+    for directory in sorted(inner, key=lambda p: len(p.parts)):
+        enable_controllers(directory)
     return base, out
 
 
