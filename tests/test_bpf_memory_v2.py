@@ -1,0 +1,66 @@
+"""OOM kills on pure cgroup v2 (memory.max), as real nodes and the Debian 6.1 VM have them.
+
+The hybrid-host variant (a v1 memory.limit_in_bytes) is in test_bpf_receivers.py; on a hybrid
+host this one skips, inside `make test-vm` it runs.  Ground truth: the container's own
+memory.events, which the kernel keeps next to the limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kernel_util import (
+    KUBELET_CONTROLLERS,
+    Workload,
+    cgroup_tree,
+    context,
+    kernel_test,
+    points_for,
+    pure_cgroup2_memory,
+    workloads,
+)
+from kpod.receivers.memory import MemoryConfig, MemoryReceiver
+
+pytestmark = kernel_test
+
+
+def _events(cgroup: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in (cgroup / "memory.events").read_text().splitlines())}
+
+
+def test_oom_kill_through_memory_max_counted_once_for_the_victims_pod() -> None:
+    if not pure_cgroup2_memory():
+        pytest.skip("the memory controller is not on cgroup2 here (hybrid host: the v1 test covers it)")
+    hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
+    receiver = MemoryReceiver(context("memory"), MemoryConfig(major_faults=False))
+    with cgroup_tree(controllers=KUBELET_CONTROLLERS) as tree, workloads() as procs:
+        pod, bystander = tree.pod(), tree.pod()
+        (pod.container_dir / "memory.max").write_text(str(64 << 20))
+        swap_max = pod.container_dir / "memory.swap.max"
+        if swap_max.exists():  # with swap, the hog would page out instead of dying
+            swap_max.write_text("0")
+        receiver.start()
+        try:
+            w = Workload(hog)
+            procs.append(w)
+            tree.move(w.pid, pod.container_dir)
+            other = Workload("sys.stdin.readline()\n")
+            procs.append(other)
+            tree.move(other.pid, bystander.container_dir)
+            w.go()
+            rc = w.wait(120)
+            assert rc == -9, f"the hog should be OOM-killed (SIGKILL), exit status {rc}"
+            assert _events(pod.container_dir)["oom_kill"] == 1
+            batch = collect(receiver)
+            points = points_for(batch, "kpod.mem.oom.kills", pod.container_id)
+            assert [p.value for p in points] == [1.0]
+            assert not points_for(batch, "kpod.mem.oom.kills", bystander.container_id)
+            assert _events(bystander.container_dir)["oom_kill"] == 0
+        finally:
+            receiver.shutdown()
+
+
+def collect(receiver: MemoryReceiver):  # type: ignore[no-untyped-def]
+    receiver.context.cgroups.refresh()
+    return receiver.collect()
