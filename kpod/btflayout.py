@@ -82,14 +82,21 @@ class BtfTypeInfo:
 
 
 class Btf:
-    """Read access to a `struct btf *` owned elsewhere (an object's or vmlinux)."""
+    """Read access to a `struct btf *`: an object's (owned by the object), or one we own
+    (`owned=True`, the kernel's), freed when the last Python reference to it goes."""
 
-    def __init__(self, ptr: int) -> None:
+    def __init__(self, ptr: int, owned: bool = False) -> None:
         if not ptr:
             raise LayoutError("no BTF (object built without -g?)")
         self.ptr = ptr
+        self.owned = owned
         self._lib = libbpf.lib()
         self._ctypes: dict[int, Any] = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "owned", False) and self.ptr:
+            self._lib.btf__free(self.ptr)
+            self.ptr = 0
 
     def name(self, off: int) -> str:
         raw = self._lib.btf__name_by_offset(self.ptr, off)
@@ -369,17 +376,19 @@ def vmlinux() -> Btf:
             ptr = libbpf.lib().btf__load_vmlinux_btf()
             if not ptr:
                 raise libbpf.LibbpfError(ctypes.get_errno(), "load kernel BTF (/sys/kernel/btf/vmlinux)")
-            _vmlinux = Btf(ptr)
+            _vmlinux = Btf(ptr, owned=True)
         return _vmlinux
 
 
 def release_vmlinux() -> None:
-    """Free the parsed kernel BTF (several MB) once start-up decisions are made."""
+    """Drop the parsed kernel BTF (about 6 MiB) once start-up decisions are made.
+
+    Safe while another thread still uses it: it is freed with the last reference.  The ctypes
+    structs already built from it (bpf_prog_info, ...) stay cached.
+    """
     global _vmlinux
     with _vmlinux_lock:
-        if _vmlinux is not None:
-            libbpf.lib().btf__free(_vmlinux.ptr)
-            _vmlinux = None
+        _vmlinux = None
 
 
 def vmlinux_struct(name: str) -> Any:

@@ -441,6 +441,7 @@ class BpfReceiver(Receiver):
         self.loaded: LoadedObject | None = None
         self._map_state: dict[str, _MapState] = {}
         self._bounds_cache: dict[float, tuple[float, ...]] = {}
+        self._vmlinux_released = False
 
     # -- configuration hooks for subclasses --
 
@@ -527,6 +528,12 @@ class BpfReceiver(Receiver):
         batch = Batch()
         if self.loaded is None:
             return batch
+        if not self._vmlinux_released:
+            # Every receiver has started by the first cycle: the kernel's parsed BTF (~6 MiB)
+            # is no longer needed; the bpf_prog_info layout built from it stays cached.
+            btflayout.vmlinux_struct("bpf_prog_info")
+            btflayout.release_vmlinux()
+            self._vmlinux_released = True
         self.collect_maps(batch)
         batch.extend(self.program_cost_points())
         return batch
