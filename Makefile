@@ -101,9 +101,11 @@ wheel: bpf
 	$(PY) -m pip wheel -q --no-deps $(WHEEL_FLAGS) --wheel-dir $(DIST) .
 	$(PY) scripts/check_wheel.py $(DIST)
 
-# deploy/manifests/ is rendered from the Helm chart (never edited by hand); a test compares.
+# deploy/manifests/ is rendered from the Helm chart and deploy/grafana/ from
+# scripts/gen_dashboard.py (never edited by hand); tests compare.
 manifests: venv
 	$(PY) scripts/render_manifests.py
+	$(PY) scripts/gen_dashboard.py
 
 # docs/METRICS.md and docs/CONFIGURATION.md are generated from the code; a test compares.
 docs: venv
