@@ -224,17 +224,14 @@ int BPF_PROG(tcp_set_state, const struct sock *sk, const int oldstate, const int
  * is srtt_us >> 3, i.e. microseconds.  We read the socket, so we shift exactly once to get that
  * same value, then make nanoseconds for the shared histogram.
  */
-SEC("tp_btf/tcp_probe")
-int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
+static __always_inline void rtt_sample(const struct sock *sk, __u32 srtt_us_x8)
 {
 	struct kpod_cgroup_key key;
 	struct kpod_hist *hist;
-	/* sk is typed struct sock: the verifier refuses direct loads past it, so read tcp_sock's
-	 * field with one probe read (tcp_probe only fires for TCP sockets). */
-	__u32 srtt_us = BPF_CORE_READ((struct tcp_sock *)sk, srtt_us) >> 3;
+	__u32 srtt_us = srtt_us_x8 >> 3;
 
 	if (!srtt_us)
-		return 0;  /* no RTT sample yet */
+		return;  /* no RTT sample yet */
 	key.cgroup_id = sk_cgroup_id(sk);
 	hist = bpf_map_lookup_elem(&net_rtt, &key);
 	if (!hist) {
@@ -242,8 +239,31 @@ int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
 
 		hist = kpod_lookup_or_init(&net_rtt, &key, &zero, &net_errors, ERR_OFF(net_rtt));
 		if (!hist)
-			return 0;
+			return;
 	}
 	kpod_hist_add(hist, (__u64)srtt_us * 1000);
+}
+
+/*
+ * The argument is typed struct sock, and the verifier refuses direct loads past it.  6.2+ has
+ * the bpf_rdonly_cast kfunc, which the verifier turns into nothing: the tcp_sock field is then
+ * a plain load.  Where it is missing this program fails to load and the next one (one probe
+ * read) is used instead.
+ */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)
+{
+	struct tcp_sock *tp = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock));
+
+	rtt_sample(sk, tp->srtt_us);
+	return 0;
+}
+
+SEC("tp_btf/tcp_probe")
+int BPF_PROG(tcp_probe_read, struct sock *sk, const struct sk_buff *skb)
+{
+	rtt_sample(sk, BPF_CORE_READ((struct tcp_sock *)sk, srtt_us));
 	return 0;
 }

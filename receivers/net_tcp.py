@@ -91,13 +91,15 @@ class NetTcpReceiver(BpfReceiver):
         ProgramSpec("tcp_recvmsg_ret", feeds=(BYTES_RECEIVED.name,), optional=True),
         ProgramSpec("tcp_retransmit", feeds=(RETRANSMITS.name,), optional=True),
         ProgramSpec("tcp_set_state", feeds=(CONNECTIONS.name,), optional=True),
+        # bpf_rdonly_cast (6.2+) first; it fails to load on older kernels and is dropped.
         ProgramSpec("tcp_probe", feeds=(RTT.name,), optional=True),
+        ProgramSpec("tcp_probe_read", feeds=(RTT.name,), optional=True),
     )
 
     def enabled_programs(self) -> set[str]:
         enabled = {s.program for s in self.program_specs}
         if not self.config.rtt:
-            enabled.discard("tcp_probe")
+            enabled -= {"tcp_probe", "tcp_probe_read"}
         if kernel_function_params("tcp_recvmsg") not in (None, TCP_RECVMSG_PARAMS):
             # Pre-5.19 signature: the kretprobe (return value only) is the right fallback.
             enabled.discard("tcp_recvmsg_exit")

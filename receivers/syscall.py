@@ -100,9 +100,11 @@ class SyscallReceiver(BpfReceiver):
             attrs = self._names.get(int(v.nr))
             if attrs is None:
                 continue  # cannot happen: only tracked numbers pass the filter
-            batch.add(Point(COUNT, ref, attrs, float(v.count), None, start))
+            latency = self.histogram(v.latency)
+            # The kernel keeps no separate counter: each counted call is one latency sample.
+            batch.add(Point(COUNT, ref, attrs, float(latency.count), None, start))
             batch.add(Point(ERRORS, ref, attrs, float(v.errors), None, start))
-            batch.add(Point(LATENCY, ref, attrs, self.histogram(v.latency), None, start))
+            batch.add(Point(LATENCY, ref, attrs, latency, None, start))
 
     def status(self) -> dict[str, object]:
         status = super().status()

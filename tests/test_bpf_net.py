@@ -159,8 +159,16 @@ def transfer(tree, procs, pod_a, pod_b, netns: str = "", nbytes: int = ODD_BYTES
     return a, b
 
 
-def test_loopback_transfer_exact_bytes_connections_and_rtt() -> None:
-    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig())
+class ProbeReadReceiver(NetTcpReceiver):
+    """As on kernels without the bpf_rdonly_cast kfunc (< 6.2): the probe-read RTT program."""
+
+    def enabled_programs(self) -> set[str]:
+        return super().enabled_programs() - {"tcp_probe"}
+
+
+@pytest.mark.parametrize("receiver_class", [NetTcpReceiver, ProbeReadReceiver], ids=["rdonly_cast", "probe_read"])
+def test_loopback_transfer_exact_bytes_connections_and_rtt(receiver_class: type[NetTcpReceiver]) -> None:
+    receiver = receiver_class(context("net_tcp"), NetTcpConfig())
     with cgroup_tree() as tree, workloads() as procs:
         pod_a, pod_b = tree.pod(), tree.pod()
         receiver.start()
@@ -186,6 +194,8 @@ def test_loopback_transfer_exact_bytes_connections_and_rtt() -> None:
             # RTT: non-empty for both sockets' pods.
             rtt_a = value(batch, "kpod.net.tcp.rtt", A)
             rtt_b = value(batch, "kpod.net.tcp.rtt", B)
+            rtt_program = "tcp_probe_read" if receiver_class is ProbeReadReceiver else "tcp_probe"
+            assert {r.program for r in receiver.loaded.routes if r.active and "rtt" in r.feeds[0]} == {rtt_program}
             assert rtt_a is not None and rtt_a.count > 0
             assert rtt_b is not None and rtt_b.count > 0
             assert points_for(batch, "kpod.net.tcp.rtt", A)[0].metric.unit == "s"

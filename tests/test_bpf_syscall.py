@@ -252,3 +252,18 @@ def test_shutdown_removes_programs_and_maps() -> None:
         time.sleep(0.1)
     assert not prog_ids & ids("prog")
     assert not map_ids & ids("map")
+
+
+def test_latency_struct_carries_the_histogram_layout() -> None:
+    """sys_stats' latency is not a struct kpod_hist (no count member: the count is the sum of
+    the slots), so check here what the shared layout test checks for kpod_hist: the slot
+    mapping is in the object's BTF and the slots array has that many entries."""
+    from kpod import btflayout, libbpf
+    from kpod.ebpf import object_path
+
+    with libbpf.BpfObject.open(object_path("syscall")) as obj:
+        consts = btflayout.Btf(obj.btf_ptr).enum("kpod_hist_layout")
+        value = btflayout.map_layouts(obj)["sys_stats"].value_type
+        assert consts["KPOD_HIST_SLOTS"] == value().latency.slots._length_
+        assert consts["KPOD_HIST_FIRST_BITS"] == 10
+        assert not hasattr(value().latency, "count")
