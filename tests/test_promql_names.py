@@ -182,13 +182,15 @@ def agent_exposition(tmp_path: Path) -> str:
         )
     )  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "kpod.cli", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO,
-    )  # fmt: skip
+    log_path = tmp_path / "agent.log"  # a file, not a pipe: a full pipe would stall the agent
+    with open(log_path, "wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "kpod.cli", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=REPO,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and agent.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
                     body = response.read().decode()
@@ -196,12 +198,8 @@ def agent_exposition(tmp_path: Path) -> str:
                     return body
             except OSError:
                 pass
-            if agent.poll() is not None:
-                break
             time.sleep(0.2)
-        raise AssertionError(
-            f"agent produced no exposition: {agent.stderr.read().decode()[-2000:] if agent.stderr else ''}"
-        )
+        raise AssertionError(f"agent produced no exposition: {log_path.read_text()[-2000:]}")
     finally:
         if agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
