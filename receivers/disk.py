@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kpod.cgroupfs import CgroupFileReceiver, read_text, v1_path
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import DevNum, parse_blkio_throttle, parse_devname, parse_io_stat
+from kpod.units import Duration
 
 READ_BYTES = MetricDef("kpod.disk.read.bytes", Kind.COUNTER, "By", "Bytes read from block devices", ("device",))
 WRITTEN_BYTES = MetricDef("kpod.disk.written.bytes", Kind.COUNTER, "By", "Bytes written to block devices", ("device",))
@@ -46,9 +47,9 @@ _V1_IOS = (("Read", READS), ("Write", WRITES))
 class DiskConfig:
     # Where sysfs is mounted (device names come from <sysfs_root>/dev/block/M:m/uevent).
     sysfs_root: str = "/sys"
-    # Seconds a resolved device name is trusted: dynamic majors (nvme, dm, loop) reuse numbers
+    # How long a resolved device name is trusted: dynamic majors (nvme, dm, loop) reuse numbers
     # when a device is removed and another one appears.
-    device_name_ttl_s: float = 300.0
+    device_name_ttl: Duration = field(default_factory=lambda: Duration.parse("5m"))
 
 
 class DiskReceiver(CgroupFileReceiver):
@@ -101,7 +102,7 @@ class DiskReceiver(CgroupFileReceiver):
     def device_name(self, dev: DevNum) -> str:
         now = time.monotonic()
         cached = self._names.get(dev)
-        if cached is not None and now - cached[1] < self.config.device_name_ttl_s:
+        if cached is not None and now - cached[1] < self.config.device_name_ttl.seconds:
             return cached[0]
         try:
             name = parse_devname(read_text(f"{self.config.sysfs_root}/dev/block/{dev[0]}:{dev[1]}/uevent"))

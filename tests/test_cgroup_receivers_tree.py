@@ -293,3 +293,22 @@ def test_pod_cgroup_path_both_drivers() -> None:
     assert pod_cgroup_path(static + "/" + "d" * 64) == static
     for not_a_container in ("/kubepods/burstable", "/system.slice/ssh.service", "/x", "/"):
         assert pod_cgroup_path(not_a_container) is None
+
+
+def test_receiver_configs_go_through_the_config_builder() -> None:
+    from kpod.config import ConfigError, _Where, build
+
+    where = _Where("test.yaml", "receivers.x")
+    by_type = {e.name: e.load().config_class for e in entry_points(group="kpod.receivers") if e.name in MY_RECEIVERS}
+    for config_class in by_type.values():
+        assert build(config_class, {}, where) == config_class()  # defaults are valid
+    disk = build(by_type["disk"], {"device_name_ttl": "1m", "sysfs_root": "/host/sys"}, where)
+    assert disk.device_name_ttl.seconds == 60 and disk.sysfs_root == "/host/sys"
+    assert build(by_type["net_iface"], {"exclude_interfaces": ["lo", "docker0"]}, where).exclude_interfaces == [
+        "lo",
+        "docker0",
+    ]
+    with pytest.raises(ConfigError):
+        build(by_type["net_iface"], {"exclude_interface": ["lo"]}, where)
+    with pytest.raises(ConfigError):
+        build(by_type["filesystem"], {"exclude_fstypes": "tmpfs"}, where)
