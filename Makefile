@@ -108,7 +108,7 @@ manifests: venv
 	$(PY) scripts/gen_dashboard.py
 
 # docs/METRICS.md and docs/CONFIGURATION.md are generated from the code; a test compares.
-docs: venv
+docs: venv bpf
 	$(PY) scripts/gen_docs.py
 
 clean:
