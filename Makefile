@@ -20,7 +20,7 @@ CLANG     ?= clang
 LLVM_STRIP ?= llvm-strip
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I bpf
 
-.PHONY: setup run test bench lint fmt bpf clean system-packages venv wheel manifests docs fuzz soak
+.PHONY: setup run test bench lint fmt bpf clean system-packages venv fuzz soak vm-setup test-vm wheel manifests docs
 
 setup: system-packages venv bpf
 
@@ -66,6 +66,22 @@ run: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PYTEST) -q
+
+# The eBPF and cgroup ground-truth tests again, inside Debian's 6.1 kernel under qemu (TCG) with
+# pure cgroup v2 (docs/VM.md).  A focused selection: Python runs ~19x slower there.
+VM_TESTS   ?= $(wildcard tests/vm/test_*.py tests/test_bpf_receivers.py tests/test_bpf_memory_v2.py \
+                tests/test_bpf_net.py tests/test_bpf_syscall.py tests/test_bpf_layout.py \
+                tests/test_cgroup_receivers_real.py tests/test_resolution_cgroups.py)
+VM_TIMEOUT ?= 1500
+
+# Idempotent: qemu, busybox and kmod from apt, the 6.1 kernel extracted into build/vm, the initramfs.
+vm-setup:
+	python3 tests/vm/vm.py prepare
+
+# Fails if the guest's pytest failed, or the VM did not boot or timed out (the one-line error
+# names the console log).
+test-vm: setup vm-setup
+	python3 tests/vm/vm.py run --timeout $(VM_TIMEOUT) -- sh tests/vm/run_tests.sh $(VM_TESTS)
 
 bench: setup
 	$(PY) -m bench
