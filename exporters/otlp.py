@@ -17,9 +17,11 @@ Configured as `exporters: {otlp: {...}}`, several at once as `otlp/<name>`:
 
 How a snapshot travels: `export()` (called from the collection loop) only appends the batch to a
 bounded queue and returns; it never converts, encodes or touches the network.  One sender thread
-takes batches oldest first, converts them to the SDK's metric data classes
-(`opentelemetry.sdk.metrics.export`, built by hand: no MeterProvider, since kernel data is already
-aggregated), encodes them with the exporter package's `encode_metrics`, and sends.
+converts each batch to the SDK's metric data classes (`opentelemetry.sdk.metrics.export`, built by
+hand: no MeterProvider, since kernel data is already aggregated), encodes them with the exporter
+package's `encode_metrics` into requests of at most max_batch_points points (and under 4 MiB), keeps
+them gzip-compressed (about 0.15 MB per 110-pod snapshot instead of ~3 MB of Point objects), and
+sends them oldest first.  Batches that arrive while a retry waits are encoded during the wait.
 
 Why not `OTLPMetricExporter.export()`: in opentelemetry-exporter-otlp 1.45 it retries inside the
 call (up to 6 attempts, backoff 1 s, 2 s, 4 s... with +-20 % jitter, all within one `timeout`
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gzip
 import http.client
 import logging
 import random
@@ -86,9 +89,12 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024 - 64 * 1024
 MAX_REMEMBERED_ERRORS = 64
 # Shutdown must not hold the agent's exit (the agent has 5 s in total).
 SHUTDOWN_JOIN_S = 2.0
+# Held requests are compressed fast (the sender thread's CPU), not small: level 1.
+QUEUE_GZIP_LEVEL = 1
 
 # OTLP spec (exporter retry): these gRPC codes are transient.  RESOURCE_EXHAUSTED only when the
 # server sends RetryInfo (otherwise it is e.g. "message larger than max": retrying cannot help).
+GRPC_EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 GRPC_RETRYABLE = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "ABORTED", "OUT_OF_RANGE", "UNAVAILABLE", "DATA_LOSS"})
 HTTP_RETRYABLE = frozenset({429, 502, 503, 504})
 
@@ -347,6 +353,21 @@ class Encoder:
             out.append((request, len(chunk)))
         return out
 
+    def payloads(self, batch: Batch) -> list[Payload]:
+        """The batch as gzip-compressed serialized requests: what the queue holds.  A node's
+        snapshot is ~3 MB of Point objects, ~1.5 MB of protobuf, ~0.15 MB gzipped (level 1), so
+        a queue of held snapshots costs little memory however long the collector is away."""
+        return [
+            Payload(gzip.compress(request.SerializeToString(), QUEUE_GZIP_LEVEL), points)
+            for request, points in self.requests(batch)
+        ]
+
+
+@dataclass
+class Payload:
+    gzipped: bytes  # a serialized ExportMetricsServiceRequest, gzip-compressed
+    points: int
+
 
 # --------------------------------------------------------------------------- transports
 
@@ -354,7 +375,7 @@ class Encoder:
 class GrpcTransport:
     def __init__(self, target: Target, config: OtlpConfig) -> None:
         import grpc
-        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2_grpc import MetricsServiceStub
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
         self._grpc = grpc
         self._metadata = tuple((k.lower(), v) for k, v in config.headers.items())
@@ -378,14 +399,23 @@ class GrpcTransport:
             self._channel = grpc.secure_channel(target.grpc_target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target.grpc_target, options=options)
-        self._stub = MetricsServiceStub(self._channel)
+        # The MetricsService Export method as the opentelemetry-proto stub defines it, but taking
+        # the request already serialized (the queue holds bytes, not messages).
+        self._export = self._channel.unary_unary(
+            GRPC_EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportMetricsServiceResponse.FromString,
+        )
 
-    def send(self, request: Any, timeout: float) -> int:
-        """Send one request; returns the points the receiver rejected (partial success)."""
+    def send(self, payload: Payload, timeout: float) -> None:
+        """Send one request.  Raises SendError, or PartialSuccess with the rejected points."""
         grpc = self._grpc
         try:
-            response = self._stub.Export(
-                request, timeout=timeout, metadata=self._metadata, compression=self._compression
+            response = self._export(
+                gzip.decompress(payload.gzipped),  # gRPC compresses per message itself
+                timeout=timeout,
+                metadata=self._metadata,
+                compression=self._compression,
             )
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None
@@ -399,7 +429,6 @@ class GrpcTransport:
         partial = response.partial_success
         if partial.rejected_data_points or partial.error_message:
             raise PartialSuccess(int(partial.rejected_data_points), partial.error_message)
-        return 0
 
     def close(self) -> None:
         # Cancels an RPC in progress, so that shutdown does not wait for its timeout.
@@ -475,14 +504,11 @@ class HttpTransport:
         if conn is not None:
             conn.close()
 
-    def send(self, request: Any, timeout: float) -> int:
-        import gzip
-
+    def send(self, payload: Payload, timeout: float) -> None:
+        """Send one request.  Raises SendError, or PartialSuccess with the rejected points."""
         from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-        body = request.SerializeToString()
-        if self._gzip:
-            body = gzip.compress(body, 6)
+        body = payload.gzipped if self._gzip else gzip.decompress(payload.gzipped)
         conn = self._connection(timeout)
         try:
             conn.request("POST", self._target.path, body=body, headers=self._headers)
@@ -500,11 +526,11 @@ class HttpTransport:
             try:
                 parsed.ParseFromString(data)
             except Exception:  # an empty or odd body on success is still a success
-                return 0
+                return
             partial = parsed.partial_success
             if partial.rejected_data_points or partial.error_message:
                 raise PartialSuccess(int(partial.rejected_data_points), partial.error_message)
-            return 0
+            return
         message = f"HTTP {status} {response.reason}".strip() + _status_message(data)
         if status in HTTP_RETRYABLE:
             raise SendError(message, permanent=False, retry_after=_retry_after(response.getheader("Retry-After")))
@@ -558,8 +584,9 @@ def _read(path: str) -> bytes:
 
 @dataclass
 class _Item:
-    batch: Batch
+    batch: Batch | None  # as export() got it; None once encoded
     points: int
+    payloads: list[Payload] | None = None  # the encoded requests, once the sender got to it
     abandoned: bool = False  # superseded while being retried: dropped at the next check
 
 
@@ -678,6 +705,7 @@ class OtlpExporter(Exporter):
                     return
                 item = self._inflight = self._queue.popleft()
             try:
+                self._encode(item)
                 self._deliver(item)
             except Exception:  # a bug must be visible, and must not end the sender
                 self.log.exception("unexpected error while exporting; batch dropped")
@@ -687,19 +715,52 @@ class OtlpExporter(Exporter):
                     self._inflight = None
                 self._set_queue_gauge()
 
+    def _encode(self, item: _Item) -> None:
+        """Batch -> compressed requests, and let go of the batch's Point objects."""
+        batch = item.batch
+        if item.payloads is not None or batch is None:
+            return
+        assert self._encoder is not None
+        item.payloads = self._encoder.payloads(batch)
+        item.batch = None
+
+    def _encode_waiting(self) -> bool:
+        """Encode one waiting batch (called while a retry waits).  False if none was left."""
+        with self._cond:
+            raw = next((i for i in self._queue if i.payloads is None), None)
+        if raw is None:
+            return False
+        self._encode(raw)  # outside the lock: export() stays O(1) meanwhile
+        return True
+
+    def _wait_backoff(self, item: _Item, delay: float) -> None:
+        """Sleep until the retry, early on shutdown or when this batch is superseded; encode the
+        batches that arrive meanwhile so that they are held compressed."""
+        deadline = time.monotonic() + delay
+        while True:
+            with self._cond:
+                remaining = deadline - time.monotonic()
+                if self._stopping or item.abandoned or remaining <= 0:
+                    return
+                if not any(i.payloads is None for i in self._queue):
+                    self._cond.wait(remaining)
+                    continue
+            self._encode_waiting()
+
     def _deliver(self, item: _Item) -> None:
-        assert self._encoder is not None and self._transport is not None
-        requests = self._encoder.requests(item.batch)
+        assert self._transport is not None and item.payloads is not None
+        payloads = item.payloads
         attempt = 0
-        for index, (request, points) in enumerate(requests):
+        for index, payload in enumerate(payloads):
+            points = payload.points
             while True:
                 with self._cond:
                     give_up = self._stopping or item.abandoned
                 if give_up:
-                    self._count_dropped(sum(p for _, p in requests[index:]))
+                    self._count_dropped(sum(p.points for p in payloads[index:]))
                     return
                 try:
-                    self._transport.send(request, self.config.timeout.seconds)
+                    self._transport.send(payload, self.config.timeout.seconds)
                 except PartialSuccess as partial:
                     self._succeeded(points - partial.rejected)
                     self._count_dropped(partial.rejected)
@@ -725,9 +786,7 @@ class OtlpExporter(Exporter):
                     delay = self._backoff(attempt, error.retry_after)
                     attempt += 1
                     self.next_retry_unix = time.time() + delay
-                    with self._cond:
-                        # Woken early by shutdown or by this batch being superseded.
-                        self._cond.wait_for(lambda: self._stopping or item.abandoned, timeout=delay)
+                    self._wait_backoff(item, delay)
                     self.next_retry_unix = 0.0
                     continue
                 self._succeeded(points)

@@ -419,13 +419,14 @@ def test_transient_error_is_retried_with_growing_backoff(protocol: str, caplog: 
     try:
         batch = with_otel(node_batch(pods=1))
         exporter.export(batch)
-        time.sleep(1.5)
+        time.sleep(2.0)
         attempts = receiver.attempt_times[:]
-        # Backoff 0.05, 0.1, 0.2, 0.4, 0.4... (+-20 %): about 6 attempts in 1.5 s, not hundreds.
-        assert 4 <= len(attempts) <= 10, len(attempts)
+        # Backoff 0.05, 0.1, 0.2, 0.4, 0.4... (+-20 %): about 7 attempts in 2 s, not hundreds.
+        assert 4 <= len(attempts) <= 12, len(attempts)
         gaps = [b - a for a, b in itertools.pairwise(attempts)]
-        assert gaps[0] >= 0.04 and max(gaps) <= 0.4 * 1.2 + 0.2
-        assert max(gaps) >= 0.3  # it grew up to the cap
+        assert min(gaps) >= 0.04, gaps  # never a tight loop
+        assert max(gaps) >= 0.3, gaps  # it grew up to the cap...
+        assert sorted(gaps)[len(gaps) // 2] <= 0.4 * 1.2 + 0.3, gaps  # ...and stayed there (slack for load)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "retrying" in r.getMessage()]
         assert len(warnings) == 1
         # The collector recovers: the same batch goes through, and that is logged.

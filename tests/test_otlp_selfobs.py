@@ -206,6 +206,10 @@ def test_discovery_window_zero_never_unready() -> None:
 def test_process_stats_of_another_process() -> None:
     child = subprocess.Popen(["sleep", "30"])
     try:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.01)  # still between fork and exec
+        time.sleep(0.05)
         stats = process_stats(pid=str(child.pid))
         assert stats["process.open_fds"] >= 3
         assert stats["process.resident_memory.bytes"] > 0
