@@ -59,9 +59,11 @@ struct kpod_hist {
 };
 
 /* floor(log2(v)) for v > 0, branch-free enough for the verifier (no loops). */
-static __always_inline __u32 kpod_log2(__u64 v)
+/* 64-bit arithmetic throughout: 32-bit values make clang insert zero-extension copies whose
+ * bounds older verifiers (6.1) do not connect to the checks below. */
+static __always_inline __u64 kpod_log2(__u64 v)
 {
-	__u32 r = 0, shift;
+	__u64 r = 0, shift;
 
 	shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
 	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
@@ -72,9 +74,9 @@ static __always_inline __u32 kpod_log2(__u64 v)
 	return r;
 }
 
-static __always_inline __u32 kpod_hist_slot(__u64 v)
+static __always_inline __u64 kpod_hist_slot(__u64 v)
 {
-	__u32 bits = v ? kpod_log2(v) + 1 : 0;  /* bit length */
+	__u64 bits = v ? kpod_log2(v) + 1 : 0;  /* bit length */
 
 	if (bits <= KPOD_HIST_FIRST_BITS)
 		return 0;
@@ -84,9 +86,13 @@ static __always_inline __u32 kpod_hist_slot(__u64 v)
 
 static __always_inline void kpod_hist_add(struct kpod_hist *h, __u64 v)
 {
-	__u32 slot = kpod_hist_slot(v);
+	__u64 slot = kpod_hist_slot(v);
 
-	/* Re-check the bound where the verifier can see it. */
+	/*
+	 * Re-check the bound on the very register used as the index: barrier_var() stops clang
+	 * from dropping the check as redundant or indexing with a copy made before it.
+	 */
+	barrier_var(slot);
 	if (slot >= KPOD_HIST_SLOTS)
 		return;
 	__sync_fetch_and_add(&h->slots[slot], 1);

@@ -106,8 +106,21 @@ _libc.vsnprintf.restype = c_int
 _capture = threading.local()
 
 
+# Verifier logs arrive as one message of up to megabytes: format into a large per-thread
+# buffer (a va_list can be consumed only once, so there is no measuring first).
+_PRINT_BUFFER_SIZE = 1 << 20
+
+
+def _print_buffer() -> ctypes.Array:
+    buf = getattr(_capture, "buffer", None)
+    if buf is None:
+        buf = ctypes.create_string_buffer(_PRINT_BUFFER_SIZE)
+        _capture.buffer = buf
+    return buf
+
+
 def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
-    buf = ctypes.create_string_buffer(2048)
+    buf = _print_buffer()
     _libc.vsnprintf(buf, len(buf), fmt, args)
     text = buf.value.decode(errors="replace").rstrip("\n")
     lines = getattr(_capture, "lines", None)

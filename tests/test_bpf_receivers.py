@@ -71,7 +71,7 @@ def test_context_switches_at_least_proc_status() -> None:
             points = points_for(batch, "kpod.cpu.context.switches", pod.container_id)
             assert len(points) == 1, f"one series for the container cgroup, got {points}"
             assert points[0].cgroup.path.endswith(pod.container_dir.name)
-            assert truth >= 3000
+            assert truth >= 1000  # most sleeps switched out (a short sleep can expire before it blocks)
             assert points[0].value >= truth, (points[0].value, truth)
             # A cgroup's switches are its own: not several times the truth either.
             assert points[0].value <= truth * 1.5 + 50
