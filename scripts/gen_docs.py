@@ -21,17 +21,15 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python scripts/gen_docs.py` from make
-    sys.path.insert(0, str(REPO))
+from kpod import pipeline, profiles
+from kpod.component import Receiver
+from kpod.config import _leaf_paths, env_var_name
+from kpod.exposition import family_name, prometheus_name
+from kpod.model import Kind, MetricDef
+from kpod.settings import KpodSettings
+from kpod.units import Duration
 
-from kpod import pipeline, profiles  # noqa: E402
-from kpod.component import Receiver  # noqa: E402
-from kpod.config import _leaf_paths, env_var_name  # noqa: E402
-from kpod.exposition import family_name, prometheus_name  # noqa: E402
-from kpod.model import Kind, MetricDef  # noqa: E402
-from kpod.settings import KpodSettings  # noqa: E402
-from kpod.units import Duration  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 METRICS_MD = REPO / "docs" / "METRICS.md"
 CONFIGURATION_MD = REPO / "docs" / "CONFIGURATION.md"
