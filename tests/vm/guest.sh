@@ -76,8 +76,14 @@ hostname kpod-vm
 say "kernel $release, $(nproc) CPUs, $(awk '/MemTotal/ {print $2 " kB"}' /proc/meminfo), up $(cut -d' ' -f1 /proc/uptime) s"
 [ -r "$RESULTS/cmd" ] || fail "no command in the results share"
 say "running: $(tail -n 1 "$RESULTS/cmd")"
-# The command's output goes to the console (the host shows it live) and to output.log.
-{ sh "$RESULTS/cmd" < /dev/null; echo $? > "$RESULTS/rc.tmp"; } 2>&1 | tee "$RESULTS/output.log"
+if [ -e "$RESULTS/interactive" ]; then
+    # The console as the command's controlling terminal (job control, Ctrl-C), no tee.
+    setsid -c -w sh "$RESULTS/cmd" < /dev/console > /dev/console 2>&1
+    echo $? > "$RESULTS/rc.tmp"
+else
+    # The command's output goes to the console (the host shows it live) and to output.log.
+    { sh "$RESULTS/cmd" < /dev/null; echo $? > "$RESULTS/rc.tmp"; } 2>&1 | tee "$RESULTS/output.log"
+fi
 mv "$RESULTS/rc.tmp" "$RESULTS/rc"
 say "command exited $(cat "$RESULTS/rc"), up $(cut -d' ' -f1 /proc/uptime) s"
 umount /mnt/data 2>/dev/null

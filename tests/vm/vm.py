@@ -282,7 +282,7 @@ def guest_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 
 def qemu_argv(release: str, run_dir: Path, disk: Path, console: Path, smp: int, memory_mib: int,
-              loglevel: int) -> list[str]:  # fmt: skip
+              loglevel: int, interactive: bool = False) -> list[str]:  # fmt: skip
     vmlinuz = KERNEL_ROOT / "boot" / f"vmlinuz-{release}"
     cmdline = " ".join(
         (
@@ -302,7 +302,9 @@ def qemu_argv(release: str, run_dir: Path, disk: Path, console: Path, smp: int, 
         "-smp", str(smp),
         "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-serial", f"file:{console}",
+        # Interactive: the serial line on our terminal (Ctrl-A x quits qemu), still logged.
+        *(["-chardev", f"stdio,id=con,mux=on,signal=off,logfile={console}", "-serial", "chardev:con",
+           "-mon", "chardev=con"] if interactive else ["-serial", f"file:{console}"]),
         "-kernel", str(vmlinuz),
         "-initrd", str(INITRAMFS),
         "-append", cmdline,
@@ -340,7 +342,8 @@ class ConsoleTail:
 
 
 def run(argv: list[str], *, timeout: float, cwd: Path, smp: int = 2, memory_mib: int = 2048,
-        stream: bool = True, loglevel: int = 4, env: dict[str, str] | None = None) -> RunResult:  # fmt: skip
+        stream: bool = True, loglevel: int = 4, env: dict[str, str] | None = None,
+        interactive: bool = False) -> RunResult:  # fmt: skip
     release = kernel_release()
     if release is None or not INITRAMFS.exists():
         raise SystemExit("vm: not prepared: run `tests/vm/vm.py prepare` (or `make vm-setup`) first")
@@ -365,11 +368,18 @@ def run(argv: list[str], *, timeout: float, cwd: Path, smp: int = 2, memory_mib:
         **(env or {}),
     }
     (run_dir / "cmd").write_text(guest_script(argv, cwd, guest_env))
-    qemu = qemu_argv(release, run_dir, disk, console, smp, memory_mib, loglevel)
+    if interactive:  # guest.sh then gives the command the console as its terminal
+        (run_dir / "interactive").touch()
+    qemu = qemu_argv(release, run_dir, disk, console, smp, memory_mib, loglevel, interactive)
     (run_dir / "qemu.argv").write_text(shlex.join(qemu) + "\n")
-    tail = ConsoleTail(console, stream)
+    tail = ConsoleTail(console, stream and not interactive)
     start = time.monotonic()
-    proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        qemu,
+        stdin=None if interactive else subprocess.DEVNULL,
+        stdout=None if interactive else subprocess.PIPE,
+        stderr=None if interactive else subprocess.STDOUT,
+    )
     timed_out = False
     try:
         while proc.poll() is None:
@@ -410,6 +420,11 @@ def main(args: list[str] | None = None) -> int:
     runp.add_argument("--quiet", action="store_true", help="do not copy the guest console to stdout")
     runp.add_argument("--loglevel", type=int, default=4, help="kernel console loglevel (7: everything)")
     runp.add_argument("--cwd", default=os.getcwd(), help="directory to run in (same path in the guest)")
+    runp.add_argument(
+        "--interactive",
+        action="store_true",
+        help="the guest console on this terminal, e.g. `run --interactive -- bash`",
+    )
     runp.add_argument("argv", nargs="+", help="the command (after --)")
     opts = parser.parse_args(args)
     if opts.command == "prepare":
@@ -417,7 +432,7 @@ def main(args: list[str] | None = None) -> int:
         log(f"ready: kernel {release}, {INITRAMFS}")
         return 0
     result = run(opts.argv, timeout=opts.timeout, cwd=Path(opts.cwd), smp=opts.smp, memory_mib=opts.memory,
-                 stream=not opts.quiet, loglevel=opts.loglevel)  # fmt: skip
+                 stream=not opts.quiet, loglevel=opts.loglevel, interactive=opts.interactive)  # fmt: skip
     where = f"console log: {result.console}"
     if result.timed_out:
         log(f"FAILED: timed out after {result.seconds:.0f} s, VM killed; {where}")
