@@ -106,21 +106,17 @@ _libc.vsnprintf.restype = c_int
 _capture = threading.local()
 
 
-# Verifier logs arrive as one message of up to megabytes: format into a large per-thread
-# buffer (a va_list can be consumed only once, so there is no measuring first).
-_PRINT_BUFFER_SIZE = 1 << 20
-
-
-def _print_buffer() -> ctypes.Array:
-    buf = getattr(_capture, "buffer", None)
-    if buf is None:
-        buf = ctypes.create_string_buffer(_PRINT_BUFFER_SIZE)
-        _capture.buffer = buf
-    return buf
+# va_list is a small struct passed by pointer on x86-64 (24 bytes) and arm64 (32 bytes), and
+# va_copy is a plain copy there: a copy is consumed to measure, the original to format, so a
+# verifier log of megabytes arrives whole without a huge standing buffer.
+_VA_LIST_SIZE = 32
 
 
 def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
-    buf = _print_buffer()
+    ap_copy = ctypes.create_string_buffer(_VA_LIST_SIZE)
+    ctypes.memmove(ap_copy, args, _VA_LIST_SIZE)
+    needed = _libc.vsnprintf(None, 0, fmt, ctypes.addressof(ap_copy))
+    buf = ctypes.create_string_buffer(max(needed, 0) + 1)
     _libc.vsnprintf(buf, len(buf), fmt, args)
     text = buf.value.decode(errors="replace").rstrip("\n")
     lines = getattr(_capture, "lines", None)
