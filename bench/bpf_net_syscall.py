@@ -404,86 +404,112 @@ def tcp_load(drop: Path) -> None:
 # --- measurements -------------------------------------------------------------------------------
 
 
-def per_event(built: dict[str, Path], cpu: int, n: int) -> dict[str, Any]:
-    res: dict[str, Any] = {}
-    loop = built["sysloop"]
-
-    def syscall_costs(ids: dict[str, int]) -> dict[str, dict[str, tuple[float, int]]]:
-        out = {}
-        for mode in ("read", "getppid"):
-            before = prog_table()
-            sysloop(loop, mode, n, cpu)
-            after = prog_table()
-            out[mode] = {name: cost(before, after, pid) for name, pid in ids.items()}
-        return out
-
-    # the floor: empty programs on the same hooks
-    with libbpf.BpfObject.open(str(built["empty"])) as empty:
+@contextlib.contextmanager
+def empty_programs(path: Path) -> Iterator[dict[str, int]]:
+    with libbpf.BpfObject.open(str(path)) as empty:
         empty.load()
         for program in empty.programs.values():
             program.attach()
-        res["sys_empty"] = syscall_costs(
-            {"sys_enter": empty.programs["empty_enter"].stats().id, "sys_exit": empty.programs["empty_exit"].stats().id}
-        )
+        yield {
+            "sys_enter": empty.programs["empty_enter"].stats().id,
+            "sys_exit": empty.programs["empty_exit"].stats().id,
+        }
 
-    # ours, as shipped, and the two alternatives
-    for label, program_dir in (("kpod", ""), ("kpod_hash", str(built["hash"])), ("kpod_rawtp", str(built["rawtp"]))):
-        r = SyscallReceiver(context("syscall", program_dir=program_dir), SyscallConfig())
-        with receivers(r) as started:
-            res[f"sys_{label}"] = syscall_costs(prog_ids(started))
 
+@contextlib.contextmanager
+def receiver_programs(*made: BpfReceiver) -> Iterator[dict[str, int]]:
+    with receivers(*made) as started:
+        yield prog_ids(started)
+
+
+@contextlib.contextmanager
+def bpftrace_programs(script: str, expected: int) -> Iterator[dict[str, int]]:
+    bt = Bpftrace(script, expected)
+    try:
+        yield bt.ids
+    finally:
+        bt.stop()
+
+
+Costs = dict[str, tuple[float, int]]  # program or hook -> (ns per run, runs)
+
+
+def per_event(built: dict[str, Path], cpu: int, n: int, reps: int) -> dict[str, Any]:
+    """Each implementation measured `reps` times, interleaved; the least disturbed rep is kept
+    (other load on the machine only ever adds: interrupts land inside a program's run time)."""
+    loop = built["sysloop"]
     numbers = list(resolve_syscalls(DEFAULT_TRACKED_SYSCALLS).values())
+    syscall_impls: dict[str, Callable[[], contextlib.AbstractContextManager[dict[str, int]]]] = {
+        "sys_empty": lambda: empty_programs(built["empty"]),
+        "sys_kpod": lambda: receiver_programs(SyscallReceiver(context("syscall"), SyscallConfig())),
+        "sys_kpod_hash": lambda: receiver_programs(
+            SyscallReceiver(context("syscall", program_dir=str(built["hash"])), SyscallConfig())
+        ),
+        "sys_kpod_rawtp": lambda: receiver_programs(
+            SyscallReceiver(context("syscall", program_dir=str(built["rawtp"])), SyscallConfig())
+        ),
+        "sys_bpftrace": lambda: bpftrace_programs(bpftrace_syscall_script(numbers), 2),
+    }
+    tcp_impls: dict[str, Callable[[], contextlib.AbstractContextManager[dict[str, int]]]] = {
+        "tcp_kpod": lambda: receiver_programs(NetTcpReceiver(context("net_tcp"), NetTcpConfig())),
+        "tcp_bpftrace": lambda: bpftrace_programs(bpftrace_tcp_script(), 5),
+    }
+    sys_samples: dict[str, dict[str, list[Costs]]] = {k: {"read": [], "getppid": []} for k in syscall_impls}
+    tcp_samples: dict[str, list[Costs]] = {k: [] for k in tcp_impls}
     with tracefs_mounted():
-        bt = Bpftrace(bpftrace_syscall_script(numbers), 2)
-        try:
-            res["sys_bpftrace"] = syscall_costs({"sys_enter": bt.ids["sys_enter"], "sys_exit": bt.ids["sys_exit"]})
-        finally:
-            bt.stop()
-
-        with receivers(NetTcpReceiver(context("net_tcp"), NetTcpConfig())) as started:
-            ids = prog_ids(started)
-            before = prog_table()
-            tcp_load(built["drop"])
-            after = prog_table()
-            res["tcp_kpod"] = {name: cost(before, after, pid) for name, pid in ids.items()}
-        bt = Bpftrace(bpftrace_tcp_script(), 5)
-        try:
-            before = prog_table()
-            tcp_load(built["drop"])
-            after = prog_table()
-            res["tcp_bpftrace"] = {tp: cost(before, after, pid) for tp, pid in bt.ids.items()}
-        finally:
-            bt.stop()
+        for _ in range(reps):
+            for label, make in syscall_impls.items():
+                with make() as ids:
+                    for mode in ("read", "getppid"):
+                        before = prog_table()
+                        sysloop(loop, mode, n, cpu)
+                        after = prog_table()
+                        sys_samples[label][mode].append({name: cost(before, after, pid) for name, pid in ids.items()})
+            for label, make in tcp_impls.items():
+                with make() as ids:
+                    before = prog_table()
+                    tcp_load(built["drop"])
+                    after = prog_table()
+                    tcp_samples[label].append({name: cost(before, after, pid) for name, pid in ids.items()})
+    res: dict[str, Any] = {"reps": reps}
+    for label, modes in sys_samples.items():
+        res[label] = {
+            mode: min(samples, key=lambda c: c["sys_enter"][0] + c["sys_exit"][0]) for mode, samples in modes.items()
+        }
+    for label, samples in tcp_samples.items():
+        res[label] = {name: min((c[name] for c in samples), key=lambda v: v[0]) for name in samples[0]}
     return res
 
 
-def throughput(built: dict[str, Path], cpu: int, rounds: int, loops: int, n: int) -> dict[str, dict[str, float]]:
-    """Medians over interleaved rounds: pipe ops/s, ns per read / getppid call."""
-    configs: dict[str, Callable[[], list[BpfReceiver]]] = {
-        "no agent": list,
-        "standard": standard,
-        "comprehensive": comprehensive,
+@contextlib.contextmanager
+def bpftrace_syscalls() -> Iterator[None]:
+    numbers = list(resolve_syscalls(DEFAULT_TRACKED_SYSCALLS).values())
+    bt = Bpftrace(bpftrace_syscall_script(numbers), 2)
+    try:
+        yield
+    finally:
+        bt.stop()
+
+
+def throughput(built: dict[str, Path], cpu: int, rounds: int, loops: int, n: int) -> dict[str, dict[str, list[float]]]:
+    """Samples over interleaved rounds (so drift and other load hit every configuration alike):
+    pipe ops/s, ns per read / getppid call."""
+    configs: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+        "no agent": contextlib.nullcontext,
+        "standard (cpu_sched, memory, net_tcp)": lambda: receivers(*standard()),
+        "comprehensive (+ syscall)": lambda: receivers(*comprehensive()),
+        # bpftrace's syscall one-liner on the same loops (classic tracepoints: its whole cost).
+        "bpftrace syscall one-liner": bpftrace_syscalls,
     }
     samples: dict[str, dict[str, list[float]]] = {c: {"pipe": [], "read": [], "getppid": []} for c in configs}
-    for _ in range(rounds):
-        for config, make in configs.items():
-            with receivers(*make()):
-                samples[config]["pipe"].append(pipe_bench(loops, cpu))
-                samples[config]["read"].append(sysloop(built["sysloop"], "read", n, cpu))
-                samples[config]["getppid"].append(sysloop(built["sysloop"], "getppid", n, cpu))
-    # bpftrace's syscall one-liner on the same loops (classic tracepoints: the whole cost).
-    numbers = list(resolve_syscalls(DEFAULT_TRACKED_SYSCALLS).values())
-    samples["bpftrace syscall one-liner"] = {"pipe": [], "read": [], "getppid": []}
     with tracefs_mounted():
-        bt = Bpftrace(bpftrace_syscall_script(numbers), 2)
-        try:
-            for _ in range(rounds):
-                samples["bpftrace syscall one-liner"]["pipe"].append(pipe_bench(loops, cpu))
-                samples["bpftrace syscall one-liner"]["read"].append(sysloop(built["sysloop"], "read", n, cpu))
-                samples["bpftrace syscall one-liner"]["getppid"].append(sysloop(built["sysloop"], "getppid", n, cpu))
-        finally:
-            bt.stop()
-    return {c: {k: statistics.median(v) for k, v in s.items()} for c, s in samples.items()}
+        for _ in range(rounds):
+            for config, make in configs.items():
+                with make():
+                    samples[config]["pipe"].append(pipe_bench(loops, cpu))
+                    samples[config]["read"].append(sysloop(built["sysloop"], "read", n, cpu))
+                    samples[config]["getppid"].append(sysloop(built["sysloop"], "getppid", n, cpu))
+    return samples
 
 
 def load_and_memlock(runs: int) -> tuple[dict[str, list[float]], dict[str, int]]:
@@ -529,7 +555,7 @@ def _verdict(ns: float, target: float = TARGET_NS) -> str:
     return "meets" if ns <= target else "**MISSED**"
 
 
-def render(per: dict[str, Any], thr: dict[str, dict[str, float]], loads: dict[str, list[float]],
+def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: dict[str, list[float]],
            mem: dict[str, int], args: argparse.Namespace, cpu: int) -> str:  # fmt: skip
     def pair(table: dict[str, dict[str, tuple[float, int]]], mode: str) -> tuple[float, float, float, int]:
         enter, exit_ = table[mode]["sys_enter"], table[mode]["sys_exit"]
@@ -538,7 +564,7 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, float]], loads: dict[st
     lines = [
         "## eBPF TCP and syscall programs: kernel cost per event (bench/bpf_net_syscall.py)",
         "",
-        f"Command: `.venv/bin/python -m bench.bpf_net_syscall --rounds {args.rounds}`  ",
+        f"Command: `.venv/bin/python -m bench.bpf_net_syscall --rounds {args.rounds} --reps {args.reps}`  ",
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs ({_cpu_model()}), "
         f"libbpf {libbpf.version()}, {sh('bpftrace', '--version').strip()}  ",
         f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
@@ -550,7 +576,8 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, float]], loads: dict[st
         "### Syscalls: sys_enter + sys_exit per syscall",
         "",
         f"Tracked: `read` of /dev/zero (1 byte, in the default tracked set); untracked: `getppid`; "
-        f"{args.calls:,} calls each.  Target: <= {TARGET_NS:.0f} ns for a tracked syscall, far less untracked.",
+        f"{args.calls:,} calls each; least disturbed of {args.reps} interleaved repetitions.  "
+        f"Target: <= {TARGET_NS:.0f} ns for a tracked syscall, far less untracked.",
         "",
         "| implementation | syscall | sys_enter ns | sys_exit ns | together ns | runs | target |",
         "|---|---|---|---|---|---|---|",
@@ -580,7 +607,8 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, float]], loads: dict[st
         "### TCP programs",
         "",
         "Load: 20,000 one-byte ping-pongs over loopback, 2,000 connect/accept/close, and 8 connections "
-        "losing every packet for 1.5 s in a private network namespace (generic-XDP drop on its loopback).",
+        "losing every packet for 1.5 s in a private network namespace (generic-XDP drop on its loopback); "
+        f"least disturbed of {per['reps']} interleaved repetitions per hook.",
         "",
         "| hook | kpod program | kpod ns (runs) | bpftrace ns (runs) | ratio | target |",
         "|---|---|---|---|---|---|",
@@ -605,23 +633,30 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, float]], loads: dict[st
         "tcp_retransmit_skb runs a few dozen times, each after >= 200 ms of idle (RTO backoff), with cold "
         "caches: its per-event figure is a cold-path cost, not comparable with the hot hooks above.",
     ]
-    base = thr["no agent"]
     lines += [
         "",
         "### Throughput with the profiles' eBPF programs loaded (bpf_stats off)",
         "",
         f"`taskset -c {cpu} perf bench sched pipe -l {args.loops}` (ops/s) and a C loop of {args.calls:,} calls "
-        f"(ns per call), median of {args.rounds} interleaved rounds.  standard = cpu_sched + memory + net_tcp; "
+        f"(ns per call), {args.rounds} interleaved rounds: best (least disturbed by other load on the machine) "
+        "and median.  standard = cpu_sched + memory + net_tcp; "
         "comprehensive = standard + syscall (default tracked set, which includes read and write, so every "
         "pipe op is two tracked syscalls).",
         "",
-        "| configuration | pipe ops/s | ratio | read ns/call | ratio | getppid ns/call | ratio |",
+        "| configuration | pipe ops/s best (median) | ratio best (median) | read ns/call best (median) "
+        "| ratio | getppid ns/call best (median) | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
-    for config, v in thr.items():
+    best = {c: {"pipe": max(v["pipe"]), "read": min(v["read"]), "getppid": min(v["getppid"])} for c, v in thr.items()}
+    med = {c: {k: statistics.median(x) for k, x in v.items()} for c, v in thr.items()}
+    b0, m0 = best["no agent"], med["no agent"]
+    for config in thr:
+        b, m = best[config], med[config]
         lines.append(
-            f"| {config} | {v['pipe']:,.0f} | {v['pipe'] / base['pipe']:.3f} | {v['read']:.1f} | "
-            f"{base['read'] / v['read']:.3f} | {v['getppid']:.1f} | {base['getppid'] / v['getppid']:.3f} |"
+            f"| {config} | {b['pipe']:,.0f} ({m['pipe']:,.0f}) | {b['pipe'] / b0['pipe']:.3f} "
+            f"({m['pipe'] / m0['pipe']:.3f}) | {b['read']:.0f} ({m['read']:.0f}) | {b0['read'] / b['read']:.3f} "
+            f"({m0['read'] / m['read']:.3f}) | {b['getppid']:.0f} ({m['getppid']:.0f}) | "
+            f"{b0['getppid'] / b['getppid']:.3f} ({m0['getppid'] / m['getppid']:.3f}) |"
         )
     lines += [
         "",
@@ -651,7 +686,7 @@ def run(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="kpod-bench-") as tmp:
         built = build(Path(tmp))
         with sysctl(STATS, "1"):
-            per = per_event(built, cpu, args.calls)
+            per = per_event(built, cpu, args.calls, args.reps)
         with sysctl(STATS, "0"):
             thr = throughput(built, cpu, args.rounds, args.loops, args.calls)
         loads, mem = load_and_memlock(5)
@@ -660,7 +695,8 @@ def run(args: argparse.Namespace) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each per-event measurement")
     parser.add_argument("--loops", type=int, default=100000, help="perf bench sched pipe -l")
     parser.add_argument("--calls", type=int, default=1000000, help="syscalls per loop")
     parser.add_argument("--write", default="", help="also write the markdown section to this file")
