@@ -46,6 +46,13 @@ def effective_capabilities() -> set[str]:
     return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
 
 
+def capability_gaps(wanted: dict[str, str]) -> list[str]:
+    """One line per capability of `wanted` (name -> what is lost without it) this process
+    lacks: what a receiver that still runs without it should say once at start."""
+    have = effective_capabilities()
+    return [f"without {cap}: {loss}" for cap, loss in wanted.items() if cap not in have]
+
+
 def can_use_bpf() -> str | None:
     """None if this process may load BPF programs, else why not (one line)."""
     if not os.path.exists(BTF_PATH):

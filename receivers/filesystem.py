@@ -32,6 +32,7 @@ from kpod.cgroupfs import CgroupFileReceiver, read_text
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import MountInfo, parse_mountinfo
+from kpod.preflight import capability_gaps
 
 _MP = ("mountpoint",)
 CAPACITY = MetricDef("kpod.fs.capacity.bytes", Kind.GAUGE, "By", "Filesystem size", _MP)
@@ -53,6 +54,13 @@ KNOWN_FILE_MOUNTS = frozenset(
     {"/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/dev/termination-log", "/run/.containerenv"}
 )
 _PSEUDO_PREFIXES = ("/proc/", "/sys/", "/dev/")
+
+
+CAPABILITY_LOSSES = {
+    "CAP_SYS_PTRACE": "the root of a pod process holding capabilities the agent lacks (most pods) cannot be "
+    "entered, so those pods get no filesystem series (counted as collection errors)",
+    "CAP_DAC_READ_SEARCH": "volumes below a directory only its (non-root) owner may search are skipped",
+}
 
 
 @dataclass
@@ -112,6 +120,9 @@ class FilesystemReceiver(CgroupFileReceiver):
         reason = self.preflight()
         if reason:
             raise ComponentUnavailable(reason)
+        # Runs without them, but loses data; say so once (docs/CAPABILITIES.md).
+        for line in capability_gaps(CAPABILITY_LOSSES):
+            self.log.warning(line)
 
     def collect(self) -> Batch:
         batch = Batch()

@@ -118,3 +118,26 @@ def test_check_names_the_missing_capability(tmp_path: Path) -> None:
     assert "cpu_sched" in out and "cannot run: needs root or CAP_BPF+CAP_PERFMON" in out, out
 
 
+
+
+@pytest.mark.parametrize(
+    ("dropped", "receivers"),
+    [("sys_ptrace", ("net_iface", "filesystem")), ("dac_read_search", ("filesystem",))],
+)
+def test_without_a_proc_capability_the_loss_is_one_warning_line(
+    tmp_path: Path, busy_cgroup: str, dropped: str, receivers: tuple[str, ...]
+) -> None:
+    """net_iface and filesystem still run without CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH, but
+    lose other pods' data; each says what it loses, once, instead of failing silently."""
+    caps = tuple(c for c in DOCUMENTED if c != dropped)
+    states, _, _, log = observe(tmp_path, with_caps(caps), busy_cgroup)
+    name = f"CAP_{dropped.upper()}"
+    lines = [line for line in log.splitlines() if f"without {name}: " in line]
+    for rid in receivers:
+        if rid in states:
+            assert states[rid][0] == "running", states[rid]
+            assert sum(f"kpod.{rid}" in line or f" {rid}" in line for line in lines) == 1, lines
+    assert lines and all("\n" not in line for line in lines)
+    # With the full documented set, no such warning.
+    _, _, _, full_log = observe(tmp_path, with_caps(DOCUMENTED), busy_cgroup)
+    assert "without CAP_" not in full_log
