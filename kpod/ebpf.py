@@ -39,6 +39,7 @@ How to add a program (net.bpf.c, syscall.bpf.c, ...)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import importlib.resources
@@ -47,7 +48,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -218,7 +219,7 @@ class LoadedObject:
         hist = btf.enum("kpod_hist_layout")
         self.hist_first_bits: int = hist.get("KPOD_HIST_FIRST_BITS", 0)
         self.hist_slots: int = hist.get("KPOD_HIST_SLOTS", 0)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # close() from inside reading() (a failed start) is fine
 
     @property
     def closed(self) -> bool:
@@ -247,6 +248,16 @@ class LoadedObject:
             if route.active:
                 out[route.program] = self.obj.programs[route.program].stats()
         return out
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[bool]:
+        """Hold off close() while reading maps; yields False if the object is already closed.
+
+        A collection abandoned by a cycle timeout may still be reading when shutdown runs:
+        libbpf's map and program structs must not be freed under it.
+        """
+        with self._lock:
+            yield not self.obj.closed
 
     def close(self) -> None:
         with self._lock:
@@ -534,8 +545,11 @@ class BpfReceiver(Receiver):
             btflayout.vmlinux_struct("bpf_prog_info")
             btflayout.release_vmlinux()
             self._vmlinux_released = True
-        self.collect_maps(batch)
-        batch.extend(self.program_cost_points())
+        loaded = self.loaded
+        with loaded.reading() as alive:
+            if alive:
+                self.collect_maps(batch)
+                batch.extend(self.program_cost_points())
         return batch
 
     def collect_maps(self, batch: Batch) -> None:

@@ -260,6 +260,8 @@ class Program:
 
     @property
     def fd(self) -> int:
+        if self._obj.closed:
+            raise ValueError(f"program {self.name}: its object is closed")
         return lib().bpf_program__fd(self._ptr)
 
     def attach(self) -> Link:
@@ -288,7 +290,8 @@ class Program:
 
 
 class Map:
-    def __init__(self, ptr: int) -> None:
+    def __init__(self, obj: BpfObject, ptr: int) -> None:
+        self._obj = obj
         self._ptr = ptr
         handle = lib()
         self.name: str = handle.bpf_map__name(ptr).decode()
@@ -303,18 +306,25 @@ class Map:
         return MAP_TYPE_NAMES.get(self.type, str(self.type))
 
     @property
+    def _live(self) -> int:
+        """The map pointer, or ValueError once the object is closed (the pointer is freed then)."""
+        if self._obj.closed:
+            raise ValueError(f"map {self.name}: its object is closed")
+        return self._ptr
+
+    @property
     def max_entries(self) -> int:
-        return lib().bpf_map__max_entries(self._ptr)
+        return lib().bpf_map__max_entries(self._live)
 
     def set_max_entries(self, n: int) -> None:
         """Only before load."""
-        rc = lib().bpf_map__set_max_entries(self._ptr, n)
+        rc = lib().bpf_map__set_max_entries(self._live, n)
         if rc:
             raise LibbpfError(rc, f"{self.name}: set_max_entries({n})")
 
     @property
     def fd(self) -> int:
-        return lib().bpf_map__fd(self._ptr)
+        return lib().bpf_map__fd(self._live)
 
     def id(self) -> int:
         return int(map_info(self.fd).id)
@@ -445,7 +455,7 @@ class BpfObject:
         self.maps: dict[str, Map] = {}
         mp = handle.bpf_object__next_map(ptr, None)
         while mp:
-            bpf_map = Map(mp)
+            bpf_map = Map(self, mp)
             self.maps[bpf_map.name] = bpf_map
             mp = handle.bpf_object__next_map(ptr, mp)
 

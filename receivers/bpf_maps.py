@@ -8,7 +8,7 @@ errors are counted by the programs themselves, in each object's `<prefix>_errors
 from __future__ import annotations
 
 from kpod.component import EmptyConfig, Factory, Receiver
-from kpod.ebpf import REGISTRY, bpf_preflight
+from kpod.ebpf import REGISTRY, LoadedObject, bpf_preflight
 from kpod.libbpf import LibbpfError
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
@@ -38,28 +38,32 @@ class BpfMapsReceiver(Receiver):
     def collect(self) -> Batch:
         batch = Batch()
         for loaded in REGISTRY.objects():
-            start = loaded.loaded_at_ns
-            try:
-                errors = loaded.error_counts()
-            except (LibbpfError, ValueError) as exc:
-                # The owner shut the object down while we read it: it is simply gone.
-                self.log.debug("%s: skipped: %s", loaded.name, exc)
-                continue
-            for name, bpf_map in loaded.obj.maps.items():
-                attrs = attributes(map=name)
+            with loaded.reading() as alive:
+                if not alive:
+                    continue  # shut down since we listed it: simply gone
                 try:
-                    entries = bpf_map.count()
-                    capacity = bpf_map.max_entries
-                except (LibbpfError, ValueError) as exc:
-                    self.log.debug("%s/%s: skipped: %s", loaded.name, name, exc)
-                    continue
-                # Task-local storage has neither a key space nor a capacity to report.
-                if entries is not None:
-                    batch.add(Point(MAP_ENTRIES, None, attrs, float(entries), None, start))
-                    batch.add(Point(MAP_CAPACITY, None, attrs, float(capacity), None, start))
-                if name in errors:
-                    batch.add(Point(MAP_UPDATE_ERRORS, None, attrs, float(errors[name]), None, start))
+                    self._collect_object(loaded, batch)
+                except LibbpfError as exc:
+                    self.log.warning("%s: reading its maps failed: %s", loaded.name, exc)
         return batch
+
+    def _collect_object(self, loaded: LoadedObject, batch: Batch) -> None:
+        start = loaded.loaded_at_ns
+        errors = loaded.error_counts()
+        for name, bpf_map in loaded.obj.maps.items():
+            attrs = attributes(map=name)
+            try:
+                entries = bpf_map.count()
+                capacity = bpf_map.max_entries
+            except (LibbpfError, ValueError) as exc:
+                self.log.debug("%s/%s: skipped: %s", loaded.name, name, exc)
+                continue
+            # Task-local storage has neither a key space nor a capacity to report.
+            if entries is not None:
+                batch.add(Point(MAP_ENTRIES, None, attrs, float(entries), None, start))
+                batch.add(Point(MAP_CAPACITY, None, attrs, float(capacity), None, start))
+            if name in errors:
+                batch.add(Point(MAP_UPDATE_ERRORS, None, attrs, float(errors[name]), None, start))
 
     def status(self) -> dict[str, object]:
         return {"objects": [o.name for o in REGISTRY.objects()]}

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -437,6 +438,35 @@ def test_without_bpf_capabilities_start_says_why() -> None:
         "needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs",
         "unavailable: needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs",
     ]
+
+
+def test_shutdown_during_collection_is_safe() -> None:
+    """A collection abandoned by a cycle timeout can still be running when shutdown comes."""
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    maps = BpfMapsReceiver(context("bpf_maps"), EmptyConfig())
+    receiver.start()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                receiver.collect()
+                maps.collect()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    receiver.shutdown()
+    time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert len(receiver.collect()) == 0
 
 
 def test_unavailable_reason_is_one_line(tmp_path: Path) -> None:
