@@ -196,18 +196,17 @@ def test_failing_hanging_and_unloadable_receivers_are_isolated(tmp_path: Path, t
 
 
 def test_full_map_counts_errors_then_recovers_after_the_cgroups_go() -> None:
-    """A map with room for 2 cgroups, 4 busy pods: inserts fail and are counted, nothing
+    """A map with room for 4 cgroups, 8 busy pods: inserts fail and are counted, nothing
     crashes.  Once the pods are gone their entries are deleted, and a new pod gets an entry."""
+    from kernel_util import CgroupTree
     from kpod.receivers.bpf_maps import BpfMapsReceiver
     from kpod.receivers.cpu_sched import CpuSchedReceiver
 
     from kpod.cgroups import CgroupIndex
     from kpod.component import EmptyConfig
 
-    ctx = context("cpu_sched", map_max_entries=2)
-    # The kubepods scope of a node: entries of cgroups outside it (the host's services) do not
-    # resolve and are deleted like those of gone pods, so only pods compete for the 2 slots.
-    ctx.cgroups = CgroupIndex(cgroup2_root(), scope="kubepods")
+    capacity = 4
+    ctx = context("cpu_sched", map_max_entries=capacity)
     receiver = CpuSchedReceiver(ctx, EmptyConfig())
     maps = BpfMapsReceiver(context("bpf_maps"), EmptyConfig())
 
@@ -226,10 +225,16 @@ def test_full_map_counts_errors_then_recovers_after_the_cgroups_go() -> None:
         table = receiver.loaded.obj.maps["sched_cgroups"]
         return {int.from_bytes(k[:8], "little") for k in table.keys()}  # noqa: SIM118 - a BPF map
 
-    with cgroup_tree() as tree, workloads() as procs:
+    with cgroup_tree() as outer, workloads() as procs:
+        # A private node: the index sees only our kubepods tree, so entries of every other
+        # cgroup (the host's services, other tests' pods) do not resolve and are deleted like
+        # those of gone pods; only our pods keep their slots.
+        base = outer.mkdir(f"kpodfault-{uuid.uuid4().hex[:8]}")
+        tree = CgroupTree(base)
+        ctx.cgroups = CgroupIndex(str(base), scope="kubepods")
         receiver.start()
         try:
-            pods = [tree.pod() for _ in range(4)]
+            pods = [tree.pod() for _ in range(2 * capacity)]
             for pod in pods:
                 w = Workload(BUSY)
                 procs.append(w)
@@ -237,7 +242,7 @@ def test_full_map_counts_errors_then_recovers_after_the_cgroups_go() -> None:
                 w.go()
             time.sleep(0.3)
             entries, errors = map_state()
-            assert entries == 2 and errors > 0
+            assert entries == capacity and errors > 0
             collect()  # nothing crashes with a full map
             gone = {pod.container_id for pod in pods}
             for w in list(procs):
@@ -247,20 +252,24 @@ def test_full_map_counts_errors_then_recovers_after_the_cgroups_go() -> None:
             for _ in range(3):  # a miss is kept one cycle, then deleted
                 collect()
             assert not keys() & gone
-            # Room again: a new pod is counted.
+            # Room again: a new pod is counted (the host's cgroups are evicted every other
+            # cycle, our pod, once in, stays).
             pod = tree.pod()
             w = Workload(BUSY)
             procs.append(w)
             tree.move(w.pid, pod.container_dir)
             w.go()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 20
             while pod.container_id not in keys() and time.monotonic() < deadline:
-                collect()  # keeps deleting entries of cgroups outside kubepods
-                time.sleep(0.05)
+                collect()
+                time.sleep(0.02)
             assert pod.container_id in keys()
             assert pod.container_id in collect()
         finally:
             receiver.shutdown()
+            for w in procs:
+                w.stop()
+            tree.cleanup()
 
 
 # ------------------------------------------------------------------------------ API server outage
