@@ -609,6 +609,9 @@ class OtlpExporter(Exporter):
         self._encoder: Encoder | None = None
         self._last_enqueued = 0.0
         self._logged: set[str] = set()
+        # Consecutive transient failures and when the next attempt may go (monotonic).
+        self._attempt = 0
+        self._retry_at = 0.0
         # Counters mirrored in status() (the self-metrics hold the same numbers).
         self.sent_points = 0
         self.failed_requests = 0
@@ -750,7 +753,6 @@ class OtlpExporter(Exporter):
     def _deliver(self, item: _Item) -> None:
         assert self._transport is not None and item.payloads is not None
         payloads = item.payloads
-        attempt = 0
         for index, payload in enumerate(payloads):
             points = payload.points
             while True:
@@ -759,10 +761,17 @@ class OtlpExporter(Exporter):
                 if give_up:
                     self._count_dropped(sum(p.points for p in payloads[index:]))
                     return
+                # The backoff belongs to the collector, not to a batch: the next batch (after
+                # this one was superseded) waits it out too, or a full queue would mean one
+                # attempt per arriving snapshot.
+                wait = self._retry_at - time.monotonic()
+                if wait > 0:
+                    self._wait_backoff(item, wait)
+                    continue
                 try:
                     self._transport.send(payload, self.config.timeout.seconds)
                 except PartialSuccess as partial:
-                    self._succeeded(points - partial.rejected)
+                    self._succeeded(points - partial.rejected)  # resets the backoff too
                     self._count_dropped(partial.rejected)
                     self._log_once(
                         logging.WARNING, f"partial:{partial.message}",
@@ -772,6 +781,7 @@ class OtlpExporter(Exporter):
                 except SendError as error:
                     self._failed(str(error))
                     if error.permanent:
+                        self._attempt, self._retry_at = 0, 0.0  # it answered: reachable
                         self._count_dropped(points)
                         self._log_once(
                             logging.ERROR, str(error),
@@ -783,14 +793,12 @@ class OtlpExporter(Exporter):
                         logging.WARNING, str(error),
                         "%s: %s; retrying with backoff (queue: %d batches)", self.target, error, self._held(),
                     )
-                    delay = self._backoff(attempt, error.retry_after)
-                    attempt += 1
+                    delay = self._backoff(self._attempt, error.retry_after)
+                    self._attempt += 1
+                    self._retry_at = time.monotonic() + delay
                     self.next_retry_unix = time.time() + delay
-                    self._wait_backoff(item, delay)
-                    self.next_retry_unix = 0.0
                     continue
                 self._succeeded(points)
-                attempt = 0
                 break
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -805,6 +813,7 @@ class OtlpExporter(Exporter):
     # Accounting --------------------------------------------------------------------------------
 
     def _succeeded(self, points: int) -> None:
+        self._attempt, self._retry_at, self.next_retry_unix = 0, 0.0, 0.0
         if self.consecutive_failures:
             self.log.info("%s reachable again after %d failed requests", self.target, self.consecutive_failures)
             # A later outage with the same message is worth a log line again.
