@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-MODULES = ["bench.core", "bench.cgroup_receivers", "bench.bpf_cost", "bench.discovery_memory"]
+MODULES = ["bench.core", "bench.cgroup_receivers", "bench.bpf_cost", "bench.discovery_memory", "bench.otlp"]
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md"
 
 

@@ -165,8 +165,12 @@ def report(outage_s: float = 120.0) -> str:
     rss_first = down[0][1] if down else 0
     export_us = sorted(result["export_us"])  # type: ignore[arg-type]
     encode_s, request_bytes = _encode_cost()
+    from bench.__main__ import machine
+
     lines = [
         "## OTLP exporter: a collector that is down, then back",
+        "",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine()}.",
         "",
         f"Command: `.venv/bin/python -m bench.otlp {outage_s:g}` (also part of `make bench`). "
         f"A child process exports a fresh 110-pod snapshot (~7,400 points, 27-bucket histograms) every "
