@@ -69,7 +69,7 @@ test: setup
 
 # The eBPF and cgroup ground-truth tests again, inside Debian's 6.1 kernel under qemu (TCG) with
 # pure cgroup v2 (docs/VM.md).  A focused selection: Python runs ~19x slower there.
-VM_TESTS   ?= $(wildcard tests/vm/test_*.py tests/test_bpf_receivers.py tests/test_bpf_memory_v2.py \
+VM_TESTS   ?= $(wildcard tests/vm/test_vm_guest.py tests/test_bpf_receivers.py tests/test_bpf_memory_v2.py \
                 tests/test_bpf_net.py tests/test_bpf_syscall.py tests/test_bpf_layout.py \
                 tests/test_cgroup_receivers_real.py tests/test_resolution_cgroups.py)
 VM_TIMEOUT ?= 1500

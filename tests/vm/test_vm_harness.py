@@ -1,0 +1,91 @@
+"""The VM harness's host-side pieces, without booting anything: fast, on any host."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import vm
+
+
+def test_cpio_is_read_back_by_an_independent_cpio(tmp_path: Path) -> None:
+    tool = shutil.which("cpio") or shutil.which("busybox")
+    if tool is None:
+        pytest.skip("no cpio or busybox to read the archive back")
+    archive = vm.Cpio()
+    archive.directory("bin")
+    archive.file("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)
+    archive.symlink("bin/sh", "hello")
+    archive.file("odd", b"x" * 5)  # a length that needs padding
+    archive.char_device("console", 5, 1)
+    path = tmp_path / "a.cpio"
+    path.write_bytes(archive.finish())
+    argv = [tool, "-t"] if tool.endswith("cpio") else [tool, "cpio", "-t"]
+    with open(path, "rb") as f:
+        listed = subprocess.run(argv, stdin=f, capture_output=True, text=True, check=True).stdout.split()
+    assert listed == ["bin", "bin/hello", "bin/sh", "odd", "console"]
+    out = tmp_path / "x"
+    out.mkdir()
+    extract = [tool, "-id"] if tool.endswith("cpio") else [tool, "cpio", "-id"]
+    with open(path, "rb") as f:
+        # Device nodes need privileges to create; the regular files are what we compare.
+        subprocess.run(extract, stdin=f, cwd=out, capture_output=True, check=False)
+    assert (out / "bin" / "hello").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert (out / "odd").read_bytes() == b"xxxxx"
+    assert (out / "bin" / "hello").stat().st_mode & 0o777 == 0o755
+
+
+def test_modules_load_after_their_dependencies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "lib" / "modules" / "6.1.0-1-amd64"
+    base.mkdir(parents=True)
+    (base / "modules.dep").write_text(
+        "kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko kernel/fs/netfs/netfs.ko\n"
+        "kernel/net/9p/9pnet_virtio.ko: kernel/net/9p/9pnet.ko kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/net/9p/9pnet.ko:\n"
+        "kernel/fs/netfs/netfs.ko: kernel/fs/fscache/fscache.ko\n"
+        "kernel/fs/fscache/fscache.ko:\n"
+        "kernel/drivers/virtio/virtio_ring.ko:\n"
+        "kernel/fs/overlayfs/overlay.ko:\n"
+    )
+    monkeypatch.setattr(vm, "KERNEL_ROOT", tmp_path)
+    order = [p.name for p in vm.module_load_order("6.1.0-1-amd64", ["9pnet-virtio", "9p", "overlay"])]
+    assert sorted(order) == sorted(set(order))  # each once
+    assert order.index("9pnet.ko") < order.index("9pnet_virtio.ko")
+    assert order.index("fscache.ko") < order.index("netfs.ko") < order.index("9p.ko")
+    assert order[-1] == "overlay.ko"
+    with pytest.raises(SystemExit, match="ext4"):
+        vm.module_load_order("6.1.0-1-amd64", ["ext4"])
+
+
+def test_guest_script_quotes_the_command() -> None:
+    script = vm.guest_script(["sh", "-c", "echo 'a b' $HOME"], Path("/work/dir with space"), {"X": "1 2"})
+    lines = script.splitlines()
+    assert "export X='1 2'" in lines
+    assert "cd '/work/dir with space'" in lines
+    assert lines[-1] == "sh -c 'echo '\"'\"'a b'\"'\"' $HOME'"
+
+
+def test_qemu_argv_shares_the_root_read_only_and_uses_tcg(tmp_path: Path) -> None:
+    argv = vm.qemu_argv("6.1.0-1-amd64", tmp_path, tmp_path / "d.img", tmp_path / "c.log", 2, 2048, 4)
+    joined = " ".join(argv)
+    assert argv[argv.index("-accel") + 1] == "tcg"
+    assert "-no-reboot" in argv
+    assert "local,path=/,mount_tag=hostroot,security_model=none,readonly=on" in joined
+    assert f"local,path={tmp_path},mount_tag=results,security_model=none" in joined
+    assert "readonly" not in argv[argv.index(f"local,path={tmp_path},mount_tag=results,security_model=none")]
+    cmdline = argv[argv.index("-append") + 1]
+    assert "console=ttyS0" in cmdline and "panic=-1" in cmdline and "kpod.guest=" in cmdline
+    assert f"file:{tmp_path / 'c.log'}" in argv
+
+
+def test_disk_image_is_ext4_of_64_mib(tmp_path: Path) -> None:
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("no mkfs.ext4")
+    disk = tmp_path / "disk.img"
+    vm.make_disk(disk)
+    assert disk.stat().st_size == 64 << 20
+    with open(disk, "rb") as f:
+        f.seek(1024 + 0x38)  # the ext2/3/4 superblock magic
+        assert f.read(2) == b"\x53\xef"
