@@ -182,6 +182,17 @@ def test_least_privilege(profile: str, mode: str) -> None:
     assert mounts["btf"] == "/sys/kernel/btf" and mounts["tracefs"] == "/sys/kernel/tracing"
 
 
+def test_btf_and_tracefs_mounts_can_be_left_out() -> None:
+    objs = objects(render({"hostMounts": {"btf": False, "tracefs": False}}))
+    pod = daemonset(objs)["spec"]["template"]["spec"]
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {"/sys/fs/cgroup", "/proc"}
+    mounts = {m["name"] for m in agent_container(objs)["volumeMounts"]}
+    assert mounts == {"config", "cgroup", "proc"}
+    for obj in objs:
+        kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+
+
 def test_capabilities_doc_names_the_measured_set() -> None:
     assert documented_capabilities() == ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -321,6 +332,7 @@ BAD_VALUES = [
     {"serviceMonitor": {"enabled": 1}},
     {"metrics": {"port": 70000}},
     {"tolerations": {"operator": "Exists"}},
+    {"hostMounts": {"btf": "no"}},
 ]
 
 
