@@ -317,8 +317,12 @@ def qemu_argv(release: str, run_dir: Path, disk: Path, console: Path, smp: int, 
 
 
 def _prune_runs() -> None:
-    runs = sorted(p for p in RUNS.iterdir() if p.is_dir()) if RUNS.is_dir() else []
-    for old in runs[:-KEEP_RUNS]:
+    """Keep the newest KEEP_RUNS finished runs.  Runs of other sessions may be going on at the
+    same time: a run without its "done" marker is left alone unless it is older than a day."""
+    runs = sorted(p for p in RUNS.iterdir() if p.is_dir() and not p.is_symlink()) if RUNS.is_dir() else []
+    stale = time.time() - 86400
+    finished = [p for p in runs if (p / "done").exists() or p.stat().st_mtime < stale]
+    for old in finished[:-KEEP_RUNS]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -352,10 +356,11 @@ def run(argv: list[str], *, timeout: float, cwd: Path, smp: int = 2, memory_mib:
     run_dir = RUNS / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
     run_dir.mkdir()
-    last = RUNS / "last"
-    with contextlib.suppress(FileNotFoundError):
-        last.unlink()
-    last.symlink_to(run_dir.name)
+    # build/vm/runs/last -> this run; replaced atomically, as other runs may do the same.
+    link = RUNS / f".last-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(run_dir.name)
+    os.replace(link, RUNS / "last")
     console = run_dir / "console.log"
     disk = run_dir / "disk.img"
     make_disk(disk)
@@ -401,6 +406,7 @@ def run(argv: list[str], *, timeout: float, cwd: Path, smp: int = 2, memory_mib:
         if qemu_output:
             (run_dir / "qemu.log").write_text(qemu_output)
         disk.unlink(missing_ok=True)  # sparse, but nobody needs it after the run
+        (run_dir / "done").touch()  # lets later runs prune this directory
     seconds = time.monotonic() - start
     exit_code: int | None = None
     with contextlib.suppress(OSError, ValueError):
