@@ -16,7 +16,14 @@ import time
 import traceback
 from pathlib import Path
 
-MODULES = ["bench.core", "bench.cgroup_receivers", "bench.bpf_cost", "bench.discovery_memory", "bench.otlp"]
+MODULES = [
+    "bench.core",
+    "bench.cgroup_receivers",
+    "bench.bpf_cost",
+    "bench.discovery_memory",
+    "bench.otlp",
+    "bench.soak",
+]
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "PERFORMANCE.md"
 
 
