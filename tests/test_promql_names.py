@@ -338,3 +338,16 @@ def test_dashboard_covers_the_issue() -> None:
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     assert {v["name"] for v in board["templating"]["list"]} == {"datasource", "node", "namespace", "pod"}
+
+
+def test_rule_unit_tests_use_exported_series(exported: dict[str, set[str]]) -> None:
+    """The promtool unit tests of the rules feed series named and labelled like the agent's."""
+    tests = yaml.safe_load((REPO / "tests" / "promtool" / "kpod-metrics.rules.test.yaml").read_text())
+    for test in tests["tests"]:
+        for item in test["input_series"]:
+            name, _, labels = item["series"].partition("{")
+            if name in PROMETHEUS_SERIES:
+                continue
+            assert name in exported, name
+            used = set(re.findall(r"(\w+)=", labels))
+            assert used <= exported[name] | TARGET_LABELS, (name, used - exported[name])
