@@ -189,7 +189,7 @@ def agent_exposition(tmp_path: Path) -> str:
             stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=REPO,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # generous: CI machines may be busy
         while time.monotonic() < deadline and agent.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
