@@ -20,6 +20,7 @@ MODULES = [
     "bench.core",
     "bench.cgroup_receivers",
     "bench.bpf_cost",
+    "bench.bpf_net_syscall",
     "bench.discovery_memory",
     "bench.otlp",
     "bench.soak",

@@ -662,6 +662,16 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: d
         "",
         "Ratios are throughput relative to no agent (1.000 = no cost; ns ratios inverted so lower = slower).",
         "",
+        "Explained by the programs themselves (bpf_stats, robust to the noise above): a tracked `read` "
+        f"spends {pair(per['sys_kpod'], 'read')[2]:.0f} ns in kpod's two programs, "
+        f"{pair(per['sys_kpod'], 'read')[2] / min(thr['no agent']['read']):.0%} of a bare call "
+        f"({min(thr['no agent']['read']):.0f} ns); an untracked `getppid` "
+        f"{pair(per['sys_kpod'], 'getppid')[2]:.0f} ns, "
+        f"{pair(per['sys_kpod'], 'getppid')[2] / min(thr['no agent']['getppid']):.0%} of a bare call "
+        f"({min(thr['no agent']['getppid']):.0f} ns), of which {floor_u:.0f} ns is what any program on the "
+        "hook shows (empty programs).  On top comes the kernel's syscall-tracepoint slow path, the same for "
+        "any tool attached to raw_syscalls.",
+        "",
         "### Load time and map memory",
         "",
         f"Start (open, BTF layouts, load, attach) of net_tcp: median {statistics.median(loads['net']) * 1000:.1f} ms; "
