@@ -293,3 +293,34 @@ def test_build_stage_uses_a_provided_btf_for_the_target_arch(tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"bpftool btf dump file deploy/btf/vmlinux-{_host_arch()}.btf format c" in result.stdout
     assert list((tmp_path / "dist").glob("*.whl"))
+
+
+@pytest.mark.slow
+def test_agent_runs_on_a_read_only_root(tmp_path: Path) -> None:
+    """The container runs with readOnlyRootFilesystem: the agent, every receiver included, must
+    not write anywhere.  Here: a private mount namespace with / remounted read-only."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (a private mount namespace)")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "kpod: {profile: comprehensive, poll_interval: 1s, discovery: {mode: local}}\n"
+        f"exporters: {{prometheus: {{endpoint: '127.0.0.1:{port}'}}}}\n"
+        "service: {pipelines: {metrics: {exporters: [prometheus]}}}\n"
+    )
+    agent = shlex.join(
+        [str(Path(sys.executable).parent / "kpod-metrics"), "run", "--config", str(config), "--cycles", "3"]
+    )
+    script = (
+        f"mount --make-rprivate / && mount -o remount,bind,ro / && ! touch {tmp_path}/probe 2>/dev/null && exec {agent}"
+    )
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Read-only file system" not in result.stderr
+    assert not (tmp_path / "probe").exists()
