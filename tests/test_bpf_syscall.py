@@ -267,3 +267,65 @@ def test_latency_struct_carries_the_histogram_layout() -> None:
         assert consts["KPOD_HIST_SLOTS"] == value().latency.slots._length_
         assert consts["KPOD_HIST_FIRST_BITS"] == 10
         assert not hasattr(value().latency, "count")
+
+
+def test_full_stats_map_counts_update_errors(workload_binary: Path) -> None:
+    """Room for one (cgroup, syscall): the other inserts fail in the kernel and are counted."""
+    from kpod.receivers.bpf_maps import BpfMapsReceiver
+
+    from kpod.component import EmptyConfig
+
+    receiver = SyscallReceiver(
+        context("syscall", map_max_entries=1), SyscallConfig(tracked_syscalls=["read", "getppid"])
+    )
+    maps = BpfMapsReceiver(context("bpf_maps"), EmptyConfig())
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            with started_workload(workload_binary) as proc:
+                tree.move(proc.pid, pod.container_dir)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == b"done\n"
+            # read and getppid of the pod cannot both fit in one entry.
+            assert receiver.loaded.error_counts()["sys_stats"] > 0
+            values = {
+                (p.metric.name, dict(p.attributes)["map"]): p.value
+                for p in maps.collect()
+                if dict(p.attributes).get("map") == "sys_stats"
+            }
+            assert values[("kpod.bpf.map.capacity", "sys_stats")] == 1
+            assert values[("kpod.bpf.map.entries", "sys_stats")] == 1
+            assert values[("kpod.bpf.map.update.errors.total", "sys_stats")] > 0
+        finally:
+            receiver.shutdown()
+
+
+def test_entries_of_gone_cgroups_are_deleted(workload_binary: Path) -> None:
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["read", "getppid"]))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        gone = pod.container_id
+        receiver.start()
+        try:
+            stats = receiver.loaded.obj.maps["sys_stats"]
+            layout = receiver.loaded.layouts["sys_stats"]
+
+            def keys_of_gone() -> int:
+                return sum(1 for k, _ in stats.lookup_batch() if layout.key(k).cgroup_id == gone)
+
+            with started_workload(workload_binary) as proc:
+                tree.move(proc.pid, pod.container_dir)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == b"done\n"
+                assert by_syscall(collect(receiver), "kpod.syscall.count", gone)
+            tree.cleanup()  # the pod goes away
+            assert keys_of_gone() == 2  # (gone, read) and (gone, getppid)
+            collect(receiver)  # first miss: kept one cycle (the index may just be behind)
+            assert keys_of_gone() == 2
+            collect(receiver)  # second miss: deleted
+            assert keys_of_gone() == 0
+        finally:
+            receiver.shutdown()
