@@ -42,6 +42,27 @@ def test_guest_is_debian_61_on_pure_cgroup2() -> None:
     assert os.path.ismount("/sys/fs/bpf") and os.path.ismount("/sys/kernel/tracing")
 
 
+def test_kprobes_work_here() -> None:
+    """The fallback routes need kprobes (6.18 hosts have none): a probe on tcp_sendmsg can be made."""
+    tracing = Path("/sys/kernel/tracing")
+    assert "tcp_sendmsg" in (tracing / "available_filter_functions").read_text().split()
+    name = f"kpodvm_{os.getpid()}"
+
+    def add(line: str) -> None:
+        # O_APPEND without Python's "a" mode, which seeks to the end: tracefs refuses that.
+        fd = os.open(tracing / "kprobe_events", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    add(f"p:{name} tcp_sendmsg\n")
+    try:
+        assert (tracing / "events" / "kprobes" / name).is_dir()
+    finally:
+        add(f"-:{name}\n")
+
+
 def test_check_names_kernel_layout_and_routes(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("kpod: {profile: comprehensive, discovery: {mode: local}}\n")
