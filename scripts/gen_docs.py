@@ -337,7 +337,8 @@ HELM_COMPONENT_VALUES: dict[str, dict[str, str]] = {
     "otlp": {
         "endpoint": "`otlp.endpoint`", "protocol": "`otlp.protocol`", "headers": "`otlp.headers`",
         "tls.insecure": "`otlp.insecure`", "tls.ca_file": "`otlp.tlsSecretName` (ca.crt)",
-        "tls.cert_file": "`otlp.tlsSecretName` (tls.crt)", "tls.key_file": "`otlp.tlsSecretName` (tls.key)",
+        "tls.cert_file": "`otlp.tlsSecretName` (tls.crt) with `otlp.tlsClientCert`",
+        "tls.key_file": "`otlp.tlsSecretName` (tls.key) with `otlp.tlsClientCert`",
         "compression": "`otlp.compression`", "timeout": "`otlp.timeout`", "interval": "`otlp.interval`",
     },
 }  # fmt: skip

@@ -47,6 +47,7 @@ EVERYTHING_ON: dict[str, Any] = {
         "enabled": True,
         "endpoint": "collector.observability:4317",
         "tlsSecretName": "otlp-client",
+        "tlsClientCert": True,
         "headers": {"x-tenant": "a"},
         "interval": "60s",
     },
@@ -180,6 +181,16 @@ def test_least_privilege(profile: str, mode: str) -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["proc"] == "/host/proc" and mounts["cgroup"] == "/sys/fs/cgroup"
     assert mounts["btf"] == "/sys/kernel/btf" and mounts["tracefs"] == "/sys/kernel/tracing"
+
+
+def test_otlp_tls_with_only_a_ca(tmp_path: Path) -> None:
+    values = {"otlp": {"enabled": True, "endpoint": "https://collector:4318/v1/metrics", "protocol": "http/protobuf",
+                       "tlsSecretName": "collector-ca"}}  # fmt: skip
+    config = agent_config(objects(render(values)), tmp_path)
+    otlp: OtlpConfig = config.exporters[1].config
+    assert otlp.tls.ca_file == "/etc/kpod-metrics/otlp-tls/ca.crt"
+    assert otlp.tls.cert_file == "" and otlp.tls.key_file == ""
+    assert otlp.protocol == "http/protobuf"
 
 
 def test_btf_and_tracefs_mounts_can_be_left_out() -> None:
@@ -329,6 +340,7 @@ BAD_VALUES = [
     {"hostPID": "true"},
     {"otlp": {"enabled": True}},  # no endpoint
     {"otlp": {"protocol": "http"}},
+    {"otlp": {"tlsClientCert": "yes"}},
     {"serviceMonitor": {"enabled": 1}},
     {"metrics": {"port": 70000}},
     {"tolerations": {"operator": "Exists"}},

@@ -97,8 +97,10 @@ exporters:
       insecure: {{ .insecure }}
       {{- if .tlsSecretName }}
       ca_file: /etc/kpod-metrics/otlp-tls/ca.crt
+      {{- if .tlsClientCert }}
       cert_file: /etc/kpod-metrics/otlp-tls/tls.crt
       key_file: /etc/kpod-metrics/otlp-tls/tls.key
+      {{- end }}
       {{- end }}
 {{- end }}
 {{- end }}
