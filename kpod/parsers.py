@@ -8,6 +8,11 @@ lines that parsed are returned.  Functions whose callers may care report how man
 skipped.
 
 Units are the kernel's: microseconds for PSI and cpu.stat, bytes for io and memory.
+
+Every line (or io.stat pair) a parser skips is also counted in `SKIPPED`, by parser, for the
+whole process; the pipeline exports it as kpod_parser_skipped_lines_total{parser}, so that a
+kernel whose format changed shows up as a rising counter instead of silently missing data.
+Only the skip branches count: the well-formed path costs nothing more.
 """
 
 from __future__ import annotations
@@ -16,6 +21,20 @@ from dataclasses import dataclass
 
 # A device number as (major, minor): the key of io.stat and blkio lines, and of /sys/dev/block.
 DevNum = tuple[int, int]
+
+# Lines skipped since start, by parser.  Updated from the receivers' threads without a lock:
+# a dict increment under the GIL can at worst lose a concurrent increment, which a diagnostic
+# counter can afford; a lock would cost every skip path more than it is worth.
+SKIPPED: dict[str, int] = {}
+
+
+def _skip(parser: str, lines: int = 1) -> None:
+    SKIPPED[parser] = SKIPPED.get(parser, 0) + lines
+
+
+def skipped_counts() -> dict[str, int]:
+    """A copy of SKIPPED."""
+    return dict(SKIPPED)
 
 
 def _int(text: str) -> int | None:
@@ -62,6 +81,8 @@ def parse_flat_keyed(text: str) -> tuple[dict[str, int], int]:
             values[fields[0]] = int(raw)
         else:
             skipped += 1
+    if skipped:
+        _skip("flat_keyed", skipped)
     return values, skipped
 
 
@@ -79,7 +100,8 @@ def parse_flat_keyed_value(text: str, key: str) -> int | None:
         value = _int(fields[1]) if len(fields) == 2 and fields[0] == key else None
         if value is not None or end < 0:
             return value
-        # A malformed line with this key (which parse_flat_keyed skips): look further.
+        # A malformed line with this key (which parse_flat_keyed skips): count, look further.
+        _skip("flat_keyed")
         start = text.find(needle, end) + 1
         if start == 0:
             return None
@@ -107,8 +129,13 @@ def parse_single_int(text: str) -> int | None:
     """
     fields = text.split()
     if len(fields) != 1:
+        if fields:
+            _skip("single_int")
         return None
-    return _int(fields[0])
+    value = _int(fields[0])
+    if value is None and fields[0] != "max":
+        _skip("single_int")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +156,7 @@ def parse_io_stat(text: str) -> dict[DevNum, dict[str, int]]:
             continue
         dev = parse_devnum(fields[0])
         if dev is None:
+            _skip("io_stat")
             continue
         stats: dict[str, int] = {}
         for pair in fields[1:]:
@@ -136,6 +164,8 @@ def parse_io_stat(text: str) -> dict[DevNum, dict[str, int]]:
             value = _int(raw) if sep and key else None
             if value is not None:
                 stats[key] = value
+            else:
+                _skip("io_stat")  # one malformed pair; the rest of the line is kept
         if stats:
             devices[dev] = stats
     return devices
@@ -157,10 +187,14 @@ def parse_blkio_throttle(text: str) -> dict[DevNum, dict[str, int]]:
     for line in text.splitlines():
         fields = line.split()
         if len(fields) != 3 or fields[1] not in BLKIO_OPS:
+            # The closing "Total N" line and blank lines are the format, not damage.
+            if fields and not (len(fields) == 2 and fields[0] == "Total"):
+                _skip("blkio_throttle")
             continue
         dev = parse_devnum(fields[0])
         value = _int(fields[2])
         if dev is None or value is None:
+            _skip("blkio_throttle")
             continue
         devices.setdefault(dev, {})[fields[1]] = value
     return devices
@@ -199,13 +233,18 @@ def parse_pressure_totals(text: str) -> dict[str, int]:
     for line in text.splitlines():
         kind = line[:4]
         if kind not in ("some", "full") or line[4:5] != " ":
+            if line.strip():
+                _skip("pressure")
             continue
         at = line.rfind(" total=")
         if at < 0:
+            _skip("pressure")
             continue
         raw = line[at + 7 :].split(" ", 1)[0].rstrip()
         if raw.isdigit() and raw.isascii():
             totals[kind] = int(raw)
+        else:
+            _skip("pressure")
     return totals
 
 
@@ -220,6 +259,8 @@ def parse_pressure(text: str) -> dict[str, Pressure]:
     for line in text.splitlines():
         fields = line.split()
         if not fields or fields[0] not in ("some", "full"):
+            if fields:
+                _skip("pressure")
             continue
         pairs: dict[str, str] = {}
         for pair in fields[1:]:
@@ -228,6 +269,7 @@ def parse_pressure(text: str) -> dict[str, Pressure]:
                 pairs[key] = raw
         total = _int(pairs.get("total", ""))
         if total is None or total < 0:
+            _skip("pressure")
             continue
         averages = [_float(pairs.get(k, "")) for k in ("avg10", "avg60", "avg300")]
         a10, a60, a300 = (a if a is not None else 0.0 for a in averages)
@@ -271,9 +313,12 @@ def parse_net_dev(text: str) -> dict[str, NetDevCounters]:
         name, sep, rest = line.partition(":")
         name = name.strip()
         if not sep or not name or "|" in name or " " in name:
+            if "|" not in line and line.strip():  # the header lines have "|"
+                _skip("net_dev")
             continue
         raw = rest.split()
         if len(raw) != 16 or not all(f.isdigit() and f.isascii() for f in raw):
+            _skip("net_dev")
             continue
         interfaces[name] = NetDevCounters(*map(int, raw))
     return interfaces
@@ -323,14 +368,18 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
     for line in text.splitlines():
         left, sep, right = line.partition(" - ")
         if not sep:
+            if line.strip():
+                _skip("mountinfo")
             continue
         fields = left.split(" ")
         tail = right.split(" ")
         if len(fields) < 6 or len(tail) < 2:
+            _skip("mountinfo")
             continue
         mount_id, parent_id = _int(fields[0]), _int(fields[1])
         dev = parse_devnum(fields[2])
         if mount_id is None or parent_id is None or dev is None:
+            _skip("mountinfo")
             continue
         mounts.append(
             MountInfo(
@@ -361,6 +410,8 @@ def parse_uevent(text: str) -> dict[str, str]:
         key = key.strip()
         if sep and key and " " not in key:
             values[key] = value.strip()
+        elif line.strip():
+            _skip("uevent")
     return values
 
 
@@ -377,4 +428,6 @@ def parse_cgroup_procs(text: str) -> list[int]:
         pid = _int(line.strip())
         if pid is not None and pid > 0:
             pids.append(pid)
+        elif line.strip():
+            _skip("cgroup_procs")
     return pids

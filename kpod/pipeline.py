@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kpod import __version__
+from kpod import __version__, parsers
 from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
 from kpod.cgroups import CgroupIndex
 from kpod.component import ComponentUnavailable, Context, Exporter, Processor, Receiver
@@ -32,6 +32,8 @@ COLLECTION_DURATION = MetricDef(
     "kpod.collection.duration", Kind.GAUGE, "s", "Duration of the receiver's last collection.", ("receiver",)
 )
 SERIES = MetricDef("kpod.series", Kind.GAUGE, "1", "Series in the last collection cycle.")
+PARSER_SKIPPED = "kpod.parser.skipped.lines"
+PARSER_SKIPPED_HELP = "Lines of kernel, cgroup and /proc files the parsers skipped as malformed, by parser."
 BUILD_INFO = MetricDef("kpod.build.info", Kind.GAUGE, "1", "Agent version.", ("version",))
 
 MAX_BACKOFF_CYCLES = 32
@@ -79,6 +81,8 @@ class Pipeline:
             self.receivers.append(_RunningReceiver(spec, receiver, status_entry, interval))
         self._started: list[Exporter | Processor] = []
         self._shut_down = False
+        # The parsers count for the whole process; this pipeline reports what happens from now.
+        self._parser_skips = parsers.skipped_counts()
         self.status.discovery_failure_window_s = self.settings.discovery.failure_window.seconds
         # /debug/status: what a user pastes into a bug report, computed when it is read.
         self.status.sections.update(
@@ -225,6 +229,12 @@ class Pipeline:
                 )
         update_process_metrics(self.self_metrics)
         update_bpf_metrics(self.self_metrics, self.receivers)
+        for parser, total in parsers.skipped_counts().items():
+            delta = total - self._parser_skips.get(parser, 0)
+            if delta > 0:
+                labels = (("parser", parser),)
+                self.self_metrics.inc(PARSER_SKIPPED, PARSER_SKIPPED_HELP, labels, delta)
+                self._parser_skips[parser] = total
         batch.extend(self.self_metrics.points())
         for index, exporter in enumerate(self.exporters):
             # Exporters that change points get their own copy; the last one may take the original.

@@ -1,0 +1,130 @@
+"""Odd input is skipped *and counted*: every skip of the file parsers lands in
+kpod.parsers.SKIPPED and reaches the exposition as kpod_parser_skipped_lines_total{parser};
+the real files of this host and of the captured kernels skip nothing (no false alarms)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cgroup_tree import FIXTURES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kpod import parsers as p
+from kpod.cgroups import CgroupIndex, parse_mountinfo_cgroups
+from kpod.config import load_config
+from kpod.pipeline import Pipeline
+
+
+def skips_of(parse: Callable[[str], object], text: str) -> dict[str, int]:
+    before = p.skipped_counts()
+    parse(text)
+    after = p.skipped_counts()
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+@pytest.mark.parametrize(
+    ("parse", "text", "expected"),
+    [
+        (p.parse_flat_keyed, "a 1\nb two\nc 3 4\n\nd\n", {"flat_keyed": 3}),
+        (lambda t: p.parse_flat_keyed_value(t, "b"), "a 1\nb two\nb 5\n", {"flat_keyed": 1}),
+        (p.parse_single_int, "12 13\n", {"single_int": 1}),
+        (p.parse_single_int, "max\n", {}),  # memory.max without a limit: the format, not damage
+        (p.parse_single_int, "\n", {}),
+        (p.parse_io_stat, "8:0 rbytes=1 bogus wbytes=x\nnot-a-device rbytes=1\n\n", {"io_stat": 3}),
+        (p.parse_blkio_throttle, "8:0 Read 5\n8:0 Frob 1\nx:y Read 1\nTotal 5\n", {"blkio_throttle": 2}),
+        (p.parse_pressure, "some avg10=0.00 total=5\nfull avg10=1\nwhat is this\n", {"pressure": 2}),
+        (p.parse_pressure_totals, "some avg10=0.00 total=5\nfull total=x\nsomething\n", {"pressure": 2}),
+        (p.parse_net_dev, "Inter-| Receive\n face |bytes\n  lo: 1 2 3\neth0: " + "1 " * 16 + "\njunk\n",
+         {"net_dev": 2}),
+        (p.parse_mountinfo, "1 2 0:1 / / rw - ext4 /dev/x rw\nno separator\n1 2 x / / rw - ext4 s o\n",
+         {"mountinfo": 2}),
+        (p.parse_uevent, "MAJOR=8\nno equals sign\n\n", {"uevent": 1}),
+        (p.parse_cgroup_procs, "1\n\nabc\n0\n", {"cgroup_procs": 2}),
+    ],
+)  # fmt: skip
+def test_each_skip_is_counted_by_parser(parse: Callable[[str], object], text: str, expected: dict[str, int]) -> None:
+    assert skips_of(parse, text) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.from_regex(r"[a-z]{1,8}", fullmatch=True), st.integers(0, 10**6)), max_size=8),
+       st.lists(st.sampled_from(["x", "a b c", "k v", "k -", "k 1_0"]), max_size=5))  # fmt: skip
+def test_flat_keyed_count_equals_returned_skips(good: list[tuple[str, int]], junk: list[str]) -> None:
+    text = "\n".join([*(f"{k} {v}" for k, v in good), *junk])
+    before = p.skipped_counts().get("flat_keyed", 0)
+    _, skipped = p.parse_flat_keyed(text)
+    assert p.skipped_counts().get("flat_keyed", 0) - before == skipped == len(junk)
+
+
+def host_files() -> list[tuple[str, Callable[[str], object]]]:
+    """Real files of this host and of the captured kernels, with their parser."""
+    by_name: dict[str, Callable[[str], object]] = {
+        "io.stat": p.parse_io_stat, "cpu.stat": p.parse_flat_keyed, "memory.stat": p.parse_flat_keyed,
+        "memory.events": p.parse_flat_keyed, "cpu.pressure": p.parse_pressure, "io.pressure": p.parse_pressure,
+        "memory.pressure": p.parse_pressure, "memory.current": p.parse_single_int,
+        "memory.usage_in_bytes": p.parse_single_int, "memory.max": p.parse_single_int,
+        "cgroup.procs": p.parse_cgroup_procs, "blkio.throttle.io_service_bytes": p.parse_blkio_throttle,
+        "blkio.throttle.io_serviced": p.parse_blkio_throttle,
+    }  # fmt: skip
+    found: list[tuple[str, Callable[[str], object]]] = [
+        ("/proc/self/mountinfo", p.parse_mountinfo), ("/proc/self/net/dev", p.parse_net_dev),
+        ("/proc/1/mountinfo", p.parse_mountinfo),
+    ]  # fmt: skip
+    with open("/proc/self/mountinfo") as handle:
+        unified = parse_mountinfo_cgroups(handle.read()).unified
+    roots = [Path(unified)] if unified else []
+    if FIXTURES.is_dir():
+        roots.append(FIXTURES)
+        found += [(str(f), p.parse_net_dev) for f in FIXTURES.rglob("net-dev*.txt")]
+        found += [(str(f), p.parse_mountinfo) for f in FIXTURES.rglob("mountinfo*.txt")]
+        found += [(str(f), p.parse_uevent) for f in FIXTURES.rglob("*uevent*.txt")]
+    for root in roots:
+        for directory, _, files in os.walk(root):
+            if directory.count("/") - str(root).count("/") > 3:
+                continue  # enough depth to see every kind of file
+            found += [(os.path.join(directory, name), by_name[name]) for name in files if name in by_name]
+    return found
+
+
+def test_real_files_skip_nothing() -> None:
+    checked = 0
+    for path, parse in host_files():
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                text = handle.read()
+        except OSError:
+            continue  # a cgroup that went away, a file we may not read
+        assert skips_of(parse, text) == {}, (path, text[:300])
+        checked += 1
+    assert checked > 20
+
+
+def test_pipeline_exports_skips_as_a_counter(tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]) -> None:
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(
+        "kpod: {profile: custom, poll_interval: 1s}\nreceivers:\n  constant/x: {}\n"
+        "exporters:\n  recording/a: {}\n"
+        "service:\n  pipelines:\n    metrics: {receivers: [constant/x], exporters: [recording/a]}\n"
+    )
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    pipeline = Pipeline(load_config(str(config_path), environ=clean_env), CgroupIndex(str(root)))
+    pipeline.start()
+    try:
+        p.parse_io_stat("garbage line\n8:0 rbytes=1\n")  # what a receiver would hit: 1 skip
+        first = pipeline.run_cycle()
+        p.parse_io_stat("more garbage\nand more\n")
+        second = pipeline.run_cycle()
+    finally:
+        pipeline.shutdown()
+
+    def skipped(batch: object) -> dict[str, float]:
+        return {dict(pt.attributes)["parser"]: pt.value for pt in batch.points  # type: ignore[attr-defined]
+                if pt.metric.name == "kpod.parser.skipped.lines"}  # fmt: skip
+
+    assert skipped(first) == {"io_stat": 1}
+    assert skipped(second) == {"io_stat": 3}  # a counter: cumulative
