@@ -160,7 +160,7 @@ def running_agent(config_text: str, workdir: Path, port: int, **kwargs: Any) -> 
     try:
         yield agent
     finally:
-        agent.stop(signal.SIGKILL if agent.alive() and kwargs.get("kill_on_exit") else signal.SIGTERM)
+        agent.stop()  # SIGTERM, then SIGKILL if it does not exit; a no-op if it already did
 
 
 # ------------------------------------------------------------------------------ BPF objects
