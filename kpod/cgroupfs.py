@@ -23,18 +23,30 @@ COLLECTION_ERRORS = "kpod.collection.errors"
 COLLECTION_ERRORS_HELP = "Receiver start or collection failures, by receiver."
 
 _READ_CHUNK = 65536
+# Longest line of cgroup.procs ("4194304\n") and of /proc/<pid>/net/dev (a 15-byte name and 16
+# 20-digit counters), with room to spare.
+PROCS_MAX_RECORD = 32
+NET_DEV_MAX_RECORD = 512
 
 
-def read_text(path: str) -> str:
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def read_text(path: str, max_record: int = 0) -> str:
     """The whole file as text.  Raises OSError (FileNotFoundError when it vanished).
 
     Bytes that are not UTF-8 are kept as surrogate escapes (os.fsdecode's convention), so
     paths from mountinfo round-trip to the kernel unchanged and parsers never see a decode error.
+
+    `max_record`: the longest line the file can have, for seq_file files of short lines
+    (cgroup.procs, net/dev).  seq_file fills a page-sized buffer record by record and stops
+    short of the caller's buffer only when the next record does not fit that page, so a
+    first read shorter than a page minus the longest record is the whole file: no EOF read.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, _READ_CHUNK)
-        if data:
+        if data and not (max_record and len(data) < _PAGE - max_record):
             # Most files fit one read; keep reading until EOF for the few that do not
             # (a large cgroup.procs or mountinfo).
             chunks = [data]
@@ -115,7 +127,7 @@ class CgroupFileReceiver(Receiver):
             COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, labels=(("receiver", self.id),), amount=amount
         )
 
-    def _read(self, path: str, cgroup_dir: str | None = None, record: bool = False) -> str | None:
+    def _read(self, path: str, cgroup_dir: str | None = None, record: bool = False, max_record: int = 0) -> str | None:
         """Read a file, or count the failure and return None.
 
         `cgroup_dir`: the directory that holds the file; when given, a missing file in a
@@ -123,7 +135,7 @@ class CgroupFileReceiver(Receiver):
         `record`: the file is a single seq_file record (see read_record).
         """
         try:
-            return read_record(path) if record else read_text(path)
+            return read_record(path) if record else read_text(path, max_record)
         except FileNotFoundError:
             if cgroup_dir is not None and os.path.isdir(cgroup_dir):
                 return None
@@ -139,7 +151,7 @@ class CgroupFileReceiver(Receiver):
     def _pids(self, ref: CgroupRef) -> list[int] | None:
         """The processes of a cgroup from its cgroup.procs (never a /proc scan)."""
         directory = self.context.cgroups.abspath(ref.path)
-        text = self._read(directory + "/cgroup.procs")
+        text = self._read(directory + "/cgroup.procs", max_record=PROCS_MAX_RECORD)
         if text is None:
             return None
         return parse_cgroup_procs(text)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from kpod.cgroupfs import CgroupFileReceiver, pod_cgroup_path
+from kpod.cgroupfs import NET_DEV_MAX_RECORD, CgroupFileReceiver, pod_cgroup_path
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import NetDevCounters, parse_net_dev
@@ -180,7 +180,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
             if netns in seen:
                 stats["shared_skipped"] += 1
                 continue
-            text = self._read(f"{self.proc_root}/{pid}/net/dev")
+            text = self._read(f"{self.proc_root}/{pid}/net/dev", max_record=NET_DEV_MAX_RECORD)
             if text is None:
                 continue
             ref = self._pod_ref(group_path, members)

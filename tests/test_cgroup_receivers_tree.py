@@ -312,3 +312,18 @@ def test_receiver_configs_go_through_the_config_builder() -> None:
         build(by_type["net_iface"], {"exclude_interface": ["lo"]}, where)
     with pytest.raises(ConfigError):
         build(by_type["filesystem"], {"exclude_fstypes": "tmpfs"}, where)
+
+
+def test_read_helpers_return_whole_files(tmp_path: Path) -> None:
+    from kpod.cgroupfs import read_record, read_text
+
+    for size in (0, 100, 4000, 4096, 70000, 200000):
+        f = tmp_path / f"f{size}"
+        data = "".join(f"{i}\n" for i in range(size))[:size]
+        f.write_text(data)
+        assert read_text(str(f)) == read_text(str(f), max_record=32) == read_record(str(f)) == data
+    # Real seq_file files, larger than a page where the host has that many mounts/processes.
+    for path in ("/proc/self/mountinfo", "/proc/self/net/dev", "/proc/self/status"):
+        with open(path) as f:
+            expected = f.read()
+        assert read_text(path, max_record=512 if "net" in path else 0) == expected
