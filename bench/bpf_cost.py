@@ -159,12 +159,17 @@ def measure(loops: int, runs: int, cpu: int) -> dict:
     return results
 
 
-def load_times(runs: int) -> list[float]:
+def load_times(runs: int) -> tuple[list[float], list[float]]:
+    """Wall time and CPU time (user + system: the verifier runs in our syscalls) per load.
+
+    CPU time hardly depends on what else the machine runs; wall time does.
+    """
     from kpod.receivers.memory import MemoryReceiver
 
-    times = []
+    times, cpu_times = [], []
     for _ in range(runs):
         btflayout.release_vmlinux()  # include the kernel BTF parse, as a fresh agent pays it
+        c0 = time.process_time()
         t0 = time.perf_counter()
         objs = [
             load_object(
@@ -173,10 +178,11 @@ def load_times(runs: int) -> list[float]:
             load_object("mem", MemoryReceiver.program_specs, {s.program for s in MemoryReceiver.program_specs}, 10240),
         ]
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         for o in objs:
             o.close()
     btflayout.release_vmlinux()
-    return times
+    return times, cpu_times
 
 
 def memlock() -> dict[str, int]:
@@ -195,7 +201,9 @@ def memlock() -> dict[str, int]:
             o.close()
 
 
-def render(res: dict, loads: list[float], mem: dict[str, int], args: argparse.Namespace, cpu: int) -> str:
+def render(
+    res: dict, loads: tuple[list[float], list[float]], mem: dict[str, int], args: argparse.Namespace, cpu: int
+) -> str:
     def ns(table: dict, name: str) -> str:
         v = table.get(name)
         return f"{v[0]:.0f} ns ({v[1]:,} runs)" if v else "-"
@@ -211,7 +219,8 @@ def render(res: dict, loads: list[float], mem: dict[str, int], args: argparse.Na
         "",
         f"Command: `.venv/bin/python -m bench.bpf_cost --loops {args.loops} --runs {args.runs}`  ",
         f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs "
-        f"({_cpu_model()}), libbpf {libbpf.version()}, {sh('bpftrace', '--version').strip()}  ",
+        f"({_cpu_model()}), libbpf {libbpf.version()}, {sh('bpftrace', '--version').strip()}; "
+        f"load average at the end {os.getloadavg()[0]:.1f} (the VM is shared)  ",
         f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
         f"Load: `perf bench sched pipe -l {args.loops}` pinned to CPU {cpu}; {args.runs} rounds, each running "
         "no agent, kpod, and both bpftrace scripts in turn (medians of ops/s); per-event cost is "
@@ -239,24 +248,35 @@ def render(res: dict, loads: list[float], mem: dict[str, int], args: argparse.Na
         if bt_count_switch
         else "",
         "",
-        "Throughput of the same pipe benchmark (ops/s, median; ratio to no agent):",
+        "Throughput of the same pipe benchmark (ops/s, median; ratio to no agent).  The last column is "
+        "the BPF time per op from bpf_stats (all programs of the configuration, over all rounds) as a "
+        "fraction of the no-agent op time: the slowdown the programs themselves explain.",
         "",
-        "| configuration | ops/s | ratio |",
-        "|---|---|---|",
+        "| configuration | ops/s | ratio | BPF ns per op | BPF time / op time |",
+        "|---|---|---|---|---|",
     ]
     base = res["baseline_ops"]
-    for label, key in (
-        ("no agent", "baseline_ops"),
-        ("kpod cpu_sched", "kpod_ops"),
-        ("bpftrace count-only", "bpftrace_count_ops"),
-        ("bpftrace runqlat-equivalent", "bpftrace_runqlat_ops"),
+    total_ops = args.loops * args.runs
+    for label, key, table in (
+        ("no agent", "baseline_ops", None),
+        ("kpod cpu_sched", "kpod_ops", kpod),
+        ("bpftrace count-only", "bpftrace_count_ops", bt_count),
+        ("bpftrace runqlat-equivalent", "bpftrace_runqlat_ops", bt_rq),
     ):
-        lines.append(f"| {label} | {res[key]:,.0f} | {res[key] / base:.3f} |")
+        if table is None:
+            lines.append(f"| {label} | {res[key]:,.0f} | 1.000 | - | - |")
+            continue
+        per_op = sum(ns * cnt for ns, cnt in table.values() if cnt) / total_ops
+        lines.append(
+            f"| {label} | {res[key]:,.0f} | {res[key] / base:.3f} | {per_op:.0f} | {per_op * base / 1e9:.1%} |"
+        )
     lines += [
         "",
         f"Load + attach of cpu_sched.bpf.o and mem.bpf.o (open, BTF layouts, load, attach incl. one perf "
-        f"event per CPU, kernel BTF parse included): median {statistics.median(loads) * 1000:.0f} ms, "
-        f"min {min(loads) * 1000:.0f} ms, max {max(loads) * 1000:.0f} ms over {len(loads)} runs.",
+        f"event per CPU, kernel BTF parse included), {len(loads[0])} runs: wall time median "
+        f"{statistics.median(loads[0]) * 1000:.0f} ms (min {min(loads[0]) * 1000:.0f}, max "
+        f"{max(loads[0]) * 1000:.0f}); CPU time (user + system, verifier included) median "
+        f"{statistics.median(loads[1]) * 1000:.0f} ms (min {min(loads[1]) * 1000:.0f}).",
         "",
         "Memlock of kpod's maps at 10,240 entries (bpftool bytes_memlock):",
         "",
