@@ -11,6 +11,7 @@ branches structure-aware generation does not think of.  Not collected by pytest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -48,10 +49,8 @@ def mountinfo(data: bytes) -> None:
 
 
 def podlist(data: bytes) -> None:
-    try:
+    with contextlib.suppress(ValueError):  # the documented error: not a PodList
         decode_pod_list(data)
-    except ValueError:
-        pass
 
 
 def watch(data: bytes) -> None:
