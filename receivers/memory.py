@@ -5,7 +5,8 @@
 - kpod.mem.major.page.faults: a perf software event (PERF_COUNT_SW_PAGE_FAULTS_MAJ, one per
   CPU, sample_period 1) runs a perf_event program on each major fault, in the faulting task;
   the same accounting point as the task's majflt.  `major_faults: false` leaves the events
-  unopened (the minimal profile has OOM kills but not page faults).
+  unopened (the minimal profile has OOM kills but not page faults).  The events are opened on
+  the CPUs online at start; a CPU brought online later is not covered until a restart.
 """
 
 from __future__ import annotations
