@@ -39,7 +39,10 @@ def machine() -> str:
     except OSError:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.node()}: Linux {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), {memory:.0f} GiB"
+    return (
+        f"{platform.node()}: Linux {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs ({cpu}), {memory:.0f} GiB"
+    )
 
 
 def main() -> int:
