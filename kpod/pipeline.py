@@ -35,6 +35,13 @@ SERIES = MetricDef("kpod.series", Kind.GAUGE, "1", "Series in the last collectio
 PARSER_SKIPPED = "kpod.parser.skipped.lines"
 PARSER_SKIPPED_HELP = "Lines of kernel, cgroup and /proc files the parsers skipped as malformed, by parser."
 BUILD_INFO = MetricDef("kpod.build.info", Kind.GAUGE, "1", "Agent version.", ("version",))
+CYCLES = MetricDef("kpod.collection.cycles", Kind.COUNTER, "1", "Collection cycles completed.")
+LAST_CYCLE = MetricDef(
+    "kpod.collection.last.cycle.timestamp", Kind.GAUGE, "s", "Unix time at which the last collection cycle completed."
+)
+PROCESSOR_ERRORS = MetricDef(
+    "kpod.processor.errors", Kind.COUNTER, "1", "Cycles not exported because a processor failed.", ("processor",)
+)
 
 MAX_BACKOFF_CYCLES = 32
 
@@ -216,8 +223,20 @@ class Pipeline:
         for processor in self.processors:
             if processor.mutates_data:
                 batch = batch.copy()
-            batch = processor.process(batch)
+            try:
+                batch = processor.process(batch)
+            except Exception as error:
+                # Exporting half-processed points (say, without the pod filter) would be worse
+                # than keeping last cycle's exposition: skip this cycle's export, say why.
+                reason = f"{type(error).__name__}: {error}"
+                log.warning("processor %s failed, cycle not exported: %s", processor.id, reason)
+                self.self_metrics.inc(
+                    PROCESSOR_ERRORS.name, PROCESSOR_ERRORS.description, (("processor", processor.id),)
+                )
+                return batch
         self.self_metrics.set(SERIES.name, SERIES.description, len(batch))
+        self.self_metrics.inc(CYCLES.name, CYCLES.description)
+        self.self_metrics.set(LAST_CYCLE.name, LAST_CYCLE.description, time.time(), unit="s")
         for running in self.receivers:
             if running.started:
                 self.self_metrics.set(

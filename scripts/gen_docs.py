@@ -170,7 +170,8 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     defs = [
         (pipeline.COLLECTION_ERRORS, Kind.COUNTER, "1", pipeline.COLLECTION_ERRORS_HELP, ("receiver",)),
         *[(m.name, m.kind, m.unit, m.description, m.attribute_keys)
-          for m in (pipeline.COLLECTION_DURATION, pipeline.SERIES, pipeline.BUILD_INFO)],
+          for m in (pipeline.COLLECTION_DURATION, pipeline.SERIES, pipeline.BUILD_INFO, pipeline.CYCLES,
+                    pipeline.LAST_CYCLE, pipeline.PROCESSOR_ERRORS)],
         (pipeline.PARSER_SKIPPED, Kind.COUNTER, "1", pipeline.PARSER_SKIPPED_HELP, ("parser",)),
         (k8sattributes.UNRESOLVED_METRIC, Kind.COUNTER, "1", k8sattributes.UNRESOLVED_HELP, ("reason",)),
         (k8sattributes.PODS_METRIC, Kind.GAUGE, "1", k8sattributes.PODS_HELP, ()),
