@@ -250,7 +250,9 @@ static __always_inline void rtt_sample(const struct sock *sk, __u32 srtt_us_x8)
  * a plain load.  Where it is missing this program fails to load and the next one (one probe
  * read) is used instead.
  */
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+/* __weak: where the kernel lacks it the object still loads; only this program fails (the
+ * call is left unresolved) and is dropped for the next alternative. */
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
 SEC("tp_btf/tcp_probe")
 int BPF_PROG(tcp_probe, struct sock *sk, const struct sk_buff *skb)

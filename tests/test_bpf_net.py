@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for, workloads
-from kpod.receivers.net_tcp import NetTcpConfig, NetTcpReceiver
+from kpod.receivers.net_tcp import RTT, NetTcpConfig, NetTcpReceiver
 
 from kpod import btflayout, ebpf
 
 pytestmark = kernel_test
 
+RTT_NAME = RTT.name
 ODD_BYTES = 1_000_003  # odd, several segments, not a multiple of any buffer size
 
 
@@ -194,8 +195,12 @@ def test_loopback_transfer_exact_bytes_connections_and_rtt(receiver_class: type[
             # RTT: non-empty for both sockets' pods.
             rtt_a = value(batch, "kpod.net.tcp.rtt", A)
             rtt_b = value(batch, "kpod.net.tcp.rtt", B)
-            rtt_program = "tcp_probe_read" if receiver_class is ProbeReadReceiver else "tcp_probe"
-            assert {r.program for r in receiver.loaded.routes if r.active and "rtt" in r.feeds[0]} == {rtt_program}
+            # One RTT program: tcp_probe where the kernel has bpf_rdonly_cast (6.2+), else the
+            # probe-read one (Debian's 6.1 in `make test-vm` takes that branch by load failure).
+            rtt_programs = {r.program for r in receiver.loaded.routes if r.active and RTT_NAME in r.feeds}
+            assert len(rtt_programs) == 1 and rtt_programs <= {"tcp_probe", "tcp_probe_read"}, rtt_programs
+            if receiver_class is ProbeReadReceiver:
+                assert rtt_programs == {"tcp_probe_read"}
             assert rtt_a is not None and rtt_a.count > 0
             assert rtt_b is not None and rtt_b.count > 0
             assert points_for(batch, "kpod.net.tcp.rtt", A)[0].metric.unit == "s"
@@ -291,8 +296,9 @@ def test_route_falls_back_when_the_tracepoints_are_missing(monkeypatch: pytest.M
     receiver.start()
     try:
         loaded = {r.program: r for r in receiver.loaded.routes}
-        for program in ("tcp_retransmit", "tcp_set_state", "tcp_probe"):
+        for program in ("tcp_retransmit", "tcp_set_state"):
             assert loaded[program].active, loaded[program]
+        assert loaded["tcp_probe"].active or loaded["tcp_probe_read"].active
         for program in ("tcp_send_length", "tcp_recv_length"):
             assert not loaded[program].active
         sent_routes = [loaded[p] for p in ("tcp_sendmsg_exit", "tcp_sendmsg_ret")]
