@@ -105,6 +105,25 @@ def test_failing_receiver_does_not_stop_the_others(
     assert status["constant/good"].state == "running"
 
 
+def test_failing_processor_skips_the_export_and_is_counted(
+    tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]
+) -> None:
+    import kpod_testplugin as plugin
+
+    config = plugin_config(tmp_path, clean_env, {"constant/x": "{}"})
+    config.processors[1].config.fail = True
+    pipeline = Pipeline(config, empty_index(tmp_path))
+    pipeline.start()
+    try:
+        pipeline.run_cycle()
+        pipeline.run_cycle()
+    finally:
+        pipeline.shutdown()
+    assert plugin.RecordingExporter.batches == []  # nothing half-processed went out
+    assert pipeline.self_metrics.get("kpod.processor.errors", (("processor", "recording/two"),)) == 2
+    assert not pipeline.status.first_cycle_done.is_set()
+
+
 def test_hanging_receiver_is_abandoned_and_never_overlaps(
     tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]
 ) -> None:

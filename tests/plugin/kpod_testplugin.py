@@ -51,7 +51,7 @@ class ConstantReceiver(Receiver):
 
 @dataclass
 class RecordingConfig:
-    pass
+    fail: bool = False
 
 
 class RecordingProcessor(Processor):
@@ -64,6 +64,8 @@ class RecordingProcessor(Processor):
         EVENTS.append(("shutdown", self.id))
 
     def process(self, batch: Batch) -> Batch:
+        if self.config.fail:
+            raise RuntimeError("processor broke")
         for point in batch.points:
             point.attributes = (*point.attributes, ("seen_by", self.id))
         return batch
