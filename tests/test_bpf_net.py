@@ -314,3 +314,39 @@ def test_kernel_function_params_reads_btf() -> None:
 
     assert kernel_function_params("tcp_sendmsg") == 3  # (sk, msg, size) since 4.1
     assert kernel_function_params("no_such_function_kpod") is None
+
+
+@pytest.mark.parametrize("route", ["fexit", "kretprobe"])
+def test_fallback_byte_routes_are_exact(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes through the routes kernels without sock_*_length use.  This host refuses fentry
+    (EPERM) and has no kprobes, so here the test skips with the route's reason; in Debian's 6.1
+    (`make test-vm`) both routes load and must be as exact as the tracepoints."""
+    real = ebpf.hook_unavailable
+    hidden = {"tp_btf/sock_send_length", "tp_btf/sock_recv_length"}
+    if route == "kretprobe":
+        hidden |= {"fexit/tcp_sendmsg", "fexit/tcp_recvmsg"}
+    monkeypatch.setattr(ebpf, "hook_unavailable", lambda s: f"hidden by the test: {s}" if s in hidden else real(s))
+    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
+    with cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            programs = {
+                "fexit": ("tcp_sendmsg_exit", "tcp_recvmsg_exit"),
+                "kretprobe": ("tcp_sendmsg_ret", "tcp_recvmsg_ret"),
+            }
+            routes = {r.program: r for r in receiver.loaded.routes}
+            off = [f"{p}: {routes[p].reason}" for p in programs[route] if not routes[p].active]
+            if off:
+                pytest.skip(f"the {route} route cannot run on this kernel ({'; '.join(off)})")
+            a, b = transfer(tree, procs, pod_a, pod_b, nbytes=ODD_BYTES)
+            a.send("send")
+            assert json.loads(b.readline())["received"] == ODD_BYTES
+            assert json.loads(a.readline())["sent"] == ODD_BYTES
+            batch = collect(receiver)
+            assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == ODD_BYTES
+            assert value(batch, "kpod.net.tcp.bytes.received", pod_b.container_id) == ODD_BYTES
+            assert value(batch, "kpod.net.tcp.bytes.received", pod_a.container_id) == 0
+            assert value(batch, "kpod.net.tcp.bytes.sent", pod_b.container_id) == 0
+        finally:
+            receiver.shutdown()
