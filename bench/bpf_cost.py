@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ from kpod.ebpf import load_object
 
 REPO = Path(__file__).resolve().parents[1]
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
+SYSCTL_LOCK = "/tmp/kpod-test-sysctl.lock"
 TRACEFS = "/sys/kernel/tracing"
 
 # Same hook, same kind of key (a cgroup id; bpftrace can only name current's, the task switched out).
@@ -329,17 +331,21 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"bench.bpf_cost needs {tool} (make system-packages)")
     cpu = max(os.sched_getaffinity(0))
-    with open(STATS) as f:
-        previous = f.read().strip()
-    with open(STATS, "w") as f:
-        f.write("1")
-    try:
-        res = measure(args.loops, args.runs, cpu)
-        loads = load_times(max(args.runs, 5))
-        mem = memlock()
-    finally:
+    # The same host-wide lock as tests/kernel_util.sysctl: runs that save and restore this
+    # sysctl under each other would leave it changed.
+    with open(SYSCTL_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(STATS) as f:
+            previous = f.read().strip()
         with open(STATS, "w") as f:
-            f.write(previous)
+            f.write("1")
+        try:
+            res = measure(args.loops, args.runs, cpu)
+            loads = load_times(max(args.runs, 5))
+            mem = memlock()
+        finally:
+            with open(STATS, "w") as f:
+                f.write(previous)
     text = render(res, loads, mem, args, cpu)
     print(text)
     if args.write:

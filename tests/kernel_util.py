@@ -10,6 +10,7 @@ touched.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -116,13 +117,15 @@ class CgroupTree:
 
     def mkdir(self, relative: str) -> Path:
         path = self.root
-        for part in Path(relative).parts:
-            if self.controllers and path in self.created:
-                enable_controllers(path, self.controllers)
-            path = path / part
-            if not path.exists():
-                path.mkdir()
-                self.created.append(path)
+        with _tree_lock():
+            for part in Path(relative).parts:
+                if self.controllers and path in self.created:
+                    enable_controllers(path, self.controllers)
+                path = path / part
+                if not path.exists():
+                    path.mkdir()
+                    _mark(path)
+                    self.created.append(path)
         return path
 
     def pod(self, qos: str = "burstable") -> Pod:
@@ -137,26 +140,75 @@ class CgroupTree:
         write(cgroup / "cgroup.procs", str(pid))
 
     def cleanup(self) -> None:
-        """Move stragglers to the root, then rmdir deepest first (retrying while tasks exit)."""
-        for path in reversed(self.created):
-            for _ in range(50):
-                try:
-                    procs = (path / "cgroup.procs").read_text().split()
-                except OSError:
-                    procs = []
-                for pid in procs:
-                    with contextlib.suppress(OSError):
-                        write(self.root / "cgroup.procs", pid)
-                try:
-                    path.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            else:
-                print(f"kernel_util: could not remove {path}", file=sys.stderr)
-        self.created.clear()
+        """Move stragglers to the root, then rmdir deepest first (retrying while tasks exit).
+
+        Several test runs may share kubepods.slice and the QoS slices (CI and a developer, or
+        two sessions, on one host).  All trees take one lock to create and remove directories,
+        and mark what they create (xattr trusted.kpod_test): a shared directory is left to
+        whichever tree empties it last, which removes it only if it bears the mark, so cgroups
+        not made by these helpers are never removed.
+        """
+        with _tree_lock():
+            created, self.created = list(self.created), []
+            for path in reversed(created):
+                self._remove(path)
+            ancestors = {p for c in created for p in c.parents if self.root in p.parents}
+            for path in sorted(ancestors, key=lambda p: len(p.parts), reverse=True):
+                if path.exists() and _marked(path) and not _child_dirs(path):
+                    self._remove(path)
+
+    def _remove(self, path: Path) -> None:
+        for _ in range(50):
+            if _child_dirs(path):
+                return  # another tree's cgroups live below: the last one out removes it
+            try:
+                procs = (path / "cgroup.procs").read_text().split()
+            except OSError:
+                procs = []
+            for pid in procs:
+                with contextlib.suppress(OSError):
+                    write(self.root / "cgroup.procs", pid)
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)  # tasks still exiting
+        print(f"kernel_util: could not remove {path}", file=sys.stderr)
+
+
+TREE_LOCK = "/tmp/kpod-test-cgroups.lock"
+TREE_MARK = "trusted.kpod_test"
+
+
+@contextlib.contextmanager
+def _tree_lock() -> Iterator[None]:
+    with open(TREE_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _mark(path: Path) -> None:
+    with contextlib.suppress(OSError):  # no xattrs: shared parents are then simply left
+        os.setxattr(path, TREE_MARK, b"1")
+
+
+def _marked(path: Path) -> bool:
+    try:
+        return os.getxattr(path, TREE_MARK) == b"1"
+    except OSError:
+        return False
+
+
+def _child_dirs(path: Path) -> bool:
+    try:
+        return any(entry.is_dir(follow_symlinks=False) for entry in os.scandir(path))
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -265,14 +317,26 @@ def context(component_id: str, cgroup_root: str | None = None, **bpf: object) ->
 
 @contextlib.contextmanager
 def sysctl(path: str, value: str) -> Iterator[None]:
-    """Set a sysctl for the duration of a block and restore the previous value."""
-    with open(path) as f:
-        previous = f.read().strip()
-    write(path, value)
-    try:
-        yield
-    finally:
-        write(path, previous)
+    """Set a sysctl for the duration of a block and restore the previous value.
+
+    Holds a host-wide lock meanwhile: two test runs toggling the same sysctl would otherwise
+    restore it under each other (and leave it changed when they interleave).
+    """
+    with open(SYSCTL_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path) as f:
+                previous = f.read().strip()
+            write(path, value)
+            try:
+                yield
+            finally:
+                write(path, previous)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+SYSCTL_LOCK = "/tmp/kpod-test-sysctl.lock"
 
 
 def proc_status_switches(text: str) -> int:
