@@ -4,7 +4,7 @@
  *
  * Run-queue latency is the time from "task became runnable" to "task runs":
  *  - enqueue: sched_wakeup, sched_wakeup_new, and sched_switch for a `prev` that stays
- *    runnable (it was preempted), stamped in sched_enqueued[pid];
+ *    runnable (preempted, or yielded in TASK_RUNNING), stamped in the task's storage;
  *  - dequeue: sched_switch for `next`; the wait is charged to next's cgroup (not to current,
  *    which at sched_switch is still prev).
  * Context switches are counted on switch-OUT, to prev's cgroup: that is exactly where the
