@@ -89,6 +89,16 @@ def run(runs: int, pods: int, layout: str, driver: str) -> dict[str, object]:
         }
 
 
+def _load_note() -> list[str]:
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= cpus / 2:
+        return []
+    return [
+        f"- **the machine was shared during this run** (load average {load:.1f} on {cpus} CPUs): wall"
+        " times include waiting for a CPU; min and CPU time are the better estimate of the cost"
+    ]
+
+
 def markdown(results: dict[str, dict[str, object]], runs: int, pods: int, command: str) -> str:
     lines = [
         f"## Cgroup receivers: one collection for {pods} pods",
@@ -104,6 +114,7 @@ def markdown(results: dict[str, dict[str, object]], runs: int, pods: int, comman
         " + collection; CPU = process CPU time (less disturbed than wall time when the machine is"
         " shared; min = the least disturbed run)",
         f"- target: collection <= {TARGET_MS:g} ms",
+        *_load_note(),
         "",
         "| layout / driver | cgroups | points | collection median ms | min | p90 | collection CPU ms"
         " | cycle median ms | cycle CPU ms | per receiver (median ms) |",
