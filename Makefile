@@ -87,8 +87,8 @@ bench: setup
 	$(PY) -m bench
 
 # Long fuzz runs: hypothesis with many more examples, then coverage-guided atheris per target
-# (installed on demand into the venv; FUZZ_SECONDS bounds each atheris target).
-FUZZ_EXAMPLES ?= 5000
+# (installed on demand into the venv; FUZZ_SECONDS bounds each atheris target).  About 15 minutes.
+FUZZ_EXAMPLES ?= 2000
 FUZZ_SECONDS  ?= 60
 fuzz: setup
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTEST) -q -p no:cacheprovider tests/test_fuzz.py
