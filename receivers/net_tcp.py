@@ -58,6 +58,8 @@ PASSIVE = attributes(direction="passive")
 # The fexit receive route is compiled for tcp_recvmsg(sk, msg, len, flags, addr_len) (5.19+);
 # older kernels have an extra `nonblock` parameter, which would shift `flags` and the return.
 TCP_RECVMSG_PARAMS = 5
+# tcp_probe reads tcp_sock through this kfunc; tcp_probe_read (one probe read) stands in without it.
+RDONLY_CAST_KFUNC = "bpf_rdonly_cast"
 
 
 @dataclass
@@ -103,6 +105,9 @@ class NetTcpReceiver(BpfReceiver):
         if kernel_function_params("tcp_recvmsg") not in (None, TCP_RECVMSG_PARAMS):
             # Pre-5.19 signature: the kretprobe (return value only) is the right fallback.
             enabled.discard("tcp_recvmsg_exit")
+        if kernel_function_params(RDONLY_CAST_KFUNC) is None:
+            # Before 6.2: it would only fail to load (one wasted load attempt and a warning).
+            enabled.discard("tcp_probe")
         return enabled
 
     def start(self) -> None:
@@ -116,9 +121,12 @@ class NetTcpReceiver(BpfReceiver):
     def _explain(self, routes: list[Route]) -> list[Route]:
         """Say why the fexit receive route is off when it is the kernel's signature, not config."""
         params = kernel_function_params("tcp_recvmsg")
+        has_rdonly_cast = kernel_function_params(RDONLY_CAST_KFUNC) is not None
         for route in routes:
             if route.program == "tcp_recvmsg_exit" and not route.active and params not in (None, TCP_RECVMSG_PARAMS):
                 route.reason = f"tcp_recvmsg has {params} parameters here, the program expects {TCP_RECVMSG_PARAMS}"
+            if route.program == "tcp_probe" and not route.active and not has_rdonly_cast:
+                route.reason = f"kernel has no {RDONLY_CAST_KFUNC} kfunc (6.2+)"
         return routes
 
     def collect_maps(self, batch: Batch) -> None:
