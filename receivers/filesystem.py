@@ -63,6 +63,11 @@ CAPABILITY_LOSSES = {
 }
 
 
+# Per mount, ready for the per-cycle loop: device, (device, root) cache key, mountpoint,
+# the point attributes, and whether it is a bind mount (root != "/": may be a single file).
+_Entry = tuple[tuple[int, int], tuple[tuple[int, int], str], str, tuple[tuple[str, str], ...], bool]
+
+
 @dataclass
 class FilesystemConfig:
     # Extra filesystem types to skip (e.g. "squashfs", "fuse.lxcfs").
@@ -106,7 +111,7 @@ class FilesystemReceiver(CgroupFileReceiver):
         self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
         self._exclude_fstypes = frozenset(config.exclude_fstypes)
         self._exclude_points = tuple(config.exclude_mountpoints)
-        self._mount_cache: dict[int, tuple[str, list[MountInfo]]] = {}
+        self._mount_cache: dict[int, tuple[str, list[_Entry]]] = {}
 
     def preflight(self) -> str | None:
         if not os.path.exists(f"{self.proc_root}/1/mountinfo"):
@@ -140,14 +145,24 @@ class FilesystemReceiver(CgroupFileReceiver):
             del self._mount_cache[pid]
         return batch
 
-    def _candidates(self, pid: int, text: str) -> list[MountInfo]:
-        # A container's mount table rarely changes: parse it again only when its text does.
+    def _candidates(self, pid: int, text: str) -> list[_Entry]:
+        # A container's mount table rarely changes: parse it again only when its text does,
+        # and keep what the loop below needs per mount ready-made.
         cached = self._mount_cache.get(pid)
         if cached is not None and cached[0] == text:
             return cached[1]
-        chosen = candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points)
-        self._mount_cache[pid] = (text, chosen)
-        return chosen
+        entries = [
+            (
+                m.dev,
+                (m.dev, m.root),
+                m.mount_point if m.mount_point != "/" else "/",
+                (("mountpoint", m.mount_point),),
+                m.root != "/",
+            )
+            for m in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points)
+        ]
+        self._mount_cache[pid] = (text, entries)
+        return entries
 
     def _collect_container(
         self,
@@ -170,19 +185,19 @@ class FilesystemReceiver(CgroupFileReceiver):
             return
         live.add(pid)
         root = f"{self.proc_root}/{pid}/root"
+        add = batch.points.append
         seen: set[tuple[int, int]] = set()
-        for mount in self._candidates(pid, text):
-            if mount.dev in seen:
+        for dev, key, mount_point, attrs, is_bind in self._candidates(pid, text):
+            if dev in seen:
                 continue  # the same filesystem under another mountpoint: once per container
-            key = (mount.dev, mount.root)
             if key in measured:
                 vfs = measured[key]
             else:
-                path = root + mount.mount_point if mount.mount_point != "/" else root + "/"
+                path = root + mount_point
                 try:
                     # A bind-mounted single file (root != "/" and a regular file) is not a
                     # filesystem of the container: remembered as None.
-                    is_file = mount.root != "/" and stat_mod.S_ISREG(os.stat(path).st_mode)
+                    is_file = is_bind and stat_mod.S_ISREG(os.stat(path).st_mode)
                     vfs = None if is_file else os.statvfs(path)
                 except OSError:
                     self._error()
@@ -190,11 +205,11 @@ class FilesystemReceiver(CgroupFileReceiver):
                 measured[key] = vfs
             if vfs is None:
                 continue
-            seen.add(mount.dev)
-            attrs = (("mountpoint", mount.mount_point),)
-            batch.add(Point(CAPACITY, ref, attrs, float(vfs.f_blocks * vfs.f_frsize)))
-            batch.add(Point(USAGE, ref, attrs, float((vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize)))
-            batch.add(Point(AVAILABLE, ref, attrs, float(vfs.f_bavail * vfs.f_frsize)))
+            seen.add(dev)
+            frsize = vfs.f_frsize
+            add(Point(CAPACITY, ref, attrs, float(vfs.f_blocks * frsize)))
+            add(Point(USAGE, ref, attrs, float((vfs.f_blocks - vfs.f_bfree) * frsize)))
+            add(Point(AVAILABLE, ref, attrs, float(vfs.f_bavail * frsize)))
 
 
 factory = Factory(
