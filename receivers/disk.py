@@ -60,6 +60,7 @@ class DiskReceiver(CgroupFileReceiver):
         self._route: str | None = None
         self._names: dict[DevNum, tuple[str, float]] = {}
         self._no_data = 0  # v1 cgroups whose files were only "Total 0" in the last cycle
+        self._unresolved: set[DevNum] = set()  # devices without a uevent this cycle
 
     # ------------------------------------------------------------------ routing
 
@@ -104,11 +105,15 @@ class DiskReceiver(CgroupFileReceiver):
         cached = self._names.get(dev)
         if cached is not None and now - cached[1] < self.config.device_name_ttl.seconds:
             return cached[0]
+        if dev in self._unresolved:
+            return f"{dev[0]}:{dev[1]}"
         try:
             name = parse_devname(read_text(f"{self.config.sysfs_root}/dev/block/{dev[0]}:{dev[1]}/uevent"))
         except OSError:
-            name = None  # a detached device: label by number, retry next cycle
+            name = None  # a detached device
         if name is None:
+            # Labelled by number; tried again next cycle, not once per cgroup that used it.
+            self._unresolved.add(dev)
             return f"{dev[0]}:{dev[1]}"
         self._names[dev] = (name, now)
         return name
@@ -119,6 +124,7 @@ class DiskReceiver(CgroupFileReceiver):
         if self._route is None:
             self.start()
         batch = Batch()
+        self._unresolved.clear()
         if self._route == ROUTE_V2:
             for ref in self.context.cgroups.workloads():
                 self._collect_v2(ref, batch)

@@ -101,9 +101,16 @@ def test_disk(tree: Tree) -> None:
 
 
 def test_disk_unknown_device_labelled_by_number(fresh_tree: Tree) -> None:
-    shutil.rmtree(Path(fresh_tree.sys_root) / "dev" / "block")
-    points = list(make(fresh_tree, "disk").collect())
+    block = Path(fresh_tree.sys_root) / "dev" / "block"
+    saved = fresh_tree.base / "saved-block"
+    shutil.move(block, saved)
+    receiver = make(fresh_tree, "disk")
+    points = list(receiver.collect())
     assert points and {p.attributes for p in points} <= {(("device", "254:0"),), (("device", "7:0"),)}
+    # The device appears (or comes back): the next cycle resolves its name.
+    shutil.move(saved, block)
+    names = {p.attributes for p in receiver.collect()}
+    assert names == {(("device", "vda" if fresh_tree.layout == "v2" else "loop0"),)}
 
 
 # ------------------------------------------------------------------------------------------ memory
