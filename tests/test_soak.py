@@ -11,14 +11,18 @@ import os
 import sys
 from pathlib import Path
 
-from kernel_util import kernel_test
+import pytest
+from kernel_util import kernel_skip_reason
 
-pytestmark = kernel_test
+from kpod.exposition import Renderer
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point, Resource
 
 REPO = Path(__file__).resolve().parents[1]
 CYCLES = int(os.environ.get("SOAK_CYCLES", "40"))
 
 
+@pytest.mark.kernel
+@pytest.mark.skipif(kernel_skip_reason() is not None, reason=kernel_skip_reason() or "")
 def test_soak_pod_churn_leaks_nothing(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO))
     from bench.soak import markdown, run_soak
@@ -31,3 +35,23 @@ def test_soak_pod_churn_leaks_nothing(tmp_path: Path) -> None:
     assert not result.violations(), text
     # The churn was seen at all: some soak pods were labelled in scrapes while alive.
     assert result.pods_labelled > 0, text
+
+
+def test_renderer_keeps_no_label_cache_for_gone_cgroups() -> None:
+    """What the soak found: the renderer's per-resource label cache held every gone cgroup's
+    Resource until a clear at 4x the series count (~1 KiB each).  Under churn (fresh Resource
+    objects every cycle, as k8sattributes makes them when pods change) it stays near the live set."""
+    metrics = [MetricDef(f"kpod.m{i}", Kind.COUNTER, "1", "x") for i in range(12)]
+
+    def resource(i: int) -> Resource:
+        return Resource((("namespace", "soak"), ("pod", f"soak-{i}"), ("container", "app"), ("node", "n")))
+
+    stable = [(CgroupRef(10**6 + i, f"/s/{i}"), resource(10**6 + i)) for i in range(80)]
+    renderer = Renderer()
+    most = 0
+    for cycle in range(1500):
+        live = [(CgroupRef(k, f"/p/{k}"), resource(k)) for k in range(cycle, cycle + 5)]
+        renderer.render(Batch([Point(m, ref, (), 1.0, res) for ref, res in stable + live for m in metrics]))
+        most = max(most, len(renderer._heads))
+    series = 12 * 85
+    assert most <= series // 4 + 256 + 1, most  # was 5000+ before: 4 * series + 1000
