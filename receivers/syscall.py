@@ -10,6 +10,11 @@ before the programs are attached; every other syscall returns after one array lo
 - kpod.syscall.errors{syscall}: of those, calls that returned < 0.
 - kpod.syscall.latency{syscall}: entry to exit, log2 buckets in the kernel, seconds.
 32-bit (compat) syscalls on x86_64 are not counted: their numbers belong to another table.
+
+Capacity: sys_stats holds one entry per (cgroup, tracked syscall) pair and is sized
+kpod.bpf.map_max_entries like every per-cgroup map, so 10,240 entries cover ~1,000 cgroups at
+the default ten syscalls.  An insert that does not fit is counted in the kernel
+(kpod.bpf.map.update.errors.total{map="sys_stats"}); raise map_max_entries with the tracked set.
 """
 
 from __future__ import annotations
