@@ -329,3 +329,65 @@ def test_entries_of_gone_cgroups_are_deleted(workload_binary: Path) -> None:
             assert keys_of_gone() == 0
         finally:
             receiver.shutdown()
+
+
+COMPAT_WORKLOAD_C = r"""
+#include <stdlib.h>
+#include <unistd.h>
+
+/* A 64-bit process making 32-bit syscalls through int $0x80: the kernel runs them with the
+ * ia32 table, where 64 is getppid (x86_64's 64 is semget).  Then 64-bit close(-1) calls. */
+int main(int argc, char **argv)
+{
+	long n = atol(argv[1]), m = atol(argv[2]), i, r;
+	char c;
+
+	if (write(1, "ready\n", 6) != 6 || read(0, &c, 1) != 1)
+		return 2;
+	for (i = 0; i < n; i++)
+		__asm__ volatile("int $0x80" : "=a"(r) : "a"(64L) : "memory");
+	for (i = 0; i < m; i++)
+		close(-1);
+	if (write(1, "done\n", 5) != 5)
+		return 3;
+	(void)read(0, &c, 1);
+	return 0;
+}
+"""
+
+
+def test_compat_syscalls_are_not_counted_as_64_bit_ones(tmp_path: Path) -> None:
+    """32-bit syscall numbers mean other calls: ia32 getppid (64) is not x86_64's semget (64)."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("int $0x80 compat syscalls are an x86_64 matter")
+    src, binary = tmp_path / "compat.c", tmp_path / "compat"
+    src.write_text(COMPAT_WORKLOAD_C)
+    subprocess.run([compiler(), "-O1", "-o", str(binary), str(src)], check=True)
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["semget", "close"]))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            proc = subprocess.Popen([str(binary), "1000", "7"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            try:
+                assert proc.stdout.readline() == b"ready\n"
+                deadline = time.monotonic() + 10
+                while _state(proc.pid) != "S" and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                tree.move(proc.pid, pod.container_dir)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == b"done\n"
+                batch = collect(receiver)
+            finally:
+                proc.kill()
+                proc.wait(10)
+                proc.stdin.close()
+                proc.stdout.close()
+            count = by_syscall(batch, "kpod.syscall.count", pod.container_id)
+            assert count == {"close": 7}, count  # the 64-bit calls counted, no semget at all
+            assert by_syscall(batch, "kpod.syscall.errors", pod.container_id) == {"close": 7}
+        finally:
+            receiver.shutdown()
