@@ -128,3 +128,48 @@ def test_pipeline_exports_skips_as_a_counter(tmp_path: Path, test_plugin: Path, 
 
     assert skipped(first) == {"io_stat": 1}
     assert skipped(second) == {"io_stat": 3}  # a counter: cumulative
+
+
+def test_informer_skips_and_counts_garbage_in_the_watch_stream() -> None:
+    """A watch stream with lines that are not events and an event whose pod is unusable: those
+    are skipped and counted (skipped_objects, shown in /debug/status under the processor), the
+    events around them are applied and the resume point moves past them."""
+    import json
+    import logging
+
+    from kpod.processors.k8sattributes import K8sAttributesConfig
+
+    from kpod.discovery import InformerDiscovery
+    from kpod.pods import PodStore
+
+    def event(kind: str, uid: str, version: str) -> bytes:
+        pod = {"metadata": {"uid": uid, "name": f"pod-{uid}", "namespace": "ns", "resourceVersion": version}}
+        return json.dumps({"type": kind, "object": pod}).encode() + b"\n"
+
+    lines = [
+        event("ADDED", "a", "11"),
+        b"this is not json\n",
+        b"[1, 2, 3]\n",
+        b'{"type": "ADDED", "object": {"metadata": {"resourceVersion": "12"}}}\n',  # no uid
+        b'{"type": "SURPRISE", "object": {}}\n',
+        b"[" * 50000 + b"\n",  # nested past the parser's recursion limit
+        event("ADDED", "b", "13"),
+        event("DELETED", "a", "14"),
+    ]
+
+    class Response:
+        def stream(self, amount: int, decode_content: bool) -> object:
+            data = b"".join(lines)
+            return (data[i : i + 7] for i in range(0, len(data), 7))  # lines split across chunks
+
+        def release_conn(self) -> None:
+            pass
+
+    store = PodStore()
+    informer = InformerDiscovery(store, logging.getLogger("test"), "node-a", K8sAttributesConfig())
+    informer._call = lambda query, timeout: Response()  # type: ignore[method-assign]
+    version, events = informer.watch("10")
+    assert set(store.snapshot()) == {"b"}
+    assert version == "14" and events == 4  # the three good events and the one without a uid
+    assert informer.skipped == 5
+    assert informer.status()["skipped_objects"] == 5
