@@ -73,8 +73,9 @@ RECEIVER = SETNS + textwrap.dedent(
     ls.bind(('127.0.0.1', 0))
     ls.listen(1)
     print(ls.getsockname()[1], flush=True)
-    sys.stdin.readline()  # the test may move us to another cgroup here
+    mode = sys.stdin.readline().strip()  # the test may move us to another cgroup before this
     conn, _ = ls.accept()
+    peeked = len(conn.recv(4096, socket.MSG_PEEK)) if mode == 'peek' else 0  # data stays queued
     total = 0
     while True:
         chunk = conn.recv(65536)
@@ -83,7 +84,7 @@ RECEIVER = SETNS + textwrap.dedent(
         total += len(chunk)
     info = INFO(conn)
     conn.close()
-    print(json.dumps({'received': total, 'info': info}), flush=True)
+    print(json.dumps({'received': total, 'peeked': peeked, 'info': info}), flush=True)
     sys.stdin.readline()
     """
 )
@@ -138,7 +139,7 @@ def build_drop_program(tmp_path: Path) -> Path:
     return obj
 
 
-def transfer(tree, procs, pod_a, pod_b, netns: str = "", nbytes: int = ODD_BYTES, move_b_to=None):
+def transfer(tree, procs, pod_a, pod_b, netns: str = "", nbytes: int = ODD_BYTES, move_b_to=None, peek=False):
     """Start B (listener) then A (sender) in their pods; returns (a, b) workloads, connected."""
     b = Workload(RECEIVER)
     procs.append(b)
@@ -148,7 +149,7 @@ def transfer(tree, procs, pod_a, pod_b, netns: str = "", nbytes: int = ODD_BYTES
     port = int(b.readline())
     if move_b_to is not None:
         tree.move(b.pid, move_b_to.container_dir)
-    b.send("accept")
+    b.send("peek" if peek else "accept")
     a = Workload(SENDER)
     procs.append(a)
     tree.move(a.pid, pod_a.container_dir)
@@ -349,5 +350,48 @@ def test_fallback_byte_routes_are_exact(route: str, monkeypatch: pytest.MonkeyPa
             assert value(batch, "kpod.net.tcp.bytes.received", pod_b.container_id) == ODD_BYTES
             assert value(batch, "kpod.net.tcp.bytes.received", pod_a.container_id) == 0
             assert value(batch, "kpod.net.tcp.bytes.sent", pod_b.container_id) == 0
+        finally:
+            receiver.shutdown()
+
+
+def test_peeked_bytes_are_not_received_twice() -> None:
+    """MSG_PEEK returns bytes that stay queued: only the read that consumes them counts."""
+    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
+    with cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            a, b = transfer(tree, procs, pod_a, pod_b, peek=True)
+            a.send("send")
+            result = json.loads(b.readline())
+            a.readline()
+            assert result["received"] == ODD_BYTES and result["peeked"] > 0
+            batch = collect(receiver)
+            assert value(batch, "kpod.net.tcp.bytes.received", pod_b.container_id) == ODD_BYTES
+        finally:
+            receiver.shutdown()
+
+
+def test_full_tcp_map_counts_update_errors() -> None:
+    """Room for one cgroup: the second pod's first event cannot be inserted and is counted."""
+    from kpod.receivers.bpf_maps import BpfMapsReceiver
+
+    from kpod.component import EmptyConfig
+
+    receiver = NetTcpReceiver(context("net_tcp", map_max_entries=1), NetTcpConfig(rtt=False))
+    maps = BpfMapsReceiver(context("bpf_maps"), EmptyConfig())
+    with cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            a, b = transfer(tree, procs, pod_a, pod_b, nbytes=1001)
+            a.send("send")
+            b.readline()
+            a.readline()
+            assert receiver.loaded.error_counts()["net_tcp"] > 0
+            values = {p.metric.name: p.value for p in maps.collect() if dict(p.attributes).get("map") == "net_tcp"}
+            assert values["kpod.bpf.map.capacity"] == 1
+            assert values["kpod.bpf.map.entries"] == 1
+            assert values["kpod.bpf.map.update.errors.total"] > 0
         finally:
             receiver.shutdown()
