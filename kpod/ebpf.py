@@ -429,7 +429,9 @@ def log2_bounds(first_bits: int, slots: int, scale: float) -> tuple[float, ...]:
 
     Slot k holds integers up to 2^(k+first_bits) - 1; the last slot is the +inf bucket.
     """
-    return tuple(((1 << (k + first_bits)) - 1) * scale for k in range(slots - 1))
+    # Rounded to 12 significant digits: (2^k - 1) * 1e-9 carries float noise (4.095000000000001e-06)
+    # that would show in every `le` label; 2^35 - 1 has 11 digits, so nothing real is lost.
+    return tuple(float(f"{((1 << (k + first_bits)) - 1) * scale:.12g}") for k in range(slots - 1))
 
 
 # --- the receiver base ---------------------------------------------------------------------

@@ -145,6 +145,9 @@ def test_log2_bounds_are_exact_integer_upper_bounds() -> None:
     assert bounds[0] == 1023 and bounds[1] == 2047 and bounds[-1] == 2**35 - 1
     seconds = log2_bounds(10, 27, 1e-9)
     assert seconds[0] == pytest.approx(1.023e-6)
+    # The `le` labels are written from these floats: no float noise may reach them.
+    assert [repr(b) for b in seconds[:3]] == ["1.023e-06", "2.047e-06", "4.095e-06"]
+    assert repr(seconds[-1]) == "34.359738367"
 
 
 def test_btf_builder_on_kernel_uapi_struct() -> None:
