@@ -31,14 +31,31 @@ arg() {  # the value of kpod.$1= on the kernel command line
     done
 }
 
+# The checkout this script runs from, and the kernel modules: both must stay visible, so
+# no fresh tmpfs goes over a directory that holds them (a CI clone under /tmp, say).
+holds_ours() {
+    case "$repo/" in "$1"/*) return 0 ;; esac
+    case "$modules/" in "$1"/*) return 0 ;; esac
+    return 1
+}
+fresh_tmpfs() {  # DIR MODE
+    if holds_ours "$1"; then
+        say "$1 holds the repo or the modules: kept from the host (writes go to the overlay)"
+    else
+        mount -t tmpfs -o "mode=$2" tmpfs "$1"
+    fi
+}
+
 mount -t proc proc /proc || fail "mount /proc"
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+modules=$(arg modules)
 mount -t sysfs sysfs /sys || fail "mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "mount /dev"
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+fresh_tmpfs /run 0755
+fresh_tmpfs /tmp 1777
 
 # Pure cgroup v2 at the usual place, with the controllers a kubelet enables.
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup || fail "mount cgroup2"
@@ -54,7 +71,6 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none results "$R
 
 # This kernel's modules (the host has none for it): modprobe, and the kernel's own module
 # requests (veth, crc32c for ext4...), find them at the usual path.
-modules=$(arg modules)
 release=$(uname -r)
 mkdir -p "/lib/modules/$release"
 mount --bind "$modules" "/lib/modules/$release" || fail "bind-mount modules from $modules"
@@ -68,7 +84,11 @@ for _ in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
 mount -o noatime /dev/vda /mnt/data || fail "mount /dev/vda"
 mkdir -p /mnt/data/var-tmp
 chmod 1777 /mnt/data/var-tmp
-mount --bind /mnt/data/var-tmp /var/tmp
+if holds_ours /var/tmp; then
+    say "/var/tmp holds the repo or the modules: not moved to the disk"
+else
+    mount --bind /mnt/data/var-tmp /var/tmp
+fi
 
 ip link set lo up || fail "lo up"
 hostname kpod-vm
