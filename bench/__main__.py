@@ -25,6 +25,7 @@ MODULES = {
     "bench.discovery_memory": "k8s.md",
     "bench.otlp": "otlp.md",
     "bench.soak": "soak.md",
+    "bench.scale": "scale.md",
 }
 # Modules that are command-line programs writing their own section with --write FILE.
 CLI_MODULES = {"bench.bpf_cost", "bench.cgroup_receivers"}
