@@ -1,0 +1,510 @@
+"""End to end as an operator meets it: `kpod-metrics run` scraped by a real Prometheus server.
+
+A kubepods-shaped cgroup tree (below a unique prefix of the cgroup2 mount, so the agent sees
+only our cgroups) holds three pods of two containers each, with workloads whose effect the
+kernel itself tells us:
+
+    client  sender    TCP: an odd number of bytes to server/receiver (send() return values)
+            syscalls  the compiled C workload of test_bpf_syscall.py (exact syscall counts)
+    server  receiver  TCP: receives them (recv() return values)
+            faults    major faults on an mmap of a file dropped from the page cache, then
+                      sleeps (majflt and context switches from /proc/<pid>/{stat,status})
+    batch   hogs      two CPU hogs pinned to one CPU (run-queue contention)
+            oom       a memory hog OOM-killed by its memory limit (v1 memcg on a hybrid host,
+                      memory.max on pure cgroup2), counted by the kernel's own oom_kill
+
+The fake API server serves these pods (containerStatuses carry the scopes' container ids);
+the agent runs as its own process in informer mode (comprehensive profile, poll 1 s); the
+Debian `prometheus` binary scrapes it every second into its own temporary TSDB.  Every
+assertion is a PromQL query against Prometheus's HTTP API, compared with the ground truth.
+Everything started here (workloads, agent, Prometheus) is killed by PID and every cgroup we
+made is removed, also when an assertion fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_proc import AgentProcess, clean_env, free_port
+from fake_apiserver import FakeApiServer, make_pod
+from kernel_util import (
+    KUBELET_CONTROLLERS,
+    CgroupTree,
+    Pod,
+    Workload,
+    cgroup2_root,
+    cgroup_tree,
+    kernel_test,
+    mounts,
+    proc_status_switches,
+    pure_cgroup2_memory,
+    stat_majflt,
+    workloads,
+)
+from test_bpf_net import ODD_BYTES, transfer
+from test_bpf_syscall import GO_DELAY, M_FAIL, N_OK, WORKLOAD_C, Z_EOF, started_workload
+
+from kpod.settings import DEFAULT_TRACKED_SYSCALLS
+
+PROMETHEUS = "/usr/bin/prometheus"
+NAMESPACE = "e2e"
+NODE = "node-e2e"
+JOB = "kpod"
+HOG_SECONDS_BEFORE_QUANTILE = 33.0  # the [30s] rate window lies entirely inside the contention
+RUNQ_P99 = "histogram_quantile(0.99, sum by (le, pod) (rate(kpod_cpu_runqueue_latency_seconds_bucket[30s])))"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    *kernel_test,
+    pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK), reason=f"{PROMETHEUS} missing (apt install prometheus)"),
+]
+
+
+# ------------------------------------------------------------------------------ Prometheus
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus server with its own config and TSDB, killed by PID on stop()."""
+
+    workdir: Path
+    target: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "prometheus.log"
+
+    def start(self) -> Prometheus:
+        config = self.workdir / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
+            f"scrape_configs:\n  - job_name: {JOB}\n    static_configs: [{{targets: ['{self.target}']}}]\n"
+        )
+        (self.workdir / "data").mkdir()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"prometheus exited ({self.process.returncode}):\n{self.log()}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/-/ready", timeout=2) as response:
+                if response.status == 200:
+                    return self
+            time.sleep(0.2)
+        raise AssertionError(f"prometheus not ready after 30 s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        """An instant query at "now": (labels, value) of each element of the result vector."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        data = body["data"]
+        assert data["resultType"] == "vector", data
+        return [(item["metric"], float(item["value"][1])) for item in data["result"]]
+
+    def value(self, expr: str) -> float | None:
+        """The single value of `expr`, or None when the result is empty."""
+        result = self.query(expr)
+        assert len(result) <= 1, f"{expr}: more than one series: {result}"
+        return result[0][1] if result else None
+
+    def wait_for(self, expr: str, done: Callable[[list[tuple[dict[str, str], float]]], bool],
+                 timeout_s: float = 20.0) -> list[tuple[dict[str, str], float]]:  # fmt: skip
+        """Poll `expr` until `done(result)` or the timeout; returns the last result either way
+        (the caller asserts on it, so a miss fails with the values Prometheus had)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self.query(expr)
+            if done(result) or time.monotonic() > deadline:
+                return result
+            time.sleep(0.25)
+
+
+def single(result: list[tuple[dict[str, str], float]]) -> float | None:
+    return result[0][1] if len(result) == 1 else None
+
+
+# ------------------------------------------------------------------------------ pods
+
+
+@dataclass
+class E2EPod:
+    """A pod's cgroups (one CgroupTree each, so one pod can be removed alone) and its API object."""
+
+    name: str
+    uid: str
+    tree: CgroupTree
+    containers: dict[str, Pod]  # container name -> its scope
+    container_ids: dict[str, str]
+
+    def api_object(self) -> dict[str, Any]:
+        return make_pod(self.name, namespace=NAMESPACE, node=NODE, uid=self.uid,
+                        containers=list(self.container_ids.items()))  # fmt: skip
+
+    def selector(self, container: str | None = None, **labels: str) -> str:
+        matchers = {"namespace": NAMESPACE, "pod": self.name, **({"container": container} if container else {}),
+                    **labels}  # fmt: skip
+        return "{" + ",".join(f'{k}="{v}"' for k, v in matchers.items()) + "}"
+
+
+def build_pod(tree: CgroupTree, prefix: str, name: str, containers: list[str]) -> E2EPod:
+    uid = str(uuid.uuid4())
+    flat = uid.replace("-", "_")
+    pod_slice = f"{prefix}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{flat}.slice"
+    scopes: dict[str, Pod] = {}
+    ids: dict[str, str] = {}
+    for container in containers:
+        cid = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as containerd's
+        scope = tree.mkdir(f"{pod_slice}/cri-containerd-{cid}.scope")
+        scopes[container] = Pod(uid, scope.parent, scope)
+        ids[container] = cid
+    return E2EPod(name, uid, tree, scopes, ids)
+
+
+def proc_file(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/{name}") as handle:
+        return handle.read()
+
+
+def state(pid: int) -> str:
+    return proc_file(pid, "stat").rsplit(")", 1)[1].split()[0]
+
+
+def wait_blocked(pid: int) -> None:
+    """Wait until the task sleeps again (its last read): its /proc counters are final then."""
+    deadline = time.monotonic() + 10
+    while state(pid) != "S" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert state(pid) == "S", f"{pid} did not block"
+
+
+@dataclass
+class Truth:
+    """Per-process counters before "go" and once blocked again after the work."""
+
+    pid: int
+    switches: int = 0
+    majflt: int = 0
+
+    @classmethod
+    def before(cls, pid: int) -> Truth:
+        return cls(pid, proc_status_switches(proc_file(pid, "status")), stat_majflt(proc_file(pid, "stat")))
+
+    def delta(self) -> Truth:
+        wait_blocked(self.pid)
+        now = Truth.before(self.pid)
+        return Truth(self.pid, now.switches - self.switches, now.majflt - self.majflt)
+
+
+@contextlib.contextmanager
+def uncached_file(size: int) -> Iterator[Path]:
+    """A file on a disk-backed filesystem (tmpfs pages cannot be dropped), not in the page cache."""
+    directory = Path("/var/tmp") / f"kpod-e2e-{uuid.uuid4().hex}"
+    directory.mkdir()
+    data = directory / "data"
+    try:
+        with open(data, "wb") as f:
+            f.write(os.urandom(size))
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        yield data
+    finally:
+        data.unlink(missing_ok=True)
+        directory.rmdir()
+
+
+def faults_code(path: Path) -> str:
+    # Major faults first (one per page not yet read ahead), then ~3000 short sleeps: each one
+    # a voluntary context switch (the ground truth of the switch count).
+    return (
+        f"f = open({str(path)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "total = 0\n"
+        "for off in range(0, len(m), 4096):\n"
+        "    total += m[off]\n"
+        "for _ in range(3000):\n"
+        "    time.sleep(0.0002)\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+
+
+# Nice 10: the two hogs compete with each other as much as ever (that is the contention we
+# measure), but yield to the agent and Prometheus when those land on their CPU (CI has 2 CPUs).
+HOG = "os.nice(10)\nwhile True:\n    pass\n"
+MEMORY_HOG = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
+
+
+def compile_syscall_workload(directory: Path) -> Path:
+    cc = next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
+    assert cc, "no C compiler (cc/gcc/clang) for the syscall workload: make system-packages installs clang"
+    src, binary = directory / "workload.c", directory / "workload"
+    src.write_text(WORKLOAD_C)
+    subprocess.run([cc, "-O1", "-o", str(binary), str(src)], check=True)
+    return binary
+
+
+def oom_events(memcg: Path) -> int:
+    """The kernel's own OOM kill count of a memory cgroup (v1 memory.oom_control, v2 memory.events)."""
+    for name in ("memory.oom_control", "memory.events"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in (memcg / name).read_text().splitlines():
+                key, value = line.split()
+                if key == "oom_kill":
+                    return int(value)
+    raise AssertionError(f"{memcg}: no oom_kill counter")
+
+
+def agent_config(cgroup_root: str, kubeconfig: str, port: int) -> str:
+    tracked = [*DEFAULT_TRACKED_SYSCALLS, "getppid"]  # the profile's set plus the workload's marker syscall
+    return (
+        f"kpod:\n  profile: comprehensive\n  poll_interval: 1s\n  node_name: {NODE}\n"
+        f"  discovery: {{mode: informer}}\n  cgroup: {{root: '{cgroup_root}'}}\n"
+        f"  filter: {{exclude_namespaces: []}}\n  syscall: {{tracked_syscalls: [{', '.join(tracked)}]}}\n"
+        f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}', wait_for_sync: 5s,"
+        f" backoff_initial: 200ms, backoff_max: 2s}}\n"
+        f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
+    )
+
+
+# ------------------------------------------------------------------------------ the test
+
+
+def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
+    began = time.monotonic()
+    root = cgroup2_root()
+    prefix = f"kpod-e2e-prom-{uuid.uuid4().hex[:10]}"
+    pure_v2 = pure_cgroup2_memory()
+    controllers = KUBELET_CONTROLLERS if pure_v2 else ()  # v2: memory.max needs the controller
+    memory_v1 = None if pure_v2 else mounts().v1.get("memory")
+    if not pure_v2 and memory_v1 is None:
+        pytest.skip("no memory controller to OOM-kill in: neither on cgroup2 nor a v1 hierarchy")
+    binary = compile_syscall_workload(tmp_path)
+    prom_dir = Path(tmp_path / "prometheus")
+    prom_dir.mkdir()
+
+    with contextlib.ExitStack() as stack:
+        # Unwound in reverse: Prometheus, agent and workloads die before cgroups are removed,
+        # and the TSDB (megabytes, not worth keeping) goes last.
+        stack.callback(shutil.rmtree, prom_dir, ignore_errors=True)
+        api = stack.enter_context(FakeApiServer())
+        client = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "client",
+                           ["sender", "syscalls"])  # fmt: skip
+        server = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "server",
+                           ["receiver", "faults"])  # fmt: skip
+        batch = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "batch", ["hogs", "oom"])
+        memcg: Path
+        if memory_v1 is not None:
+            v1 = stack.enter_context(cgroup_tree(memory_v1))
+            memcg = v1.mkdir(f"kpod-e2e-oom-{uuid.uuid4().hex[:12]}")
+            (memcg / "memory.limit_in_bytes").write_text(str(64 << 20))
+            with contextlib.suppress(OSError):  # with swap accounting: no escape into swap either
+                (memcg / "memory.memsw.limit_in_bytes").write_text(str(64 << 20))
+        else:
+            memcg = batch.containers["oom"].container_dir
+            (memcg / "memory.max").write_text(str(64 << 20))
+            if (memcg / "memory.swap.max").exists():
+                (memcg / "memory.swap.max").write_text("0")
+        data = stack.enter_context(uncached_file(16 << 20))
+        procs = stack.enter_context(workloads())
+        server_procs: list[Workload] = []
+        for pod in (client, server, batch):
+            api.add_pod(pod.api_object())
+
+        agent_port = free_port()
+        kubeconfig = api.write_kubeconfig(str(tmp_path / "kubeconfig"))
+        agent = AgentProcess(agent_config(f"{root}/{prefix}", kubeconfig, agent_port), tmp_path, agent_port,
+                             env=clean_env())  # fmt: skip
+        agent.start()
+        stack.callback(agent.stop)
+        agent.wait_ready(60)
+        receivers = agent.status()["receivers"]
+        not_running = {name: r for name, r in receivers.items() if r["state"] != "running"}
+        assert not not_running, f"receivers not running: {not_running}\n{agent.log()[-3000:]}"
+
+        prom = Prometheus(prom_dir, f"127.0.0.1:{agent_port}").start()
+        stack.callback(prom.stop)
+        prom_started = time.monotonic()
+
+        # --- CPU contention: two hogs pinned to one CPU in batch/hogs, running until the end.
+        cpu = min(os.sched_getaffinity(0))
+        hogs = [Workload(HOG, cpu=cpu) for _ in range(2)]
+        procs.extend(hogs)
+        for hog in hogs:
+            batch.tree.move(hog.pid, batch.containers["hogs"].container_dir)
+        for hog in hogs:
+            hog.go()
+        hogs_started = time.monotonic()
+
+        # --- TCP: client/sender -> server/receiver, an odd byte count.
+        a, b = transfer(client.tree, procs, client.containers["sender"], server.containers["receiver"])
+        server_procs.append(b)
+        a.send("send")
+        received = json.loads(b.readline())["received"]
+        sent = json.loads(a.readline())["sent"]
+        assert sent == ODD_BYTES and received == ODD_BYTES, (sent, received)
+
+        # --- Syscalls: the C workload in client/syscalls.
+        syscall_proc = stack.enter_context(started_workload(binary))
+        client.tree.move(syscall_proc.pid, client.containers["syscalls"].container_dir)
+        syscall_truth = Truth.before(syscall_proc.pid)
+        time.sleep(GO_DELAY)
+        assert syscall_proc.stdin is not None and syscall_proc.stdout is not None
+        syscall_proc.stdin.write(b"g")
+        syscall_proc.stdin.flush()
+        assert syscall_proc.stdout.readline() == b"done\n"
+        syscall_switches = syscall_truth.delta().switches
+
+        # --- Major faults and context switches: server/faults.
+        faulter = Workload(faults_code(data))
+        procs.append(faulter)
+        server_procs.append(faulter)
+        server.tree.move(faulter.pid, server.containers["faults"].container_dir)
+        fault_truth = Truth.before(faulter.pid)
+        faulter.go()
+        assert faulter.readline() == "done"
+        faults = fault_truth.delta()
+        assert faults.majflt > 0, "the file was not dropped from the page cache"
+        assert faults.switches >= 1000, faults  # most sleeps switched out
+
+        # --- One OOM kill: batch/oom.
+        hog = Workload(MEMORY_HOG)
+        procs.append(hog)
+        batch.tree.move(hog.pid, batch.containers["oom"].container_dir)
+        if memory_v1 is not None:
+            v1.move(hog.pid, memcg)
+        hog.go()
+        rc = hog.wait(60)
+        assert rc == -9, f"the memory hog should be OOM-killed (SIGKILL), exit status {rc}"
+        assert oom_events(memcg) == 1
+
+        # ------------------------------------------------ what Prometheus has, against the truth
+        def equals(want: float) -> Callable[[list[tuple[dict[str, str], float]]], bool]:
+            return lambda result: single(result) == want
+
+        def exact(expr: str, want: float) -> None:
+            result = prom.wait_for(expr, equals(want))
+            assert single(result) == want, f"{expr}: Prometheus has {result}, the kernel says {want}"
+
+        sent_expr = "kpod_net_tcp_bytes_sent_total" + client.selector()
+        exact(sent_expr, sent)
+        # Exactly the sender's series, with the pod's labels from the API server.
+        ((labels, _),) = prom.query(sent_expr)
+        assert {k: labels.get(k) for k in ("namespace", "pod", "container", "node", "job")} == {
+            "namespace": NAMESPACE, "pod": "client", "container": "sender", "node": NODE, "job": JOB}  # fmt: skip
+        exact("kpod_net_tcp_bytes_received_total" + server.selector(), received)
+        assert single(prom.query("kpod_net_tcp_bytes_received_total" + client.selector())) == 0
+        assert single(prom.query("kpod_net_tcp_bytes_sent_total" + server.selector())) == 0
+        exact("kpod_net_tcp_connections_total" + client.selector("sender", direction="active"), 1)
+        exact("kpod_net_tcp_connections_total" + server.selector("receiver", direction="passive"), 1)
+
+        syscalls = client.selector("syscalls")
+        exact(f'kpod_syscall_count_total{syscalls[:-1]},syscall="getppid"}}', N_OK)
+        exact(f'kpod_syscall_count_total{syscalls[:-1]},syscall="read"}}', 1 + M_FAIL + Z_EOF)
+        exact(f'kpod_syscall_errors_total{syscalls[:-1]},syscall="read"}}', M_FAIL)
+        exact(f'kpod_syscall_errors_total{syscalls[:-1]},syscall="getppid"}}', 0)
+        assert not prom.query(f'kpod_syscall_count_total{syscalls[:-1]},syscall="getuid"}}')  # untracked
+
+        exact("kpod_mem_major_page_faults_total" + server.selector("faults"), faults.majflt)
+        exact("sum by (namespace, pod) (kpod_mem_oom_kills_total)", 1)
+        ((oom_labels, _),) = prom.query("kpod_mem_oom_kills_total")
+        assert (oom_labels["pod"], oom_labels["container"]) == ("batch", "oom"), oom_labels
+
+        for pod, container, truth in ((server, "faults", faults.switches), (client, "syscalls", syscall_switches)):
+            expr = "kpod_cpu_context_switches_total" + pod.selector(container)
+            result = prom.wait_for(expr, lambda r, truth=truth: (single(r) or 0) >= truth)
+            switches = single(result)
+            assert switches is not None and switches >= truth, f"{expr}: {result}, /proc says {truth}"
+            # Its own switches, not several times as many (a cgroup's count is its tasks').
+            assert switches <= truth * 1.5 + 50, (expr, switches, truth)
+
+        # ------------------------------------------------ a deleted pod's series go stale
+        assert prom.query(f'count({{pod="server",namespace="{NAMESPACE}"}})'), "server had series"
+        for proc in server_procs:
+            proc.stop()
+        api.delete_pod(server.uid)
+        server.tree.cleanup()
+        gone = prom.wait_for(f'{{pod="server",namespace="{NAMESPACE}"}}', lambda r: not r, timeout_s=15)
+        assert not gone, f"series of the deleted pod are not stale: {gone[:5]}"
+        assert prom.query('count({pod="client"})') and prom.query('count({pod="batch"})'), "others stay"
+        assert prom.value("kpod_pods_discovered") == 2
+
+        # ------------------------------------------------ run-queue latency of the contended pod
+        time.sleep(max(0.0, hogs_started + HOG_SECONDS_BEFORE_QUANTILE - time.monotonic()))
+        result = prom.wait_for(RUNQ_P99, lambda r: any(m.get("pod") == "batch" and math.isfinite(v) for m, v in r),
+                               timeout_s=10)  # fmt: skip
+        p99 = {m.get("pod"): v for m, v in result}.get("batch")
+        assert p99 is not None and math.isfinite(p99) and p99 > 0, f"{RUNQ_P99}: {result}"
+
+        # ------------------------------------------------ the target itself
+        assert prom.value(f'up{{job="{JOB}"}}') == 1
+        elapsed = time.monotonic() - prom_started
+        window = f"{math.ceil(elapsed) + 5}s"  # everything Prometheus scraped
+        scrapes = prom.value(f'count_over_time(up{{job="{JOB}"}}[{window}])')
+        # Every second, as configured (the first one comes up to an interval late).
+        assert scrapes is not None and scrapes >= 0.8 * elapsed - 2, (scrapes, elapsed)
+        assert prom.value(f'min_over_time(up{{job="{JOB}"}}[{window}])') == 1, "a scrape failed"
+        slowest = prom.value(f'max_over_time(scrape_duration_seconds{{job="{JOB}"}}[{window}])')
+        assert slowest is not None and slowest < 0.1, f"slowest scrape {slowest} s"
+        samples = prom.value(f'max_over_time(scrape_samples_scraped{{job="{JOB}"}}[{window}])')
+        print(
+            f"\ne2e-prometheus: p99 run-queue latency of batch {p99 * 1e3:.3f} ms, slowest scrape "
+            f"{slowest * 1e3:.1f} ms over {scrapes:.0f} scrapes of up to {samples:.0f} samples, "
+            f"{time.monotonic() - began:.0f} s"
+        )
+
+        rc = agent.stop()
+        assert rc == 0, f"agent exit status {rc}:\n{agent.log()[-3000:]}"
