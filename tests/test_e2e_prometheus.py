@@ -333,7 +333,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
     if not pure_v2 and memory_v1 is None:
         pytest.skip("no memory controller to OOM-kill in: neither on cgroup2 nor a v1 hierarchy")
     binary = compile_syscall_workload(tmp_path)
-    prom_dir = Path(tmp_path / "prometheus")
+    prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
 
     with contextlib.ExitStack() as stack:
@@ -347,6 +347,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
                            ["receiver", "faults"])  # fmt: skip
         batch = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "batch", ["hogs", "oom"])
         memcg: Path
+        v1: CgroupTree | None = None  # hybrid host: our own v1 memory cgroup holds the limit
         if memory_v1 is not None:
             v1 = stack.enter_context(cgroup_tree(memory_v1))
             memcg = v1.mkdir(f"kpod-e2e-oom-{uuid.uuid4().hex[:12]}")
@@ -424,7 +425,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         hog = Workload(MEMORY_HOG)
         procs.append(hog)
         batch.tree.move(hog.pid, batch.containers["oom"].container_dir)
-        if memory_v1 is not None:
+        if v1 is not None:
             v1.move(hog.pid, memcg)
         hog.go()
         rc = hog.wait(60)
@@ -463,6 +464,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         ((oom_labels, _),) = prom.query("kpod_mem_oom_kills_total")
         assert (oom_labels["pod"], oom_labels["container"]) == ("batch", "oom"), oom_labels
 
+        switches_seen: dict[str, tuple[int, float]] = {}  # container -> (/proc, Prometheus), for the log
         for pod, container, truth in ((server, "faults", faults.switches), (client, "syscalls", syscall_switches)):
             expr = "kpod_cpu_context_switches_total" + pod.selector(container)
             result = prom.wait_for(expr, lambda r, truth=truth: (single(r) or 0) >= truth)
@@ -470,6 +472,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
             assert switches is not None and switches >= truth, f"{expr}: {result}, /proc says {truth}"
             # Its own switches, not several times as many (a cgroup's count is its tasks').
             assert switches <= truth * 1.5 + 50, (expr, switches, truth)
+            switches_seen[container] = (truth, switches)
 
         # ------------------------------------------------ a deleted pod's series go stale
         assert prom.query(f'count({{pod="server",namespace="{NAMESPACE}"}})'), "server had series"
@@ -501,7 +504,9 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         assert slowest is not None and slowest < 0.1, f"slowest scrape {slowest} s"
         samples = prom.value(f'max_over_time(scrape_samples_scraped{{job="{JOB}"}}[{window}])')
         print(
-            f"\ne2e-prometheus: p99 run-queue latency of batch {p99 * 1e3:.3f} ms, slowest scrape "
+            f"\ne2e-prometheus: tcp {sent} B, getppid {N_OK}, read {1 + M_FAIL + Z_EOF} ({M_FAIL} errors), "
+            f"majflt {faults.majflt}, context switches (/proc, Prometheus) {switches_seen}, oom 1; "
+            f"p99 run-queue latency of batch {p99 * 1e3:.3f} ms, slowest scrape "
             f"{slowest * 1e3:.1f} ms over {scrapes:.0f} scrapes of up to {samples:.0f} samples, "
             f"{time.monotonic() - began:.0f} s"
         )
