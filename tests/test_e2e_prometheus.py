@@ -337,7 +337,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
     controllers = KUBELET_CONTROLLERS if pure_v2 else ()  # v2: memory.max needs the controller
     memory_v1 = None if pure_v2 else mounts().v1.get("memory")
     if not pure_v2 and memory_v1 is None:
-        pytest.skip("no memory controller to OOM-kill in: neither on cgroup2 nor a v1 hierarchy")
+        pytest.fail("no memory controller to OOM-kill in: neither on cgroup2 nor a v1 hierarchy")
     binary = compile_syscall_workload(tmp_path)
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
