@@ -540,26 +540,33 @@ Against the targets:
 READING = """\
 ### Reading
 
-- Cost grows linearly with pods: about 0.6 ms of cycle and 0.55 ms of CPU per pod, 67.5 series per
-  pod (45 per container).  CPU per cycle is about equal to the cycle's wall time: the receivers run
-  in threads but the GIL serialises their Python work, so the cycle is one core's worth of parsing.
-  The per-receiver durations therefore include waiting for the GIL: they overlap and sum to several
-  times the cycle; the cgroup-file receivers (filesystem, pressure, cgroup_memory, net_iface, disk,
-  cgroup_cpu) are where the work is, the eBPF receivers read their maps in a few ms.
-- At the default poll of 30 s, 250 pods cost 0.5 % of a CPU; the 1 s poll used here (as the e2e
-  test does) is the worst case.
-- RSS levels off: in the first full run (15:27 UTC, load 0.6-3.2) it went 56.1 MiB at ready, 67.1 at
-  1 min, 68.8 at 4 min, 69.9 from 8 min to the end of the 10 minutes (+2.75 MiB after the first
-  minute, +0.1 MiB over the last 5): caches filling (the renderer's per-series bytes, k8sattributes'
-  resolution cache, the allocator's high-water mark), not a leak; bench.soak checks the leak bounds
-  under pod churn.
-- The first full run gave, for 10 / 110 / 250 pods: cycle median 16 / 78 / 159 ms (p99 34 / 125 /
-  222), CPU 17 / 76 / 150 ms per cycle, plain scrape p50 0.5 / 0.4 / 0.7 ms, gzip scrape p50 44.0 /
-  44.0 / 0.2 ms.  The gzip stall is the Nagle effect above: on loopback (MSS ~64 KiB) a gzipped body
-  below ~64 KiB (up to about 200 pods here) goes out as one held segment.  Over a real NIC (MSS
-  1448) the last partial segment of a larger body waits for the client's ACKs of the full ones
-  instead, about a round trip (not measured here); the e2e test's Prometheus on 127.0.0.1 sees the
-  40 ms.
+Two full runs on 2026-11-28 (15:27 and 15:41 UTC, load average 0.6-3.2 and 1.6-2.3: other
+sessions' tests shared the machine), for 10 / 110 / 250 pods:
+
+| run | cycle median ms | cycle p99 ms | CPU ms / cycle | plain p50 ms | gzip p50 ms | RSS 10 min: ready / 1 min / end |
+|---|---|---|---|---|---|---|
+| 1 | 16 / 78 / 159 | 34 / 125 / 222 | 17 / 76 / 150 | 0.5 / 0.4 / 0.7 | 44.0 / 44.0 / 0.2 | 56.1 / 67.1 / 69.9 MiB |
+| 2 | 10 / 79 / 171 | 15 / 115 / 260 | 12 / 76 / 180 | 0.4 / 0.4 / 1.3 | 44.0 / 44.0 / 0.5 | 56.0 / 67.0 / 68.6 MiB |
+
+- Cost grows linearly with pods: 0.6-0.7 ms of cycle and 0.55-0.75 ms of CPU per pod, 67.5 series
+  per pod (45 per container).  CPU per cycle is about the cycle's wall time: the receivers run in
+  threads but the GIL serialises their Python work, so a cycle is one core's worth of reading and
+  parsing.  The per-receiver durations include waiting for the GIL, so they overlap and vary from
+  run to run; the cgroup-file receivers (filesystem, pressure, cgroup_memory, cgroup_cpu, net_iface,
+  disk) are where the work is, the eBPF receivers read their maps in a few ms.
+- At the default poll of 30 s, 250 pods cost 0.5-0.6 % of a CPU; the 1 s poll used here (as in the
+  e2e test) is the worst case, 15-18 % of a CPU at 250 pods.
+- RSS levels off: +11 MiB in the first minute (caches filling: the renderer's per-series bytes,
+  k8sattributes' resolution cache, the allocator's high-water mark), then +2.8 (run 1) and +1.7 MiB
+  (run 2) over the next 9 minutes, +0.1 and +0.6 MiB over the last 5: not a leak; bench.soak checks
+  the leak bounds under pod churn.
+- The gzip stall: on loopback (MSS ~64 KiB) a gzipped body below ~64 KiB (up to about 200 pods
+  here) goes out as one held segment.  Over a real NIC (MSS 1448) the last partial segment of a
+  larger body waits for the client's ACKs of the full ones instead, about a round trip (not
+  measured here); a Prometheus scraping over 127.0.0.1 (the e2e test's) should see the 40 ms (not
+  checked).  The issue-2 scrape
+  target is met for plain text and missed for gzip (what Prometheus asks for) until the exporter
+  sets TCP_NODELAY.
 """
 
 
