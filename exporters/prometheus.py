@@ -222,6 +222,10 @@ class PrometheusExporter(Exporter):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body leave in two writes; with Nagle on, a small body (a gzipped
+            # exposition under ~64 KiB) waits for the scraper's delayed ACK: 40 ms per scrape
+            # on loopback (measured by bench/scale.py; 0.3 ms with TCP_NODELAY).
+            disable_nagle_algorithm = True
             server_version = "kpod-metrics"
             timeout = REQUEST_TIMEOUT_S
 
