@@ -64,13 +64,16 @@ def run_module(name: str, section: Path) -> None:
 
 
 def main() -> int:
-    """`python -m bench [name ...]`: run all benchmarks, or the named ones (core, soak, ...);
+    """`python -m bench [name ...]`: run all benchmarks, or the named ones (core, soak, ...), or
+    none with `--assemble`;
     PERFORMANCE.md is then assembled from every section file, so a partial run keeps the
     other sections' latest figures (each says when and where it was measured)."""
     only = sys.argv[1:]
+    # `--assemble`: run nothing, rebuild PERFORMANCE.md from the section files as they are.
+    assemble_only = only == ["--assemble"]
     (DOCS / "perf").mkdir(parents=True, exist_ok=True)
     for name, filename in MODULES.items():
-        if only and name.split(".")[-1] not in only:
+        if assemble_only or (only and name.split(".")[-1] not in only):
             continue
         print(f"running {name} ...", file=sys.stderr)
         began = time.monotonic()
