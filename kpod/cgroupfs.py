@@ -12,9 +12,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+from typing import ClassVar
 
 from kpod.cgroups import CgroupMounts
-from kpod.component import Receiver
+from kpod.component import ComponentUnavailable, Receiver
 from kpod.model import CgroupRef
 from kpod.parsers import parse_cgroup_procs
 
@@ -155,3 +156,47 @@ class CgroupFileReceiver(Receiver):
         if text is None:
             return None
         return parse_cgroup_procs(text)
+
+
+class ControllerFilesReceiver(CgroupFileReceiver):
+    """A cgroup-file receiver that reads one controller's files: the cgroup2 ones where the
+    controller is enabled on the cgroup2 tree, else (hybrid hosts) the v1 hierarchy's.
+
+    Subclasses set the controller names and the two route descriptions; the route is chosen
+    once, at start, and `self._route` is ROUTE_V2 or ROUTE_V1 from then on.
+    """
+
+    v2_controller: ClassVar[str]
+    v1_controller: ClassVar[str]
+    route_v2: ClassVar[str]
+    route_v1: ClassVar[str]
+    _route: str | None = None
+
+    def _choose_route(self) -> tuple[str | None, str]:
+        """(route, reason when there is none)."""
+        cgroups = self.context.cgroups
+        try:
+            controllers = read_text(cgroups.abspath("/") + "/cgroup.controllers").split()
+        except OSError:
+            controllers = []
+        if self.v2_controller in controllers:
+            return self.route_v2, ""
+        mount = cgroups.mounts.v1.get(self.v1_controller)
+        if mount and os.path.isdir(mount):
+            return self.route_v1, ""
+        return None, f"no {self.v2_controller} controller on cgroup2 and no v1 {self.v1_controller} mount"
+
+    def preflight(self) -> str | None:
+        route, reason = self._choose_route()
+        return None if route else reason
+
+    def route(self) -> str:
+        return self._route or self._choose_route()[0] or ""
+
+    def start(self) -> None:
+        route, reason = self._choose_route()
+        if route is None:
+            raise ComponentUnavailable(reason)
+        self._route = route
+
+

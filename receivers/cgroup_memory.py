@@ -13,11 +13,10 @@ cgroup.controllers and the v1 mounts.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from kpod.cgroupfs import CgroupFileReceiver, read_text, v1_path
-from kpod.component import ComponentUnavailable, Context, EmptyConfig, Factory
+from kpod.cgroupfs import ControllerFilesReceiver, v1_path
+from kpod.component import Context, EmptyConfig, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import parse_flat_keyed_value, parse_single_int
 
@@ -50,38 +49,16 @@ def working_set(usage: int, inactive_file: int | None) -> int:
     return max(0, usage - inactive_file)
 
 
-class CgroupMemoryReceiver(CgroupFileReceiver):
+class CgroupMemoryReceiver(ControllerFilesReceiver):
+    v2_controller = "memory"
+    v1_controller = "memory"
+    route_v2 = ROUTE_V2
+    route_v1 = ROUTE_V1
     metrics = (USAGE, WORKING_SET)
 
     def __init__(self, context: Context, config: EmptyConfig) -> None:
         super().__init__(context, config)
         self._route: str | None = None
-
-    def _choose_route(self) -> tuple[str | None, str]:
-        cgroups = self.context.cgroups
-        try:
-            controllers = read_text(cgroups.abspath("/") + "/cgroup.controllers").split()
-        except OSError:
-            controllers = []
-        if "memory" in controllers:
-            return ROUTE_V2, ""
-        memory = cgroups.mounts.v1.get("memory")
-        if memory and os.path.isdir(memory):
-            return ROUTE_V1, ""
-        return None, "no memory controller on cgroup2 and no v1 memory mount"
-
-    def preflight(self) -> str | None:
-        route, reason = self._choose_route()
-        return None if route else reason
-
-    def route(self) -> str:
-        return self._route or self._choose_route()[0] or ""
-
-    def start(self) -> None:
-        route, reason = self._choose_route()
-        if route is None:
-            raise ComponentUnavailable(reason)
-        self._route = route
 
     def status(self) -> dict[str, object]:
         return {"route": self.route()}

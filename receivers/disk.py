@@ -19,12 +19,11 @@ per major:minor; a device that cannot be resolved is labelled "M:m".
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
-from kpod.cgroupfs import CgroupFileReceiver, read_text, v1_path
-from kpod.component import ComponentUnavailable, Context, Factory
+from kpod.cgroupfs import ControllerFilesReceiver, read_text, v1_path
+from kpod.component import Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import DevNum, parse_blkio_throttle, parse_devname, parse_io_stat
 from kpod.units import Duration
@@ -52,7 +51,11 @@ class DiskConfig:
     device_name_ttl: Duration = field(default_factory=lambda: Duration.parse("5m"))
 
 
-class DiskReceiver(CgroupFileReceiver):
+class DiskReceiver(ControllerFilesReceiver):
+    v2_controller = "io"
+    v1_controller = "blkio"
+    route_v2 = ROUTE_V2
+    route_v1 = ROUTE_V1
     metrics = (READ_BYTES, WRITTEN_BYTES, READS, WRITES)
 
     def __init__(self, context: Context, config: DiskConfig) -> None:
@@ -61,35 +64,6 @@ class DiskReceiver(CgroupFileReceiver):
         self._names: dict[DevNum, tuple[str, float]] = {}
         self._no_data = 0  # v1 cgroups whose files were only "Total 0" in the last cycle
         self._unresolved: set[DevNum] = set()  # devices without a uevent this cycle
-
-    # ------------------------------------------------------------------ routing
-
-    def _choose_route(self) -> tuple[str | None, str]:
-        """(route, reason when there is none)."""
-        cgroups = self.context.cgroups
-        try:
-            controllers = read_text(cgroups.abspath("/") + "/cgroup.controllers").split()
-        except OSError:
-            controllers = []
-        if "io" in controllers:
-            return ROUTE_V2, ""
-        blkio = cgroups.mounts.v1.get("blkio")
-        if blkio and os.path.isdir(blkio):
-            return ROUTE_V1, ""
-        return None, "no io controller on cgroup2 and no v1 blkio mount"
-
-    def preflight(self) -> str | None:
-        route, reason = self._choose_route()
-        return None if route else reason
-
-    def route(self) -> str:
-        return self._route or self._choose_route()[0] or ""
-
-    def start(self) -> None:
-        route, reason = self._choose_route()
-        if route is None:
-            raise ComponentUnavailable(reason)
-        self._route = route
 
     def status(self) -> dict[str, object]:
         return {
