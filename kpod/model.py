@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 # Attribute tuples are sorted (key, value) pairs: hashable, cheap to compare, and the order
@@ -144,19 +144,3 @@ class Batch:
         for point in self.points:
             groups.setdefault(point.metric, []).append(point)
         return groups
-
-
-def counter(
-    metric: MetricDef,
-    cgroup: CgroupRef | None,
-    value: float,
-    attrs: Attributes = NO_ATTRIBUTES,
-    start_time_ns: int = 0,
-) -> Point:
-    return Point(metric, cgroup, attrs, value, None, start_time_ns)
-
-
-def merge_attributes(first: Attributes, second: Mapping[str, str] | Attributes) -> Attributes:
-    items = dict(first)
-    items.update(second)
-    return tuple(sorted(items.items()))

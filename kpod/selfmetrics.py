@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from kpod.model import Attributes, HistogramValue, Kind, MetricDef, Point
+from kpod.model import Attributes, Kind, MetricDef, Point
 
 
 @dataclass
@@ -73,10 +73,6 @@ class SelfMetrics:
                 for labels, value in family.values.items():
                     out.append(Point(family.metric, None, labels, value))
             return out
-
-
-def histogram_point(metric: MetricDef, labels: Attributes, value: HistogramValue) -> Point:
-    return Point(metric, None, labels, value)
 
 
 # Exporter self-metrics, shared by every exporter so that one dashboard covers them all.
