@@ -56,10 +56,10 @@ from kpod import btflayout, libbpf
 from kpod.btflayout import LayoutError, MapLayout
 from kpod.component import ComponentUnavailable, Receiver
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
+from kpod.preflight import effective_capabilities
 
 log = logging.getLogger("kpod.ebpf")
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -85,22 +85,10 @@ PROGRAM_RUNS = MetricDef(
 # --- can eBPF run here? --------------------------------------------------------------------
 
 
-def effective_caps(status_path: str = "/proc/self/status") -> int:
-    try:
-        with open(status_path) as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
 def bpf_preflight(object_path: str | None = None) -> str | None:
     """Why BPF programs cannot be loaded here (one line), or None.  Changes nothing."""
-    caps = effective_caps()
-    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
-    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
+    caps = effective_capabilities()
+    if "CAP_SYS_ADMIN" not in caps and not {"CAP_BPF", "CAP_PERFMON"} <= caps:
         return "needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs"
     if not os.path.exists(BTF_VMLINUX):
         return f"kernel has no BTF ({BTF_VMLINUX} missing): CO-RE programs cannot be relocated"

@@ -53,19 +53,6 @@ def capability_gaps(wanted: dict[str, str]) -> list[str]:
     return [f"without {cap}: {loss}" for cap, loss in wanted.items() if cap not in have]
 
 
-def can_use_bpf() -> str | None:
-    """None if this process may load BPF programs, else why not (one line)."""
-    if not os.path.exists(BTF_PATH):
-        return f"kernel has no BTF ({BTF_PATH} missing): CO-RE programs cannot be relocated"
-    caps = effective_capabilities()
-    if "CAP_SYS_ADMIN" in caps:
-        return None
-    missing = [cap for cap in ("CAP_BPF", "CAP_PERFMON") if cap not in caps]
-    if missing:
-        return f"missing capability {' and '.join(missing)} (needed to load and attach BPF programs)"
-    return None
-
-
 def tracefs_mount() -> str | None:
     for path in TRACEFS_PATHS:
         if os.path.isdir(os.path.join(path, "events")):
