@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kpod.cgroupfs import read_text
-from kpod.component import Factory, Receiver
+from kpod.cgroupfs import CgroupFileReceiver
+from kpod.component import Factory
 from kpod.model import Batch, Kind, MetricDef, Point
 from kpod.parsers import parse_cpu_stat
 
@@ -23,7 +23,6 @@ THROTTLED_SECONDS = MetricDef(
     "kpod.cpu.throttled.seconds", Kind.COUNTER, "s", "Time the cgroup's tasks spent throttled by cpu.max."
 )
 
-COLLECTION_ERRORS = "kpod.collection.errors"
 
 
 @dataclass
@@ -31,7 +30,7 @@ class CgroupCpuConfig:
     pass
 
 
-class CgroupCpuReceiver(Receiver):
+class CgroupCpuReceiver(CgroupFileReceiver):
     metrics = (USAGE, THROTTLED_PERIODS, THROTTLED_SECONDS)
 
     def preflight(self) -> str | None:
@@ -47,15 +46,12 @@ class CgroupCpuReceiver(Receiver):
         batch = Batch()
         index = self.context.cgroups
         for ref in index.workloads():
-            try:
-                stat = parse_cpu_stat(read_text(index.abspath(ref.path) + "/cpu.stat"))
-            except OSError:
-                # The cgroup went away between the walk and the read: skip it, count it.
-                self.context.self_metrics.inc(
-                    COLLECTION_ERRORS, "Receiver start or collection failures, by receiver.",
-                    (("receiver", self.id),),
-                )
+            directory = index.abspath(ref.path)
+            # A cgroup gone between the walk and the read is skipped and counted by _read.
+            text = self._read(directory + "/cpu.stat", directory)
+            if text is None:
                 continue
+            stat = parse_cpu_stat(text)
             if "usage_usec" in stat:
                 batch.add(Point(USAGE, ref, (), stat["usage_usec"] / 1e6))
             # Only where the cpu controller is enabled; absent is not zero.
