@@ -32,8 +32,8 @@ from pathlib import Path
 from kpod.receivers.cpu_sched import CpuSchedReceiver
 from kpod.receivers.memory import MemoryReceiver
 
-from kpod import btflayout, libbpf
-from kpod.ebpf import load_object
+from kpod.kernel import btflayout, libbpf
+from kpod.kernel.ebpf import load_object
 
 REPO = Path(__file__).resolve().parents[1]
 STATS = "/proc/sys/kernel/bpf_stats_enabled"

@@ -44,13 +44,13 @@ from kpod.receivers.memory import MemoryConfig, MemoryReceiver
 from kpod.receivers.net_tcp import NetTcpConfig, NetTcpReceiver
 from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
-from kpod import libbpf
 from kpod.cgroups import CgroupIndex, parse_mountinfo_cgroups
 from kpod.component import Context, EmptyConfig
-from kpod.ebpf import BpfReceiver
+from kpod.kernel import libbpf
+from kpod.kernel.ebpf import BpfReceiver
+from kpod.kernel.syscalls import resolve_syscalls
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import DEFAULT_TRACKED_SYSCALLS, KpodSettings
-from kpod.syscalls import resolve_syscalls
 
 REPO = Path(__file__).resolve().parents[1]
 STATS = "/proc/sys/kernel/bpf_stats_enabled"

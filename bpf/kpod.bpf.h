@@ -2,7 +2,7 @@
 /*
  * Shared helpers for kpod's BPF programs (CO-RE, compiled against vmlinux.h).
  *
- * Conventions that the Python side (kpod/ebpf.py) relies on, so keep them:
+ * Conventions that the Python side (kpod/kernel/ebpf.py) relies on, so keep them:
  *  - A per-cgroup map's key is a struct with a member named `cgroup_id` (the cgroup2 id, i.e.
  *    the cgroup directory's inode).  Userspace finds cgroup keys by that name to delete the
  *    entries of cgroups that are gone, and sets such maps' max_entries from the config.

@@ -13,7 +13,7 @@ import threading
 import time
 from types import FrameType
 
-from kpod.cgroups import CgroupIndex, resolve_cgroup_root
+from kpod.cgroups import CgroupIndex, read_mountinfo, resolve_cgroup_root
 from kpod.config import AgentConfig
 from kpod.pipeline import Pipeline
 
@@ -21,12 +21,7 @@ log = logging.getLogger("kpod.agent")
 
 
 def build_cgroup_index(config: AgentConfig) -> CgroupIndex:
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            mountinfo = handle.read()
-    except OSError:
-        mountinfo = ""
-    root, mounts = resolve_cgroup_root(config.kpod.cgroup.root, mountinfo)
+    root, mounts = resolve_cgroup_root(config.kpod.cgroup.root, read_mountinfo())
     # On a Kubernetes node the agent reports pods only; locally, every cgroup.
     scope = "all" if config.kpod.discovery.mode == "local" else "kubepods"
     return CgroupIndex(root, scope=scope, mounts=mounts)

@@ -9,7 +9,7 @@ numbers.
 BPF: kpod_bpf_programs_loaded (attached programs in this process) and
 kpod_bpf_programs_failed{program} (1 while a program that should run does not: its hook is
 missing, it failed to verify or attach, or its receiver could not start).  Read from
-kpod.ebpf.REGISTRY only when kpod.ebpf is already imported: without an eBPF receiver there is
+kpod.kernel.ebpf.REGISTRY only when kpod.kernel.ebpf is already imported: without an eBPF receiver there is
 nothing to report and the libbpf binding stays unloaded.
 """
 
@@ -111,7 +111,7 @@ def update_process_metrics(metrics: SelfMetrics, proc: str = "/proc") -> None:
 def bpf_program_states(receivers: Iterable[Any]) -> tuple[int, dict[str, bool]]:
     """(programs attached, {program: failed?}) over the loaded BPF objects and the eBPF
     receivers that could not start (`receivers`: objects with .receiver and .status)."""
-    ebpf = sys.modules.get("kpod.ebpf")
+    ebpf = sys.modules.get("kpod.kernel.ebpf")
     if ebpf is None:
         return 0, {}
     loaded = 0
@@ -135,7 +135,7 @@ def bpf_program_states(receivers: Iterable[Any]) -> tuple[int, dict[str, bool]]:
 
 def update_bpf_metrics(metrics: SelfMetrics, receivers: Iterable[Any]) -> None:
     loaded, states = bpf_program_states(receivers)
-    if not states and "kpod.ebpf" not in sys.modules:
+    if not states and "kpod.kernel.ebpf" not in sys.modules:
         return
     metrics.set(BPF_LOADED, "BPF programs attached by this agent.", float(loaded))
     for program, failed in states.items():
@@ -145,10 +145,10 @@ def update_bpf_metrics(metrics: SelfMetrics, receivers: Iterable[Any]) -> None:
 def bpf_map_fill() -> list[dict[str, Any]]:
     """Fill level of every loaded BPF map, for /debug/status (entries are counted: it walks
     the keys, fine for a debug page, not for every scrape)."""
-    ebpf = sys.modules.get("kpod.ebpf")
+    ebpf = sys.modules.get("kpod.kernel.ebpf")
     if ebpf is None:
         return []
-    from kpod.libbpf import LibbpfError
+    from kpod.kernel.libbpf import LibbpfError
 
     out: list[dict[str, Any]] = []
     for obj in ebpf.REGISTRY.objects():

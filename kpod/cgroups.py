@@ -77,6 +77,15 @@ def is_cgroup2_mount(path: str, mounts: CgroupMounts) -> bool:
     return mounts.unified is not None and os.path.realpath(path) == os.path.realpath(mounts.unified)
 
 
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> str:
+    """This process's mountinfo text ("" when it cannot be read: no cgroup mount is known)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
 def resolve_cgroup_root(configured: str, mountinfo_text: str) -> tuple[str, CgroupMounts]:
     """The cgroup2 mount to use: `configured` if it is one, else the one in mountinfo.
 

@@ -116,18 +116,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(path: str | None) -> int:
+    # `check` reports what the node offers, so it asks the kernel and cgroup packages directly
+    # (and only for this command).
     from kpod.agent import build_cgroup_index
+    from kpod.cgroups import parse_mountinfo_cgroups, read_mountinfo
     from kpod.component import Context
-    from kpod.preflight import node_facts
+    from kpod.kernel.preflight import kernel_facts
     from kpod.selfmetrics import SelfMetrics
 
     config = _load(path)
     if config is None:
         return 2
-    facts = node_facts()
+    facts = kernel_facts()
+    mounts = parse_mountinfo_cgroups(read_mountinfo())
     print(f"kernel:       {facts.kernel} ({facts.machine})")
     print(f"BTF:          {'yes' if facts.btf else 'no (/sys/kernel/btf/vmlinux missing: eBPF receivers cannot run)'}")
-    print(f"cgroups:      {facts.cgroup_layout} (cgroup2 at {facts.cgroup2_mount or 'nowhere'})")
+    print(f"cgroups:      {mounts.layout} (cgroup2 at {mounts.unified or 'nowhere'})")
     caps = ", ".join(sorted(facts.capabilities)) or "none of the relevant ones"
     print(f"capabilities: {caps}{' (root)' if facts.root else ''}")
     print(f"tracefs:      {facts.tracefs or 'not mounted (tp_btf and raw tracepoints still work)'}")

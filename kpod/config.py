@@ -25,9 +25,9 @@ import yaml
 
 from kpod import profiles
 from kpod.component import Factory
+from kpod.kernel.syscalls import resolve_syscalls
 from kpod.registry import Registry, UnknownComponent, split_id
 from kpod.settings import KpodSettings
-from kpod.syscalls import resolve_syscalls
 from kpod.units import Duration
 
 MAX_LIST_ITEMS = 1000  # longer lists in a config are a mistake (or an attack), not a setting

@@ -1,6 +1,6 @@
 """Diagnostics of every BPF map kpod has loaded: fill level, capacity, failed inserts.
 
-Reads the shared registry (kpod.ebpf.REGISTRY), so it covers the maps of every eBPF receiver
+Reads the shared registry (kpod.kernel.ebpf.REGISTRY), so it covers the maps of every eBPF receiver
 in the process without knowing them.  Entry counts are real (the keys are counted); update
 errors are counted by the programs themselves, in each object's `<prefix>_errors` map.
 """
@@ -8,8 +8,8 @@ errors are counted by the programs themselves, in each object's `<prefix>_errors
 from __future__ import annotations
 
 from kpod.component import EmptyConfig, Factory, Receiver
-from kpod.ebpf import REGISTRY, LoadedObject, bpf_preflight
-from kpod.libbpf import LibbpfError
+from kpod.kernel.ebpf import REGISTRY, LoadedObject, bpf_preflight
+from kpod.kernel.libbpf import LibbpfError
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 MAP_ENTRIES = MetricDef("kpod.bpf.map.entries", Kind.GAUGE, "1", "Entries currently in the BPF map", ("map",))

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from kpod.component import EmptyConfig, Factory
-from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
 from kpod.model import Batch, Kind, MetricDef
 
 RUNQ_LATENCY = MetricDef(

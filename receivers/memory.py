@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kpod.component import Factory
-from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
-from kpod.libbpf import PERF_COUNT_SW_PAGE_FAULTS_MAJ, PERF_TYPE_SOFTWARE
+from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel.libbpf import PERF_COUNT_SW_PAGE_FAULTS_MAJ, PERF_TYPE_SOFTWARE
 from kpod.model import Batch, Kind, MetricDef
 
 OOM_KILLS = MetricDef("kpod.mem.oom.kills", Kind.COUNTER, "1", "Tasks of the cgroup killed by the OOM killer")

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from kpod.cgroupfs import NET_DEV_MAX_RECORD, CgroupFileReceiver, pod_cgroup_path
 from kpod.component import ComponentUnavailable, Context, Factory
+from kpod.kernel.preflight import capability_gaps
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.parsers import NetDevCounters, parse_net_dev
-from kpod.preflight import capability_gaps
 
 _IFACE = ("interface",)
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kpod import btflayout
 from kpod.component import Factory
-from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec, Route
+from kpod.kernel import btflayout
+from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec, Route
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 BYTES_SENT = MetricDef(

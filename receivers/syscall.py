@@ -1,7 +1,7 @@
 """Syscalls per (cgroup, syscall) from bpf/syscall.bpf.c: count, errors, latency.
 
 The tracked set is `kpod.syscall.tracked_syscalls` (names), resolved to this machine's numbers
-(x86_64 or arm64, kpod.syscalls) and written into the kernel's filter map after load and
+(x86_64 or arm64, kpod.kernel.syscalls) and written into the kernel's filter map after load and
 before the programs are attached; every other syscall returns after one array lookup.
 
 - kpod.syscall.count{syscall}: calls that returned, whose entry was seen (a call already in
@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kpod import libbpf
 from kpod.component import ComponentUnavailable, Factory
-from kpod.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel import libbpf
+from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel.syscalls import resolve_syscalls
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
-from kpod.syscalls import resolve_syscalls
 
 COUNT = MetricDef("kpod.syscall.count", Kind.COUNTER, "1", "Tracked syscalls made by the cgroup's tasks", ("syscall",))
 ERRORS = MetricDef(

@@ -91,7 +91,7 @@ def program_hooks(cls: type[Receiver]) -> dict[str, str]:
     specs = getattr(cls, "program_specs", ())
     if not specs:
         return {}
-    from kpod import ebpf, libbpf
+    from kpod.kernel import ebpf, libbpf
 
     path = ebpf.object_path(cls.object_name)  # type: ignore[attr-defined]
     try:
@@ -119,7 +119,7 @@ def program_hooks(cls: type[Receiver]) -> dict[str, str]:
 
 
 def _perf_name(event: tuple[int, int]) -> str:
-    from kpod import libbpf
+    from kpod.kernel import libbpf
 
     names = {getattr(libbpf, n): n for n in dir(libbpf) if n.startswith("PERF_COUNT_SW_")}
     return (

@@ -1,7 +1,7 @@
-"""Generate kpod/syscall_table.py from the kernel's UAPI headers (Debian's linux-libc-dev).
+"""Generate kpod/kernel/syscall_table.py from the kernel's UAPI headers (Debian's linux-libc-dev).
 
 x86_64 numbers come from asm/unistd_64.h; arm64 uses the generic table (asm-generic/unistd.h)
-with the feature macros arm64 defines.  Run: python3 scripts/gen_syscall_table.py > kpod/syscall_table.py
+with the feature macros arm64 defines.  Run: python3 scripts/gen_syscall_table.py > kpod/kernel/syscall_table.py
 """
 
 from __future__ import annotations

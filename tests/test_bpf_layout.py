@@ -1,6 +1,6 @@
 """Python's view of every BPF map struct == the BTF in the compiled objects.
 
-kpod.btflayout builds ctypes types from BTF through libbpf's btf__ API.  Here the expected
+kpod.kernel.btflayout builds ctypes types from BTF through libbpf's btf__ API.  Here the expected
 layout comes from an independent reader, bpftool's JSON dump of the same object's BTF, and the
 map -> key/value type mapping from the object's `.maps` DATASEC (not from libbpf).  Any
 difference in a size or member offset fails.  The conventions the Python side relies on
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from kpod import btflayout, libbpf
-from kpod.ebpf import CGROUP_KEY_FIELD, log2_bounds
+from kpod.kernel import btflayout, libbpf
+from kpod.kernel.ebpf import CGROUP_KEY_FIELD, log2_bounds
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 OBJECTS = sorted(BPF_DIR.glob("*.bpf.o"))

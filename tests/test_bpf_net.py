@@ -24,7 +24,7 @@ import pytest
 from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for, workloads
 from kpod.receivers.net_tcp import RTT, NetTcpConfig, NetTcpReceiver
 
-from kpod import btflayout, ebpf
+from kpod.kernel import btflayout, ebpf
 
 pytestmark = kernel_test
 

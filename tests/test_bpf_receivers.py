@@ -34,9 +34,9 @@ from kpod.receivers.bpf_maps import BpfMapsReceiver
 from kpod.receivers.cpu_sched import CpuSchedReceiver
 from kpod.receivers.memory import MemoryConfig, MemoryReceiver
 
-from kpod import libbpf
 from kpod.component import ComponentUnavailable, EmptyConfig, Receiver
-from kpod.ebpf import REGISTRY
+from kpod.kernel import libbpf
+from kpod.kernel.ebpf import REGISTRY
 from kpod.model import Batch
 
 pytestmark = kernel_test
@@ -481,7 +481,7 @@ def test_unavailable_reason_is_one_line(tmp_path: Path) -> None:
 
 def test_tracepoint_signature_guard() -> None:
     """A program reading a task pointer is not loaded where the tracepoint passes something else."""
-    from kpod.ebpf import tp_args_mismatch
+    from kpod.kernel.ebpf import tp_args_mismatch
 
     assert tp_args_mismatch("tp_btf/sched_switch", ("bool", "struct task_struct *")) is None
     reason = tp_args_mismatch("tp_btf/sched_switch", ("int",))

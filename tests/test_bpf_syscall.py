@@ -34,7 +34,7 @@ from kernel_util import cgroup_tree, context, kernel_test, points_for
 from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
 from kpod.component import ComponentUnavailable
-from kpod.syscalls import resolve_syscalls
+from kpod.kernel.syscalls import resolve_syscalls
 
 pytestmark = kernel_test
 
@@ -258,8 +258,8 @@ def test_latency_struct_carries_the_histogram_layout() -> None:
     """sys_stats' latency is not a struct kpod_hist (no count member: the count is the sum of
     the slots), so check here what the shared layout test checks for kpod_hist: the slot
     mapping is in the object's BTF and the slots array has that many entries."""
-    from kpod import btflayout, libbpf
-    from kpod.ebpf import object_path
+    from kpod.kernel import btflayout, libbpf
+    from kpod.kernel.ebpf import object_path
 
     with libbpf.BpfObject.open(object_path("syscall")) as obj:
         consts = btflayout.Btf(obj.btf_ptr).enum("kpod_hist_layout")

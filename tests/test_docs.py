@@ -24,7 +24,7 @@ VALUES = yaml.safe_load((REPO / "deploy" / "helm" / "kpod-metrics" / "values.yam
 
 
 def _objects_built() -> bool:
-    from kpod import ebpf
+    from kpod.kernel import ebpf
 
     return all(
         os.path.exists(ebpf.object_path(cls.object_name))  # type: ignore[attr-defined]

@@ -141,7 +141,7 @@ def test_failing_hanging_and_unloadable_receivers_are_isolated(tmp_path: Path, t
     and the others keep collecting."""
     program_dir = tmp_path / "bpf"
     program_dir.mkdir()
-    from kpod.ebpf import object_path
+    from kpod.kernel.ebpf import object_path
 
     for name in ("mem",):
         shutil.copy(object_path(name), program_dir / f"{name}.bpf.o")

@@ -1,4 +1,4 @@
-"""kpod.libbpf map primitives on a real kernel map (loaded, never attached).
+"""kpod.kernel.libbpf map primitives on a real kernel map (loaded, never attached).
 
 The cpu_sched object is loaded without attaching anything, so only this test writes to its
 per-cgroup hash map: every value read back is one the test put there.
@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from kernel_util import REPO, kernel_test
 
-from kpod import btflayout, libbpf
+from kpod.kernel import btflayout, libbpf
 
 pytestmark = kernel_test
 

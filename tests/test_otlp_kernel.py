@@ -79,7 +79,7 @@ def test_bpf_self_metrics_and_map_fill_in_debug_status(tmp_path: Path, clean_env
     map with its capacity (kpod.bpf.map_max_entries for per-cgroup maps) and fill level."""
     from kpod.agent import build_cgroup_index
     from kpod.config import load_config
-    from kpod.ebpf import REGISTRY
+    from kpod.kernel.ebpf import REGISTRY
     from kpod.pipeline import Pipeline
 
     path = tmp_path / "config.yaml"

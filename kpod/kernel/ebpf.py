@@ -52,11 +52,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kpod import btflayout, libbpf
-from kpod.btflayout import LayoutError, MapLayout
 from kpod.component import ComponentUnavailable, Receiver
+from kpod.kernel import btflayout, libbpf
+from kpod.kernel.btflayout import LayoutError, MapLayout
+from kpod.kernel.preflight import effective_capabilities
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
-from kpod.preflight import effective_capabilities
 
 log = logging.getLogger("kpod.ebpf")
 

@@ -1,7 +1,8 @@
-"""What a node offers the agent: kernel, BTF, cgroup layout, capabilities, tracefs.
+"""What the kernel offers the agent: release, BTF, capabilities, tracefs.
 
 Read-only checks for `kpod-metrics check` and for receivers' preflight(); nothing here mounts,
-writes or loads anything.
+writes or loads anything.  The cgroup layout, the other half of `check`'s report, is
+kpod.cgroups' business.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-
-from kpod.cgroups import CgroupMounts, parse_mountinfo_cgroups
 
 # Capability numbers (linux/capability.h).
 CAPABILITIES = {
@@ -61,29 +60,20 @@ def tracefs_mount() -> str | None:
 
 
 @dataclass
-class NodeFacts:
+class KernelFacts:
     kernel: str
     machine: str
     btf: bool
-    cgroup_layout: str
-    cgroup2_mount: str | None
     capabilities: set[str]
     tracefs: str | None
     root: bool
 
 
-def node_facts() -> NodeFacts:
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            mounts = parse_mountinfo_cgroups(handle.read())
-    except OSError:
-        mounts = CgroupMounts(unified=None)
-    return NodeFacts(
+def kernel_facts() -> KernelFacts:
+    return KernelFacts(
         kernel=platform.release(),
         machine=platform.machine(),
         btf=os.path.exists(BTF_PATH),
-        cgroup_layout=mounts.layout,
-        cgroup2_mount=mounts.unified,
         capabilities=effective_capabilities(),
         tracefs=tracefs_mount(),
         root=os.geteuid() == 0,

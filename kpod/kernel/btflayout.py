@@ -21,7 +21,7 @@ from ctypes import c_uint32
 from dataclasses import dataclass
 from typing import Any
 
-from kpod import libbpf
+from kpod.kernel import libbpf
 
 # BTF kinds (include/uapi/linux/btf.h).
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6

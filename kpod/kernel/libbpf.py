@@ -329,7 +329,7 @@ class Map:
     def id(self) -> int:
         return int(map_info(self.fd).id)
 
-    # Element access works on raw bytes; kpod.btflayout turns them into structs.
+    # Element access works on raw bytes; kpod.kernel.btflayout turns them into structs.
 
     def lookup(self, key: bytes) -> bytes | None:
         value = ctypes.create_string_buffer(self.value_size)
@@ -511,7 +511,7 @@ class BpfObject:
 
 def prog_info(fd: int) -> ctypes.Structure:
     """struct bpf_prog_info for a program fd, laid out from the running kernel's BTF."""
-    from kpod.btflayout import vmlinux_struct
+    from kpod.kernel.btflayout import vmlinux_struct
 
     info_type = vmlinux_struct("bpf_prog_info")
     info = info_type()
@@ -523,7 +523,7 @@ def prog_info(fd: int) -> ctypes.Structure:
 
 
 def map_info(fd: int) -> ctypes.Structure:
-    from kpod.btflayout import vmlinux_struct
+    from kpod.kernel.btflayout import vmlinux_struct
 
     info_type = vmlinux_struct("bpf_map_info")
     info = info_type()

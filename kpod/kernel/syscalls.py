@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from kpod.syscall_table import ARM64, X86_64
+from kpod.kernel.syscall_table import ARM64, X86_64
 
 TABLES = {"x86_64": X86_64, "aarch64": ARM64, "arm64": ARM64}
 
