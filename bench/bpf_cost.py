@@ -100,7 +100,7 @@ class KpodRun:
     """cpu_sched as the agent runs it (the mem object's programs do not fire on this load)."""
 
     def __init__(self) -> None:
-        from kpod.cgroups import CgroupIndex
+        from kpod.cgroup.index import CgroupIndex
         from kpod.component import Context, EmptyConfig
         from kpod.selfmetrics import SelfMetrics
         from kpod.settings import KpodSettings

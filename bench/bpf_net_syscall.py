@@ -44,7 +44,8 @@ from kpod.receivers.memory import MemoryConfig, MemoryReceiver
 from kpod.receivers.net_tcp import NetTcpConfig, NetTcpReceiver
 from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
-from kpod.cgroups import CgroupIndex, parse_mountinfo_cgroups
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.component import Context, EmptyConfig
 from kpod.kernel import libbpf
 from kpod.kernel.ebpf import BpfReceiver

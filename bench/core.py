@@ -23,7 +23,7 @@ from pathlib import Path
 from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter
 
 from bench.synthetic import node_batch
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
 from kpod.exposition import Renderer
 from kpod.selfmetrics import SelfMetrics

@@ -13,7 +13,8 @@ import threading
 import time
 from types import FrameType
 
-from kpod.cgroups import CgroupIndex, read_mountinfo, resolve_cgroup_root
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import read_mountinfo, resolve_cgroup_root
 from kpod.config import AgentConfig
 from kpod.pipeline import Pipeline
 

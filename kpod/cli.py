@@ -119,7 +119,7 @@ def _check(path: str | None) -> int:
     # `check` reports what the node offers, so it asks the kernel and cgroup packages directly
     # (and only for this command).
     from kpod.agent import build_cgroup_index
-    from kpod.cgroups import parse_mountinfo_cgroups, read_mountinfo
+    from kpod.cgroup.mounts import parse_mountinfo_cgroups, read_mountinfo
     from kpod.component import Context
     from kpod.kernel.preflight import kernel_facts
     from kpod.selfmetrics import SelfMetrics

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from kpod.model import Batch, MetricDef
 
 if TYPE_CHECKING:
-    from kpod.cgroups import CgroupIndex
+    from kpod.cgroup.index import CgroupIndex
     from kpod.config import KpodSettings
     from kpod.selfmetrics import SelfMetrics
     from kpod.status import AgentStatus

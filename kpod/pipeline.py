@@ -15,9 +15,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kpod import __version__, parsers
+from kpod import __version__
 from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup import parsers
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
 from kpod.model import Batch, Kind, MetricDef, Point

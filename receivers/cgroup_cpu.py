@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kpod.cgroupfs import CgroupFileReceiver
+from kpod.cgroup.files import CgroupFileReceiver
+from kpod.cgroup.parsers import parse_cpu_stat
 from kpod.component import Factory
 from kpod.model import Batch, Kind, MetricDef, Point
-from kpod.parsers import parse_cpu_stat
 
 USAGE = MetricDef("kpod.cpu.usage.seconds", Kind.COUNTER, "s", "CPU time consumed by the cgroup's tasks.")
 THROTTLED_PERIODS = MetricDef(

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kpod.cgroupfs import ControllerFilesReceiver, v1_path
+from kpod.cgroup.files import ControllerFilesReceiver, v1_path
+from kpod.cgroup.parsers import parse_flat_keyed_value, parse_single_int
 from kpod.component import Context, EmptyConfig, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.parsers import parse_flat_keyed_value, parse_single_int
 
 USAGE = MetricDef("kpod.mem.usage.bytes", Kind.GAUGE, "By", "Memory charged to the cgroup (memory.current)")
 WORKING_SET = MetricDef(

@@ -22,10 +22,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kpod.cgroupfs import ControllerFilesReceiver, read_text, v1_path
+from kpod.cgroup.files import ControllerFilesReceiver, read_text, v1_path
+from kpod.cgroup.parsers import DevNum, parse_blkio_throttle, parse_devname, parse_io_stat
 from kpod.component import Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.parsers import DevNum, parse_blkio_throttle, parse_devname, parse_io_stat
 from kpod.units import Duration
 
 READ_BYTES = MetricDef("kpod.disk.read.bytes", Kind.COUNTER, "By", "Bytes read from block devices", ("device",))

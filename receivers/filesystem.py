@@ -28,11 +28,11 @@ import os
 import stat as stat_mod
 from dataclasses import dataclass, field
 
-from kpod.cgroupfs import CgroupFileReceiver, read_text
+from kpod.cgroup.files import CgroupFileReceiver, read_text
+from kpod.cgroup.parsers import MountInfo, parse_mountinfo
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.kernel.preflight import capability_gaps
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.parsers import MountInfo, parse_mountinfo
 
 _MP = ("mountpoint",)
 CAPACITY = MetricDef("kpod.fs.capacity.bytes", Kind.GAUGE, "By", "Filesystem size", _MP)

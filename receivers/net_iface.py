@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from kpod.cgroupfs import NET_DEV_MAX_RECORD, CgroupFileReceiver, pod_cgroup_path
+from kpod.cgroup.files import NET_DEV_MAX_RECORD, CgroupFileReceiver, pod_cgroup_path
+from kpod.cgroup.parsers import NetDevCounters, parse_net_dev
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.kernel.preflight import capability_gaps
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.parsers import NetDevCounters, parse_net_dev
 
 _IFACE = ("interface",)
 

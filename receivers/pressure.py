@@ -19,10 +19,10 @@ unavailable.
 
 from __future__ import annotations
 
-from kpod.cgroupfs import CgroupFileReceiver, read_text
+from kpod.cgroup.files import CgroupFileReceiver, read_text
+from kpod.cgroup.parsers import parse_pressure_totals
 from kpod.component import ComponentUnavailable, Context, EmptyConfig, Factory
 from kpod.model import Batch, Kind, MetricDef, Point
-from kpod.parsers import parse_pressure_totals
 
 _KIND = ("kind",)
 CPU = MetricDef(

@@ -50,7 +50,7 @@ RECEIVERS = ("cpu_sched", "memory", "bpf_maps", "cgroup_cpu", "cgroup_memory", "
 
 
 def _cgroup2_mount() -> str:
-    from kpod.cgroups import parse_mountinfo_cgroups
+    from kpod.cgroup.mounts import parse_mountinfo_cgroups
 
     unified = parse_mountinfo_cgroups(Path("/proc/self/mountinfo").read_text()).unified
     if not unified:
@@ -63,7 +63,7 @@ def _cgroup2_mount() -> str:
 
 def probe(root: str, proc_root: str) -> dict[str, Any]:
     """Runs inside the cut-down process: start every receiver, collect twice, report."""
-    from kpod.cgroups import CgroupIndex
+    from kpod.cgroup.index import CgroupIndex
     from kpod.component import ComponentUnavailable, Context
     from kpod.registry import Registry
     from kpod.selfmetrics import SelfMetrics

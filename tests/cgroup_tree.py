@@ -13,9 +13,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kpod.cgroups import CgroupIndex, CgroupMounts
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import CgroupMounts
+from kpod.cgroup.parsers import parse_mountinfo
 from kpod.component import Context
-from kpod.parsers import parse_mountinfo
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 

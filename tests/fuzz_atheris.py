@@ -20,14 +20,14 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
-    from kpod import parsers as p
-    from kpod.cgroups import parse_mountinfo_cgroups
+    from kpod.cgroup import parsers as p
+    from kpod.cgroup.mounts import parse_mountinfo_cgroups
     from kpod.config import ConfigError, load_config
     from kpod.discovery import decode_pod_list, decode_watch_event
 
 
 def _text(data: bytes) -> str:
-    # What the receivers hand the parsers: bytes decoded with surrogateescape (kpod.cgroupfs).
+    # What the receivers hand the parsers: bytes decoded with surrogateescape (kpod.cgroup.files).
     return data.decode("utf-8", "surrogateescape")
 
 

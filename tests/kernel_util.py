@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from kpod.cgroups import CgroupIndex, parse_mountinfo_cgroups
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.component import Context
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings

@@ -30,10 +30,17 @@ from kpod.receivers.filesystem import FilesystemConfig, FilesystemReceiver
 from kpod.receivers.net_iface import NetIfaceConfig, NetIfaceReceiver
 from kpod.receivers.pressure import PressureReceiver
 
-from kpod.cgroups import CgroupIndex, CgroupMounts, parse_mountinfo_cgroups
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import CgroupMounts, parse_mountinfo_cgroups
+from kpod.cgroup.parsers import (
+    parse_blkio_throttle,
+    parse_io_stat,
+    parse_memory_stat,
+    parse_net_dev,
+    parse_pressure_totals,
+)
 from kpod.component import EmptyConfig
 from kpod.model import Batch
-from kpod.parsers import parse_blkio_throttle, parse_io_stat, parse_memory_stat, parse_net_dev, parse_pressure_totals
 
 MOUNTS = parse_mountinfo_cgroups(Path("/proc/self/mountinfo").read_text())
 

@@ -16,10 +16,10 @@ import pytest
 from cgroup_tree import FIXTURES, HYBRID_MEM, V2, Tree, build_tree
 from kpod.receivers.filesystem import candidate_mounts
 
-from kpod.cgroupfs import COLLECTION_ERRORS, pod_cgroup_path
+from kpod.cgroup.files import COLLECTION_ERRORS, pod_cgroup_path
+from kpod.cgroup.parsers import parse_memory_stat, parse_mountinfo, parse_pressure, parse_single_int
 from kpod.component import Receiver
 from kpod.model import Batch, Point
-from kpod.parsers import parse_memory_stat, parse_mountinfo, parse_pressure, parse_single_int
 from kpod.selfmetrics import SelfMetrics
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
@@ -322,7 +322,7 @@ def test_receiver_configs_go_through_the_config_builder() -> None:
 
 
 def test_read_helpers_return_whole_files(tmp_path: Path) -> None:
-    from kpod.cgroupfs import read_record, read_text
+    from kpod.cgroup.files import read_record, read_text
 
     for size in (0, 100, 4000, 4096, 70000, 200000):
         f = tmp_path / f"f{size}"

@@ -23,7 +23,7 @@ from kpod.processors.k8sattributes import (
     factory,
 )
 
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context
 from kpod.discovery import InformerDiscovery
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point

@@ -17,7 +17,7 @@ from fake_apiserver import container_id, make_pod
 from fake_kubelet import Certs, FakeKubelet, make_certs
 from kpod.processors.k8sattributes import UNRESOLVED_METRIC, K8sAttributesConfig, K8sAttributesProcessor, factory
 
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context
 from kpod.discovery import KubeletDiscovery
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from agent_proc import AgentProcess, free_port
 
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
 from kpod.config import ConfigError, load_config
 from kpod.model import Batch, Kind, MetricDef, Point

@@ -202,7 +202,7 @@ def test_full_map_counts_errors_then_recovers_after_the_cgroups_go() -> None:
     from kpod.receivers.bpf_maps import BpfMapsReceiver
     from kpod.receivers.cpu_sched import CpuSchedReceiver
 
-    from kpod.cgroups import CgroupIndex
+    from kpod.cgroup.index import CgroupIndex
     from kpod.component import EmptyConfig
 
     capacity = 4

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from kpod import parsers as p
-from kpod.cgroups import parse_mountinfo_cgroups
+from kpod.cgroup import parsers as p
+from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.config import ConfigError, load_config
 from kpod.discovery import decode_pod_list, decode_watch_event, parse_pod_list
 from kpod.exposition import Renderer
@@ -552,7 +552,7 @@ def test_pod_data_cannot_inject_series_through_k8sattributes(name: str, namespac
     renderer; prometheus_client's parser reads back exactly one series with the same values."""
     from kpod.processors.k8sattributes import K8sAttributesConfig, K8sAttributesProcessor
 
-    from kpod.cgroups import CgroupIndex
+    from kpod.cgroup.index import CgroupIndex
     from kpod.component import Context
     from kpod.selfmetrics import SelfMetrics
     from kpod.settings import KpodSettings

@@ -12,7 +12,7 @@ from kpod.processors.k8sattributes import (
     factory,
 )
 
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
 from kpod.selfmetrics import SelfMetrics

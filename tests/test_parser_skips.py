@@ -1,5 +1,5 @@
 """Odd input is skipped *and counted*: every skip of the file parsers lands in
-kpod.parsers.SKIPPED and reaches the exposition as kpod_parser_skipped_lines_total{parser};
+kpod.cgroup.parsers.SKIPPED and reaches the exposition as kpod_parser_skipped_lines_total{parser};
 the real files of this host and of the captured kernels skip nothing (no false alarms)."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from cgroup_tree import FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpod import parsers as p
-from kpod.cgroups import CgroupIndex, parse_mountinfo_cgroups
+from kpod.cgroup import parsers as p
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.config import load_config
 from kpod.pipeline import Pipeline
 

@@ -1,4 +1,4 @@
-"""The pure parsers of kpod.parsers, on files captured from real kernels (shared/fixtures).
+"""The pure parsers of kpod.cgroup.parsers, on files captured from real kernels (shared/fixtures).
 
 Values asserted literally are the ones shared/fixtures/README.md marks exact (they come from
 the workload: dd sizes, frame counts) or, where marked "as captured", the literal value in
@@ -12,7 +12,7 @@ from cgroup_tree import FIXTURES, HYBRID, V2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kpod import parsers as p
+from kpod.cgroup import parsers as p
 
 POD1 = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_0000_4000_8000_000000000001.slice"
 CRI = "/cri-containerd-{}.scope"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.config import load_config
 from kpod.pipeline import Pipeline
 from kpod.registry import Registry
@@ -205,7 +205,7 @@ def real_cgroup_root() -> Any:
     """A cgroup2 directory of our own to use as the agent's root (never the host's tree)."""
     import os
 
-    from kpod.cgroups import parse_mountinfo_cgroups
+    from kpod.cgroup.mounts import parse_mountinfo_cgroups
 
     if os.geteuid() != 0:
         pytest.skip("needs root to create cgroups")

@@ -106,7 +106,7 @@ def test_node_sized_exposition_passes_promtool() -> None:
 def exporter() -> object:
     from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter
 
-    from kpod.cgroups import CgroupIndex
+    from kpod.cgroup.index import CgroupIndex
 
     status = AgentStatus(poll_interval_s=1.0)
     context = Context(

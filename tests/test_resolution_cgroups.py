@@ -33,7 +33,7 @@ from fake_apiserver import make_pod
 from kernel_util import CgroupTree, cgroup_tree, mounts
 from kpod.processors.k8sattributes import UNRESOLVED_METRIC, K8sAttributesConfig, K8sAttributesProcessor, factory
 
-from kpod.cgroups import CgroupIndex
+from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.pods import pod_from_json

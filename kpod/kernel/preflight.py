@@ -2,7 +2,7 @@
 
 Read-only checks for `kpod-metrics check` and for receivers' preflight(); nothing here mounts,
 writes or loads anything.  The cgroup layout, the other half of `check`'s report, is
-kpod.cgroups' business.
+kpod.cgroup.mounts' business.
 """
 
 from __future__ import annotations

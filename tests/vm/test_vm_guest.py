@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kpod.cgroups import CgroupIndex, CgroupMounts, parse_mountinfo_cgroups
+from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.mounts import CgroupMounts, parse_mountinfo_cgroups
 
 IN_VM = os.environ.get("KPOD_IN_VM") == "1"
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(not IN_VM, reason="runs inside the VM of `make test-vm`")]
@@ -113,7 +114,7 @@ def test_disk_io_stat_on_the_virtio_disk() -> None:
     from cgroup_tree import make_context
     from kpod.receivers.disk import DiskConfig, DiskReceiver
 
-    from kpod.parsers import parse_io_stat
+    from kpod.cgroup.parsers import parse_io_stat
 
     st = os.stat("/dev/vda")
     major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)

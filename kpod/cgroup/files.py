@@ -1,6 +1,6 @@
 """File access shared by the cgroup-file receivers (disk, net_iface, filesystem, memory, pressure).
 
-The parsers in kpod.parsers are pure; this module does the reading: one `os.read` loop per
+The parsers in kpod.cgroup.parsers are pure; this module does the reading: one `os.read` loop per
 file (kernfs and procfs files are generated on read, so there is nothing to gain from Python's
 buffered layer), the error accounting every receiver must do the same way, and the few path
 rules of the cgroup layouts (v1 controller paths on hybrid hosts, the pod cgroup of a
@@ -14,10 +14,10 @@ import os
 import re
 from typing import ClassVar
 
-from kpod.cgroups import CgroupMounts
+from kpod.cgroup.mounts import CgroupMounts
+from kpod.cgroup.parsers import parse_cgroup_procs
 from kpod.component import ComponentUnavailable, Receiver
 from kpod.model import CgroupRef
-from kpod.parsers import parse_cgroup_procs
 
 COLLECTION_ERRORS = "kpod.collection.errors"
 # Same name and help as kpod.pipeline's, which declares the family: one family, whoever counts first.

@@ -1,9 +1,9 @@
-"""Where the cgroups are, and which cgroup an id means.
+"""Which cgroup an id means.
 
-`parse_mountinfo_cgroups` is a pure parser of /proc/self/mountinfo.  `CgroupIndex` walks the
-cgroup2 tree once per cycle (os.scandir, no /proc scan) and answers id -> path: a cgroup2 id
-is the inode number of the cgroup's directory, which is what `bpf_get_current_cgroup_id()`
-and `kn->id` return in the kernel.
+`CgroupIndex` walks the cgroup2 tree once per cycle (os.scandir, no /proc scan) and answers
+id -> path: a cgroup2 id is the inode number of the cgroup's directory, which is what
+`bpf_get_current_cgroup_id()` and `kn->id` return in the kernel.  Where the tree is mounted is
+kpod.cgroup.mounts' business.
 """
 
 from __future__ import annotations
@@ -13,92 +13,12 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from kpod.cgroup.mounts import CgroupMounts
 from kpod.model import CgroupRef
-from kpod.parsers import unescape_mountinfo
 
 log = logging.getLogger("kpod.cgroups")
-
-
-@dataclass(frozen=True)
-class CgroupMounts:
-    """The cgroup mounts of a host: the cgroup2 mount, and v1 controllers by name."""
-
-    unified: str | None
-    v1: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def layout(self) -> str:
-        if self.unified and not self.v1:
-            return "v2"
-        if self.unified and self.v1:
-            return "hybrid"
-        return "v1" if self.v1 else "none"
-
-
-def _unescape_mount_path(path: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.  One implementation
-    # with kpod.parsers: a backslash followed by anything but three octal digits is literal.
-    return unescape_mountinfo(path)
-
-
-def parse_mountinfo_cgroups(text: str) -> CgroupMounts:
-    """Find the cgroup2 mount and the v1 controller mounts in mountinfo text.
-
-    Lines that do not have the mountinfo shape are skipped.  With several cgroup2 mounts
-    (bind mounts of sub-trees inside containers), the one whose root is "/" wins.
-    """
-    unified: str | None = None
-    unified_is_root = False
-    v1: dict[str, str] = {}
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields = left.split()
-        tail = right.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        root, mount_point = fields[3], _unescape_mount_path(fields[4])
-        fstype, options = tail[0], tail[2]
-        if fstype == "cgroup2":
-            if unified is None or (root == "/" and not unified_is_root):
-                unified, unified_is_root = mount_point, root == "/"
-        elif fstype == "cgroup":
-            for option in options.split(","):
-                if option in ("rw", "ro") or option.startswith("release_agent"):
-                    continue
-                v1.setdefault(option, mount_point)
-    return CgroupMounts(unified=unified, v1=v1)
-
-
-def is_cgroup2_mount(path: str, mounts: CgroupMounts) -> bool:
-    return mounts.unified is not None and os.path.realpath(path) == os.path.realpath(mounts.unified)
-
-
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> str:
-    """This process's mountinfo text ("" when it cannot be read: no cgroup mount is known)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
-def resolve_cgroup_root(configured: str, mountinfo_text: str) -> tuple[str, CgroupMounts]:
-    """The cgroup2 mount to use: `configured` if it is one, else the one in mountinfo.
-
-    A configured path that contains `cgroup.controllers` is taken as a cgroup2 root even when
-    it is not in our mountinfo (a host's tree mounted into the agent's container, or a test
-    fixture).
-    """
-    mounts = parse_mountinfo_cgroups(mountinfo_text)
-    if os.path.exists(os.path.join(configured, "cgroup.controllers")):
-        return configured, mounts
-    if mounts.unified:
-        return mounts.unified, mounts
-    raise FileNotFoundError(f"{configured}: not a cgroup2 mount, and no cgroup2 mount in mountinfo")
 
 
 # A k8s node's workload cgroups live under these top-level names (systemd and cgroupfs drivers).
