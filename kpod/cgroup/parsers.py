@@ -181,7 +181,7 @@ def parse_blkio_throttle(text: str) -> dict[DevNum, dict[str, int]]:
     Returns {(major, minor): {"Read": n, "Write": n, ...}}.  The closing "Total N" line (no
     device) is a sum and is not returned.  A file that is only "Total 0" returns {}: on recent
     kernels these counters are only kept on devices that have a throttle rule, so an empty
-    result means NO DATA, not "no I/O" (see shared/fixtures/README.md, surprise 1).
+    result means NO DATA, not "no I/O" (see tests/fixtures/README.md, surprise 1).
     """
     devices: dict[DevNum, dict[str, int]] = {}
     for line in text.splitlines():

@@ -60,10 +60,10 @@ def test_modules_load_after_their_dependencies(tmp_path: Path, monkeypatch: pyte
 
 
 def test_guest_script_quotes_the_command() -> None:
-    script = vm.guest_script(["sh", "-c", "echo 'a b' $HOME"], Path("/work/dir with space"), {"X": "1 2"})
+    script = vm.guest_script(["sh", "-c", "echo 'a b' $HOME"], Path("/srv/dir with space"), {"X": "1 2"})
     lines = script.splitlines()
     assert "export X='1 2'" in lines
-    assert "cd '/work/dir with space'" in lines
+    assert "cd '/srv/dir with space'" in lines
     assert lines[-1] == "sh -c 'echo '\"'\"'a b'\"'\"' $HOME'"
 
 
