@@ -7,6 +7,8 @@ the captured file.  The odd-input tests check that a parser keeps what parsed an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from cgroup_tree import FIXTURES, HYBRID, V2
 from hypothesis import given, settings
@@ -297,26 +299,44 @@ def test_parsers_never_raise_on_garbage_bytes(data: bytes) -> None:
         parse(text)
 
 
+def is_part_of(part: object, whole: object) -> bool:
+    """`part` holds only what `whole` holds: dict entries equal (recursively), a list a prefix."""
+    if isinstance(part, dict) and isinstance(whole, dict):
+        return all(key in whole and is_part_of(value, whole[key]) for key, value in part.items())
+    if isinstance(part, list) and isinstance(whole, list):
+        return part == whole[: len(part)]
+    return part == whole
+
+
 @pytest.mark.parametrize(
-    "relative",
+    ("relative", "parse"),
     [
-        "cgroup-v2-kernel-6.1/io.stat",
-        "cgroup-v2-kernel-6.1/cpu.stat",
-        "cgroup-v2-kernel-6.1/cpu.pressure",
-        "cgroup-v2-kernel-6.1/proc/net-dev-pod.txt",
-        "cgroup-v2-kernel-6.1/proc/mountinfo-container.txt",
-        "cgroup-hybrid-kernel-6.18/blkio/kpod-fixture-blkio/blkio.throttle.io_service_bytes",
-        "cgroup-hybrid-kernel-6.18/memory/kpod-fixture-mem/memory.stat",
+        ("cgroup-v2-kernel-6.1/io.stat", p.parse_io_stat),
+        ("cgroup-v2-kernel-6.1/cpu.stat", p.parse_cpu_stat),
+        ("cgroup-v2-kernel-6.1/cpu.pressure", p.parse_pressure),
+        ("cgroup-v2-kernel-6.1/proc/net-dev-pod.txt", p.parse_net_dev),
+        ("cgroup-v2-kernel-6.1/proc/mountinfo-container.txt", p.parse_mountinfo),
+        ("cgroup-hybrid-kernel-6.18/blkio/kpod-fixture-blkio/blkio.throttle.io_service_bytes", p.parse_blkio_throttle),
+        ("cgroup-hybrid-kernel-6.18/memory/kpod-fixture-mem/memory.stat", p.parse_memory_stat),
+        (f"cgroup-v2-kernel-6.1/{POD3_MEM}/cgroup.procs", p.parse_cgroup_procs),
     ],
+    ids=lambda value: getattr(value, "__name__", None) or str(value).rsplit("/", 1)[-1],
 )
-def test_truncation_at_every_offset_never_raises(relative: str) -> None:
-    """A read cut anywhere (a cgroup removed mid-read) still parses into a prefix of the data."""
+def test_truncation_at_every_offset_keeps_the_complete_lines(relative: str, parse: Callable[[str], object]) -> None:
+    """A read cut anywhere (a cgroup removed mid-read) parses into a part of the data: every
+    complete line as in the whole file, and at most one entry more (the cut line, whose value
+    may be cut short).  No other parser raises on the cut text either."""
     text = read(*relative.split("/"))
-    for parse in PARSERS:
-        full = parse(text)
-        for cut in range(len(text)):
-            parse(text[:cut])
-        assert parse(text) == full
+    full = parse(text)
+    assert full, "the captured file parses into something"
+    for cut in range(len(text)):
+        truncated = parse(text[:cut])
+        complete = parse(text[: text.rfind("\n", 0, cut) + 1])
+        assert is_part_of(complete, full), (cut, complete)
+        assert is_part_of(complete, truncated), (cut, truncated)
+        assert len(truncated) - len(complete) <= 1, (cut, truncated)  # type: ignore[arg-type]
+        for other in PARSERS:
+            other(text[:cut])
 
 
 # ---------------------------------------------------------------------------------- fast paths
