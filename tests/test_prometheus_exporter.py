@@ -157,11 +157,35 @@ def test_http_endpoints(exporter: object) -> None:
     assert get(address, "/nope").status == 404
 
 
-def test_scrape_serves_the_cached_exposition(exporter: object) -> None:
-    """Scrapes between two cycles return identical bytes: nothing is collected or rendered."""
-    exporter.export(node_batch(pods=2))  # type: ignore[attr-defined]
+def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scrapes between two cycles return the bytes export() made: nothing is rendered or
+    compressed per scrape, in any of the four formats."""
+    calls = {"render": 0, "gzip": 0}
+    real_render, real_compress = Renderer.render, gzip.compress
+
+    def counted_render(self: Renderer, batch: Batch) -> tuple[bytes, bytes, int]:
+        calls["render"] += 1
+        return real_render(self, batch)
+
+    def counted_compress(data: bytes, *args: object, **kwargs: object) -> bytes:
+        calls["gzip"] += 1
+        return real_compress(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Renderer, "render", counted_render)
+    monkeypatch.setattr(gzip, "compress", counted_compress)
+    batch = node_batch(pods=2)
+    exporter.export(batch)  # type: ignore[attr-defined]
+    assert calls == {"render": 1, "gzip": 2}  # text and OpenMetrics, each plain and gzipped
+    text, openmetrics, _ = real_render(Renderer(), batch)
     address = exporter.address  # type: ignore[attr-defined]
-    first = get(address, "/metrics").body  # type: ignore[attr-defined]
-    assert get(address, "/metrics").body == first  # type: ignore[attr-defined]
+    om = "application/openmetrics-text;version=1.0.0"
+    for _ in range(3):
+        assert get(address, "/metrics").body == text  # type: ignore[attr-defined]
+        assert gzip.decompress(get(address, "/metrics", {"Accept-Encoding": "gzip"}).body) == text  # type: ignore[attr-defined]
+        assert get(address, "/metrics", {"Accept": om}).body == openmetrics  # type: ignore[attr-defined]
+        zipped = get(address, "/metrics", {"Accept": om, "Accept-Encoding": "gzip"}).body  # type: ignore[attr-defined]
+        assert gzip.decompress(zipped) == openmetrics
+    assert calls == {"render": 1, "gzip": 2}, "a scrape rendered or compressed"
     exporter.export(node_batch(pods=1))  # type: ignore[attr-defined]
-    assert get(address, "/metrics").body != first  # type: ignore[attr-defined]
+    assert calls == {"render": 2, "gzip": 4}
+    assert get(address, "/metrics").body != text  # type: ignore[attr-defined]
