@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import http.client
+import json
 import logging
 import socket
 import ssl
@@ -94,8 +95,13 @@ def test_bearer_token_protects_metrics_and_status_but_not_probes(protected: obje
         assert get(protected, path, {"Authorization": f"Bearer {TOKEN}x"})[0] == 401
         assert get(protected, path, {"Authorization": f"Bearer {TOKEN}"})[0] == 200, path
     assert b"kpod_test_up 1" in get(protected, "/metrics", {"Authorization": f"Bearer {TOKEN}"})[1]
-    assert get(protected, "/healthz")[0] == 200  # the kubelet's probes carry no token
-    assert get(protected, "/readyz")[0] in (200, 503)
+    # The kubelet's probes carry no token: they get the agent's state, never a 401.
+    assert get(protected, "/healthz") == (200, b"ok\n")
+    status, body = get(protected, "/readyz")
+    assert status == 503 and json.loads(body)["ready"] is False  # no collection cycle yet
+    protected.context.status.cycle_done()  # type: ignore[attr-defined]
+    status, body = get(protected, "/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
 
 
 def test_rotated_token_is_picked_up_without_a_restart(protected: object, token_file: Path) -> None:
