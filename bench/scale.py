@@ -54,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from agent_proc import AgentProcess, biggest_profile, free_port, rss_kib  # noqa: E402
+from agent_proc import AgentProcess, free_port, full_profile, rss_kib  # noqa: E402
 from fake_apiserver import FakeApiServer, make_pod  # noqa: E402
 from kernel_util import CgroupTree, cgroup2_root, mounts  # noqa: E402
 
@@ -247,7 +247,7 @@ class _TimedAgent(AgentProcess):
 
 def _start_agent(workdir: Path, kubeconfig: str, root: str) -> _TimedAgent:
     port = free_port()
-    profile = biggest_profile()
+    profile = full_profile()
     config = (
         f"kpod: {{profile: {profile}, poll_interval: {POLL_S:g}s, node_name: {NODE}, discovery: {{mode: informer}},"
         f" cgroup: {{root: {root}}}, filter: {{exclude_namespaces: []}}}}\n"
@@ -503,7 +503,7 @@ Command: `{command}` (also run by `make bench`).
 - Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio mirrors on this hybrid host),
   alternately 2 and 1 containers per pod, a live process per container waking once a second; the
   pods served by tests/fake_apiserver.py; the agent as its own process, informer mode,
-  {biggest_profile()} profile, poll {POLL_S:g} s, Prometheus exporter.
+  {full_profile()} profile, poll {POLL_S:g} s, Prometheus exporter.
 - Cycle: the agent's own timing of run_cycle (cgroup walk, every receiver, k8sattributes, render),
   read from its `kpod.agent` debug line; median and p99 of {CYCLES} consecutive cycles.  CPU per
   cycle: the agent's utime+stime (the process_cpu_seconds_total counter) over those cycles / cycles,

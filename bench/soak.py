@@ -43,10 +43,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from agent_proc import (  # noqa: E402 - test helpers live in tests/
     AgentProcess,
-    biggest_profile,
     bpf_ids_of,
     fd_count,
     free_port,
+    full_profile,
     rss_kib,
     thread_count,
 )
@@ -193,7 +193,7 @@ def _map_entries(agent: AgentProcess) -> dict[str, float]:
 
 def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=print) -> SoakResult:  # type: ignore[no-untyped-def]
     """Run the soak; raises only for setup problems (not root...).  Cleans up everything."""
-    profile = biggest_profile()
+    profile = full_profile()
     result = SoakResult(cycles=cycles, window=window, profile=profile)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kpod-soak-"))
     root = cgroup2_root()

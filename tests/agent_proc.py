@@ -40,18 +40,19 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def biggest_profile() -> str:
-    """The largest profile whose receivers are all installed here (comprehensive when every
-    receiver plugin is registered; a smaller one while some are still being built)."""
+FULL_PROFILE = "comprehensive"
+
+
+def full_profile() -> str:
+    """The profile with every receiver, checked to load here first: a receiver that is missing
+    or broken fails the caller with the config error instead of shrinking what it tests."""
     from kpod.config import ConfigError, load_config
 
-    for profile in ("comprehensive", "standard", "minimal"):
-        try:
-            load_config(None, environ={"KPOD_PROFILE": profile, "KPOD_DISCOVERY_MODE": "local"})
-        except ConfigError:
-            continue
-        return profile
-    raise RuntimeError("no profile loads")
+    try:
+        load_config(None, environ={"KPOD_PROFILE": FULL_PROFILE, "KPOD_DISCOVERY_MODE": "local"})
+    except ConfigError as exc:
+        raise AssertionError(f"the {FULL_PROFILE} profile does not load here: {exc}") from exc
+    return FULL_PROFILE
 
 
 @dataclass

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from agent_proc import (
     AgentProcess,
-    biggest_profile,
     bpf_ids_of,
     free_port,
+    full_profile,
     pinned_files,
     running_agent,
     still_present,
@@ -61,7 +61,7 @@ def test_signal_leaves_no_bpf_program_map_or_link(tmp_path: Path, sig: int) -> N
     """Whatever way the agent ends, every BPF object it held is gone and nothing was pinned."""
     pinned_before = pinned_files()
     port = free_port()
-    with running_agent(local_config(port, biggest_profile()), tmp_path, port) as agent:
+    with running_agent(local_config(port, full_profile()), tmp_path, port) as agent:
         agent.wait_ready()
         wait_for_bpf(agent)
         ours = bpf_ids_of(agent.pid)

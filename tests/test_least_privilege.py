@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from agent_proc import biggest_profile, free_port, running_agent
+from agent_proc import free_port, full_profile, running_agent
 from kernel_util import Workload, cgroup2_root, cgroup_tree, kernel_test, workloads
 
 pytestmark = [*kernel_test, pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv not installed")]
@@ -38,7 +38,7 @@ def observe(tmp_path: Path, prefix: tuple[str, ...], container: str) -> tuple[di
     own metric families, the families of our workload's cgroup, and its log."""
     port = free_port()
     config = (
-        f"kpod: {{profile: {biggest_profile()}, poll_interval: 300ms, discovery: {{mode: local}},"
+        f"kpod: {{profile: {full_profile()}, poll_interval: 300ms, discovery: {{mode: local}},"
         f" cgroup: {{root: {cgroup2_root()}}}}}\n"
         f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
     )
