@@ -51,15 +51,14 @@ def child_informer(kubeconfig: str, pods: int, seconds: float) -> dict[str, floa
     import logging
 
     start = _settle()
-    from kpod.processors.k8sattributes import K8sAttributesConfig
+    from kpod.processors.k8sattributes.config import K8sAttributesConfig
+    from kpod.processors.k8sattributes.pods import PodStore
 
-    from kpod.pods import PodStore
     from kpod.units import Duration
 
     agent = _settle()
     import kubernetes.client  # noqa: F401 - the client's import cost, reported on its own line
-
-    from kpod.discovery import InformerDiscovery
+    from kpod.processors.k8sattributes.discovery import InformerDiscovery
 
     imported = _settle()
     store = PodStore()
@@ -99,8 +98,9 @@ def child_kubelet(url: str, pods: int, seconds: float) -> dict[str, float]:
     """Kubelet mode in a fresh process: no `kubernetes` import at all, a poll per second."""
     import logging
 
-    from kpod.discovery import KubeletDiscovery
-    from kpod.pods import PodStore
+    from kpod.processors.k8sattributes.discovery import KubeletDiscovery
+    from kpod.processors.k8sattributes.pods import PodStore
+
     from kpod.settings import KpodSettings
     from kpod.units import Duration
 

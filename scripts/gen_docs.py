@@ -162,7 +162,7 @@ def profile_metrics(profile: str, docs: list[ReceiverDoc]) -> list[tuple[Receive
 
 def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(prometheus name, type, unit, description, labels) of the pipeline's own metrics."""
-    from kpod.processors import k8sattributes
+    from kpod.processors.k8sattributes import processor as k8sattributes
 
     from kpod import selfmetrics
 

@@ -20,10 +20,11 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
+    from kpod.processors.k8sattributes.discovery import decode_pod_list, decode_watch_event
+
     from kpod.cgroup import parsers as p
     from kpod.cgroup.mounts import parse_mountinfo_cgroups
     from kpod.config import ConfigError, load_config
-    from kpod.discovery import decode_pod_list, decode_watch_event
 
 
 def _text(data: bytes) -> str:

@@ -15,19 +15,15 @@ from pathlib import Path
 
 import pytest
 from fake_apiserver import FakeApiServer, Pod, container_id, make_pod
-from kpod.processors.k8sattributes import (
-    EXTRAS_PODS,
-    UNRESOLVED_METRIC,
-    K8sAttributesConfig,
-    K8sAttributesProcessor,
-    factory,
-)
+from kpod.processors.k8sattributes import factory
+from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.discovery import InformerDiscovery
+from kpod.processors.k8sattributes.pods import PodStore
+from kpod.processors.k8sattributes.processor import EXTRAS_PODS, UNRESOLVED_METRIC, K8sAttributesProcessor
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context
-from kpod.discovery import InformerDiscovery
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.pods import PodStore
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 from kpod.units import Duration
@@ -337,9 +333,9 @@ def test_shutdown_is_prompt_during_a_long_watch(api: FakeApiServer, harness: Har
 
 
 def test_list_is_paginated(api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kpod.discovery
+    import kpod.processors.k8sattributes.discovery
 
-    monkeypatch.setattr(kpod.discovery, "LIST_PAGE_SIZE", 2)
+    monkeypatch.setattr(kpod.processors.k8sattributes.discovery, "LIST_PAGE_SIZE", 2)
     uids = {api.add_pod(make_pod(f"web-{i}"))["metadata"]["uid"] for i in range(5)}
     h = Harness(api, tmp_path)
     try:

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 from fake_apiserver import container_id, make_pod
 from fake_kubelet import Certs, FakeKubelet, make_certs
-from kpod.processors.k8sattributes import UNRESOLVED_METRIC, K8sAttributesConfig, K8sAttributesProcessor, factory
+from kpod.processors.k8sattributes import factory
+from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.discovery import KubeletDiscovery
+from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttributesProcessor
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context
-from kpod.discovery import KubeletDiscovery
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from fake_apiserver import FakeApiServer, make_pod
 from kernel_util import CgroupTree, cgroup_tree, mounts
-from kpod.processors.k8sattributes import PODS_METRIC
+from kpod.processors.k8sattributes.processor import PODS_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 

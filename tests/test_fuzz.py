@@ -21,15 +21,15 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from kpod.processors.k8sattributes.discovery import decode_pod_list, decode_watch_event, parse_pod_list
+from kpod.processors.k8sattributes.pods import PodInfo, pod_from_json
 from prometheus_client.parser import text_string_to_metric_families
 
 from kpod.cgroup import parsers as p
 from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.config import ConfigError, load_config
-from kpod.discovery import decode_pod_list, decode_watch_event, parse_pod_list
 from kpod.exposition import Renderer
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.pods import PodInfo, pod_from_json
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 
@@ -552,7 +552,8 @@ def test_pod_data_cannot_inject_series_through_k8sattributes(name: str, namespac
                                                             container: str) -> None:  # fmt: skip
     """Hostile pod data from the API goes through k8sattributes (with include_labels) and the
     renderer; prometheus_client's parser reads back exactly one series with the same values."""
-    from kpod.processors.k8sattributes import K8sAttributesConfig, K8sAttributesProcessor
+    from kpod.processors.k8sattributes.config import K8sAttributesConfig
+    from kpod.processors.k8sattributes.processor import K8sAttributesProcessor
 
     from kpod.cgroup.index import CgroupIndex
     from kpod.component import Context

@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from kpod.processors.k8sattributes import (
-    UNRESOLVED_METRIC,
-    K8sAttributesConfig,
-    K8sAttributesProcessor,
-    factory,
-)
+from kpod.processors.k8sattributes import factory
+from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttributesProcessor
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context

@@ -166,10 +166,9 @@ def test_informer_skips_and_counts_garbage_in_the_watch_stream() -> None:
     import json
     import logging
 
-    from kpod.processors.k8sattributes import K8sAttributesConfig
-
-    from kpod.discovery import InformerDiscovery
-    from kpod.pods import PodStore
+    from kpod.processors.k8sattributes.config import K8sAttributesConfig
+    from kpod.processors.k8sattributes.discovery import InformerDiscovery
+    from kpod.processors.k8sattributes.pods import PodStore
 
     def event(kind: str, uid: str, version: str) -> bytes:
         pod = {"metadata": {"uid": uid, "name": f"pod-{uid}", "namespace": "ns", "resourceVersion": version}}

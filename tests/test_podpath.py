@@ -6,8 +6,7 @@ import os
 
 import pytest
 from cgroup_tree import V2
-
-from kpod.podpath import (
+from kpod.processors.k8sattributes.podpath import (
     PodPath,
     parse_container_path,
     parse_pod_path,

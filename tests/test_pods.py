@@ -6,9 +6,8 @@ import json
 
 import pytest
 from fake_apiserver import make_pod
-
-from kpod.discovery import parse_pod_list
-from kpod.pods import PodStore, pod_from_json
+from kpod.processors.k8sattributes.discovery import parse_pod_list
+from kpod.processors.k8sattributes.pods import PodStore, pod_from_json
 
 A, B, C, OLD = "a" * 64, "b" * 64, "c" * 64, "d" * 64
 

@@ -31,12 +31,14 @@ from pathlib import Path
 import pytest
 from fake_apiserver import make_pod
 from kernel_util import CgroupTree, cgroup_tree, mounts
-from kpod.processors.k8sattributes import UNRESOLVED_METRIC, K8sAttributesConfig, K8sAttributesProcessor, factory
+from kpod.processors.k8sattributes import factory
+from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.pods import pod_from_json
+from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttributesProcessor
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
-from kpod.pods import pod_from_json
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 

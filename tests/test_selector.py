@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from kpod.selector import (
+from kpod.processors.k8sattributes.selector import (
     EQUALS,
     EXISTS,
     IN,

@@ -1,6 +1,6 @@
 """The pods of this node, as discovery keeps them: a few fields per pod, shared read-only.
 
-Discovery (informer or kubelet mode, see kpod.discovery) turns API JSON into `PodInfo` with
+Discovery (informer or kubelet mode, see discovery.py) turns API JSON into `PodInfo` with
 `pod_from_json` and keeps it in a `PodStore`.  A `PodInfo` holds only what enrichment and the
 receivers need, never the API object: a pod's JSON is 5-20 KB, its `PodInfo` a few hundred
 bytes, which is what keeps a node's worth of pods inside the memory budget.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from kpod.podpath import split_container_id
+from kpod.processors.k8sattributes.podpath import split_container_id
 
 # The kubelet's uid for a static pod; the API's mirror pod has a different metadata.uid but
 # carries the one the cgroup names in this annotation.

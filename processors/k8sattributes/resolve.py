@@ -35,10 +35,11 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Final
 
+from kpod.processors.k8sattributes.podpath import parse_container_path, parse_pod_path, short_id
+from kpod.processors.k8sattributes.pods import PodInfo, PodStore
+from kpod.processors.k8sattributes.selector import PodFilter
+
 from kpod.model import CgroupRef, Resource
-from kpod.podpath import parse_container_path, parse_pod_path, short_id
-from kpod.pods import PodInfo, PodStore
-from kpod.selector import PodFilter
 
 # Why a point was dropped (the `reason` label of the unresolved-cgroups self-metric).
 DROP_GONE: Final = "gone"  # the cgroup no longer exists (empty path)

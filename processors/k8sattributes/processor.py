@@ -9,7 +9,7 @@ Configured like any processor (`processors: {k8sattributes: {...}}` and listed i
                             the `node` label
     kpod.filter             namespaces, exclude_namespaces, label_selector, include_labels
 
-Each point with a cgroup gets `Point.resource` (see kpod.resolve for the rules): Prometheus
+Each point with a cgroup gets `Point.resource` (see kpod.processors.k8sattributes.resolve for the rules): Prometheus
 labels namespace, pod, container, node (+ label_<x> per include_labels) and OTLP attributes
 k8s.namespace.name, k8s.pod.name, k8s.pod.uid, k8s.container.name, container.id, k8s.node.name.
 Points without a cgroup (self-metrics) pass untouched.  In informer and kubelet mode a point
@@ -21,7 +21,7 @@ container="" of their pod.  Two series with one label set would break the exposi
 points that end up identical in (metric, attributes, labels) are merged: values and histogram
 buckets are summed ("pod overhead").
 
-Shared with receivers: `context.extras["pods"]` is the `kpod.pods.PodStore` discovery fills
+Shared with receivers: `context.extras["pods"]` is the `PodStore` (pods.py) discovery fills
 (informer/kubelet mode; absent in local mode).  `store.snapshot()` maps pod uid -> PodInfo
 (name, namespace, labels, host_network, containers); `store.host_network_uids()` is the set the
 net_iface receiver skips.  The pipeline must hand all components one `extras` dict, and this
@@ -31,13 +31,11 @@ processor sets it when it is created (before any receiver starts).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from kpod.component import ComponentUnavailable, Context, Factory, Processor
-from kpod.model import Batch, HistogramValue, Point, Resource
-from kpod.pods import PodStore
-from kpod.resolve import (
+from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.pods import PodStore
+from kpod.processors.k8sattributes.resolve import (
     DROP_FILTERED,
     DROP_GONE,
     DROP_NOT_A_POD,
@@ -49,33 +47,16 @@ from kpod.resolve import (
     PodResolver,
     node_name,
 )
-from kpod.selector import PodFilter, include_label_names
-from kpod.units import Duration
+from kpod.processors.k8sattributes.selector import PodFilter, include_label_names
+
+from kpod.component import ComponentUnavailable, Context, Processor
+from kpod.model import Batch, HistogramValue, Point, Resource
 
 UNRESOLVED_METRIC = "kpod.cgroups.unresolved"
 UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
 PODS_METRIC = "kpod.pods.discovered"
 PODS_HELP = "pods of this node that discovery knows"
 EXTRAS_PODS = "pods"
-
-
-@dataclass
-class K8sAttributesConfig:
-    # Informer mode: a kubeconfig file.  Empty: the in-cluster service account when running
-    # in a pod, else $KUBECONFIG, else ~/.kube/config.
-    kubeconfig: str = ""
-    # start() waits this long for the first pod list, so that the first cycles are labelled;
-    # after that it returns and cycles drop pod cgroups (reason not_synced) until the list lands.
-    wait_for_sync: Duration = field(default_factory=lambda: Duration.parse("10s"))
-    # Server-side length of one watch request (the API server ends it; we resume from the last
-    # resourceVersion).
-    watch_timeout: Duration = field(default_factory=lambda: Duration.parse("5m"))
-    # Connect and read timeout of list and kubelet requests; a watch's read timeout is
-    # watch_timeout plus this.
-    request_timeout: Duration = field(default_factory=lambda: Duration.parse("30s"))
-    # Reconnect backoff after an error: doubles from backoff_initial up to backoff_max.
-    backoff_initial: Duration = field(default_factory=lambda: Duration.parse("1s"))
-    backoff_max: Duration = field(default_factory=lambda: Duration.parse("30s"))
 
 
 class K8sAttributesProcessor(Processor):
@@ -127,7 +108,9 @@ class K8sAttributesProcessor(Processor):
                 # every pod, so it is off, and said so.
                 self.log.warning("discovery mode local: the namespaces and label_selector filters are off")
             return
-        from kpod.discovery import create_discovery  # imports the kubernetes client: only when used
+        from kpod.processors.k8sattributes.discovery import (
+            create_discovery,  # imports the kubernetes client: only when used
+        )
 
         assert self.store is not None
         self.discovery = create_discovery(
@@ -268,16 +251,3 @@ def merge_duplicates(points: list[Point], log: Any) -> list[Point]:
             min(starts) if starts else 0,
         )
     return out
-
-
-def _create(context: Context, config: K8sAttributesConfig) -> K8sAttributesProcessor:
-    return K8sAttributesProcessor(context, config)
-
-
-factory = Factory(
-    type="k8sattributes",
-    kind="processor",
-    config_class=K8sAttributesConfig,
-    create=_create,
-    description="namespace/pod/container/node labels from node-scoped pod discovery",
-)

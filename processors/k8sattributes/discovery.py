@@ -37,8 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kpod.processors.k8sattributes.pods import PodInfo, PodStore, pod_from_json
+
 from kpod.component import ComponentUnavailable
-from kpod.pods import PodInfo, PodStore, pod_from_json
 from kpod.settings import KpodSettings
 
 LIST_PAGE_SIZE = 500
