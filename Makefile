@@ -87,6 +87,9 @@ vm-setup:
 test-vm: setup vm-setup
 	python3 tests/vm/vm.py run --timeout $(VM_TIMEOUT) -- sh tests/vm/run_tests.sh $(VM_TESTS)
 
+# Writes docs/perf/<section>.md (figures only, with the run's id, commit, machine and command),
+# their raw figures in docs/perf/data/, and docs/PERFORMANCE.md; interpretation is hand-written
+# in docs/perf/readings/.  `python -m bench --assemble` / `--render` rebuild without measuring.
 bench: setup
 	$(PY) -m bench
 
@@ -103,9 +106,11 @@ fuzz: setup
 	done
 
 # Churn soak (500 pod create/delete cycles, <= 5 minutes) and the 2-minute API server outage;
-# figures go to docs/perf/soak.md.
+# figures go to docs/perf/soak.md (and its kept figures to docs/perf/data/soak.json), then into
+# docs/PERFORMANCE.md.
 soak: setup
 	SOAK_CYCLES=500 API_OUTAGE_S=120 $(PYTEST) -q -s -p no:cacheprovider tests/test_soak.py tests/test_faults.py -k "soak or outage"
+	$(PY) -m bench --assemble
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """Kernel cost of the TCP and syscall eBPF programs, side by side with bpftrace one-liners.
 
-    .venv/bin/python -m bench.bpf_net_syscall [--rounds 5]
+    .venv/bin/python -m bench.bpf_net_syscall [--rounds 5] [--write]
 
 Needs root, BTF, perf, bpftool, bpftrace, taskset and a C compiler.  What it measures:
 - per-event kernel cost from bpf_stats (run_time_ns / run_cnt, kernel.bpf_stats_enabled=1,
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ from kpod.receivers.memory import MemoryConfig, MemoryReceiver
 from kpod.receivers.net_tcp import NetTcpConfig, NetTcpReceiver
 from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
+from bench import sections
+from bench.sections import Measured, NotMeasured
 from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.component import Context, EmptyConfig
@@ -57,6 +58,11 @@ REPO = Path(__file__).resolve().parents[1]
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
 TRACEFS = "/sys/kernel/tracing"
 TARGET_NS = 150.0
+# The TCP load: ping-pongs, connect/accept/close cycles, connections losing every packet for LOSS_S.
+PINGPONGS = 20000
+CONNECTS = 2000
+LOSSY_CONNECTIONS = 8
+LOSS_S = 1.5
 
 SYSLOOP_C = r"""
 #include <fcntl.h>
@@ -364,8 +370,8 @@ def private_netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def tcp_retransmissions(drop: Path, connections: int = 8) -> None:
-    """Loss on the loopback of a private netns (generic XDP drop) for 1.5 s: retransmissions."""
+def tcp_retransmissions(drop: Path, connections: int) -> None:
+    """Loss on the loopback of a private netns (generic XDP drop) for LOSS_S: retransmissions."""
     with private_netns() as ns:
 
         def run() -> None:
@@ -386,7 +392,7 @@ def tcp_retransmissions(drop: Path, connections: int = 8) -> None:
             try:
                 for c, _ in pairs:
                     c.send(b"x" * 100)
-                time.sleep(1.5)
+                time.sleep(LOSS_S)
             finally:
                 subprocess.run([*ip, "off"], check=True)
             for _, a in pairs:
@@ -397,9 +403,9 @@ def tcp_retransmissions(drop: Path, connections: int = 8) -> None:
 
 
 def tcp_load(drop: Path) -> None:
-    tcp_pingpong(20000)
-    tcp_connects(2000)
-    tcp_retransmissions(drop)
+    tcp_pingpong(PINGPONGS)
+    tcp_connects(CONNECTS)
+    tcp_retransmissions(drop, LOSSY_CONNECTIONS)
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -541,43 +547,29 @@ def load_and_memlock(runs: int) -> tuple[dict[str, list[float]], dict[str, int]]
 # --- report ---------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _verdict(ns: float, target: float = TARGET_NS) -> str:
     return "meets" if ns <= target else "**MISSED**"
 
 
-def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: dict[str, list[float]],
-           mem: dict[str, int], args: argparse.Namespace, cpu: int) -> str:  # fmt: skip
-    def pair(table: dict[str, dict[str, tuple[float, int]]], mode: str) -> tuple[float, float, float, int]:
+def render(data: dict[str, Any]) -> str:
+    per, thr, loads, mem = data["per_event"], data["throughput"], data["load_s"], data["memlock"]
+    cpu, calls, reps, rounds, loops = data["cpu"], data["calls"], data["reps"], data["rounds"], data["loops"]
+
+    def pair(table: dict[str, dict[str, list[float]]], mode: str) -> tuple[float, float, float, int]:
         enter, exit_ = table[mode]["sys_enter"], table[mode]["sys_exit"]
-        return enter[0], exit_[0], enter[0] + exit_[0], min(enter[1], exit_[1])
+        return enter[0], exit_[0], enter[0] + exit_[0], int(min(enter[1], exit_[1]))
 
     lines = [
         "## eBPF TCP and syscall programs: kernel cost per event (bench/bpf_net_syscall.py)",
         "",
-        f"Command: `.venv/bin/python -m bench.bpf_net_syscall --rounds {args.rounds} --reps {args.reps}`  ",
-        f"Machine: {platform.node()}, Linux {platform.release()}, {os.cpu_count()} CPUs ({_cpu_model()}), "
-        f"libbpf {libbpf.version()}, {sh('bpftrace', '--version').strip()}  ",
-        f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Tools: libbpf {data['libbpf']}, {data['bpftrace']}.  ",
         f"Loads pinned to CPU {cpu} with taskset.  Per-event cost = bpf_stats run_time_ns / run_cnt "
-        "(kernel.bpf_stats_enabled=1 during those runs only, restored afterwards); it covers the BPF "
-        "program itself, not the trampoline or, for bpftrace's classic tracepoints, the perf record "
-        "the kernel fills before calling it (the throughput table shows the whole cost).",
+        "(kernel.bpf_stats_enabled=1 during those runs only, restored afterwards).",
         "",
         "### Syscalls: sys_enter + sys_exit per syscall",
         "",
         f"Tracked: `read` of /dev/zero (1 byte, in the default tracked set); untracked: `getppid`; "
-        f"{args.calls:,} calls each; least disturbed of {args.reps} interleaved repetitions.  "
+        f"{calls:,} calls each; least disturbed of {reps} interleaved repetitions.  "
         f"Target: <= {TARGET_NS:.0f} ns for a tracked syscall, far less untracked.",
         "",
         "| implementation | syscall | sys_enter ns | sys_exit ns | together ns | runs | target |",
@@ -607,9 +599,9 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: d
         "",
         "### TCP programs",
         "",
-        "Load: 20,000 one-byte ping-pongs over loopback, 2,000 connect/accept/close, and 8 connections "
-        "losing every packet for 1.5 s in a private network namespace (generic-XDP drop on its loopback); "
-        f"least disturbed of {per['reps']} interleaved repetitions per hook.",
+        f"Load: {PINGPONGS:,} one-byte ping-pongs over loopback, {CONNECTS:,} connect/accept/close, and "
+        f"{LOSSY_CONNECTIONS} connections losing every packet for {LOSS_S:g} s in a private network namespace "
+        f"(generic-XDP drop on its loopback); least disturbed of {reps} interleaved repetitions per hook.",
         "",
         "| hook | kpod program | kpod ns (runs) | bpftrace ns (runs) | ratio | target |",
         "|---|---|---|---|---|---|",
@@ -631,18 +623,12 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: d
         )
     lines += [
         "",
-        "tcp_retransmit_skb runs a few dozen times, each after >= 200 ms of idle (RTO backoff), with cold "
-        "caches: its per-event figure is a cold-path cost, not comparable with the hot hooks above.",
-    ]
-    lines += [
-        "",
         "### Throughput with the profiles' eBPF programs loaded (bpf_stats off)",
         "",
-        f"`taskset -c {cpu} perf bench sched pipe -l {args.loops}` (ops/s) and a C loop of {args.calls:,} calls "
-        f"(ns per call), {args.rounds} interleaved rounds: best (least disturbed by other load on the machine) "
-        "and median.  standard = cpu_sched + memory + net_tcp; "
-        "comprehensive = standard + syscall (default tracked set, which includes read and write, so every "
-        "pipe op is two tracked syscalls).",
+        f"`taskset -c {cpu} perf bench sched pipe -l {loops}` (ops/s) and a C loop of {calls:,} calls "
+        f"(ns per call), {rounds} interleaved rounds: best (fastest round) and median.  standard = cpu_sched "
+        "+ memory + net_tcp; comprehensive = standard + syscall (default tracked set, which includes read "
+        "and write, so every pipe op is two tracked syscalls).",
         "",
         "| configuration | pipe ops/s best (median) | ratio best (median) | read ns/call best (median) "
         "| ratio | getppid ns/call best (median) | ratio |",
@@ -659,19 +645,15 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: d
             f"({m0['read'] / m['read']:.3f}) | {b['getppid']:.0f} ({m['getppid']:.0f}) | "
             f"{b0['getppid'] / b['getppid']:.3f} ({m0['getppid'] / m['getppid']:.3f}) |"
         )
+    bare_read, bare_getppid = b0["read"], b0["getppid"]
     lines += [
         "",
         "Ratios are throughput relative to no agent (1.000 = no cost; ns ratios inverted so lower = slower).",
         "",
-        "Explained by the programs themselves (bpf_stats, robust to the noise above): a tracked `read` "
-        f"spends {pair(per['sys_kpod'], 'read')[2]:.0f} ns in kpod's two programs, "
-        f"{pair(per['sys_kpod'], 'read')[2] / min(thr['no agent']['read']):.0%} of a bare call "
-        f"({min(thr['no agent']['read']):.0f} ns); an untracked `getppid` "
-        f"{pair(per['sys_kpod'], 'getppid')[2]:.0f} ns, "
-        f"{pair(per['sys_kpod'], 'getppid')[2] / min(thr['no agent']['getppid']):.0%} of a bare call "
-        f"({min(thr['no agent']['getppid']):.0f} ns), of which {floor_u:.0f} ns is what any program on the "
-        "hook shows (empty programs).  On top comes the kernel's syscall-tracepoint slow path, the same for "
-        "any tool attached to raw_syscalls.",
+        f"bpf_stats time per call against the bare call (best no-agent round): a tracked `read` spends "
+        f"{ours_t:.0f} ns in kpod's two programs, {ours_t / bare_read:.0%} of a bare call ({bare_read:.0f} ns); "
+        f"an untracked `getppid` {ours_u:.0f} ns, {ours_u / bare_getppid:.0%} of a bare call "
+        f"({bare_getppid:.0f} ns), of which {floor_u:.0f} ns is the empty programs' floor.",
         "",
         "### Load time and map memory",
         "",
@@ -679,7 +661,7 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: d
         f"syscall (incl. writing the filter): median {statistics.median(loads['syscall']) * 1000:.1f} ms "
         f"({len(loads['net'])} runs each).",
         "",
-        "| map | memlock bytes (10,240 entries per cgroup map) |",
+        f"| map | memlock bytes ({data['max_entries']:,} entries per cgroup map) |",
         "|---|---|",
     ]
     lines += [f"| {name} | {b:,} |" for name, b in sorted(mem.items())]
@@ -687,42 +669,61 @@ def render(per: dict[str, Any], thr: dict[str, dict[str, list[float]]], loads: d
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> str:
+def measure(rounds: int = 5, reps: int = 3, loops: int = 100000, calls: int = 1000000) -> Measured:
     if os.geteuid() != 0 or not os.path.exists("/sys/kernel/btf/vmlinux"):
-        return "## eBPF TCP and syscall programs\n\nDid not run: needs root and /sys/kernel/btf/vmlinux."
+        raise NotMeasured("needs root and /sys/kernel/btf/vmlinux")
     for tool in ("perf", "bpftool", "bpftrace", "taskset", "clang", "ip"):
         if shutil.which(tool) is None:
-            return f"## eBPF TCP and syscall programs\n\nDid not run: {tool} is not installed (make system-packages)."
+            raise NotMeasured(f"{tool} is not installed (make system-packages)")
     cpu = max(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="kpod-bench-") as tmp:
         built = build(Path(tmp))
         with sysctl(STATS, "1"):
-            per = per_event(built, cpu, args.calls, args.reps)
+            per = per_event(built, cpu, calls, reps)
         with sysctl(STATS, "0"):
-            thr = throughput(built, cpu, args.rounds, args.loops, args.calls)
+            thr = throughput(built, cpu, rounds, loops, calls)
         loads, mem = load_and_memlock(5)
-    return render(per, thr, loads, mem, args, cpu)
+    data = {
+        "rounds": rounds,
+        "reps": reps,
+        "loops": loops,
+        "calls": calls,
+        "cpu": cpu,
+        "libbpf": libbpf.version(),
+        "bpftrace": sh("bpftrace", "--version").strip(),
+        "max_entries": KpodSettings().bpf.map_max_entries,
+        "per_event": per,
+        "throughput": thr,
+        "load_s": loads,
+        "memlock": mem,
+    }
+    command = ".venv/bin/python -m bench.bpf_net_syscall" + "".join(
+        f" --{name} {value}"
+        for name, value, default in (("rounds", rounds, 5), ("reps", reps, 3), ("loops", loops, 100000),
+                                     ("calls", calls, 1000000))
+        if value != default
+    )  # fmt: skip
+    return Measured(command, data)
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="throughput rounds")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each per-event measurement")
     parser.add_argument("--loops", type=int, default=100000, help="perf bench sched pipe -l")
     parser.add_argument("--calls", type=int, default=1000000, help="syscalls per loop")
-    parser.add_argument("--write", default="", help="also write the markdown section to this file")
-    return parser.parse_args(argv)
-
-
-def report() -> str:
-    """The markdown section for `make bench` (bench/__main__.py)."""
-    return run(parse([]))
+    parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/bpf_net_syscall.md")
+    args = parser.parse_args(argv)
+    try:
+        measured = measure(args.rounds, args.reps, args.loops, args.calls)
+    except NotMeasured as reason:
+        raise SystemExit(f"bench.bpf_net_syscall: {reason}") from None
+    if args.write:
+        print(sections.write("bpf_net_syscall", measured).read_text())
+    else:
+        print(render(measured.data))
+    return 0
 
 
 if __name__ == "__main__":
-    arguments = parse()
-    text = run(arguments)
-    print(text)
-    if arguments.write:
-        Path(arguments.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(arguments.write).write_text(text)
+    raise SystemExit(main())

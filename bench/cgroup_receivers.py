@@ -1,33 +1,37 @@
 """One collection of all cgroup-file receivers over a 110-pod fixture node: median of N runs.
 
     .venv/bin/python -m bench.cgroup_receivers [--runs 50] [--pods 110] [--layout v2|hybrid]
-                                               [--driver systemd|cgroupfs] [--write docs/perf/cgroup.md]
+                                               [--driver systemd|cgroupfs] [--write]
 
-The node is built in a temporary directory from tests/fixtures (see tests/cgroup_tree.py):
+The node is built in a temporary directory from the captured fixtures (see tests/cgroup_tree.py):
 every pod has a sandbox and an I/O container with live "processes" (fake /proc entries with the
 captured net/dev and mountinfo), every third pod an exited container.  A cycle is what the
 pipeline does per poll: one index refresh, then collect() of disk, net_iface, filesystem,
-cgroup_memory, pressure and, when it is installed, cgroup_cpu.  The figure is wall time of
-the whole cycle; the per-receiver medians show where it goes.  Target: <= 30 ms.
+cgroup_memory, pressure and, when it is installed, cgroup_cpu.  The figure with the target is
+the wall time of the collection (the cycle minus the refresh); the per-receiver medians show
+where it goes.  Target: <= 30 ms.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from cgroup_tree import FIXTURES, build_tree  # noqa: E402
+
+from bench import sections  # noqa: E402
+from bench.sections import Measured, NotMeasured  # noqa: E402
 
 RECEIVERS = ("disk", "net_iface", "filesystem", "cgroup_memory", "pressure", "cgroup_cpu")
 TARGET_MS = 30.0
@@ -89,51 +93,67 @@ def run(runs: int, pods: int, layout: str, driver: str) -> dict[str, object]:
         }
 
 
-def _load_note() -> list[str]:
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load <= cpus / 2:
-        return []
-    if os.sched_getscheduler(0) == os.SCHED_FIFO:
-        return [
-            f"- **the machine was shared during this run** (load average {load:.1f} on {cpus} CPUs); the"
-            " bench ran at real-time priority, so it did not wait for a CPU, but the other work still"
-            " shared the cores and caches"
-        ]
-    return [
-        f"- **the machine was shared during this run** (load average {load:.1f} on {cpus} CPUs): wall"
-        " times include waiting for a CPU; min and CPU time are the better estimate of the cost"
-    ]
-
-
-def markdown(results: dict[str, dict[str, object]], runs: int, pods: int, command: str) -> str:
+def render(data: dict[str, Any]) -> str:
+    load, cpus = data["load_end"], data["cpus"]
     lines = [
-        f"## Cgroup receivers: one collection for {pods} pods",
+        f"## Cgroup receivers: one collection for {data['pods']} pods",
         "",
-        f"- command: `{command}`",
-        f"- machine: Linux {platform.release()}, {os.cpu_count()} CPUs ({platform.machine()}),"
-        f" load average {os.getloadavg()[0]:.2f} at the end of the run",
-        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- fixture: {pods} pods built from tests/fixtures (tests/cgroup_tree.py); median of {runs}"
-        " cycles after one warm-up",
+        f"- fixture: {data['pods']} pods built from {data['fixtures']} (tests/cgroup_tree.py); median of"
+        f" {data['runs']} cycles after one warm-up",
         "- collection = collect() of every cgroup receiver, one after the other (the figure with the"
-        " target); cycle = the index refresh (the pipeline walks the kubepods tree once per cycle)"
-        " + collection; CPU = process CPU time (less disturbed than wall time when the machine is"
-        " shared; min = the least disturbed run)",
+        " target); cycle = the index refresh + collection; CPU = this process's CPU time; min = the"
+        " fastest cycle",
         f"- target: collection <= {TARGET_MS:g} ms",
-        *_load_note(),
+        f"- load average at the end of the run: {load:.2f} on {cpus} CPUs"
+        + (f"; the bench ran at real-time priority (SCHED_FIFO {data['fifo']})" if data["fifo"] else ""),
         "",
         "| layout / driver | cgroups | points | collection median ms | min | p90 | collection CPU ms"
-        " | cycle median ms | cycle CPU ms | per receiver (median ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        " | cycle median ms | cycle CPU ms | per receiver (median ms) | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for key, r in results.items():
-        per = ", ".join(f"{n} {v:.2f}" for n, v in r["per_receiver_ms"].items())  # type: ignore[union-attr]
+    for key, r in data["results"].items():
+        per = ", ".join(f"{n} {v:.2f}" for n, v in r["per_receiver_ms"].items())
+        met = "met" if r["median_ms"] <= TARGET_MS else "**missed**"
         lines.append(
             f"| {key} | {r['workloads']} | {r['points']} | {r['median_ms']:.1f} | {r['min_ms']:.1f}"
             f" | {r['p90_ms']:.1f} | {r['collect_cpu_median_ms']:.1f} | {r['cycle_median_ms']:.1f}"
-            f" | {r['cpu_median_ms']:.1f} | {per} |"
+            f" | {r['cpu_median_ms']:.1f} | {per} | {met} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def measure(runs: int = 50, pods: int = 110, layout: str = "all", driver: str = "all") -> Measured:
+    if not FIXTURES.is_dir():
+        raise NotMeasured(f"captured fixtures not found at {FIXTURES} (they ship with the repository)")
+    layouts = ("v2", "hybrid") if layout == "all" else (layout,)
+    drivers = ("systemd", "cgroupfs") if driver == "all" else (driver,)
+    results = {}
+    for one_layout in layouts:
+        for one_driver in drivers:
+            results[f"{one_layout} / {one_driver}"] = r = run(runs, pods, one_layout, one_driver)
+            print(
+                f"{one_layout:6} {one_driver:8} collection median {r['median_ms']:.1f} ms  min {r['min_ms']:.1f}"
+                f"  p90 {r['p90_ms']:.1f}  cpu {r['collect_cpu_median_ms']:.1f} ms"
+                f"  cycle {r['cycle_median_ms']:.1f} ms  cpu {r['cpu_median_ms']:.1f} ms  {r['points']} points",
+                file=sys.stderr,
+            )
+    command = ".venv/bin/python -m bench.cgroup_receivers" + (f" --runs {runs}" if runs != 50 else "")
+    if pods != 110:
+        command += f" --pods {pods}"
+    fifo = os.sched_getparam(0).sched_priority if os.sched_getscheduler(0) == os.SCHED_FIFO else 0
+    if fifo:
+        # Run under `chrt -f N` on a shared machine: no waiting for a CPU behind other work.
+        command = f"chrt -f {fifo} {command}"
+    data = {
+        "runs": runs,
+        "pods": pods,
+        "fixtures": os.path.relpath(FIXTURES, REPO),
+        "load_end": os.getloadavg()[0],
+        "cpus": os.cpu_count() or 1,
+        "fifo": fifo,
+        "results": results,
+    }
+    return Measured(command, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,35 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, default=110)
     parser.add_argument("--layout", choices=("v2", "hybrid", "all"), default="all")
     parser.add_argument("--driver", choices=("systemd", "cgroupfs", "all"), default="all")
-    parser.add_argument("--write", metavar="FILE", help="write the markdown section to FILE")
-    parser.add_argument("--append", action="store_true", help="append to FILE instead of replacing it")
+    parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/cgroup.md")
+    parser.add_argument("--json", metavar="FILE", help="write the command and raw figures to FILE")
     args = parser.parse_args(argv)
-    if not FIXTURES.is_dir():
-        print(f"captured fixtures not found at {FIXTURES} (they ship with the repository)", file=sys.stderr)
+    try:
+        measured = measure(args.runs, args.pods, args.layout, args.driver)
+    except NotMeasured as reason:
+        print(reason, file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": "", "data": {"did_not_run": str(reason)}}))
         return 2
-    layouts = ("v2", "hybrid") if args.layout == "all" else (args.layout,)
-    drivers = ("systemd", "cgroupfs") if args.driver == "all" else (args.driver,)
-    results = {}
-    for layout in layouts:
-        for driver in drivers:
-            results[f"{layout} / {driver}"] = r = run(args.runs, args.pods, layout, driver)
-            print(
-                f"{layout:6} {driver:8} collection median {r['median_ms']:.1f} ms  min {r['min_ms']:.1f}"
-                f"  p90 {r['p90_ms']:.1f}  cpu {r['collect_cpu_median_ms']:.1f} ms"
-                f"  cycle {r['cycle_median_ms']:.1f} ms  cpu {r['cpu_median_ms']:.1f} ms  {r['points']} points"
-            )
-    command = ".venv/bin/python -m bench.cgroup_receivers" + (f" --runs {args.runs}" if args.runs != 50 else "")
-    if os.sched_getscheduler(0) == os.SCHED_FIFO:
-        # Run under `chrt -f N` on a shared machine: no waiting for a CPU behind other work.
-        command = f"chrt -f {os.sched_getparam(0).sched_priority} {command}"
-    text = markdown(results, args.runs, args.pods, command)
+    if args.json:
+        Path(args.json).write_text(json.dumps(measured._asdict()))
     if args.write:
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.write, "a" if args.append else "w") as out:
-            out.write(("\n" if args.append else "") + text)
+        print(sections.write("cgroup", measured).read_text())
     else:
-        print(text)
-    worst = max(r["median_ms"] for r in results.values())  # type: ignore[type-var]
+        print(render(measured.data))
+    worst = max(r["median_ms"] for r in measured.data["results"].values())
     return 0 if worst <= TARGET_MS else 1
 
 

@@ -1,7 +1,6 @@
 """RSS added by watching a node's pods (informer mode), against the fake API server.
 
-    .venv/bin/python -m bench.discovery_memory            # writes docs/perf/k8s.md
-    .venv/bin/python -m bench.discovery_memory --pods 110 --seconds 30 --churn 20
+    .venv/bin/python -m bench.discovery_memory --pods 110 --seconds 30 --churn 20 [--write]
 
 The fake API server (tests/fake_apiserver.py) runs in its own process with 110 pods on the
 node, each with the bulk of a real pod (managedFields, spec, conditions), and sends pod updates
@@ -26,9 +25,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from bench import sections
+from bench.sections import Measured
 
 REPO = Path(__file__).resolve().parents[1]
-OUTPUT = REPO / "docs" / "perf" / "k8s.md"
 BUDGET_MIB = 10.0
 
 
@@ -168,7 +170,7 @@ def _kubelet(pods: int, seconds: float) -> dict[str, float]:
         kubelet.stop()
 
 
-def measure(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> dict[str, object]:
+def measure_rss(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         kubeconfig = os.path.join(tmp, "kubeconfig")
         server = subprocess.Popen(
@@ -204,24 +206,28 @@ def _mib(kib: float) -> str:
     return f"{kib / 1024:.1f} MiB"
 
 
-def report(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> str:
-    result = measure(pods, seconds, churn)
-    informer: dict[str, float] = result["informer"]  # type: ignore[assignment]
-    models: dict[str, float] = result["models"]  # type: ignore[assignment]
-    kubelet: dict[str, float] = result["kubelet"]  # type: ignore[assignment]
+def measure(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> Measured:
+    return Measured(
+        f".venv/bin/python -m bench.discovery_memory --pods {pods} --seconds {seconds:g} --churn {churn:g}",
+        {**measure_rss(pods, seconds, churn), "python": platform.python_version()},
+    )
+
+
+def render(result: dict[str, Any]) -> str:
+    pods, seconds, churn = result["pods"], result["seconds"], result["churn"]
+    informer: dict[str, float] = result["informer"]
+    models: dict[str, float] = result["models"]
+    kubelet: dict[str, float] = result["kubelet"]
     added_list = informer["listed_kib"] - informer["baseline_kib"]
     added_watch = informer["watch_max_kib"] - informer["baseline_kib"]
     added_models = models["listed_kib"] - models["baseline_kib"]
     verdict = "within" if added_watch / 1024 <= BUDGET_MIB else "OVER"
-    return f"""## Pod discovery memory (informer, {pods} pods)
+    return f"""## Kubernetes enrichment: pod discovery memory (informer, {pods} pods)
 
-`.venv/bin/python -m bench.discovery_memory --pods {pods} --seconds {seconds:g} --churn {churn:g}`
-
-- Date: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; machine: {platform.node()}, Linux {platform.release()},
-  {os.cpu_count()} CPUs; Python {platform.python_version()}.
-- Fake API server (tests/fake_apiserver.py) in its own process: {pods} pods on the node, pod
-  list {result["list_bytes"] / 1024:.0f} KiB of JSON ({result["list_bytes"] / pods / 1024:.1f} KiB per pod),
-  {churn:g} pod updates (MODIFIED events) per second during a {seconds:g} s watch.
+- Python {result["python"]}.  Fake API server (tests/fake_apiserver.py) in its own process: {pods} pods on
+  the node, pod list {result["list_bytes"] / 1024:.0f} KiB of JSON ({result["list_bytes"] / pods / 1024:.1f} KiB
+  per pod), {churn:g} pod updates (MODIFIED events) per second during a {seconds:g} s watch.  Discovery threads
+  besides the main one: {informer["threads"] - 1:.0f}.
 
 | what | RSS |
 |---|---|
@@ -231,17 +237,13 @@ def report(pods: int = 110, seconds: float = 30.0, churn: float = 20.0) -> str:
 | **added by list + watch of {pods} pods, peak during the watch** | **+{_mib(added_watch)}** |
 | budget (issue 5) | {BUDGET_MIB:g} MiB: {verdict} |
 | added at the end of the watch (after gc) | +{_mib(informer["watched_kib"] - informer["baseline_kib"])} |
-| not paid: the generated `CoreV1Api` module (250 model classes) | +{_mib(models["api_module_kib"])} |
+| not paid: the generated `CoreV1Api` module import | +{_mib(models["api_module_kib"])} |
 | not paid: the same pods listed the client's default way (V1Pod models) and kept | +{_mib(added_models)} |
 
 Kubelet mode, same {pods} pods polled every second for {seconds:g} s ({kubelet["polls"]:.0f} polls) from a fake
 kubelet: **+{_mib(kubelet["watch_max_kib"] - kubelet["start_kib"])}** peak over its baseline of
-{_mib(kubelet["start_kib"])},
-and the `kubernetes` package is {"imported (unexpected)" if kubelet["kubernetes_imported"] else "never imported"}.
-
-Discovery reads raw JSON through the client's ApiClient (not CoreV1Api), parses it with `json`
-and cuts each pod down to a `PodInfo` at once; the two "not paid" rows are what the client's
-usual path would add. Discovery runs in {informer["threads"] - 1:.0f} thread besides the main one.
+{_mib(kubelet["start_kib"])}; the `kubernetes` package was
+{"imported" if kubelet["kubernetes_imported"] else "not imported"}.
 """
 
 
@@ -252,6 +254,7 @@ def main() -> int:
     parser.add_argument("--churn", type=float, default=20.0)
     parser.add_argument("--child", choices=("informer", "models", "kubelet"))
     parser.add_argument("--kubeconfig", help="informer/models child: the kubeconfig; kubelet child: the URL")
+    parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/k8s.md")
     args = parser.parse_args()
     if args.child == "informer":
         print(json.dumps(child_informer(args.kubeconfig, args.pods, args.seconds)))
@@ -262,10 +265,11 @@ def main() -> int:
     if args.child == "models":
         print(json.dumps(child_models(args.kubeconfig, args.pods)))
         return 0
-    section = report(args.pods, args.seconds, args.churn)
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text("# Kubernetes enrichment: performance\n\n" + section)
-    print(section)
+    measured = measure(args.pods, args.seconds, args.churn)
+    if args.write:
+        print(sections.write("k8s", measured).read_text())
+    else:
+        print(render(measured.data))
     return 0
 
 

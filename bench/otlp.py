@@ -1,10 +1,10 @@
 """OTLP exporter figures: memory while the collector is down, recovery, per-batch cost.
 
-    .venv/bin/python -m bench.otlp [outage seconds, default 120]
+    .venv/bin/python -m bench.otlp [outage seconds, default 120] [--write]
 
 A child process plays the agent: every second it hands the OTLP exporter (gRPC, gzip,
-queue_size 10) a fresh node-sized snapshot (bench.synthetic: 110 pods, ~7,400 points with
-histograms, plus the OTel resource attributes k8sattributes sets).  The collector is absent for
+queue_size 10) a fresh node-sized snapshot (bench.synthetic: 110 pods with histograms, plus
+the OTel resource attributes k8sattributes sets).  The collector is absent for
 the outage; then this process starts a real gRPC MetricsService on the same port and waits for
 the child's data to arrive.  The child's RSS is sampled all along: it must plateau once the queue
 is full (the oldest batch is dropped, never an unbounded backlog).
@@ -19,10 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from bench import sections
+from bench.sections import Measured
 
 REPO = Path(__file__).resolve().parents[1]
 INTERVAL_S = 1.0
 QUEUE_SIZE = 10
+PODS = 110
 
 # The agent side, run in a fresh interpreter so that its RSS is its own.
 CHILD = r"""
@@ -38,7 +43,7 @@ from kpod.settings import KpodSettings
 from kpod.units import Duration
 
 port, total_s = int(sys.argv[1]), float(sys.argv[2])
-interval, queue_size = float(sys.argv[4]), int(sys.argv[5])
+interval, queue_size, pods = float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 
 def rss():
     return process_stats()["process.resident_memory.bytes"]
@@ -68,7 +73,7 @@ samples, export_us, queue_max = [], [], 0
 began = time.monotonic()
 i = 0
 while time.monotonic() - began < total_s:
-    batch = with_otel(node_batch(110, seed=i % 7))
+    batch = with_otel(node_batch(pods, seed=i % 7))
     t = time.perf_counter()
     exporter.export(batch)
     export_us.append((time.perf_counter() - t) * 1e6)
@@ -84,8 +89,7 @@ while time.monotonic() - began < total_s:
 exporter.shutdown()
 print(json.dumps({"before_import": before_import, "after_start": after_start, "samples": samples,
                   "export_us": export_us, "queue_max": queue_max, "dropped": exporter.dropped_points,
-                  "sent": exporter.sent_points, "failed": exporter.failed_requests, "batches": i,
-                  "points_per_batch": 0}))
+                  "sent": exporter.sent_points, "failed": exporter.failed_requests, "batches": i}))
 """
 
 
@@ -96,7 +100,7 @@ def _run(outage_s: float, after_s: float) -> dict[str, object]:
     port = free_port()
     total = outage_s + after_s
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(port), str(total), str(REPO), str(INTERVAL_S), str(QUEUE_SIZE)],
+        [sys.executable, "-c", CHILD, str(port), str(total), str(REPO), str(INTERVAL_S), str(QUEUE_SIZE), str(PODS)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
     )  # fmt: skip
     began = time.monotonic()
@@ -129,9 +133,9 @@ def _run(outage_s: float, after_s: float) -> dict[str, object]:
     return result
 
 
-def _encode_cost() -> tuple[float, int]:
+def _encode_cost() -> tuple[float, int, int]:
     """Median seconds to convert, encode and compress one node batch (the sender thread's CPU
-    per cycle), and the protobuf size."""
+    per cycle), the protobuf size and the batch's points."""
     from kpod.exporters.otlp import Encoder
 
     from bench.synthetic import node_batch
@@ -140,43 +144,55 @@ def _encode_cost() -> tuple[float, int]:
     times = []
     size = 0
     for seed in range(7):
-        batch = node_batch(110, seed=seed)
+        batch = node_batch(PODS, seed=seed)
         began = time.perf_counter()
         encoder.payloads(batch)
         times.append(time.perf_counter() - began)
         size = sum(r.ByteSize() for r, _ in encoder.requests(batch))
-    return statistics.median(times), size
+    return statistics.median(times), size, len(batch.points)
 
 
-def report(outage_s: float = 120.0) -> str:
-    after_s = 20.0
-    baseline = _run(0.0, 30.0)  # the collector up all along: encoding's own working memory
+def measure(outage_s: float = 120.0, after_s: float = 20.0, baseline_s: float = 30.0) -> Measured:
+    baseline = _run(0.0, baseline_s)  # the collector up all along: encoding's own working memory
     result = _run(outage_s, after_s)
+    encode_s, request_bytes, points = _encode_cost()
+    data = {
+        "outage_s": outage_s,
+        "after_s": after_s,
+        "baseline_s": baseline_s,
+        "interval_s": INTERVAL_S,
+        "queue_size": QUEUE_SIZE,
+        "pods": PODS,
+        "points": points,
+        "baseline": baseline,
+        "outage": result,
+        "encode_s": encode_s,
+        "request_bytes": request_bytes,
+    }
+    return Measured(f".venv/bin/python -m bench.otlp {outage_s:g}", data)
+
+
+def render(data: dict[str, Any]) -> str:
+    outage_s, queue_size = data["outage_s"], data["queue_size"]
+    result, baseline = data["outage"], data["baseline"]
     samples = result["samples"]
-    assert isinstance(samples, list)
     mib = 1 / 2**20
     base_samples = baseline["samples"]
-    assert isinstance(base_samples, list)
     base_rss = [s[1] for s in base_samples[len(base_samples) // 2 :]]
     down = [s for s in samples if s[0] < outage_s]
-    full_at = next((s[0] for s in down if s[2] >= QUEUE_SIZE), None)
+    full_at = next((s[0] for s in down if s[2] >= queue_size), None)
     rss_full = [s[1] for s in down if full_at is not None and s[0] >= full_at]
     held_max = max((s[5] for s in down), default=0)
     rss_first = down[0][1] if down else 0
-    export_us = sorted(result["export_us"])  # type: ignore[arg-type]
-    encode_s, request_bytes = _encode_cost()
-    from bench.__main__ import machine
-
+    export_us = sorted(result["export_us"])
     lines = [
         "## OTLP exporter: a collector that is down, then back",
         "",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine()}.",
-        "",
-        f"Command: `.venv/bin/python -m bench.otlp {outage_s:g}` (also part of `make bench`). "
-        f"A child process exports a fresh 110-pod snapshot (~7,400 points, 27-bucket histograms) every "
-        f"{INTERVAL_S:g} s over gRPC (gzip) with `queue_size: {QUEUE_SIZE}`; no collector for {outage_s:g} s, "
-        f"then a real gRPC MetricsService on the same port for {after_s:g} s.  Baseline: the same child "
-        "with the collector up all along for 30 s.",
+        f"A child process exports a fresh {data['pods']}-pod snapshot (bench/synthetic.py, {data['points']:,} "
+        f"points) every {data['interval_s']:g} s over gRPC (gzip) with `queue_size: {queue_size}`; "
+        f"no collector for {outage_s:g} s, "
+        f"then a real gRPC MetricsService on the same port for {data['after_s']:g} s.  Baseline: the same child "
+        f"with the collector up all along for {data['baseline_s']:g} s.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -185,7 +201,7 @@ def report(outage_s: float = 120.0) -> str:
         f"| RSS after start() (gRPC + OTel SDK imported, channel created) | {result['after_start'] * mib:.1f} MiB |",
         f"| baseline, collector up: RSS median over its second half | {statistics.median(base_rss) * mib:.1f} MiB |",
         f"| outage: RSS after the first snapshot | {rss_first * mib:.1f} MiB |",
-        f"| outage: queue full ({QUEUE_SIZE} batches) after | {full_at if full_at is not None else 'never'} s |",
+        f"| outage: queue full ({queue_size} batches) after | {full_at if full_at is not None else 'never'} s |",
         (
             f"| outage: RSS once the queue was full, min / max over the rest of the outage | "
             f"{min(rss_full) * mib:.1f} / {max(rss_full) * mib:.1f} MiB |"
@@ -201,23 +217,20 @@ def report(outage_s: float = 120.0) -> str:
             if result["recovery_s"] is not None
             else "| collector back | no data arrived |"
         ),
-        f"| points delivered after recovery | {result['points_received']} in {len(result['wire_bytes'])} requests |",  # type: ignore[arg-type]
+        f"| points delivered after recovery | {result['points_received']} in {len(result['wire_bytes'])} requests |",
         f"| export() in the collection loop: median / max | {export_us[len(export_us) // 2]:.0f} / "
         f"{export_us[-1]:.0f} us |",
-        f"| sender thread: convert + encode + compress one node snapshot (median) | {encode_s * 1000:.0f} ms, "
-        f"{request_bytes / 1e6:.2f} MB of protobuf |",
-        "",
-        "Reading: the queue holds compressed requests (about 0.15 MB per node snapshot instead of ~3 MB",
-        "of Point objects), so the RSS during an outage stays within a few MiB of the baseline's and does",
-        "not grow with the outage's length: a longer outage drops more of the oldest snapshots. The",
-        "step after the first snapshot is the encoder's working memory (a snapshot's SDK objects and its",
-        "protobuf), paid with the collector up too. Recovery needs no restart: the next retry (backoff",
-        "capped at 5 s here, 30 s by default) delivers the held snapshots, oldest first.",
+        f"| sender thread: convert + encode + compress one node snapshot (median) | {data['encode_s'] * 1000:.0f} ms, "
+        f"{data['request_bytes'] / 1e6:.2f} MB of protobuf |",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     outage = float(sys.argv[1]) if len(sys.argv) > 1 else 120.0
-    print(report(outage))
+    measured = measure(outage)
+    if "--write" in sys.argv[2:]:
+        print(sections.write("otlp", measured).read_text())
+    else:
+        print(render(measured.data))
     os._exit(0)

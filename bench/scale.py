@@ -1,7 +1,7 @@
 """Scale: collection cycle time, CPU per cycle, scrape latency and series at 10, 110 and 250 pods,
 and the agent's RSS over a long run at 110 pods.
 
-    .venv/bin/python -m bench.scale [--sizes 10,110,250] [--rss-minutes 10] [--write docs/perf/scale.md]
+    .venv/bin/python -m bench.scale [--sizes 10,110,250] [--rss-minutes 10] [--write]
     KPOD_BENCH_RSS_MINUTES=1 .venv/bin/python -m bench.scale      (a quick run; 0 skips the RSS run)
 
 The node, as root on this host (the machinery of bench/soak.py and tests/kernel_util.py):
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import re
@@ -50,6 +49,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -57,6 +57,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from agent_proc import AgentProcess, free_port, full_profile, rss_kib  # noqa: E402
 from fake_apiserver import FakeApiServer, make_pod  # noqa: E402
 from kernel_util import CgroupTree, cgroup2_root, mounts  # noqa: E402
+
+from bench import sections  # noqa: E402
+from bench.sections import Measured, NotMeasured  # noqa: E402
 
 SIZES = (10, 110, 250)
 POLL_S = 1.0
@@ -68,17 +71,14 @@ SCRAPES = 200
 RSS_PODS = 110
 RSS_SAMPLE_S = 10.0
 RSS_WARMUP_S = 60.0
-# Peers' published figures (not measured here), to state our ratios against: the reference JVM agent
-# takes 500-1000 ms per cycle (at ~100 pods) and requests 256 MiB; cAdvisor took 3-7 % of a CPU
-# for 29 containers.
-JVM_CYCLE_MS = (500.0, 1000.0)
-JVM_REQUEST_MIB = 256
 # Targets of issue 2 (bench.core measures them on a synthetic batch; here on a real agent).
 SCRAPE_P50_TARGET_MS = 2.0
+SCRAPE_TARGET_PODS = 110
 # A loopback segment: a response body smaller than this goes out as one small write after the
-# headers, which Nagle holds until the client's delayed ACK (~40 ms) unless TCP_NODELAY is set.
+# headers, which Nagle would hold until the client's delayed ACK (~40 ms) without TCP_NODELAY;
+# such scrapes slower than SLOW_SCRAPE_MS are listed.
 LOOPBACK_MSS = 65483
-OUTPUT = REPO / "docs" / "perf" / "scale.md"
+SLOW_SCRAPE_MS = 20.0
 # Controllers whose v1 files the agent reads on a hybrid host (cgroup_memory, disk).
 V1_CONTROLLERS = ("memory", "blkio")
 CYCLE_LINE = re.compile(r"kpod\.agent: cycle (\d+): (\d+) points in ([0-9.]+)s")
@@ -399,13 +399,17 @@ def run(sizes: tuple[int, ...], rss_minutes: float, log=print) -> tuple[list[Siz
     return results, rss
 
 
-def markdown(results: list[SizeResult], rss: RssResult | None, command: str, date: str | None = None) -> str:
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+def render(data: dict[str, Any]) -> str:
+    results = [SizeResult(**r) for r in data["sizes"]]
+    rss = None
+    if data.get("rss"):
+        rss = RssResult(**{**data["rss"], "samples": [tuple(x) for x in data["rss"]["samples"]]})
+    poll_s = data["poll_s"]
     rows = []
     for r in results:
         rows.append(
             f"| {r.pods} | {r.containers} | {r.series:,} | {r.median_cycle():.0f} | {r.p99_cycle():.0f} "
-            f"| {r.cpu_ms_per_cycle:.0f} | {r.cpu_ms_per_cycle / (POLL_S * 10):.1f} "
+            f"| {r.cpu_ms_per_cycle:.0f} | {r.cpu_ms_per_cycle / (poll_s * 10):.1f} "
             f"| {statistics.median(r.plain_ms):.1f} / {_quantile(r.plain_ms, 0.99):.1f} "
             f"| {statistics.median(r.gzip_ms):.1f} / {_quantile(r.gzip_ms, 0.99):.1f} "
             f"| {r.body_bytes / 1e6:.1f} / {r.gzip_bytes / 1e6:.2f} | {r.rss_mib:.0f} "
@@ -424,68 +428,48 @@ def markdown(results: list[SizeResult], rss: RssResult | None, command: str, dat
             notes.append(f"- {r.pods} pods: only {r.labelled_pods} pods were labelled when the timing began")
         if r.overruns:
             notes.append(f"- {r.pods} pods: {r.overruns} of {r.cycles} cycles ran longer than the poll interval")
-    near_100 = next((r for r in results if r.pods == 110), None)
-    ratio = ""
-    if near_100 is not None:
-        ms = near_100.median_cycle()
-        ratio = (
-            f"At 110 pods the median cycle is {ms:.0f} ms: {JVM_CYCLE_MS[0] / ms:.0f}-{JVM_CYCLE_MS[1] / ms:.0f}x "
-            f"shorter than the reference JVM agent's 500-1000 ms per cycle at ~100 pods (its "
-            f"published figure, not measured here), i.e. {ms / JVM_CYCLE_MS[1]:.0%}-"
-            f"{ms / JVM_CYCLE_MS[0]:.0%} of it.  CPU: {near_100.cpu_ms_per_cycle / (POLL_S * 10):.1f} % of one "
-            f"CPU at a 1 s poll ({near_100.cpu_ms_per_cycle / (POLL_S * 300):.2f} % at the default 30 s); "
-            f"cAdvisor took 3-7 % of a CPU for 29 containers.  RSS {near_100.rss_mib:.0f} MiB against the "
-            f"JVM agent's {JVM_REQUEST_MIB} MiB request."
-        )
     targets = []
     for r in results:
-        p50 = statistics.median(r.plain_ms)
-        if r.pods == 110:
+        p50, gzip_p50 = statistics.median(r.plain_ms), statistics.median(r.gzip_ms)
+        if r.pods == SCRAPE_TARGET_PODS:
             targets.append(
-                f"- scrape p50 <= {SCRAPE_P50_TARGET_MS:g} ms at 110 pods (issue 2): plain {p50:.2f} ms, "
-                f"gzip {statistics.median(r.gzip_ms):.2f} ms: "
-                + ("met" if max(p50, statistics.median(r.gzip_ms)) <= SCRAPE_P50_TARGET_MS else "**missed**")
+                f"- scrape p50 <= {SCRAPE_P50_TARGET_MS:g} ms at {SCRAPE_TARGET_PODS} pods (issue 2): "
+                f"plain {p50:.2f} ms, gzip {gzip_p50:.2f} ms: "
+                + ("met" if max(p50, gzip_p50) <= SCRAPE_P50_TARGET_MS else "**missed**")
             )
         targets.append(
-            f"- {r.pods} pods: cycle p99 {r.p99_cycle():.0f} ms under the {POLL_S * 1000:.0f} ms poll interval: "
-            + ("met" if r.p99_cycle() < POLL_S * 1000 else "**missed**")
+            f"- {r.pods} pods: cycle p99 {r.p99_cycle():.0f} ms under the {poll_s * 1000:.0f} ms poll interval: "
+            + ("met" if r.p99_cycle() < poll_s * 1000 else "**missed**")
         )
-    stalls = [
-        (r.pods, label, statistics.median(samples), size)
+    slow = [
+        f"{r.pods} pods {label} ({size / 1e3:.0f} kB body, p50 {statistics.median(samples):.0f} ms)"
         for r in results
         for label, samples, size in (("plain", r.plain_ms, r.body_bytes), ("gzip", r.gzip_ms, r.gzip_bytes))
-        if statistics.median(samples) > 20 and size < LOOPBACK_MSS
+        if statistics.median(samples) > SLOW_SCRAPE_MS and size < LOOPBACK_MSS
     ]
-    if stalls:
-        worst = ", ".join(
-            f"{pods} pods {label} ({size / 1e3:.0f} kB body, p50 {ms:.0f} ms)" for pods, label, ms, size in stalls
-        )
+    if slow:
         targets.append(
-            f"- **scrapes of a small body stall ~40 ms**: {worst}.  The exporter writes the headers, then the "
-            "body, on a socket without TCP_NODELAY: a body below one segment is held by Nagle until the "
-            "client's delayed ACK.  Measured in-process (exporters/prometheus.py with bench.synthetic batches, "
-            "2026-11-28): gzip p50 44.0 ms at 1 and 10 pods, 0.5 ms at 110; with "
-            "`disable_nagle_algorithm = True` on the handler class (sets TCP_NODELAY) 0.3 ms at every size.  "
-            "What it would take: that one line in the exporter's handler (or one write for headers + body)."
+            f"- scrapes of a body under one loopback segment ({LOOPBACK_MSS:,} bytes) slower than "
+            f"{SLOW_SCRAPE_MS:g} ms: " + ", ".join(slow)
         )
     rss_text = "RSS run: skipped (KPOD_BENCH_RSS_MINUTES=0)."
     if rss is not None and rss.samples:
         kib = [k for _, k in rss.samples]
-        warm = rss.at(min(RSS_WARMUP_S, rss.minutes * 60 / 2))
+        sample_s, warmup_s = data["rss_sample_s"], data["rss_warmup_s"]
+        warm = rss.at(min(warmup_s, rss.minutes * 60 / 2))
         end = kib[-1]
         minute_marks = " ".join(
-            f"{t / 60:.0f}m:{k / 1024:.1f}" for t, k in rss.samples if round(t) % 60 < RSS_SAMPLE_S / 2
+            f"{t / 60:.0f}m:{k / 1024:.1f}" for t, k in rss.samples if round(t) % 60 < sample_s / 2
         )
-        warm_s = min(RSS_WARMUP_S, rss.minutes * 30)
+        warm_s = min(warmup_s, rss.minutes * 30)
         figures = (
             f"| {kib[0] / 1024:.1f} MiB | {warm / 1024:.1f} MiB | {end / 1024:.1f} MiB "
             f"| {max(kib) / 1024:.1f} MiB | {(end - warm) / 1024:+.2f} MiB |"
         )
         rss_text = f"""### RSS over {rss.minutes:g} minutes at {rss.pods} pods
 
-A fresh agent, RSS sampled every {RSS_SAMPLE_S:g} s from readiness on, one gzip scrape of /metrics
-before each sample (a Prometheus scraping every {RSS_SAMPLE_S:g} s); {rss.cycles} cycles; load
-average {rss.load_before:.1f} before, {rss.load_after:.1f} after.
+A fresh agent, RSS sampled every {sample_s:g} s from readiness on, one gzip scrape of /metrics
+before each sample; {rss.cycles} cycles; load average {rss.load_before:.1f} before, {rss.load_after:.1f} after.
 
 | start (ready) | after warm-up ({warm_s:.0f} s) | end | max | growth after warm-up |
 |---:|---:|---:|---:|---:|
@@ -493,150 +477,93 @@ average {rss.load_before:.1f} before, {rss.load_after:.1f} after.
 
 Per minute (MiB): {minute_marks}
 """
-    return f"""## Scale: cycle time, CPU, scrape latency at 10, 110 and 250 pods; RSS over time
+    sizes = ", ".join(str(r.pods) for r in results)
+    return f"""## Scale: cycle time, CPU, scrape latency at {sizes} pods; RSS over time
 
-Command: `{command}` (also run by `make bench`).
-
-- Date: {date or _now()}
-- Machine: {platform.node()}, Linux {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs,
-  {memory:.0f} GiB; Python {platform.python_version()}.
-- Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio mirrors on this hybrid host),
+- Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio mirrors where the host has them),
   alternately 2 and 1 containers per pod, a live process per container waking once a second; the
   pods served by tests/fake_apiserver.py; the agent as its own process, informer mode,
-  {full_profile()} profile, poll {POLL_S:g} s, Prometheus exporter.
+  {data["profile"]} profile, poll {poll_s:g} s, Prometheus exporter; Python {data["python"]}.
 - Cycle: the agent's own timing of run_cycle (cgroup walk, every receiver, k8sattributes, render),
-  read from its `kpod.agent` debug line; median and p99 of {CYCLES} consecutive cycles.  CPU per
+  read from its `kpod.agent` debug line; median and p99 of {data["cycles"]} consecutive cycles.  CPU per
   cycle: the agent's utime+stime (the process_cpu_seconds_total counter) over those cycles / cycles,
-  with nothing scraping.  Scrapes: {SCRAPES} GETs of /metrics per encoding on one keep-alive
-  loopback connection while the agent cycles.
-- Targets: issue 8 names none for these figures; issue 2's scrape p50 <= 2 ms at 110 pods, a cycle
-  shorter than the poll interval, and the peers' figures for comparison (below the tables).
-- Machine load: the load average before / after each size is in the table; other sessions' tests
-  (an e2e run with a real Prometheus, soak tests) may share this 2-CPU machine, so wall times can
-  include waiting for a CPU; the CPU per cycle is the less disturbed figure.
+  with nothing scraping.  Scrapes: {data["scrapes"]} GETs of /metrics per encoding on one keep-alive
+  loopback connection while the agent cycles.  Load: the load average before / after each size.
+- Targets: issue 2's scrape p50 <= {SCRAPE_P50_TARGET_MS:g} ms at {SCRAPE_TARGET_PODS} pods, and a cycle
+  shorter than the poll interval.
 
 {HEADER}
 {chr(10).join(rows)}
 
-Per receiver, median of the last collection's duration over {STATUS_CYCLES} cycles (ms; receivers run
-concurrently, so these overlap and do not add up to the cycle):
+Per receiver, median of the last collection's duration over {data["status_cycles"]} cycles (ms; the
+receivers run concurrently):
 
 | receiver | {" | ".join(f"{r.pods} pods" for r in results)} |
 |---|{"---:|" * len(results)}
 {chr(10).join(receiver_rows)}
+{"".join(chr(10) + n for n in notes)}
 
-{ratio}
-{"".join(n + chr(10) for n in notes)}
 Against the targets:
 
 {chr(10).join(targets)}
 
-{rss_text}
-{READING}"""
-
-
-# Measured by hand (2026-11-28, same machine), kept in the report because one run shows neither
-# the trend across sizes nor the run-to-run spread.
-READING = """\
-### Reading
-
-Two full runs on 2026-11-28 (15:27 and 15:41 UTC, load average 0.6-3.2 and 1.6-2.3: other
-sessions' tests shared the machine), for 10 / 110 / 250 pods:
-
-| run | cycle median ms | cycle p99 ms | CPU ms / cycle | plain p50 ms | gzip p50 ms | RSS 10 min: ready / 1 min / end |
-|---|---|---|---|---|---|---|
-| 1 | 16 / 78 / 159 | 34 / 125 / 222 | 17 / 76 / 150 | 0.5 / 0.4 / 0.7 | 44.0 / 44.0 / 0.2 | 56.1 / 67.1 / 69.9 MiB |
-| 2 | 10 / 79 / 171 | 15 / 115 / 260 | 12 / 76 / 180 | 0.4 / 0.4 / 1.3 | 44.0 / 44.0 / 0.5 | 56.0 / 67.0 / 68.6 MiB |
-
-- Cost grows linearly with pods: 0.6-0.7 ms of cycle and 0.55-0.75 ms of CPU per pod, 67.5 series
-  per pod (45 per container).  CPU per cycle is about the cycle's wall time: the receivers run in
-  threads but the GIL serialises their Python work, so a cycle is one core's worth of reading and
-  parsing.  The per-receiver durations include waiting for the GIL, so they overlap and vary from
-  run to run; the cgroup-file receivers (filesystem, pressure, cgroup_memory, cgroup_cpu, net_iface,
-  disk) are where the work is, the eBPF receivers read their maps in a few ms.
-- At the default poll of 30 s, 250 pods cost 0.5-0.6 % of a CPU; the 1 s poll used here (as in the
-  e2e test) is the worst case, 15-18 % of a CPU at 250 pods.
-- RSS levels off: +11 MiB in the first minute (caches filling: the renderer's per-series bytes,
-  k8sattributes' resolution cache, the allocator's high-water mark), then +2.8 (run 1) and +1.7 MiB
-  (run 2) over the next 9 minutes, +0.1 and +0.6 MiB over the last 5: not a leak; bench.soak checks
-  the leak bounds under pod churn.
-- The gzip stall (runs 1 and 2 above): the exporter wrote headers and body in two writes with
-  Nagle on, so a small body (a gzipped exposition under ~64 KiB on loopback, up to about 200 pods
-  here) waited for the scraper's delayed ACK: 44 ms per scrape.  The exporter now sets TCP_NODELAY;
-  the main table was measured after that fix (gzip p50 0.2-0.4 ms at every size).
-"""
+{rss_text}"""
 
 
 HEADER = (
-    "| pods | containers | series | cycle median ms | cycle p99 ms | CPU ms / cycle | % of a CPU at poll 1 s "
+    "| pods | containers | series | cycle median ms | cycle p99 ms | CPU ms / cycle | % of a CPU at the poll "
     "| scrape plain p50 / p99 ms "
     "| scrape gzip p50 / p99 ms | body MB plain / gzip | RSS MiB | load before / after |\n"
     "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
 )
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-
-def _load(path: str) -> tuple[list[SizeResult], RssResult | None, str, str]:
-    """Figures saved by --json: (sizes, rss, command, date) to render again after a text change
-    without measuring again (a full run takes a quarter of an hour)."""
-    data = json.loads(Path(path).read_text())
-    results = [SizeResult(**r) for r in data["sizes"]]
-    rss = None
-    if data.get("rss"):
-        rss = RssResult(**{**data["rss"], "samples": [tuple(x) for x in data["rss"]["samples"]]})
-    return results, rss, data.get("command", ".venv/bin/python -m bench.scale"), data.get("date", "")
+def measure(sizes: tuple[int, ...] = SIZES, rss_minutes: float | None = None) -> Measured:
+    if os.geteuid() != 0:
+        raise NotMeasured("needs root (creates cgroups, loads BPF programs)")
+    minutes = rss_minutes_from_env() if rss_minutes is None else rss_minutes
+    results, rss = run(sizes, minutes, log=lambda m: print(m, file=sys.stderr))
+    command = ".venv/bin/python -m bench.scale"
+    if sizes != SIZES:
+        command += f" --sizes {','.join(map(str, sizes))}"
+    if minutes != 10:
+        command += f" --rss-minutes {minutes:g}"
+    data = {
+        "sizes": [asdict(r) for r in results],
+        "rss": rss and asdict(rss),
+        "profile": full_profile(),
+        "python": platform.python_version(),
+        "poll_s": POLL_S,
+        "cycles": CYCLES,
+        "status_cycles": STATUS_CYCLES,
+        "scrapes": SCRAPES,
+        "rss_sample_s": RSS_SAMPLE_S,
+        "rss_warmup_s": RSS_WARMUP_S,
+    }
+    return Measured(command, data)
 
 
 def rss_minutes_from_env() -> float:
     return float(os.environ.get("KPOD_BENCH_RSS_MINUTES", "10"))
 
 
-def report() -> str:
-    if os.geteuid() != 0:
-        return "## Scale\n\nDid not run: needs root (creates cgroups, loads BPF programs)."
-    minutes = rss_minutes_from_env()
-    results, rss = run(SIZES, minutes, log=lambda m: print(m, file=sys.stderr))
-    command = ".venv/bin/python -m bench.scale"
-    if minutes != 10:
-        command = f"KPOD_BENCH_RSS_MINUTES={minutes:g} " + command
-    return markdown(results, rss, command)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--rss-minutes", type=float, default=rss_minutes_from_env())
-    parser.add_argument("--write", help="also write the report to this file (docs/perf/scale.md)")
-    parser.add_argument("--json", help="also write the raw figures to this file")
-    parser.add_argument("--from-json", help="measure nothing: render the figures saved by --json")
+    parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/scale.md")
     args = parser.parse_args()
-    if args.from_json:
-        results, rss, command, date = _load(args.from_json)
-        return _output(markdown(results, rss, command, date), args.write, date)
     # SIGTERM unwinds like Ctrl-C, so the finally blocks kill our processes and remove our cgroups.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
-    sizes = tuple(int(s) for s in args.sizes.split(","))
-    results, rss = run(sizes, args.rss_minutes, log=lambda m: print(m, file=sys.stderr))
-    command = " ".join([".venv/bin/python -m bench.scale", *sys.argv[1:]])
-    date = _now()
-    if args.json:
-        raw = {"sizes": [asdict(r) for r in results], "rss": rss and asdict(rss), "command": command, "date": date}
-        Path(args.json).write_text(json.dumps(raw))
-    return _output(markdown(results, rss, command, date), args.write, date)
-
-
-def _output(text: str, write: str | None, date: str) -> int:
-    print(text)
-    if write:
-        # The section file `make bench` writes for this module (bench/__main__.py), same stamp.
-        from bench.__main__ import machine
-
-        stamp = f"_Measured {date or _now()} on {machine()}._"
-        Path(write).write_text(text.strip() + "\n\n" + stamp + "\n")
+    try:
+        measured = measure(tuple(int(s) for s in args.sizes.split(",")), args.rss_minutes)
+    except NotMeasured as reason:
+        raise SystemExit(f"bench.scale: {reason}") from None
+    if args.write:
+        print(sections.write("scale", measured).read_text())
+    else:
+        print(render(measured.data))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Pod churn soak: the agent under N pod create/delete cycles, checked for leaks.
 
-    .venv/bin/python -m bench.soak --cycles 500 [--write docs/perf/soak.md]
+    .venv/bin/python -m bench.soak --cycles 500 [--write]
 
 What one cycle is, on this host, as root: a kubepods-shaped pod cgroup (systemd driver,
 containerd scope) under the cgroup2 mount with a live process in it (a shell that forks a
@@ -19,8 +19,8 @@ dump by the ids the agent holds); series of deleted pods still in the exposition
 
 Bounds (issue 9): RSS growth <= 5 MiB after warm-up, no thread or fd growth, no key of a
 deleted pod left in a BPF map (while live pods did have keys), no series of a deleted pod.
-`report()` runs a bounded soak for `make bench`; tests/test_soak.py runs a short one in
-`make test` and the 500-cycle one in `make soak`.
+`measure()` runs a 100-cycle soak for `make bench`; tests/test_soak.py runs a short one in
+`make test` and the 500-cycle one in `make soak` (which writes docs/perf/soak.md).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -52,6 +53,9 @@ from agent_proc import (  # noqa: E402 - test helpers live in tests/
 )
 from fake_apiserver import FakeApiServer, make_pod  # noqa: E402
 from kernel_util import CgroupTree, cgroup2_root  # noqa: E402
+
+from bench import sections  # noqa: E402
+from bench.sections import Measured, NotMeasured  # noqa: E402
 
 RSS_BOUND_KIB = 5 * 1024
 POLL = "1s"
@@ -283,15 +287,16 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
     return result
 
 
-def markdown(result: SoakResult, command: str) -> str:
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+def render(data: dict[str, Any]) -> str:
+    result = SoakResult(**data["result"])
     verdict = result.violations()
     rows = [
         ("cycles (pod create + delete)",
          f"{result.cycles} in {result.seconds:.0f} s, {result.window} pods alive at a time"),
         ("profile", result.profile),
         ("RSS after warm-up -> end", f"{result.rss_warm_kib / 1024:.1f} -> {result.rss_end_kib / 1024:.1f} MiB "
-                                     f"(growth {result.rss_growth_kib / 1024:+.2f} MiB; bound 5 MiB)"),
+                                     f"(growth {result.rss_growth_kib / 1024:+.2f} MiB; "
+                                     f"bound {RSS_BOUND_KIB / 1024:g} MiB)"),
         ("RSS peak", f"{result.rss_peak_kib / 1024:.1f} MiB"),
         ("threads after warm-up -> end", f"{result.threads_warm} -> {result.threads_end}"),
         ("fds after warm-up -> end", f"{result.fds_warm} -> {result.fds_end}"),
@@ -309,65 +314,44 @@ def markdown(result: SoakResult, command: str) -> str:
         ("receiver collection errors", json.dumps(result.collection_errors) if result.collection_errors else "none"),
     ]  # fmt: skip
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    notes = "".join(f"\n- note: {n}" for n in result.notes)
     return f"""## Pod churn soak
 
-`{command}`
-
-- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
-- Machine: {platform.node()}, Linux {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs,
-  {memory:.0f} GiB; Python {platform.python_version()}.
-- Agent: its own process, informer mode against tests/fake_apiserver.py, poll {POLL}.
+- Agent: its own process, informer mode against tests/fake_apiserver.py, poll {POLL}; Python {data["python"]}.
 
 | what | figure |
 |---|---|
 {table}
 
-Map entries "before -> after" count every cgroup of the host our programs saw (the host's own
-services come and go in them); "back to baseline" is judged on the soak pods' cgroups: keys
-present while they live, none left after they are gone.  Receiver collection errors are files of
-cgroups removed between the cycle's tree walk and the read: expected under churn, and counted.
-
 Result: {"within every bound" if not verdict else "OUT OF BOUNDS: " + "; ".join(verdict)}.
-{"".join(f"{chr(10)}- note: {n}" for n in result.notes)}
-
-{LONGER_RUNS}"""
-
-
-# Measured once by hand (2026-11-28, same machine), kept in the report because a 500-cycle run
-# cannot show the trend: what the RSS does over 1500 cycles, and where the Python heap grows.
-LONGER_RUNS = """\
-### Longer runs and where the memory goes
-
-- 1500 cycles (`python -m bench.soak --cycles 1500`, 201 s): RSS after warm-up 55.9 -> 59.0 MiB
-  (+3.07 MiB), flat at the end (+0.24 MiB over the last 600 cycles); threads 3 -> 3, fds 49 -> 49.
-  Before the renderer's label cache was pruned to live resources (kpod/exposition.py), the same
-  run grew +4.47 MiB and was still climbing: the cache held every gone cgroup's Resource (~1 KiB)
-  until a clear at 4x the series count.
-- tracemalloc over 340 cycles of the agent in-process: the Python heap grew 0.6 MiB, all of it
-  bounded caches (k8sattributes' 30 s resolution cache, the cgroup index) and data in flight;
-  the rest of the RSS growth is allocator high-water (freed arenas are not returned at once).
+{notes}
 """
 
 
-def report() -> str:
-    """For `make bench`: a 100-cycle soak (about a minute)."""
+def measure(cycles: int = 100, window: int = 5, command: str = "", workdir: Path | None = None, log=None) -> Measured:  # type: ignore[no-untyped-def]
+    """Run the soak and keep its figures (SoakResult) for render(); 100 cycles (about a minute)
+    is what `make bench` runs."""
     if os.geteuid() != 0:
-        return "## Pod churn soak\n\nDid not run: needs root (creates cgroups, loads BPF programs)."
-    return markdown(run_soak(100, log=lambda *_: None), ".venv/bin/python -m bench.soak --cycles 100")
+        raise NotMeasured("needs root (creates cgroups, loads BPF programs)")
+    result = run_soak(cycles, window, workdir=workdir, log=log or (lambda m: print(m, file=sys.stderr)))
+    return Measured(
+        command or f".venv/bin/python -m bench.soak --cycles {cycles}",
+        {"result": asdict(result), "python": platform.python_version()},
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--window", type=int, default=5)
-    parser.add_argument("--write", help="write the markdown report to this file")
+    parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/soak.md")
     args = parser.parse_args()
-    result = run_soak(args.cycles, args.window, log=lambda m: print(m, file=sys.stderr))
-    text = markdown(result, f".venv/bin/python -m bench.soak --cycles {args.cycles}")
-    print(text)
+    measured = measure(args.cycles, args.window, log=lambda m: print(m, file=sys.stderr))
     if args.write:
-        Path(args.write).write_text("# Soak\n\n" + text)
-    return 1 if result.violations() else 0
+        print(sections.write("soak", measured).read_text())
+    else:
+        print(render(measured.data))
+    return 1 if SoakResult(**measured.data["result"]).violations() else 0
 
 
 if __name__ == "__main__":

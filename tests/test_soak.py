@@ -25,13 +25,15 @@ CYCLES = int(os.environ.get("SOAK_CYCLES", "40"))
 @pytest.mark.skipif(kernel_skip_reason() is not None, reason=kernel_skip_reason() or "")
 def test_soak_pod_churn_leaks_nothing(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO))
-    from bench.soak import markdown, run_soak
+    from bench import sections
+    from bench.soak import SoakResult, measure, render
 
-    result = run_soak(CYCLES, workdir=tmp_path, log=lambda m: print(m, file=sys.stderr))
-    text = markdown(result, f"SOAK_CYCLES={CYCLES} pytest tests/test_soak.py")
+    measured = measure(CYCLES, command=f"SOAK_CYCLES={CYCLES} pytest tests/test_soak.py", workdir=tmp_path)
+    result = SoakResult(**measured.data["result"])
+    text = render(measured.data)
     print(text)
-    if CYCLES >= 500:
-        (REPO / "docs" / "perf" / "soak.md").write_text("# Soak\n\n" + text)
+    if CYCLES >= 500:  # `make soak`: the soak section of docs/PERFORMANCE.md
+        sections.write("soak", measured)
     assert not result.violations(), text
     # The churn was seen at all: some soak pods were labelled in scrapes while alive.
     assert result.pods_labelled > 0, text
