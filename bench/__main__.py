@@ -1,7 +1,7 @@
 """`make bench`: run every benchmark side by side in one run and rewrite docs/PERFORMANCE.md.
 
     .venv/bin/python -m bench                 every module, then the assembly
-    .venv/bin/python -m bench core soak       those sections only, then the assembly
+    .venv/bin/python -m bench core soak       those sections only (or their modules' names), then the assembly
     .venv/bin/python -m bench --assemble      no measuring: PERFORMANCE.md from the section files
     .venv/bin/python -m bench --render        no measuring: every section file from its kept figures
 
@@ -45,7 +45,9 @@ def measure(module: str) -> Measured:
 
 
 def main(argv: list[str] | None = None) -> int:
-    only = sys.argv[1:] if argv is None else argv
+    # A section (core, cgroup, k8s, ...) or its module's name (cgroup_receivers, discovery_memory, ...).
+    by_module = {module.rsplit(".", 1)[1]: section for section, module in SECTIONS.items()}
+    only = [by_module.get(name, name) for name in (sys.argv[1:] if argv is None else argv)]
     unknown = [name for name in only if name not in SECTIONS and name not in ("--assemble", "--render")]
     if unknown:
         print(f"bench: no section {', '.join(unknown)} (sections: {', '.join(SECTIONS)})", file=sys.stderr)
