@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter
+from kpod.exporters.prometheus.exposition import Renderer
 
 from bench.sections import Measured
 from bench.synthetic import LOG2_BOUNDS, node_batch
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
-from kpod.exposition import Renderer
 from kpod.model import Kind
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kpod.exporters.prometheus.exposition import family_name, prometheus_name
 
 from kpod import pipeline, profiles
 from kpod.component import Receiver
 from kpod.config import _leaf_paths, env_var_name
-from kpod.exposition import family_name, prometheus_name
 from kpod.model import Kind, MetricDef
 from kpod.settings import KpodSettings
 from kpod.units import Duration

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import yaml
+from kpod.exporters.prometheus.exposition import prometheus_name
 from test_promql_names import agent_exposition, receiver_classes
 
 from kpod.config import _leaf_paths, env_var_name
-from kpod.exposition import prometheus_name
 from kpod.settings import KpodSettings
 from scripts import gen_docs
 

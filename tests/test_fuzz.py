@@ -21,6 +21,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from kpod.exporters.prometheus.exposition import Renderer
 from kpod.processors.k8sattributes.discovery import decode_pod_list, decode_watch_event, parse_pod_list
 from kpod.processors.k8sattributes.pods import PodInfo, pod_from_json
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,7 +29,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from kpod.cgroup import parsers as p
 from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.config import ConfigError, load_config
-from kpod.exposition import Renderer
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))

@@ -9,12 +9,12 @@ import shutil
 import subprocess
 
 import pytest
+from kpod.exporters.prometheus.exposition import Renderer, escape_label_value, family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.synthetic import LOG2_BOUNDS, node_batch
 from kpod.component import Context
-from kpod.exposition import Renderer, escape_label_value, family_name, prometheus_name
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings

@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 import yaml
+from kpod.exporters.prometheus.exposition import Renderer
 
 from kpod.component import Receiver
-from kpod.exposition import Renderer
 from kpod.model import Batch, HistogramValue, Kind, Point, Resource
 from scripts import gen_dashboard
 

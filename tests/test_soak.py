@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from kernel_util import kernel_skip_reason
+from kpod.exporters.prometheus.exposition import Renderer
 
-from kpod.exposition import Renderer
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point, Resource
 
 REPO = Path(__file__).resolve().parents[1]

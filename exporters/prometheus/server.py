@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from kpod.exporters.prometheus.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Renderer
+
 from kpod.component import Context, Exporter, Factory
-from kpod.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, Renderer
 from kpod.model import Batch
 from kpod.selfmetrics import EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, declare_exporter_metrics
 
