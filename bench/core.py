@@ -21,7 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter
+from kpod.exporters.prometheus.config import PrometheusConfig
+from kpod.exporters.prometheus.exporter import PrometheusExporter
 from kpod.exporters.prometheus.exposition import Renderer
 
 from bench.sections import Measured

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kpod.exporters.prometheus.exposition import family_name, prometheus_name
+from kpod.exporters.prometheus.naming import family_name, prometheus_name
 
 from kpod import pipeline, profiles
 from kpod.component import Receiver

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kpod.exporters.prometheus.exposition import prometheus_name
+from kpod.exporters.prometheus.naming import prometheus_name
 from test_promql_names import agent_exposition, receiver_classes
 
 from kpod.config import _leaf_paths, env_var_name

@@ -43,7 +43,8 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def make_exporter(**config: object) -> object:
-    from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter, TlsSettings
+    from kpod.exporters.prometheus.config import PrometheusConfig, TlsSettings
+    from kpod.exporters.prometheus.exporter import PrometheusExporter
 
     tls = config.pop("tls", None)
     context = Context(
@@ -114,7 +115,7 @@ def test_rotated_token_is_picked_up_without_a_restart(protected: object, token_f
 
 
 def test_tls_serves_https_and_survives_plain_http_clients(certificate: tuple[Path, Path]) -> None:
-    from kpod.exporters.prometheus import TlsSettings
+    from kpod.exporters.prometheus.config import TlsSettings
 
     cert, key = certificate
     exporter = make_exporter(tls=TlsSettings(cert_file=str(cert), key_file=str(key)))
@@ -137,7 +138,7 @@ def test_tls_serves_https_and_survives_plain_http_clients(certificate: tuple[Pat
 
 
 def test_tls_with_token_together(certificate: tuple[Path, Path], token_file: Path) -> None:
-    from kpod.exporters.prometheus import TlsSettings
+    from kpod.exporters.prometheus.config import TlsSettings
 
     cert, key = certificate
     exporter = make_exporter(tls=TlsSettings(cert_file=str(cert), key_file=str(key)),

@@ -9,7 +9,8 @@ import shutil
 import subprocess
 
 import pytest
-from kpod.exporters.prometheus.exposition import Renderer, escape_label_value, family_name, prometheus_name
+from kpod.exporters.prometheus.exposition import Renderer, escape_label_value
+from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -104,7 +105,8 @@ def test_node_sized_exposition_passes_promtool() -> None:
 
 @pytest.fixture
 def exporter() -> object:
-    from kpod.exporters.prometheus import PrometheusConfig, PrometheusExporter
+    from kpod.exporters.prometheus.config import PrometheusConfig
+    from kpod.exporters.prometheus.exporter import PrometheusExporter
 
     from kpod.cgroup.index import CgroupIndex
 

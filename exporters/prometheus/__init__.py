@@ -1,5 +1,23 @@
-"""The Prometheus exporter (being split into modules: see the next commit)."""
+"""The Prometheus exporter: a scrape endpoint serving the exposition rendered once per cycle.
 
-from kpod.exporters.prometheus.server import PrometheusConfig, PrometheusExporter, TlsSettings, factory
+    exporter.py    the exporter: renders each cycle's batch once, keeps the bytes
+    exposition.py  pure renderers over a Batch: text 0.0.4 and OpenMetrics 1.0
+    naming.py      the one naming rule (dotted names to Prometheus names)
+    server.py      the HTTP side: endpoints, bearer token, TLS, content negotiation
+    config.py      its settings
+"""
 
-__all__ = ["PrometheusConfig", "PrometheusExporter", "TlsSettings", "factory"]
+from kpod.exporters.prometheus.config import PrometheusConfig
+from kpod.exporters.prometheus.exporter import PrometheusExporter
+
+from kpod.component import Factory
+
+factory = Factory(
+    type="prometheus",
+    kind="exporter",
+    config_class=PrometheusConfig,
+    create=PrometheusExporter,
+    description="Serves the Prometheus exposition (/metrics, /actuator/prometheus), /healthz and /readyz.",
+)
+
+__all__ = ["factory"]

@@ -1,52 +1,23 @@
 """Prometheus exposition, rendered once per collection cycle.
 
-Pure functions over a Batch: the naming rule, label escaping, and the text (0.0.4) and
-OpenMetrics (1.0) renderers.  The exporter keeps the rendered bytes (and their gzip) and
-serves them, so a scrape never does collection or rendering work.
-
-Naming rule, one for every metric: dots become underscores; a metric whose unit is seconds
-ends in `_seconds`; a counter ends in `_total` (never doubled).  So kpod.cpu.runqueue.latency
-(histogram, s) is kpod_cpu_runqueue_latency_seconds_bucket/_sum/_count, and
-kpod.bpf.map.update.errors.total (counter) is kpod_bpf_map_update_errors_total.
+Pure functions over a Batch: label escaping and the text (0.0.4) and OpenMetrics (1.0)
+renderers, with names from the one naming rule (naming.py).  The exporter keeps the rendered
+bytes (and their gzip) and the server serves them, so a scrape never does collection or
+rendering work.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable
 from itertools import accumulate
+
+from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
 
 from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point, Resource
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-
-_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
-_INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def family_name(metric: MetricDef) -> str:
-    """The Prometheus name without the counter's `_total` (OpenMetrics' family name)."""
-    name = _INVALID_NAME_CHARS.sub("_", metric.name.replace(".", "_"))
-    if name.endswith("_total") and metric.kind is Kind.COUNTER:
-        name = name[: -len("_total")]
-    if metric.unit == "s" and not name.endswith("_seconds"):
-        name += "_seconds"
-    return name
-
-
-def prometheus_name(metric: MetricDef) -> str:
-    """The name of the metric's samples in the text format (counters end in _total)."""
-    name = family_name(metric)
-    return name + "_total" if metric.kind is Kind.COUNTER else name
-
-
-def label_name(key: str) -> str:
-    """A valid label name for an attribute key (k8s.pod.name -> k8s_pod_name)."""
-    name = _INVALID_LABEL_CHARS.sub("_", key)
-    return "_" + name if name[:1].isdigit() else name
-
 
 def escape_label_value(value: str) -> str:
     if not value.isascii():

@@ -1,0 +1,33 @@
+"""The Prometheus exporter's settings (`exporters: {prometheus: {...}}`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """'0.0.0.0:9090' -> ('0.0.0.0', 9090); '[::]:9090' -> ('::', 9090); ':9090' -> ('0.0.0.0', 9090)."""
+    host, sep, port_text = endpoint.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected host:port, got {endpoint!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+@dataclass
+class TlsSettings:
+    cert_file: str = ""  # PEM certificate (chain); empty with key_file empty: plain HTTP
+    key_file: str = ""  # PEM private key
+
+
+@dataclass
+class PrometheusConfig:
+    endpoint: str = "0.0.0.0:9090"
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    # A file holding the token scrapers must send; empty: no authentication.
+    bearer_token_file: str = ""
+
+    def validate(self) -> None:
+        parse_endpoint(self.endpoint)
+        if bool(self.tls.cert_file) != bool(self.tls.key_file):
+            raise ValueError("tls: set both cert_file and key_file, or neither")
