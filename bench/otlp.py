@@ -36,7 +36,8 @@ sys.path.insert(0, sys.argv[3])
 from bench.synthetic import node_batch
 from kpod.agentmetrics import process_stats
 from kpod.component import Context
-from kpod.exporters.otlp import OtlpConfig, OtlpExporter, TlsConfig
+from kpod.exporters.otlp.config import OtlpConfig, TlsConfig
+from kpod.exporters.otlp.exporter import OtlpExporter
 from kpod.model import Resource
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
@@ -79,9 +80,9 @@ while time.monotonic() - began < total_s:
     export_us.append((time.perf_counter() - t) * 1e6)
     del batch
     queue_max = max(queue_max, exporter.queue_batches())
-    with exporter._cond:
-        raw = sum(1 for item in exporter._queue if item.payloads is None)
-        held = sum(len(p.gzipped) for item in exporter._queue for p in (item.payloads or ()))
+    waiting = exporter._queue.snapshots()
+    raw = sum(1 for item in waiting if item.payloads is None)
+    held = sum(len(p.gzipped) for item in waiting for p in (item.payloads or ()))
     now = round(time.monotonic() - began, 1)
     samples.append((now, rss(), exporter.queue_batches(), exporter.sent_points, raw, held))
     i += 1
@@ -136,7 +137,7 @@ def _run(outage_s: float, after_s: float) -> dict[str, object]:
 def _encode_cost() -> tuple[float, int, int]:
     """Median seconds to convert, encode and compress one node batch (the sender thread's CPU
     per cycle), the protobuf size and the batch's points."""
-    from kpod.exporters.otlp import Encoder
+    from kpod.exporters.otlp.encoding import Encoder
 
     from bench.synthetic import node_batch
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kpod.exporters.otlp import OtlpConfig
+from kpod.exporters.otlp.config import OtlpConfig
 
 from kpod.config import load_config
 from scripts import render_manifests

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kpod.exporters.otlp import OtlpConfig, OtlpExporter, TlsConfig, resolve_target
+from kpod.exporters.otlp.config import OtlpConfig, TlsConfig, resolve_target
+from kpod.exporters.otlp.exporter import OtlpExporter
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from otlp_receiver import GrpcReceiver, HttpReceiver, Received, make_tls
 
