@@ -202,7 +202,7 @@ def render(data: dict[str, Any]) -> str:
         f"| RSS after start() (gRPC + OTel SDK imported, channel created) | {result['after_start'] * mib:.1f} MiB |",
         f"| baseline, collector up: RSS median over its second half | {statistics.median(base_rss) * mib:.1f} MiB |",
         f"| outage: RSS after the first snapshot | {rss_first * mib:.1f} MiB |",
-        f"| outage: queue full ({queue_size} batches) after | {full_at if full_at is not None else 'never'} s |",
+        f"| outage: queue full ({queue_size} batches) after | {'never' if full_at is None else f'{full_at} s'} |",
         (
             f"| outage: RSS once the queue was full, min / max over the rest of the outage | "
             f"{min(rss_full) * mib:.1f} / {max(rss_full) * mib:.1f} MiB |"
