@@ -8,9 +8,11 @@ PYTEST    := $(VENV)/bin/pytest
 CONFIG    ?= config.example.yaml
 
 # System packages: the BPF toolchain, libbpf's runtime, promtool (tests lint the exposition
-# with it), iproute2 (network-namespace tests), bpftrace and perf (benchmarks compare with them).
+# with it), iproute2 (network-namespace tests), bpftrace and perf (benchmarks compare with them),
+# openssl (test certificates), busybox-static (its cpio reads the VM's initramfs back).  A test
+# that needs one of these fails when it is missing (tests/README.md).
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool prometheus iproute2 python3-venv \
-                python3-dev bpftrace linux-perf util-linux e2fsprogs
+                python3-dev bpftrace linux-perf util-linux e2fsprogs openssl busybox-static
 
 ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_SRC   := $(wildcard bpf/*.bpf.c)

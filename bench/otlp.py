@@ -96,7 +96,8 @@ print(json.dumps({"before_import": before_import, "after_start": after_start, "s
 
 def _run(outage_s: float, after_s: float) -> dict[str, object]:
     sys.path.insert(0, str(REPO / "tests"))
-    from otlp_receiver import GrpcReceiver, free_port
+    from helpers import free_port
+    from otlp_receiver import GrpcReceiver
 
     port = free_port()
     total = outage_s + after_s

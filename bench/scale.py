@@ -54,8 +54,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from agent_proc import AgentProcess, free_port, full_profile, rss_kib  # noqa: E402
+from agent_proc import AgentProcess, full_profile, rss_kib  # noqa: E402
 from fake_apiserver import FakeApiServer, make_pod  # noqa: E402
+from helpers import free_port  # noqa: E402
 from kernel_util import CgroupTree, cgroup2_root, mounts  # noqa: E402
 
 from bench import sections  # noqa: E402

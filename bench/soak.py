@@ -46,12 +46,12 @@ from agent_proc import (  # noqa: E402 - test helpers live in tests/
     AgentProcess,
     bpf_ids_of,
     fd_count,
-    free_port,
     full_profile,
     rss_kib,
     thread_count,
 )
 from fake_apiserver import FakeApiServer, make_pod  # noqa: E402
+from helpers import free_port  # noqa: E402
 from kernel_util import CgroupTree, cgroup2_root  # noqa: E402
 
 from bench import sections  # noqa: E402

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers import bpftool_ids, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -155,6 +149,30 @@ class AgentProcess:
         return self.process.returncode
 
 
+def agent_exposition(workdir: Path) -> str:
+    """/metrics of a real agent after its first cycles (cgroup receivers only: runs anywhere)."""
+    port = free_port()
+    config = {
+        "kpod": {"profile": "custom", "poll_interval": "200ms", "discovery": {"mode": "local"}},
+        "receivers": {"cgroup_cpu": {}, "pressure": {}},
+        "exporters": {"prometheus": {"endpoint": f"127.0.0.1:{port}"}},
+        "service": {"pipelines": {"metrics": {"receivers": ["cgroup_cpu", "pressure"], "exporters": ["prometheus"]}}},
+    }
+    body = ""
+
+    def cycled() -> bool:
+        nonlocal body
+        try:
+            body = agent.get("/metrics", timeout=2).decode()
+        except OSError:
+            return False
+        return "\nkpod_series " in "\n" + body and "kpod_collection_duration_seconds" in body
+
+    with running_agent(json.dumps(config), workdir, port) as agent:  # JSON is YAML
+        agent.wait_until(cycled, 60, "exposing a first cycle")  # generous: CI machines may be busy
+    return body
+
+
 @contextlib.contextmanager
 def running_agent(config_text: str, workdir: Path, port: int, **kwargs: Any) -> Iterator[AgentProcess]:
     agent = AgentProcess(config_text, workdir, port, **kwargs).start()
@@ -200,14 +218,9 @@ def bpf_ids_of(pid: int) -> BpfIds:
     return BpfIds(frozenset(progs), frozenset(maps), frozenset(links))
 
 
-def bpftool_ids() -> BpfIds:
+def all_bpf_ids() -> BpfIds:
     """Every BPF program, map and link id that exists on the machine now."""
-
-    def ids(kind: str) -> frozenset[int]:
-        out = subprocess.run(["bpftool", "-j", kind, "show"], capture_output=True, text=True, check=True, timeout=30)
-        return frozenset(int(entry["id"]) for entry in json.loads(out.stdout or "[]"))
-
-    return BpfIds(ids("prog"), ids("map"), ids("link"))
+    return BpfIds(bpftool_ids("prog"), bpftool_ids("map"), bpftool_ids("link"))
 
 
 def still_present(ours: BpfIds, timeout_s: float = 5.0) -> BpfIds:
@@ -215,7 +228,7 @@ def still_present(ours: BpfIds, timeout_s: float = 5.0) -> BpfIds:
     (objects are released asynchronously after the last fd closes)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        now = bpftool_ids()
+        now = all_bpf_ids()
         left = BpfIds(ours.progs & now.progs, ours.maps & now.maps, ours.links & now.links)
         if not left or time.monotonic() > deadline:
             return left

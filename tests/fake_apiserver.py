@@ -38,6 +38,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from helpers import QuietHandler, poll_until, serve_http, stop_http
+
 Pod = dict[str, Any]
 
 
@@ -210,7 +212,6 @@ class FakeApiServer:
         self._bookmark_generation = 0
         self._fail: list[int] = []
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._sockets: set[socket.socket] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.request_times: list[float] = []  # time.monotonic() of each request, as `requests`
@@ -224,21 +225,14 @@ class FakeApiServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> FakeApiServer:
-        handler = _make_handler(self)
-        server = ThreadingHTTPServer((self.host, self.port), handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        self._server = serve_http(_make_handler(self), self.host, self.port)
+        self.port = self._server.server_address[1]
         return self
 
     def stop(self) -> None:
         """An outage: stop listening and cut every open connection.  start() resumes (same port)."""
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        stop_http(server)
         self.drop_watches()
         with self._cond:
             sockets = list(self._sockets)
@@ -330,12 +324,7 @@ class FakeApiServer:
             self._fail.extend([status] * count)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return predicate()
+        return poll_until(predicate, timeout)
 
     # Serving ------------------------------------------------------------------------------
 
@@ -370,19 +359,9 @@ class FakeApiServer:
 
 
 def _make_handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # quiet tests
-
+    class Handler(QuietHandler):
         def _send_json(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(code, json.dumps(body).encode(), "application/json")
 
         def do_GET(self) -> None:
             with api._cond:

@@ -7,13 +7,13 @@ and an unrelated second CA (for "wrong CA" tests), with the `openssl` command.
 from __future__ import annotations
 
 import json
-import ssl
 import subprocess
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from helpers import QuietHandler, serve_http, server_tls, stop_http
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,7 @@ class FakeKubelet:
     def start(self) -> FakeKubelet:
         kubelet = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 kubelet.requests += 1
                 if self.path != "/pods":
@@ -97,24 +92,11 @@ class FakeKubelet:
                     self._reply(200, json.dumps(body).encode())
 
             def _reply(self, code: int, data: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(code, data, "application/json")
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        if self.certs:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(self.certs.cert, self.certs.key)
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._server = serve_http(Handler, tls=server_tls(self.certs.cert, self.certs.key) if self.certs else None)
         return self
 
     def stop(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        stop_http(server)

@@ -1,4 +1,4 @@
-"""Helpers for tests against the real kernel: cgroup trees, workloads, receivers.
+"""Helpers for tests against the real kernel: cgroup trees, workloads of known effect, receivers.
 
 Everything created here is removed again, also when a test fails: processes we started are
 killed by PID, processes still in our cgroups are moved to the root cgroup first, and the
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import require_tools
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import parse_mountinfo_cgroups
@@ -257,11 +259,7 @@ class Workload:
             raise
 
     def state(self) -> str:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return ""
+        return process_state(self.pid)
 
     def go(self) -> None:
         assert self.proc.stdin is not None
@@ -356,3 +354,234 @@ def stat_majflt(text: str) -> int:
 
 def points_for(batch, metric_name: str, cgroup_id: int) -> list:
     return [p for p in batch if p.metric.name == metric_name and p.cgroup is not None and p.cgroup.id == cgroup_id]
+
+
+# ------------------------------------------------------------------ writable cgroup2 (no BPF)
+
+
+def cgroup2_skip_reason() -> str | None:
+    """Why this host cannot run the tests that create cgroups (without loading BPF), or None."""
+    if os.geteuid() != 0:
+        return "needs root to create cgroups"
+    unified = mounts().unified
+    if not unified or not os.access(unified, os.W_OK):
+        return "no writable cgroup2 mount"
+    return None
+
+
+# ------------------------------------------------------------------ workloads of known effect
+# What the receiver tests and the end-to-end test run in their pods: each does a known amount
+# of work, so the agent's figures are compared with what the workload itself did.
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("" once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def wait_blocked(pid: int, timeout_s: float = 10.0) -> None:
+    """Wait until the task sleeps (in its read of stdin): its /proc counters are final then."""
+    deadline = time.monotonic() + timeout_s
+    while process_state(pid) != "S" and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert process_state(pid) == "S", f"{pid} did not block"
+
+
+def compile_c(source: str, directory: Path, name: str) -> Path:
+    """A small C program built with clang (`make setup` installs it)."""
+    require_tools("clang")
+    src, binary = directory / f"{name}.c", directory / name
+    src.write_text(source)
+    subprocess.run(["clang", "-O1", "-o", str(binary), str(src)], check=True)
+    return binary
+
+
+# The syscall workload: after "go", N_OK getppid(), M_FAIL failing read(), Z_EOF read() at EOF
+# and K_UNTRACKED getuid(); the only successful read is the one that waits for "go".
+N_OK, M_FAIL, K_UNTRACKED, Z_EOF = 1000, 777, 500, 3
+GO_DELAY = 0.3  # seconds the first read(0) blocks in the pod before "go"
+
+SYSCALL_WORKLOAD_C = r"""
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+	long n = atol(argv[1]), m = atol(argv[2]), k = atol(argv[3]), z = atol(argv[4]), i;
+	int devnull;
+	char c;
+
+	if (write(1, "ready\n", 6) != 6)
+		return 2;
+	if (read(0, &c, 1) != 1)        /* wait for go: the only successful read in the pod */
+		return 3;
+	for (i = 0; i < n; i++)
+		getppid();
+	for (i = 0; i < m; i++)
+		if (read(-1, &c, 1) != -1)  /* EBADF */
+			return 4;
+	devnull = open("/dev/null", O_RDONLY);
+	for (i = 0; i < z; i++)
+		if (read(devnull, &c, 1) != 0)  /* EOF: returns 0, which is not an error */
+			return 6;
+	for (i = 0; i < k; i++)
+		getuid();
+	if (write(1, "done\n", 5) != 5)
+		return 5;
+	(void)read(0, &c, 1);           /* blocks until the test kills us */
+	return 0;
+}
+"""
+
+
+@contextlib.contextmanager
+def started_syscall_workload(binary: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The syscall workload, started and blocked in its read of "go" (move it, then finish it)."""
+    proc = subprocess.Popen(
+        [str(binary), str(N_OK), str(M_FAIL), str(K_UNTRACKED), str(Z_EOF)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        wait_blocked(proc.pid)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream:
+                stream.close()
+
+
+def finish_syscall_workload(proc: subprocess.Popen[bytes]) -> None:
+    """Send "go" and wait until the workload has made all its calls."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"g")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"done\n"
+
+
+# Direct I/O of known size on the file or device "$1", after a line on stdin: 4 MiB written,
+# 2 MiB read, then "done" and it waits for another line.
+DIRECT_IO_SCRIPT = r"""
+read line
+dd if=/dev/zero of="$1" bs=1M count=4 oflag=direct conv=notrunc status=none
+dd if="$1" of=/dev/null bs=1M count=2 iflag=direct status=none
+echo done
+read line
+"""
+
+
+# A loopback TCP transfer between two pods: ground truth is what send() and recv() returned.
+ODD_BYTES = 1_000_003  # odd, several segments, not a multiple of any buffer size
+
+# Python snippets run by the workloads (after "go", i.e. after being moved into their pod).
+SETNS = textwrap.dedent(
+    """
+    import ctypes, socket
+    netns = sys.stdin.readline().strip()
+    if netns:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open('/run/netns/' + netns, os.O_RDONLY)
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), 'setns')
+        os.close(fd)
+    INFO = lambda s: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512).hex()
+    """
+)
+
+RECEIVER = SETNS + textwrap.dedent(
+    """
+    ls = socket.socket()
+    ls.bind(('127.0.0.1', 0))
+    ls.listen(1)
+    print(ls.getsockname()[1], flush=True)
+    mode = sys.stdin.readline().strip()  # the test may move us to another cgroup before this
+    conn, _ = ls.accept()
+    peeked = len(conn.recv(4096, socket.MSG_PEEK)) if mode == 'peek' else 0  # data stays queued
+    total = 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        total += len(chunk)
+    info = INFO(conn)
+    conn.close()
+    print(json.dumps({'received': total, 'peeked': peeked, 'info': info}), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+SENDER = SETNS + textwrap.dedent(
+    """
+    port = int(sys.stdin.readline())
+    nbytes = int(sys.stdin.readline())
+    c = socket.create_connection(('127.0.0.1', port))
+    print('connected', flush=True)
+    sys.stdin.readline()  # "send"
+    data = b'k' * nbytes
+    sent = 0
+    while sent < nbytes:
+        sent += c.send(data[sent:])  # what each send() RETURNED
+    c.shutdown(socket.SHUT_WR)
+    while c.recv(65536):
+        pass
+    print(json.dumps({'sent': sent, 'info': INFO(c)}), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def transfer(tree: CgroupTree, procs: list[Workload], pod_a: Pod, pod_b: Pod, netns: str = "",
+             nbytes: int = ODD_BYTES, move_b_to: Pod | None = None,
+             peek: bool = False) -> tuple[Workload, Workload]:  # fmt: skip
+    """Start B (listener) then A (sender) in their pods; returns (a, b) workloads, connected."""
+    b = Workload(RECEIVER)
+    procs.append(b)
+    tree.move(b.pid, pod_b.container_dir)
+    b.go()
+    b.send(netns)
+    port = int(b.readline())
+    if move_b_to is not None:
+        tree.move(b.pid, move_b_to.container_dir)
+    b.send("peek" if peek else "accept")
+    a = Workload(SENDER)
+    procs.append(a)
+    tree.move(a.pid, pod_a.container_dir)
+    a.go()
+    a.send(netns)
+    a.send(str(port))
+    a.send(str(nbytes))
+    assert a.readline() == "connected"
+    return a, b
+
+
+@contextlib.contextmanager
+def uncached_file(size: int) -> Iterator[Path]:
+    """A file on a disk-backed filesystem (tmpfs pages cannot be dropped), not in the page cache."""
+    directory = Path("/var/tmp") / f"kpod-e2e-{uuid.uuid4().hex}"
+    directory.mkdir()
+    data = directory / "data"
+    try:
+        with open(data, "wb") as f:
+            f.write(os.urandom(size))
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        yield data
+    finally:
+        data.unlink(missing_ok=True)
+        directory.rmdir()

@@ -3,6 +3,8 @@
 Both listen on 127.0.0.1 only, record every request they accept (decoded with the
 opentelemetry-proto classes), and can be told to answer with an error, to be slow, or to be
 stopped and started again on the same port.  TLS material comes from `make_tls()` (openssl CLI).
+`make_exporter()` points an OTLP exporter at one of them; `assert_delivered_equal()` compares
+what arrived with the batch that was exported, point for point.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import gzip
 import http.server
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -22,7 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
+from helpers import QuietHandler, free_port, serve_http, server_tls, stop_http
+from kpod.exporters.otlp.config import OtlpConfig, TlsConfig
+from kpod.exporters.otlp.exporter import OtlpExporter
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+
+from kpod.component import Context
+from kpod.model import Batch, HistogramValue, Kind, Point
+from kpod.selfmetrics import SelfMetrics
+from kpod.settings import KpodSettings
+from kpod.units import Duration
 
 Request = metrics_service_pb2.ExportMetricsServiceRequest
 
@@ -34,12 +46,6 @@ class Received:
     encoding: str  # "gzip" or "" (what arrived on the wire)
     size: int  # bytes on the wire (HTTP) or of the decoded message (gRPC)
     at: float  # time.monotonic()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Recorder:
@@ -136,21 +142,15 @@ class HttpReceiver(_Recorder):
         self._server: http.server.ThreadingHTTPServer | None = None
         # Kept-alive client connections: a stopped receiver must not go on serving them.
         self.connections: list[socket.socket] = []
-        self._thread: threading.Thread | None = None
 
     def start(self) -> HttpReceiver:
         recorder = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def setup(self) -> None:
                 super().setup()
                 with recorder.lock:
                     recorder.connections.append(self.connection)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
@@ -171,33 +171,16 @@ class HttpReceiver(_Recorder):
                 self._answer(200, metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString())
 
             def _answer(self, code: int, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(body)))
-                if recorder.retry_after and code in (429, 503):
-                    self.send_header("Retry-After", recorder.retry_after)
-                self.end_headers()
-                self.wfile.write(body)
+                retry = {"Retry-After": recorder.retry_after} if recorder.retry_after and code in (429, 503) else {}
+                self.reply(code, body, "application/x-protobuf", retry)
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        server = Server(("127.0.0.1", self.port), Handler)
-        if self.tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(str(self.tls.server_cert), str(self.tls.server_key))
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
+        tls = server_tls(self.tls.server_cert, self.tls.server_key) if self.tls is not None else None
+        self._server = serve_http(Handler, port=self.port, tls=tls)
         return self
 
     def stop(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        stop_http(server)
         with self.lock:
             connections, self.connections = self.connections, []
         for connection in connections:
@@ -237,3 +220,135 @@ def make_tls(directory: Path) -> TlsFiles:
         directory / "ca.crt", directory / "server.crt", directory / "server.key",
         directory / "client.crt", directory / "client.key",
     )
+
+
+# --------------------------------------------------------------------------- exporter and comparison
+
+NODE = "node-1"
+
+
+def make_exporter(
+    receiver: GrpcReceiver | HttpReceiver | None,
+    protocol: str,
+    metrics: SelfMetrics | None = None,
+    port: int | None = None,
+    **overrides: Any,
+) -> OtlpExporter:
+    settings = KpodSettings()
+    settings.node_name = NODE
+    settings.poll_interval = Duration(0.01)  # export() every call
+    port = port if port is not None else receiver.port  # type: ignore[union-attr]
+    config = OtlpConfig(
+        endpoint=f"127.0.0.1:{port}",
+        protocol=protocol,
+        **{
+            "tls": TlsConfig(insecure=True),
+            "backoff_initial": Duration(0.05),
+            "backoff_max": Duration(0.2),
+            "timeout": Duration(2.0),
+            **overrides,
+        },
+    )
+    config.validate()
+    context = Context(id="otlp/test", settings=settings, cgroups=None, self_metrics=metrics or SelfMetrics())  # type: ignore[arg-type]
+    exporter = OtlpExporter(context, config)
+    exporter.start()
+    return exporter
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def flatten(received: list[Received]) -> list[dict[str, Any]]:
+    """One record per data point, with its resource, scope and metric."""
+    out = []
+    for item in received:
+        for rm in item.request.resource_metrics:
+            resource = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    data = getattr(metric, kind)
+                    for dp in data.data_points:
+                        record: dict[str, Any] = {
+                            "resource": resource,
+                            "scope": (sm.scope.name, sm.scope.version),
+                            "name": metric.name,
+                            "unit": metric.unit,
+                            "description": metric.description,
+                            "kind": kind,
+                            "temporality": getattr(data, "aggregation_temporality", None),
+                            "monotonic": getattr(data, "is_monotonic", None),
+                            "attributes": {kv.key: kv.value.string_value for kv in dp.attributes},
+                            "start": dp.start_time_unix_nano,
+                            "time": dp.time_unix_nano,
+                        }
+                        if kind == "histogram":
+                            record["value"] = (
+                                tuple(dp.explicit_bounds), tuple(dp.bucket_counts), dp.sum, dp.count,
+                                dp.HasField("min"), dp.HasField("max"),
+                            )
+                        else:
+                            record["value"] = dp.as_double if dp.WhichOneof("value") == "as_double" else dp.as_int
+                        out.append(record)
+    return out
+
+
+def series_key(resource: dict[str, str], name: str, attributes: dict[str, str]) -> tuple[Any, ...]:
+    return (tuple(sorted(resource.items())), name, tuple(sorted(attributes.items())))
+
+
+def expected_records(batch: Batch) -> dict[tuple[Any, ...], Point]:
+    base = {"service.name": "kpod-metrics", "host.name": socket.gethostname(), "k8s.node.name": NODE}
+    out: dict[tuple[Any, ...], Point] = {}
+    for point in batch.points:
+        resource = dict(base)
+        if point.resource is not None:
+            resource.update(point.resource.otel)
+        key = series_key(resource, point.metric.name, dict(point.attributes))
+        assert key not in out, f"test batch has a duplicate series {key}"
+        out[key] = point
+    return out
+
+
+def total_points(received: list[Received]) -> int:
+    return len(flatten(received))
+
+
+def assert_delivered_equal(batch: Batch, received: list[Received]) -> None:
+    records = flatten(received)
+    expected = expected_records(batch)
+    assert len(records) == len(expected), (len(records), len(expected))
+    kinds = {Kind.COUNTER: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram"}
+    cumulative = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+    seen = set()
+    for record in records:
+        resource = dict(record["resource"])
+        assert resource.pop("service.version")  # present, the agent's version
+        key = series_key(resource, record["name"], record["attributes"])
+        assert key in expected, f"unexpected series {key}"
+        assert key not in seen, f"series sent twice {key}"
+        seen.add(key)
+        point = expected[key]
+        assert record["scope"][0] == "kpod-metrics"
+        assert record["unit"] == point.metric.unit
+        assert record["description"] == point.metric.description
+        assert record["kind"] == kinds[point.metric.kind]
+        assert record["time"] == batch.time_ns
+        if point.metric.kind is Kind.GAUGE:
+            assert record["temporality"] is None
+        else:
+            assert record["temporality"] == cumulative
+            assert record["start"] > 0 and record["start"] <= record["time"]
+        if point.metric.kind is Kind.COUNTER:
+            assert record["monotonic"] is True
+        if isinstance(point.value, HistogramValue):
+            bounds, counts, total, count, has_min, has_max = record["value"]
+            assert bounds == point.value.bounds
+            assert counts == point.value.counts
+            assert len(counts) == len(bounds) + 1
+            assert total == pytest.approx(point.value.sum, rel=1e-12)
+            assert count == point.value.count
+            assert not has_min and not has_max  # the kernel keeps neither
+        else:
+            assert record["value"] == pytest.approx(point.value, rel=1e-12)

@@ -4,7 +4,6 @@ clean shutdown on SIGTERM, `check`."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,16 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
+from helpers import free_port, require_tools
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for(url: str, timeout_s: float = 15.0) -> bytes:
@@ -148,10 +141,10 @@ def test_check_reports_node_and_receivers(tmp_path: Path) -> None:
     assert "cgroup_cpu" in out and "ok: cpu.stat under" in out
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_real_exposition_of_every_receiver_passes_promtool(tmp_path: Path) -> None:
     """The comprehensive profile on this host (eBPF receivers when root with BTF, cgroup
     receivers always): what a scraper really gets is lint-clean, in both formats."""
+    require_tools("promtool")
     port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -4,18 +4,20 @@ fail when a rule's threshold is changed (so they do test something)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import require_tools
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "helm" / "kpod-metrics" / "files" / "kpod-metrics.rules.yaml"
 UNIT_TESTS = REPO / "tests" / "promtool" / "kpod-metrics.rules.test.yaml"
 
-pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (make system-packages)")
+@pytest.fixture(autouse=True)
+def _promtool() -> None:
+    require_tools("promtool")
 
 
 def _promtool_test(tests: Path) -> subprocess.CompletedProcess[str]:

@@ -10,13 +10,10 @@ difference in a size or member offset fails.  The conventions the Python side re
 from __future__ import annotations
 
 import ctypes
-import json
-import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import BpftoolBtf
 
 from kpod.kernel import btflayout, libbpf
 from kpod.kernel.ebpf import CGROUP_KEY_FIELD, log2_bounds
@@ -30,66 +27,6 @@ def test_every_source_is_built() -> None:
     built = {p.name.removesuffix(".bpf.o") for p in OBJECTS}
     missing = [s.name for s in SOURCES if s.name.removesuffix(".bpf.c") not in built]
     assert not missing, f"run `make bpf`: no object for {missing}"
-
-
-class BpftoolBtf:
-    """BTF types as bpftool reads them (the independent side of the comparison)."""
-
-    def __init__(self, obj: Path) -> None:
-        if shutil.which("bpftool") is None:
-            pytest.fail("bpftool is not installed (make system-packages)")
-        out = subprocess.run(
-            ["bpftool", "-j", "btf", "dump", "file", str(obj), "format", "raw"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        self.types: dict[int, dict[str, Any]] = {t["id"]: t for t in json.loads(out)["types"]}
-
-    def resolve(self, type_id: int) -> dict[str, Any]:
-        t = self.types[type_id]
-        while t["kind"] in ("TYPEDEF", "VOLATILE", "CONST", "RESTRICT", "TYPE_TAG"):
-            t = self.types[t["type_id"]]
-        return t
-
-    def size(self, type_id: int) -> int:
-        t = self.resolve(type_id)
-        if t["kind"] == "ARRAY":
-            return self.size(t["type_id"]) * t["nr_elems"]
-        if t["kind"] == "PTR":
-            return 8
-        return t["size"]
-
-    def layout(self, type_id: int, prefix: str = "") -> dict[str, tuple[int, int]]:
-        """{member path: (byte offset, size)}, nested structs flattened, bitfields left out."""
-        t = self.resolve(type_id)
-        out: dict[str, tuple[int, int]] = {}
-        if t["kind"] not in ("STRUCT", "UNION"):
-            return out
-        for i, m in enumerate(t["members"]):
-            if m.get("bitfield_size") or m["bits_offset"] % 8:
-                continue
-            name = m["name"] if m["name"] != "(anon)" else f"_anon{i}"
-            offset = m["bits_offset"] // 8
-            out[prefix + name] = (offset, self.size(m["type_id"]))
-            for inner, (off, size) in self.layout(m["type_id"], prefix + name + ".").items():
-                out[inner] = (offset + off, size)
-        return out
-
-    def maps(self) -> dict[str, tuple[int, int]]:
-        """map name -> (key type id, value type id), from the `.maps` DATASEC."""
-        out: dict[str, tuple[int, int]] = {}
-        for t in self.types.values():
-            if t["kind"] != "DATASEC" or t["name"] != ".maps":
-                continue
-            for var in t["vars"]:
-                v = self.types[var["type_id"]]
-                definition = self.resolve(v["type_id"])
-                members = {m["name"]: m["type_id"] for m in definition["members"]}
-                key = self.types[members["key"]]["type_id"]  # __type(key, T) is a T *
-                value = self.types[members["value"]]["type_id"]
-                out[v["name"]] = (key, value)
-        return out
 
 
 @pytest.mark.parametrize("obj_path", OBJECTS, ids=lambda p: p.name)

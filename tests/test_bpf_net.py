@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import shutil
 import subprocess
-import textwrap
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for, workloads
+from helpers import require_tools
+from kernel_util import ODD_BYTES, cgroup_tree, context, kernel_test, points_for, transfer, workloads
 from kpod.receivers.net_tcp import RTT, NetTcpConfig, NetTcpReceiver
 
 from kpod.kernel import btflayout, ebpf
@@ -29,7 +28,6 @@ from kpod.kernel import btflayout, ebpf
 pytestmark = kernel_test
 
 RTT_NAME = RTT.name
-ODD_BYTES = 1_000_003  # odd, several segments, not a multiple of any buffer size
 
 
 def collect(receiver: NetTcpReceiver):
@@ -52,68 +50,10 @@ def tcp_info(hexdata: str) -> ctypes.Structure:
     return info_t.from_buffer_copy(raw.ljust(ctypes.sizeof(info_t), b"\0"))
 
 
-# Python snippets run by the workloads (after "go", i.e. after being moved into their pod).
-SETNS = textwrap.dedent(
-    """
-    import ctypes, socket
-    netns = sys.stdin.readline().strip()
-    if netns:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open('/run/netns/' + netns, os.O_RDONLY)
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), 'setns')
-        os.close(fd)
-    INFO = lambda s: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512).hex()
-    """
-)
-
-RECEIVER = SETNS + textwrap.dedent(
-    """
-    ls = socket.socket()
-    ls.bind(('127.0.0.1', 0))
-    ls.listen(1)
-    print(ls.getsockname()[1], flush=True)
-    mode = sys.stdin.readline().strip()  # the test may move us to another cgroup before this
-    conn, _ = ls.accept()
-    peeked = len(conn.recv(4096, socket.MSG_PEEK)) if mode == 'peek' else 0  # data stays queued
-    total = 0
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        total += len(chunk)
-    info = INFO(conn)
-    conn.close()
-    print(json.dumps({'received': total, 'peeked': peeked, 'info': info}), flush=True)
-    sys.stdin.readline()
-    """
-)
-
-SENDER = SETNS + textwrap.dedent(
-    """
-    port = int(sys.stdin.readline())
-    nbytes = int(sys.stdin.readline())
-    c = socket.create_connection(('127.0.0.1', port))
-    print('connected', flush=True)
-    sys.stdin.readline()  # "send"
-    data = b'k' * nbytes
-    sent = 0
-    while sent < nbytes:
-        sent += c.send(data[sent:])  # what each send() RETURNED
-    c.shutdown(socket.SHUT_WR)
-    while c.recv(65536):
-        pass
-    print(json.dumps({'sent': sent, 'info': INFO(c)}), flush=True)
-    sys.stdin.readline()
-    """
-)
-
-
 @contextlib.contextmanager
 def private_netns() -> Iterator[str]:
     """A network namespace of our own with loopback up; deleted afterwards, also on failure."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (ip) is not installed")
+    require_tools("ip")
     name = f"kpod-test-{uuid.uuid4().hex[:10]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
@@ -131,34 +71,11 @@ char LICENSE[] __attribute__((section("license"), used)) = "GPL";
 
 
 def build_drop_program(tmp_path: Path) -> Path:
-    if shutil.which("clang") is None:
-        pytest.skip("clang is not installed (make system-packages)")
+    require_tools("clang")
     src, obj = tmp_path / "drop.bpf.c", tmp_path / "drop.bpf.o"
     src.write_text(DROP_ALL_XDP)
     subprocess.run(["clang", "-O2", "-target", "bpf", "-c", str(src), "-o", str(obj)], check=True)
     return obj
-
-
-def transfer(tree, procs, pod_a, pod_b, netns: str = "", nbytes: int = ODD_BYTES, move_b_to=None, peek=False):
-    """Start B (listener) then A (sender) in their pods; returns (a, b) workloads, connected."""
-    b = Workload(RECEIVER)
-    procs.append(b)
-    tree.move(b.pid, pod_b.container_dir)
-    b.go()
-    b.send(netns)
-    port = int(b.readline())
-    if move_b_to is not None:
-        tree.move(b.pid, move_b_to.container_dir)
-    b.send("peek" if peek else "accept")
-    a = Workload(SENDER)
-    procs.append(a)
-    tree.move(a.pid, pod_a.container_dir)
-    a.go()
-    a.send(netns)
-    a.send(str(port))
-    a.send(str(nbytes))
-    assert a.readline() == "connected"
-    return a, b
 
 
 class ProbeReadReceiver(NetTcpReceiver):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import bpftool_ids, require_tools
 from kernel_util import (
     Workload,
     cgroup_tree,
@@ -28,6 +28,7 @@ from kernel_util import (
     proc_status_switches,
     stat_majflt,
     sysctl,
+    uncached_file,
     workloads,
 )
 from kpod.receivers.bpf_maps import BpfMapsReceiver
@@ -183,55 +184,37 @@ def test_runqueue_wait_goes_to_next_not_to_the_task_switched_out(tmp_path: Path)
             receiver.shutdown()
 
 
-def test_major_faults_equal_majflt(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # A file on a disk-backed filesystem (tmpfs pages cannot be dropped from the page cache).
-    directory = Path("/var/tmp") / f"kpod-test-{uuid.uuid4().hex}"
-    directory.mkdir()
-    data = directory / "data"
-    size = 16 << 20
-    try:
-        with open(data, "wb") as f:
-            f.write(os.urandom(size))
-            f.flush()
-            os.fsync(f.fileno())
-        fd = os.open(data, os.O_RDONLY)
+def test_major_faults_equal_majflt() -> None:
+    code_of = (
+        "f = open({path!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "stat = lambda: open('/proc/self/stat').read()\n"
+        "before = stat()\n"
+        "total = 0\n"
+        "for off in range(0, len(m), 4096):\n"
+        "    total += m[off]\n"
+        "after = stat()\n"
+        "print(json.dumps([before, after]), flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    receiver = MemoryReceiver(context("memory"), MemoryConfig())
+    with uncached_file(16 << 20) as data, cgroup_tree() as tree, workloads() as procs:
+        pod = tree.pod()
+        receiver.start()
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            w = Workload(code_of.format(path=str(data)))
+            procs.append(w)
+            tree.move(w.pid, pod.container_dir)
+            w.go()
+            before, after = json.loads(w.readline())
+            truth = stat_majflt(after) - stat_majflt(before)
+            assert truth > 0, "the file was not dropped from the page cache"
+            batch = collect(receiver)
+            points = points_for(batch, "kpod.mem.major.page.faults", pod.container_id)
+            assert len(points) == 1
+            assert points[0].value == truth
         finally:
-            os.close(fd)
-        code = (
-            f"f = open({str(data)!r}, 'rb')\n"
-            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
-            "stat = lambda: open('/proc/self/stat').read()\n"
-            "before = stat()\n"
-            "total = 0\n"
-            "for off in range(0, len(m), 4096):\n"
-            "    total += m[off]\n"
-            "after = stat()\n"
-            "print(json.dumps([before, after]), flush=True)\n"
-            "sys.stdin.readline()\n"
-        )
-        receiver = MemoryReceiver(context("memory"), MemoryConfig())
-        with cgroup_tree() as tree, workloads() as procs:
-            pod = tree.pod()
-            receiver.start()
-            try:
-                w = Workload(code)
-                procs.append(w)
-                tree.move(w.pid, pod.container_dir)
-                w.go()
-                before, after = json.loads(w.readline())
-                truth = stat_majflt(after) - stat_majflt(before)
-                assert truth > 0, "the file was not dropped from the page cache"
-                batch = collect(receiver)
-                points = points_for(batch, "kpod.mem.major.page.faults", pod.container_id)
-                assert len(points) == 1
-                assert points[0].value == truth
-            finally:
-                receiver.shutdown()
-    finally:
-        data.unlink(missing_ok=True)
-        directory.rmdir()
+            receiver.shutdown()
 
 
 def test_major_faults_can_be_turned_off() -> None:
@@ -369,11 +352,6 @@ def test_program_cost_self_metrics_when_bpf_stats_enabled() -> None:
             receiver.shutdown()
 
 
-def _bpftool_ids(kind: str) -> set[int]:
-    out = subprocess.run(["bpftool", "-j", kind, "show"], check=True, capture_output=True, text=True).stdout
-    return {item["id"] for item in json.loads(out or "[]")}
-
-
 def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
     def perf_fds() -> int:
         return sum("perf_event" in _readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd"))
@@ -385,7 +363,7 @@ def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
     ]
     prog_ids: set[int] = set()
     map_ids: set[int] = set()
-    link_count_before = len(_bpftool_ids("link"))
+    link_count_before = len(bpftool_ids("link"))
     try:
         for r in receivers:
             r.start()
@@ -393,9 +371,9 @@ def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
             assert loaded is not None
             prog_ids |= {s.id for s in loaded.program_stats().values()}
             map_ids |= {m.id() for m in loaded.obj.maps.values()}
-        assert prog_ids <= _bpftool_ids("prog") and map_ids <= _bpftool_ids("map")
+        assert prog_ids <= bpftool_ids("prog") and map_ids <= bpftool_ids("map")
         assert perf_fds() > perf_before
-        assert len(_bpftool_ids("link")) > link_count_before
+        assert len(bpftool_ids("link")) > link_count_before
     finally:
         for r in receivers:
             r.shutdown()
@@ -403,18 +381,17 @@ def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
     # The kernel frees programs and maps once the last reference goes, partly from deferred
     # work after an RCU grace period: give it a moment.
     deadline = time.monotonic() + 10
-    while (prog_ids & _bpftool_ids("prog") or map_ids & _bpftool_ids("map")) and time.monotonic() < deadline:
+    while (prog_ids & bpftool_ids("prog") or map_ids & bpftool_ids("map")) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not prog_ids & _bpftool_ids("prog")
-    assert not map_ids & _bpftool_ids("map")
+    assert not prog_ids & bpftool_ids("prog")
+    assert not map_ids & bpftool_ids("map")
     assert perf_fds() == perf_before
     assert not [o for o in REGISTRY.objects() if o.name in ("cpu_sched", "mem")]
 
 
 def test_without_bpf_capabilities_start_says_why() -> None:
     """A process without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN gets a one-line reason, not a crash."""
-    if shutil.which("setpriv") is None:
-        pytest.fail("setpriv (util-linux) is needed to drop capabilities")
+    require_tools("setpriv")
     code = (
         "from kpod.component import ComponentUnavailable, EmptyConfig\n"
         "from kpod.receivers.cpu_sched import CpuSchedReceiver\n"

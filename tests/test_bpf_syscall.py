@@ -19,18 +19,27 @@ errors(read) == M; nothing for getuid or write.  The filter map is read back wit
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kernel_util import cgroup_tree, context, kernel_test, points_for
+from kernel_util import (
+    GO_DELAY,
+    M_FAIL,
+    N_OK,
+    SYSCALL_WORKLOAD_C,
+    Z_EOF,
+    cgroup_tree,
+    compile_c,
+    context,
+    finish_syscall_workload,
+    kernel_test,
+    points_for,
+    started_syscall_workload,
+    wait_blocked,
+)
 from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
 from kpod.component import ComponentUnavailable
@@ -38,91 +47,9 @@ from kpod.kernel.syscalls import resolve_syscalls
 
 pytestmark = kernel_test
 
-N_OK, M_FAIL, K_UNTRACKED, Z_EOF = 1000, 777, 500, 3
-GO_DELAY = 0.3  # seconds the first read(0) blocks in the pod before "go"
-
-WORKLOAD_C = r"""
-#include <fcntl.h>
-#include <stdlib.h>
-#include <unistd.h>
-
-int main(int argc, char **argv)
-{
-	long n = atol(argv[1]), m = atol(argv[2]), k = atol(argv[3]), z = atol(argv[4]), i;
-	int devnull;
-	char c;
-
-	if (write(1, "ready\n", 6) != 6)
-		return 2;
-	if (read(0, &c, 1) != 1)        /* wait for go: the only successful read in the pod */
-		return 3;
-	for (i = 0; i < n; i++)
-		getppid();
-	for (i = 0; i < m; i++)
-		if (read(-1, &c, 1) != -1)  /* EBADF */
-			return 4;
-	devnull = open("/dev/null", O_RDONLY);
-	for (i = 0; i < z; i++)
-		if (read(devnull, &c, 1) != 0)  /* EOF: returns 0, which is not an error */
-			return 6;
-	for (i = 0; i < k; i++)
-		getuid();
-	if (write(1, "done\n", 5) != 5)
-		return 5;
-	(void)read(0, &c, 1);           /* blocks until the test kills us */
-	return 0;
-}
-"""
-
-
-def compiler() -> str:
-    for cc in ("cc", "gcc", "clang"):
-        path = shutil.which(cc)
-        if path:
-            return path
-    pytest.skip("no C compiler (cc/gcc/clang) to build the workload")
-
-
 @pytest.fixture(scope="module")
 def workload_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("syscall-workload")
-    src, binary = directory / "workload.c", directory / "workload"
-    src.write_text(WORKLOAD_C)
-    subprocess.run([compiler(), "-O1", "-o", str(binary), str(src)], check=True)
-    return binary
-
-
-@contextlib.contextmanager
-def started_workload(binary: Path) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [str(binary), str(N_OK), str(M_FAIL), str(K_UNTRACKED), str(Z_EOF)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"
-        deadline = time.monotonic() + 10
-        while _state(proc.pid) != "S" and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert _state(proc.pid) == "S", "workload is not blocked in read(0)"
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        for stream in (proc.stdin, proc.stdout):
-            if stream:
-                stream.close()
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
+    return compile_c(SYSCALL_WORKLOAD_C, tmp_path_factory.mktemp("syscall-workload"), "workload")
 
 
 def collect(receiver: SyscallReceiver):
@@ -163,12 +90,10 @@ def test_counts_errors_and_latency_exact_for_a_known_workload(workload_binary: P
             filter_id = receiver.loaded.obj.maps["sys_filter"].id()
             assert bpftool_filter(filter_id) == set(numbers.values())
             assert receiver.filter_contents() == set(numbers.values())
-            with started_workload(workload_binary) as proc:
+            with started_syscall_workload(workload_binary) as proc:
                 tree.move(proc.pid, pod.container_dir)
                 time.sleep(GO_DELAY)
-                proc.stdin.write(b"g")
-                proc.stdin.flush()
-                assert proc.stdout.readline() == b"done\n"
+                finish_syscall_workload(proc)
                 batch = collect(receiver)
             count = by_syscall(batch, "kpod.syscall.count", pod.container_id)
             errors = by_syscall(batch, "kpod.syscall.errors", pod.container_id)
@@ -204,11 +129,9 @@ def test_untracked_syscalls_give_nothing(workload_binary: Path) -> None:
         pod = tree.pod()
         receiver.start()
         try:
-            with started_workload(workload_binary) as proc:
+            with started_syscall_workload(workload_binary) as proc:
                 tree.move(proc.pid, pod.container_dir)
-                proc.stdin.write(b"g")
-                proc.stdin.flush()
-                assert proc.stdout.readline() == b"done\n"
+                finish_syscall_workload(proc)
                 batch = collect(receiver)
             assert not points_for(batch, "kpod.syscall.count", pod.container_id)
             assert not points_for(batch, "kpod.syscall.latency", pod.container_id)
@@ -283,11 +206,9 @@ def test_full_stats_map_counts_update_errors(workload_binary: Path) -> None:
         pod = tree.pod()
         receiver.start()
         try:
-            with started_workload(workload_binary) as proc:
+            with started_syscall_workload(workload_binary) as proc:
                 tree.move(proc.pid, pod.container_dir)
-                proc.stdin.write(b"g")
-                proc.stdin.flush()
-                assert proc.stdout.readline() == b"done\n"
+                finish_syscall_workload(proc)
             # read and getppid of the pod cannot both fit in one entry.
             assert receiver.loaded.error_counts()["sys_stats"] > 0
             values = {
@@ -315,11 +236,9 @@ def test_entries_of_gone_cgroups_are_deleted(workload_binary: Path) -> None:
             def keys_of_gone() -> int:
                 return sum(1 for k, _ in stats.lookup_batch() if layout.key(k).cgroup_id == gone)
 
-            with started_workload(workload_binary) as proc:
+            with started_syscall_workload(workload_binary) as proc:
                 tree.move(proc.pid, pod.container_dir)
-                proc.stdin.write(b"g")
-                proc.stdin.flush()
-                assert proc.stdout.readline() == b"done\n"
+                finish_syscall_workload(proc)
                 assert by_syscall(collect(receiver), "kpod.syscall.count", gone)
             tree.cleanup()  # the pod goes away
             assert keys_of_gone() == 2  # (gone, read) and (gone, getppid)
@@ -362,9 +281,7 @@ def test_compat_syscalls_are_not_counted_as_64_bit_ones(tmp_path: Path) -> None:
 
     if platform.machine() != "x86_64":
         pytest.skip("int $0x80 compat syscalls are an x86_64 matter")
-    src, binary = tmp_path / "compat.c", tmp_path / "compat"
-    src.write_text(COMPAT_WORKLOAD_C)
-    subprocess.run([compiler(), "-O1", "-o", str(binary), str(src)], check=True)
+    binary = compile_c(COMPAT_WORKLOAD_C, tmp_path, "compat")
     receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["semget", "close"]))
     with cgroup_tree() as tree:
         pod = tree.pod()
@@ -373,13 +290,9 @@ def test_compat_syscalls_are_not_counted_as_64_bit_ones(tmp_path: Path) -> None:
             proc = subprocess.Popen([str(binary), "1000", "7"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             try:
                 assert proc.stdout.readline() == b"ready\n"
-                deadline = time.monotonic() + 10
-                while _state(proc.pid) != "S" and time.monotonic() < deadline:
-                    time.sleep(0.001)
+                wait_blocked(proc.pid)
                 tree.move(proc.pid, pod.container_dir)
-                proc.stdin.write(b"g")
-                proc.stdin.flush()
-                assert proc.stdout.readline() == b"done\n"
+                finish_syscall_workload(proc)
                 batch = collect(receiver)
             finally:
                 proc.kill()

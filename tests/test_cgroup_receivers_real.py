@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import pytest
 from cgroup_tree import make_context
-from kernel_util import enable_controllers
+from helpers import require_tools
+from kernel_util import DIRECT_IO_SCRIPT, enable_controllers
 from kpod.receivers.cgroup_memory import CgroupMemoryReceiver
 from kpod.receivers.disk import DiskConfig, DiskReceiver
 from kpod.receivers.filesystem import FilesystemConfig, FilesystemReceiver
@@ -45,13 +45,15 @@ from kpod.model import Batch
 MOUNTS = parse_mountinfo_cgroups(Path("/proc/self/mountinfo").read_text())
 
 
-def _skip_reason(*tools: str) -> str | None:
+def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "needs root (creates cgroups, namespaces, mounts)"
     if MOUNTS.unified is None:
         return "no cgroup2 mount"
-    missing = [t for t in tools if shutil.which(t) is None]
-    return f"missing tools: {', '.join(missing)}" if missing else None
+    return None
+
+
+needs_root_and_cgroup2 = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
 
 def _run(*argv: str) -> str:
@@ -154,8 +156,9 @@ sys.stdin.readline()
 """
 
 
-@pytest.mark.skipif(_skip_reason("ip") is not None, reason=str(_skip_reason("ip")))
+@needs_root_and_cgroup2
 def test_net_iface_real_netns(scratch: Scratch) -> None:
+    require_tools("ip")
     s = scratch
     ns, host_if = s.tag, f"kv{s.tag[-8:]}"
     _run("ip", "netns", "add", ns)
@@ -226,27 +229,26 @@ mount -t tmpfs -o size=8m kpodtmp "$1/tmpfs"
 mount --bind "$1/tmpfs" "$1/tmpfs-again"
 head -c 1048576 /dev/zero > "$1/tmpfs/blob"
 mount --bind "$1/hosts-source" "$1/hosts"
-if [ -n "$2" ]; then mount -t ext4 "$2" "$1/ext4"; fi
+mount -t ext4 "$2" "$1/ext4"
 echo ready
 read line
 """
 
 
-@pytest.mark.skipif(_skip_reason("unshare", "mount") is not None, reason=str(_skip_reason("unshare", "mount")))
+@needs_root_and_cgroup2
 def test_filesystem_real_mount_namespace(scratch: Scratch, tmp_path: Path) -> None:
+    require_tools("unshare", "losetup", "mkfs.ext4")
     s = scratch
     for d in ("tmpfs", "tmpfs-again", "ext4"):
         (tmp_path / d).mkdir()
     (tmp_path / "hosts-source").write_text("127.0.0.1 localhost\n")
     (tmp_path / "hosts").write_text("")
-    loop = ""
-    if shutil.which("losetup") and shutil.which("mkfs.ext4"):
-        image = tmp_path / "fs.img"
-        with open(image, "wb") as f:
-            f.truncate(16 * 1024 * 1024)
-        _run("mkfs.ext4", "-q", "-F", str(image))
-        loop = _run("losetup", "-f", "--show", str(image)).strip()
-        s.on_close(["losetup", "-d", loop])
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * 1024 * 1024)
+    _run("mkfs.ext4", "-q", "-F", str(image))
+    loop = _run("losetup", "-f", "--show", str(image)).strip()
+    s.on_close(["losetup", "-d", loop])
 
     base, pods = _pod_tree(s, pods=1, containers=1)
     container = pods[0][0]
@@ -276,29 +278,19 @@ def test_filesystem_real_mount_namespace(scratch: Scratch, tmp_path: Path) -> No
     assert str(tmp_path / "tmpfs-again") not in mountpoints  # the same tmpfs: once per container
     assert str(tmp_path / "hosts") not in mountpoints  # a bind-mounted single file
     assert not any(m.startswith(("/proc", "/sys", "/dev")) for m in mountpoints)
-    if loop:
-        ext4 = str(tmp_path / "ext4")
-        vfs = os.statvfs(root + ext4)
-        assert values(ext4) == (
-            vfs.f_blocks * vfs.f_frsize,
-            (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize,
-            vfs.f_bavail * vfs.f_frsize,
-        )
-        assert 0 < values(ext4)[0] <= 16 * 1024 * 1024
+    ext4 = str(tmp_path / "ext4")
+    vfs = os.statvfs(root + ext4)
+    assert values(ext4) == (
+        vfs.f_blocks * vfs.f_frsize,
+        (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize,
+        vfs.f_bavail * vfs.f_frsize,
+    )
+    assert 0 < values(ext4)[0] <= 16 * 1024 * 1024
     # Not mounted outside the child's namespace: the receiver really looked through its root.
     assert not os.path.ismount(tmpfs)
 
 
 # ------------------------------------------------------------------------------------------ disk
-
-_DD = r"""
-read line
-dd if=/dev/zero of="$1" bs=1M count=4 oflag=direct conv=notrunc status=none
-dd if="$1" of=/dev/null bs=1M count=2 iflag=direct status=none
-echo done
-read line
-"""
-
 
 def _io_route() -> str | None:
     assert MOUNTS.unified is not None
@@ -307,11 +299,11 @@ def _io_route() -> str | None:
     return "v1" if "blkio" in MOUNTS.v1 else None
 
 
-@pytest.mark.skipif(
-    _skip_reason("losetup", "dd") is not None or _io_route() is None,
-    reason=str(_skip_reason("losetup", "dd") or "no io accounting on this host (no io controller, no blkio)"),
-)
+@needs_root_and_cgroup2
+@pytest.mark.skipif(MOUNTS.unified is not None and _io_route() is None,
+                    reason="no io accounting on this host (no io controller, no blkio)")  # fmt: skip
 def test_disk_real_block_io(scratch: Scratch, tmp_path: Path) -> None:
+    require_tools("losetup")
     s = scratch
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
@@ -335,7 +327,7 @@ def test_disk_real_block_io(scratch: Scratch, tmp_path: Path) -> None:
         Path(blkio, "blkio.throttle.write_bps_device").write_text(f"{dev} 1099511627776")
         cgroups.append(blkio)
         v1["blkio"] = blkio_base
-    proc = s.spawn(["sh", "-c", _DD, "sh", loop], cgroups)
+    proc = s.spawn(["sh", "-c", DIRECT_IO_SCRIPT, "sh", loop], cgroups)
     assert proc.stdin and proc.stdout
     proc.stdin.write("go\n")
     proc.stdin.flush()
@@ -383,10 +375,8 @@ def _memory_route() -> str | None:
     return "v1" if "memory" in MOUNTS.v1 else None
 
 
-@pytest.mark.skipif(
-    _skip_reason() is not None or _memory_route() is None,
-    reason=str(_skip_reason() or "no memory controller"),
-)
+@needs_root_and_cgroup2
+@pytest.mark.skipif(MOUNTS.unified is not None and _memory_route() is None, reason="no memory controller")
 def test_memory_and_pressure_real(scratch: Scratch) -> None:
     s = scratch
     base, pods = _pod_tree(s, pods=1, containers=1)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fake_apiserver import FakeApiServer, Pod, container_id, make_pod
+from helpers import poll_until
 from kpod.processors.k8sattributes import factory
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.discovery import InformerDiscovery
@@ -37,15 +38,6 @@ def cgroup_of(pod: Pod, cid: str) -> CgroupRef:
     uid = pod["metadata"]["uid"].replace("-", "_")
     path = f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{cid}.scope"
     return CgroupRef(abs(hash(path)) % 10**9, path)
-
-
-def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture
@@ -132,7 +124,7 @@ def test_pods_appear_change_and_disappear(api: FakeApiServer, tmp_path: Path) ->
         }
         # A pod created after the list arrives through the watch.
         db = api.add_pod(make_pod("db-1", namespace="shop", labels={"team": "b"}, containers=[("pg", "f" * 64)]))
-        assert until(lambda: h.labels(cgroup_of(db, "f" * 64)) is not None)
+        assert poll_until(lambda: h.labels(cgroup_of(db, "f" * 64)) is not None)
         assert h.labels(cgroup_of(db, "f" * 64)) == {
             "namespace": "shop",
             "pod": "db-1",
@@ -146,7 +138,7 @@ def test_pods_appear_change_and_disappear(api: FakeApiServer, tmp_path: Path) ->
             pod["metadata"]["labels"]["team"] = "c"
 
         api.update_pod(web["metadata"]["uid"], relabel)
-        assert until(lambda: (h.labels(cgroup_of(web, cid)) or {}).get("label_team") == "c")
+        assert poll_until(lambda: (h.labels(cgroup_of(web, cid)) or {}).get("label_team") == "c")
 
         # A restarted container: new id in the status, old one in lastState; both resolve.
         new_cid = "e" * 64
@@ -157,12 +149,12 @@ def test_pods_appear_change_and_disappear(api: FakeApiServer, tmp_path: Path) ->
             status["containerID"] = f"containerd://{new_cid}"
 
         api.update_pod(web["metadata"]["uid"], restart)
-        assert until(lambda: (h.labels(cgroup_of(web, new_cid)) or {}).get("container") == "app")
+        assert poll_until(lambda: (h.labels(cgroup_of(web, new_cid)) or {}).get("container") == "app")
         assert (h.labels(cgroup_of(web, cid)) or {}).get("container") == "app"
 
         # DELETED: the pod's cgroups are dropped from the next cycle on, and counted.
         api.delete_pod(web["metadata"]["uid"])
-        assert until(lambda: h.labels(cgroup_of(web, new_cid)) is None)
+        assert poll_until(lambda: h.labels(cgroup_of(web, new_cid)) is None)
         assert h.unresolved("unknown_pod") >= 1
         assert h.labels(cgroup_of(db, "f" * 64)) is not None
     finally:
@@ -175,7 +167,7 @@ def test_only_this_node_is_listed_and_watched(api: FakeApiServer, harness: Harne
     harness.processor.start()
     api.add_pod(make_pod("there-2", node="node-b"))
     late = api.add_pod(make_pod("here-2"))
-    assert until(lambda: late["metadata"]["uid"] in harness.store.snapshot())
+    assert poll_until(lambda: late["metadata"]["uid"] in harness.store.snapshot())
     assert set(harness.store.snapshot()) == {here["metadata"]["uid"], late["metadata"]["uid"]}
     assert there["metadata"]["uid"] not in harness.store.snapshot()
     # Never a cluster-wide request: every list and watch carries this node's field selector.
@@ -193,14 +185,14 @@ def test_410_relists_and_keeps_serving_meanwhile(api: FakeApiServer, harness: Ha
     api.list_delay = 1.0  # the relist takes a second: the old pods must be served during it
     added_meanwhile = api.add_pod(make_pod("web-2"))  # reaches us by the watch or by the relist
     api.expire_watches()  # ERROR event, code 410; history compacted
-    assert until(lambda: api.requests[-1][1].get("limit") == "500", timeout=5)  # relisting
+    assert poll_until(lambda: api.requests[-1][1].get("limit") == "500", timeout=5)  # relisting
     assert harness.labels(cgroup) == {"namespace": "default", "pod": "web-1", "container": "app", "node": NODE}
-    assert until(lambda: harness.discovery.relists_after_gone == 1 and harness.discovery.lists == 2)
+    assert poll_until(lambda: harness.discovery.relists_after_gone == 1 and harness.discovery.lists == 2)
     api.list_delay = 0.0
     assert added_meanwhile["metadata"]["uid"] in harness.store.snapshot()
     # After the relist the watch resumes from the new list's version and sees new events.
     third = api.add_pod(make_pod("web-3"))
-    assert until(lambda: third["metadata"]["uid"] in harness.store.snapshot())
+    assert poll_until(lambda: third["metadata"]["uid"] in harness.store.snapshot())
     assert harness.discovery.errors == 0
 
 
@@ -213,18 +205,18 @@ def test_resume_from_compacted_version_gets_410_and_relists(api: FakeApiServer, 
     gone = api.add_pod(make_pod("web-2"))
     api.compact()
     api.drop_watches()
-    assert until(lambda: harness.discovery.relists_after_gone >= 1)
-    assert until(lambda: gone["metadata"]["uid"] in harness.store.snapshot())
+    assert poll_until(lambda: harness.discovery.relists_after_gone >= 1)
+    assert poll_until(lambda: gone["metadata"]["uid"] in harness.store.snapshot())
 
 
 def test_watch_timeout_resumes_without_relist(api: FakeApiServer, tmp_path: Path) -> None:
     h = Harness(api, tmp_path, watch_timeout=Duration(1))
     try:
         h.processor.start()
-        assert until(lambda: h.discovery.watches >= 3, timeout=8)
+        assert poll_until(lambda: h.discovery.watches >= 3, timeout=8)
         assert h.discovery.lists == 1
         pod = api.add_pod(make_pod("web-1"))
-        assert until(lambda: pod["metadata"]["uid"] in h.store.snapshot())
+        assert poll_until(lambda: pod["metadata"]["uid"] in h.store.snapshot())
         assert h.discovery.errors == 0
     finally:
         h.processor.shutdown()
@@ -235,7 +227,7 @@ def test_bookmarks_move_the_resume_point(api: FakeApiServer, harness: Harness) -
     api.add_pod(make_pod("elsewhere", node="node-b"))  # moves the server's version, not our pods
     before = harness.discovery.resource_version
     api.send_bookmark()
-    assert until(lambda: harness.discovery.resource_version == str(api.resource_version))
+    assert poll_until(lambda: harness.discovery.resource_version == str(api.resource_version))
     assert harness.discovery.resource_version != before
 
 
@@ -243,13 +235,13 @@ def test_dropped_connections_and_500s_back_off_then_recover(api: FakeApiServer, 
     web = api.add_pod(make_pod("web-1"))
     cgroup = cgroup_of(web, container_id("default/web-1/app"))
     harness.processor.start()
-    assert until(lambda: api.open_watches == 1)
+    assert poll_until(lambda: api.open_watches == 1)
     first_request = len(api.requests)
     api.fail_next(4, 500)
     dropped_at = time.monotonic()
     api.drop_watches()
     late = api.add_pod(make_pod("web-2"))
-    assert until(lambda: late["metadata"]["uid"] in harness.store.snapshot())
+    assert poll_until(lambda: late["metadata"]["uid"] in harness.store.snapshot())
     assert harness.labels(cgroup) is not None
     assert harness.discovery.errors == 5  # the broken stream and four 500s
     assert harness.store.last_error == ""
@@ -275,15 +267,15 @@ def test_outage_keeps_last_labels_and_catches_up(api: FakeApiServer, harness: Ha
     # During the outage: pods are created and deleted, and we keep serving what we knew.
     during = api.add_pod(make_pod("during-1"))
     api.delete_pod(old["metadata"]["uid"])
-    assert until(lambda: harness.store.last_error != "")
+    assert poll_until(lambda: harness.store.last_error != "")
     time.sleep(0.5)  # several failed reconnects
     assert harness.labels(cgroup) == expected
     assert old["metadata"]["uid"] in harness.store.snapshot()
     api.start()
-    assert until(lambda: during["metadata"]["uid"] in harness.store.snapshot())
-    assert until(lambda: old["metadata"]["uid"] not in harness.store.snapshot())
+    assert poll_until(lambda: during["metadata"]["uid"] in harness.store.snapshot())
+    assert poll_until(lambda: old["metadata"]["uid"] not in harness.store.snapshot())
     assert harness.labels(cgroup) == expected
-    assert until(lambda: harness.store.last_error == "")
+    assert poll_until(lambda: harness.store.last_error == "")
 
 
 def test_wrong_token_is_an_error_that_keeps_the_pods(api: FakeApiServer, harness: Harness) -> None:
@@ -291,7 +283,7 @@ def test_wrong_token_is_an_error_that_keeps_the_pods(api: FakeApiServer, harness
     harness.processor.start()
     api.token = "rotated"  # our token is no longer accepted
     api.drop_watches()
-    assert until(lambda: "401" in harness.store.last_error)
+    assert poll_until(lambda: "401" in harness.store.last_error)
     assert "token" in harness.store.last_error
     assert web["metadata"]["uid"] in harness.store.snapshot()
 
@@ -306,7 +298,7 @@ def test_cycles_before_the_first_list_drop_as_not_synced(api: FakeApiServer, tmp
         assert h.labels(cgroup) is None
         assert h.unresolved("not_synced") == 1
         api.start()
-        assert until(lambda: h.labels(cgroup) is not None)
+        assert poll_until(lambda: h.labels(cgroup) is not None)
     finally:
         h.processor.shutdown()
 
@@ -325,7 +317,7 @@ def test_no_api_config_is_unavailable(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_shutdown_is_prompt_during_a_long_watch(api: FakeApiServer, harness: Harness) -> None:
     harness.processor.start()
-    assert until(lambda: api.open_watches == 1)
+    assert poll_until(lambda: api.open_watches == 1)
     began = time.monotonic()
     harness.processor.shutdown()
     assert time.monotonic() - began < 2.0

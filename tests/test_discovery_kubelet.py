@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fake_apiserver import container_id, make_pod
 from fake_kubelet import Certs, FakeKubelet, make_certs
+from helpers import poll_until, require_tools
 from kpod.processors.k8sattributes import factory
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.discovery import KubeletDiscovery
@@ -27,9 +27,11 @@ from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 from kpod.units import Duration
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="needs the openssl command for test certificates"
-)
+
+@pytest.fixture(autouse=True)
+def _openssl() -> None:
+    require_tools("openssl")  # test certificates
+
 
 CPU = MetricDef("kpod.cpu.usage", Kind.COUNTER, "s", "cpu time")
 NODE = "node-a"
@@ -39,15 +41,6 @@ def cgroup_of(pod: dict, cid: str) -> CgroupRef:
     """The cgroupfs-driver path of a container of `pod`."""
     path = f"/kubepods/besteffort/pod{pod['metadata']['uid']}/{cid}"
     return CgroupRef(abs(hash(path)) % 10**9, path)
-
-
-def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +126,7 @@ def test_lists_pods_with_token_and_ca(kubelet: FakeKubelet, certs: Certs, pods: 
         # Polling follows changes: a new pod appears, a removed one is dropped.
         new = make_pod("new-1", namespace="shop")
         kubelet.pods = [pods[1], new]
-        assert until(lambda: h.labels(cgroup_of(new, container_id("shop/new-1/app"))) is not None)
+        assert poll_until(lambda: h.labels(cgroup_of(new, container_id("shop/new-1/app"))) is not None)
         before = h.self_metrics.get(UNRESOLVED_METRIC, (("reason", "unknown_pod"),))
         assert h.labels(cgroup_of(pods[0], container_id("shop/web-1/app"))) is None
         assert h.self_metrics.get(UNRESOLVED_METRIC, (("reason", "unknown_pod"),)) == before + 1
@@ -151,7 +144,7 @@ def check_error_keeps_pods(
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         breaking()
-        assert until(h.polls_after(3))
+        assert poll_until(h.polls_after(3))
     assert expected in h.processor.store.last_error  # type: ignore[union-attr]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     # One clear line, logged once (not once per poll), naming the problem.
@@ -184,7 +177,7 @@ def test_garbage_json(kubelet: FakeKubelet, certs: Certs, pods: list[dict], tmp_
         check_error_keeps_pods(h, pods, caplog, lambda: setattr(kubelet, "garbage", True), "response is not JSON")
         # And it recovers when the kubelet answers properly again.
         kubelet.garbage = False
-        assert until(lambda: h.processor.store.last_error == "")  # type: ignore[union-attr]
+        assert poll_until(lambda: h.processor.store.last_error == "")  # type: ignore[union-attr]
     finally:
         h.processor.shutdown()
 

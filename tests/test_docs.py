@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from agent_proc import agent_exposition
+from helpers import receiver_classes
 from kpod.exporters.prometheus.naming import prometheus_name
-from test_promql_names import agent_exposition, receiver_classes
 
 from kpod.config import _leaf_paths, env_var_name
 from kpod.settings import KpodSettings
@@ -33,11 +33,8 @@ def _objects_built() -> bool:
     )
 
 
-needs_objects = pytest.mark.skipif(not _objects_built(), reason="BPF objects not built (make bpf)")
-
-
-@needs_objects
 def test_generated_docs_are_current() -> None:
+    assert _objects_built(), "BPF objects not built: `make setup` builds them (make bpf)"
     for path, text in gen_docs.outputs().items():
         assert path.read_text() == text, f"{path.relative_to(REPO)} is stale: run `make docs`"
 
@@ -66,10 +63,10 @@ def test_running_agents_self_metrics_are_documented(tmp_path: Path) -> None:
     assert not undocumented, f"self-metrics missing from docs/METRICS.md (scripts/gen_docs.py): {undocumented}"
 
 
-@needs_objects
 def test_hooks_are_read_from_the_objects() -> None:
     from kpod.receivers.cpu_sched import CpuSchedReceiver
 
+    assert _objects_built(), "BPF objects not built: `make setup` builds them (make bpf)"
     hooks = gen_docs.program_hooks(CpuSchedReceiver)
     assert hooks["kpod.cpu.context.switches"] == "`tp_btf/sched_switch`"
     assert "`tp_btf/sched_wakeup`" in hooks["kpod.cpu.runqueue.latency"]

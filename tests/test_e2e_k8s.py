@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,28 +19,15 @@ from pathlib import Path
 
 import pytest
 from fake_apiserver import FakeApiServer, make_pod
-from kernel_util import CgroupTree, cgroup_tree, mounts
+from helpers import free_port
+from kernel_util import CgroupTree, cgroup2_skip_reason, cgroup_tree
 from kpod.processors.k8sattributes.processor import PODS_METRIC
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create cgroups"
-    unified = mounts().unified
-    if not unified or not os.access(unified, os.W_OK):
-        return "no writable cgroup2 mount"
-    return None
-
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_REASON = cgroup2_skip_reason()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 
 def pod_cgroup(tree: CgroupTree, prefix: str, uid: str, cid: str) -> Path:

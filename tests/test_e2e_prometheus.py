@@ -33,34 +33,45 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_proc import AgentProcess, clean_env, free_port
+from agent_proc import AgentProcess, clean_env
 from fake_apiserver import FakeApiServer, make_pod
+from helpers import free_port, require_tools
 from kernel_util import (
+    GO_DELAY,
     KUBELET_CONTROLLERS,
+    M_FAIL,
+    N_OK,
+    ODD_BYTES,
+    SYSCALL_WORKLOAD_C,
+    Z_EOF,
     CgroupTree,
     Pod,
     Workload,
     cgroup2_root,
     cgroup_tree,
+    compile_c,
+    finish_syscall_workload,
     kernel_test,
     mounts,
     proc_status_switches,
     pure_cgroup2_memory,
+    started_syscall_workload,
     stat_majflt,
+    transfer,
+    uncached_file,
+    wait_blocked,
     workloads,
 )
-from test_bpf_net import ODD_BYTES, transfer
-from test_bpf_syscall import GO_DELAY, M_FAIL, N_OK, WORKLOAD_C, Z_EOF, started_workload
 
 from kpod.settings import DEFAULT_TRACKED_SYSCALLS
 
-PROMETHEUS = "/usr/bin/prometheus"
+PROMETHEUS = "prometheus"  # the Debian package prometheus (make setup), on PATH
 NAMESPACE = "e2e"
 NODE = "node-e2e"
 JOB = "kpod"
@@ -71,7 +82,6 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.slow,
     *kernel_test,
-    pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK), reason=f"{PROMETHEUS} missing (apt install prometheus)"),
 ]
 
 
@@ -214,18 +224,6 @@ def proc_file(pid: int, name: str) -> str:
         return handle.read()
 
 
-def state(pid: int) -> str:
-    return proc_file(pid, "stat").rsplit(")", 1)[1].split()[0]
-
-
-def wait_blocked(pid: int) -> None:
-    """Wait until the task sleeps again (its last read): its /proc counters are final then."""
-    deadline = time.monotonic() + 10
-    while state(pid) != "S" and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert state(pid) == "S", f"{pid} did not block"
-
-
 @dataclass
 class Truth:
     """Per-process counters before "go" and once blocked again after the work."""
@@ -242,28 +240,6 @@ class Truth:
         wait_blocked(self.pid)
         now = Truth.before(self.pid)
         return Truth(self.pid, now.switches - self.switches, now.majflt - self.majflt)
-
-
-@contextlib.contextmanager
-def uncached_file(size: int) -> Iterator[Path]:
-    """A file on a disk-backed filesystem (tmpfs pages cannot be dropped), not in the page cache."""
-    directory = Path("/var/tmp") / f"kpod-e2e-{uuid.uuid4().hex}"
-    directory.mkdir()
-    data = directory / "data"
-    try:
-        with open(data, "wb") as f:
-            f.write(os.urandom(size))
-            f.flush()
-            os.fsync(f.fileno())
-        fd = os.open(data, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        yield data
-    finally:
-        data.unlink(missing_ok=True)
-        directory.rmdir()
 
 
 FAULT_FILE_SIZE = 16 << 20
@@ -294,15 +270,6 @@ HOG = "os.nice(10)\nwhile True:\n    pass\n"
 MEMORY_HOG = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
 
 
-def compile_syscall_workload(directory: Path) -> Path:
-    cc = next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
-    assert cc, "no C compiler (cc/gcc/clang) for the syscall workload: make system-packages installs clang"
-    src, binary = directory / "workload.c", directory / "workload"
-    src.write_text(WORKLOAD_C)
-    subprocess.run([cc, "-O1", "-o", str(binary), str(src)], check=True)
-    return binary
-
-
 def oom_events(memcg: Path) -> int:
     """The kernel's own OOM kill count of a memory cgroup (v1 memory.oom_control, v2 memory.events)."""
     for name in ("memory.oom_control", "memory.events"):
@@ -330,6 +297,7 @@ def agent_config(cgroup_root: str, kubeconfig: str, port: int) -> str:
 
 
 def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
+    require_tools("prometheus")
     began = time.monotonic()
     root = cgroup2_root()
     prefix = f"kpod-e2e-prom-{uuid.uuid4().hex[:10]}"
@@ -338,7 +306,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
     memory_v1 = None if pure_v2 else mounts().v1.get("memory")
     if not pure_v2 and memory_v1 is None:
         pytest.fail("no memory controller to OOM-kill in: neither on cgroup2 nor a v1 hierarchy")
-    binary = compile_syscall_workload(tmp_path)
+    binary = compile_c(SYSCALL_WORKLOAD_C, tmp_path, "workload")
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
 
@@ -406,14 +374,11 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         assert sent == ODD_BYTES and received == ODD_BYTES, (sent, received)
 
         # --- Syscalls: the C workload in client/syscalls.
-        syscall_proc = stack.enter_context(started_workload(binary))
+        syscall_proc = stack.enter_context(started_syscall_workload(binary))
         client.tree.move(syscall_proc.pid, client.containers["syscalls"].container_dir)
         syscall_truth = Truth.before(syscall_proc.pid)
         time.sleep(GO_DELAY)
-        assert syscall_proc.stdin is not None and syscall_proc.stdout is not None
-        syscall_proc.stdin.write(b"g")
-        syscall_proc.stdin.flush()
-        assert syscall_proc.stdout.readline() == b"done\n"
+        finish_syscall_workload(syscall_proc)
         syscall_switches = syscall_truth.delta().switches
 
         # --- Major faults and context switches: server/faults.

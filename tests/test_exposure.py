@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_proc import AgentProcess, free_port
+from agent_proc import AgentProcess
+from helpers import free_port
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context

@@ -19,13 +19,13 @@ import pytest
 from agent_proc import (
     AgentProcess,
     bpf_ids_of,
-    free_port,
     full_profile,
     pinned_files,
     running_agent,
     still_present,
 )
 from fake_apiserver import FakeApiServer, make_pod
+from helpers import free_port
 from kernel_util import Workload, cgroup2_root, cgroup_tree, context, kernel_test, workloads
 
 pytestmark = kernel_test

@@ -9,21 +9,20 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
+import kubernetes_validate
 import pytest
 import yaml
+from helpers import require_tools
 from kpod.exporters.otlp.config import OtlpConfig
 
 from kpod.config import load_config
 from scripts import render_manifests
 from scripts.render_manifests import CHART, MANIFESTS, manifest_texts, objects, render
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = ("minimal", "standard", "comprehensive", "custom")
@@ -144,8 +143,8 @@ def test_everything_enabled_validates(tmp_path: Path) -> None:
     assert config.kpod.filter.include_labels == ["app", "team"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (make system-packages)")
 def test_prometheusrule_groups_pass_promtool(tmp_path: Path) -> None:
+    require_tools("promtool")
     (rule,) = by_kind(objects(render({"prometheusRule": {"enabled": True}})))["PrometheusRule"]
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import require_tools
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -187,11 +188,10 @@ def _build_script() -> str:
 
 
 def _toolchain_skip() -> str | None:
-    missing = [t for t in ("clang", "llvm-strip", "bpftool", "make") if shutil.which(t) is None]
-    if missing:
-        return f"missing {', '.join(missing)} (make system-packages installs them)"
+    """None when the image's build stage can run here; a missing tool fails instead."""
+    require_tools("clang", "llvm-strip", "bpftool", "make")
     if not os.access("/sys/kernel/btf/vmlinux", os.R_OK):
-        return "no /sys/kernel/btf/vmlinux"
+        return "kernel has no BTF (/sys/kernel/btf/vmlinux): nothing to generate vmlinux.h from"
     return None
 
 
@@ -299,8 +299,9 @@ def test_build_stage_uses_a_provided_btf_for_the_target_arch(tmp_path: Path) -> 
 def test_agent_runs_on_a_read_only_root(tmp_path: Path) -> None:
     """The container runs with readOnlyRootFilesystem: the agent, every receiver included, must
     not write anywhere.  Here: a private mount namespace with / remounted read-only."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare (a private mount namespace)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a private mount namespace)")
+    require_tools("unshare")
     import socket
 
     with socket.socket() as s:

@@ -10,16 +10,21 @@ permitted and effective sets are the bounding set, which is what a container wit
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from agent_proc import free_port, full_profile, running_agent
+from agent_proc import full_profile, running_agent
+from helpers import free_port, require_tools
 from kernel_util import Workload, cgroup2_root, cgroup_tree, kernel_test, workloads
 
-pytestmark = [*kernel_test, pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv not installed")]
+pytestmark = kernel_test
+
+
+@pytest.fixture(autouse=True)
+def _setpriv() -> None:
+    require_tools("setpriv")
 
 # The chart's set (deploy/helm/kpod-metrics/values.yaml: capabilities), measured in docs/CAPABILITIES.md.
 DOCUMENTED = ("bpf", "perfmon", "sys_ptrace", "dac_read_search")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import threading
 import time
@@ -14,21 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import require_tools
 from kpod.exporters.otlp.config import OtlpConfig, TlsConfig, resolve_target
-from kpod.exporters.otlp.exporter import OtlpExporter
-from opentelemetry.proto.metrics.v1 import metrics_pb2
-from otlp_receiver import GrpcReceiver, HttpReceiver, Received, make_tls
+from otlp_receiver import (
+    GrpcReceiver,
+    HttpReceiver,
+    assert_delivered_equal,
+    flatten,
+    make_exporter,
+    make_tls,
+    total_points,
+)
 
 from bench.synthetic import node_batch
-from kpod.component import Context
 from kpod.config import ConfigError, load_config
-from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point, Resource
 from kpod.selfmetrics import SelfMetrics
-from kpod.settings import KpodSettings
 from kpod.units import Duration
 
 PROTOCOLS = ("grpc", "http/protobuf")
-NODE = "node-1"
 
 
 def with_otel(batch: Batch) -> Batch:
@@ -50,133 +53,6 @@ def with_otel(batch: Batch) -> Batch:
             resource = resources[labels] = Resource(labels, tuple(sorted(otel.items())))
         point.resource = resource
     return batch
-
-
-def make_exporter(
-    receiver: GrpcReceiver | HttpReceiver | None,
-    protocol: str,
-    metrics: SelfMetrics | None = None,
-    port: int | None = None,
-    **overrides: Any,
-) -> OtlpExporter:
-    settings = KpodSettings()
-    settings.node_name = NODE
-    settings.poll_interval = Duration(0.01)  # export() every call
-    port = port if port is not None else receiver.port  # type: ignore[union-attr]
-    config = OtlpConfig(
-        endpoint=f"127.0.0.1:{port}",
-        protocol=protocol,
-        **{
-            "tls": TlsConfig(insecure=True),
-            "backoff_initial": Duration(0.05),
-            "backoff_max": Duration(0.2),
-            "timeout": Duration(2.0),
-            **overrides,
-        },
-    )
-    config.validate()
-    context = Context(id="otlp/test", settings=settings, cgroups=None, self_metrics=metrics or SelfMetrics())  # type: ignore[arg-type]
-    exporter = OtlpExporter(context, config)
-    exporter.start()
-    return exporter
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def flatten(received: list[Received]) -> list[dict[str, Any]]:
-    """One record per data point, with its resource, scope and metric."""
-    out = []
-    for item in received:
-        for rm in item.request.resource_metrics:
-            resource = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    kind = metric.WhichOneof("data")
-                    data = getattr(metric, kind)
-                    for dp in data.data_points:
-                        record: dict[str, Any] = {
-                            "resource": resource,
-                            "scope": (sm.scope.name, sm.scope.version),
-                            "name": metric.name,
-                            "unit": metric.unit,
-                            "description": metric.description,
-                            "kind": kind,
-                            "temporality": getattr(data, "aggregation_temporality", None),
-                            "monotonic": getattr(data, "is_monotonic", None),
-                            "attributes": {kv.key: kv.value.string_value for kv in dp.attributes},
-                            "start": dp.start_time_unix_nano,
-                            "time": dp.time_unix_nano,
-                        }
-                        if kind == "histogram":
-                            record["value"] = (
-                                tuple(dp.explicit_bounds), tuple(dp.bucket_counts), dp.sum, dp.count,
-                                dp.HasField("min"), dp.HasField("max"),
-                            )
-                        else:
-                            record["value"] = dp.as_double if dp.WhichOneof("value") == "as_double" else dp.as_int
-                        out.append(record)
-    return out
-
-
-def series_key(resource: dict[str, str], name: str, attributes: dict[str, str]) -> tuple[Any, ...]:
-    return (tuple(sorted(resource.items())), name, tuple(sorted(attributes.items())))
-
-
-def expected_records(batch: Batch) -> dict[tuple[Any, ...], Point]:
-    base = {"service.name": "kpod-metrics", "host.name": socket.gethostname(), "k8s.node.name": NODE}
-    out: dict[tuple[Any, ...], Point] = {}
-    for point in batch.points:
-        resource = dict(base)
-        if point.resource is not None:
-            resource.update(point.resource.otel)
-        key = series_key(resource, point.metric.name, dict(point.attributes))
-        assert key not in out, f"test batch has a duplicate series {key}"
-        out[key] = point
-    return out
-
-
-def total_points(received: list[Received]) -> int:
-    return len(flatten(received))
-
-
-def assert_delivered_equal(batch: Batch, received: list[Received]) -> None:
-    records = flatten(received)
-    expected = expected_records(batch)
-    assert len(records) == len(expected), (len(records), len(expected))
-    kinds = {Kind.COUNTER: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram"}
-    cumulative = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
-    seen = set()
-    for record in records:
-        resource = dict(record["resource"])
-        assert resource.pop("service.version")  # present, the agent's version
-        key = series_key(resource, record["name"], record["attributes"])
-        assert key in expected, f"unexpected series {key}"
-        assert key not in seen, f"series sent twice {key}"
-        seen.add(key)
-        point = expected[key]
-        assert record["scope"][0] == "kpod-metrics"
-        assert record["unit"] == point.metric.unit
-        assert record["description"] == point.metric.description
-        assert record["kind"] == kinds[point.metric.kind]
-        assert record["time"] == batch.time_ns
-        if point.metric.kind is Kind.GAUGE:
-            assert record["temporality"] is None
-        else:
-            assert record["temporality"] == cumulative
-            assert record["start"] > 0 and record["start"] <= record["time"]
-        if point.metric.kind is Kind.COUNTER:
-            assert record["monotonic"] is True
-        if isinstance(point.value, HistogramValue):
-            bounds, counts, total, count, has_min, has_max = record["value"]
-            assert bounds == point.value.bounds
-            assert counts == point.value.counts
-            assert len(counts) == len(bounds) + 1
-            assert total == pytest.approx(point.value.sum, rel=1e-12)
-            assert count == point.value.count
-            assert not has_min and not has_max  # the kernel keeps neither
-        else:
-            assert record["value"] == pytest.approx(point.value, rel=1e-12)
 
 
 def self_point(name: str, value: float) -> Point:
@@ -473,8 +349,7 @@ def test_transient_error_is_retried_with_growing_backoff(protocol: str, caplog: 
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    if not any(os.access(os.path.join(d, "openssl"), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
-        pytest.skip("the openssl CLI is needed to make a test CA")
+    require_tools("openssl")
     return make_tls(tmp_path_factory.mktemp("tls"))
 
 

@@ -12,8 +12,7 @@ from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for,
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.processor import K8sAttributesProcessor
 from kpod.receivers.cpu_sched import CpuSchedReceiver
-from otlp_receiver import GrpcReceiver
-from test_otlp_export import assert_delivered_equal, flatten, make_exporter, total_points
+from otlp_receiver import GrpcReceiver, assert_delivered_equal, flatten, make_exporter, total_points
 
 from kpod.component import EmptyConfig
 from kpod.model import Batch, HistogramValue

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,12 +20,6 @@ code = main(["run", "--config", sys.argv[1], "--cycles", "2", "--log-level", "wa
 heavy = sorted(m for m in sys.modules if m.startswith(("opentelemetry.exporter", "opentelemetry.sdk", "grpc")))
 print(json.dumps({"code": code, "heavy": heavy}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def run_agent(tmp_path: Path, exporters: str, pipeline: str) -> dict[str, object]:

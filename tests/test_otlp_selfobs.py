@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 from fake_kubelet import FakeKubelet
-from otlp_receiver import free_port
+from helpers import free_port, require_tools
 from prometheus_client.parser import text_string_to_metric_families
 
 from kpod.agent import build_cgroup_index
@@ -141,13 +140,13 @@ def test_exporter_discovery_and_process_self_metrics(agent: Any, tmp_path: Path)
     assert abs(found[("process_open_fds", ())] - len(os.listdir("/proc/self/fd"))) < 50
     assert time.time() - 86400 < found[("process_start_time_seconds", ())] <= time.time()
     assert found[("process_max_fds", ())] > 0
-    if shutil.which("promtool"):
-        exposition = tmp_path / "metrics.txt"
-        exposition.write_bytes(body)
-        with exposition.open("rb") as handle:
-            lint = subprocess.run(["promtool", "check", "metrics"], stdin=handle, capture_output=True, timeout=30)
-        problems = [ln for ln in lint.stderr.decode().splitlines() if "process_" in ln or "kpod_exporter" in ln]
-        assert not problems, problems
+    require_tools("promtool")
+    exposition = tmp_path / "metrics.txt"
+    exposition.write_bytes(body)
+    with exposition.open("rb") as handle:
+        lint = subprocess.run(["promtool", "check", "metrics"], stdin=handle, capture_output=True, timeout=30)
+    problems = [ln for ln in lint.stderr.decode().splitlines() if "process_" in ln or "kpod_exporter" in ln]
+    assert not problems, problems
 
 
 def test_readyz_follows_discovery_healthz_does_not(agent: Any) -> None:

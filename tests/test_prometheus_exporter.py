@@ -5,10 +5,10 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import shutil
 import subprocess
 
 import pytest
+from helpers import require_tools
 from kpod.exporters.prometheus.exposition import Renderer, escape_label_value
 from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
@@ -90,8 +90,8 @@ def test_duplicate_label_sets_are_added_not_repeated() -> None:
     assert b'kpod_cpu_context_switches_total{namespace="a",pod="b",container="",node="n"} 7\n' in text
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_node_sized_exposition_passes_promtool() -> None:
+    require_tools("promtool")
     text, openmetrics, series = Renderer().render(node_batch(pods=20))
     assert series > 1000
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)

@@ -13,26 +13,18 @@ every expression must parse (promtool).
 
 from __future__ import annotations
 
-import importlib.metadata
-import inspect
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from agent_proc import agent_exposition
+from helpers import receiver_classes, require_tools
 from kpod.exporters.prometheus.exposition import Renderer
 
-from kpod.component import Receiver
 from kpod.model import Batch, HistogramValue, Kind, Point, Resource
 from scripts import gen_dashboard
 
@@ -126,21 +118,6 @@ def rule_expressions() -> list[str]:
 # ----------------------------------------------------------------------------- exported series
 
 
-def receiver_classes() -> list[type[Receiver]]:
-    """The receiver class of every registered receiver plugin (entry point group kpod.receivers)."""
-    found: list[type[Receiver]] = []
-    for entry in importlib.metadata.entry_points(group="kpod.receivers"):
-        factory = entry.load()
-        module = sys.modules[factory.create.__module__]
-        classes = [
-            c for c in vars(module).values()
-            if inspect.isclass(c) and issubclass(c, Receiver) and c.__module__ == module.__name__ and c.metrics
-        ]  # fmt: skip
-        assert classes, f"receiver {entry.name}: no Receiver class with metrics in {module.__name__}"
-        found.extend(classes)
-    return found
-
-
 def definitions_exposition() -> str:
     """Every receiver's metric definitions as one point each, rendered like the exporter does."""
     resource = Resource(tuple((k, f"{k}-1") for k in RESOURCE_LABELS))
@@ -158,52 +135,6 @@ def definitions_exposition() -> str:
             batch.add(Point(metric, None, attrs, value, resource))
     text, _, _ = Renderer().render(batch)
     return text.decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def agent_exposition(tmp_path: Path) -> str:
-    """/metrics of a real agent after its first cycles (cgroup receivers only: runs anywhere)."""
-    port = _free_port()
-    config = tmp_path / "agent.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "kpod": {"profile": "custom", "poll_interval": "200ms", "discovery": {"mode": "local"}},
-                "receivers": {"cgroup_cpu": {}, "pressure": {}},
-                "exporters": {"prometheus": {"endpoint": f"127.0.0.1:{port}"}},
-                "service": {"pipelines": {"metrics": {"receivers": ["cgroup_cpu", "pressure"],
-                                                      "exporters": ["prometheus"]}}},
-            }
-        )
-    )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-    log_path = tmp_path / "agent.log"  # a file, not a pipe: a full pipe would stall the agent
-    with open(log_path, "wb") as log:
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "kpod.cli", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=REPO,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60  # generous: CI machines may be busy
-        while time.monotonic() < deadline and agent.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                    body = response.read().decode()
-                if "\nkpod_series " in "\n" + body and "kpod_collection_duration_seconds" in body:
-                    return body
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"agent produced no exposition: {log_path.read_text()[-2000:]}")
-    finally:
-        if agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(10)
 
 
 def sample_names_and_labels(text: str) -> dict[str, set[str]]:
@@ -299,15 +230,15 @@ def test_scanner_would_catch_a_wrong_name(exported: dict[str, set[str]]) -> None
     assert _check("namespace_pod:nothing:rate5m", exported, recorded())
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (make system-packages)")
 def test_rules_file_passes_promtool() -> None:
+    require_tools("promtool")
     result = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing (make system-packages)")
 def test_dashboard_expressions_parse(tmp_path: Path) -> None:
     """Each dashboard query, with Grafana's variables filled in, is valid PromQL."""
+    require_tools("promtool")
     rules = []
     for i, expr in enumerate(dashboard_expressions()):
         concrete = expr.replace("$__rate_interval", "5m").replace("$__range", "1h")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from fake_apiserver import make_pod
-from kernel_util import CgroupTree, cgroup_tree, mounts
+from kernel_util import CgroupTree, cgroup2_skip_reason, cgroup_tree
 from kpod.processors.k8sattributes import factory
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.pods import pod_from_json
@@ -42,17 +42,7 @@ from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create cgroups"
-    unified = mounts().unified
-    if not unified or not os.access(unified, os.W_OK):
-        return "no writable cgroup2 mount"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+pytestmark = pytest.mark.skipif(cgroup2_skip_reason() is not None, reason=cgroup2_skip_reason() or "")
 
 CPU = MetricDef("kpod.cpu.usage", Kind.COUNTER, "s", "cpu time")
 NODE = "node-a"

@@ -7,9 +7,12 @@ fixtures now live in tests/fixtures), nor an absolute path of one machine.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 from pathlib import Path
+
+from helpers import TOOL_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +79,27 @@ def test_the_check_catches_each_kind_of_reference() -> None:
         "tests/fixtures/README.md",
     ):
         assert not references_outside(line, own), line
+
+
+def test_every_tool_the_tests_require_is_installed_by_make_setup() -> None:
+    """require_tools fails a test when a tool is missing; that is fair only for tools that
+    `make setup` installs.  (make itself runs `make setup`, so it is there already.)"""
+    makefile = (REPO / "Makefile").read_text()
+    match = re.search(r"^APT_PACKAGES\s*:=((?:.*\\\n)*.*)$", makefile, flags=re.M)
+    assert match, "no APT_PACKAGES in the Makefile"
+    packages = set(match.group(1).replace("\\\n", " ").split())
+    required = {package for tool, package in TOOL_PACKAGES.items() if tool != "make"}
+    assert required <= packages, sorted(required - packages)
+
+
+def test_test_modules_do_not_import_each_other() -> None:
+    """Shared test code lives in the support modules (tests/README.md), not in a test module."""
+    offenders = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        names = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        names += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        imported = [name for name in names if name.split(".")[-1].startswith("test_")]
+        if imported:
+            offenders[str(path.relative_to(REPO))] = imported
+    assert offenders == {}

@@ -100,18 +100,10 @@ def test_check_names_kernel_layout_and_routes(tmp_path: Path) -> None:
             assert f"{tracepoint}: off (kernel has no" in route
 
 
-_DD = r"""
-read line
-dd if=/dev/zero of="$1" bs=1M count=4 oflag=direct conv=notrunc status=none
-dd if="$1" of=/dev/null bs=1M count=2 iflag=direct status=none
-echo done
-read line
-"""
-
-
 def test_disk_io_stat_on_the_virtio_disk() -> None:
     """Direct I/O of a known size on vda (ext4), read back through the disk receiver: exact bytes."""
     from cgroup_tree import make_context
+    from kernel_util import DIRECT_IO_SCRIPT
     from kpod.receivers.disk import DiskConfig, DiskReceiver
 
     from kpod.cgroup.parsers import parse_io_stat
@@ -136,8 +128,8 @@ def test_disk_io_stat_on_the_virtio_disk() -> None:
             made.append(directory)
             if directory != container:
                 (directory / "cgroup.subtree_control").write_text("+io +memory +cpu +pids")
-        proc = subprocess.Popen(["sh", "-c", _DD, "sh", str(blob)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True)  # fmt: skip
+        proc = subprocess.Popen(["sh", "-c", DIRECT_IO_SCRIPT, "sh", str(blob)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
         (container / "cgroup.procs").write_text(str(proc.pid))
         assert proc.stdin and proc.stdout
         proc.stdin.write("go\n")
