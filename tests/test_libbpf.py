@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
+import subprocess
 from collections.abc import Iterator
 
 import pytest
+from helpers import BpftoolBtf
 from kernel_util import REPO, kernel_test
 
 from kpod.kernel import btflayout, libbpf
@@ -19,6 +22,8 @@ from kpod.kernel import btflayout, libbpf
 pytestmark = kernel_test
 
 OBJECT = str(REPO / "bpf" / "cpu_sched.bpf.o")
+# enum bpf_prog_type (uapi), by the name bpftool shows.
+BPF_PROG_TYPE = {"tracepoint": 5, "raw_tracepoint": 17, "tracing": 26}
 
 
 @pytest.fixture
@@ -103,8 +108,22 @@ def test_failed_load_explains_itself(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_prog_info_from_kernel_btf(loaded: libbpf.BpfObject) -> None:
+    """prog_info() lays bpf_prog_info out as the kernel's BTF says (bpftool's reading of
+    /sys/kernel/btf/vmlinux), so every field it returns is the one bpftool shows."""
     program = loaded.programs["sched_switch"]
     info = libbpf.prog_info(program.fd)
-    assert bytes(info.name).rstrip(b"\0") == b"sched_switch"
-    assert program.stats().id == info.id > 0
-    assert ctypes.sizeof(type(info)) == ctypes.sizeof(btflayout.vmlinux_struct("bpf_prog_info"))
+    btf = BpftoolBtf("/sys/kernel/btf/vmlinux")
+    struct_id = btf.named("STRUCT", "bpf_prog_info")
+    assert ctypes.sizeof(type(info)) == btf.size(struct_id)
+    assert btflayout.describe(type(info)) == btf.layout(struct_id)
+    shown = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(info.id)],
+                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert program.stats().id == info.id == shown["id"] > 0
+    assert bytes(info.name).rstrip(b"\0").decode() == shown["name"] == "sched_switch"
+    assert bytes(info.tag).hex() == shown["tag"]
+    assert info.type == BPF_PROG_TYPE[shown["type"]]
+    assert info.xlated_prog_len == shown["bytes_xlated"] > 0
+    assert info.jited_prog_len == shown["bytes_jited"]
+    assert info.nr_map_ids == len(shown["map_ids"]) > 0
+    assert info.btf_id == shown["btf_id"] > 0
+    assert info.created_by_uid == shown["uid"]
