@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -19,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import require_tools
-from kernel_util import ODD_BYTES, cgroup_tree, context, kernel_test, points_for, transfer, workloads
-from kpod.receivers.net_tcp import RTT, NetTcpConfig, NetTcpReceiver
+from helpers import BpftoolBtf, require_tools
+from kernel_util import ODD_BYTES, REPO, cgroup_tree, context, kernel_test, points_for, transfer, workloads
+from kpod.receivers.net_tcp import RTT, TCP_RECVMSG_PARAMS, NetTcpConfig, NetTcpReceiver
 
-from kpod.kernel import btflayout, ebpf
+from kpod.kernel import btflayout, ebpf, libbpf
 
 pytestmark = kernel_test
 
@@ -190,9 +191,58 @@ def test_retransmits_charged_to_the_sending_pod(tmp_path: Path) -> None:
             receiver.shutdown()
 
 
-def test_route_falls_back_when_the_tracepoints_are_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+# Empty programs on the fallback hooks: the independent side of the fallback test.  What they
+# meet is the kernel's answer, not the receiver's choice.
+PROBES = {"fexit/tcp_sendmsg": "fexit_send", "kretprobe/tcp_sendmsg": "kretprobe_send",
+          "fexit/tcp_recvmsg": "fexit_recv", "kretprobe/tcp_recvmsg": "kretprobe_recv"}  # fmt: skip
+PROBE_SOURCE = "#include \"vmlinux.h\"\n#include <bpf/bpf_helpers.h>\n" + "".join(
+    f'SEC("{section}") int {name}(void *ctx) {{ return 0; }}\n' for section, name in PROBES.items()
+) + 'char LICENSE[] SEC("license") = "GPL";\n'
+
+
+def build_probes(directory: Path) -> Path:
+    require_tools("clang")
+    src, obj_path = directory / "probes.bpf.c", directory / "probes.bpf.o"
+    src.write_text(PROBE_SOURCE)
+    arch = {"x86_64": "x86", "aarch64": "arm64"}[os.uname().machine]
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", "-I", str(REPO / "bpf"),
+                    "-c", str(src), "-o", str(obj_path)], check=True)  # fmt: skip
+    return obj_path
+
+
+def kernel_refuses(probes: Path, section: str) -> str | None:
+    """Why this kernel does not load and attach the empty program at `section`, or None."""
+    try:
+        with libbpf.BpfObject.open(str(probes)) as obj:
+            for name, program in obj.programs.items():
+                program.set_autoload(name == PROBES[section])
+            obj.load()
+            obj.programs[PROBES[section]].attach()
+    except libbpf.LibbpfError as exc:
+        return str(exc)
+    return None
+
+
+def tcp_recvmsg_params() -> int:
+    """tcp_recvmsg's parameter count, as bpftool reads the kernel's BTF."""
+    btf = BpftoolBtf("/sys/kernel/btf/vmlinux")
+    return len(btf.types[btf.types[btf.named("FUNC", "tcp_recvmsg")]["type_id"]]["params"])
+
+
+def expected_route(probes: Path, function: str, fexit: str, kretprobe: str, params_ok: bool = True) -> str | None:
+    """The first alternative this kernel can run for `function`'s bytes."""
+    if params_ok and kernel_refuses(probes, f"fexit/{function}") is None:
+        return fexit
+    if kernel_refuses(probes, f"kretprobe/{function}") is None:
+        return kretprobe
+    return None
+
+
+def test_route_falls_back_when_the_tracepoints_are_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """On a kernel without sock:sock_{send,recv}_length (Debian's 6.1) the plan picks fexit,
-    then kretprobes; a program that cannot run here is dropped and the receiver runs on."""
+    then kretprobes; a program that cannot run here is dropped and the receiver runs on.  Which
+    route must win is found out independently: empty fexit and kretprobe programs of our own
+    on the same functions, and tcp_recvmsg's parameter count as bpftool reads the kernel's BTF."""
     real = ebpf.hook_unavailable
 
     def without_length_tracepoints(section: str) -> str | None:
@@ -210,8 +260,14 @@ def test_route_falls_back_when_the_tracepoints_are_missing(monkeypatch: pytest.M
     assert not routes["tcp_sendmsg_ret"].active
     assert routes["tcp_retransmit"].active
     assert routes["tcp_probe"].active or routes["tcp_probe_read"].active  # the latter before 6.2
-    # Loading for real: fentry/fexit and kprobes may not be allowed on this kernel; whatever
-    # cannot load is dropped with its reason and the other TCP metrics still work.
+
+    probes = build_probes(tmp_path)
+    expected = {
+        "sent": expected_route(probes, "tcp_sendmsg", "tcp_sendmsg_exit", "tcp_sendmsg_ret"),
+        "received": expected_route(probes, "tcp_recvmsg", "tcp_recvmsg_exit", "tcp_recvmsg_ret",
+                                   params_ok=tcp_recvmsg_params() == TCP_RECVMSG_PARAMS),
+    }  # fmt: skip
+    # Loading for real: whatever cannot load is dropped with its reason, the other TCP metrics work.
     receiver.start()
     try:
         loaded = {r.program: r for r in receiver.loaded.routes}
@@ -220,10 +276,11 @@ def test_route_falls_back_when_the_tracepoints_are_missing(monkeypatch: pytest.M
         assert loaded["tcp_probe"].active or loaded["tcp_probe_read"].active
         for program in ("tcp_send_length", "tcp_recv_length"):
             assert not loaded[program].active
-        sent_routes = [loaded[p] for p in ("tcp_sendmsg_exit", "tcp_sendmsg_ret")]
-        assert sum(r.active for r in sent_routes) <= 1
-        assert all(r.active or r.reason for r in sent_routes)
-        print({p: (r.active, r.reason) for p, r in loaded.items()})
+        for direction, alternatives in (("sent", ("tcp_sendmsg_exit", "tcp_sendmsg_ret")),
+                                        ("received", ("tcp_recvmsg_exit", "tcp_recvmsg_ret"))):  # fmt: skip
+            active = [p for p in alternatives if loaded[p].active]
+            assert active == ([expected[direction]] if expected[direction] else []), (direction, loaded)
+            assert all(loaded[p].reason for p in alternatives if not loaded[p].active), loaded
     finally:
         receiver.shutdown()
 
@@ -236,10 +293,11 @@ def test_kernel_function_params_reads_btf() -> None:
 
 
 @pytest.mark.parametrize("route", ["fexit", "kretprobe"])
-def test_fallback_byte_routes_are_exact(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fallback_byte_routes_are_exact(route: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Bytes through the routes kernels without sock_*_length use.  This host refuses fentry
-    (EPERM) and has no kprobes, so here the test skips with the route's reason; in Debian's 6.1
-    (`make test-vm`) both routes load and must be as exact as the tracepoints."""
+    (EPERM) and has no kprobes, so here the test skips with the kernel's answer; in Debian's 6.1
+    (`make test-vm`) both routes load and must be as exact as the tracepoints.  A route the
+    kernel would run (an empty program of our own loads there) but the receiver dropped fails."""
     real = ebpf.hook_unavailable
     hidden = {"tp_btf/sock_send_length", "tp_btf/sock_recv_length"}
     if route == "kretprobe":
@@ -255,9 +313,16 @@ def test_fallback_byte_routes_are_exact(route: str, monkeypatch: pytest.MonkeyPa
                 "kretprobe": ("tcp_sendmsg_ret", "tcp_recvmsg_ret"),
             }
             routes = {r.program: r for r in receiver.loaded.routes}
-            off = [f"{p}: {routes[p].reason}" for p in programs[route] if not routes[p].active]
+            off = [p for p in programs[route] if not routes[p].active]
             if off:
-                pytest.skip(f"the {route} route cannot run on this kernel ({'; '.join(off)})")
+                probes = build_probes(tmp_path)
+                hooks = {p: f"{route}/tcp_{'send' if 'send' in p else 'recv'}msg" for p in off}
+                refused = {p: kernel_refuses(probes, hook) for p, hook in hooks.items()}
+                if route == "fexit" and "tcp_recvmsg_exit" in off and tcp_recvmsg_params() != TCP_RECVMSG_PARAMS:
+                    refused["tcp_recvmsg_exit"] = f"tcp_recvmsg has {tcp_recvmsg_params()} parameters here"
+                dropped = {p: routes[p].reason for p, why in refused.items() if why is None}
+                assert not dropped, f"this kernel runs {route} programs, the receiver dropped {dropped}"
+                pytest.skip(f"this kernel cannot run the {route} route: {refused}")
             a, b = transfer(tree, procs, pod_a, pod_b, nbytes=ODD_BYTES)
             a.send("send")
             assert json.loads(b.readline())["received"] == ODD_BYTES
