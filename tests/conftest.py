@@ -58,7 +58,3 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         if name.startswith("KPOD_") or name == "KUBERNETES_SERVICE_HOST":
             monkeypatch.delenv(name)
     return dict(os.environ)
-
-
-def needs_root() -> pytest.MarkDecorator:
-    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates cgroups)")
