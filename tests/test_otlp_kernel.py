@@ -52,7 +52,10 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
         hist = point.value
         assert isinstance(hist, HistogramValue) and hist.count > 0
         kernel_counts = hist.counts  # as read from the map, before any processing
-        batch = processor.process(Batch([p for p in raw.points if p.cgroup is not None], raw.time_ns))
+        # Only this pod's points: other cgroups on the machine (other test runs) may come and go,
+        # and two of them outside kubepods would be the same series without pod attributes.
+        ours = [p for p in raw.points if p.cgroup is not None and p.cgroup.id == pod.container_id]
+        batch = processor.process(Batch(ours, raw.time_ns))
         try:
             exporter.export(batch)
             got = collector.wait_for(lambda got: total_points(got) >= len(batch))
