@@ -144,7 +144,8 @@ def update_bpf_metrics(metrics: SelfMetrics, receivers: Iterable[Any]) -> None:
 
 def bpf_map_fill() -> list[dict[str, Any]]:
     """Fill level of every loaded BPF map, for /debug/status (entries are counted: it walks
-    the keys, fine for a debug page, not for every scrape)."""
+    the keys, fine for a debug page, not for every scrape).  Only hash maps have one: `fill`
+    is None for the others, with the reason (arrays never run out of room)."""
     ebpf = sys.modules.get("kpod.kernel.ebpf")
     if ebpf is None:
         return []
@@ -163,10 +164,13 @@ def bpf_map_fill() -> list[dict[str, Any]]:
                 capacity = bpf_map.max_entries
             except (LibbpfError, ValueError):
                 continue
-            entry: dict[str, Any] = {"object": obj.name, "map": name, "capacity": capacity}
+            entry: dict[str, Any] = {"object": obj.name, "map": name, "type": bpf_map.type_name, "capacity": capacity}
             if entries is not None:
                 entry["entries"] = entries
                 entry["fill"] = round(entries / capacity, 4) if capacity else 0.0
+            else:  # an array or local storage: nothing to run out of
+                entry["fill"] = None
+                entry["no_fill_reason"] = bpf_map.fill_reason
             if name in errors:
                 entry["update_errors"] = errors[name]
             out.append(entry)

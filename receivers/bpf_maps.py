@@ -3,6 +3,11 @@
 Reads the shared registry (kpod.kernel.ebpf.REGISTRY), so it covers the maps of every eBPF receiver
 in the process without knowing them.  Entry counts are real (the keys are counted); update
 errors are counted by the programs themselves, in each object's `<prefix>_errors` map.
+
+Entries and capacity are reported for hash maps only: their fill level says how close the map is
+to losing data (an insert into a full hash map fails).  Arrays (the `*_errors` counters, the
+syscall filter, .rodata/.bss) preallocate every slot, so "entries = capacity" would read as full
+while nothing can be lost; local storage has no capacity at all.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ from kpod.kernel.ebpf import REGISTRY, LoadedObject, bpf_preflight
 from kpod.kernel.libbpf import LibbpfError
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
-MAP_ENTRIES = MetricDef("kpod.bpf.map.entries", Kind.GAUGE, "1", "Entries currently in the BPF map", ("map",))
-MAP_CAPACITY = MetricDef("kpod.bpf.map.capacity", Kind.GAUGE, "1", "Maximum entries of the BPF map", ("map",))
+MAP_ENTRIES = MetricDef(
+    "kpod.bpf.map.entries", Kind.GAUGE, "1", "Entries currently in the BPF hash map (arrays are not reported)", ("map",)
+)
+MAP_CAPACITY = MetricDef(
+    "kpod.bpf.map.capacity", Kind.GAUGE, "1", "Maximum entries of the BPF hash map (arrays are not reported)", ("map",)
+)
 MAP_UPDATE_ERRORS = MetricDef(
     "kpod.bpf.map.update.errors.total",
     Kind.COUNTER,
@@ -53,12 +62,11 @@ class BpfMapsReceiver(Receiver):
         for name, bpf_map in loaded.obj.maps.items():
             attrs = attributes(map=name)
             try:
-                entries = bpf_map.count()
+                entries = bpf_map.count()  # None: the map cannot fill (arrays, local storage)
                 capacity = bpf_map.max_entries
             except (LibbpfError, ValueError) as exc:
                 self.log.debug("%s/%s: skipped: %s", loaded.name, name, exc)
                 continue
-            # Task-local storage has neither a key space nor a capacity to report.
             if entries is not None:
                 batch.add(Point(MAP_ENTRIES, None, attrs, float(entries), None, start))
                 batch.add(Point(MAP_CAPACITY, None, attrs, float(capacity), None, start))

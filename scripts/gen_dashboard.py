@@ -377,7 +377,8 @@ def build() -> dict[str, Any]:
             ),
         ],
         "percentunit",
-        "A full map drops new cgroups: raise config.bpf.mapMaxEntries.",
+        "Entries in use per hash map (arrays preallocate every slot and are never full, so they are not "
+        "shown). At 100 % new cgroups are not counted: raise config.bpf.mapMaxEntries.",
     )
     lay.panel(
         "BPF program CPU time",

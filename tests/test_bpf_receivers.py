@@ -276,6 +276,40 @@ def test_oom_kill_counted_once_for_the_victims_pod(route: str) -> None:
             receiver.shutdown()
 
 
+def test_map_fill_is_reported_for_hash_maps_only() -> None:
+    """A fill level means "how close to losing data": an array's slots all exist from the
+    start (entries = capacity, yet nothing can be lost), so arrays get no entries/capacity series
+    (which would read as 100 % full and fire KpodBpfMapNearlyFull forever) and no fill in
+    /debug/status, only the reason."""
+    from kpod.agentmetrics import bpf_map_fill
+
+    receiver = CpuSchedReceiver(context("cpu_sched"), EmptyConfig())
+    maps = BpfMapsReceiver(context("bpf_maps"), EmptyConfig())
+    receiver.start()
+    try:
+        assert receiver.loaded is not None
+        types = {name: m.type for name, m in receiver.loaded.obj.maps.items()}
+        hashes = {name for name, t in types.items() if t in libbpf.HASH_TYPES}
+        arrays = {name for name, t in types.items() if t == libbpf.BPF_MAP_TYPE_ARRAY}
+        assert "sched_cgroups" in hashes and receiver.loaded.error_map in arrays, types
+        batch = maps.collect()
+        mine = set(receiver.loaded.obj.maps)
+        reported = {
+            (p.metric.name, dict(p.attributes)["map"]) for p in batch if dict(p.attributes)["map"] in mine
+        }
+        for name in hashes:
+            assert ("kpod.bpf.map.entries", name) in reported and ("kpod.bpf.map.capacity", name) in reported
+        assert not {name for metric, name in reported if metric != "kpod.bpf.map.update.errors.total"} - hashes
+        # The errors array still reports what it counts: failed inserts into the hash map.
+        assert ("kpod.bpf.map.update.errors.total", "sched_cgroups") in reported
+        status = {m["map"]: m for m in bpf_map_fill() if m["object"] == receiver.loaded.name}
+        for name in arrays:
+            assert status[name]["fill"] is None and "preallocated" in status[name]["no_fill_reason"]
+        assert 0 <= status["sched_cgroups"]["fill"] < 1
+    finally:
+        receiver.shutdown()
+
+
 def test_full_map_counts_update_errors() -> None:
     """With room for 2 cgroups, switches in more cgroups must fail to insert and be counted."""
     ctx = context("cpu_sched", map_max_entries=2)

@@ -63,6 +63,14 @@ LOCAL_STORAGE_TYPES = (
     BPF_MAP_TYPE_CGRP_STORAGE,
 )
 
+# Maps whose inserts need a free entry: the only ones a fill level means anything for.
+HASH_TYPES = (
+    BPF_MAP_TYPE_HASH,
+    BPF_MAP_TYPE_PERCPU_HASH,
+    BPF_MAP_TYPE_LRU_HASH,
+    BPF_MAP_TYPE_LRU_PERCPU_HASH,
+)
+
 MAP_TYPE_NAMES = {
     BPF_MAP_TYPE_HASH: "hash",
     BPF_MAP_TYPE_ARRAY: "array",
@@ -374,12 +382,28 @@ class Map:
         """False for local-storage maps: userspace cannot iterate them and they have no capacity."""
         return self.type not in LOCAL_STORAGE_TYPES
 
-    def count(self) -> int | None:
-        """The real number of entries (arrays: max_entries, always full); None if not countable."""
-        if not self.countable:
+    @property
+    def can_fill(self) -> bool:
+        """True for maps that lose data once full: hash maps, whose inserts fail (or, LRU, evict)
+        when every entry is taken.  Arrays preallocate every slot and are updated in place, so
+        no update can fail for lack of room; local storage hangs off kernel objects."""
+        return self.type in HASH_TYPES
+
+    @property
+    def fill_reason(self) -> str | None:
+        """Why the map has no fill level (None when it has one)."""
+        if self.can_fill:
             return None
+        if self.type in LOCAL_STORAGE_TYPES:
+            return f"{self.type_name}: values live on kernel objects, no capacity to run out of"
         if self.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY):
-            return self.max_entries
+            return f"{self.type_name}: every slot is preallocated, an update never runs out of room"
+        return f"{self.type_name}: no fill level"
+
+    def count(self) -> int | None:
+        """Entries in use, for maps that can fill (hash maps); None for the others (see can_fill)."""
+        if not self.can_fill:
+            return None
         return sum(1 for _ in self.keys())
 
     def lookup_batch(self, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
