@@ -20,6 +20,19 @@ Reported: mounts of real filesystems.  Skipped:
 
 Values (bytes, gauges): capacity = f_blocks * f_frsize, available = f_bavail * f_frsize (what an
 unprivileged writer can still use), usage = (f_blocks - f_bfree) * f_frsize (as df "Used").
+
+Which disk: many containers report the same filesystem (every root overlay and emptyDir lives
+on the node's disk; statvfs of an overlay measures its upper layer's filesystem).  Each series
+carries the filesystem that holds its data, so one full disk is one alert:
+
+  * `device`: that filesystem's source as mountinfo names it ("/dev/nvme0n1p1", an NFS export,
+    the node_exporter convention), or its kernel device number "major:minor" when the source
+    names no device (each tmpfs is a filesystem of its own, all called "tmpfs");
+  * `fstype`: its type (ext4, xfs, tmpfs, ...).
+
+For an overlay that is the filesystem of its upperdir, looked up in the host's mount table
+(<proc_root>/1/mountinfo: the mount whose mountpoint is the longest prefix of the upperdir).
+Pure string work, no path is resolved; an overlay whose upperdir is not found stays itself.
 """
 
 from __future__ import annotations
@@ -29,12 +42,12 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 
 from kpod.cgroup.files import CgroupFileReceiver, read_text
-from kpod.cgroup.parsers import MountInfo, parse_mountinfo
+from kpod.cgroup.parsers import MountInfo, parse_mountinfo, unescape_mountinfo
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.kernel.preflight import capability_gaps
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 
-_MP = ("mountpoint",)
+_MP = ("device", "fstype", "mountpoint")
 CAPACITY = MetricDef("kpod.fs.capacity.bytes", Kind.GAUGE, "By", "Filesystem size", _MP)
 USAGE = MetricDef("kpod.fs.usage.bytes", Kind.GAUGE, "By", "Filesystem bytes in use", _MP)
 AVAILABLE = MetricDef(
@@ -103,6 +116,47 @@ def candidate_mounts(
     return chosen
 
 
+def _names_a_device(source: str) -> bool:
+    """A source that tells filesystems apart: a device path or a network export ("host:/path")."""
+    return source.startswith("/") or ":/" in source
+
+
+def _super_option(super_options: str, name: str) -> str | None:
+    """One option of mountinfo's super options (commas inside values are written as \\054)."""
+    prefix = name + "="
+    for option in super_options.split(","):
+        if option.startswith(prefix):
+            return unescape_mountinfo(option[len(prefix) :])
+    return None
+
+
+def containing_mount(path: str, mounts: list[MountInfo]) -> MountInfo | None:
+    """The mount `path` lies on: the longest mountpoint that is `path` or a parent of it (the
+    last one in mountinfo order when several are stacked there)."""
+    best: MountInfo | None = None
+    for mount in mounts:
+        point = mount.mount_point
+        below = path == point or point == "/" or path.startswith(point.rstrip("/") + "/")
+        if below and (best is None or len(point) >= len(best.mount_point)):
+            best = mount
+    return best
+
+
+def backing_filesystem(mount: MountInfo, host_mounts: list[MountInfo]) -> tuple[str, str]:
+    """(device, fstype) of the filesystem that holds a mount's data (see the module doc).
+
+    Pure: `host_mounts` is the host's mount table, used for overlays (their data is in the
+    upperdir's filesystem, which is also what statvfs of the overlay measures)."""
+    if mount.fstype == "overlay":
+        upper = _super_option(mount.super_options, "upperdir")
+        below = containing_mount(upper, host_mounts) if upper and upper.startswith("/") else None
+        if below is not None and below.fstype != "overlay":
+            mount = below
+    if _names_a_device(mount.source):
+        return mount.source, mount.fstype
+    return f"{mount.dev[0]}:{mount.dev[1]}", mount.fstype
+
+
 class FilesystemReceiver(CgroupFileReceiver):
     metrics = (CAPACITY, USAGE, AVAILABLE)
 
@@ -112,6 +166,9 @@ class FilesystemReceiver(CgroupFileReceiver):
         self._exclude_fstypes = frozenset(config.exclude_fstypes)
         self._exclude_points = tuple(config.exclude_mountpoints)
         self._mount_cache: dict[int, tuple[str, list[_Entry]]] = {}
+        # The host's mount table (for overlays' upper layers): read at most once per cycle,
+        # and only when a container's mount table changed.
+        self._host_mounts: list[MountInfo] | None = None
 
     def preflight(self) -> str | None:
         if not os.path.exists(f"{self.proc_root}/1/mountinfo"):
@@ -136,6 +193,7 @@ class FilesystemReceiver(CgroupFileReceiver):
         # any container's root (keyed by root too, so per-directory quotas stay apart).
         measured: dict[tuple[tuple[int, int], str], os.statvfs_result | None] = {}
         live: set[int] = set()
+        self._host_mounts = None
         for ref in self.context.cgroups.workloads():
             pids = self._pids(ref)
             if pids:
@@ -151,18 +209,21 @@ class FilesystemReceiver(CgroupFileReceiver):
         cached = self._mount_cache.get(pid)
         if cached is not None and cached[0] == text:
             return cached[1]
-        entries = [
-            (
-                m.dev,
-                (m.dev, m.root),
-                m.mount_point if m.mount_point != "/" else "/",
-                (("mountpoint", m.mount_point),),
-                m.root != "/",
-            )
-            for m in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points)
-        ]
+        entries: list[_Entry] = []
+        for m in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points):
+            device, fstype = backing_filesystem(m, self._host_table() if m.fstype == "overlay" else [])
+            attrs = (("device", device), ("fstype", fstype), ("mountpoint", m.mount_point))
+            entries.append((m.dev, (m.dev, m.root), m.mount_point, attrs, m.root != "/"))
         self._mount_cache[pid] = (text, entries)
         return entries
+
+    def _host_table(self) -> list[MountInfo]:
+        if self._host_mounts is None:
+            try:
+                self._host_mounts = parse_mountinfo(read_text(f"{self.proc_root}/1/mountinfo"))
+            except OSError:
+                self._host_mounts = []  # overlays then keep their own device
+        return self._host_mounts
 
     def _collect_container(
         self,

@@ -22,6 +22,8 @@ SEL = 'node=~"$node", namespace=~"$namespace", pod=~"$pod"'
 # The agent's own series: node comes from the scrape's relabeling (ServiceMonitor/PodMonitor).
 AGENT_SEL = 'node=~"$node"'
 RI = "$__rate_interval"
+# The scrape targets that are agents, whatever their job is called (as the KpodAgentDown alert).
+AGENT_TARGETS = "group by (job, namespace) (max_over_time(kpod_build_info[30m]))"
 
 
 def target(expr: str, legend: str, ref: str) -> dict[str, Any]:
@@ -330,26 +332,35 @@ def build() -> dict[str, Any]:
         [
             (
                 f"topk(20, namespace_pod_mountpoint:kpod_fs_fill_ratio{{{SEL}}})",
-                "{{namespace}}/{{pod}}/{{container}} {{mountpoint}}",
+                "{{namespace}}/{{pod}}/{{container}} {{mountpoint}} on {{device}}",
             )
         ],
         "percentunit",
-        "Used / capacity of each container filesystem (statvfs), fullest first.",
+        "Used / capacity of each container filesystem (statvfs), fullest first. Containers on the same "
+        "device share one disk: see the next panel.",
         kind="bargauge",
     )
     lay.panel(
-        "Filesystem available bytes",
+        "Filesystems by fill",
         [
             (
-                f"min by (namespace, pod, mountpoint) (kpod_fs_available_bytes{{{SEL}}})",
-                "{{namespace}}/{{pod}} {{mountpoint}}",
+                f"topk(20, node_device:kpod_fs_fill_ratio{{{AGENT_SEL}}})",
+                "{{node}} {{device}} ({{fstype}})",
             )
         ],
-        "bytes",
+        "percentunit",
+        "Each filesystem of the node once (root overlays count as their upper layer's disk), fullest "
+        "first: what KpodFilesystemFull alerts on.",
+        kind="bargauge",
     )
 
     lay.row("Agent health")
-    lay.panel("Agents up", [('up{job=~".*kpod-metrics.*"}', "{{instance}}")], "short", "1 while the agent is scraped.")
+    lay.panel(
+        "Agents up",
+        [(f"up and on (job, namespace) {AGENT_TARGETS}", "{{instance}}")],
+        "short",
+        "1 while the agent is scraped (the targets of jobs that reported kpod_build_info, whatever their name).",
+    )
     lay.panel(
         "Collection duration by receiver",
         [(f"max by (node, receiver) (kpod_collection_duration_seconds{{{AGENT_SEL}}})", "{{node}} {{receiver}}")],

@@ -36,6 +36,7 @@ TOOL_PACKAGES = {
     "setpriv": "util-linux",
     "unshare": "util-linux",
     "losetup": "util-linux",
+    "findmnt": "util-linux",
     "mkfs.ext4": "e2fsprogs",
     "busybox": "busybox-static",
     "make": "make",

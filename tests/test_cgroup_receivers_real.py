@@ -225,6 +225,7 @@ def test_net_iface_real_netns(scratch: Scratch) -> None:
 
 _MOUNTER = r"""
 set -e
+mount -t overlay overlay -o "lowerdir=$1/lower,upperdir=$1/upper,workdir=$1/work" "$1/merged"
 mount -t tmpfs -o size=8m kpodtmp "$1/tmpfs"
 mount --bind "$1/tmpfs" "$1/tmpfs-again"
 head -c 1048576 /dev/zero > "$1/tmpfs/blob"
@@ -237,9 +238,9 @@ read line
 
 @needs_root_and_cgroup2
 def test_filesystem_real_mount_namespace(scratch: Scratch, tmp_path: Path) -> None:
-    require_tools("unshare", "losetup", "mkfs.ext4")
+    require_tools("unshare", "losetup", "mkfs.ext4", "findmnt")
     s = scratch
-    for d in ("tmpfs", "tmpfs-again", "ext4"):
+    for d in ("tmpfs", "tmpfs-again", "ext4", "lower", "upper", "work", "merged"):
         (tmp_path / d).mkdir()
     (tmp_path / "hosts-source").write_text("127.0.0.1 localhost\n")
     (tmp_path / "hosts").write_text("")
@@ -265,16 +266,37 @@ def test_filesystem_real_mount_namespace(scratch: Scratch, tmp_path: Path) -> No
     path = container[len(base) :]
     root = f"/proc/{proc.pid}/root"
 
+    # Which filesystem each series is on (the labels that tell disks apart), by mountpoint.
+    labels = {dict(k[2])["mountpoint"]: dict(k[2]) for k in got if k[1] == path}
+
     def values(mountpoint: str) -> tuple[float, float, float]:
-        attrs = (("mountpoint", mountpoint),)
+        attrs = tuple(sorted(labels[mountpoint].items()))
         return tuple(got[(f"kpod.fs.{m}.bytes", path, attrs)] for m in ("capacity", "usage", "available"))  # type: ignore[return-value]
 
+    def findmnt(target: Path) -> tuple[str, str]:
+        source, fstype = _run("findmnt", "-n", "--nofsroot", "-o", "SOURCE,FSTYPE", "-T", str(target)).split()
+        return source, fstype
+
+    # The overlay's data is on its upper layer's filesystem (findmnt, in the host's namespace,
+    # says which): the overlay is labelled with that filesystem, not with its own 0:N.
+    merged = str(tmp_path / "merged")
+    upper_source, upper_fstype = findmnt(tmp_path / "upper")
+    assert (labels[merged]["device"], labels[merged]["fstype"]) == (upper_source, upper_fstype)
+    vfs = os.statvfs(tmp_path / "upper")
+    assert values(merged)[0] == vfs.f_blocks * vfs.f_frsize  # statvfs of an overlay: its upper fs
+
+    # A tmpfs names no device: its own device number tells it from every other tmpfs.
     tmpfs = str(tmp_path / "tmpfs")
+    st = os.stat(f"{root}{tmpfs}")
+    assert (labels[tmpfs]["device"], labels[tmpfs]["fstype"]) == (
+        f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+        "tmpfs",
+    )
     vfs = os.statvfs(root + tmpfs)
     expected = (vfs.f_blocks * vfs.f_frsize, (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize, vfs.f_bavail * vfs.f_frsize)
     assert values(tmpfs) == expected
     assert values(tmpfs) == (8 * 1024 * 1024, 1024 * 1024, 7 * 1024 * 1024)  # size=8m, one 1 MiB file
-    mountpoints = {k[2][0][1] for k in got if k[1] == path}
+    mountpoints = set(labels)
     assert str(tmp_path / "tmpfs-again") not in mountpoints  # the same tmpfs: once per container
     assert str(tmp_path / "hosts") not in mountpoints  # a bind-mounted single file
     assert not any(m.startswith(("/proc", "/sys", "/dev")) for m in mountpoints)
@@ -286,11 +308,13 @@ def test_filesystem_real_mount_namespace(scratch: Scratch, tmp_path: Path) -> No
         vfs.f_bavail * vfs.f_frsize,
     )
     assert 0 < values(ext4)[0] <= 16 * 1024 * 1024
+    assert (labels[ext4]["device"], labels[ext4]["fstype"]) == (loop, "ext4")
     # Not mounted outside the child's namespace: the receiver really looked through its root.
     assert not os.path.ismount(tmpfs)
 
 
 # ------------------------------------------------------------------------------------------ disk
+
 
 def _io_route() -> str | None:
     assert MOUNTS.unified is not None

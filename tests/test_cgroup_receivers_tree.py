@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cgroup_tree import HYBRID_MEM, V2, Tree, build_tree
-from kpod.receivers.filesystem import candidate_mounts
+from kpod.receivers.filesystem import backing_filesystem, candidate_mounts, containing_mount
 
 from kpod.cgroup.files import COLLECTION_ERRORS, pod_cgroup_path
 from kpod.cgroup.parsers import parse_memory_stat, parse_mountinfo, parse_pressure, parse_single_int
@@ -201,13 +201,14 @@ def test_filesystem(tree: Tree) -> None:
     live = [c for p in tree.pods for c in p.containers if c.pid]
     assert len(got) == 3 * len(expected_points) * len(live)
     for c in live:
-        points = {attrs[0][1] for (_, path, attrs) in got if path == c.path}
+        points = {dict(attrs)["mountpoint"] for (_, path, attrs) in got if path == c.path}
         assert points == expected_points
         # The fake root is a directory of the test machine: its statvfs is the truth.  That
         # filesystem is shared with the rest of the machine, so free space may move a little
         # between the receiver's statvfs and ours (the exact check is the namespace test).
         vfs = os.statvfs(Path(tree.proc_root, str(c.pid), "root", "data"))
-        attrs = (("mountpoint", "/data"),)
+        # /data is a tmpfs of the container's own (0:34 made per container): its device number.
+        attrs = (("device", f"0:{300000 + c.pid}"), ("fstype", "tmpfs"), ("mountpoint", "/data"))
         capacity = vfs.f_blocks * vfs.f_frsize
         assert got[("kpod.fs.capacity.bytes", c.path, attrs)] == capacity
         slack = capacity // 100
@@ -285,6 +286,51 @@ def test_candidate_mounts_of_captured_container() -> None:
         "/",
         "/usr/lib/modules/6.1.0-56-amd64",
     ]
+
+
+# A containerd node: / on the NVMe disk, /var/lib/containerd on a disk of its own, a tmpfs.
+HOST_MOUNTINFO = """\
+22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p1 rw
+23 22 259:3 / /var/lib/containerd rw,relatime shared:2 - xfs /dev/nvme1n1 rw
+24 22 0:27 / /run rw,nosuid shared:3 - tmpfs tmpfs rw,size=400000k
+25 24 0:50 / /run/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs rw - overlay overlay rw,\
+lowerdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/1/fs,\
+upperdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/fs,\
+workdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/work
+"""
+# Inside a container: its root overlay, an emptyDir (a bind of a kubelet directory on the node's
+# disk), a memory-backed emptyDir, an NFS volume.
+CONTAINER_MOUNTINFO = """\
+900 800 0:50 / / rw,relatime - overlay overlay rw,\
+lowerdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/1/fs,\
+upperdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/fs,\
+workdir=/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/work
+901 900 259:1 /var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache /cache rw - ext4 /dev/nvme0n1p1 rw
+902 900 0:61 / /scratch rw - tmpfs tmpfs rw,size=65536k
+903 900 0:62 / /shared rw - nfs4 files.example.com:/export/shared rw,vers=4.1
+904 900 0:63 / /odd rw - overlay overlay rw,lowerdir=/l,upperdir=/var/lib/containerd\\054old/up,workdir=/w
+"""
+
+
+def test_backing_filesystem_names_the_disk_that_holds_the_data() -> None:
+    host = parse_mountinfo(HOST_MOUNTINFO)
+    mounts = {m.mount_point: m for m in parse_mountinfo(CONTAINER_MOUNTINFO)}
+    # The root overlay's upper layer is on /var/lib/containerd's disk, not on "/" nor itself.
+    assert backing_filesystem(mounts["/"], host) == ("/dev/nvme1n1", "xfs")
+    assert backing_filesystem(mounts["/cache"], host) == ("/dev/nvme0n1p1", "ext4")
+    assert backing_filesystem(mounts["/scratch"], host) == ("0:61", "tmpfs")
+    assert backing_filesystem(mounts["/shared"], host) == ("files.example.com:/export/shared", "nfs4")
+    # The upperdir "/var/lib/containerd,old/up" (mountinfo escapes the comma) lies on "/".
+    assert backing_filesystem(mounts["/odd"], host) == ("/dev/nvme0n1p1", "ext4")
+    # Without the host's table (unreadable), an overlay stays itself.
+    assert backing_filesystem(mounts["/"], []) == ("0:50", "overlay")
+
+
+def test_containing_mount_is_the_longest_prefix_and_the_last_stacked() -> None:
+    host = parse_mountinfo(HOST_MOUNTINFO + "26 22 0:70 / /var/lib/containerd rw - tmpfs tmpfs rw\n")
+    assert containing_mount("/var/lib/containerd/x", host).source == "tmpfs"  # type: ignore[union-attr]
+    assert containing_mount("/var/lib/containerdx", host).mount_point == "/"  # type: ignore[union-attr]
+    assert containing_mount("/run", host).mount_point == "/run"  # type: ignore[union-attr]
 
 
 def test_pod_cgroup_path_both_drivers() -> None:
