@@ -26,7 +26,7 @@ from kpod.exporters.prometheus.exporter import PrometheusExporter
 from kpod.exporters.prometheus.exposition import Renderer
 
 from bench.sections import Measured
-from bench.synthetic import LOG2_BOUNDS, node_batch
+from bench.synthetic import HIST_BOUNDS, node_batch
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
 from kpod.model import Kind
@@ -66,7 +66,7 @@ def render_times(pods: int = 110, rounds: int = 15) -> dict[str, Any]:
         "rounds": rounds,
         "series": series,
         "histograms": sum(1 for p in base.points if p.metric.kind is Kind.HISTOGRAM),
-        "buckets": len(LOG2_BOUNDS),
+        "buckets": len(HIST_BOUNDS),
         "bytes": len(text),
         "gzip_bytes": len(gzip.compress(text, 1)),
         "all_changed_ms": statistics.median(changed[1:]) * 1000,
@@ -184,7 +184,7 @@ def render(data: dict[str, Any]) -> str:
     return f"""## Core: exposition, scrape, memory
 
 Node-sized batch (bench/synthetic.py): {data['pods']} pods x the comprehensive profile's series =
-{r['series']:,} series ({r['histograms']:,} of them histograms with {r['buckets']} log2 buckets),
+{r['series']:,} series ({r['histograms']:,} of them histograms with {r['buckets']} buckets),
 {r['bytes'] / 1e6:.1f} MB of text, {r['gzip_bytes'] / 1e6:.2f} MB gzipped (level 1).  Render: median
 over {r['rounds']} renders.  Scrape: {scrape['scrapes']} GETs of /metrics per encoding over one
 keep-alive loopback connection.  Idle RSS: a `kpod-metrics run` process after {IDLE_S:g} s of cycles.

@@ -37,6 +37,7 @@ SECTIONS: dict[str, str] = {
     "cgroup": "bench.cgroup_receivers",
     "bpf": "bench.bpf_cost",
     "bpf_net_syscall": "bench.bpf_net_syscall",
+    "hist": "bench.hist_slot",
     "k8s": "bench.discovery_memory",
     "otlp": "bench.otlp",
     "soak": "bench.soak",

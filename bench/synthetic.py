@@ -4,16 +4,18 @@ Per pod (one container; the spec's figure is about 69 series per pod): CPU usage
 (3), context switches (1), run-queue latency (histogram), TCP bytes/retransmits/connections (4),
 RTT (histogram), OOM kills and major faults (2), memory usage and working set (2), pressure (5),
 10 syscalls x (count, errors, latency histogram) (30), disk (4), interfaces (8), filesystems
-(2 mountpoints x 3).  Histograms have 27 log2 buckets, as the kernel maps hold them.
+(2 mountpoints x 3).  Histograms have the kernel maps' 27 buckets (26 bounds at powers of two
+seconds, and +Inf).
 """
 
 from __future__ import annotations
 
 import random
 
+from kpod.kernel.ebpf import hist_bounds
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
 
-LOG2_BOUNDS = tuple((2 ** (k + 1) - 1) / 1e6 for k in range(27))
+HIST_BOUNDS = hist_bounds(20, 27)  # as kpod.bpf.h lays out struct kpod_hist
 SYSCALLS = ("read", "write", "openat", "close", "connect", "accept4", "sendto", "recvfrom", "epoll_wait", "futex")
 
 
@@ -50,8 +52,8 @@ FS = [_m(f"kpod.fs.{n}.bytes", G, "By", ("mountpoint",)) for n in ("capacity", "
 
 
 def _hist(rng: random.Random) -> HistogramValue:
-    counts = tuple(rng.randrange(0, 1000) if 3 <= k <= 15 else 0 for k in range(len(LOG2_BOUNDS) + 1))
-    return HistogramValue(LOG2_BOUNDS, counts, rng.random() * 10)
+    counts = tuple(rng.randrange(0, 1000) if 3 <= k <= 15 else 0 for k in range(len(HIST_BOUNDS) + 1))
+    return HistogramValue(HIST_BOUNDS, counts, rng.random() * 10)
 
 
 def node_batch(pods: int = 110, seed: int = 1) -> Batch:

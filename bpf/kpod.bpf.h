@@ -9,7 +9,8 @@
  *  - Each object has one error map named `<prefix>_errors`: an ARRAY with one entry whose value
  *    is a struct of __u64 counters, one member per map, named exactly like the map.  Failed
  *    inserts are counted there, in the kernel (kpod.bpf.map.update.errors.total{map}).
- *  - Histograms are `struct kpod_hist`, log2 slots over nanoseconds (see kpod_hist_slot).
+ *  - Histograms are `struct kpod_hist` over nanoseconds, slots at powers of two seconds (see
+ *    kpod_hist_slot).
  *  - Map names stay <= 15 characters: the kernel truncates longer ones, and bpftool then shows
  *    a different name than libbpf.
  */
@@ -34,16 +35,20 @@ struct kpod_cgroup_key {
 };
 
 /*
- * Log2 histogram over nanoseconds.  Slot 0 holds [0, 2^FIRST_BITS - 1]; slot k >= 1 holds the
- * values whose bit length is k + FIRST_BITS, i.e. [2^(k+FIRST_BITS-1), 2^(k+FIRST_BITS) - 1];
- * the last slot also takes everything larger.  So slot k's inclusive upper bound is exactly
- * 2^(k+FIRST_BITS) - 1 ns, which userspace exports as an explicit bucket bound.
- * With 10 and 27: first bound 1.023 us, last finite bound 2^35-1 ns (34.4 s).
- * Starting at 1 us instead of 1 ns saves ten slots per cgroup that sub-microsecond waits
- * would never tell apart anyway.
+ * Histogram over nanoseconds whose slot boundaries are powers of two SECONDS, so that every slot
+ * is exactly one bucket of a Prometheus native histogram (schema 0) or an OpenTelemetry exponential
+ * histogram (scale 0): bucket i holds (2^(i-1), 2^i] s.  A power of two of a second is not a power
+ * of two of a nanosecond (1 s = 2^9 * 5^9 ns), so plain log2 slots over ns would straddle them.
+ *
+ *   slot 0              the zero bucket: [0, 2^-ZERO_SHIFT s] = [0, 953] ns
+ *   slot k, 1..SLOTS-2  (2^(k-ZERO_SHIFT-1), 2^(k-ZERO_SHIFT)] s, i.e. native bucket k - ZERO_SHIFT
+ *   slot SLOTS-1        everything above 2^(SLOTS-2-ZERO_SHIFT) s (the +Inf bucket)
+ *
+ * With 20 and 27: zero bucket up to 2^-20 s (953.67 ns), last finite bound 2^5 = 32 s.  Userspace
+ * reads these two constants from the object's BTF to name the bounds.
  */
 enum kpod_hist_layout {
-	KPOD_HIST_FIRST_BITS = 10,
+	KPOD_HIST_ZERO_SHIFT = 20,
 	KPOD_HIST_SLOTS = 27,
 };
 
@@ -74,14 +79,33 @@ static __always_inline __u64 kpod_log2(__u64 v)
 	return r;
 }
 
+#define KPOD_NSEC_PER_SEC 1000000000ULL
+#define KPOD_NSEC_PER_SEC_LOG2 29  /* 2^29 < 10^9 < 2^30 */
+
+/*
+ * The slot of v ns.  For L = floor(log2 v), v lies in [2^L, 2^(L+1)) ns, and exactly one native
+ * boundary lies in that range: B = 2^(L-29) s = 10^9 << (L-29) ns, about 1.86 * 2^L.  So v is
+ * in native bucket L-29 if v <= B, else L-28: one comparison, made exactly in integers by
+ * shifting whichever side is smaller (no overflow: v << (29-L) < 2^30, 10^9 << 34 < 2^64).
+ * bench/hist_slot.py measures what it costs over plain log2 slots.
+ */
 static __always_inline __u64 kpod_hist_slot(__u64 v)
 {
-	__u64 bits = v ? kpod_log2(v) + 1 : 0;  /* bit length */
+	__u64 l, above, slot;
 
-	if (bits <= KPOD_HIST_FIRST_BITS)
+	if (!v)
 		return 0;
-	bits -= KPOD_HIST_FIRST_BITS;
-	return bits < KPOD_HIST_SLOTS ? bits : KPOD_HIST_SLOTS - 1;
+	l = kpod_log2(v);
+	if (l >= KPOD_NSEC_PER_SEC_LOG2)
+		above = v > (KPOD_NSEC_PER_SEC << (l - KPOD_NSEC_PER_SEC_LOG2));
+	else
+		above = (v << (KPOD_NSEC_PER_SEC_LOG2 - l)) > KPOD_NSEC_PER_SEC;
+	/* native index i = l - 29 + above; slot = i + ZERO_SHIFT, clamped to [0, SLOTS-1] */
+	slot = l + above;
+	if (slot <= KPOD_NSEC_PER_SEC_LOG2 - KPOD_HIST_ZERO_SHIFT)
+		return 0;
+	slot -= KPOD_NSEC_PER_SEC_LOG2 - KPOD_HIST_ZERO_SHIFT;
+	return slot < KPOD_HIST_SLOTS ? slot : KPOD_HIST_SLOTS - 1;
 }
 
 static __always_inline void kpod_hist_add(struct kpod_hist *h, __u64 v)

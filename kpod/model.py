@@ -2,7 +2,7 @@
 
 It mirrors the OpenTelemetry metrics data model (a monotonic cumulative Sum, a Gauge, an
 explicit-bucket Histogram) but stays a few slotted classes, because kernel data arrives
-pre-aggregated: a receiver reads cumulative counters and log2 bucket counts from BPF maps or
+pre-aggregated: a receiver reads cumulative counters and histogram bucket counts from BPF maps or
 cgroup files and hands them over as they are.  Nothing here goes through the OTel metrics API
 (it has no asynchronous histogram); the OTLP exporter converts these points to the SDK's
 data classes only when it is configured.

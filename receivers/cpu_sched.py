@@ -1,8 +1,8 @@
 """CPU scheduling per cgroup from bpf/cpu_sched.bpf.c: run-queue latency and context switches.
 
 - kpod.cpu.runqueue.latency: time from becoming runnable (wakeup, new task, or preempted and
-  still runnable) to running, charged to the cgroup of the task that waited.  Log2 buckets in
-  the kernel, exported as an explicit-bucket histogram in seconds.
+  still runnable) to running, charged to the cgroup of the task that waited.  Bucketed in the
+  kernel at powers of two seconds (kpod.bpf.h), exported as a histogram in seconds.
 - kpod.cpu.context.switches: counted when a task of the cgroup is switched OUT, the same event
   the kernel counts in /proc/<pid>/status voluntary + nonvoluntary_ctxt_switches.
 """

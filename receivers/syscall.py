@@ -8,7 +8,7 @@ before the programs are attached; every other syscall returns after one array lo
   progress when the agent attached is not counted; fork/clone count once, in the parent).
   A call interrupted by a signal and restarted by the kernel counts twice, as strace shows it.
 - kpod.syscall.errors{syscall}: of those, calls that returned < 0.
-- kpod.syscall.latency{syscall}: entry to exit, log2 buckets in the kernel, seconds.
+- kpod.syscall.latency{syscall}: entry to exit, bucketed in the kernel at powers of two seconds.
 32-bit (compat) syscalls on x86_64 are not counted: their numbers belong to another table.
 
 Capacity: sys_stats holds one entry per (cgroup, tracked syscall) pair and is sized

@@ -130,7 +130,7 @@ def _perf_name(event: tuple[int, int]) -> str:
 
 
 def histogram_buckets() -> int:
-    """Buckets of the kernel's log2 histograms (KPOD_HIST_SLOTS in bpf/kpod.bpf.h), +Inf included."""
+    """Buckets of the kernel's histograms (KPOD_HIST_SLOTS in bpf/kpod.bpf.h), +Inf included."""
     match = re.search(r"KPOD_HIST_SLOTS\s*=\s*(\d+)", (REPO / "bpf" / "kpod.bpf.h").read_text())
     if not match:
         raise SystemExit("gen_docs: KPOD_HIST_SLOTS not found in bpf/kpod.bpf.h")
@@ -223,8 +223,9 @@ def metrics_markdown() -> str:
         "Every per-pod series carries `namespace`, `pod`, `container` and `node` (added by the k8sattributes",
         "processor from the point's cgroup), plus the metric's own labels listed below.  Names: the spec's dotted",
         "name in OTLP; in Prometheus dots become underscores, counters end in `_total`, seconds in `_seconds`,",
-        "histograms are real `_bucket`/`_sum`/`_count` series (log2 buckets from the kernel).  Values are the",
-        "kernel's cumulative counters as read, never re-added per cycle.",
+        "histograms are real `_bucket`/`_sum`/`_count` series whose buckets the kernel counts at powers of two",
+        "seconds (`le` from 2^-20 s, 0.95 us, to 32 s, then `+Inf`).  Values are the kernel's cumulative",
+        "counters as read, never re-added per cycle.",
         "",
     ]
     for doc in docs:

@@ -10,13 +10,20 @@ difference in a size or member offset fails.  The conventions the Python side re
 from __future__ import annotations
 
 import ctypes
+import math
+import platform
+import random
+import shutil
+import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from helpers import BpftoolBtf
+from kernel_util import kernel_test
 
 from kpod.kernel import btflayout, libbpf
-from kpod.kernel.ebpf import CGROUP_KEY_FIELD, log2_bounds
+from kpod.kernel.ebpf import CGROUP_KEY_FIELD, hist_bounds
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "bpf"
 OBJECTS = sorted(BPF_DIR.glob("*.bpf.o"))
@@ -76,15 +83,125 @@ def test_map_names_unique_across_objects() -> None:
                 seen[name] = obj_path.name
 
 
-def test_log2_bounds_are_exact_integer_upper_bounds() -> None:
-    bounds = log2_bounds(10, 27, 1.0)
+def test_hist_bounds_are_powers_of_two_seconds() -> None:
+    bounds = hist_bounds(20, 27)
     assert len(bounds) == 26  # the 27th slot is the +inf bucket
-    assert bounds[0] == 1023 and bounds[1] == 2047 and bounds[-1] == 2**35 - 1
-    seconds = log2_bounds(10, 27, 1e-9)
-    assert seconds[0] == pytest.approx(1.023e-6)
-    # The `le` labels are written from these floats: no float noise may reach them.
-    assert [repr(b) for b in seconds[:3]] == ["1.023e-06", "2.047e-06", "4.095e-06"]
-    assert repr(seconds[-1]) == "34.359738367"
+    assert bounds[0] == 2.0**-20 and bounds[20] == 1.0 and bounds[-1] == 32.0
+    # The `le` labels are written from these floats: exact powers of two, nothing to round.
+    assert all(math.frexp(b)[0] == 0.5 for b in bounds)
+    assert [repr(b) for b in bounds[18:22]] == ["0.25", "0.5", "1.0", "2.0"]
+
+
+# The kernel's own kpod_hist_slot() over chosen values, run by BPF_PROG_TEST_RUN.
+HIST_SLOT_PROGRAM = r"""
+#include "kpod.bpf.h"
+
+/* The context BPF_PROG_TEST_RUN passes in (and copies back out) for a syscall program. */
+struct hist_slot_io {
+	__u64 ns;
+	__u64 slot;
+	enum kpod_hist_layout layout[0];  /* zero bytes: the slot mapping's constants in the BTF */
+};
+
+SEC("syscall")
+int hist_slot(struct hist_slot_io *io)
+{
+	io->slot = kpod_hist_slot(io->ns);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+class _HistSlotIo(ctypes.Structure):
+    _fields_ = [("ns", ctypes.c_uint64), ("slot", ctypes.c_uint64)]
+
+
+class _TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts (libbpf/bpf.h); only sz and retval are used here.
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]  # fmt: skip
+
+
+def native_slot(ns: int, zero_shift: int, slots: int) -> int:
+    """The slot a value of `ns` nanoseconds belongs in, by exact rational arithmetic: the
+    smallest i with ns / 1e9 <= 2^i (Prometheus schema 0 / OTel scale 0), plus zero_shift,
+    clamped to the zero bucket below and the +inf slot above."""
+    if ns == 0:
+        return 0
+    seconds = Fraction(ns, 10**9)
+    i = math.floor(math.log2(seconds)) - 1  # a float guess, corrected exactly below
+    while Fraction(2) ** i >= seconds:
+        i -= 1
+    while Fraction(2) ** i < seconds:
+        i += 1
+    return min(max(i + zero_shift, 0), slots - 1)
+
+
+def hist_slot_inputs() -> list[int]:
+    """Both sides of every native boundary the slots can express (2^i s is not an integer
+    number of ns below 2^-9 s), bit-length edges of the log2 step, extremes, and random values."""
+    values = {0, 1, 2, 511, 512, 953, 954, 1023, 1024, 2**63, 2**64 - 1}
+    for i in range(-24, 40):
+        edge = Fraction(2) ** i * 10**9
+        low = math.floor(edge)
+        values.update(v for v in (low - 1, low, low + 1, low + 2) if 0 <= v < 2**64)
+    for bits in range(64):
+        values.update(((1 << bits) - 1, 1 << bits))
+    rng = random.Random(18)
+    values.update(rng.randrange(0, 1 << rng.randrange(1, 64)) for _ in range(400))
+    return sorted(v for v in values if 0 <= v < 2**64)
+
+
+@kernel_test[0]
+@kernel_test[1]
+def test_kernel_hist_slot_is_the_native_bucket(tmp_path: Path) -> None:
+    """kpod_hist_slot() as the kernel runs it puts every value in the slot whose bounds hold it
+    exactly: (2^(i-1), 2^i] seconds, as Prometheus and OpenTelemetry read those buckets."""
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.fail("clang is not installed (make system-packages)")
+    src, obj_path = tmp_path / "hist_slot.bpf.c", tmp_path / "hist_slot.bpf.o"
+    src.write_text(HIST_SLOT_PROGRAM)
+    arch = {"x86_64": "x86", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    subprocess.run(
+        [clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", "-I", str(BPF_DIR),
+         "-c", str(src), "-o", str(obj_path)],
+        check=True,
+    )  # fmt: skip
+    inputs = hist_slot_inputs()
+    with libbpf.BpfObject.open(str(obj_path)) as obj:
+        consts = btflayout.Btf(obj.btf_ptr).enum("kpod_hist_layout")
+        zero_shift, slots = consts["KPOD_HIST_ZERO_SHIFT"], consts["KPOD_HIST_SLOTS"]
+        obj.load()
+        run = libbpf.lib().bpf_prog_test_run_opts
+        run.argtypes, run.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_int
+        fd = obj.programs["hist_slot"].fd
+        got = []
+        for value in inputs:
+            io = _HistSlotIo(ns=value, slot=999)
+            opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(io),
+                                ctx_size_in=ctypes.sizeof(io))  # fmt: skip
+            assert run(fd, ctypes.byref(opts)) == 0, f"BPF_PROG_TEST_RUN failed: errno {ctypes.get_errno()}"
+            got.append(io.slot)
+    want = [native_slot(v, zero_shift, slots) for v in inputs]
+    wrong = [(v, g, w) for v, g, w in zip(inputs, got, want, strict=True) if g != w]
+    assert not wrong, f"(ns, kernel slot, exact slot): {wrong[:10]}"
+    # And the bounds userspace names are those slots' bounds: lower < value <= upper.
+    bounds = [Fraction(b) for b in hist_bounds(zero_shift, slots)]
+    for v, slot in zip(inputs, got, strict=True):
+        seconds = Fraction(v, 10**9)
+        assert slot == 0 or seconds > bounds[slot - 1], (v, slot)
+        assert slot == slots - 1 or seconds <= bounds[slot], (v, slot)
+    assert set(got) == set(range(slots)), "every slot was reached"
 
 
 def test_btf_builder_on_kernel_uapi_struct() -> None:

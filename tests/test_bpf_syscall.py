@@ -188,7 +188,7 @@ def test_latency_struct_carries_the_histogram_layout() -> None:
         consts = btflayout.Btf(obj.btf_ptr).enum("kpod_hist_layout")
         value = btflayout.map_layouts(obj)["sys_stats"].value_type
         assert consts["KPOD_HIST_SLOTS"] == value().latency.slots._length_
-        assert consts["KPOD_HIST_FIRST_BITS"] == 10
+        assert consts["KPOD_HIST_ZERO_SHIFT"] == 20
         assert not hasattr(value().latency, "count")
 
 

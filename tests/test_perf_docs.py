@@ -224,6 +224,14 @@ def _samples() -> dict[str, dict[str, Any]]:
             "load_s": {"net": [0.0358, 0.04], "syscall": [0.014, 0.015]},
             "memlock": {"net_rtt": 3_212_752, "sys_stats": 3_376_624},
         },
+        "hist": {
+            "events": 1000, "rounds": 3, "libbpf": "1.1", "kernel": "6.18.44", "load_end": 1.2,
+            "per_round": {
+                "slot_none": [[80.0, 1000], [82.0, 1000], [81.0, 1000]],
+                "slot_log2": [[90.0, 1000], [93.0, 1000], [91.5, 1000]],
+                "slot_native": [[91.0, 1000], [94.0, 1000], [93.25, 1000]],
+            },
+        },
         "k8s": {
             "pods": 110, "seconds": 30.0, "churn": 20.0, "list_bytes": 576_512, "python": "3.11.7",
             "informer": {"start_kib": 15_000, "agent_kib": 17_100, "imported_kib": 50_380, "baseline_kib": 51_000,
@@ -259,6 +267,7 @@ PRINTED = {
     "core": "31.8 MiB",
     "bpf": "163 ns (931,364 runs)",
     "bpf_net_syscall": "**234.8**",
+    "hist": "| 93.2 | +12.0 ns |",
     "k8s": "+1.8 MiB",
     "otlp": "1009690",
     "soak": "54.7 -> 55.7 MiB",

@@ -14,7 +14,7 @@ from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.synthetic import LOG2_BOUNDS, node_batch
+from bench.synthetic import HIST_BOUNDS, node_batch
 from kpod.component import Context
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
 from kpod.selfmetrics import SelfMetrics
@@ -62,17 +62,19 @@ def test_label_values_are_escaped_and_cannot_inject_series() -> None:
 
 def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
     metric = MetricDef("kpod.cpu.runqueue.latency", Kind.HISTOGRAM, "s", "Run-queue latency.")
-    counts = (0, 2, 3) + (0,) * (len(LOG2_BOUNDS) - 3) + (1,)
-    value = HistogramValue(LOG2_BOUNDS, counts, 0.25)
+    counts = (0, 2, 3) + (0,) * (len(HIST_BOUNDS) - 3) + (1,)
+    value = HistogramValue(HIST_BOUNDS, counts, 0.25)
     resource = Resource((("namespace", "a"), ("pod", "b"), ("container", "c"), ("node", "n")))
     text, _, _ = Renderer().render(Batch([Point(metric, CgroupRef(1, "/"), (), value, resource)]))
     (family,) = text_string_to_metric_families(text.decode())
     buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
-    assert buckets["1e-06"] == 0
-    assert buckets["3e-06"] == 2
-    assert buckets["7e-06"] == 5
+    # The kernel's bounds: powers of two seconds, from the zero bucket's 2^-20 s.
+    assert buckets["9.5367431640625e-07"] == 0
+    assert buckets["1.9073486328125e-06"] == 2
+    assert buckets["3.814697265625e-06"] == 5
+    assert buckets["0.5"] == buckets["32"] == 5
     assert buckets["+Inf"] == 6
-    assert len(buckets) == len(LOG2_BOUNDS) + 1
+    assert len(buckets) == len(HIST_BOUNDS) + 1
     count = next(s.value for s in family.samples if s.name.endswith("_count"))
     total = next(s.value for s in family.samples if s.name.endswith("_sum"))
     assert (count, total) == (6, 0.25)

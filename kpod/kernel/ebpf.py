@@ -4,8 +4,8 @@ How to add a program (net.bpf.c, syscall.bpf.c, ...)
 ----------------------------------------------------
 1. C: `bpf/<name>.bpf.c` including "kpod.bpf.h".  Per-cgroup maps are hashes keyed by a struct
    with a `cgroup_id` member (`struct kpod_cgroup_key`, or your own struct adding e.g. a
-   syscall number); histograms are `struct kpod_hist` filled with `kpod_hist_add()` (log2 slots
-   over nanoseconds).  Define the error map with
+   syscall number); histograms are `struct kpod_hist` filled with `kpod_hist_add()` (nanoseconds
+   in, slots at powers of two seconds: native histogram buckets).  Define the error map with
    `KPOD_ERRORS_MAP(<prefix>_errors, struct <prefix>_errors_value)`, one __u64 member per map
    named exactly like the map, and insert with `kpod_lookup_or_init()` / `kpod_counter_add()`
    so failed inserts are counted in the kernel.  Keep map names <= 15 characters and unique
@@ -44,6 +44,7 @@ import ctypes
 import errno
 import importlib.resources
 import logging
+import math
 import os
 import re
 import threading
@@ -205,7 +206,7 @@ class LoadedObject:
         self.error_map = next((m for m in obj.maps if m.endswith("_errors")), None)
         btf = btflayout.Btf(obj.btf_ptr)
         hist = btf.enum("kpod_hist_layout")
-        self.hist_first_bits: int = hist.get("KPOD_HIST_FIRST_BITS", 0)
+        self.hist_zero_shift: int = hist.get("KPOD_HIST_ZERO_SHIFT", 0)
         self.hist_slots: int = hist.get("KPOD_HIST_SLOTS", 0)
         self._lock = threading.RLock()  # close() from inside reading() (a failed start) is fine
 
@@ -412,14 +413,14 @@ def _attach_perf_per_cpu(program: libbpf.Program, type_: int, config: int) -> No
 # --- histograms ----------------------------------------------------------------------------
 
 
-def log2_bounds(first_bits: int, slots: int, scale: float) -> tuple[float, ...]:
-    """Explicit upper bounds of the kernel's log2 slots (see kpod.bpf.h), times `scale`.
+def hist_bounds(zero_shift: int, slots: int) -> tuple[float, ...]:
+    """Explicit upper bounds, in seconds, of the kernel's histogram slots (see kpod.bpf.h).
 
-    Slot k holds integers up to 2^(k+first_bits) - 1; the last slot is the +inf bucket.
+    Slot k < slots - 1 holds values up to 2^(k - zero_shift) s (slot 0 is the zero bucket, from
+    0); the last slot is the +inf bucket.  Powers of two are exact floats: no rounding reaches
+    the `le` labels, and each bound is a native-histogram (schema 0) bucket boundary.
     """
-    # Rounded to 12 significant digits: (2^k - 1) * 1e-9 carries float noise (4.095000000000001e-06)
-    # that would show in every `le` label; 2^35 - 1 has 11 digits, so nothing real is lost.
-    return tuple(float(f"{((1 << (k + first_bits)) - 1) * scale:.12g}") for k in range(slots - 1))
+    return tuple(math.ldexp(1.0, k - zero_shift) for k in range(slots - 1))
 
 
 # --- the receiver base ---------------------------------------------------------------------
@@ -441,7 +442,7 @@ class BpfReceiver(Receiver):
         super().__init__(context, config)
         self.loaded: LoadedObject | None = None
         self._map_state: dict[str, _MapState] = {}
-        self._bounds_cache: dict[float, tuple[float, ...]] = {}
+        self._bounds: tuple[float, ...] | None = None
         self._vmlinux_released = False
 
     # -- configuration hooks for subclasses --
@@ -583,14 +584,13 @@ class BpfReceiver(Receiver):
         state.pending = unresolved - {int(getattr(layout.key(k), CGROUP_KEY_FIELD)) for k in stale}
         return out
 
-    def histogram(self, hist: Any, scale: float = 1e-9) -> HistogramValue:
-        """A `struct kpod_hist` (nanoseconds by default) as an explicit-bucket histogram."""
+    def histogram(self, hist: Any) -> HistogramValue:
+        """A `struct kpod_hist` (nanoseconds) as an explicit-bucket histogram in seconds."""
         assert self.loaded is not None
-        bounds = self._bounds_cache.get(scale)
+        bounds = self._bounds
         if bounds is None:
-            bounds = log2_bounds(self.loaded.hist_first_bits, self.loaded.hist_slots, scale)
-            self._bounds_cache[scale] = bounds
-        return HistogramValue(bounds, tuple(int(c) for c in hist.slots), int(hist.sum) * scale)
+            bounds = self._bounds = hist_bounds(self.loaded.hist_zero_shift, self.loaded.hist_slots)
+        return HistogramValue(bounds, tuple(int(c) for c in hist.slots), int(hist.sum) * 1e-9)
 
     def program_cost_points(self) -> list[Point]:
         """kpod.bpf.program.run.seconds / .runs per program, when kernel.bpf_stats_enabled=1."""
