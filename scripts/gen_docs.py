@@ -336,7 +336,11 @@ HELM_VALUES: dict[str, str] = {
 # Component settings the chart sets (component id -> {key: Helm value}); others go through
 # `config.receivers` (receivers) or are not exposed.
 HELM_COMPONENT_VALUES: dict[str, dict[str, str]] = {
-    "prometheus": {"endpoint": "`0.0.0.0:` + `metrics.port`"},
+    "prometheus": {
+        "endpoint": "`0.0.0.0:` + `metrics.port`",
+        "tls.cert_file": "`metrics.tlsSecretName` (tls.crt)", "tls.key_file": "`metrics.tlsSecretName` (tls.key)",
+        "bearer_token_file": "`metrics.bearerTokenSecret` (its `key`)",
+    },
     "otlp": {
         "endpoint": "`otlp.endpoint`", "protocol": "`otlp.protocol`", "headers": "`otlp.headers`",
         "tls.insecure": "`otlp.insecure`", "tls.ca_file": "`otlp.tlsSecretName` (ca.crt)",
@@ -510,7 +514,8 @@ def configuration_markdown() -> str:
                 dotted = ".".join(path)
                 helm_value = HELM_COMPONENT_VALUES.get(name, {}).get(dotted)
                 if helm_value is None:
-                    helm_value = f"`config.receivers.{name}.{dotted}`" if kind == "receiver" else "-"
+                    section = {"receiver": "receivers", "processor": "processors"}.get(kind)
+                    helm_value = f"`config.{section}.{name}.{dotted}`" if section else "-"
                 meaning = _cell(_meaning(factory.config_class, path))
                 default = _default(config, path)
                 lines.append(f"| `{name}` | `{dotted}` | {_type_text(tp)} | {default} | {helm_value} | {meaning} |")
@@ -522,7 +527,8 @@ def configuration_markdown() -> str:
         "|---|---|---|",
         "| `service.pipelines.metrics.receivers` | `[]` (the profile's receivers; `custom`: only these) |"
         " `config.pipelineReceivers` |",
-        "| `service.pipelines.metrics.processors` | `[]` (= `[k8sattributes]`) | - |",
+        "| `service.pipelines.metrics.processors` | `[]` (= `[k8sattributes]`) |"
+        " `k8sattributes`, then `config.pipelineProcessors` |",
         "| `service.pipelines.metrics.exporters` | `[prometheus]` | `prometheus`, plus `otlp` when `otlp.enabled` |",
         "",
         "## Chart-only values",

@@ -118,10 +118,16 @@ def test_every_chart_config_value_is_mapped() -> None:
     unmapped = [
         leaf
         for leaf in leaves(VALUES["config"], "config")
-        if leaf not in ("config.receivers", "config.pipelineReceivers", "config.logLevel", "config.logFormat")
-        and f"`{leaf}`" not in mapped
+        if leaf not in (*PASSED_THROUGH, "config.logLevel", "config.logFormat") and f"`{leaf}`" not in mapped
     ]
     assert not unmapped, unmapped
+    # The sections passed through as they are: the reference says where they land.
+    reference = gen_docs.configuration_markdown()
+    for leaf in PASSED_THROUGH:
+        assert f"`{leaf}" in reference, leaf
+
+
+PASSED_THROUGH = ("config.receivers", "config.pipelineReceivers", "config.processors", "config.pipelineProcessors")
 
 
 def test_example_comments_are_found() -> None:

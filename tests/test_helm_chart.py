@@ -7,7 +7,9 @@ loaded by the agent's own config loader, and the plain manifests compared with a
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,7 +24,8 @@ from kpod.exporters.otlp.config import OtlpConfig
 
 from kpod.config import load_config
 from scripts import render_manifests
-from scripts.render_manifests import CHART, MANIFESTS, manifest_texts, objects, render
+from scripts.render_manifests import CHART, MANIFESTS, manifest_texts, objects
+from scripts.render_manifests import render as render_chart
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = ("minimal", "standard", "comprehensive", "custom")
@@ -30,13 +33,29 @@ MODES = ("informer", "kubelet")
 # Oldest Kubernetes the chart's features need the schemas of, and the newest known.
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-HOST_PATHS = {"/sys/fs/cgroup", "/proc", "/sys/kernel/btf", "/sys/kernel/tracing"}
+HOST_PATHS = {"/sys/fs/cgroup", "/proc"}
+IMAGE = "registry.example.com/kpod-metrics"
+
+
+def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """The chart rendered with `values`, plus an image repository (required, no default) unless given."""
+    values = copy.deepcopy(values or {})
+    values.setdefault("image", {}).setdefault("repository", IMAGE)
+    return render_chart(values)
+
+
 ENV = {"NODE_NAME": "node-a", "NODE_IP": "10.0.0.7", "KUBERNETES_SERVICE_HOST": "10.96.0.1"}
 
 EVERYTHING_ON: dict[str, Any] = {
-    "serviceMonitor": {"enabled": True},
-    "podMonitor": {"enabled": True},
+    "serviceMonitor": {
+        "enabled": True,
+        "tlsConfig": {"ca": {"secret": {"name": "kpod-ca", "key": "ca.crt"}}},
+        "metricRelabelings": [{"action": "drop", "sourceLabels": ["__name__"], "regex": "kpod_syscall_.*"}],
+    },
     "prometheusRule": {"enabled": True},
+    "metrics": {"tlsSecretName": "kpod-serving", "bearerTokenSecret": {"name": "kpod-scrape", "key": "token"}},
+    "priorityClassQuota": {"create": True},
+    "rbac": {"kubeletResource": "nodes/proxy"},
     "networkPolicy": {
         "enabled": True,
         "allowedFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
@@ -53,8 +72,19 @@ EVERYTHING_ON: dict[str, Any] = {
     "createNamespace": True,
     "appArmorProfile": {"type": "Unconfined"},
     "extraEnv": [{"name": "EXTRA", "value": "1"}],
-    "config": {"filter": {"includeLabels": ["app", "team"]}},
+    "config": {
+        "filter": {"includeLabels": ["app", "team"]},
+        "processors": {"filter/no-lo": {"exclude": {"interface": ["lo"]}}},
+        "pipelineProcessors": ["filter/no-lo"],
+    },
 }
+
+
+def with_pod_monitor(values: dict[str, Any]) -> dict[str, Any]:
+    """The same values with the PodMonitor instead of the ServiceMonitor (one of the two only)."""
+    out = copy.deepcopy(values)
+    out["podMonitor"] = {**out.pop("serviceMonitor"), "enabled": True}
+    return out
 
 
 def profile_values(profile: str, mode: str) -> dict[str, Any]:
@@ -110,30 +140,51 @@ def test_every_object_validates_against_kubernetes_schemas(profile: str, mode: s
             kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_everything_enabled_validates(tmp_path: Path) -> None:
-    objs = objects(render(EVERYTHING_ON))
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PodMonitor"])
+def test_everything_enabled_validates(tmp_path: Path, kind: str) -> None:
+    objs = objects(render(EVERYTHING_ON if kind == "ServiceMonitor" else with_pod_monitor(EVERYTHING_ON)))
     kinds = by_kind(objs)
-    assert set(kinds) >= CRD_KINDS and {"NetworkPolicy", "Namespace"} <= set(kinds)
+    assert set(kinds) >= {kind, "PrometheusRule", "NetworkPolicy", "Namespace", "ResourceQuota"}
+    assert not CRD_KINDS - {"PrometheusRule", kind} & set(kinds), "one monitor only"
     for obj in objs:
         if obj["kind"] in CRD_KINDS:
             continue  # no upstream schema: checked below
         kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
-    for kind in ("ServiceMonitor", "PodMonitor"):
-        (monitor,) = kinds[kind]
-        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-        endpoints = monitor["spec"]["endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"]
-        assert [e["port"] for e in endpoints] == ["metrics"]
-        assert all(e["honorLabels"] is True and e["path"] == "/metrics" for e in endpoints)
-        assert monitor["spec"]["selector"]["matchLabels"] == daemonset(objs)["spec"]["selector"]["matchLabels"]
+    (monitor,) = kinds[kind]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    (endpoint,) = monitor["spec"]["endpoints" if kind == "ServiceMonitor" else "podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["honorLabels"] is True and endpoint["path"] == "/metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == daemonset(objs)["spec"]["selector"]["matchLabels"]
+    # The listener serves HTTPS with a bearer token: the monitor scrapes https, trusts the given
+    # CA, sends the same Secret's token, and drops what metricRelabelings says.
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"ca": {"secret": {"name": "kpod-ca", "key": "ca.crt"}}}
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "kpod-scrape", "key": "token"}}
+    assert endpoint["metricRelabelings"] == [
+        {"action": "drop", "sourceLabels": ["__name__"], "regex": "kpod_syscall_.*"}
+    ]
     (policy,) = kinds["NetworkPolicy"]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (quota,) = kinds["ResourceQuota"]
+    assert quota["spec"]["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": ["system-node-critical"]}]  # fmt: skip
     container = agent_container(objs)
     assert container["securityContext"]["appArmorProfile"] == {"type": "Unconfined"}
+    assert (
+        container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" == container["livenessProbe"]["httpGet"]["scheme"]
+    )
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert mounts["otlp-tls"]["readOnly"] is True
+    assert all(mounts[name]["readOnly"] is True for name in ("otlp-tls", "metrics-tls", "scrape-token"))
+    volumes = {v["name"]: v for v in daemonset(objs)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["metrics-tls"]["secret"]["secretName"] == "kpod-serving"
+    assert volumes["scrape-token"]["secret"]["secretName"] == "kpod-scrape"
     config = agent_config(objs, tmp_path)
     assert [e.id for e in config.exporters] == ["prometheus", "otlp"]
+    prometheus = config.exporters[0].config
+    assert prometheus.tls.cert_file == mounts["metrics-tls"]["mountPath"] + "/tls.crt"
+    assert prometheus.tls.key_file == mounts["metrics-tls"]["mountPath"] + "/tls.key"
+    assert prometheus.bearer_token_file == mounts["scrape-token"]["mountPath"] + "/token"
     otlp: OtlpConfig = config.exporters[1].config
     assert otlp.endpoint == "collector.observability:4317"
     assert otlp.tls.ca_file == "/etc/kpod-metrics/otlp-tls/ca.crt" and otlp.tls.key_file.startswith(
@@ -141,6 +192,22 @@ def test_everything_enabled_validates(tmp_path: Path) -> None:
     )
     assert otlp.headers == {"x-tenant": "a"} and otlp.interval is not None and otlp.interval.seconds == 60
     assert config.kpod.filter.include_labels == ["app", "team"]
+    # The filter processor runs after k8sattributes (which adds the labels it may filter on).
+    assert [p.id for p in config.processors] == ["k8sattributes", "filter/no-lo"]
+    assert config.processors[1].config.exclude == {"interface": ["lo"]}
+
+
+def test_monitors_scrape_plain_http_without_tls_or_token() -> None:
+    for values in ({"serviceMonitor": {"enabled": True}}, {"podMonitor": {"enabled": True}}):
+        (monitor,) = [o for o in objects(render(values)) if o["kind"] in CRD_KINDS]
+        (endpoint,) = monitor["spec"].get("endpoints") or monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["scheme"] == "http"
+        assert not {"tlsConfig", "authorization", "metricRelabelings"} & set(endpoint)
+
+
+def test_image_repository_is_required_with_a_message_that_says_how() -> None:
+    with pytest.raises(helm.HelmError, match=r"image.repository is required: build the image \(make image\)"):
+        render_chart({})
 
 
 def test_prometheusrule_groups_pass_promtool(tmp_path: Path) -> None:
@@ -179,7 +246,8 @@ def test_least_privilege(profile: str, mode: str) -> None:
         assert mount["readOnly"] is True, mount
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["proc"] == "/host/proc" and mounts["cgroup"] == "/sys/fs/cgroup"
-    assert mounts["btf"] == "/sys/kernel/btf" and mounts["tracefs"] == "/sys/kernel/tracing"
+    # BTF comes from the container's own sysfs (test_a_fresh_sysfs_shows_kernel_btf), no mount.
+    assert set(mounts) == {"config", "cgroup", "proc"}
 
 
 def test_otlp_tls_with_only_a_ca(tmp_path: Path) -> None:
@@ -192,15 +260,48 @@ def test_otlp_tls_with_only_a_ca(tmp_path: Path) -> None:
     assert otlp.protocol == "http/protobuf"
 
 
-def test_btf_and_tracefs_mounts_can_be_left_out() -> None:
-    objs = objects(render({"hostMounts": {"btf": False, "tracefs": False}}))
-    pod = daemonset(objs)["spec"]["template"]["spec"]
-    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert host_paths == {"/sys/fs/cgroup", "/proc"}
-    mounts = {m["name"] for m in agent_container(objs)["volumeMounts"]}
-    assert mounts == {"config", "cgroup", "proc"}
+def test_no_host_mount_can_block_a_node_without_btf() -> None:
+    """A hostPath whose path is missing keeps the pod in ContainerCreating: the chart mounts only
+    /sys/fs/cgroup and /proc (on every Linux node), never /sys/kernel/btf; tracefs is opt-in."""
+    pod = daemonset(objects(render({})))["spec"]["template"]["spec"]
+    assert {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v} == HOST_PATHS
+    objs = objects(render({"hostMounts": {"tracefs": True}}))
+    volumes = {v["name"]: v for v in daemonset(objs)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tracefs"]["hostPath"]["path"] == "/sys/kernel/tracing"
+    mounts = {m["name"]: m for m in agent_container(objs)["volumeMounts"]}
+    assert mounts["tracefs"] == {"name": "tracefs", "mountPath": "/sys/kernel/tracing", "readOnly": True}
     for obj in objs:
         kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/sys/kernel/btf/vmlinux"),
+                    reason="needs root (mount) and a kernel with BTF")  # fmt: skip
+def test_a_fresh_sysfs_shows_kernel_btf(tmp_path: Path) -> None:
+    """What a container runtime gives a non-privileged container: a new mount and network
+    namespace with sysfs mounted read-only.  That sysfs shows /sys/kernel/btf/vmlinux, the same
+    bytes as the host's: the agent needs no hostPath for BTF (so none can block a node)."""
+    require_tools("unshare")
+    target = tmp_path / "sys"
+    target.mkdir()
+    script = f"mount -t sysfs -o ro sysfs {target} && sha256sum {target}/kernel/btf/vmlinux"
+    result = subprocess.run(["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    inside = result.stdout.split()[0]
+    host = hashlib.sha256(Path("/sys/kernel/btf/vmlinux").read_bytes()).hexdigest()
+    assert inside == host
+    assert not os.path.ismount(target)  # it lived in the child's namespace only
+
+
+def test_cgroup_only_deployment_drops_bpf_capabilities() -> None:
+    """config.bpf.enabled false: nothing loads BPF programs, so CAP_BPF and CAP_PERFMON go, and
+    the schema lets the capability list leave them out; with eBPF on it insists on both."""
+    objs = objects(render({"config": {"bpf": {"enabled": False}}}))
+    assert agent_container(objs)["securityContext"]["capabilities"]["add"] == ["SYS_PTRACE", "DAC_READ_SEARCH"]
+    objs = objects(render({"config": {"bpf": {"enabled": False}}, "capabilities": ["SYS_PTRACE"]}))
+    assert agent_container(objs)["securityContext"]["capabilities"]["add"] == ["SYS_PTRACE"]
+    with pytest.raises(helm.HelmError, match="PERFMON"):
+        render({"capabilities": ["BPF", "SYS_PTRACE"]})
 
 
 def test_capabilities_doc_names_the_measured_set() -> None:
@@ -219,15 +320,15 @@ def test_proc_and_cgroup_mounts_follow_the_configured_roots(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_rbac_is_read_only_pods_and_nodes_proxy_only_in_kubelet_mode(mode: str) -> None:
+def test_rbac_is_read_only_pods_and_the_kubelet_only_in_kubelet_mode(mode: str) -> None:
     objs = objects(render({"config": {"discovery": {"mode": mode}}}))
     kinds = by_kind(objs)
     assert "Role" not in kinds and "RoleBinding" not in kinds
     (role,) = kinds["ClusterRole"]
     rules = [(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]]
     expected = [(("",), ("pods",), ("get", "list", "watch"))]
-    if mode == "kubelet":
-        expected.append((("",), ("nodes/proxy",), ("get",)))
+    if mode == "kubelet":  # the narrow subresource by default (kubelets >= 1.33)
+        expected.append((("",), ("nodes/pods",), ("get",)))
     assert rules == expected
     (binding,) = kinds["ClusterRoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -235,6 +336,14 @@ def test_rbac_is_read_only_pods_and_nodes_proxy_only_in_kubelet_mode(mode: str) 
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "kpod-metrics"}
     ]
+
+
+def test_kubelet_mode_can_fall_back_to_nodes_proxy() -> None:
+    values = {"config": {"discovery": {"mode": "kubelet"}}, "rbac": {"kubeletResource": "nodes/proxy"}}
+    (role,) = by_kind(objects(render(values)))["ClusterRole"]
+    assert role["rules"][1] == {"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]}
+    with pytest.raises(helm.HelmError, match="kubeletResource"):
+        render({"rbac": {"kubeletResource": "nodes/*"}})
 
 
 def test_daemonset_shape() -> None:
@@ -247,8 +356,8 @@ def test_daemonset_shape() -> None:
     assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
     assert env["NODE_NAME"] == "spec.nodeName" and env["NODE_IP"] == "status.hostIP"
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTP"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics", "scheme": "HTTP"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
     (service,) = by_kind(objs)["Service"]
     assert service["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
@@ -343,7 +452,13 @@ BAD_VALUES = [
     {"serviceMonitor": {"enabled": 1}},
     {"metrics": {"port": 70000}},
     {"tolerations": {"operator": "Exists"}},
-    {"hostMounts": {"btf": "no"}},
+    {"hostMounts": {"tracefs": "no"}},
+    {"hostMounts": {"btf": True}},  # no such mount any more: an error, not silently ignored
+    {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},  # every agent scraped twice
+    {"serviceMonitor": {"enabled": True}, "service": {"enabled": False}},  # a monitor selecting nothing
+    {"serviceMonitor": {"scheme": "ftp"}},
+    {"metrics": {"bearerTokenSecret": {"name": "t", "key": ""}}},
+    {"priorityClassQuota": {"pods": 0}},
 ]
 
 
@@ -357,6 +472,7 @@ def test_schema_accepts_every_default_and_the_full_example() -> None:
     chart = helm.Chart.load(str(CHART))
     chart.validate_schema({})
     chart.validate_schema(copy.deepcopy(EVERYTHING_ON))
+    chart.validate_schema(with_pod_monitor(EVERYTHING_ON))
 
 
 def test_helm_lint_is_clean() -> None:

@@ -35,7 +35,55 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "kpod-metrics.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- $repository := required "image.repository is required: build the image (make image), push it to your registry and pass --set image.repository=<registry>/kpod-metrics (deploy/README.md)" .Values.image.repository -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Capabilities added to the container: BPF and PERFMON only when eBPF is on. */}}
+{{- define "kpod-metrics.capabilities" -}}
+{{- if .Values.config.bpf.enabled -}}
+{{- toJson .Values.capabilities -}}
+{{- else -}}
+{{- toJson (without .Values.capabilities "BPF" "PERFMON") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The scrape scheme of the monitors: their own value, else https when the listener serves TLS. */}}
+{{- define "kpod-metrics.scheme" -}}
+{{- default (ternary "https" "http" (ne .root.Values.metrics.tlsSecretName "")) .monitor.scheme -}}
+{{- end -}}
+
+{{/* Endpoint fields shared by the ServiceMonitor and the PodMonitor (.monitor: its values). */}}
+{{- define "kpod-metrics.monitorEndpoint" -}}
+{{- $scheme := include "kpod-metrics.scheme" . -}}
+path: /metrics
+scheme: {{ $scheme }}
+interval: {{ .monitor.interval }}
+scrapeTimeout: {{ .monitor.scrapeTimeout }}
+# The agent's namespace/pod/container labels name the measured pod: keep them.
+honorLabels: true
+{{- if and (eq $scheme "https") .monitor.tlsConfig }}
+tlsConfig:
+  {{- toYaml .monitor.tlsConfig | nindent 2 }}
+{{- end }}
+{{- if .monitor.authorization }}
+authorization:
+  {{- toYaml .monitor.authorization | nindent 2 }}
+{{- else if .root.Values.metrics.bearerTokenSecret.name }}
+authorization:
+  type: Bearer
+  credentials:
+    name: {{ .root.Values.metrics.bearerTokenSecret.name }}
+    key: {{ .root.Values.metrics.bearerTokenSecret.key }}
+{{- end }}
+# The agent's own series (kpod_collection_*, kpod_bpf_map_*) carry no node label: add it.
+relabelings:
+  - sourceLabels: [__meta_kubernetes_pod_node_name]
+    targetLabel: node
+{{- with .monitor.metricRelabelings }}
+metricRelabelings:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* The agent's config file (kpod: / receivers: / exporters: / service:), from values. */}}
@@ -76,10 +124,33 @@ receivers:
 {{ toYaml $receivers | indent 2 }}
 {{- else }} {}
 {{- end }}
-processors: {}
+{{- /* k8sattributes always runs first; the declared processors follow in pipeline order. */}}
+{{- $processors := deepCopy $c.processors }}
+{{- $pipelineProcessors := list "k8sattributes" }}
+{{- range $c.pipelineProcessors }}
+{{- if ne . "k8sattributes" }}
+{{- $pipelineProcessors = append $pipelineProcessors . }}
+{{- end }}
+{{- if not (hasKey $processors .) }}
+{{- $_ := set $processors . (dict) }}
+{{- end }}
+{{- end }}
+{{- if not (hasKey $processors "k8sattributes") }}
+{{- $_ := set $processors "k8sattributes" (dict) }}
+{{- end }}
+processors:
+{{ toYaml $processors | indent 2 }}
 exporters:
   prometheus:
     endpoint: {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
+    {{- if .Values.metrics.tlsSecretName }}
+    tls:
+      cert_file: /etc/kpod-metrics/tls/tls.crt
+      key_file: /etc/kpod-metrics/tls/tls.key
+    {{- end }}
+    {{- if .Values.metrics.bearerTokenSecret.name }}
+    bearer_token_file: {{ printf "/etc/kpod-metrics/scrape-token/%s" .Values.metrics.bearerTokenSecret.key | quote }}
+    {{- end }}
 {{- with .Values.otlp }}
 {{- if .enabled }}
   otlp:
@@ -108,6 +179,6 @@ service:
   pipelines:
     metrics:
       receivers: {{ toJson $c.pipelineReceivers }}
-      processors: []
+      processors: {{ toJson $pipelineProcessors }}
       exporters: {{ if .Values.otlp.enabled }}[prometheus, otlp]{{ else }}[prometheus]{{ end }}
 {{- end -}}
