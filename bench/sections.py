@@ -42,6 +42,7 @@ SECTIONS: dict[str, str] = {
     "otlp": "bench.otlp",
     "soak": "bench.soak",
     "scale": "bench.scale",
+    "cycle": "bench.cycle",
 }
 
 # A section measured before its raw figures were kept carries this in its run line: it is the

@@ -1,0 +1,214 @@
+"""One tree's agent, in this process, profiled cycle by cycle (run by bench/cycle.py).
+
+    <tree>/.venv/bin/python <this file> CONFIG PODS CYCLES OUT.json     (cwd: the tree under test)
+
+It imports only `kpod` (and the standard library), so the same file profiles any commit's
+code: run with a tree's own interpreter and that tree as the working directory, `kpod`
+resolves to that tree.  bench/cycle.py runs it for the current tree and, side by side, for a
+baseline worktree of an older commit.
+
+What it measures, all in CPU time (the machine is shared: wall clock is noise):
+- per cycle: the process's CPU (time.process_time) around `Pipeline.run_cycle`;
+- per step: the CPU of the thread that ran it (time.thread_time) for the cgroup refresh, each
+  receiver's collect (in its own thread), each processor and each exporter; "other" is the
+  cycle's CPU less these (thread start/join, self-metrics, the merge of batches);
+- serial: the same cycles with the receivers' collects run one after another in the cycle's
+  own thread (no thread per receiver), interleaved with threaded cycles;
+- files: every path the cycle opens (a `sys.addaudithook` on "open", only in one extra cycle
+  after the timed ones), by receiver;
+- floor: os.open / os.read (until EOF) / os.close of exactly those paths, in the order and
+  number the cycle opened them, in a tight loop; its user and system CPU per pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+CHUNK = 65536
+
+
+def _timed(name: str, sink: dict[str, float], function: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        began = time.thread_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            sink[name] = sink.get(name, 0.0) + time.thread_time() - began
+
+    return wrapper
+
+
+class _InlineThread:
+    """threading.Thread's part the pipeline uses, running the target at start()."""
+
+    def __init__(self, target: Callable[..., Any], args: tuple[Any, ...] = (), **_: Any) -> None:
+        self._target, self._args = target, args
+
+    def start(self) -> None:
+        self._target(*self._args)
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def floor_pass(paths: list[str]) -> int:
+    """Open, read to EOF and close every path once; bytes read (files that vanished: skipped)."""
+    total = 0
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            while chunk := os.read(fd, CHUNK):
+                total += len(chunk)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return total
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_floor(paths: list[str], passes: int) -> dict[str, float]:
+    user, system = [], []
+    floor_pass(paths)  # dentries warm, as they are for the agent
+    for _ in range(passes):
+        before = os.times()
+        floor_pass(paths)
+        after = os.times()
+        user.append((after.user - before.user) * 1000)
+        system.append((after.system - before.system) * 1000)
+    # os.times has the kernel's tick resolution per pass: the mean over many passes is the figure.
+    return {
+        "user_ms": statistics.fmean(user),
+        "system_ms": statistics.fmean(system),
+        "total_ms": statistics.fmean(u + s for u, s in zip(user, system, strict=True)),
+        "passes": passes,
+    }
+
+
+def _due_now(pipeline: Any) -> None:
+    """Every receiver collects in the next cycle (the bench cycles faster than the poll)."""
+    for running in pipeline.receivers:
+        running.next_due = 0.0
+
+
+def main(config_path: str, pods: int, cycles: int, out: str) -> None:
+    import logging
+
+    from kpod import pipeline as pipeline_module
+    from kpod.agent import Agent
+    from kpod.config import load_config
+
+    logging.basicConfig(level=logging.WARNING)
+    agent = Agent(load_config(config_path))
+    pipeline = agent.pipeline
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            store = pipeline.extras.get("pods")
+            if store is not None and len(store) >= pods:  # type: ignore[arg-type]
+                break
+            time.sleep(0.2)
+        labelled = len(pipeline.extras.get("pods") or ())  # type: ignore[arg-type]
+        for _ in range(3):  # BPF maps filled, caches warm
+            _due_now(pipeline)
+            pipeline.run_cycle()
+            time.sleep(0.3)
+
+        steps: dict[str, float] = {}
+        agent.cgroups.refresh = _timed("refresh", steps, agent.cgroups.refresh)  # type: ignore[method-assign]
+        for running in pipeline.receivers:
+            running.receiver.collect = _timed(f"receiver {running.id}", steps, running.receiver.collect)  # type: ignore[method-assign]
+        for processor in pipeline.processors:
+            processor.process = _timed(f"processor {processor.id}", steps, processor.process)  # type: ignore[method-assign]
+        for exporter in pipeline.exporters:
+            exporter.export = _timed(f"exporter {exporter.id}", steps, exporter.export)  # type: ignore[method-assign]
+
+        per_step: dict[str, list[float]] = defaultdict(list)
+        threaded: list[float] = []
+        serial: list[float] = []
+        points = 0
+        real_thread = pipeline_module.threading.Thread
+        for number in range(2 * cycles):
+            inline = number % 2 == 1  # interleaved: threaded, serial, threaded, ...
+            pipeline_module.threading.Thread = _InlineThread if inline else real_thread  # type: ignore[attr-defined,misc]
+            steps.clear()
+            _due_now(pipeline)
+            began = time.process_time()
+            batch = pipeline.run_cycle()
+            spent = (time.process_time() - began) * 1000
+            pipeline_module.threading.Thread = real_thread  # type: ignore[attr-defined]
+            points = len(batch)
+            (serial if inline else threaded).append(spent)
+            if not inline:
+                for name, seconds in steps.items():
+                    per_step[name].append(seconds * 1000)
+                per_step["other"].append(spent - sum(steps.values()) * 1000)
+            time.sleep(0.2)
+
+        # One more cycle with an audit hook recording every file opened, and by whom.
+        opened: list[tuple[str, str]] = []
+        recording = threading.Event()
+
+        def hook(event: str, args: tuple[Any, ...]) -> None:
+            if event == "open" and recording.is_set() and isinstance(args[0], (str, bytes)):
+                path = os.fsdecode(args[0])
+                opened.append((threading.current_thread().name.removeprefix("collect-"), path))
+
+        sys.addaudithook(hook)
+        _due_now(pipeline)
+        recording.set()
+        pipeline.run_cycle()
+        recording.clear()
+        paths = [path for _, path in opened]
+        readers: dict[str, set[str]] = defaultdict(set)
+        for who, path in opened:
+            readers[path].add(who)
+        shared = Counter(" + ".join(sorted(who)) for who in readers.values() if len(who) > 1)
+        by_reader = Counter(who for who, _ in opened)
+        floor = measure_floor(paths, passes=max(40, cycles * 2))
+        distinct_floor = measure_floor(sorted(set(paths)), passes=max(40, cycles * 2))
+        result = {
+            "labelled_pods": labelled,
+            "points": points,
+            "cycles": cycles,
+            "cycle_cpu_ms": threaded,
+            "serial_cycle_cpu_ms": serial,
+            "steps_ms": {name: statistics.median(values) for name, values in sorted(per_step.items())},
+            "files_opened": len(paths),
+            "files_distinct": len(set(paths)),
+            "files_by_reader": dict(by_reader.most_common()),
+            "files_shared_by": dict(shared.most_common()),
+            "floor": floor,
+            "floor_distinct": distinct_floor,
+            "rss_mib": _rss_kib() / 1024,
+        }
+    finally:
+        pipeline.shutdown()
+    with open(out, "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
