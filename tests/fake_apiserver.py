@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -198,8 +199,11 @@ class _Closed(Exception):
 
 
 class FakeApiServer:
-    def __init__(self, token: str = "test-token", host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, token: str = "test-token", host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.token = token
+        self.tls = tls  # HTTPS with this server context (an API server as a pod sees it)
         self.host = host
         self.port = port
         self._cond = threading.Condition()
@@ -222,10 +226,10 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def start(self) -> FakeApiServer:
-        self._server = serve_http(_make_handler(self), self.host, self.port)
+        self._server = serve_http(_make_handler(self), self.host, self.port, tls=self.tls)
         self.port = self._server.server_address[1]
         return self
 

@@ -1,7 +1,9 @@
-"""Informer discovery against a fake API server, driven by the real `kubernetes` client.
+"""Informer discovery against a fake API server that speaks the real list/watch protocol.
 
 The processor runs as the pipeline runs it (factory.create, start, process, shutdown); the fake
-API server speaks list/watch over HTTP with chunked JSON lines.  Labels must follow pods as they
+API server speaks list/watch over HTTP with chunked JSON lines (over HTTPS with the in-cluster
+config: token and CA files, as in a pod).  Most tests reach it through a kubeconfig, which the
+`kubernetes` package reads; in a pod the agent must not import that package at all.  Labels must follow pods as they
 appear, change and disappear; 410, dropped streams, 500s and outages must never lose labels.
 """
 
@@ -338,3 +340,115 @@ def test_list_is_paginated(api: FakeApiServer, tmp_path: Path, monkeypatch: pyte
         assert [q.get("continue") for q in lists] == [None, "2", "4"]
     finally:
         h.processor.shutdown()
+
+
+IN_CLUSTER_CHILD = """
+import logging, sys, time
+from kpod.processors.k8sattributes import apiserver
+from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.discovery import InformerDiscovery
+from kpod.processors.k8sattributes.pods import PodStore
+
+apiserver.SERVICE_ACCOUNT_DIR = sys.argv[1]
+store = PodStore()
+informer = InformerDiscovery(store, logging.getLogger("child"), "node-a", K8sAttributesConfig())
+informer.start()
+deadline = time.monotonic() + 20
+while len(store.snapshot()) < int(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(sorted(p.name for p in store.snapshot().values()))
+print(store.last_error)
+print(sorted(m for m in sys.modules if m == "kubernetes" or m.startswith(("kubernetes.", "urllib3"))))
+informer.stop()
+"""
+
+
+def _service_account(directory: Path, token: str, ca: str) -> Path:
+    account = directory / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text(token + "\n")
+    (account / "ca.crt").write_text(Path(ca).read_text())
+    return account
+
+
+def test_in_cluster_lists_and_watches_over_https_without_the_kubernetes_package(tmp_path: Path) -> None:
+    """In a pod: KUBERNETES_SERVICE_HOST/PORT, the mounted token and CA, HTTPS to the API
+    server; the pods arrive, and the ~30 MiB `kubernetes` package (and its urllib3) is never
+    imported, in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    from fake_kubelet import make_certs
+    from helpers import server_tls
+
+    certs = make_certs(tmp_path)
+    api = FakeApiServer(token="pod-token", tls=server_tls(certs.cert, certs.key)).start()
+    try:
+        api.add_pod(make_pod("web-1"))
+        api.add_pod(make_pod("db-1"))
+        api.add_pod(make_pod("elsewhere", node="node-b"))
+        account = _service_account(tmp_path, "pod-token", certs.ca)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KPOD_", "KUBE"))}
+        env.update(KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(api.port))
+        child = subprocess.run(
+            [sys.executable, "-c", IN_CLUSTER_CHILD, str(account), "2"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert child.returncode == 0, child.stderr
+        names, error, imported = child.stdout.splitlines()
+        assert names == "['db-1', 'web-1']"
+        assert error == ""
+        assert imported == "[]"
+        assert any(q.get("watch") == "true" for _, q in api.requests)
+    finally:
+        api.stop()
+
+
+def test_in_cluster_with_a_foreign_ca_says_the_certificate_is_not_trusted(tmp_path: Path) -> None:
+    from fake_kubelet import make_certs
+    from helpers import server_tls
+    from kpod.processors.k8sattributes import apiserver
+
+    certs = make_certs(tmp_path)
+    api = FakeApiServer(token="pod-token", tls=server_tls(certs.cert, certs.key)).start()
+    try:
+        account = _service_account(tmp_path, "pod-token", certs.other_ca)
+        env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(api.port)}
+        server = apiserver.in_cluster(env, str(account))
+        with pytest.raises(Exception) as caught:
+            apiserver.Request(server, "/api/v1/pods", 5, 5)
+        assert "not trusted" in apiserver.describe_error(caught.value)
+    finally:
+        api.stop()
+
+
+def test_in_cluster_token_is_read_again_after_rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Projected tokens rotate: a token file rewritten by the kubelet is used once it is older
+    than TOKEN_REFRESH_S (0 here), and the server accepts the new one."""
+    from fake_kubelet import make_certs
+    from helpers import server_tls
+    from kpod.processors.k8sattributes import apiserver
+
+    monkeypatch.setattr(apiserver, "TOKEN_REFRESH_S", 0.0)
+    certs = make_certs(tmp_path)
+    api = FakeApiServer(token="first", tls=server_tls(certs.cert, certs.key)).start()
+    try:
+        account = _service_account(tmp_path, "first", certs.ca)
+        env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(api.port)}
+        server = apiserver.in_cluster(env, str(account))
+        apiserver.Request(server, "/api/v1/pods", 5, 5).close()
+        api.token = "second"
+        with pytest.raises(apiserver.ApiError, match="401"):
+            apiserver.Request(server, "/api/v1/pods", 5, 5)
+        (account / "token").write_text("second\n")
+        apiserver.Request(server, "/api/v1/pods", 5, 5).close()
+    finally:
+        api.stop()
+
+
+def test_in_cluster_without_a_token_is_unavailable(tmp_path: Path) -> None:
+    from kpod.processors.k8sattributes import apiserver
+
+    with pytest.raises(ComponentUnavailable, match="token"):
+        apiserver.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, str(tmp_path))

@@ -185,17 +185,17 @@ def test_informer_skips_and_counts_garbage_in_the_watch_stream() -> None:
         event("DELETED", "a", "14"),
     ]
 
-    class Response:
-        def stream(self, amount: int, decode_content: bool) -> object:
+    class Request:  # the part of apiserver.Request the watch reads
+        def chunks(self) -> object:
             data = b"".join(lines)
             return (data[i : i + 7] for i in range(0, len(data), 7))  # lines split across chunks
 
-        def release_conn(self) -> None:
+        def close(self) -> None:
             pass
 
     store = PodStore()
     informer = InformerDiscovery(store, logging.getLogger("test"), "node-a", K8sAttributesConfig())
-    informer._call = lambda query, timeout: Response()  # type: ignore[method-assign]
+    informer._call = lambda query, timeout: Request()  # type: ignore[method-assign]
     version, events = informer.watch("10")
     assert set(store.snapshot()) == {"b"}
     assert version == "14" and events == 4  # the three good events and the one without a uid
