@@ -14,9 +14,13 @@ kernel itself tells us:
                       memory.max on pure cgroup2), counted by the kernel's own oom_kill
 
 The fake API server serves these pods (containerStatuses carry the scopes' container ids);
-the agent runs as its own process in informer mode (comprehensive profile, poll 1 s); the
-Debian `prometheus` binary scrapes it every second into its own temporary TSDB.  Every
-assertion is a PromQL query against Prometheus's HTTP API, compared with the ground truth.
+the agent runs as its own process in informer mode (comprehensive profile, poll 1 s) with two
+Prometheus exporters: the default one (histograms: both) and one with `histograms: classic`.  The
+Debian `prometheus` binary (2.42, --enable-feature=native-histograms) scrapes both every second
+into its own temporary TSDB: job `kpod` gets the protobuf exposition and stores native
+histograms, job `classic` gets OpenMetrics and stores `_bucket` series, from the same cycles of
+the same agent.  Every assertion is a PromQL query against Prometheus's HTTP API, compared with
+the ground truth, and the native histograms with the classic ones.
 Everything started here (workloads, agent, Prometheus) is killed by PID and every cgroup we
 made is removed, also when an assertion fails.
 """
@@ -74,9 +78,26 @@ from kpod.settings import DEFAULT_TRACKED_SYSCALLS
 PROMETHEUS = "prometheus"  # the Debian package prometheus (make setup), on PATH
 NAMESPACE = "e2e"
 NODE = "node-e2e"
-JOB = "kpod"
+JOB = "kpod"  # the default exporter (histograms: both): native histograms in Prometheus
+CLASSIC_JOB = "classic"  # the exporter with histograms: classic
 HOG_SECONDS_BEFORE_QUANTILE = 33.0  # the [30s] rate window lies entirely inside the contention
-RUNQ_P99 = "histogram_quantile(0.99, sum by (le, pod) (rate(kpod_cpu_runqueue_latency_seconds_bucket[30s])))"
+RUNQ_P99 = (
+    "histogram_quantile(0.99, sum by (le, pod) "
+    f'(rate(kpod_cpu_runqueue_latency_seconds_bucket{{job="{CLASSIC_JOB}"}}[30s])))'
+)
+RUNQ_P99_NATIVE = (
+    f'histogram_quantile(0.99, sum by (pod) (rate(kpod_cpu_runqueue_latency_seconds{{job="{JOB}"}}[30s])))'
+)
+# The histograms compared native against classic: (metric, pod, container, extra matchers).
+HISTOGRAMS = (
+    ("kpod_cpu_runqueue_latency_seconds", "batch", "hogs", ""),
+    ("kpod_net_tcp_rtt_seconds", "client", "sender", ""),
+    ("kpod_syscall_latency_seconds", "client", "syscalls", ',syscall="getppid"'),
+    ("kpod_syscall_latency_seconds", "client", "syscalls", ',syscall="read"'),
+)
+HISTOGRAM_NAMES = {metric for metric, _, _, _ in HISTOGRAMS}
+# A histogram's classic series: one per finite bound (26, the kernel's slots), +Inf, _sum, _count.
+CLASSIC_SERIES_PER_HISTOGRAM = 29
 
 pytestmark = [
     pytest.mark.e2e,
@@ -94,6 +115,7 @@ class Prometheus:
 
     workdir: Path
     target: str
+    classic_target: str
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -110,6 +132,7 @@ class Prometheus:
         config.write_text(
             "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
             f"scrape_configs:\n  - job_name: {JOB}\n    static_configs: [{{targets: ['{self.target}']}}]\n"
+            f"  - job_name: {CLASSIC_JOB}\n    static_configs: [{{targets: ['{self.classic_target}']}}]\n"
         )
         (self.workdir / "data").mkdir()
         with open(self.log_path, "wb") as log:
@@ -119,6 +142,8 @@ class Prometheus:
                     f"--config.file={config}",
                     f"--storage.tsdb.path={self.workdir / 'data'}",
                     f"--web.listen-address=127.0.0.1:{self.port}",
+                    # 2.40-3.7: ask for the protobuf exposition and keep native histograms.
+                    "--enable-feature=native-histograms",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -158,7 +183,21 @@ class Prometheus:
         assert body["status"] == "success", body
         data = body["data"]
         assert data["resultType"] == "vector", data
-        return [(item["metric"], float(item["value"][1])) for item in data["result"]]
+        # A native histogram sample comes as "histogram": [time, {count, sum, buckets}]: its count.
+        return [
+            (item["metric"], float(item["value"][1] if "value" in item else item["histogram"][1]["count"]))
+            for item in data["result"]
+        ]
+
+    def series(self, match: str) -> list[dict[str, str]]:
+        """The series matching a selector with a sample in the last 5 s, whatever their type
+        (an instant query's aggregations skip native histograms in 2.42)."""
+        now = time.time()
+        query = urllib.parse.urlencode({"match[]": match, "start": now - 5, "end": now})
+        with urllib.request.urlopen(f"{self.url}/api/v1/series?{query}", timeout=5) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return list(body["data"])
 
     def value(self, expr: str) -> float | None:
         """The single value of `expr`, or None when the result is empty."""
@@ -182,6 +221,24 @@ def single(result: list[tuple[dict[str, str], float]]) -> float | None:
     return result[0][1] if len(result) == 1 else None
 
 
+def not_histograms(series: list[dict[str, str]]) -> set[tuple[tuple[str, str], ...]]:
+    """The label sets of the series that are not histograms (nor their _bucket/_sum/_count),
+    without job and instance."""
+    kept = set()
+    for one in series:
+        name = one["__name__"]
+        if name in HISTOGRAM_NAMES or name.rsplit("_", 1)[0] in HISTOGRAM_NAMES:
+            continue
+        kept.add(tuple(sorted((k, v) for k, v in one.items() if k not in ("job", "instance"))))
+    return kept
+
+
+def within_one_bucket(a: float, b: float) -> bool:
+    """Two quantiles of the same data, both histograms with power-of-two buckets: at most one
+    bucket apart (a factor of two)."""
+    return a > 0 and b > 0 and abs(math.log2(a / b)) <= 1
+
+
 # ------------------------------------------------------------------------------ pods
 
 
@@ -200,8 +257,8 @@ class E2EPod:
                         containers=list(self.container_ids.items()))  # fmt: skip
 
     def selector(self, container: str | None = None, **labels: str) -> str:
-        matchers = {"namespace": NAMESPACE, "pod": self.name, **({"container": container} if container else {}),
-                    **labels}  # fmt: skip
+        matchers = {"job": JOB, "namespace": NAMESPACE, "pod": self.name,
+                    **({"container": container} if container else {}), **labels}  # fmt: skip
         return "{" + ",".join(f'{k}="{v}"' for k, v in matchers.items()) + "}"
 
 
@@ -281,7 +338,7 @@ def oom_events(memcg: Path) -> int:
     raise AssertionError(f"{memcg}: no oom_kill counter")
 
 
-def agent_config(cgroup_root: str, kubeconfig: str, port: int) -> str:
+def agent_config(cgroup_root: str, kubeconfig: str, port: int, classic_port: int) -> str:
     tracked = [*DEFAULT_TRACKED_SYSCALLS, "getppid"]  # the profile's set plus the workload's marker syscall
     return (
         f"kpod:\n  profile: comprehensive\n  poll_interval: 1s\n  node_name: {NODE}\n"
@@ -290,6 +347,8 @@ def agent_config(cgroup_root: str, kubeconfig: str, port: int) -> str:
         f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}', wait_for_sync: 5s,"
         f" backoff_initial: 200ms, backoff_max: 2s}}\n"
         f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
+        f"  prometheus/classic: {{endpoint: '127.0.0.1:{classic_port}', histograms: classic}}\n"
+        "service: {pipelines: {metrics: {exporters: [prometheus, prometheus/classic]}}}\n"
     )
 
 
@@ -339,10 +398,10 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         for pod in (client, server, batch):
             api.add_pod(pod.api_object())
 
-        agent_port = free_port()
+        agent_port, classic_port = free_port(), free_port()
         kubeconfig = api.write_kubeconfig(str(tmp_path / "kubeconfig"))
-        agent = AgentProcess(agent_config(f"{root}/{prefix}", kubeconfig, agent_port), tmp_path, agent_port,
-                             env=clean_env())  # fmt: skip
+        agent = AgentProcess(agent_config(f"{root}/{prefix}", kubeconfig, agent_port, classic_port), tmp_path,
+                             agent_port, env=clean_env())  # fmt: skip
         agent.start()
         stack.callback(agent.stop)  # SIGTERM by PID, SIGKILL if it lingers
         agent.wait_ready(60)
@@ -350,7 +409,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         not_running = {name: r for name, r in receivers.items() if r["state"] != "running"}
         assert not not_running, f"receivers not running: {not_running}\n{agent.log()[-3000:]}"
 
-        prom = Prometheus(prom_dir, f"127.0.0.1:{agent_port}")
+        prom = Prometheus(prom_dir, f"127.0.0.1:{agent_port}", f"127.0.0.1:{classic_port}")
         stack.callback(prom.stop)  # before start(): a Prometheus that never gets ready dies too
         prom.start()
         prom_started = time.monotonic()
@@ -434,8 +493,8 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         assert not prom.query("kpod_syscall_count_total" + client.selector("syscalls", syscall="getuid"))
 
         exact("kpod_mem_major_page_faults_total" + server.selector("faults"), faults.majflt)
-        exact("sum by (namespace, pod) (kpod_mem_oom_kills_total)", 1)
-        ((oom_labels, _),) = prom.query("kpod_mem_oom_kills_total")
+        exact(f'sum by (namespace, pod) (kpod_mem_oom_kills_total{{job="{JOB}"}})', 1)
+        ((oom_labels, _),) = prom.query(f'kpod_mem_oom_kills_total{{job="{JOB}"}}')
         assert (oom_labels["pod"], oom_labels["container"]) == ("batch", "oom"), oom_labels
 
         switches_seen: dict[str, tuple[int, float]] = {}  # container -> (/proc, Prometheus), for the log
@@ -457,7 +516,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         gone = prom.wait_for(f'{{pod="server",namespace="{NAMESPACE}"}}', lambda r: not r, timeout_s=15)
         assert not gone, f"series of the deleted pod are not stale: {gone[:5]}"
         assert prom.query('count({pod="client"})') and prom.query('count({pod="batch"})'), "others stay"
-        assert prom.value("kpod_pods_discovered") == 2
+        assert prom.value(f'kpod_pods_discovered{{job="{JOB}"}}') == 2
 
         # ------------------------------------------------ run-queue latency of the contended pod
         time.sleep(max(0.0, hogs_started + HOG_SECONDS_BEFORE_QUANTILE - time.monotonic()))
@@ -465,6 +524,48 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
                                timeout_s=10)  # fmt: skip
         p99 = {m.get("pod"): v for m, v in result}.get("batch")
         assert p99 is not None and math.isfinite(p99) and p99 > 0, f"{RUNQ_P99}: {result}"
+
+        # ------------------------------------------------ native histograms against the classic ones
+        # During the contention: p99 over the same 30 s, from the native and the classic series.
+        result = prom.wait_for(RUNQ_P99_NATIVE, lambda r: any(m.get("pod") == "batch" for m, _ in r), timeout_s=10)
+        p99_native = {m.get("pod"): v for m, v in result}.get("batch")
+        assert p99_native is not None and within_one_bucket(p99_native, p99), (p99_native, p99)
+        for hog in hogs:  # no more run-queue events in batch/hogs: its histogram stops changing
+            hog.stop()
+        compared = {}
+        for metric, pod_name, container, extra in HISTOGRAMS:
+            matchers = f'namespace="{NAMESPACE}",pod="{pod_name}",container="{container}"{extra}'
+            native = f'{metric}{{job="{JOB}",{matchers}}}'
+            classic = f'{{job="{CLASSIC_JOB}",{matchers}}}'
+            pairs = {
+                f"histogram_count({native})": f"{metric}_count{classic}",
+                f"histogram_sum({native})": f"{metric}_sum{classic}",
+                f"histogram_quantile(0.99, {native})":
+                    f"histogram_quantile(0.99, sum by (le) ({metric}_bucket{classic}))",
+            }
+            # Both jobs scrape the same cycles, at their own moments: wait for a cycle both have.
+            deadline = time.monotonic() + 15
+            while True:
+                values = {n: (single(prom.query(n)), single(prom.query(c))) for n, c in pairs.items()}
+                (count_n, count_c), (sum_n, sum_c), (q_n, q_c) = values.values()
+                if (count_n == count_c and sum_n == sum_c) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert count_n is not None and count_n > 0 and count_n == count_c, (native, values)
+            assert sum_n == sum_c, (native, values)
+            assert q_n is not None and q_c is not None and within_one_bucket(q_n, q_c), (native, values)
+            compared[f"{metric}{{{pod_name}/{container}{extra}}}"] = (count_n, q_n, q_c)
+
+        # Series per pod: a histogram is one series natively, 29 classically; nothing else differs.
+        series_counts = {}
+        for pod_name in ("client", "batch"):
+            native_series = prom.series(f'{{job="{JOB}",namespace="{NAMESPACE}",pod="{pod_name}"}}')
+            classic_series = prom.series(f'{{job="{CLASSIC_JOB}",namespace="{NAMESPACE}",pod="{pod_name}"}}')
+            native_hist = [one for one in native_series if one["__name__"] in HISTOGRAM_NAMES]
+            assert len(native_hist) >= 2, native_hist
+            assert len(classic_series) - len(native_series) == (CLASSIC_SERIES_PER_HISTOGRAM - 1) * len(native_hist)
+            assert not_histograms(native_series) == not_histograms(classic_series)
+            series_counts[pod_name] = (len(classic_series), len(native_series))
 
         # ------------------------------------------------ the target itself
         assert prom.value(f'up{{job="{JOB}"}}') == 1
@@ -482,7 +583,9 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         print(
             f"\ne2e-prometheus: tcp {sent} B, getppid {N_OK}, read {1 + M_FAIL + Z_EOF} ({M_FAIL} errors), "
             f"majflt {faults.majflt}, context switches (/proc, Prometheus) {switches_seen}, oom 1; "
-            f"p99 run-queue latency of batch {p99 * 1e3:.3f} ms, slowest scrape "
+            f"p99 run-queue latency of batch {p99 * 1e3:.3f} ms (native {p99_native * 1e3:.3f} ms); native vs "
+            f"classic (count, p99 native, p99 classic) {compared}; series per pod (classic, native) "
+            f"{series_counts}; slowest scrape "
             f"{slowest * 1e3:.1f} ms over {scrapes:.0f} scrapes of up to {samples:.0f} samples, "
             f"{time.monotonic() - began:.0f} s"
         )

@@ -162,34 +162,62 @@ def test_http_endpoints(exporter: object) -> None:
 
 
 def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scrapes between two cycles return the bytes export() made: nothing is rendered or
-    compressed per scrape, in any of the four formats."""
-    calls = {"render": 0, "gzip": 0}
-    real_render, real_compress = Renderer.render, gzip.compress
+    """Each format is rendered and compressed at most once per cycle, whatever the number of
+    scrapes; export() renders ahead what scrapes asked for lately, and only that."""
+    from kpod.exporters.prometheus import exporter as exporter_module
+    from kpod.exporters.prometheus.protobuf import ProtobufRenderer
+
+    calls = {"render": 0, "protobuf": 0, "gzip": 0}
+    real_render, real_protobuf, real_compress = Renderer.render, ProtobufRenderer.render, gzip.compress
 
     def counted_render(self: Renderer, batch: Batch) -> tuple[bytes, bytes, int]:
         calls["render"] += 1
         return real_render(self, batch)
+
+    def counted_protobuf(self: ProtobufRenderer, batch: Batch) -> tuple[bytes, int]:
+        calls["protobuf"] += 1
+        return real_protobuf(self, batch)
 
     def counted_compress(data: bytes, *args: object, **kwargs: object) -> bytes:
         calls["gzip"] += 1
         return real_compress(data, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Renderer, "render", counted_render)
+    monkeypatch.setattr(ProtobufRenderer, "render", counted_protobuf)
     monkeypatch.setattr(gzip, "compress", counted_compress)
     batch = node_batch(pods=2)
     exporter.export(batch)  # type: ignore[attr-defined]
-    assert calls == {"render": 1, "gzip": 2}  # text and OpenMetrics, each plain and gzipped
+    assert calls == {"render": 1, "protobuf": 0, "gzip": 0}  # before any scrape: text and OpenMetrics
     text, openmetrics, _ = real_render(Renderer(), batch)
+    protobuf, _ = real_protobuf(ProtobufRenderer(), batch)
     address = exporter.address  # type: ignore[attr-defined]
     om = "application/openmetrics-text;version=1.0.0"
-    for _ in range(3):
-        assert get(address, "/metrics").body == text  # type: ignore[attr-defined]
-        assert gzip.decompress(get(address, "/metrics", {"Accept-Encoding": "gzip"}).body) == text  # type: ignore[attr-defined]
-        assert get(address, "/metrics", {"Accept": om}).body == openmetrics  # type: ignore[attr-defined]
-        zipped = get(address, "/metrics", {"Accept": om, "Accept-Encoding": "gzip"}).body  # type: ignore[attr-defined]
-        assert gzip.decompress(zipped) == openmetrics
-    assert calls == {"render": 1, "gzip": 2}, "a scrape rendered or compressed"
+    pb = "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited"
+
+    def scrape_all() -> None:
+        for _ in range(3):
+            assert get(address, "/metrics").body == text  # type: ignore[attr-defined]
+            assert gzip.decompress(get(address, "/metrics", {"Accept-Encoding": "gzip"}).body) == text  # type: ignore[attr-defined]
+            assert get(address, "/metrics", {"Accept": om}).body == openmetrics  # type: ignore[attr-defined]
+            zipped = get(address, "/metrics", {"Accept": om, "Accept-Encoding": "gzip"}).body  # type: ignore[attr-defined]
+            assert gzip.decompress(zipped) == openmetrics
+            assert get(address, "/metrics", {"Accept": pb}).body == protobuf  # type: ignore[attr-defined]
+
+    scrape_all()
+    # The first scrape of each kind rendered or compressed it; the others were served cached.
+    assert calls == {"render": 1, "protobuf": 1, "gzip": 2}
+    exporter.export(batch)  # type: ignore[attr-defined]
+    # All five were asked for lately: rendered ahead, so that no scrape waits for a render.
+    assert calls == {"render": 2, "protobuf": 2, "gzip": 4}
+    scrape_all()
+    assert calls == {"render": 2, "protobuf": 2, "gzip": 4}, "a scrape rendered or compressed"
+    # Only protobuf asked for (the only scraper has native histograms on): text is not rendered.
+    exporter.export(batch)  # type: ignore[attr-defined]
+    monkeypatch.setattr(exporter_module, "RECENT_S", 0.0)
+    for _ in range(2):
+        get(address, "/metrics", {"Accept": pb})
     exporter.export(node_batch(pods=1))  # type: ignore[attr-defined]
-    assert calls == {"render": 2, "gzip": 4}
-    assert get(address, "/metrics").body != text  # type: ignore[attr-defined]
+    assert calls == {"render": 3, "protobuf": 4, "gzip": 6}
+    assert get(address, "/metrics", {"Accept": pb}).body != protobuf  # type: ignore[attr-defined]
+
+

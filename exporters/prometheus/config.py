@@ -26,6 +26,11 @@ class PrometheusConfig:
     tls: TlsSettings = field(default_factory=TlsSettings)
     # A file holding the token scrapers must send; empty: no authentication.
     bearer_token_file: str = ""
+    # Histogram buckets in the protobuf exposition, the one Prometheus asks for when native
+    # histograms are on (2.40-3.7: --enable-feature=native-histograms; 3.8+: scrape_native_histograms):
+    # both (native and classic buckets), native (one series per histogram), or classic (no protobuf
+    # exposition: every scraper gets the text formats, as before).  Text formats always carry classic buckets.
+    histograms: str = field(default="both", metadata={"choices": ("both", "native", "classic")})
 
     def validate(self) -> None:
         parse_endpoint(self.endpoint)

@@ -1,17 +1,23 @@
-"""The Prometheus exporter: renders each cycle's batch once and keeps the bytes to serve.
+"""The Prometheus exporter: renders each cycle's batch once per format and keeps the bytes.
 
-`export()` renders the batch (text 0.0.4 and OpenMetrics, exposition.py) and gzips both; the
-HTTP server (server.py) only picks the cached bytes, so a scrape's cost does not grow with the
-number of series and a scrape never triggers collection.
+`export()` renders the batch in the formats scrapers asked for in the last RECENT_S (text 0.0.4
+with OpenMetrics, exposition.py; the protobuf exposition with native histograms, protobuf.py),
+gzipped if they asked for that; the HTTP server (server.py) only picks the cached bytes, so a
+scrape's cost does not grow with the number of series and a scrape never triggers collection.
+A format nobody asked for lately is rendered when a scrape first asks for it, once per cycle:
+a node scraped only in protobuf does not pay for text every cycle, nor the other way round.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from kpod.exporters.prometheus.config import PrometheusConfig
 from kpod.exporters.prometheus.exposition import Renderer
-from kpod.exporters.prometheus.server import EMPTY_EXPOSITION, Exposition, ScrapeServer
+from kpod.exporters.prometheus.protobuf import CLASSIC, ProtobufRenderer
+from kpod.exporters.prometheus.server import EMPTY_EXPOSITION, OPENMETRICS, PROTOBUF, TEXT, Exposition, ScrapeServer
 
 from kpod.component import Context, Exporter
 from kpod.model import Batch
@@ -20,12 +26,19 @@ from kpod.selfmetrics import EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, de
 if TYPE_CHECKING:
     from kpod.status import AgentStatus
 
+# A format (and its gzip) a scrape asked for within this long is rendered in export(), ahead of
+# the scrapes; before any scrape, and when none came for this long, text and OpenMetrics are.
+RECENT_S = 300.0
+
 
 class PrometheusExporter(Exporter):
     def __init__(self, context: Context, config: PrometheusConfig) -> None:
         super().__init__(context, config)
         self.config: PrometheusConfig = config
         self._renderer = Renderer()
+        self._protobuf = ProtobufRenderer(config.histograms) if config.histograms != CLASSIC else None
+        self._render_lock = threading.Lock()  # the renderers' caches: one render at a time
+        self._asked: dict[tuple[str, bool], float] = {}  # (format, gzipped) -> when a scrape last asked
         self.exposition: Exposition = EMPTY_EXPOSITION
         self.series = 0
         self._server = ScrapeServer(self.id, config.endpoint, config.tls, config.bearer_token_file, self)
@@ -54,10 +67,35 @@ class PrometheusExporter(Exporter):
     def shutdown(self) -> None:
         self._server.shutdown()
 
-    def export(self, batch: Batch) -> None:
+    def _render_text(self, batch: Batch) -> dict[str, bytes]:
         text, openmetrics, self.series = self._renderer.render(batch)
+        return {TEXT: text, OPENMETRICS: openmetrics}
+
+    def _render_protobuf(self, batch: Batch) -> dict[str, bytes]:
+        assert self._protobuf is not None
+        body, self.series = self._protobuf.render(batch)
+        return {PROTOBUF: body}
+
+    def export(self, batch: Batch) -> None:
+        now = time.monotonic()
+        previous = self.exposition
+        if previous is not EMPTY_EXPOSITION:
+            for key in previous.asked():
+                self._asked[key] = now
+        self._asked = {key: when for key, when in self._asked.items() if now - when <= RECENT_S}
+
+        def text() -> dict[str, bytes]:
+            return self._render_text(batch)
+
+        renders = {TEXT: text, OPENMETRICS: text}
+        if self._protobuf is not None:
+            renders[PROTOBUF] = lambda: self._render_protobuf(batch)
+        exposition = Exposition(renders, self._render_lock)
+        for fmt, gzipped in self._asked or {(TEXT, False): now}:
+            if exposition.offers(fmt):
+                exposition.body(fmt, gzipped)
         self.context.self_metrics.inc(EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, self._labels, len(batch))
-        self.exposition = Exposition.of(text, openmetrics)
+        self.exposition = exposition
 
     def status(self) -> dict[str, Any]:
         return {"endpoint": self.config.endpoint, "listening": self._server.listening, "series": self.series}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from itertools import accumulate
+from typing import TypeVar
 
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
 
@@ -19,14 +20,21 @@ from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
+K = TypeVar("K")  # a renderer's key for a series' labels
+
+def utf8_label_value(value: str) -> str:
+    """`value` as valid UTF-8: values from pods may carry bytes that are not UTF-8 (decoded with
+    surrogateescape); they are replaced so that every exposition stays valid UTF-8."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # lone surrogates that no decoder produced
+        return value.encode("utf-8", "replace").decode("utf-8")
+
+
 def escape_label_value(value: str) -> str:
-    if not value.isascii():
-        # Values from pods may carry bytes that are not UTF-8 (decoded with surrogateescape):
-        # replace them so the exposition stays valid UTF-8.
-        try:
-            value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        except UnicodeEncodeError:  # lone surrogates that no decoder produced
-            value = value.encode("utf-8", "replace").decode("utf-8")
+    value = utf8_label_value(value)
     if "\\" in value or '"' in value or "\n" in value:
         value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value
@@ -71,29 +79,34 @@ class Renderer:
     Caches hold only what the last cycle used."""
 
     def __init__(self) -> None:
-        # id(resource) -> (resource, label text); the resource is kept so the id stays unique.
-        self._heads: dict[int, tuple[Resource, str]] = {}
+        # id(resource) -> (resource, its label text, {attributes: the series' label text}); the
+        # resource is kept so that the id stays unique.
+        self._heads: dict[int, tuple[Resource, str, dict[Attributes, str]]] = {}
         self._tails: dict[Attributes, str] = {}
         self._les_cache: dict[tuple[float, ...], list[str]] = {}
-        self._series: dict[tuple[MetricDef, str], _Series] = {}
+        self._series: dict[MetricDef, dict[str, _Series]] = {}
 
     def _labels(self, point: Point) -> str:
+        """The series' label text.  The same string object for the same resource and attributes
+        every cycle: its hash is computed once, and dict lookups compare by identity first."""
         resource = point.resource
+        attrs = point.attributes
         if resource is not None:
             cached = self._heads.get(id(resource))
-            if cached is not None and cached[0] is resource:
-                head = cached[1]
-            else:
-                head = _pairs(resource.labels)
-                self._heads[id(resource)] = (resource, head)
-        elif point.cgroup is not None:
-            # No enrichment processor in the pipeline: name the cgroup so series stay apart.
-            head = _pairs((("cgroup", point.cgroup.path or str(point.cgroup.id)),))
-        else:
-            head = ""
-        attrs = point.attributes
-        if not attrs:
-            return head
+            if cached is None or cached[0] is not resource:
+                cached = self._heads[id(resource)] = (resource, _pairs(resource.labels), {})
+            if not attrs:
+                return cached[1]
+            joined = cached[2].get(attrs)
+            if joined is None:
+                joined = cached[2][attrs] = self._join(cached[1], attrs)
+            return joined
+        cgroup = point.cgroup
+        # No enrichment processor in the pipeline: name the cgroup so series stay apart.
+        head = _pairs((("cgroup", cgroup.path or str(cgroup.id)),)) if cgroup is not None else ""
+        return self._join(head, attrs) if attrs else head
+
+    def _join(self, head: str, attrs: Attributes) -> str:
         tail = self._tails.get(attrs)
         if tail is None:
             tail = self._tails[attrs] = _pairs(attrs)
@@ -122,8 +135,9 @@ class Renderer:
         text: list[bytes] = []
         openmetrics: list[bytes] = []
         previous = self._series
-        current: dict[tuple[MetricDef, str], _Series] = {}
-        for metric, points in _merged_families(batch, self._labels).items():
+        current: dict[MetricDef, dict[str, _Series]] = {}
+        series = 0
+        for metric, points in merged_families(batch, self._labels).items():
             family = family_name(metric)
             sample = prometheus_name(metric)
             histogram = metric.kind is Kind.HISTOGRAM
@@ -132,38 +146,54 @@ class Renderer:
             openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {metric.kind.value}\n".encode())
             first = len(text)
             append = text.append
+            known = previous.get(metric, {})
+            kept = current[metric] = {}
             for labels, value in points.items():
                 if isinstance(value, HistogramValue) is not histogram:
                     continue  # a point whose value does not fit its metric's kind
-                key = (metric, labels)
-                entry = previous.get(key)
-                if entry is not None and entry.value == value:
-                    pass
-                elif histogram:
-                    bounds = value.bounds  # type: ignore[union-attr]
-                    if entry is None or entry.bounds != bounds:
+                entry = known.get(labels)
+                if entry is None:
+                    if histogram:
+                        bounds = value.bounds  # type: ignore[union-attr]
                         entry = _Series(value, b"", self._histogram_template(family, labels, bounds), bounds)
+                        entry.chunk = _fill(entry.template, value)  # type: ignore[arg-type]
+                    else:
+                        # The series' line up to its value, kept: a new value only appends.
+                        line = f"{sample}{{{labels}}} " if labels else f"{sample} "
+                        entry = _Series(value, b"", line.encode(), ())
+                        entry.chunk = _line(entry.template, value)  # type: ignore[arg-type]
+                elif entry.value != value:
                     entry.value = value
-                    entry.chunk = _fill(entry.template, value)  # type: ignore[arg-type]
-                else:
-                    line = f"{sample}{{{labels}}} " if labels else f"{sample} "
-                    entry = _Series(value, f"{line}{format_value(value)}\n".encode(), b"", ())  # type: ignore[arg-type]
-                current[key] = entry
+                    if histogram:
+                        bounds = value.bounds  # type: ignore[union-attr]
+                        if entry.bounds != bounds:
+                            entry.template, entry.bounds = self._histogram_template(family, labels, bounds), bounds
+                        entry.chunk = _fill(entry.template, value)  # type: ignore[arg-type]
+                    else:
+                        entry.chunk = _line(entry.template, value)  # type: ignore[arg-type]
+                kept[labels] = entry
                 append(entry.chunk)
+            series += len(kept)
             openmetrics.extend(text[first:])
         openmetrics.append(b"# EOF\n")
         self._series = current
-        if len(self._heads) > len(current) // 4 + 256:
+        if len(self._heads) > series // 4 + 256:
             # Resources of gone cgroups (and the ones k8sattributes replaces when pods change)
             # would otherwise pile up here, ~1 KiB each, until the clear below: measured as the
             # agent's RSS creeping by 4.47 MiB over 1500 pod churn cycles (docs/perf/readings/soak.md).  Keep
             # the heads of this batch's resources; one pass over the points, once in a while.
             used = {id(point.resource) for point in batch.points if point.resource is not None}
             self._heads = {key: entry for key, entry in self._heads.items() if key in used}
-        if len(self._heads) > 4 * len(current) + 1000 or len(self._tails) > 4 * len(current) + 1000:
+        if len(self._heads) > 4 * series + 1000 or len(self._tails) > 4 * series + 1000:
             self._heads.clear()  # resources of gone cgroups
             self._tails.clear()
-        return b"".join(text), b"".join(openmetrics), len(current)
+        return b"".join(text), b"".join(openmetrics), series
+
+
+def _line(prefix: bytes, value: float) -> bytes:
+    if type(value) is int:
+        return b"%s%d\n" % (prefix, value)
+    return b"%s%s\n" % (prefix, format_value(value).encode())
 
 
 def _fill(template: bytes, value: HistogramValue) -> bytes:
@@ -175,16 +205,16 @@ def _fill(template: bytes, value: HistogramValue) -> bytes:
     return template % (*cumulative, format_value(value.sum).encode(), cumulative[-1])
 
 
-def _merged_families(
-    batch: Batch, labels_of: Callable[[Point], str]
-) -> dict[MetricDef, dict[str, float | HistogramValue]]:
-    """Group points by metric and label string.
+def merged_families(
+    batch: Batch, labels_of: Callable[[Point], K]
+) -> dict[MetricDef, dict[K, float | HistogramValue]]:
+    """Group points by metric and labels (a renderer's encoding of them: text, protobuf).
 
     Two cgroups can carry the same labels (a pod's sandbox cgroup and its pod-level cgroup are
     both container=""); Prometheus rejects duplicate series, so counters and histograms of such
     cgroups are added up and the last gauge wins.
     """
-    families: dict[MetricDef, dict[str, float | HistogramValue]] = {}
+    families: dict[MetricDef, dict[K, float | HistogramValue]] = {}
     for point in batch.points:
         series = families.get(point.metric)
         if series is None:

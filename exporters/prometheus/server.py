@@ -1,8 +1,10 @@
-"""The HTTP side of the Prometheus exporter: serves bytes rendered elsewhere, never renders.
+"""The HTTP side of the Prometheus exporter: serves the bytes of the cycle's Exposition.
 
-Endpoints: /metrics and /actuator/prometheus (the exposition, text 0.0.4 or OpenMetrics 1.0 as
-`negotiate` decides, gzipped when the scraper accepts it), /healthz (alive), /readyz (a cycle
-completed recently) and /debug/status (JSON a user can paste into a bug report).
+Endpoints: /metrics and /actuator/prometheus (the exposition, text 0.0.4, OpenMetrics 1.0 or
+the protobuf MetricFamily stream as `negotiate` decides, gzipped when the scraper accepts it),
+/healthz (alive), /readyz (a cycle completed recently) and /debug/status (JSON a user can paste
+into a bug report).  The exporter renders ahead the formats scrapers asked for lately; a scrape
+asking for another makes the Exposition render it, once per cycle.
 
 Exposure (docs/SECURITY.md): `endpoint` picks the address; `tls: {cert_file, key_file}` serves
 HTTPS (TLS 1.2+, the files re-read at start); `bearer_token_file` makes /metrics,
@@ -18,16 +20,18 @@ import gzip
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kpod.exporters.prometheus.config import TlsSettings, parse_endpoint
 from kpod.exporters.prometheus.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
+from kpod.exporters.prometheus.protobuf import PROTOBUF_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from kpod.status import AgentStatus
@@ -40,40 +44,113 @@ PROTECTED_PATHS = (*METRICS_PATHS, "/debug/status")
 REQUEST_TIMEOUT_S = 30.0
 
 
-@dataclass(frozen=True)
-class Exposition:
-    """One cycle's exposition in both formats, plain and gzipped."""
+TEXT, OPENMETRICS, PROTOBUF = "text", "openmetrics", "protobuf"
+CONTENT_TYPES = {TEXT: TEXT_CONTENT_TYPE, OPENMETRICS: OPENMETRICS_CONTENT_TYPE, PROTOBUF: PROTOBUF_CONTENT_TYPE}
+# A render produces one or more formats at once (text and OpenMetrics share their samples).
+Render = Callable[[], dict[str, bytes]]
 
-    text: bytes
-    text_gzip: bytes
-    openmetrics: bytes
-    openmetrics_gzip: bytes
+
+class Exposition:
+    """One cycle's exposition: each format rendered, and gzipped, at most once, the first time
+    it is wanted (the exporter renders what scrapers asked for recently right away; anything
+    else waits for a scrape that asks for it).  Thread-safe: scrapes arrive on their own threads."""
+
+    def __init__(self, renders: dict[str, Render], lock: threading.Lock | None = None) -> None:
+        self._renders = renders  # format -> the render that produces it
+        self._bodies: dict[tuple[str, bool], bytes] = {}
+        self._lock = lock or threading.Lock()  # shared with the renders' caches: one render at a time
+        self.served: set[tuple[str, bool]] = set()  # (format, gzipped) that scrapes asked for
 
     @classmethod
     def of(cls, text: bytes, openmetrics: bytes) -> Exposition:
-        # gzip level 1: several times faster than the default 9 for a few % more bytes.
-        return cls(text, gzip.compress(text, 1), openmetrics, gzip.compress(openmetrics, 1))
+        """Text and OpenMetrics bodies rendered beforehand."""
+
+        def bodies() -> dict[str, bytes]:
+            return {TEXT: text, OPENMETRICS: openmetrics}
+
+        return cls({TEXT: bodies, OPENMETRICS: bodies})
+
+    def offers(self, fmt: str) -> bool:
+        return fmt in self._renders
+
+    def asked(self) -> set[tuple[str, bool]]:
+        """(format, gzipped) that scrapes asked for so far."""
+        with self._lock:
+            return set(self.served)
+
+    def body(self, fmt: str, gzipped: bool = False, scrape: bool = False) -> bytes:
+        """The body of `fmt` (a format it offers), rendered now if it was not yet."""
+        key = (fmt, gzipped)
+        with self._lock:
+            if scrape:
+                self.served.add(key)
+            found = self._bodies.get(key)
+            if found is not None:
+                return found
+            plain = self._bodies.get((fmt, False))
+            if plain is None:
+                for name, rendered in self._renders[fmt]().items():
+                    self._bodies[(name, False)] = rendered
+                plain = self._bodies[(fmt, False)]
+            if not gzipped:
+                return plain
+            # gzip level 1: several times faster than the default 9 for a few % more bytes.
+            found = self._bodies[key] = gzip.compress(plain, 1)
+            return found
 
 
-EMPTY_EXPOSITION = Exposition(b"", gzip.compress(b""), b"# EOF\n", gzip.compress(b"# EOF\n"))
+EMPTY_EXPOSITION = Exposition.of(b"", b"# EOF\n")
 
 
-def negotiate(accept: str, accept_encoding: str) -> tuple[bool, bool]:
-    """(OpenMetrics?, gzip?) for a scrape's Accept and Accept-Encoding headers: OpenMetrics 1.0
-    when the scraper asks for it, else text 0.0.4."""
-    return "application/openmetrics-text" in accept, "gzip" in accept_encoding
+def _media_ranges(accept: str) -> list[tuple[str, dict[str, str], float]]:
+    """(type/subtype, parameters, q) of each media range of an Accept header, lower-cased."""
+    ranges = []
+    for item in accept.split(","):
+        kind, *params = (part.strip() for part in item.split(";"))
+        values: dict[str, str] = {}
+        for param in params:
+            name, _, value = param.partition("=")
+            values[name.strip().lower()] = value.strip().strip('"')
+        try:
+            q = float(values.pop("q", "1"))
+        except ValueError:
+            q = 0.0
+        if kind and math.isfinite(q):
+            ranges.append((kind.lower(), values, q))
+    return ranges
+
+
+def _format_of(kind: str, params: dict[str, str]) -> str | None:
+    if kind == "application/vnd.google.protobuf":
+        delimited = params.get("encoding") == "delimited"
+        return PROTOBUF if params.get("proto") == "io.prometheus.client.MetricFamily" and delimited else None
+    if kind == "application/openmetrics-text":
+        return OPENMETRICS
+    if kind in ("text/plain", "text/*", "*/*"):
+        return TEXT
+    return None
+
+
+def negotiate(accept: str, accept_encoding: str, protobuf: bool = False) -> tuple[str, bool]:
+    """(format, gzip?) for a scrape's Accept and Accept-Encoding headers: the format the scraper
+    ranks highest (q-values) among those served, ties going to protobuf (when offered: the only
+    format with native histograms), then OpenMetrics 1.0, then text 0.0.4, which is also the
+    answer to no Accept header or nothing we serve."""
+    preference = (PROTOBUF, OPENMETRICS, TEXT) if protobuf else (OPENMETRICS, TEXT)
+    best, best_q = TEXT, 0.0
+    for kind, params, q in _media_ranges(accept):
+        fmt = _format_of(kind, params)
+        if fmt is None or fmt not in preference or q <= 0:
+            continue
+        if q > best_q or (q == best_q and preference.index(fmt) < preference.index(best)):
+            best, best_q = fmt, q
+    return best, "gzip" in accept_encoding
 
 
 def select(exposition: Exposition, accept: str, accept_encoding: str) -> tuple[bytes, str, str | None]:
     """(body, Content-Type, Content-Encoding) of the exposition a scrape asked for."""
-    openmetrics, gzipped = negotiate(accept, accept_encoding)
-    if openmetrics:
-        body = exposition.openmetrics_gzip if gzipped else exposition.openmetrics
-        content_type = OPENMETRICS_CONTENT_TYPE
-    else:
-        body = exposition.text_gzip if gzipped else exposition.text
-        content_type = TEXT_CONTENT_TYPE
-    return body, content_type, "gzip" if gzipped else None
+    fmt, gzipped = negotiate(accept, accept_encoding, exposition.offers(PROTOBUF))
+    return exposition.body(fmt, gzipped, scrape=True), CONTENT_TYPES[fmt], "gzip" if gzipped else None
 
 
 class BearerToken:
