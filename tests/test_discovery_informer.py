@@ -226,6 +226,8 @@ def test_watch_timeout_resumes_without_relist(api: FakeApiServer, tmp_path: Path
 
 def test_bookmarks_move_the_resume_point(api: FakeApiServer, harness: Harness) -> None:
     harness.processor.start()
+    # start() returns after the list; a bookmark is only sent to a watch that is open.
+    assert poll_until(lambda: api.open_watches == 1)
     api.add_pod(make_pod("elsewhere", node="node-b"))  # moves the server's version, not our pods
     before = harness.discovery.resource_version
     api.send_bookmark()
@@ -283,6 +285,7 @@ def test_outage_keeps_last_labels_and_catches_up(api: FakeApiServer, harness: Ha
 def test_wrong_token_is_an_error_that_keeps_the_pods(api: FakeApiServer, harness: Harness) -> None:
     web = api.add_pod(make_pod("web-1"))
     harness.processor.start()
+    assert poll_until(lambda: api.open_watches == 1)  # a watch sent before the rotation must end
     api.token = "rotated"  # our token is no longer accepted
     api.drop_watches()
     assert poll_until(lambda: "401" in harness.store.last_error)
