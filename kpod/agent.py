@@ -7,7 +7,6 @@ must complete within 5 s, and the process exits 0.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -68,6 +67,3 @@ def install_signal_handlers(agent: Agent) -> None:
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
 
-
-def is_root() -> bool:
-    return os.geteuid() == 0

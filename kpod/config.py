@@ -522,10 +522,7 @@ def _finish_settings(kpod: KpodSettings, where: _Where, environ: typing.Mapping[
         )
     selector = kpod.filter.label_selector
     if selector:
-        try:
-            from kpod.processors.k8sattributes.selector import parse_selector
-        except ImportError:  # pragma: no cover - the selector module ships with the package
-            return
+        from kpod.processors.k8sattributes.selector import parse_selector
         try:
             parse_selector(selector)
         except ValueError as error:

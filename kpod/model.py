@@ -138,9 +138,3 @@ class Batch:
             ],
             time_ns=self.time_ns,
         )
-
-    def by_metric(self) -> dict[MetricDef, list[Point]]:
-        groups: dict[MetricDef, list[Point]] = {}
-        for point in self.points:
-            groups.setdefault(point.metric, []).append(point)
-        return groups

@@ -21,7 +21,7 @@ from kpod.cgroup import parsers
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
-from kpod.model import Batch, Kind, MetricDef, Point
+from kpod.model import Batch, Kind, MetricDef
 from kpod.selfmetrics import SelfMetrics
 from kpod.status import AgentStatus, ReceiverStatus
 
@@ -300,8 +300,3 @@ def _quietly(action: object, component_id: str) -> None:
         action()  # type: ignore[operator]
     except Exception as error:
         log.warning("%s: shutdown failed: %s: %s", component_id, type(error).__name__, error)
-
-
-def points_of(batch: Batch, metric_name: str) -> list[Point]:
-    """The points of one metric (for tests and tools)."""
-    return [p for p in batch.points if p.metric.name == metric_name]

@@ -83,17 +83,6 @@ class SyscallReceiver(BpfReceiver):
                 raise libbpf.LibbpfError(22, f"syscall {name} ({nr}) is beyond the filter's {slots} slots")
             filter_map.update(nr.to_bytes(4, "little"), TRACKED)
 
-    def filter_contents(self) -> set[int]:
-        """The syscall numbers the kernel's filter map holds (read back from the kernel)."""
-        assert self.loaded is not None
-        filter_map = self.loaded.obj.maps[FILTER_MAP]
-        on: set[int] = set()
-        for nr in range(filter_map.max_entries):
-            raw = filter_map.lookup(nr.to_bytes(4, "little"))
-            if raw is not None and int.from_bytes(raw, "little"):
-                on.add(nr)
-        return on
-
     def route(self) -> str:
         route = super().route()
         names = ",".join(self.tracked_names())

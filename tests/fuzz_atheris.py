@@ -34,8 +34,8 @@ def _text(data: bytes) -> str:
 
 def parsers(data: bytes) -> None:
     text = _text(data)
-    for parse in (p.parse_io_stat, p.parse_blkio_throttle, p.parse_cpu_stat, p.parse_memory_stat,
-                  p.parse_single_int, p.parse_pressure, p.parse_pressure_totals, p.parse_net_dev,
+    for parse in (p.parse_io_stat, p.parse_blkio_throttle, p.parse_cpu_stat,
+                  p.parse_single_int, p.parse_pressure_totals, p.parse_net_dev,
                   p.parse_uevent, p.parse_devname, p.parse_cgroup_procs, p.parse_flat_keyed):  # fmt: skip
         parse(text)
     key = text.split(" ", 1)[0][:16]

@@ -34,8 +34,8 @@ from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import CgroupMounts, parse_mountinfo_cgroups
 from kpod.cgroup.parsers import (
     parse_blkio_throttle,
+    parse_flat_keyed,
     parse_io_stat,
-    parse_memory_stat,
     parse_net_dev,
     parse_pressure_totals,
 )
@@ -425,7 +425,7 @@ def test_memory_and_pressure_real(scratch: Scratch) -> None:
 
     def read_files() -> tuple[int, int]:
         usage = int(Path(memory_dir, usage_file).read_text())
-        return usage, usage - parse_memory_stat(Path(memory_dir, "memory.stat").read_text())[inactive_key]
+        return usage, usage - parse_flat_keyed(Path(memory_dir, "memory.stat").read_text())[0][inactive_key]
 
     before = read_files()
     got = _series(memory.collect())

@@ -7,6 +7,7 @@ the captured file.  The odd-input tests check that a parser keeps what parsed an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -139,8 +140,13 @@ def test_flat_keyed_counts_skipped_lines() -> None:
 # ---------------------------------------------------------------------------------- memory
 
 
+def memory_stat(text: str) -> dict[str, int]:
+    """memory.stat is flat keyed; the receivers read single keys (parse_flat_keyed_value)."""
+    return p.parse_flat_keyed(text)[0]
+
+
 def test_memory_stat_v2_exact_shmem() -> None:
-    stat = p.parse_memory_stat((V2 / POD3_MEM / "memory.stat").read_text())
+    stat = memory_stat((V2 / POD3_MEM / "memory.stat").read_text())
     assert len(stat) == 51  # fixtures README, surprise 4
     assert stat["shmem"] == 8388608  # exact: the 8 MiB tmpfs file
     assert stat["anon"] >= 16 * 1024 * 1024
@@ -152,7 +158,7 @@ def test_memory_current_and_v1_usage() -> None:
     assert p.parse_single_int((V2 / POD3_MEM / "memory.current").read_text()) == 29491200
     mem = HYBRID / "memory" / "kpod-fixture-mem"
     assert p.parse_single_int((mem / "memory.usage_in_bytes").read_text()) == 24051712
-    v1 = p.parse_memory_stat((mem / "memory.stat").read_text())
+    v1 = memory_stat((mem / "memory.stat").read_text())
     assert v1["rss"] >= 16 * 1024 * 1024
     assert v1["total_inactive_file"] == 2150400 and v1["inactive_file"] == 2150400
     assert v1["hierarchical_memory_limit"] == 9223372036854771712
@@ -167,13 +173,11 @@ def test_single_int_odd(text: str) -> None:
 
 
 def test_pressure_files() -> None:
-    cpu = p.parse_pressure((V2 / "cpu.pressure").read_text())
-    assert cpu["some"] == p.Pressure(4.07, 3.80, 1.06, 3710609)
-    assert cpu["full"].total_usec == 0  # root full line is zeros in 6.1
+    cpu = p.parse_pressure_totals((V2 / "cpu.pressure").read_text())
+    assert cpu == {"some": 3710609, "full": 0}  # root full line is zeros in 6.1
     hybrid = HYBRID / "unified" / "kpod-fixture-unified"
-    io = p.parse_pressure((hybrid / "io.pressure").read_text())
-    assert io["some"].total_usec == 202 and io["full"].total_usec == 202
-    assert p.parse_pressure((hybrid / "cpu.pressure").read_text())["full"].total_usec == 54
+    assert p.parse_pressure_totals((hybrid / "io.pressure").read_text()) == {"some": 202, "full": 202}
+    assert p.parse_pressure_totals((hybrid / "cpu.pressure").read_text())["full"] == 54
 
 
 def test_pressure_odd_input() -> None:
@@ -182,10 +186,10 @@ def test_pressure_odd_input() -> None:
         "full avg10=0.00 avg60=0.00 avg300=0.00 tot"  # truncated: no total, skipped
         "\nmedium avg10=1 total=3\n"
     )
-    lines = p.parse_pressure(text)
-    assert lines == {"some": p.Pressure(1.0, 0.0, 0.0, 10)}
-    assert p.parse_pressure("") == {}
-    assert p.parse_pressure("full avg10=nan avg60=inf avg300=0 total=5") == {"full": p.Pressure(0, 0, 0, 5)}
+    assert p.parse_pressure_totals(text) == {"some": 10}
+    assert p.parse_pressure_totals("") == {}
+    assert p.parse_pressure_totals("full avg10=nan avg60=inf avg300=0 total=5") == {"full": 5}
+    assert p.parse_pressure_totals("some avg10=0.00 total=-5\nfull total=1.5\n") == {}
 
 
 # ---------------------------------------------------------------------------------- net/dev
@@ -285,8 +289,8 @@ def test_devnum() -> None:
 # ---------------------------------------------------------------------------------- never raise
 
 PARSERS = [
-    p.parse_io_stat, p.parse_blkio_throttle, p.parse_cpu_stat, p.parse_memory_stat, p.parse_single_int,
-    p.parse_pressure, p.parse_net_dev, p.parse_mountinfo, p.parse_uevent, p.parse_devname,
+    p.parse_io_stat, p.parse_blkio_throttle, p.parse_cpu_stat, p.parse_single_int,
+    p.parse_pressure_totals, p.parse_net_dev, p.parse_mountinfo, p.parse_uevent, p.parse_devname,
     p.parse_cgroup_procs, p.parse_flat_keyed,
 ]  # fmt: skip
 
@@ -313,11 +317,11 @@ def is_part_of(part: object, whole: object) -> bool:
     [
         ("cgroup-v2-kernel-6.1/io.stat", p.parse_io_stat),
         ("cgroup-v2-kernel-6.1/cpu.stat", p.parse_cpu_stat),
-        ("cgroup-v2-kernel-6.1/cpu.pressure", p.parse_pressure),
+        ("cgroup-v2-kernel-6.1/cpu.pressure", p.parse_pressure_totals),
         ("cgroup-v2-kernel-6.1/proc/net-dev-pod.txt", p.parse_net_dev),
         ("cgroup-v2-kernel-6.1/proc/mountinfo-container.txt", p.parse_mountinfo),
         ("cgroup-hybrid-kernel-6.18/blkio/kpod-fixture-blkio/blkio.throttle.io_service_bytes", p.parse_blkio_throttle),
-        ("cgroup-hybrid-kernel-6.18/memory/kpod-fixture-mem/memory.stat", p.parse_memory_stat),
+        ("cgroup-hybrid-kernel-6.18/memory/kpod-fixture-mem/memory.stat", memory_stat),
         (f"cgroup-v2-kernel-6.1/{POD3_MEM}/cgroup.procs", p.parse_cgroup_procs),
     ],
     ids=lambda value: getattr(value, "__name__", None) or str(value).rsplit("/", 1)[-1],
@@ -347,7 +351,7 @@ def test_flat_keyed_value_agrees_with_full_parse() -> None:
         (V2 / POD3_MEM / "memory.stat").read_text(),
         (HYBRID / "memory/kpod-fixture-mem/memory.stat").read_text(),
     ):
-        full = p.parse_memory_stat(text)
+        full, _ = p.parse_flat_keyed(text)
         for key, value in full.items():
             assert p.parse_flat_keyed_value(text, key) == value
     assert p.parse_flat_keyed_value((V2 / POD3_MEM / "memory.stat").read_text(), "inactive_file") is not None
@@ -358,14 +362,15 @@ def test_flat_keyed_value_agrees_with_full_parse() -> None:
     assert p.parse_flat_keyed_value("", "a") is None
 
 
-def test_pressure_totals_agree_with_full_parse() -> None:
+def test_pressure_totals_agree_with_a_regex_reading() -> None:
     for path in (
         V2 / "cpu.pressure",
         V2 / POD1_THROTTLED / "cpu.pressure",
         HYBRID / "unified/kpod-fixture-unified/io.pressure",
     ):
         text = path.read_text()
-        assert p.parse_pressure_totals(text) == {k: v.total_usec for k, v in p.parse_pressure(text).items()}
+        expected = {kind: int(total) for kind, total in re.findall(r"^(some|full) .*\btotal=(\d+)$", text, re.M)}
+        assert expected and p.parse_pressure_totals(text) == expected
     assert p.parse_pressure_totals("some avg10=0 total=12\nfull avg10=0 tot") == {"some": 12}
     assert p.parse_pressure_totals("somewhat total=3\nfull total=-1\n") == {}
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from fake_apiserver import make_pod
-from kpod.processors.k8sattributes.discovery import parse_pod_list
+from kpod.processors.k8sattributes.discovery import decode_pod_list
 from kpod.processors.k8sattributes.pods import PodStore, pod_from_json
 
 A, B, C, OLD = "a" * 64, "b" * 64, "c" * 64, "d" * 64
@@ -76,13 +76,6 @@ def test_generations_and_no_op_updates() -> None:
     assert store.generation == 3 and len(store) == 0
 
 
-def test_host_network_uids() -> None:
-    store = PodStore()
-    host = pod_from_json(make_pod("h", host_network=True))
-    store.replace([host, pod_from_json(make_pod("n"))])
-    assert store.host_network_uids() == {host.uid}
-
-
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -91,16 +84,16 @@ def test_host_network_uids() -> None:
         (b"[1, 2]", "not a PodList"),
     ],
 )
-def test_parse_pod_list_errors(data: bytes, message: str) -> None:
+def test_decode_pod_list_errors(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        parse_pod_list(data)
+        decode_pod_list(data)
 
 
-def test_parse_pod_list_skips_a_malformed_item() -> None:
+def test_decode_pod_list_skips_a_malformed_item() -> None:
     good = make_pod("good")
-    pods, version, cont = parse_pod_list(
+    page = decode_pod_list(
         b'{"kind": "PodList", "metadata": {"resourceVersion": "7", "continue": "x"}, "items": ['
         + json.dumps(good).encode()
         + b', {"metadata": {}}, 5]}'
     )
-    assert [p.name for p in pods] == ["good"] and (version, cont) == ("7", "x")
+    assert [p.name for p in page.pods] == ["good"] and (page.resource_version, page.cont) == ("7", "x")

@@ -88,10 +88,6 @@ class SnapshotQueue:
         with self._cond:
             return self.stopping or snapshot.abandoned
 
-    def next_unencoded(self) -> Snapshot | None:
-        with self._cond:
-            return next((s for s in self._waiting if s.payloads is None), None)
-
     def wait(self, snapshot: Snapshot, deadline: float) -> Snapshot | None:
         """Wait until `deadline` (monotonic) while `snapshot` waits for its retry; return early
         with a waiting snapshot that is not encoded yet (the sender encodes it meanwhile), or

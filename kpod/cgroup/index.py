@@ -50,11 +50,6 @@ class CgroupIndex:
         self._lock = threading.Lock()
         self._by_id: dict[int, CgroupEntry] = {}
         self._walked_at = 0.0
-        self._walks = 0
-
-    @property
-    def walks(self) -> int:
-        return self._walks
 
     def abspath(self, path: str) -> str:
         return self.root if path == "/" else self.root + path
@@ -86,7 +81,6 @@ class CgroupIndex:
         with self._lock:
             self._by_id = found
             self._walked_at = time.monotonic()
-            self._walks += 1
 
     def path_of(self, cgroup_id: int) -> str | None:
         """The path of a cgroup id, walking again (rate-limited) when the id is unknown."""

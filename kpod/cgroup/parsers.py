@@ -117,11 +117,6 @@ def parse_cpu_stat(text: str) -> dict[str, int]:
     return parse_flat_keyed(text)[0]
 
 
-def parse_memory_stat(text: str) -> dict[str, int]:
-    """memory.stat, v2 (anon, file, inactive_file, ...) or v1 (cache, rss, total_inactive_file, ...)."""
-    return parse_flat_keyed(text)[0]
-
-
 def parse_single_int(text: str) -> int | None:
     """A one-value file (memory.current, memory.usage_in_bytes): the integer, or None.
 
@@ -204,30 +199,13 @@ def parse_blkio_throttle(text: str) -> dict[DevNum, dict[str, int]]:
 # Pressure stall information.
 
 
-@dataclass(frozen=True, slots=True)
-class Pressure:
-    """One line of a *.pressure file.  `total_usec` is cumulative stall time in microseconds."""
-
-    avg10: float
-    avg60: float
-    avg300: float
-    total_usec: int
-
-
-def _float(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    # float() accepts "nan" and "inf"; the kernel never writes them.
-    return value if value == value and value not in (float("inf"), float("-inf")) else None
-
-
 def parse_pressure_totals(text: str) -> dict[str, int]:
-    """Only the cumulative `total=` of each line of a *.pressure file: {"some": usec, "full": usec}.
+    """The cumulative `total=` of each line of a *.pressure file: {"some": usec, "full": usec}.
 
-    Same acceptance rules as parse_pressure for the total; what the counters need, without
-    parsing the averages (this runs for three files of every cgroup of the node per cycle).
+    Lines are "some avg10=.. avg60=.. avg300=.. total=.." and "full ..." (cpu "full" exists at
+    cgroup level since 5.13, irq.pressure has only "full"); whichever exist are returned.  A line
+    without a valid `total` is skipped.  The averages are not parsed: the counters need only the
+    total, and this runs for three files of every cgroup of the node per cycle.
     """
     totals: dict[str, int] = {}
     for line in text.splitlines():
@@ -246,35 +224,6 @@ def parse_pressure_totals(text: str) -> dict[str, int]:
         else:
             _skip("pressure")
     return totals
-
-
-def parse_pressure(text: str) -> dict[str, Pressure]:
-    """cpu/memory/io/irq.pressure: "some avg10=.. avg60=.. avg300=.. total=.." and "full ...".
-
-    Returns {"some": Pressure, "full": Pressure} with whichever lines exist (cpu "full" exists
-    at cgroup level since 5.13, irq.pressure has only "full").  A line without a valid
-    `total` is skipped; missing averages read as 0.0 (the total is what matters for counters).
-    """
-    lines: dict[str, Pressure] = {}
-    for line in text.splitlines():
-        fields = line.split()
-        if not fields or fields[0] not in ("some", "full"):
-            if fields:
-                _skip("pressure")
-            continue
-        pairs: dict[str, str] = {}
-        for pair in fields[1:]:
-            key, sep, raw = pair.partition("=")
-            if sep:
-                pairs[key] = raw
-        total = _int(pairs.get("total", ""))
-        if total is None or total < 0:
-            _skip("pressure")
-            continue
-        averages = [_float(pairs.get(k, "")) for k in ("avg10", "avg60", "avg300")]
-        a10, a60, a300 = (a if a is not None else 0.0 for a in averages)
-        lines[fields[0]] = Pressure(a10, a60, a300, total)
-    return lines
 
 
 # --------------------------------------------------------------------------------------------

@@ -317,14 +317,6 @@ class MapLayout:
         """The value struct's member names (padding the builder added left out)."""
         return [f[0] for f in getattr(self.value_type, "_fields_", ()) if not f[0].startswith(PAD_PREFIX)]
 
-    def require(self, key_fields: tuple[str, ...] = (), value_fields: tuple[str, ...] = ()) -> None:
-        """Fail early (at open, before load) if the C struct lost a member Python reads."""
-        for side, ctype, wanted in (("key", self.key_type, key_fields), ("value", self.value_type, value_fields)):
-            have = {f[0] for f in getattr(ctype, "_fields_", ())}
-            missing = [name for name in wanted if name not in have]
-            if missing:
-                raise LayoutError(f"map {self.map_name}: {side} struct has no member {', '.join(missing)}")
-
 
 def map_layouts(obj: libbpf.BpfObject) -> dict[str, MapLayout]:
     """Layouts of every map of an opened object that has BTF key/value types."""

@@ -217,9 +217,6 @@ class LoadedObject:
     def map_names(self) -> list[str]:
         return list(self.obj.maps)
 
-    def cgroup_maps(self) -> list[str]:
-        return [n for n, lay in self.layouts.items() if lay.has_key_field(CGROUP_KEY_FIELD)]
-
     def error_counts(self) -> dict[str, int]:
         """Failed inserts per map, as the kernel counted them."""
         if not self.error_map:

@@ -113,12 +113,6 @@ def _scalar_text(value: Any) -> str:
     return value if isinstance(value, str) else (str(value) if isinstance(value, int) and value else "")
 
 
-def parse_pod_list(data: bytes | str, log: logging.Logger | None = None) -> tuple[list[PodInfo], str, str]:
-    """(pods, metadata.resourceVersion, metadata.continue) of a PodList document (see decode_pod_list)."""
-    page = decode_pod_list(data, log)
-    return page.pods, page.resource_version, page.cont
-
-
 @dataclass(frozen=True)
 class WatchEvent:
     """One line of a watch stream, decoded.

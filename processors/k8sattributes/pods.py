@@ -133,10 +133,6 @@ class PodStore:
         """The pod whose cgroup carries `uid`: its metadata.uid, or a static pod's config hash."""
         return self._pods.get(uid) or self._static.get(uid)
 
-    def host_network_uids(self) -> frozenset[str]:
-        """The uids of hostNetwork pods (their interfaces are the node's: not per-pod data)."""
-        return frozenset(uid for uid, pod in self._pods.items() if pod.host_network)
-
     def __len__(self) -> int:
         return len(self._pods)
 

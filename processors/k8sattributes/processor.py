@@ -23,9 +23,10 @@ buckets are summed ("pod overhead").
 
 Shared with receivers: `context.extras["pods"]` is the `PodStore` (pods.py) discovery fills
 (informer/kubelet mode; absent in local mode).  `store.snapshot()` maps pod uid -> PodInfo
-(name, namespace, labels, host_network, containers); `store.host_network_uids()` is the set the
-net_iface receiver skips.  The pipeline must hand all components one `extras` dict, and this
-processor sets it when it is created (before any receiver starts).
+(name, namespace, labels, host_network, containers).  (The net_iface receiver does not need
+it: it tells a hostNetwork pod by its network namespace inode.)  The pipeline must hand all
+components one `extras` dict, and this processor sets it when it is created (before any
+receiver starts).
 """
 
 from __future__ import annotations
