@@ -34,6 +34,7 @@ from kpod.receivers.memory import MemoryReceiver
 from bench import sections
 from bench.sections import Measured, NotMeasured
 from kpod.kernel import btflayout, libbpf
+from kpod.kernel.bpfinfo import map_id
 from kpod.kernel.ebpf import load_object
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def load_times(runs: int) -> tuple[list[float], list[float]]:
 def memlock() -> dict[str, int]:
     objs = _load_objects()
     try:
-        ids = {m.id(): name for o in objs for name, m in o.obj.maps.items()}
+        ids = {map_id(m): name for o in objs for name, m in o.obj.maps.items()}
         table = {m["id"]: m for m in json.loads(sh("bpftool", "-j", "map", "show"))}
         return {ids[i]: int(table[i].get("bytes_memlock", 0)) for i in ids}
     finally:

@@ -49,6 +49,7 @@ from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.component import Context, EmptyConfig
 from kpod.kernel import libbpf
+from kpod.kernel.bpfinfo import map_id, program_stats
 from kpod.kernel.ebpf import BpfReceiver
 from kpod.kernel.syscalls import resolve_syscalls
 from kpod.selfmetrics import SelfMetrics
@@ -418,8 +419,8 @@ def empty_programs(path: Path) -> Iterator[dict[str, int]]:
         for program in empty.programs.values():
             program.attach()
         yield {
-            "sys_enter": empty.programs["empty_enter"].stats().id,
-            "sys_exit": empty.programs["empty_exit"].stats().id,
+            "sys_enter": program_stats(empty.programs["empty_enter"]).id,
+            "sys_exit": program_stats(empty.programs["empty_exit"]).id,
         }
 
 
@@ -534,7 +535,7 @@ def load_and_memlock(runs: int) -> tuple[dict[str, list[float]], dict[str, int]]
             try:
                 if not mem.get(f"{name}:done"):
                     assert r.loaded is not None
-                    ids = {m.id(): map_name for map_name, m in r.loaded.obj.maps.items()}
+                    ids = {map_id(m): map_name for map_name, m in r.loaded.obj.maps.items()}
                     table = {m["id"]: m for m in json.loads(sh("bpftool", "-j", "map", "show"))}
                     for map_id, map_name in ids.items():
                         mem[map_name] = int(table[map_id].get("bytes_memlock", 0))

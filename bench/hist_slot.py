@@ -38,6 +38,7 @@ from typing import Any
 from bench import sections
 from bench.sections import Measured, NotMeasured
 from kpod.kernel import libbpf
+from kpod.kernel.bpfinfo import program_stats
 
 REPO = Path(__file__).resolve().parents[1]
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -136,9 +137,9 @@ def one_round(obj_path: Path, events: int, order: list[str]) -> dict[str, tuple[
         obj.load()
         for name in order:
             obj.programs[name].attach()
-        before = {name: obj.programs[name].stats() for name in PROGRAMS}
+        before = {name: program_stats(obj.programs[name]) for name in PROGRAMS}
         rename_loop(events)
-        after = {name: obj.programs[name].stats() for name in PROGRAMS}
+        after = {name: program_stats(obj.programs[name]) for name in PROGRAMS}
     out = {}
     for name in PROGRAMS:
         runs = after[name].run_cnt - before[name].run_cnt

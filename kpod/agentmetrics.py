@@ -8,9 +8,8 @@ numbers.
 
 BPF: kpod_bpf_programs_loaded (attached programs in this process) and
 kpod_bpf_programs_failed{program} (1 while a program that should run does not: its hook is
-missing, it failed to verify or attach, or its receiver could not start).  Read from
-kpod.kernel.ebpf.REGISTRY only when kpod.kernel.ebpf is already imported: without an eBPF receiver there is
-nothing to report and the libbpf binding stays unloaded.
+missing, it failed to verify or attach, or its receiver could not start), from
+kpod.kernel.ebpf.REGISTRY, and only when an eBPF receiver has imported that module.
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ BPF_LOADED = "kpod.bpf.programs.loaded"
 BPF_FAILED = "kpod.bpf.programs.failed"
 BPF_FAILED_HELP = "1 while a BPF program that should run does not (the reason is in /debug/status)."
 
-# Route reasons that are choices, not failures.
-_NOT_FAILURES = ("disabled by config", "an earlier alternative is used")
+# The eBPF layer, looked up (never imported) here: without an eBPF receiver there is nothing to
+# report, and the libbpf binding stays unloaded.  The states themselves are its business.
+_EBPF = "kpod.kernel.ebpf"
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -108,70 +108,18 @@ def update_process_metrics(metrics: SelfMetrics, proc: str = "/proc") -> None:
             metrics.set(name, help_text, value, unit=unit)
 
 
-def bpf_program_states(receivers: Iterable[Any]) -> tuple[int, dict[str, bool]]:
-    """(programs attached, {program: failed?}) over the loaded BPF objects and the eBPF
-    receivers that could not start (`receivers`: objects with .receiver and .status)."""
-    ebpf = sys.modules.get("kpod.kernel.ebpf")
-    if ebpf is None:
-        return 0, {}
-    loaded = 0
-    states: dict[str, bool] = {}
-    for obj in ebpf.REGISTRY.objects():
-        for route in obj.routes:
-            if route.active:
-                loaded += 1
-                states[route.program] = False
-            elif route.reason not in _NOT_FAILURES:
-                states.setdefault(route.program, True)
-    for running in receivers:
-        specs = getattr(running.receiver, "program_specs", ())
-        not_loaded = getattr(running.receiver, "loaded", None) is None
-        if specs and not_loaded and running.status.state in ("unavailable", "failing"):
-            for spec in specs:
-                if not spec.optional:
-                    states.setdefault(spec.program, True)
-    return loaded, states
-
-
 def update_bpf_metrics(metrics: SelfMetrics, receivers: Iterable[Any]) -> None:
-    loaded, states = bpf_program_states(receivers)
-    if not states and "kpod.kernel.ebpf" not in sys.modules:
+    """`receivers`: the pipeline's running receivers (objects with .receiver and .status)."""
+    ebpf = sys.modules.get(_EBPF)
+    if ebpf is None:
         return
+    loaded, states = ebpf.REGISTRY.program_states(receivers)
     metrics.set(BPF_LOADED, "BPF programs attached by this agent.", float(loaded))
     for program, failed in states.items():
         metrics.set(BPF_FAILED, BPF_FAILED_HELP, 1.0 if failed else 0.0, (("program", program),))
 
 
 def bpf_map_fill() -> list[dict[str, Any]]:
-    """Fill level of every loaded BPF map, for /debug/status (entries are counted: it walks
-    the keys, fine for a debug page, not for every scrape).  Only hash maps have one: `fill`
-    is None for the others, with the reason (arrays never run out of room)."""
-    ebpf = sys.modules.get("kpod.kernel.ebpf")
-    if ebpf is None:
-        return []
-    from kpod.kernel.libbpf import LibbpfError
-
-    out: list[dict[str, Any]] = []
-    for obj in ebpf.REGISTRY.objects():
-        try:
-            errors = obj.error_counts()
-            maps = list(obj.obj.maps.items())
-        except (LibbpfError, ValueError):  # closed by its receiver meanwhile
-            continue
-        for name, bpf_map in maps:
-            try:
-                entries = bpf_map.count()
-                capacity = bpf_map.max_entries
-            except (LibbpfError, ValueError):
-                continue
-            entry: dict[str, Any] = {"object": obj.name, "map": name, "type": bpf_map.type_name, "capacity": capacity}
-            if entries is not None:
-                entry["entries"] = entries
-                entry["fill"] = round(entries / capacity, 4) if capacity else 0.0
-            else:  # an array or local storage: nothing to run out of
-                entry["fill"] = None
-                entry["no_fill_reason"] = bpf_map.fill_reason
-            if name in errors:
-                entry["update_errors"] = errors[name]
-            out.append(entry)
-    return out
+    """Fill level of every loaded BPF map, for /debug/status ([] without eBPF receivers)."""
+    ebpf = sys.modules.get(_EBPF)
+    return ebpf.REGISTRY.map_fill() if ebpf is not None else []

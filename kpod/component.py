@@ -16,14 +16,13 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from kpod.model import Batch, MetricDef
+from kpod.model import Batch, CgroupRef, MetricDef
 
 if TYPE_CHECKING:
-    from kpod.cgroup.index import CgroupIndex
-    from kpod.config import KpodSettings
     from kpod.selfmetrics import SelfMetrics
+    from kpod.settings import KpodSettings
     from kpod.status import AgentStatus
 
 
@@ -34,19 +33,46 @@ class ComponentUnavailable(Exception):
     """
 
 
+class CgroupMountsView(Protocol):
+    @property
+    def unified(self) -> str | None: ...
+
+    @property
+    def v1(self) -> dict[str, str]: ...
+
+
+class Cgroups(Protocol):
+    """The cgroup index every component gets in its Context: kpod.cgroup.index.CgroupIndex,
+    built by the agent.  The framework itself only refreshes it and asks which ids exist."""
+
+    @property
+    def root(self) -> str: ...
+
+    @property
+    def mounts(self) -> CgroupMountsView: ...
+
+    def abspath(self, path: str) -> str: ...
+
+    def refresh(self) -> None: ...
+
+    def known_ids(self) -> set[int]: ...
+
+    def ref(self, cgroup_id: int) -> CgroupRef | None: ...
+
+    def workloads(self) -> list[CgroupRef]: ...
+
+
 @dataclass
 class Context:
     """What the agent hands every component: settings and shared services."""
 
     id: str  # the component id, "type" or "type/name"
     settings: KpodSettings
-    cgroups: CgroupIndex
+    cgroups: Cgroups
     self_metrics: SelfMetrics
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("kpod"))
     # Readiness, cycle and receiver state, shared by the whole agent (None in unit tests).
     status: AgentStatus | None = None
-    # Shared services between components, by name (one dict for the whole agent).
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Component(ABC):  # noqa: B024 - the kinds below add the abstract methods

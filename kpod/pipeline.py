@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 
 from kpod import __version__
 from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
-from kpod.cgroup import parsers
-from kpod.cgroup.index import CgroupIndex
-from kpod.component import ComponentUnavailable, Context, Exporter, Processor, Receiver
+from kpod.component import Cgroups, ComponentUnavailable, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
 from kpod.model import Batch, Kind, MetricDef
-from kpod.selfmetrics import SelfMetrics
+from kpod.selfmetrics import SelfMetrics, parser_skips
 from kpod.status import AgentStatus, ReceiverStatus
 
 log = logging.getLogger("kpod.pipeline")
@@ -68,7 +66,7 @@ class Pipeline:
     def __init__(
         self,
         config: AgentConfig,
-        cgroups: CgroupIndex,
+        cgroups: Cgroups,
         self_metrics: SelfMetrics | None = None,
         status: AgentStatus | None = None,
     ) -> None:
@@ -77,7 +75,6 @@ class Pipeline:
         self.cgroups = cgroups
         self.self_metrics = self_metrics or SelfMetrics()
         self.status = status or AgentStatus(config.kpod.profile, config.kpod.poll_interval.seconds)
-        self.extras: dict[str, object] = {}
         self.exporters: list[Exporter] = [self._create(spec) for spec in config.exporters]  # type: ignore[misc]
         self.processors: list[Processor] = [self._create(spec) for spec in config.processors]  # type: ignore[misc]
         self.receivers: list[_RunningReceiver] = []
@@ -90,7 +87,7 @@ class Pipeline:
         self._started: list[Exporter | Processor] = []
         self._shut_down = False
         # The parsers count for the whole process; this pipeline reports what happens from now.
-        self._parser_skips = parsers.skipped_counts()
+        self._parser_skips = parser_skips()
         self.status.discovery_failure_window_s = self.settings.discovery.failure_window.seconds
         # /debug/status: what a user pastes into a bug report, computed when it is read.
         self.status.sections.update(
@@ -105,8 +102,12 @@ class Pipeline:
             self.self_metrics.inc(COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, (("receiver", running.id),), 0)
 
     def _pods_known(self) -> int | None:
-        store = self.extras.get("pods")  # the k8sattributes processor's PodStore, if any
-        return len(store) if store is not None else None  # type: ignore[arg-type]
+        """The pods a processor knows (k8sattributes says so in its status), if any does."""
+        for processor in self.processors:
+            pods = processor.status().get("pods")
+            if isinstance(pods, int):
+                return pods
+        return None
 
     def _create(self, spec: ComponentConfig) -> Receiver | Processor | Exporter:
         context = Context(
@@ -116,7 +117,6 @@ class Pipeline:
             self_metrics=self.self_metrics,
             logger=logging.getLogger("kpod"),
             status=self.status,
-            extras=self.extras,
         )
         return spec.factory.create(context, spec.config)  # type: ignore[return-value]
 
@@ -249,7 +249,7 @@ class Pipeline:
                 )
         update_process_metrics(self.self_metrics)
         update_bpf_metrics(self.self_metrics, self.receivers)
-        for parser, total in parsers.skipped_counts().items():
+        for parser, total in parser_skips().items():
             delta = total - self._parser_skips.get(parser, 0)
             if delta > 0:
                 labels = (("parser", parser),)

@@ -75,6 +75,24 @@ class SelfMetrics:
             return out
 
 
+# Lines of kernel, cgroup and /proc files the parsers skipped as malformed, by parser, since
+# start; the pipeline exports the growth as kpod_parser_skipped_lines_total{parser}, so that a
+# kernel whose format changed shows up as a rising counter instead of silently missing data.
+# Updated from the receivers' threads without a lock: a dict increment under the GIL can at
+# worst lose a concurrent increment, which a diagnostic counter can afford; a lock would cost
+# every skip path more than it is worth.
+_PARSER_SKIPS: dict[str, int] = {}
+
+
+def count_parser_skip(parser: str, lines: int = 1) -> None:
+    _PARSER_SKIPS[parser] = _PARSER_SKIPS.get(parser, 0) + lines
+
+
+def parser_skips() -> dict[str, int]:
+    """Lines skipped since start, by parser (a copy)."""
+    return dict(_PARSER_SKIPS)
+
+
 # Exporter self-metrics, shared by every exporter so that one dashboard covers them all.
 # Dotted names: the Prometheus naming rule adds `_total` to the counters.
 EXPORTER_SENT_POINTS = "kpod.exporter.sent.points"

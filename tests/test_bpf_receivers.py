@@ -37,6 +37,7 @@ from kpod.receivers.memory import MemoryConfig, MemoryReceiver
 
 from kpod.component import ComponentUnavailable, EmptyConfig, Receiver
 from kpod.kernel import libbpf
+from kpod.kernel.bpfinfo import map_id
 from kpod.kernel.ebpf import REGISTRY
 from kpod.model import Batch
 
@@ -404,7 +405,7 @@ def test_shutdown_leaves_no_program_link_map_or_perf_event() -> None:
             loaded = r.loaded
             assert loaded is not None
             prog_ids |= {s.id for s in loaded.program_stats().values()}
-            map_ids |= {m.id() for m in loaded.obj.maps.values()}
+            map_ids |= {map_id(m) for m in loaded.obj.maps.values()}
         assert prog_ids <= bpftool_ids("prog") and map_ids <= bpftool_ids("map")
         assert perf_fds() > perf_before
         assert len(bpftool_ids("link")) > link_count_before

@@ -43,6 +43,7 @@ from kernel_util import (
 from kpod.receivers.syscall import FILTER_MAP, SyscallConfig, SyscallReceiver
 
 from kpod.component import ComponentUnavailable
+from kpod.kernel.bpfinfo import map_id
 from kpod.kernel.syscalls import resolve_syscalls
 
 pytestmark = kernel_test
@@ -99,7 +100,7 @@ def test_counts_errors_and_latency_exact_for_a_known_workload(workload_binary: P
         try:
             numbers = resolve_syscalls(tracked)
             # The tracked set is really in the kernel's filter map, and nothing else is.
-            filter_id = receiver.loaded.obj.maps["sys_filter"].id()
+            filter_id = map_id(receiver.loaded.obj.maps["sys_filter"])
             assert bpftool_filter(filter_id) == set(numbers.values())
             assert filter_contents(receiver) == set(numbers.values())
             with started_syscall_workload(workload_binary) as proc:
@@ -175,7 +176,7 @@ def test_shutdown_removes_programs_and_maps() -> None:
     receiver = SyscallReceiver(context("syscall"), SyscallConfig())
     receiver.start()
     prog_ids = {s.id for s in receiver.loaded.program_stats().values()}
-    map_ids = {m.id() for m in receiver.loaded.obj.maps.values()}
+    map_ids = {map_id(m) for m in receiver.loaded.obj.maps.values()}
     receiver.shutdown()
 
     def ids(kind: str) -> set[int]:

@@ -22,7 +22,7 @@ from kpod.processors.k8sattributes import factory
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.discovery import InformerDiscovery
 from kpod.processors.k8sattributes.pods import PodStore
-from kpod.processors.k8sattributes.processor import EXTRAS_PODS, UNRESOLVED_METRIC, K8sAttributesProcessor
+from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttributesProcessor
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import ComponentUnavailable, Context
@@ -176,7 +176,7 @@ def test_only_this_node_is_listed_and_watched(api: FakeApiServer, harness: Harne
     assert api.requests
     assert all(query.get("fieldSelector") == f"spec.nodeName={NODE}" for _, query in api.requests)
     assert any(query.get("watch") == "true" and query.get("allowWatchBookmarks") == "true" for _, query in api.requests)
-    assert harness.context.extras[EXTRAS_PODS] is harness.store
+    assert harness.processor.status()["pods"] == len(harness.store) == 2  # what /debug/status shows
 
 
 def test_410_relists_and_keeps_serving_meanwhile(api: FakeApiServer, harness: Harness) -> None:

@@ -17,7 +17,7 @@ import pytest
 from helpers import BpftoolBtf
 from kernel_util import REPO, kernel_test
 
-from kpod.kernel import btflayout, libbpf
+from kpod.kernel import bpfinfo, btflayout, libbpf
 
 pytestmark = kernel_test
 
@@ -111,14 +111,14 @@ def test_prog_info_from_kernel_btf(loaded: libbpf.BpfObject) -> None:
     """prog_info() lays bpf_prog_info out as the kernel's BTF says (bpftool's reading of
     /sys/kernel/btf/vmlinux), so every field it returns is the one bpftool shows."""
     program = loaded.programs["sched_switch"]
-    info = libbpf.prog_info(program.fd)
+    info = bpfinfo.prog_info(program.fd)
     btf = BpftoolBtf("/sys/kernel/btf/vmlinux")
     struct_id = btf.named("STRUCT", "bpf_prog_info")
     assert ctypes.sizeof(type(info)) == btf.size(struct_id)
     assert btflayout.describe(type(info)) == btf.layout(struct_id)
     shown = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(info.id)],
                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
-    assert program.stats().id == info.id == shown["id"] > 0
+    assert bpfinfo.program_stats(program).id == info.id == shown["id"] > 0
     assert bytes(info.name).rstrip(b"\0").decode() == shown["name"] == "sched_switch"
     assert bytes(info.tag).hex() == shown["tag"]
     assert info.type == BPF_PROG_TYPE[shown["type"]]

@@ -1,5 +1,5 @@
 """Odd input is skipped *and counted*: every skip of the file parsers lands in
-kpod.cgroup.parsers.SKIPPED and reaches the exposition as kpod_parser_skipped_lines_total{parser};
+kpod.selfmetrics.parser_skips() and reaches the exposition as kpod_parser_skipped_lines_total{parser};
 the real files of this host and of the captured kernels (tests/fixtures) skip nothing (no
 false alarms)."""
 
@@ -20,12 +20,13 @@ from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import parse_mountinfo_cgroups
 from kpod.config import load_config
 from kpod.pipeline import Pipeline
+from kpod.selfmetrics import parser_skips
 
 
 def skips_of(parse: Callable[[str], object], text: str) -> dict[str, int]:
-    before = p.skipped_counts()
+    before = parser_skips()
     parse(text)
-    after = p.skipped_counts()
+    after = parser_skips()
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
@@ -58,9 +59,9 @@ def test_each_skip_is_counted_by_parser(parse: Callable[[str], object], text: st
        st.lists(st.sampled_from(["x", "a b c", "k v", "k -", "k 1_0"]), max_size=5))  # fmt: skip
 def test_flat_keyed_count_equals_returned_skips(good: list[tuple[str, int]], junk: list[str]) -> None:
     text = "\n".join([*(f"{k} {v}" for k, v in good), *junk])
-    before = p.skipped_counts().get("flat_keyed", 0)
+    before = parser_skips().get("flat_keyed", 0)
     _, skipped = p.parse_flat_keyed(text)
-    assert p.skipped_counts().get("flat_keyed", 0) - before == skipped == len(junk)
+    assert parser_skips().get("flat_keyed", 0) - before == skipped == len(junk)
 
 
 # The parser of each kind of kernel file, by file name (cgroup files) or name pattern (the

@@ -9,33 +9,21 @@ skipped.
 
 Units are the kernel's: microseconds for PSI and cpu.stat, bytes for io and memory.
 
-Every line (or io.stat pair) a parser skips is also counted in `SKIPPED`, by parser, for the
-whole process; the pipeline exports it as kpod_parser_skipped_lines_total{parser}, so that a
-kernel whose format changed shows up as a rising counter instead of silently missing data.
-Only the skip branches count: the well-formed path costs nothing more.
+Every line (or io.stat pair) a parser skips is also counted, by parser, for the whole process
+(kpod.selfmetrics.count_parser_skip); the pipeline exports it as
+kpod_parser_skipped_lines_total{parser}, so that a kernel whose format changed shows up as a
+rising counter instead of silently missing data.  Only the skip branches count: the
+well-formed path costs nothing more.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kpod.selfmetrics import count_parser_skip as _skip
+
 # A device number as (major, minor): the key of io.stat and blkio lines, and of /sys/dev/block.
 DevNum = tuple[int, int]
-
-# Lines skipped since start, by parser.  Updated from the receivers' threads without a lock:
-# a dict increment under the GIL can at worst lose a concurrent increment, which a diagnostic
-# counter can afford; a lock would cost every skip path more than it is worth.
-SKIPPED: dict[str, int] = {}
-
-
-def _skip(parser: str, lines: int = 1) -> None:
-    SKIPPED[parser] = SKIPPED.get(parser, 0) + lines
-
-
-def skipped_counts() -> dict[str, int]:
-    """A copy of SKIPPED."""
-    return dict(SKIPPED)
-
 
 def _int(text: str) -> int | None:
     """A base-10 integer, or None.  Only ASCII digits with an optional sign, unlike int()."""

@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 
 from kpod.component import ComponentUnavailable, Receiver
 from kpod.kernel import btflayout, libbpf
+from kpod.kernel.bpfinfo import ProgramStats, program_stats
 from kpod.kernel.btflayout import LayoutError, MapLayout
 from kpod.kernel.preflight import effective_capabilities
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
@@ -228,11 +229,11 @@ class LoadedObject:
         value = layout.value(raw)
         return {name: int(getattr(value, name)) for name in layout.value_fields()}
 
-    def program_stats(self) -> dict[str, libbpf.ProgramStats]:
-        out: dict[str, libbpf.ProgramStats] = {}
+    def program_stats(self) -> dict[str, ProgramStats]:
+        out: dict[str, ProgramStats] = {}
         for route in self.routes:
             if route.active:
-                out[route.program] = self.obj.programs[route.program].stats()
+                out[route.program] = program_stats(self.obj.programs[route.program])
         return out
 
     @contextlib.contextmanager
@@ -275,6 +276,62 @@ class BpfRegistry:
         with self._lock:
             return list(self._objects)
 
+    def program_states(self, receivers: Iterable[Any]) -> tuple[int, dict[str, bool]]:
+        """(programs attached, {program: failed?}) over the loaded objects and the eBPF receivers
+        that could not start (`receivers`: the pipeline's, objects with .receiver and .status):
+        what kpod_bpf_programs_loaded and kpod_bpf_programs_failed{program} report."""
+        loaded = 0
+        states: dict[str, bool] = {}
+        for obj in self.objects():
+            for route in obj.routes:
+                if route.active:
+                    loaded += 1
+                    states[route.program] = False
+                elif route.reason not in _NOT_FAILURES:
+                    states.setdefault(route.program, True)
+        for running in receivers:
+            specs = getattr(running.receiver, "program_specs", ())
+            not_loaded = getattr(running.receiver, "loaded", None) is None
+            if specs and not_loaded and running.status.state in ("unavailable", "failing"):
+                for spec in specs:
+                    if not spec.optional:
+                        states.setdefault(spec.program, True)
+        return loaded, states
+
+    def map_fill(self) -> list[dict[str, Any]]:
+        """Fill level of every loaded map, for /debug/status (entries are counted: it walks the
+        keys, fine for a debug page, not for every scrape).  Only hash maps have one: `fill` is
+        None for the others, with the reason (arrays never run out of room)."""
+        out: list[dict[str, Any]] = []
+        for obj in self.objects():
+            try:
+                errors = obj.error_counts()
+                maps = list(obj.obj.maps.items())
+            except (libbpf.LibbpfError, ValueError):  # closed by its receiver meanwhile
+                continue
+            for name, bpf_map in maps:
+                try:
+                    entries = bpf_map.count()
+                    capacity = bpf_map.max_entries
+                except (libbpf.LibbpfError, ValueError):
+                    continue
+                entry: dict[str, Any] = {
+                    "object": obj.name, "map": name, "type": bpf_map.type_name, "capacity": capacity
+                }
+                if entries is not None:
+                    entry["entries"] = entries
+                    entry["fill"] = round(entries / capacity, 4) if capacity else 0.0
+                else:  # an array or local storage: nothing to run out of
+                    entry["fill"] = None
+                    entry["no_fill_reason"] = bpf_map.fill_reason
+                if name in errors:
+                    entry["update_errors"] = errors[name]
+                out.append(entry)
+        return out
+
+
+# Route reasons that are choices, not failures.
+_NOT_FAILURES = ("disabled by config", "an earlier alternative is used")
 
 REGISTRY = BpfRegistry()
 

@@ -37,7 +37,6 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from dataclasses import dataclass
 
 log = logging.getLogger("kpod.libbpf")
 
@@ -240,15 +239,6 @@ class Link:
         return self._ptr is not None
 
 
-@dataclass(frozen=True)
-class ProgramStats:
-    """Kernel-side cost from bpf_prog_info; run_* stay 0 unless kernel.bpf_stats_enabled=1."""
-
-    id: int
-    run_time_ns: int
-    run_cnt: int
-
-
 class Program:
     def __init__(self, obj: BpfObject, ptr: int) -> None:
         self._obj = obj
@@ -292,10 +282,6 @@ class Program:
         self._obj.links.append(link)
         return link
 
-    def stats(self) -> ProgramStats:
-        info = prog_info(self.fd)
-        return ProgramStats(int(info.id), int(info.run_time_ns), int(info.run_cnt))
-
 
 class Map:
     def __init__(self, obj: BpfObject, ptr: int) -> None:
@@ -333,9 +319,6 @@ class Map:
     @property
     def fd(self) -> int:
         return lib().bpf_map__fd(self._live)
-
-    def id(self) -> int:
-        return int(map_info(self.fd).id)
 
     # Element access works on raw bytes; kpod.kernel.btflayout turns them into structs.
 
@@ -530,34 +513,6 @@ class BpfObject:
         self.close()
 
 
-# --- bpf_*_info via BTF-derived structs ------------------------------------------------------
-
-
-def prog_info(fd: int) -> ctypes.Structure:
-    """struct bpf_prog_info for a program fd, laid out from the running kernel's BTF."""
-    from kpod.kernel.btflayout import vmlinux_struct
-
-    info_type = vmlinux_struct("bpf_prog_info")
-    info = info_type()
-    size = c_uint32(ctypes.sizeof(info))
-    rc = lib().bpf_obj_get_info_by_fd(fd, byref(info), byref(size))
-    if rc:
-        raise LibbpfError(rc, "bpf_obj_get_info_by_fd(prog)")
-    return info
-
-
-def map_info(fd: int) -> ctypes.Structure:
-    from kpod.kernel.btflayout import vmlinux_struct
-
-    info_type = vmlinux_struct("bpf_map_info")
-    info = info_type()
-    size = c_uint32(ctypes.sizeof(info))
-    rc = lib().bpf_obj_get_info_by_fd(fd, byref(info), byref(size))
-    if rc:
-        raise LibbpfError(rc, "bpf_obj_get_info_by_fd(map)")
-    return info
-
-
 # --- perf events ----------------------------------------------------------------------------
 
 PERF_TYPE_SOFTWARE = 1
@@ -624,11 +579,8 @@ __all__ = [
     "Map",
     "PerfEventAttr",
     "Program",
-    "ProgramStats",
     "lib",
-    "map_info",
     "online_cpus",
     "perf_event_open",
-    "prog_info",
     "version",
 ]

@@ -21,12 +21,8 @@ container="" of their pod.  Two series with one label set would break the exposi
 points that end up identical in (metric, attributes, labels) are merged: values and histogram
 buckets are summed ("pod overhead").
 
-Shared with receivers: `context.extras["pods"]` is the `PodStore` (pods.py) discovery fills
-(informer/kubelet mode; absent in local mode).  `store.snapshot()` maps pod uid -> PodInfo
-(name, namespace, labels, host_network, containers).  (The net_iface receiver does not need
-it: it tells a hostNetwork pod by its network namespace inode.)  The pipeline must hand all
-components one `extras` dict, and this processor sets it when it is created (before any
-receiver starts).
+The `PodStore` (pods.py) that discovery fills is this processor's own; `status()` reports how
+many pods it holds (the pipeline shows that as pods_known in /debug/status).
 """
 
 from __future__ import annotations
@@ -57,7 +53,6 @@ UNRESOLVED_METRIC = "kpod.cgroups.unresolved"
 UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
 PODS_METRIC = "kpod.pods.discovered"
 PODS_HELP = "pods of this node that discovery knows"
-EXTRAS_PODS = "pods"
 
 
 class K8sAttributesProcessor(Processor):
@@ -87,7 +82,6 @@ class K8sAttributesProcessor(Processor):
                 abspath=context.cgroups.abspath if context.cgroups is not None else None,
                 proc_root=settings.cgroup.proc_root,
             )
-            context.extras[EXTRAS_PODS] = self.store
         # (cgroup id, path) -> Resource or drop reason, valid for one store generation.
         self._cache: dict[tuple[int, str], Resource | Drop] = {}
         self._cache_generation = -1
