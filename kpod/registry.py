@@ -6,9 +6,17 @@ third-party package's.  A type's entry point is imported only when a config name
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from kpod.component import KIND_GROUPS, Factory
+
+# Checks of `kpod:` settings whose rules belong to a component (the label-selector grammar of
+# k8sattributes, the syscall table of the kernel package): entry point name = the dotted key
+# under `kpod`, value = a callable that takes the setting and raises ValueError (one line).
+# Found like the components, so that the config loader never imports component code itself.
+SETTINGS_CHECKS_GROUP = "kpod.settings_checks"
 
 
 class UnknownComponent(LookupError):
@@ -38,6 +46,16 @@ class Registry:
             raise UnknownComponent(f"{kind} type {type_name!r}: entry point {found[0].value} is not a {kind} Factory")
         self._cache[key] = factory
         return factory
+
+    def settings_checks(self) -> list[tuple[str, Callable[[Any], object]]]:
+        """(dotted key under kpod, check) for every installed settings check, by key."""
+        checks = []
+        for ep in sorted(entry_points(group=SETTINGS_CHECKS_GROUP), key=lambda ep: ep.name):
+            try:
+                checks.append((ep.name, ep.load()))
+            except Exception as error:  # a broken plugin: one line, not a traceback
+                raise UnknownComponent(f"settings check {ep.name!r} failed to load: {error}") from error
+        return checks
 
 
 def split_id(component_id: str) -> tuple[str, str]:

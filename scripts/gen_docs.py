@@ -24,7 +24,7 @@ from kpod.exporters.prometheus.naming import family_name, prometheus_name
 
 from kpod import pipeline, profiles
 from kpod.component import Receiver
-from kpod.config import _leaf_paths, env_var_name
+from kpod.config.overrides import env_var_name, leaf_paths
 from kpod.model import Kind, MetricDef
 from kpod.settings import KpodSettings
 from kpod.units import Duration
@@ -506,7 +506,7 @@ def configuration_markdown() -> str:
         "| key | type | default | environment | Helm value | meaning |",
         "|---|---|---|---|---|---|",
     ]
-    for path, tp in _leaf_paths(KpodSettings):
+    for path, tp in leaf_paths(KpodSettings):
         dotted = ".".join(path)
         meaning = comments.get("kpod." + dotted) or _meaning(KpodSettings, path)
         helm_value = HELM_VALUES.get(dotted, "- (extraEnv)")

@@ -349,9 +349,10 @@ def test_pod_cgroup_path_both_drivers() -> None:
 
 
 def test_receiver_configs_go_through_the_config_builder() -> None:
-    from kpod.config import ConfigError, _Where, build
+    from kpod.config.build import Where, build
+    from kpod.config.errors import ConfigError
 
-    where = _Where("test.yaml", "receivers.x")
+    where = Where("test.yaml", "receivers.x")
     by_type = {e.name: e.load().config_class for e in entry_points(group="kpod.receivers") if e.name in MY_RECEIVERS}
     for config_class in by_type.values():
         assert build(config_class, {}, where) == config_class()  # defaults are valid

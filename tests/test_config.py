@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kpod.config import ConfigError, load_config, substitute_env
+from kpod.config import ConfigError, load_config
+from kpod.config.env import substitute_env
 from kpod.units import Duration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,6 +193,50 @@ def test_bad_config_is_one_line_naming_file_line_and_key(
     assert "\n" not in message
     assert message.startswith(path), message
     assert expected in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The offending key's own line, not the line of `kpod:` (checks that need more than the
+        # key's type run after building, and used to name line 1).
+        ("# label filter\nkpod:\n  poll_interval: 30s\n  filter:\n    label_selector: 'app in (a'\n",
+         ":5: kpod.filter.label_selector: "),
+        ("kpod:\n  profile: standard\n  discovery:\n    failure_window: 1m\n    mode: magic\n",
+         ":5: kpod.discovery.mode: must be one of informer, kubelet, local, got 'magic'"),
+        ("\nkpod:\n  discovery: {mode: magic}\n", ":3: kpod.discovery.mode: must be one of"),
+        ("kpod:\n  node_name: n\n  profile: everything\n", ":3: kpod.profile: must be one of"),
+        ("kpod:\n  node_name: n\n  poll_interval: 10ms\n", ":3: kpod.poll_interval: must be at least 100ms"),
+        ("kpod:\n  bpf:\n    enabled: true\n    map_max_entries: 0\n",
+         ":4: kpod.bpf.map_max_entries: must be between 1 and 1048576"),
+        ("kpod:\n  syscall:\n    tracked_syscalls:\n      - read\n      - frobnicate\n",
+         ":3: kpod.syscall.tracked_syscalls: unknown syscall name(s)"),
+    ],
+)  # fmt: skip
+def test_settings_errors_name_the_line_of_their_key(
+    tmp_path: Path, clean_env: dict[str, str], text: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=clean_env)
+    assert str(caught.value).startswith(path + expected), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("KPOD_DISCOVERY_MODE", "magic", "kpod.discovery.mode: must be one of"),
+        ("KPOD_FILTER_LABEL_SELECTOR", "app in (a", "kpod.filter.label_selector: "),
+        ("KPOD_SYSCALL_TRACKED_SYSCALLS", "read,frobnicate", "kpod.syscall.tracked_syscalls: unknown syscall"),
+    ],
+)
+def test_settings_errors_from_the_environment_name_the_variable(
+    tmp_path: Path, clean_env: dict[str, str], variable: str, value: str, expected: str
+) -> None:
+    path = write(tmp_path, "kpod:\n  node_name: n\n  discovery: {mode: local}\n  filter: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={**clean_env, variable: value})
+    assert str(caught.value).startswith(f"{variable} (environment): {expected}"), str(caught.value)
 
 
 def test_bad_environment_override_names_the_variable(clean_env: dict[str, str]) -> None:

@@ -15,7 +15,7 @@ from agent_proc import agent_exposition
 from helpers import receiver_classes
 from kpod.exporters.prometheus.naming import prometheus_name
 
-from kpod.config import _leaf_paths, env_var_name
+from kpod.config.overrides import env_var_name, leaf_paths
 from kpod.settings import KpodSettings
 from scripts import gen_docs
 
@@ -80,7 +80,7 @@ def test_series_per_profile_grow_with_the_profile() -> None:
 
 def test_every_setting_is_documented_with_its_variable() -> None:
     text = (REPO / "docs" / "CONFIGURATION.md").read_text()
-    for path, _ in _leaf_paths(KpodSettings):
+    for path, _ in leaf_paths(KpodSettings):
         dotted = "kpod." + ".".join(path)
         row = next((line for line in text.splitlines() if line.startswith(f"| `{dotted}` |")), None)
         assert row, dotted
