@@ -12,6 +12,8 @@ import threading
 import time
 from types import FrameType
 
+# The one place the framework touches cgroup access: it builds the index that every component
+# gets in its Context (tests/test_imports.py keeps it so).
 from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import read_mountinfo, resolve_cgroup_root
 from kpod.config import AgentConfig
