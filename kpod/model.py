@@ -138,3 +138,56 @@ class Batch:
             ],
             time_ns=self.time_ns,
         )
+
+
+# --------------------------------------------------------------------------- one point per series
+
+
+def sum_values(a: float | HistogramValue, b: float | HistogramValue) -> float | HistogramValue | None:
+    """a + b for two points of one series: numbers added, histograms bucket by bucket (and their
+    sums); None when they cannot be added (a histogram and a number, or different bounds)."""
+    if isinstance(a, HistogramValue) and isinstance(b, HistogramValue):
+        if a.bounds != b.bounds:
+            return None
+        width = max(len(a.counts), len(b.counts))
+        counts = tuple(
+            (a.counts[i] if i < len(a.counts) else 0) + (b.counts[i] if i < len(b.counts) else 0) for i in range(width)
+        )
+        return HistogramValue(a.bounds, counts, a.sum + b.sum)
+    if isinstance(a, HistogramValue) or isinstance(b, HistogramValue):
+        return None
+    return a + b
+
+
+def merge_duplicates(points: list[Point]) -> list[Point]:
+    """One point per series, in first-seen order.
+
+    Several cgroups can end up with one label set: a pod's sandbox, CRI-O's conmon and the pod
+    level are all container="" of their pod (the pod's overhead), and without Kubernetes labels
+    every cgroup has the same.  Two series with one label set would break the Prometheus
+    exposition, so points that share metric, attributes and resource labels are merged: their
+    values are summed (sum_values), the earliest start time is kept, and so are the OTel
+    resource attributes they all share (a merged point stands for several containers: no single
+    container.id).  A point whose value cannot be added to the first one's is left out.
+    The pipeline applies this once per cycle, after the processors: the one place it happens.
+    """
+    seen: dict[tuple[MetricDef, Attributes, Attributes | None], int] = {}
+    out: list[Point] = []
+    for point in points:
+        key = (point.metric, point.attributes, point.resource.labels if point.resource is not None else None)
+        index = seen.get(key)
+        if index is None:
+            seen[key] = len(out)
+            out.append(point)
+            continue
+        first = out[index]
+        value = sum_values(first.value, point.value)
+        if value is None:
+            continue
+        resource = first.resource
+        if resource is not None and point.resource is not None and resource.otel != point.resource.otel:
+            shared = set(point.resource.otel)
+            resource = Resource(resource.labels, tuple(item for item in resource.otel if item in shared))
+        starts = [t for t in (first.start_time_ns, point.start_time_ns) if t]
+        out[index] = Point(first.metric, first.cgroup, first.attributes, value, resource, min(starts) if starts else 0)
+    return out

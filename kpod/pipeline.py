@@ -19,7 +19,7 @@ from kpod import __version__
 from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
 from kpod.component import Cgroups, ComponentUnavailable, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
-from kpod.model import Batch, Kind, MetricDef
+from kpod.model import Batch, Kind, MetricDef, merge_duplicates
 from kpod.selfmetrics import SelfMetrics, parser_skips
 from kpod.status import AgentStatus, ReceiverStatus
 
@@ -235,6 +235,9 @@ class Pipeline:
                     PROCESSOR_ERRORS.name, PROCESSOR_ERRORS.description, (("processor", processor.id),)
                 )
                 return batch
+        # One point per series (a pod's sandbox and pod-level cgroups share one label set): the
+        # one place duplicates are merged, so that both exporters see the same series.
+        batch.points = merge_duplicates(batch.points)
         self.self_metrics.set(SERIES.name, SERIES.description, len(batch))
         self.self_metrics.inc(CYCLES.name, CYCLES.description)
         self.self_metrics.set(LAST_CYCLE.name, LAST_CYCLE.description, time.time(), unit="s")

@@ -11,7 +11,7 @@ from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttrib
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
-from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource, merge_duplicates
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
@@ -131,11 +131,12 @@ def test_include_labels_that_collide_are_a_config_error() -> None:
 
 
 def test_points_with_one_label_set_are_merged() -> None:
-    # Two cgroups, one label set (same leaf name in two slices): one series, values summed.
+    # Two cgroups, one label set (same leaf name in two slices): one series after the pipeline's
+    # merge, values summed.
     processor, _ = make()
     h1 = HistogramValue((1.0, 2.0), (1, 0, 2), 5.0)
     h2 = HistogramValue((1.0, 2.0), (0, 3, 1), 7.0)
-    batch = processor.process(
+    processed = processor.process(
         Batch(
             [
                 Point(CPU, CgroupRef(1, "/a.slice/init.scope"), (), 1.5),
@@ -146,6 +147,8 @@ def test_points_with_one_label_set_are_merged() -> None:
             ]
         )
     )
+    assert len(processed.points) == 5  # the processor labels; it does not merge
+    batch = Batch(merge_duplicates(processed.points))
     values = {(p.metric.name, labels_of(p)["container"]): p.value for p in batch.points}
     assert values == {
         ("kpod.cpu.usage", "init.scope"): 3.5,

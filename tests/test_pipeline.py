@@ -77,6 +77,27 @@ def test_lifecycle_order_and_fan_out(tmp_path: Path, test_plugin: Path, clean_en
     assert len(first) == len(second) == len(batch)
 
 
+def test_one_point_per_series_reaches_the_exporters(
+    tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]
+) -> None:
+    """Two receivers emitting one series (as a pod's sandbox and pod-level cgroups do once
+    labelled): the pipeline adds them up once, after the processors, for every exporter."""
+    import kpod_testplugin as plugin
+
+    receivers = {"constant/x": "{value: 7, source: same}", "constant/y": "{value: 9, source: same}",
+                 "constant/z": "{value: 1}"}  # fmt: skip
+    pipeline = Pipeline(plugin_config(tmp_path, clean_env, receivers), empty_index(tmp_path))
+    pipeline.start()
+    try:
+        pipeline.run_cycle()
+    finally:
+        pipeline.shutdown()
+    for exported in plugin.RecordingExporter.batches:
+        values = {dict(p.attributes)["source"]: p.value for p in exported if p.metric.name == "test.constant"}
+        assert values == {"same": 16, "constant/z": 1}
+        assert sum(p.metric.name == "test.constant" for p in exported) == 2
+
+
 def test_failing_receiver_does_not_stop_the_others(
     tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]
 ) -> None:

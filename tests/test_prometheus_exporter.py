@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.synthetic import HIST_BOUNDS, node_batch
 from kpod.component import Context
-from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, Resource, merge_duplicates
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 from kpod.status import AgentStatus
@@ -81,15 +81,16 @@ def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
 
 
 def test_duplicate_label_sets_are_added_not_repeated() -> None:
-    """A pod's sandbox and pod-level cgroups both carry container="": one series, summed."""
+    """A pod's sandbox and pod-level cgroups both carry container="": the pipeline's merge makes
+    them one series, summed; the renderer never repeats a series, even when handed one twice."""
     metric = MetricDef("kpod.cpu.context.switches", Kind.COUNTER, "1", "Switches.")
     resource = Resource((("namespace", "a"), ("pod", "b"), ("container", ""), ("node", "n")))
-    batch = Batch(
-        [Point(metric, CgroupRef(1, "/p"), (), 3, resource), Point(metric, CgroupRef(2, "/p/s"), (), 4, resource)]
-    )
-    text, _, series = Renderer().render(batch)
+    points = [Point(metric, CgroupRef(1, "/p"), (), 3, resource), Point(metric, CgroupRef(2, "/p/s"), (), 4, resource)]
+    text, _, series = Renderer().render(Batch(merge_duplicates(points)))
     assert series == 1
     assert b'kpod_cpu_context_switches_total{namespace="a",pod="b",container="",node="n"} 7\n' in text
+    unmerged, _, series = Renderer().render(Batch(points))
+    assert series == 1 and unmerged.count(b"kpod_cpu_context_switches_total{") == 1
 
 
 def test_node_sized_exposition_passes_promtool() -> None:

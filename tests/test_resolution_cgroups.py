@@ -38,7 +38,7 @@ from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttrib
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
-from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point, merge_duplicates
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
@@ -177,7 +177,8 @@ def test_resolution_on_real_cgroups(layout: Layout, world: tuple[CgroupTree, Pro
         refs[name] = ref
     assert {r.path for r in index.workloads()} == {refs[n].path for n in cgroups if n != "pod"}
 
-    batch = processor.process(Batch([Point(CPU, ref, (), 1.0 + i) for i, ref in enumerate(refs.values())]))
+    processed = processor.process(Batch([Point(CPU, ref, (), 1.0 + i) for i, ref in enumerate(refs.values())]))
+    batch = Batch(merge_duplicates(processed.points))  # what the pipeline does after the processors
     by_container: dict[str, list[Point]] = {}
     for point in batch.points:
         assert point.resource is not None
@@ -192,6 +193,7 @@ def test_resolution_on_real_cgroups(layout: Layout, world: tuple[CgroupTree, Pro
     values = {name: 1.0 + i for i, name in enumerate(refs)}
     expected = values["sandbox"] + values["pod"] + values.get("conmon", 0.0)
     assert overhead.value == expected
+    assert overhead.resource is not None and "container.id" not in dict(overhead.resource.otel)
     (app_point,) = by_container["app"]
     assert app_point.cgroup == refs["app"]
     assert dict(app_point.resource.otel) == {  # type: ignore[union-attr]

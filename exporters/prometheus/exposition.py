@@ -137,7 +137,7 @@ class Renderer:
         previous = self._series
         current: dict[MetricDef, dict[str, _Series]] = {}
         series = 0
-        for metric, points in merged_families(batch, self._labels).items():
+        for metric, points in families(batch, self._labels).items():
             family = family_name(metric)
             sample = prometheus_name(metric)
             histogram = metric.kind is Kind.HISTOGRAM
@@ -205,39 +205,17 @@ def _fill(template: bytes, value: HistogramValue) -> bytes:
     return template % (*cumulative, format_value(value.sum).encode(), cumulative[-1])
 
 
-def merged_families(
-    batch: Batch, labels_of: Callable[[Point], K]
-) -> dict[MetricDef, dict[K, float | HistogramValue]]:
+def families(batch: Batch, labels_of: Callable[[Point], K]) -> dict[MetricDef, dict[K, float | HistogramValue]]:
     """Group points by metric and labels (a renderer's encoding of them: text, protobuf).
 
-    Two cgroups can carry the same labels (a pod's sandbox cgroup and its pod-level cgroup are
-    both container=""); Prometheus rejects duplicate series, so counters and histograms of such
-    cgroups are added up and the last gauge wins.
+    The pipeline hands over one point per series (kpod.model.merge_duplicates adds up a pod's
+    sandbox and pod-level cgroups, which share one label set).  Should a batch repeat a series
+    anyway, only its first point is rendered: Prometheus rejects a scrape that repeats one.
     """
-    families: dict[MetricDef, dict[K, float | HistogramValue]] = {}
+    grouped: dict[MetricDef, dict[K, float | HistogramValue]] = {}
     for point in batch.points:
-        series = families.get(point.metric)
+        series = grouped.get(point.metric)
         if series is None:
-            series = families[point.metric] = {}
-        key = labels_of(point)
-        previous = series.get(key)
-        if previous is None or point.metric.kind is Kind.GAUGE:
-            series[key] = point.value
-        else:
-            series[key] = _add(previous, point.value)
-    return families
-
-
-def _add(a: float | HistogramValue, b: float | HistogramValue) -> float | HistogramValue:
-    if isinstance(a, HistogramValue) and isinstance(b, HistogramValue):
-        if a.bounds != b.bounds:
-            return a
-        width = max(len(a.counts), len(b.counts))
-        counts = tuple(
-            (a.counts[i] if i < len(a.counts) else 0) + (b.counts[i] if i < len(b.counts) else 0)
-            for i in range(width)
-        )
-        return HistogramValue(a.bounds, counts, a.sum + b.sum)
-    if isinstance(a, HistogramValue) or isinstance(b, HistogramValue):
-        return a
-    return a + b
+            series = grouped[point.metric] = {}
+        series.setdefault(labels_of(point), point.value)
+    return grouped

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from itertools import accumulate, pairwise
 from struct import Struct
 
-from kpod.exporters.prometheus.exposition import merged_families, utf8_label_value
+from kpod.exporters.prometheus.exposition import families, utf8_label_value
 from kpod.exporters.prometheus.naming import label_name, prometheus_name
 
 from kpod.model import Batch, HistogramValue, Kind, MetricDef, Point, Resource
@@ -275,7 +275,7 @@ class ProtobufRenderer:
         current: dict[MetricDef, dict[bytes, list[object]]] = {}
         mode = self.histograms
         series = 0
-        for metric, points in merged_families(batch, self._labels).items():
+        for metric, points in families(batch, self._labels).items():
             kind = metric.kind
             if kind not in _TYPES:
                 continue

@@ -9,17 +9,16 @@ Configured like any processor (`processors: {k8sattributes: {...}}` and listed i
                             the `node` label
     kpod.filter             namespaces, exclude_namespaces, label_selector, include_labels
 
-Each point with a cgroup gets `Point.resource` (see kpod.processors.k8sattributes.resolve for the rules): Prometheus
-labels namespace, pod, container, node (+ label_<x> per include_labels) and OTLP attributes
+Each point with a cgroup gets `Point.resource` (see resolve.py for the rules): Prometheus labels
+namespace, pod, container, node (+ label_<x> per include_labels) and OTLP attributes
 k8s.namespace.name, k8s.pod.name, k8s.pod.uid, k8s.container.name, container.id, k8s.node.name.
 Points without a cgroup (self-metrics) pass untouched.  In informer and kubelet mode a point
 whose cgroup belongs to no known, allowed pod is dropped and its cgroup counted in
 `kpod.cgroups.unresolved{reason}` (kpod_cgroups_unresolved_total) once per cycle.
 
 Several cgroups can get one label set: the pod sandbox and CRI-O's conmon cgroups are all
-container="" of their pod.  Two series with one label set would break the exposition, so
-points that end up identical in (metric, attributes, labels) are merged: values and histogram
-buckets are summed ("pod overhead").
+container="" of their pod.  The pipeline merges such points after the processors (values and
+histogram buckets summed, "pod overhead": kpod.model.merge_duplicates).
 
 The `PodStore` (pods.py) that discovery fills is this processor's own; `status()` reports how
 many pods it holds (the pipeline shows that as pods_known in /debug/status).
@@ -38,7 +37,6 @@ from kpod.processors.k8sattributes.resolve import (
     DROP_NOT_A_POD,
     DROP_NOT_SYNCED,
     DROP_UNKNOWN_POD,
-    OTEL_CONTAINER_ID,
     Drop,
     LocalResolver,
     PodResolver,
@@ -47,7 +45,7 @@ from kpod.processors.k8sattributes.resolve import (
 from kpod.processors.k8sattributes.selector import PodFilter, include_label_names
 
 from kpod.component import ComponentUnavailable, Context, Processor
-from kpod.model import Batch, HistogramValue, Point, Resource
+from kpod.model import Batch, Point, Resource
 
 UNRESOLVED_METRIC = "kpod.cgroups.unresolved"
 UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
@@ -196,53 +194,6 @@ class K8sAttributesProcessor(Processor):
                 dropped.setdefault(found, set()).add(point.cgroup.id)
         for reason, ids in dropped.items():
             self.context.self_metrics.inc(UNRESOLVED_METRIC, UNRESOLVED_HELP, (("reason", reason),), len(ids))
-        batch.points = merge_duplicates(kept, self.log)
+        batch.points = kept
         self._prune(now)
         return batch
-
-
-def _merge_values(first: Point, other: Point) -> float | HistogramValue | None:
-    a, b = first.value, other.value
-    if isinstance(a, HistogramValue) and isinstance(b, HistogramValue):
-        if a.bounds != b.bounds:
-            return None
-        return HistogramValue(
-            a.bounds, tuple(x + y for x, y in zip(a.counts, b.counts, strict=True)), a.sum + b.sum
-        )
-    if isinstance(a, HistogramValue) or isinstance(b, HistogramValue):
-        return None
-    return a + b
-
-
-def merge_duplicates(points: list[Point], log: Any) -> list[Point]:
-    """Sum points that share metric, attributes and Prometheus labels (see the module doc)."""
-    seen: dict[tuple[Any, ...], int] = {}
-    out: list[Point] = []
-    for point in points:
-        if point.resource is None:
-            out.append(point)
-            continue
-        key = (point.metric, point.attributes, point.resource.labels)
-        index = seen.get(key)
-        if index is None:
-            seen[key] = len(out)
-            out.append(point)
-            continue
-        first = out[index]
-        value = _merge_values(first, point)
-        if value is None:
-            log.debug("cannot merge %s points of different shapes; keeping the first", point.metric.name)
-            continue
-        assert first.resource is not None
-        # The merged point stands for several containers: no single container.id.
-        otel = tuple(item for item in first.resource.otel if item[0] != OTEL_CONTAINER_ID)
-        starts = [t for t in (first.start_time_ns, point.start_time_ns) if t]
-        out[index] = Point(
-            first.metric,
-            first.cgroup,
-            first.attributes,
-            value,
-            Resource(first.resource.labels, otel),
-            min(starts) if starts else 0,
-        )
-    return out

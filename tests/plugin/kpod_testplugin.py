@@ -22,6 +22,8 @@ class ConstantConfig:
     fail_collect: bool = False
     hang_collect_s: float = 0.0
     fail_start: bool = False
+    # The `source` attribute; empty: the receiver's id (so two receivers give two series).
+    source: str = ""
 
 
 class ConstantReceiver(Receiver):
@@ -46,7 +48,7 @@ class ConstantReceiver(Receiver):
         # Charged to the first cgroup of the tree the agent watches (in tests, an empty one).
         workloads = self.context.cgroups.workloads()
         ref: CgroupRef | None = workloads[0] if workloads else None
-        return Batch([Point(CONSTANT, ref, (("source", self.id),), self.config.value)])
+        return Batch([Point(CONSTANT, ref, (("source", self.config.source or self.id),), self.config.value)])
 
 
 @dataclass
