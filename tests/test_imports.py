@@ -164,3 +164,14 @@ def test_every_module_imports_on_its_own() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_the_product_does_not_import_what_only_tests_install() -> None:
+    """pyproject.toml lists prometheus_client (our exposition's reader in the tests), pytest and
+    hypothesis under the `test` extra only: no product module may need them."""
+    test_only = {"prometheus_client", "pytest", "hypothesis"}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {name.split(".")[0] for name in names} & test_only, module
