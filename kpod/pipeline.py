@@ -1,35 +1,28 @@
 """The running pipeline: components built from the config, started in order, driven in cycles.
 
 Start order is exporters, processors, receivers (so nothing is produced before it can be
-consumed); shutdown is the reverse.  A receiver that fails to start or to collect is logged
-once per distinct reason, counted in kpod_collection_errors_total{receiver}, retried with
-backoff, and never stops the others.  Receivers collect concurrently, each in its own daemon
-thread, so one that hangs past the cycle timeout is abandoned (and not started again until it
-returns) instead of blocking the cycle or the agent's exit.
+consumed); shutdown is the reverse.  Each cycle the receivers that are due collect (when, and
+what happens when one fails or hangs, is kpod.scheduler's), the processors run in order, points
+of one series are merged (kpod.model.merge_duplicates), the agent's own metrics are added and
+every exporter gets the batch.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
 
 from kpod import __version__
 from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
-from kpod.component import Cgroups, ComponentUnavailable, Context, Exporter, Processor, Receiver
+from kpod.component import Cgroups, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
 from kpod.model import Batch, Kind, MetricDef, merge_duplicates
+from kpod.scheduler import ScheduledReceiver, Scheduler
 from kpod.selfmetrics import SelfMetrics, parser_skips
 from kpod.status import AgentStatus, ReceiverStatus
 
 log = logging.getLogger("kpod.pipeline")
 
-COLLECTION_ERRORS = "kpod.collection.errors"
-COLLECTION_ERRORS_HELP = "Receiver start or collection failures, by receiver."
-COLLECTION_DURATION = MetricDef(
-    "kpod.collection.duration", Kind.GAUGE, "s", "Duration of the receiver's last collection.", ("receiver",)
-)
 SERIES = MetricDef("kpod.series", Kind.GAUGE, "1", "Series in the last collection cycle.")
 PARSER_SKIPPED = "kpod.parser.skipped.lines"
 PARSER_SKIPPED_HELP = "Lines of kernel, cgroup and /proc files the parsers skipped as malformed, by parser."
@@ -41,25 +34,6 @@ LAST_CYCLE = MetricDef(
 PROCESSOR_ERRORS = MetricDef(
     "kpod.processor.errors", Kind.COUNTER, "1", "Cycles not exported because a processor failed.", ("processor",)
 )
-
-MAX_BACKOFF_CYCLES = 32
-
-
-@dataclass
-class _RunningReceiver:
-    spec: ComponentConfig
-    receiver: Receiver
-    status: ReceiverStatus
-    interval_s: float
-    started: bool = False
-    next_due: float = 0.0  # monotonic time of the next collection or start attempt
-    busy: threading.Event = field(default_factory=threading.Event)
-    last_batch: Batch | None = None
-    last_error: str = ""
-
-    @property
-    def id(self) -> str:
-        return self.spec.id
 
 
 class Pipeline:
@@ -77,13 +51,13 @@ class Pipeline:
         self.status = status or AgentStatus(config.kpod.profile, config.kpod.poll_interval.seconds)
         self.exporters: list[Exporter] = [self._create(spec) for spec in config.exporters]  # type: ignore[misc]
         self.processors: list[Processor] = [self._create(spec) for spec in config.processors]  # type: ignore[misc]
-        self.receivers: list[_RunningReceiver] = []
+        self.receivers: list[ScheduledReceiver] = []
         for spec in config.receivers:
             receiver: Receiver = self._create(spec)  # type: ignore[assignment]
             status_entry = self.status.receivers.setdefault(spec.id, ReceiverStatus())
             status_entry.details_source = receiver.status  # routes, map errors: in /debug/status
             interval = spec.interval.seconds if spec.interval else self.settings.poll_interval.seconds
-            self.receivers.append(_RunningReceiver(spec, receiver, status_entry, interval))
+            self.receivers.append(ScheduledReceiver(spec, receiver, status_entry, interval))
         self._started: list[Exporter | Processor] = []
         self._shut_down = False
         # The parsers count for the whole process; this pipeline reports what happens from now.
@@ -96,10 +70,7 @@ class Pipeline:
             bpf_maps=bpf_map_fill,
             pods_known=self._pods_known,
         )
-        self.self_metrics.declare_counter(COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, ("receiver",))
-        for running in self.receivers:
-            # Present from the start at 0, so rate() works from the first error on.
-            self.self_metrics.inc(COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, (("receiver", running.id),), 0)
+        self.scheduler = Scheduler(self.receivers, self.self_metrics)
 
     def _pods_known(self) -> int | None:
         """The pods a processor knows (k8sattributes says so in its status), if any does."""
@@ -138,38 +109,7 @@ class Pipeline:
             raise
         self.self_metrics.set(BUILD_INFO.name, BUILD_INFO.description, 1, (("version", __version__),))
         self.cgroups.refresh()
-        for running in self.receivers:
-            self._start_receiver(running)
-
-    def _start_receiver(self, running: _RunningReceiver) -> None:
-        running.status.route = _safe_route(running.receiver)
-        try:
-            running.receiver.start()
-        except ComponentUnavailable as error:
-            self._receiver_failed(running, str(error), state="unavailable")
-            return
-        except Exception as error:  # a plugin's bug must not stop the agent
-            self._receiver_failed(running, f"start failed: {type(error).__name__}: {error}", state="failing")
-            return
-        running.started = True
-        running.status.state = "running"
-        running.status.reason = ""
-        running.status.route = _safe_route(running.receiver)
-        running.status.consecutive_failures = 0
-        running.next_due = 0.0
-        log.info("receiver %s started (%s)", running.id, running.status.route or "no route info")
-
-    def _receiver_failed(self, running: _RunningReceiver, reason: str, state: str) -> None:
-        status = running.status
-        status.consecutive_failures += 1
-        status.state = state
-        status.reason = reason
-        if reason != running.last_error:
-            log.warning("receiver %s: %s", running.id, reason)
-            running.last_error = reason
-        self.self_metrics.inc(COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, (("receiver", running.id),))
-        backoff = min(2 ** (status.consecutive_failures - 1), MAX_BACKOFF_CYCLES)
-        running.next_due = time.monotonic() + backoff * running.interval_s
+        self.scheduler.start_all()
 
     def shutdown(self) -> None:
         """Reverse order: receivers, processors, exporters.  Idempotent; safe before start."""
@@ -184,35 +124,14 @@ class Pipeline:
     # ------------------------------------------------------------------ cycles
 
     def run_cycle(self, timeout_s: float | None = None) -> Batch:
-        """Collect from every due receiver (concurrently), process, export.  Never overlaps
-        a receiver's previous collection."""
+        """Collect from every due receiver (concurrently, see kpod.scheduler), process, merge,
+        export."""
         started = time.monotonic()
         if timeout_s is None:
             configured = self.settings.cycle_timeout.seconds
             timeout_s = configured or self.settings.poll_interval.seconds
         self.cgroups.refresh()
-        threads: list[tuple[_RunningReceiver, threading.Thread, dict[str, object]]] = []
-        for running in self.receivers:
-            if started < running.next_due or running.busy.is_set():
-                continue
-            if not running.started:
-                self._start_receiver(running)
-                if not running.started:
-                    continue
-            outcome: dict[str, object] = {}
-            running.busy.set()
-            thread = threading.Thread(
-                target=self._collect_one, args=(running, outcome), name=f"collect-{running.id}", daemon=True
-            )
-            thread.start()
-            threads.append((running, thread, outcome))
-        deadline = started + timeout_s
-        for running, thread, _ in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                # Abandoned: it keeps `busy` set until it returns, so it never runs twice at once.
-                self._receiver_failed(running, f"collection timed out after {timeout_s:g}s", "failing")
-                running.last_batch = None
+        self.scheduler.collect_due(started, timeout_s)
 
         # A receiver that was not due this cycle contributes its last batch; points of cgroups
         # that are gone since (not in this cycle's walk) leave the exposition now, not later.
@@ -241,15 +160,7 @@ class Pipeline:
         self.self_metrics.set(SERIES.name, SERIES.description, len(batch))
         self.self_metrics.inc(CYCLES.name, CYCLES.description)
         self.self_metrics.set(LAST_CYCLE.name, LAST_CYCLE.description, time.time(), unit="s")
-        for running in self.receivers:
-            if running.started:
-                self.self_metrics.set(
-                    COLLECTION_DURATION.name,
-                    COLLECTION_DURATION.description,
-                    running.status.last_duration_s,
-                    (("receiver", running.id),),
-                    unit="s",
-                )
+        self.scheduler.report_durations()
         update_process_metrics(self.self_metrics)
         update_bpf_metrics(self.self_metrics, self.receivers)
         for parser, total in parser_skips().items():
@@ -268,34 +179,6 @@ class Pipeline:
                 log.warning("exporter %s: %s: %s", exporter.id, type(error).__name__, error)
         self.status.cycle_done()
         return batch
-
-    def _collect_one(self, running: _RunningReceiver, outcome: dict[str, object]) -> None:
-        began = time.monotonic()
-        try:
-            batch = running.receiver.collect()
-        except Exception as error:
-            reason = f"collect failed: {type(error).__name__}: {error}"
-            self._receiver_failed(running, reason, "failing")
-            running.last_batch = None
-        else:
-            now = time.monotonic()
-            running.last_batch = batch
-            running.status.last_duration_s = now - began
-            running.status.last_collect_unix = time.time()
-            running.status.state = "running"
-            running.status.reason = ""
-            running.status.consecutive_failures = 0
-            running.last_error = ""
-            running.next_due = began + running.interval_s - 0.05 * running.interval_s
-        finally:
-            running.busy.clear()
-
-
-def _safe_route(receiver: Receiver) -> str:
-    try:
-        return receiver.route()
-    except Exception as error:
-        return f"unknown ({type(error).__name__}: {error})"
 
 
 def _quietly(action: object, component_id: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from kpod.exporters.prometheus.naming import family_name, prometheus_name
 
-from kpod import pipeline, profiles
+from kpod import pipeline, profiles, scheduler
 from kpod.component import Receiver
 from kpod.config.overrides import env_var_name, leaf_paths
 from kpod.model import Kind, MetricDef
@@ -168,9 +168,9 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
 
     exporter = ("exporter",)
     defs = [
-        (pipeline.COLLECTION_ERRORS, Kind.COUNTER, "1", pipeline.COLLECTION_ERRORS_HELP, ("receiver",)),
+        (scheduler.COLLECTION_ERRORS, Kind.COUNTER, "1", scheduler.COLLECTION_ERRORS_HELP, ("receiver",)),
         *[(m.name, m.kind, m.unit, m.description, m.attribute_keys)
-          for m in (pipeline.COLLECTION_DURATION, pipeline.SERIES, pipeline.BUILD_INFO, pipeline.CYCLES,
+          for m in (scheduler.COLLECTION_DURATION, pipeline.SERIES, pipeline.BUILD_INFO, pipeline.CYCLES,
                     pipeline.LAST_CYCLE, pipeline.PROCESSOR_ERRORS)],
         (pipeline.PARSER_SKIPPED, Kind.COUNTER, "1", pipeline.PARSER_SKIPPED_HELP, ("parser",)),
         (k8sattributes.UNRESOLVED_METRIC, Kind.COUNTER, "1", k8sattributes.UNRESOLVED_HELP, ("reason",)),

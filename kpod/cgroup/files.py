@@ -19,9 +19,8 @@ from kpod.cgroup.parsers import parse_cgroup_procs
 from kpod.component import ComponentUnavailable, Receiver
 from kpod.model import CgroupRef
 
-COLLECTION_ERRORS = "kpod.collection.errors"
-# Same name and help as kpod.pipeline's, which declares the family: one family, whoever counts first.
-COLLECTION_ERRORS_HELP = "Receiver start or collection failures, by receiver."
+# The scheduler's family: a file that cannot be read counts as the receiver's collection error.
+from kpod.scheduler import COLLECTION_ERRORS, COLLECTION_ERRORS_HELP
 
 _READ_CHUNK = 65536
 # Longest line of cgroup.procs ("4194304\n") and of /proc/<pid>/net/dev (a 15-byte name and 16
