@@ -215,6 +215,36 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheels[0]
 
 
+def _check_wheel() -> object:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import check_wheel
+
+        return check_wheel
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+
+def test_check_wheel_names_a_package_the_wheel_lacks(tmp_path: Path) -> None:
+    """A subpackage missing from pyproject.toml's `packages` is a build failure, not an image
+    that breaks at the first import."""
+    check_wheel = _check_wheel()
+    packages = check_wheel.expected_packages()  # type: ignore[attr-defined]
+    assert {"kpod/kernel/__init__.py", "kpod/exporters/otlp/__init__.py"} <= packages
+    wheel = tmp_path / "kpod_metrics-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in sorted(packages - {"kpod/cgroup/__init__.py"}):
+            archive.writestr(name, "")
+    found = check_wheel.problems(str(wheel))  # type: ignore[attr-defined]
+    assert any("packages missing" in f and "kpod/cgroup/__init__.py" in f for f in found), found
+
+
+@pytest.mark.slow
+def test_build_stage_wheel_carries_every_package(built_wheel: Path) -> None:
+    names = set(zipfile.ZipFile(built_wheel).namelist())
+    assert _check_wheel().expected_packages() <= names  # type: ignore[attr-defined]
+
+
 @pytest.mark.slow
 def test_build_stage_wheel_carries_every_bpf_object(built_wheel: Path) -> None:
     names = set(zipfile.ZipFile(built_wheel).namelist())
