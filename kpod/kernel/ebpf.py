@@ -57,14 +57,12 @@ from kpod.component import ComponentUnavailable, Receiver
 from kpod.kernel import btflayout, libbpf
 from kpod.kernel.bpfinfo import ProgramStats, program_stats
 from kpod.kernel.btflayout import LayoutError, MapLayout
-from kpod.kernel.preflight import effective_capabilities
+from kpod.kernel.preflight import BTF_PATH, TRACEFS_PATHS, effective_capabilities
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
 
 log = logging.getLogger("kpod.ebpf")
 
-BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
-TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 CGROUP_KEY_FIELD = "cgroup_id"
 
@@ -92,8 +90,8 @@ def bpf_preflight(object_path: str | None = None) -> str | None:
     caps = effective_capabilities()
     if "CAP_SYS_ADMIN" not in caps and not {"CAP_BPF", "CAP_PERFMON"} <= caps:
         return "needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs"
-    if not os.path.exists(BTF_VMLINUX):
-        return f"kernel has no BTF ({BTF_VMLINUX} missing): CO-RE programs cannot be relocated"
+    if not os.path.exists(BTF_PATH):
+        return f"kernel has no BTF ({BTF_PATH} missing): CO-RE programs cannot be relocated"
     try:
         libbpf.lib()
     except libbpf.LibbpfError as exc:
@@ -129,7 +127,7 @@ def hook_unavailable(section: str) -> str | None:
             return f"kernel has no {kind}/{target}"
         return None
     if kind in ("tracepoint", "tp"):
-        if not any(os.path.isdir(os.path.join(root, "events", target)) for root in TRACEFS_ROOTS):
+        if not any(os.path.isdir(os.path.join(root, "events", target)) for root in TRACEFS_PATHS):
             return f"no tracefs event {target} (tracefs not mounted or tracepoint missing)"
         return None
     if kind in ("fentry", "fexit", "fmod_ret"):
@@ -141,7 +139,7 @@ def hook_unavailable(section: str) -> str | None:
     if kind in ("kprobe", "kretprobe"):
         # libbpf attaches through the kprobe PMU, or legacy tracefs kprobe_events.
         if not os.path.exists(KPROBE_PMU_TYPE) and not any(
-            os.path.exists(os.path.join(root, "kprobe_events")) for root in TRACEFS_ROOTS
+            os.path.exists(os.path.join(root, "kprobe_events")) for root in TRACEFS_PATHS
         ):
             return "kernel has no kprobes (no kprobe PMU, no kprobe_events)"
         return None
