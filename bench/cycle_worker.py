@@ -112,10 +112,18 @@ def _due_now(pipeline: Any) -> None:
         running.next_due = 0.0
 
 
+def _pods_known(pipeline: Any) -> int:
+    """Pods the k8sattributes processor knows (its status; older trees kept its store in extras)."""
+    if hasattr(pipeline, "pods_known"):
+        return pipeline.pods_known() or 0
+    store = pipeline.extras.get("pods")
+    return len(store) if store is not None else 0
+
+
 def main(config_path: str, pods: int, cycles: int, out: str) -> None:
+    import importlib
     import logging
 
-    from kpod import pipeline as pipeline_module
     from kpod.agent import Agent
     from kpod.config import load_config
 
@@ -126,11 +134,10 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            store = pipeline.extras.get("pods")
-            if store is not None and len(store) >= pods:  # type: ignore[arg-type]
+            if _pods_known(pipeline) >= pods:
                 break
             time.sleep(0.2)
-        labelled = len(pipeline.extras.get("pods") or ())  # type: ignore[arg-type]
+        labelled = _pods_known(pipeline)
         for _ in range(3):  # BPF maps filled, caches warm
             _due_now(pipeline)
             pipeline.run_cycle()
@@ -149,16 +156,21 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
         threaded: list[float] = []
         serial: list[float] = []
         points = 0
-        real_thread = pipeline_module.threading.Thread
+        # The module whose threads collect: kpod.scheduler here, kpod.pipeline in older trees.
+        try:
+            collecting = importlib.import_module("kpod.scheduler")
+        except ImportError:
+            collecting = importlib.import_module("kpod.pipeline")
+        real_thread = collecting.threading.Thread
         for number in range(2 * cycles):
             inline = number % 2 == 1  # interleaved: threaded, serial, threaded, ...
-            pipeline_module.threading.Thread = _InlineThread if inline else real_thread  # type: ignore[attr-defined,misc]
+            collecting.threading.Thread = _InlineThread if inline else real_thread
             steps.clear()
             _due_now(pipeline)
             began = time.process_time()
             batch = pipeline.run_cycle()
             spent = (time.process_time() - began) * 1000
-            pipeline_module.threading.Thread = real_thread  # type: ignore[attr-defined]
+            collecting.threading.Thread = real_thread
             points = len(batch)
             (serial if inline else threaded).append(spent)
             if not inline:

@@ -68,11 +68,11 @@ class Pipeline:
             exporters=lambda: {e.id: e.status() for e in self.exporters},
             processors=lambda: {p.id: p.status() for p in self.processors},
             bpf_maps=bpf_map_fill,
-            pods_known=self._pods_known,
+            pods_known=self.pods_known,
         )
         self.scheduler = Scheduler(self.receivers, self.self_metrics)
 
-    def _pods_known(self) -> int | None:
+    def pods_known(self) -> int | None:
         """The pods a processor knows (k8sattributes says so in its status), if any does."""
         for processor in self.processors:
             pods = processor.status().get("pods")
