@@ -2,6 +2,7 @@
 
     exporter.py    the exporter: renders each cycle's batch once, keeps the bytes
     exposition.py  pure renderers over a Batch: text 0.0.4 and OpenMetrics 1.0
+    protobuf.py    the pure protobuf renderer (native histograms)
     naming.py      the one naming rule (dotted names to Prometheus names)
     server.py      the HTTP side: endpoints, bearer token, TLS, content negotiation
     config.py      its settings

@@ -1,12 +1,13 @@
 """The k8sattributes processor: namespace / pod / container / node labels on every per-cgroup
 point, from node-scoped pod discovery.
 
-    processor.py  the processor: resolve each point's cgroup, drop or label, merge duplicates
+    processor.py  the processor: resolve each point's cgroup, drop it or label it
     config.py     its settings
     resolve.py    cgroup -> Resource or a drop reason (LocalResolver, PodResolver)
     podpath.py    pure parser: cgroup path -> pod uid, container id, runtime, QoS
     pods.py       PodInfo and the PodStore discovery fills (copy on write)
     discovery.py  InformerDiscovery, KubeletDiscovery: fill the PodStore in a thread
+    apiserver.py  how the informer reaches the API server (in-cluster config or a kubeconfig)
     selector.py   Kubernetes label selectors and the pod filter
 """
 
