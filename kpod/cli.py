@@ -20,8 +20,7 @@ from kpod.config import AgentConfig, ConfigError, load_config
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -159,7 +158,23 @@ def _check(path: str | None) -> int:
     if runnable == 0:
         print("nothing can run on this node")
         return 1
-    return 0
+    return 0 if _check_discovery(config) else 1
+
+
+def _check_discovery(config: AgentConfig) -> bool:
+    """One line per finding about pod discovery (API server or kubelet); False if any failed."""
+    from kpod.processors.k8sattributes.check import check_discovery
+    from kpod.processors.k8sattributes.config import K8sAttributesConfig
+
+    spec = next((p for p in config.processors if p.factory.type == "k8sattributes"), None)
+    if spec is None:
+        print("discovery:    no k8sattributes processor in the pipeline: series carry no pod labels")
+        return True
+    findings = check_discovery(config.kpod, spec.config if isinstance(spec.config, K8sAttributesConfig) else
+                               K8sAttributesConfig())  # fmt: skip
+    for finding in findings:
+        print(f"discovery:    {finding.text}")
+    return all(finding.ok for finding in findings)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,8 @@ class FakeApiServer:
     ) -> None:
         self.token = token
         self.tls = tls  # HTTPS with this server context (an API server as a pod sees it)
+        # Verbs RBAC refuses (403 with the real server's Status), e.g. {"list"} or {"watch"}.
+        self.forbidden_verbs: set[str] = set()
         self.host = host
         self.port = port
         self._cond = threading.Condition()
@@ -250,12 +252,16 @@ class FakeApiServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def write_kubeconfig(self, path: str) -> str:
+    def write_kubeconfig(self, path: str, ca_file: str = "", token: str | None = None) -> str:
+        """A kubeconfig for this server; `ca_file`: the CA to trust (HTTPS), `token`: another token."""
+        cluster: dict[str, str] = {"server": self.url}
+        if ca_file:
+            cluster["certificate-authority"] = ca_file
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": self.token}}],
+            "clusters": [{"name": "fake", "cluster": cluster}],
+            "users": [{"name": "fake", "user": {"token": self.token if token is None else token}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
             "current-context": "fake",
         }
@@ -396,7 +402,13 @@ def _make_handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             except ValueError as error:
                 self._send_json(400, _status(400, "BadRequest", str(error)))
                 return
-            if query.get("watch") in ("true", "1"):
+            verb = "watch" if query.get("watch") in ("true", "1") else "list"
+            if verb in api.forbidden_verbs:
+                message = (f'pods is forbidden: User "system:serviceaccount:kpod:kpod" cannot {verb} resource '
+                           '"pods" in API group "" at the cluster scope')  # fmt: skip
+                self._send_json(403, _status(403, "Forbidden", message))
+                return
+            if verb == "watch":
                 self._watch(node, query)
             else:
                 if api.list_delay:

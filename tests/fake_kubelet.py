@@ -66,6 +66,7 @@ class FakeKubelet:
         self.certs = certs
         self.pods: list[dict[str, Any]] = []
         self.garbage = False
+        self.forbidden = False  # RBAC refuses the token's identity: 403 as the kubelet answers it
         self.requests = 0
         self._server: ThreadingHTTPServer | None = None
 
@@ -85,6 +86,9 @@ class FakeKubelet:
                     self._reply(404, b"404 page not found\n")
                 elif kubelet.token and self.headers.get("Authorization") != f"Bearer {kubelet.token}":
                     self._reply(401, b"Unauthorized\n")
+                elif kubelet.forbidden:
+                    self._reply(403, b"Forbidden (user=system:serviceaccount:kpod:kpod, verb=get, resource=nodes,"
+                                     b" subresource(s)=[pods])\n")  # fmt: skip
                 elif kubelet.garbage:
                     self._reply(200, b'{"kind": "PodList", "items": [{"metadata": ')
                 else:

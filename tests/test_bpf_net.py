@@ -377,3 +377,21 @@ def test_full_tcp_map_counts_update_errors() -> None:
             assert values["kpod.bpf.map.update.errors.total"] > 0
         finally:
             receiver.shutdown()
+
+
+def test_check_lists_each_hook_once() -> None:
+    """tcp_probe and tcp_probe_read both attach to tp_btf/tcp_probe: `check` (the receiver's
+    route) names that hook once per metric, as the route that feeds it."""
+    route = NetTcpReceiver(context("net_tcp"), NetTcpConfig()).route()
+    entries = [part.split(": off")[0] for part in route.split("; ")]
+    assert len(entries) == len(set(entries)), route
+    assert entries.count(f"{RTT.name} <- tp_btf/tcp_probe") == 1, route
+
+
+def test_alternatives_on_one_hook_that_all_fail_keep_each_reason() -> None:
+    routes = [
+        ebpf.Route("a", "tp_btf/x", ("m",), False, "no kfunc"),
+        ebpf.Route("b", "tp_btf/x", ("m",), False, "verifier said no"),
+        ebpf.Route("c", "tp_btf/y", ("n",), True),
+    ]
+    assert ebpf.describe_routes(routes) == "m <- tp_btf/x: off (a: no kfunc; b: verifier said no); n <- tp_btf/y"

@@ -190,6 +190,29 @@ class Route:
     reason: str = ""  # why not active
 
 
+def describe_routes(routes: list[Route]) -> str:
+    """The routes as `check` prints them: "metrics <- hook" per route, and why a route is off.
+
+    Alternative programs on the same hook (tcp_probe and tcp_probe_read both attach to
+    tp_btf/tcp_probe) are one route to the reader: the hook is listed once, active if one of
+    them is; when none is, each program's reason is kept.
+    """
+    groups: dict[tuple[tuple[str, ...], str], list[Route]] = {}
+    for route in routes:
+        groups.setdefault((route.feeds, route.hook), []).append(route)
+    parts = []
+    for (feeds, hook), alternatives in groups.items():
+        metrics = ",".join(feeds)
+        if any(r.active for r in alternatives):
+            parts.append(f"{metrics} <- {hook}")
+        elif len(alternatives) == 1:
+            parts.append(f"{metrics} <- {hook}: off ({alternatives[0].reason})")
+        else:
+            reasons = "; ".join(f"{r.program}: {r.reason}" for r in alternatives)
+            parts.append(f"{metrics} <- {hook}: off ({reasons})")
+    return "; ".join(parts)
+
+
 _FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load|failed to find)")
 
 
@@ -561,11 +584,7 @@ class BpfReceiver(Receiver):
         reason = self.preflight()
         if reason:
             return f"unavailable: {reason}"
-        parts = []
-        for r in self.routes():
-            metrics = ",".join(r.feeds)
-            parts.append(f"{metrics} <- {r.hook}" if r.active else f"{metrics} <- {r.hook}: off ({r.reason})")
-        return "; ".join(parts)
+        return describe_routes(self.routes())
 
     def status(self) -> dict[str, Any]:
         if self.loaded is None:
