@@ -35,6 +35,7 @@ TOOL_PACKAGES = {
     "openssl": "openssl",
     "setpriv": "util-linux",
     "unshare": "util-linux",
+    "nsenter": "util-linux",
     "losetup": "util-linux",
     "findmnt": "util-linux",
     "mkfs.ext4": "e2fsprogs",

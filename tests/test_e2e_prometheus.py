@@ -32,19 +32,15 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from agent_proc import AgentProcess, clean_env
-from fake_apiserver import FakeApiServer, make_pod
+from fake_apiserver import FakeApiServer
 from helpers import free_port, require_tools
 from kernel_util import (
     GO_DELAY,
@@ -54,15 +50,12 @@ from kernel_util import (
     ODD_BYTES,
     SYSCALL_WORKLOAD_C,
     Z_EOF,
-    CgroupTree,
-    Pod,
     Workload,
     cgroup2_root,
     cgroup_tree,
     compile_c,
     finish_syscall_workload,
     kernel_test,
-    mounts,
     proc_status_switches,
     pure_cgroup2_memory,
     started_syscall_workload,
@@ -72,10 +65,10 @@ from kernel_util import (
     wait_blocked,
     workloads,
 )
+from prometheus_server import OomCgroup, Prometheus, build_pod, single
 
 from kpod.settings import DEFAULT_TRACKED_SYSCALLS
 
-PROMETHEUS = "prometheus"  # the Debian package prometheus (make setup), on PATH
 NAMESPACE = "e2e"
 NODE = "node-e2e"
 JOB = "kpod"  # the default exporter (histograms: both): native histograms in Prometheus
@@ -106,121 +99,6 @@ pytestmark = [
 ]
 
 
-# ------------------------------------------------------------------------------ Prometheus
-
-
-@dataclass
-class Prometheus:
-    """A real Prometheus server with its own config and TSDB, killed by PID on stop()."""
-
-    workdir: Path
-    target: str
-    classic_target: str
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "prometheus.log"
-
-    def start(self) -> Prometheus:
-        config = self.workdir / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-            f"scrape_configs:\n  - job_name: {JOB}\n    static_configs: [{{targets: ['{self.target}']}}]\n"
-            f"  - job_name: {CLASSIC_JOB}\n    static_configs: [{{targets: ['{self.classic_target}']}}]\n"
-        )
-        (self.workdir / "data").mkdir()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    # 2.40-3.7: ask for the protobuf exposition and keep native histograms.
-                    "--enable-feature=native-histograms",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"prometheus exited ({self.process.returncode}):\n{self.log()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/-/ready", timeout=2) as response:
-                if response.status == 200:
-                    return self
-            time.sleep(0.2)
-        raise AssertionError(f"prometheus not ready after 30 s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
-        """An instant query at "now": (labels, value) of each element of the result vector."""
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=5) as response:
-            body = json.load(response)
-        assert body["status"] == "success", body
-        data = body["data"]
-        assert data["resultType"] == "vector", data
-        # A native histogram sample comes as "histogram": [time, {count, sum, buckets}]: its count.
-        return [
-            (item["metric"], float(item["value"][1] if "value" in item else item["histogram"][1]["count"]))
-            for item in data["result"]
-        ]
-
-    def series(self, match: str) -> list[dict[str, str]]:
-        """The series matching a selector with a sample in the last 5 s, whatever their type
-        (an instant query's aggregations skip native histograms in 2.42)."""
-        now = time.time()
-        query = urllib.parse.urlencode({"match[]": match, "start": now - 5, "end": now})
-        with urllib.request.urlopen(f"{self.url}/api/v1/series?{query}", timeout=5) as response:
-            body = json.load(response)
-        assert body["status"] == "success", body
-        return list(body["data"])
-
-    def value(self, expr: str) -> float | None:
-        """The single value of `expr`, or None when the result is empty."""
-        result = self.query(expr)
-        assert len(result) <= 1, f"{expr}: more than one series: {result}"
-        return result[0][1] if result else None
-
-    def wait_for(self, expr: str, done: Callable[[list[tuple[dict[str, str], float]]], bool],
-                 timeout_s: float = 20.0) -> list[tuple[dict[str, str], float]]:  # fmt: skip
-        """Poll `expr` until `done(result)` or the timeout; returns the last result either way
-        (the caller asserts on it, so a miss fails with the values Prometheus had)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            result = self.query(expr)
-            if done(result) or time.monotonic() > deadline:
-                return result
-            time.sleep(0.25)
-
-
-def single(result: list[tuple[dict[str, str], float]]) -> float | None:
-    return result[0][1] if len(result) == 1 else None
-
-
 def not_histograms(series: list[dict[str, str]]) -> set[tuple[tuple[str, str], ...]]:
     """The label sets of the series that are not histograms (nor their _bucket/_sum/_count),
     without job and instance."""
@@ -240,40 +118,6 @@ def within_one_bucket(a: float, b: float) -> bool:
 
 
 # ------------------------------------------------------------------------------ pods
-
-
-@dataclass
-class E2EPod:
-    """A pod's cgroups (one CgroupTree each, so one pod can be removed alone) and its API object."""
-
-    name: str
-    uid: str
-    tree: CgroupTree
-    containers: dict[str, Pod]  # container name -> its scope
-    container_ids: dict[str, str]
-
-    def api_object(self) -> dict[str, Any]:
-        return make_pod(self.name, namespace=NAMESPACE, node=NODE, uid=self.uid,
-                        containers=list(self.container_ids.items()))  # fmt: skip
-
-    def selector(self, container: str | None = None, **labels: str) -> str:
-        matchers = {"job": JOB, "namespace": NAMESPACE, "pod": self.name,
-                    **({"container": container} if container else {}), **labels}  # fmt: skip
-        return "{" + ",".join(f'{k}="{v}"' for k, v in matchers.items()) + "}"
-
-
-def build_pod(tree: CgroupTree, prefix: str, name: str, containers: list[str]) -> E2EPod:
-    uid = str(uuid.uuid4())
-    flat = uid.replace("-", "_")
-    pod_slice = f"{prefix}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{flat}.slice"
-    scopes: dict[str, Pod] = {}
-    ids: dict[str, str] = {}
-    for container in containers:
-        cid = uuid.uuid4().hex + uuid.uuid4().hex  # 64 hex digits, as containerd's
-        scope = tree.mkdir(f"{pod_slice}/cri-containerd-{cid}.scope")
-        scopes[container] = Pod(uid, scope.parent, scope)
-        ids[container] = cid
-    return E2EPod(name, uid, tree, scopes, ids)
 
 
 def proc_file(pid: int, name: str) -> str:
@@ -324,18 +168,6 @@ def faults_code(path: Path) -> str:
 # Nice 10: the two hogs compete with each other as much as ever (that is the contention we
 # measure), but yield to the agent and Prometheus when those land on their CPU (CI has 2 CPUs).
 HOG = "os.nice(10)\nwhile True:\n    pass\n"
-MEMORY_HOG = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
-
-
-def oom_events(memcg: Path) -> int:
-    """The kernel's own OOM kill count of a memory cgroup (v1 memory.oom_control, v2 memory.events)."""
-    for name in ("memory.oom_control", "memory.events"):
-        with contextlib.suppress(FileNotFoundError):
-            for line in (memcg / name).read_text().splitlines():
-                key, value = line.split()
-                if key == "oom_kill":
-                    return int(value)
-    raise AssertionError(f"{memcg}: no oom_kill counter")
 
 
 def agent_config(cgroup_root: str, kubeconfig: str, port: int, classic_port: int) -> str:
@@ -360,11 +192,8 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
     began = time.monotonic()
     root = cgroup2_root()
     prefix = f"kpod-e2e-prom-{uuid.uuid4().hex[:10]}"
-    pure_v2 = pure_cgroup2_memory()
-    controllers = KUBELET_CONTROLLERS if pure_v2 else ()  # v2: memory.max needs the controller
-    memory_v1 = None if pure_v2 else mounts().v1.get("memory")
-    if not pure_v2 and memory_v1 is None:
-        pytest.fail("no memory controller to OOM-kill in: neither on cgroup2 nor a v1 hierarchy")
+    # v2: memory.max needs the controller
+    controllers = KUBELET_CONTROLLERS if pure_cgroup2_memory() else ()
     binary = compile_c(SYSCALL_WORKLOAD_C, tmp_path, "workload")
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
@@ -375,23 +204,12 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         stack.callback(shutil.rmtree, prom_dir, ignore_errors=True)
         api = stack.enter_context(FakeApiServer())
         client = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "client",
-                           ["sender", "syscalls"])  # fmt: skip
+                           ["sender", "syscalls"], NAMESPACE, NODE, JOB)  # fmt: skip
         server = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "server",
-                           ["receiver", "faults"])  # fmt: skip
-        batch = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "batch", ["hogs", "oom"])
-        memcg: Path
-        v1: CgroupTree | None = None  # hybrid host: our own v1 memory cgroup holds the limit
-        if memory_v1 is not None:
-            v1 = stack.enter_context(cgroup_tree(memory_v1))
-            memcg = v1.mkdir(f"kpod-e2e-oom-{uuid.uuid4().hex[:12]}")
-            (memcg / "memory.limit_in_bytes").write_text(str(64 << 20))
-            with contextlib.suppress(OSError):  # with swap accounting: no escape into swap either
-                (memcg / "memory.memsw.limit_in_bytes").write_text(str(64 << 20))
-        else:
-            memcg = batch.containers["oom"].container_dir
-            (memcg / "memory.max").write_text(str(64 << 20))
-            if (memcg / "memory.swap.max").exists():
-                (memcg / "memory.swap.max").write_text("0")
+                           ["receiver", "faults"], NAMESPACE, NODE, JOB)  # fmt: skip
+        batch = build_pod(stack.enter_context(cgroup_tree(root, controllers)), prefix, "batch", ["hogs", "oom"],
+                          NAMESPACE, NODE, JOB)  # fmt: skip
+        oom = OomCgroup.make(stack, batch.containers["oom"].container_dir)
         data = stack.enter_context(uncached_file(FAULT_FILE_SIZE))
         procs = stack.enter_context(workloads())
         server_procs: list[Workload] = []
@@ -409,7 +227,8 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         not_running = {name: r for name, r in receivers.items() if r["state"] != "running"}
         assert not not_running, f"receivers not running: {not_running}\n{agent.log()[-3000:]}"
 
-        prom = Prometheus(prom_dir, f"127.0.0.1:{agent_port}", f"127.0.0.1:{classic_port}")
+        prom = Prometheus(prom_dir, {JOB: f"127.0.0.1:{agent_port}", CLASSIC_JOB: f"127.0.0.1:{classic_port}"},
+                          native_histograms=True)  # fmt: skip
         stack.callback(prom.stop)  # before start(): a Prometheus that never gets ready dies too
         prom.start()
         prom_started = time.monotonic()
@@ -454,15 +273,7 @@ def test_prometheus_scrapes_ground_truth(tmp_path: Path) -> None:
         assert faults.switches >= 1000, faults  # most sleeps switched out
 
         # --- One OOM kill: batch/oom.
-        hog = Workload(MEMORY_HOG)
-        procs.append(hog)
-        batch.tree.move(hog.pid, batch.containers["oom"].container_dir)
-        if v1 is not None:
-            v1.move(hog.pid, memcg)
-        hog.go()
-        rc = hog.wait(60)
-        assert rc == -9, f"the memory hog should be OOM-killed (SIGKILL), exit status {rc}"
-        assert oom_events(memcg) == 1
+        oom.kill_a_hog(procs, batch, "oom")
 
         # ------------------------------------------------ what Prometheus has, against the truth
         def equals(want: float) -> Callable[[list[tuple[dict[str, str], float]]], bool]:
