@@ -42,7 +42,7 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def _boot_time(proc: str) -> float:
     try:
-        with open(f"{proc}/stat") as handle:
+        with open(f"{proc}/stat", newline="\n") as handle:
             for line in handle:
                 if line.startswith("btime "):
                     return float(line.split()[1])
@@ -60,7 +60,7 @@ def process_stats(proc: str = "/proc", pid: str = "self") -> dict[str, float]:
     out: dict[str, float] = {}
     base = f"{proc}/{pid}"
     try:
-        with open(f"{base}/stat") as handle:
+        with open(f"{base}/stat", newline="\n") as handle:
             # Fields after the ")" closing comm (which may contain spaces): state is field 3.
             fields = handle.read().rsplit(")", 1)[1].split()
         utime, stime = int(fields[11]), int(fields[12])
@@ -77,7 +77,7 @@ def process_stats(proc: str = "/proc", pid: str = "self") -> dict[str, float]:
     with contextlib.suppress(OSError):
         out[OPEN_FDS] = float(len(os.listdir(f"{base}/fd")))
     try:
-        with open(f"{base}/limits") as handle:
+        with open(f"{base}/limits", newline="\n") as handle:
             for line in handle:
                 if line.startswith("Max open files"):
                     soft = line.split()[3]

@@ -48,7 +48,10 @@ def fuzz(scale: float = 1.0) -> settings:
 # Tokens a kernel file is made of, plus what a truncated, newer or corrupted one adds.
 ODD_TOKENS = ["", "-", "+", "1_000", "\u0661\u0662", "nan", "inf", "0x10", "1e3", "\x00", "\ufffd",
               "\udcff", "=", "==", ":", "::", "18446744073709551616", "-1", "99999999999999999999999"]  # fmt: skip
-line_breaks = st.sampled_from(["\n", "\n", "\n", "\r\n", "\n\n", "\r", "\x0b", "\u2028", "\x1c"])
+# The kernel ends lines with "\n" only; the other characters str.splitlines() breaks at are
+# part of names (ODD_NAME_CHARS below), never line ends.
+line_breaks = st.sampled_from(["\n", "\n", "\n\n"])
+ODD_NAME_CHARS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 words = st.one_of(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.sampled_from(ODD_TOKENS))
 numbers = st.integers(min_value=0, max_value=2**64 - 1)
 garbage_text = st.binary(max_size=300).map(lambda b: b.decode("utf-8", "surrogateescape"))
@@ -65,10 +68,6 @@ def mixed_lines(draw: st.DrawFn, good: st.SearchStrategy[str]) -> tuple[str, lis
         out.append(line)
     breaks = [draw(line_breaks) for _ in out]
     return "".join(line + brk for line, brk in zip(out, breaks, strict=True)), goods
-
-
-def is_line_break_free(text: str) -> bool:
-    return len(text.splitlines()) <= 1 and not text.endswith(("\n", "\r"))
 
 
 # ------------------------------------------------------------------------------ cgroup files
@@ -222,6 +221,11 @@ def test_uevent_round_trip(values: dict[str, str], junk: list[str]) -> None:
 # ------------------------------------------------------------------------------ /proc/<pid>/net/dev
 
 interface = st.from_regex(r"[a-z][a-z0-9@._-]{0,14}", fullmatch=True)
+# What the kernel's dev_valid_name() lets through besides those: anything but '/', ':', NUL
+# and its isspace() (\t \n \v \f \r and space), so \x1c, \x85 and U+2028 are legal.
+odd_interface = st.text(
+    alphabet=st.sampled_from("abcXYZ09@._-|" + "\x1c\x1d\x1e\x85\u2028\u2029\x7f\udce9"), min_size=1, max_size=15
+)
 
 
 @fuzz()
@@ -252,6 +256,15 @@ def vars_of(counters: p.NetDevCounters) -> list[int]:
 
 
 @fuzz()
+@given(st.dictionaries(odd_interface, st.lists(numbers, min_size=16, max_size=16), max_size=6))
+def test_net_dev_names_with_line_separators_round_trip(interfaces: dict[str, list[int]]) -> None:
+    """A pod's interface named "x\\x1ceth0" is one interface, and does not shadow eth0."""
+    lines = [f"{name:>6}: " + " ".join(str(v) for v in values) for name, values in interfaces.items()]
+    parsed = p.parse_net_dev("Inter-|  Receive | Transmit\n face |bytes |bytes\n" + "\n".join(lines) + "\n")
+    assert {name: vars_of(c) for name, c in parsed.items()} == interfaces
+
+
+@fuzz()
 @given(garbage_text)
 def test_net_dev_on_garbage(text: str) -> None:
     for name, counters in p.parse_net_dev(text).items():
@@ -261,8 +274,11 @@ def test_net_dev_on_garbage(text: str) -> None:
 
 # ------------------------------------------------------------------------------ mountinfo
 
-# Paths with the characters mountinfo escapes (space, tab, newline, backslash) and non-UTF-8 bytes.
-path_part = st.text(alphabet=string.ascii_letters + " \t\n\\#\u00e9" + "\udce9", min_size=1, max_size=10)
+# Paths with the characters mountinfo escapes (space, tab, newline, backslash), non-UTF-8 bytes,
+# and the line separators of str.splitlines() that mountinfo does not escape.
+path_part = st.text(
+    alphabet=string.ascii_letters + " \t\n\\#\u00e9" + "\udce9" + ODD_NAME_CHARS, min_size=1, max_size=10
+)
 mount_path = st.lists(path_part, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
 
 

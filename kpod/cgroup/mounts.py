@@ -54,9 +54,13 @@ def parse_mountinfo_cgroups(text: str) -> CgroupMounts:
 
 
 def read_mountinfo(path: str = "/proc/self/mountinfo") -> str:
-    """This process's mountinfo text ("" when it cannot be read: no cgroup mount is known)."""
+    """This process's mountinfo text ("" when it cannot be read: no cgroup mount is known).
+
+    newline="\\n": by default text mode turns a "\\r" inside a mount point into a line break; bytes that
+    are not UTF-8 stay surrogate escapes, so a path round-trips to the kernel unchanged.
+    """
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
             return handle.read()
     except OSError:
         return ""

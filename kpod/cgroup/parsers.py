@@ -9,6 +9,12 @@ skipped.
 
 Units are the kernel's: microseconds for PSI and cpu.stat, bytes for io and memory.
 
+Lines end at "\n" and nowhere else: the kernel ends its lines with "\n" and does not escape
+other control bytes in the names it prints (interface names, mount points, filesystem types
+of FUSE mounts), while str.splitlines() also breaks at "\r", "\x0b", "\x0c", "\x1c"-"\x1e",
+U+0085 and U+2028.  A pod could otherwise cut a line of its own interface or mount in two,
+hide the real line behind it, or forge a second one (tests/test_hostile_names.py).
+
 Every line (or io.stat pair) a parser skips is also counted, by parser, for the whole process
 (kpod.selfmetrics.count_parser_skip); the pipeline exports it as
 kpod_parser_skipped_lines_total{parser}, so that a kernel whose format changed shows up as a
@@ -57,7 +63,7 @@ def parse_flat_keyed(text: str) -> tuple[dict[str, int], int]:
     """
     values: dict[str, int] = {}
     skipped = 0
-    for line in text.splitlines():
+    for line in text.split("\n"):
         fields = line.split()
         if len(fields) != 2:
             skipped += bool(fields)
@@ -133,7 +139,7 @@ def parse_io_stat(text: str) -> dict[DevNum, dict[str, int]]:
     a line without a valid device number is skipped.  An empty file means no I/O.
     """
     devices: dict[DevNum, dict[str, int]] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         fields = line.split()
         if not fields:
             continue
@@ -167,7 +173,7 @@ def parse_blkio_throttle(text: str) -> dict[DevNum, dict[str, int]]:
     result means NO DATA, not "no I/O" (see tests/fixtures/README.md, surprise 1).
     """
     devices: dict[DevNum, dict[str, int]] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         fields = line.split()
         if len(fields) != 3 or fields[1] not in BLKIO_OPS:
             # The closing "Total N" line and blank lines are the format, not damage.
@@ -196,7 +202,7 @@ def parse_pressure_totals(text: str) -> dict[str, int]:
     total, and this runs for three files of every cgroup of the node per cycle.
     """
     totals: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         kind = line[:4]
         if kind not in ("some", "full") or line[4:5] != " ":
             if line.strip():
@@ -246,11 +252,14 @@ def parse_net_dev(text: str) -> dict[str, NetDevCounters]:
     kernel refuses them), so the first ':' ends the name even when a wide number touches it.
     """
     interfaces: dict[str, NetDevCounters] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         name, sep, rest = line.partition(":")
-        name = name.strip()
-        if not sep or not name or "|" in name or " " in name:
-            if "|" not in line and line.strip():  # the header lines have "|"
+        # The kernel right-aligns the name with ASCII spaces ("%6s:"); a name cannot hold a
+        # space, but may hold any other byte the kernel's isspace() lets through (\x1c, \x85,
+        # UTF-8 U+2028...), which str.strip() would also take off.
+        name = name.strip(" ")
+        if not sep or not name or " " in name:
+            if "|" not in line and line.strip(" "):  # the two header lines have "|" and no ':'
                 _skip("net_dev")
             continue
         raw = rest.split()
@@ -302,7 +311,7 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
     Shape: "id parent maj:min root mount_point options [optional...] - fstype source super_options".
     """
     mounts: list[MountInfo] = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         left, sep, right = line.partition(" - ")
         if not sep:
             if line.strip():
@@ -342,7 +351,7 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
 def parse_uevent(text: str) -> dict[str, str]:
     """KEY=value lines (MAJOR, MINOR, DEVNAME, DEVTYPE, DISKSEQ, ...)."""
     values: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
         key, sep, value = line.partition("=")
         key = key.strip()
         if sep and key and " " not in key:
@@ -361,7 +370,7 @@ def parse_devname(text: str) -> str | None:
 def parse_cgroup_procs(text: str) -> list[int]:
     """cgroup.procs: one PID per line; an empty file is a cgroup without processes."""
     pids: list[int] = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         pid = _int(line.strip())
         if pid is not None and pid > 0:
             pids.append(pid)

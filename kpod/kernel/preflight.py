@@ -27,7 +27,7 @@ TRACEFS_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 def parse_cap_eff(status_text: str) -> int:
     """The effective capability mask from /proc/<pid>/status (0 if absent or garbled)."""
-    for line in status_text.splitlines():
+    for line in status_text.split("\n"):  # kernel files end lines at "\n" only
         if line.startswith("CapEff:"):
             try:
                 return int(line.split(":", 1)[1].strip(), 16)
@@ -38,7 +38,7 @@ def parse_cap_eff(status_text: str) -> int:
 
 def effective_capabilities() -> set[str]:
     try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+        with open("/proc/self/status", encoding="ascii", errors="replace", newline="\n") as handle:
             mask = parse_cap_eff(handle.read())
     except OSError:
         mask = 0

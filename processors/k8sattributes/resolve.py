@@ -142,8 +142,10 @@ def runs_pause(cgroup_dir: str, proc_root: str = "/proc") -> bool:
         return False
     for pid in pids[:4]:
         try:
-            with open(os.path.join(proc_root, pid, "comm")) as f:
-                if f.read().strip() == "pause":
+            # Exact: comm is the name and "\n"; strip() would also take off a "\x1c" or "\r"
+            # a process put at the end of its own name.
+            with open(os.path.join(proc_root, pid, "comm"), newline="\n") as f:
+                if f.read() == "pause\n":
                     return True
         except OSError:
             continue

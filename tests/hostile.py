@@ -1,0 +1,212 @@
+"""What the hostile-pod and hostile-client tests share: a cleanup stack, pod-shaped cgroups, a
+network namespace, an agent config, an agent in a memory-limited cgroup.
+
+Everything is undone in reverse order, also when a test fails: processes we started are killed
+by PID, namespaces, links, mounts and cgroups we made are removed (cgroups deepest first, after
+moving any process still in them to the cgroup2 root).  Nothing we did not create is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kernel_util import enable_controllers, mounts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (creates cgroups, namespaces, mounts)"
+    if mounts().unified is None:
+        return "no cgroup2 mount"
+    return None
+
+
+def run(*argv: str, check: bool = True) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{argv}: exit {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+class Scratch:
+    """What a test made, undone in reverse by `close()` (a pytest fixture calls it)."""
+
+    def __init__(self) -> None:
+        self.tag = f"kpodh{os.getpid()}{uuid.uuid4().hex[:6]}"
+        self._undo: list[tuple[str, Callable[[], object]]] = []
+
+    def defer(self, what: str, action: Callable[[], object]) -> None:
+        self._undo.append((what, action))
+
+    def spawn(self, argv: list[str], cgroup: str | Path | None = None, **kwargs: object) -> subprocess.Popen[str]:
+        """A process we kill by PID at close; moved into `cgroup` right after it started."""
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+        self.defer(f"kill {proc.pid}", lambda: _kill(proc))
+        if cgroup is not None:
+            Path(cgroup, "cgroup.procs").write_text(str(proc.pid))
+        return proc
+
+    def mkdir(self, path: str | Path) -> Path:
+        """mkdir -p; each directory made here (never one that existed) is removed at close."""
+        made = []
+        p = Path(path)
+        while not p.exists():
+            made.append(p)
+            p = p.parent
+        for directory in reversed(made):
+            directory.mkdir()
+            self.defer(f"rmdir {directory}", lambda d=directory: _remove_cgroup_or_dir(d))
+        return Path(path)
+
+    def netns(self) -> str:
+        name = self.tag
+        run("ip", "netns", "add", name)
+        self.defer(f"netns {name}", lambda: run("ip", "netns", "del", name))
+        # No IPv6: no router or neighbour solicitations, so the only traffic is the test's.
+        for key in ("all", "default"):
+            run("ip", "netns", "exec", name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+        return name
+
+    def close(self) -> None:
+        errors = []
+        for what, action in reversed(self._undo):
+            try:
+                action()
+            except Exception as error:  # keep undoing the rest
+                errors.append(f"{what}: {error}")
+        self._undo.clear()
+        assert not errors, f"cleanup failed: {errors}"
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for stream in (proc.stdin, proc.stdout):
+        if stream:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _remove_cgroup_or_dir(path: Path) -> None:
+    """rmdir; for a cgroup, first move what is still in it to the hierarchy's root."""
+    procs = path / "cgroup.procs"
+    if procs.exists():
+        root = _hierarchy_root(path)
+        for _ in range(100):
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(OSError):
+                        (root / "cgroup.procs").write_text(pid)
+                time.sleep(0.05)
+    path.rmdir()
+
+
+def _hierarchy_root(path: Path) -> Path:
+    for parent in path.parents:
+        if not (parent.parent / "cgroup.procs").exists():
+            return parent
+    return path
+
+
+@pytest.fixture
+def scratch() -> Iterator[Scratch]:
+    s = Scratch()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def pod_cgroups(s: Scratch, pods: int = 1, containers: int = 1) -> tuple[Path, list[list[Path]]]:
+    """<cgroup2>/<tag>/kubepods/burstable/pod<uid>/<container id>: the base and container dirs.
+    Point the agent's `kpod.cgroup.root` at the base: it sees only what the test made."""
+    unified = mounts().unified
+    assert unified is not None
+    base = Path(unified, s.tag)
+    out = []
+    for _ in range(pods):
+        pod = base / "kubepods" / "burstable" / f"pod{uuid.uuid4()}"
+        out.append([s.mkdir(pod / f"{uuid.uuid4().hex}{uuid.uuid4().hex}") for _ in range(containers)])
+    # As a kubelet does on pure cgroup2: controllers enabled top down in the directories made
+    # here (processes go into containers only).  A no-op on hybrid hosts.
+    inner = {p for group in out for c in group for p in c.parents if p == base or base in p.parents}
+    for directory in sorted(inner, key=lambda p: len(p.parts)):
+        enable_controllers(directory)
+    return base, out
+
+
+def agent_config(base: Path, port: int, receivers: dict[str, str], *, kpod: str = "", exporter: str = "") -> str:
+    """Local mode, the cgroups under `base` only, the given receivers (id -> YAML flow map)."""
+    names = ", ".join(receivers)
+    listed = "\n".join(f"  {rid}: {cfg or '{}'}" for rid, cfg in receivers.items())
+    return (
+        f"kpod: {{profile: custom, poll_interval: 300ms, discovery: {{mode: local}}, cgroup: {{root: '{base}'}}"
+        f"{', ' + kpod if kpod else ''}}}\n"
+        f"receivers:\n{listed}\n"
+        f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'{', ' + exporter if exporter else ''}}}\n"
+        f"service:\n  pipelines:\n    metrics:\n      receivers: [{names}]\n      exporters: [prometheus]\n"
+    )
+
+
+def in_cgroup_prefix(cgroup: Path) -> tuple[str, ...]:
+    """A command prefix that moves itself into `cgroup` and then execs the rest: the agent is
+    charged there from its first allocation."""
+    code = (
+        "import os, sys; open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid())); "
+        "os.execvp(sys.argv[2], sys.argv[2:])"
+    )
+    return (sys.executable, "-c", code, str(cgroup))
+
+
+def memory_cgroup(s: Scratch, limit_bytes: int) -> Path:
+    """A memory cgroup of ours with a hard limit: memory.max on cgroup2 where the controller
+    is there, else the v1 hierarchy's memory.limit_in_bytes (hybrid hosts)."""
+    m = mounts()
+    unified = Path(m.unified) if m.unified else None
+    if unified is not None and "memory" in (unified / "cgroup.subtree_control").read_text().split():
+        cgroup = s.mkdir(unified / f"{s.tag}-mem")
+        (cgroup / "memory.max").write_text(str(limit_bytes))
+        if (cgroup / "memory.swap.max").exists():
+            (cgroup / "memory.swap.max").write_text("0")
+        return cgroup
+    v1 = m.v1.get("memory")
+    if v1 is None:
+        pytest.fail("no memory controller (neither on cgroup2 nor a v1 hierarchy) to limit the agent in")
+    cgroup = s.mkdir(Path(v1) / f"{s.tag}-mem")
+    (cgroup / "memory.limit_in_bytes").write_text(str(limit_bytes))
+    return cgroup
+
+
+def memory_usage(cgroup: Path) -> int:
+    for name in ("memory.current", "memory.usage_in_bytes"):
+        with contextlib.suppress(FileNotFoundError):
+            return int((cgroup / name).read_text())
+    raise AssertionError(f"{cgroup}: no memory usage file")
+
+
+def oom_kills(cgroup: Path) -> int:
+    for name in ("memory.events", "memory.oom_control"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in (cgroup / name).read_text().split("\n"):
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return 0
