@@ -162,6 +162,7 @@ def profile_metrics(profile: str, docs: list[ReceiverDoc]) -> list[tuple[Receive
 
 def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(prometheus name, type, unit, description, labels) of the pipeline's own metrics."""
+    from kpod.exporters.prometheus import exporter as prometheus
     from kpod.processors.k8sattributes import processor as k8sattributes
 
     from kpod import selfmetrics
@@ -179,6 +180,7 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         (selfmetrics.EXPORTER_FAILED_REQUESTS, Kind.COUNTER, "1", selfmetrics.EXPORTER_FAILED_REQUESTS_HELP, exporter),
         (selfmetrics.EXPORTER_DROPPED_POINTS, Kind.COUNTER, "1", selfmetrics.EXPORTER_DROPPED_POINTS_HELP, exporter),
         (selfmetrics.EXPORTER_QUEUE_BATCHES, Kind.GAUGE, "1", selfmetrics.EXPORTER_QUEUE_BATCHES_HELP, exporter),
+        (prometheus.HTTP_REFUSED, Kind.COUNTER, "1", prometheus.HTTP_REFUSED_HELP, (*exporter, "reason")),
     ]  # fmt: skip
     try:  # the agent's process and BPF program self-metrics, where that module exists
         from kpod import agentmetrics

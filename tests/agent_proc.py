@@ -71,6 +71,7 @@ class AgentProcess:
     port: int
     env: dict[str, str] = field(default_factory=clean_env)
     prefix: Sequence[str] = ()  # e.g. ("capsh", "--drop=...", "--") or ("setpriv", ...)
+    args: Sequence[str] = ()  # more `run` arguments, e.g. ("--log-format", "json")
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -89,7 +90,7 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         config = self.workdir / f"config-{self.port}.yaml"
         config.write_text(self.config_text)
-        command = [*self.prefix, sys.executable, "-m", "kpod.cli", "run", "--config", str(config)]
+        command = [*self.prefix, sys.executable, "-m", "kpod.cli", "run", "--config", str(config), *self.args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
         return self

@@ -5,6 +5,7 @@
     protobuf.py    the pure protobuf renderer (native histograms)
     naming.py      the one naming rule (dotted names to Prometheus names)
     server.py      the HTTP side: endpoints, bearer token, TLS, content negotiation
+    http.py        HTTP/1.1 in one thread with bounded headers, connections and time
     config.py      its settings
 """
 

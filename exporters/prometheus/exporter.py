@@ -16,12 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 from kpod.exporters.prometheus.config import PrometheusConfig
 from kpod.exporters.prometheus.exposition import Renderer
+from kpod.exporters.prometheus.http import REFUSED_REASONS
 from kpod.exporters.prometheus.protobuf import CLASSIC, ProtobufRenderer
 from kpod.exporters.prometheus.server import EMPTY_EXPOSITION, OPENMETRICS, PROTOBUF, TEXT, Exposition, ScrapeServer
 
 from kpod.component import Context, Exporter
 from kpod.model import Batch
 from kpod.selfmetrics import EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, declare_exporter_metrics
+
+HTTP_REFUSED = "kpod.exporter.http.refused"
+HTTP_REFUSED_HELP = (
+    "Connections and requests the metrics listener refused or cut, by reason (its bounds: docs/SECURITY.md)."
+)
 
 if TYPE_CHECKING:
     from kpod.status import AgentStatus
@@ -41,11 +47,19 @@ class PrometheusExporter(Exporter):
         self._asked: dict[tuple[str, bool], float] = {}  # (format, gzipped) -> when a scrape last asked
         self.exposition: Exposition = EMPTY_EXPOSITION
         self.series = 0
-        self._server = ScrapeServer(self.id, config.endpoint, config.tls, config.bearer_token_file, self)
+        self._server = ScrapeServer(
+            self.id, config.endpoint, config.tls, config.bearer_token_file, self, self.log, self._refused
+        )
         # Same self-metrics as every exporter; "sent" here means rendered into the exposition
         # (a scrape serves them; nothing is queued, so queue and drops stay 0).
         declare_exporter_metrics(context.self_metrics, self.id)
         self._labels = (("exporter", self.id),)
+        for reason in REFUSED_REASONS:  # at 0 from the start, so that rate() works from the first
+            self._refused(reason, 0)
+
+    def _refused(self, reason: str, amount: int = 1) -> None:
+        labels = (("exporter", self.id), ("reason", reason))
+        self.context.self_metrics.inc(HTTP_REFUSED, HTTP_REFUSED_HELP, labels, amount)
 
     @property
     def agent_status(self) -> AgentStatus | None:
@@ -98,4 +112,9 @@ class PrometheusExporter(Exporter):
         self.exposition = exposition
 
     def status(self) -> dict[str, Any]:
-        return {"endpoint": self.config.endpoint, "listening": self._server.listening, "series": self.series}
+        return {
+            "endpoint": self.config.endpoint,
+            "listening": self._server.listening,
+            "series": self.series,
+            "connections": self._server.connections,
+        }

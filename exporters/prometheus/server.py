@@ -1,4 +1,5 @@
-"""The HTTP side of the Prometheus exporter: serves the bytes of the cycle's Exposition.
+"""The HTTP side of the Prometheus exporter: what each endpoint answers, from the bytes of the
+cycle's Exposition.  How connections are served, and within which bounds, is http.py.
 
 Endpoints: /metrics and /actuator/prometheus (the exposition, text 0.0.4, OpenMetrics 1.0 or
 the protobuf MetricFamily stream as `negotiate` decides, gzipped when the scraper accepts it),
@@ -25,12 +26,13 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kpod.exporters.prometheus.config import TlsSettings, parse_endpoint
 from kpod.exporters.prometheus.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
+from kpod.exporters.prometheus.http import HttpLoop, Limits, Request, Response
 from kpod.exporters.prometheus.protobuf import PROTOBUF_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -39,9 +41,9 @@ if TYPE_CHECKING:
 METRICS_PATHS = ("/metrics", "/actuator/prometheus")
 # Endpoints that need the bearer token when one is configured (probes stay open).
 PROTECTED_PATHS = (*METRICS_PATHS, "/debug/status")
-# A client that connects and sends nothing (or never finishes a TLS handshake) is dropped
-# after this long instead of holding a thread forever.
-REQUEST_TIMEOUT_S = 30.0
+# /debug/status is computed (receiver details, BPF map fill) in the server's one thread: at most
+# once per this long, however often it is asked for.
+STATUS_CACHE_S = 1.0
 
 
 TEXT, OPENMETRICS, PROTOBUF = "text", "openmetrics", "protobuf"
@@ -135,7 +137,7 @@ def negotiate(accept: str, accept_encoding: str, protobuf: bool = False) -> tupl
     """(format, gzip?) for a scrape's Accept and Accept-Encoding headers: the format the scraper
     ranks highest (q-values) among those served, ties going to protobuf (when offered: the only
     format with native histograms), then OpenMetrics 1.0, then text 0.0.4, which is also the
-    answer to no Accept header or nothing we serve."""
+    answer to no Accept header or nothing we serve; gzip as `_accepts_gzip` says."""
     preference = (PROTOBUF, OPENMETRICS, TEXT) if protobuf else (OPENMETRICS, TEXT)
     best, best_q = TEXT, 0.0
     for kind, params, q in _media_ranges(accept):
@@ -144,7 +146,19 @@ def negotiate(accept: str, accept_encoding: str, protobuf: bool = False) -> tupl
             continue
         if q > best_q or (q == best_q and preference.index(fmt) < preference.index(best)):
             best, best_q = fmt, q
-    return best, "gzip" in accept_encoding
+    return best, _accepts_gzip(accept_encoding)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """gzip when the client accepts it with q > 0 (by name, as x-gzip, or as *) and does not
+    rank identity higher (RFC 9110 12.5.3): "gzip;q=0" means no gzip.  Of a coding listed
+    twice, the first counts; a q that is not a number in [0, 1] counts as 0."""
+    q: dict[str, float] = {}
+    for coding, _, value in _media_ranges(accept_encoding):
+        q.setdefault(coding, value if 0.0 <= value <= 1.0 else 0.0)
+    mine = q.get("gzip", q.get("x-gzip", q.get("*", 0.0)))
+    identity = q.get("identity")
+    return mine > 0.0 and (identity is None or mine >= identity)
 
 
 def select(exposition: Exposition, accept: str, accept_encoding: str) -> tuple[bytes, str, str | None]:
@@ -202,21 +216,6 @@ class ScrapeSource(Protocol):
     def agent_status(self) -> AgentStatus | None: ...
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _TlsServerMixin:
-    """Handshakes happen in the connection's own thread (not in accept, where one stalled
-    client would block every other), and failed ones are one debug line, not a traceback."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logging.getLogger("kpod.exporters.prometheus").debug(
-            "connection from %s failed", client_address[0] if client_address else "?", exc_info=False
-        )
-
-
 def tls_context(tls: TlsSettings, owner: str) -> ssl.SSLContext | None:
     """The server's TLS context, or None for plain HTTP.  `owner` names the exporter in errors."""
     if not tls.cert_file:
@@ -232,40 +231,50 @@ def tls_context(tls: TlsSettings, owner: str) -> ssl.SSLContext | None:
 
 
 class ScrapeServer:
-    """Listens on `endpoint` in a daemon thread and answers from `source`."""
+    """Listens on `endpoint` (one thread, http.py) and answers from `source`."""
 
     def __init__(
-        self, owner: str, endpoint: str, tls: TlsSettings, bearer_token_file: str, source: ScrapeSource
+        self,
+        owner: str,
+        endpoint: str,
+        tls: TlsSettings,
+        bearer_token_file: str,
+        source: ScrapeSource,
+        log: logging.Logger | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.owner = owner  # the exporter id, in error messages
         self.endpoint = endpoint
         self.tls = tls
         self.bearer_token_file = bearer_token_file
         self.source = source
+        self.log = log or logging.getLogger("kpod.exporters.prometheus")
+        self.on_refused = on_refused
+        self.limits = limits or Limits()
         self.token: BearerToken | None = None
         self.secure = False
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._loop: HttpLoop | None = None
+        self._address: tuple[str, int] = ("", 0)
+        self._status_cache: tuple[float, bytes] = (0.0, b"")
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._address
 
     @property
     def listening(self) -> bool:
-        return self._server is not None
+        return self._loop is not None
+
+    @property
+    def connections(self) -> int:
+        return self._loop.connections if self._loop else 0
 
     def start(self) -> None:
         """Raises OSError with one line naming the exporter (port taken, unreadable TLS files or token)."""
         host, port = parse_endpoint(self.endpoint)
-        server_class: type[_Server] = _Server
-        if ":" in host:
-            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         tls = tls_context(self.tls, self.owner)
-        if tls is not None:
-            server_class = type("_TlsServer", (_TlsServerMixin, server_class), {})
         if self.bearer_token_file:
             try:
                 self.token = BearerToken(self.bearer_token_file)
@@ -276,99 +285,55 @@ class ScrapeServer:
             except ValueError as error:
                 raise OSError(f"exporters.{self.owner}: {error}") from None
         try:
-            self._server = server_class((host, port), handler_class(self.source, lambda: self.token))
+            # A backlog the loop drains at once (it accepts and sorts out floods itself).
+            listener = socket.create_server((host, port), family=family, backlog=128)
         except OSError as error:
             raise OSError(f"exporters.{self.owner}: cannot listen on {self.endpoint}: {error.strerror}") from None
-        if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True, do_handshake_on_connect=False)
+        self._address = tuple(listener.getsockname()[:2])  # type: ignore[assignment]
         self.secure = tls is not None
-        self._thread = threading.Thread(target=self._server.serve_forever, name="prometheus-http", daemon=True)
-        self._thread.start()
+        self._loop = HttpLoop(listener, self.respond, self.log, self.limits, tls, self.on_refused)
+        self._loop.start()
 
     def shutdown(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop()
 
+    # ------------------------------------------------------------------ endpoints
 
-def handler_class(source: ScrapeSource, token: Any) -> type[BaseHTTPRequestHandler]:
-    """The request handler over `source`; `token()` is the BearerToken in force, or None."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body leave in two writes; with Nagle on, a small body (a gzipped
-        # exposition under ~64 KiB) waits for the scraper's delayed ACK: 40 ms per scrape
-        # on loopback (measured by bench/scale.py; 0.3 ms with TCP_NODELAY).
-        disable_nagle_algorithm = True
-        server_version = "kpod-metrics"
-        timeout = REQUEST_TIMEOUT_S
-
-        def setup(self) -> None:
-            super().setup()
-            if isinstance(self.connection, ssl.SSLSocket):
-                self.connection.do_handshake()  # in this thread, under `timeout`
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # one line per scrape would drown the agent's own log; never log headers
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            required = token()
-            if (
-                required is not None
-                and path in PROTECTED_PATHS
-                and not required.matches(self.headers.get("Authorization", ""))
-            ):
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Bearer realm="kpod-metrics"')
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", "13")
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(b"unauthorized\n")
-                return
-            if path in METRICS_PATHS:
-                self._metrics()
-            elif path == "/healthz":
-                self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            elif path == "/readyz":
-                self._ready()
-            elif path == "/debug/status":
-                self._status()
-            else:
-                self._send(404, b"not found\n", "text/plain; charset=utf-8")
-
-        def _metrics(self) -> None:
+    def respond(self, request: Request) -> Response:
+        path = request.path
+        required = self.token
+        if required is not None and path in PROTECTED_PATHS and not required.matches(request.header("authorization")):
+            challenge = (("WWW-Authenticate", 'Bearer realm="kpod-metrics"'),)
+            return Response(401, b"unauthorized\n", headers=challenge, proven=False)
+        # With a token configured, only a request that carried it proves a client (http.py).
+        proven = required is None or path in PROTECTED_PATHS
+        if path in METRICS_PATHS:
             body, content_type, encoding = select(
-                source.exposition, self.headers.get("Accept", ""), self.headers.get("Accept-Encoding", "")
+                self.source.exposition, request.header("accept"), request.header("accept-encoding")
             )
-            self._send(200, body, content_type, encoding)
-
-        def _ready(self) -> None:
-            status = source.agent_status
+            headers = (("Content-Encoding", encoding),) if encoding else ()
+            return Response(200, body, content_type, (*headers, ("Vary", "Accept, Accept-Encoding")), proven)
+        if path == "/healthz":
+            return Response(200, b"ok\n", proven=proven)
+        if path == "/readyz":
+            status = self.source.agent_status
             ready, reason = status.ready() if status else (True, "ok")
             body = json.dumps({"ready": ready, "reason": reason}).encode() + b"\n"
-            self._send(200 if ready else 503, body, "application/json")
+            return Response(200 if ready else 503, body, "application/json", proven=proven)
+        if path == "/debug/status":
+            return Response(200, self._status(), "application/json", proven=proven)
+        return Response(404, b"not found\n", proven=proven)
 
-        def _status(self) -> None:
-            status = source.agent_status
-            snapshot = status.snapshot() if status else {}
-            snapshot["series"] = source.series
-            body = json.dumps(snapshot, indent=2, sort_keys=True, default=str).encode() + b"\n"
-            self._send(200, body, "application/json")
-
-        def _send(self, code: int, body: bytes, content_type: str, encoding: str | None = None) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            if encoding:
-                self.send_header("Content-Encoding", encoding)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def do_HEAD(self) -> None:
-            self.do_GET()
-
-    return Handler
+    def _status(self) -> bytes:
+        made, body = self._status_cache
+        now = time.monotonic()
+        if body and now - made < STATUS_CACHE_S:
+            return body
+        status = self.source.agent_status
+        snapshot = status.snapshot() if status else {}
+        snapshot["series"] = self.source.series
+        body = json.dumps(snapshot, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        self._status_cache = (now, body)
+        return body
