@@ -7,12 +7,15 @@ PY        := $(VENV)/bin/python
 PYTEST    := $(VENV)/bin/pytest
 CONFIG    ?= config.example.yaml
 
+# `make image` and the container tests: Debian's engine and runtime, mmdebstrap for the base image.
+CONTAINER_PACKAGES := podman buildah runc mmdebstrap
 # System packages: the BPF toolchain, libbpf's runtime, promtool (tests lint the exposition
 # with it), iproute2 (network-namespace tests), bpftrace and perf (benchmarks compare with them),
 # openssl (test certificates), busybox-static (its cpio reads the VM's initramfs back).  A test
 # that needs one of these fails when it is missing (tests/README.md).
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool prometheus iproute2 python3-venv \
-                python3-dev bpftrace linux-perf util-linux e2fsprogs openssl busybox-static
+                python3-dev bpftrace linux-perf util-linux e2fsprogs openssl busybox-static \
+                $(CONTAINER_PACKAGES)
 
 ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 BPF_SRC   := $(wildcard bpf/*.bpf.c)
@@ -22,7 +25,8 @@ CLANG     ?= clang
 LLVM_STRIP ?= llvm-strip
 BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I bpf
 
-.PHONY: setup run test bench lint fmt bpf clean system-packages venv fuzz soak vm-setup test-vm wheel manifests docs
+.PHONY: setup run test bench lint fmt bpf clean system-packages venv fuzz soak vm-setup test-vm wheel manifests docs \
+        image base-image container-packages
 
 setup: system-packages venv bpf
 
@@ -128,11 +132,41 @@ wheel: bpf
 	$(PY) -m pip wheel -q --no-deps $(WHEEL_FLAGS) --wheel-dir $(DIST) .
 	$(PY) scripts/check_wheel.py $(DIST)
 
-# deploy/manifests/ is rendered from the Helm chart and deploy/grafana/ from
-# scripts/gen_dashboard.py (never edited by hand); tests compare.
+# ------------------------------------------------------------------------------ the image
+# `make image` builds deploy/Dockerfile into the machine's local image storage with podman (no
+# registry needed).  The base image is made here from Debian's packages unless PYTHON_IMAGE names
+# another one (e.g. PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm, pulled if missing).
+# deploy/podman/containers.conf: runc (crun refuses hybrid cgroups), the cgroupfs manager (no
+# systemd needed), the machine's own rlimits (no CAP_SYS_RESOURCE needed).
+IMAGE        ?= localhost/kpod-metrics:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BASE_IMAGE   ?= localhost/kpod-python-base:3.11-bookworm
+PYTHON_IMAGE ?= $(BASE_IMAGE)
+PODMAN       ?= podman
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# e.g. --layers=false: no cached intermediate images (the tests build so)
+IMAGE_BUILD_FLAGS ?=
+
+container-packages:
+	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(CONTAINER_PACKAGES)"
+
+image: container-packages $(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),base-image)
+	$(PODMAN) build --network host --pull=$(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),never,missing) \
+	  $(IMAGE_BUILD_FLAGS) -f deploy/Dockerfile --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -t $(IMAGE) .
+	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+# A Python 3.11 base made from Debian's packages (deploy/podman/base-image.sh); made once, reused.
+base-image: container-packages
+	@if $(PODMAN) image exists $(BASE_IMAGE); then echo "$(BASE_IMAGE): exists (podman rmi it to remake)"; \
+	else PODMAN=$(PODMAN) deploy/podman/base-image.sh $(BASE_IMAGE) $(DEBIAN_MIRROR); fi
+
+# deploy/manifests/ is rendered from the Helm chart, deploy/grafana/ from scripts/gen_dashboard.py
+# and the chart's seccomp profile from the runtime default (scripts/gen_seccomp_profile.py);
+# never edited by hand; tests compare.
 manifests: venv
 	$(PY) scripts/render_manifests.py
 	$(PY) scripts/gen_dashboard.py
+	$(PY) scripts/gen_seccomp_profile.py
 
 # docs/METRICS.md and docs/CONFIGURATION.md are generated from the code; a test compares.
 docs: venv bpf
