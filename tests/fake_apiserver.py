@@ -387,7 +387,9 @@ def _make_handler(api: FakeApiServer) -> type[BaseHTTPRequestHandler]:
             query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
             api.requests.append((parts.path, query))
             api.request_times.append(time.monotonic())
-            if api.token and self.headers.get("Authorization") != f"Bearer {api.token}":
+            scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+            # The scheme is case-insensitive (RFC 7235; the in-cluster client sends "bearer").
+            if api.token and (scheme.lower() != "bearer" or token != api.token):
                 self._send_json(401, _status(401, "Unauthorized", "Unauthorized"))
                 return
             failure = api._take_failure()

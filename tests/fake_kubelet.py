@@ -38,18 +38,19 @@ def _make_ca(directory: Path, name: str) -> tuple[str, str]:
     return str(key), str(cert)
 
 
-def make_certs(directory: Path) -> Certs:
+def make_certs(directory: Path, ip: str = "127.0.0.1") -> Certs:
+    """A CA, a server certificate for `ip` signed by it, and an unrelated CA."""
     ca_key, ca_cert = _make_ca(directory, "kpod-test-ca")
     _, other_cert = _make_ca(directory, "kpod-other-ca")
     key, csr, cert = directory / "kubelet.key", directory / "kubelet.csr", directory / "kubelet.crt"
     extensions = directory / "kubelet.ext"
     extensions.write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        f"subjectAltName=IP:{ip}\nbasicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
     )
     _openssl(
         "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1",
+        "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={ip}",
     )  # fmt: skip
     _openssl(
         "x509", "-req", "-in", str(csr), "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
