@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ from helpers import require_tools
 from kpod.exporters.otlp.config import OtlpConfig
 
 from kpod.config import load_config
-from scripts import render_manifests
+from scripts import gen_seccomp_profile, render_manifests
 from scripts.render_manifests import CHART, MANIFESTS, manifest_texts, objects
 from scripts.render_manifests import render as render_chart
 
@@ -507,3 +508,31 @@ def test_plain_manifests_validate() -> None:
 
 def test_render_module_constants_match_the_chart() -> None:
     assert yaml.safe_load((CHART / "Chart.yaml").read_text())["name"] == render_manifests.RELEASE
+
+
+# ----------------------------------------------------------------------------- seccomp
+
+
+def _rules_by_syscall(profile: dict[str, Any]) -> dict[str, list[str]]:
+    """Every syscall's rules (action, args, conditions) as comparable text."""
+    out: dict[str, list[str]] = {}
+    for rule in profile["syscalls"]:
+        shape = {k: rule.get(k) for k in ("action", "args", "includes", "excludes", "errnoRet")}
+        for name in rule["names"]:
+            out.setdefault(name, []).append(json.dumps(shape, sort_keys=True))
+    return out
+
+
+@pytest.mark.skipif(not gen_seccomp_profile.BASE.exists(), reason="containers/common's default seccomp profile "
+                    "is not installed (make setup installs podman)")  # fmt: skip
+def test_shipped_seccomp_profile_is_the_runtime_default_plus_bpf_and_perf_event_open() -> None:
+    base = json.loads(gen_seccomp_profile.BASE.read_text())
+    shipped = json.loads(gen_seccomp_profile.OUTPUT.read_text())
+    assert shipped == gen_seccomp_profile.with_bpf_allowed(base), "stale: run `make manifests`"
+    before, after = _rules_by_syscall(base), _rules_by_syscall(shipped)
+    changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+    assert changed == {"bpf", "perf_event_open"}
+    allow = json.dumps({"action": "SCMP_ACT_ALLOW", "args": [], "errnoRet": None, "excludes": {}, "includes": {}},
+                       sort_keys=True)  # fmt: skip
+    assert after["bpf"] == after["perf_event_open"] == [allow], "allowed once, with no condition"
+    assert shipped["defaultAction"] == base["defaultAction"] == "SCMP_ACT_ERRNO"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from engine import engine_skip_reason
+from kpod.processors.k8sattributes.podpath import parse_pod_path
 from runc_pods import (
     RuncRuntime,
     cgroup_mounts,
@@ -25,8 +26,6 @@ from runc_pods import (
     pod_cgroup,
     runc_runtime,
 )
-
-from kpod.podpath import parse_pod_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(engine_skip_reason() is not None, reason=engine_skip_reason() or "")]
 
