@@ -432,10 +432,10 @@ def test_syscalls_and_major_faults(chart_node: ChartNode, pods: list[RuncPod], s
     before exec is left out by reading the agent once the process waits for its go."""
     pod = _new_pod(chart_node, pods, "work")
     with uncached_file(FAULT_FILE_SIZE) as data:
-        bin_mount = Mount("/work", str(syscall_binary))
+        bin_mount = Mount("/opt/workload", str(syscall_binary))
         data_mount = Mount("/faults", str(data.parent))
         syscalls = pod.run(
-            "syscalls", ["/work/workload", str(N_OK), str(M_FAIL), "500", str(Z_EOF)], mounts=[bin_mount]
+            "syscalls", ["/opt/workload/workload", str(N_OK), str(M_FAIL), "500", str(Z_EOF)], mounts=[bin_mount]
         )
         faulter = pod.run("faults", python(faults_code(Path("/faults") / data.name)), mounts=[data_mount])
         chart_node.add_pod(pod)
