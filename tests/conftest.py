@@ -76,12 +76,22 @@ def agent_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltImage
     """The agent's image, built once per session by `make image` (deploy/Dockerfile, podman) under
     a name of its own, and removed at the end.  The base image is reused when it exists.
     KPOD_TEST_IMAGE=<image> uses an image built before instead (and leaves it)."""
-    from engine import BASE_IMAGE, BuiltImage, build_image, engine_skip_reason, image_size, remove_image, unique_name
+    from engine import (
+        BASE_IMAGE,
+        BuiltImage,
+        build_image,
+        engine_skip_reason,
+        image_size,
+        remove_image,
+        require_engine,
+        unique_name,
+    )
     from engine import podman as run_podman
 
     reason = engine_skip_reason()
     if reason:
         pytest.skip(reason)
+    require_engine()
     given = os.environ.get("KPOD_TEST_IMAGE")  # a developer's `make image` result: used as is, kept
     if given:
         yield BuiltImage(given, image_size(given), 0.0, BASE_IMAGE)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -23,6 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from helpers import require_tools
+from runc_pods import cgroup_mounts
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
@@ -36,13 +38,16 @@ def engine_env() -> dict[str, str]:
 
 
 def engine_skip_reason() -> str | None:
-    """Why the container tests cannot run here (one line), or None."""
+    """Why the container tests cannot run on this host (one line), or None.  A missing engine
+    is not a reason: `make setup` installs it, and `require_engine()` fails without it."""
     if os.geteuid() != 0:
         return "needs root (podman and runc as root, cgroups, network namespaces)"
-    missing = [tool for tool in ("podman", "runc", "mmdebstrap", "ip", "nsenter") if shutil.which(tool) is None]
-    if missing:
-        return f"no container engine: {', '.join(missing)} missing (`make setup` installs podman, runc, mmdebstrap)"
     return None
+
+
+def require_engine() -> None:
+    """Fail (not skip) when the engine `make setup` installs is missing."""
+    require_tools("podman", "runc", "mmdebstrap", "make", "ip", "nsenter")
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -97,7 +102,7 @@ def cgroup_parent() -> Iterator[str]:
     try:
         yield name
     finally:
-        for root in _cgroup_roots():
+        for root in cgroup_mounts():
             path = root / name.lstrip("/")
             for _ in range(100):
                 try:
@@ -107,16 +112,6 @@ def cgroup_parent() -> Iterator[str]:
                     break
                 except OSError:
                     time.sleep(0.05)
-
-
-def _cgroup_roots() -> list[Path]:
-    roots: list[Path] = []
-    with open("/proc/self/mountinfo") as handle:
-        for line in handle:
-            left, _, right = line.partition(" - ")
-            if right.split()[0] in ("cgroup", "cgroup2"):
-                roots.append(Path(left.split()[4]))
-    return roots
 
 
 def container_pid(name: str) -> int:

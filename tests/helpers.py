@@ -41,6 +41,9 @@ TOOL_PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "busybox": "busybox-static",
     "make": "make",
+    "podman": "podman",
+    "runc": "runc",
+    "mmdebstrap": "mmdebstrap",
 }
 
 

@@ -391,12 +391,12 @@ def wait_blocked(pid: int, timeout_s: float = 10.0) -> None:
     assert process_state(pid) == "S", f"{pid} did not block"
 
 
-def compile_c(source: str, directory: Path, name: str) -> Path:
-    """A small C program built with clang (`make setup` installs it)."""
+def compile_c(source: str, directory: Path, name: str, *flags: str) -> Path:
+    """A small C program built with clang (`make setup` installs it); e.g. flags "-static"."""
     require_tools("clang")
     src, binary = directory / f"{name}.c", directory / name
     src.write_text(source)
-    subprocess.run(["clang", "-O1", "-o", str(binary), str(src)], check=True)
+    subprocess.run(["clang", "-O1", *flags, "-o", str(binary), str(src)], check=True)
     return binary
 
 
@@ -585,3 +585,26 @@ def uncached_file(size: int) -> Iterator[Path]:
     finally:
         data.unlink(missing_ok=True)
         directory.rmdir()
+
+
+# The end-to-end tests' workloads of known effect (Python code run by Workload or a container).
+FAULT_FILE_SIZE = 16 << 20
+
+
+def faults_code(path: Path) -> str:
+    # Major faults first, then ~3000 short sleeps: each one a voluntary context switch.
+    # MADV_RANDOM: no read-ahead, so every page is a major fault of its own (with the default
+    # read-ahead, 8 MiB on this host's disk, the whole file comes in one or two faults: too
+    # weak a ground truth).
+    return (
+        f"f = open({str(path)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+        "m.madvise(mmap.MADV_RANDOM)\n"
+        "total = 0\n"
+        "for off in range(0, len(m), 4096):\n"
+        "    total += m[off]\n"
+        "for _ in range(3000):\n"
+        "    time.sleep(0.0002)\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )

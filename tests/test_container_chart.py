@@ -36,7 +36,6 @@ import contextlib
 import json
 import shutil
 import ssl
-import subprocess
 import textwrap
 import time
 import urllib.request
@@ -63,15 +62,23 @@ from engine import (
 )
 from fake_apiserver import FakeApiServer
 from fake_kubelet import make_certs
-from kernel_util import Workload, kernel_skip_reason
+from kernel_util import (
+    FAULT_FILE_SIZE,
+    M_FAIL,
+    N_OK,
+    SYSCALL_WORKLOAD_C,
+    Z_EOF,
+    Workload,
+    compile_c,
+    faults_code,
+    kernel_skip_reason,
+    uncached_file,
+)
+from prometheus_server import MEMORY_HOG, oom_events
 from runc_pods import HostLink, Mount, RuncPod, RuncRuntime, host_linked_netns, link_pods, net_dev, runc_runtime
-from test_bpf_syscall import M_FAIL, N_OK, WORKLOAD_C, Z_EOF
-from test_e2e_prometheus import FAULT_FILE_SIZE, MEMORY_HOG, faults_code, uncached_file
 
 from kpod.settings import DEFAULT_TRACKED_SYSCALLS
 from scripts.render_manifests import objects, render
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extra) is not installed")
 
 _SKIP = engine_skip_reason() or kernel_skip_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
@@ -418,12 +425,9 @@ def test_filesystem_usage_of_a_container_mount(chart_node: ChartNode, pods: list
 
 @pytest.fixture(scope="module")
 def syscall_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The syscall workload of test_bpf_syscall.py, static: nothing but its own calls."""
+    """The syscall workload (kernel_util), static: nothing runs in the container but its own calls."""
     directory = tmp_path_factory.mktemp("syscall-bin")
-    (directory / "workload.c").write_text(WORKLOAD_C)
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    assert cc, "no C compiler (make system-packages installs clang)"
-    subprocess.run([cc, "-static", "-O1", "-o", str(directory / "workload"), str(directory / "workload.c")], check=True)
+    compile_c(SYSCALL_WORKLOAD_C, directory, "workload", "-static")
     return directory
 
 
@@ -474,30 +478,19 @@ def test_syscalls_and_major_faults(chart_node: ChartNode, pods: list[RuncPod], s
         print(f"\ncontainer-chart: syscalls {delta}, majflt /proc {majflt}")
 
 
-def oom_kills(memcg_dirs: list[Path]) -> int:
-    for directory in memcg_dirs:
-        for name in ("memory.oom_control", "memory.events"):
-            with contextlib.suppress(FileNotFoundError):
-                for line in (directory / name).read_text().splitlines():
-                    key, value = line.split()
-                    if key == "oom_kill":
-                        return int(value)
-    raise AssertionError(f"no oom_kill counter in {memcg_dirs}")
-
-
 def _oom_killed(chart_node: ChartNode, pods: list[RuncPod], name: str, delete_at_once: bool) -> tuple[RuncPod, Any]:
     """A Guaranteed pod whose container goes over its 64 MiB limit and is OOM-killed."""
     pod = _new_pod(chart_node, pods, name, qos="guaranteed")
     hog = pod.run("hog", python(MEMORY_HOG), memory_limit=64 << 20)
     chart_node.add_pod(pod)
     assert hog.readline() == "ready"
-    memcgs = [d for d in hog.cgroup_dirs() if (d / "memory.oom_control").exists() or (d / "memory.events").exists()]
+    (memcg,) = [d for d in hog.cgroup_dirs() if (d / "memory.oom_control").exists() or (d / "memory.events").exists()]
     chart_node.wait_cycles(2)  # the agent knows the pod and its container's cgroup
     if delete_at_once:
         chart_node.wait_cycles(1)  # right after a cycle: the kill and the delete fall between two
     hog.send("go")
     assert hog.readline(60) == "", "the hog's stdout closes when the kernel kills it"
-    kills = oom_kills(memcgs)
+    kills = oom_events(memcg)
     if delete_at_once:
         hog.delete()  # as containerd does on the task's exit event, before the agent's next cycle
     else:

@@ -43,6 +43,7 @@ from agent_proc import AgentProcess, clean_env
 from fake_apiserver import FakeApiServer
 from helpers import free_port, require_tools
 from kernel_util import (
+    FAULT_FILE_SIZE,
     GO_DELAY,
     KUBELET_CONTROLLERS,
     M_FAIL,
@@ -54,6 +55,7 @@ from kernel_util import (
     cgroup2_root,
     cgroup_tree,
     compile_c,
+    faults_code,
     finish_syscall_workload,
     kernel_test,
     proc_status_switches,
@@ -141,28 +143,6 @@ class Truth:
         wait_blocked(self.pid)
         now = Truth.before(self.pid)
         return Truth(self.pid, now.switches - self.switches, now.majflt - self.majflt)
-
-
-FAULT_FILE_SIZE = 16 << 20
-
-
-def faults_code(path: Path) -> str:
-    # Major faults first, then ~3000 short sleeps: each one a voluntary context switch.
-    # MADV_RANDOM: no read-ahead, so every page is a major fault of its own (with the default
-    # read-ahead, 8 MiB on this host's disk, the whole file comes in one or two faults: too
-    # weak a ground truth).
-    return (
-        f"f = open({str(path)!r}, 'rb')\n"
-        "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
-        "m.madvise(mmap.MADV_RANDOM)\n"
-        "total = 0\n"
-        "for off in range(0, len(m), 4096):\n"
-        "    total += m[off]\n"
-        "for _ in range(3000):\n"
-        "    time.sleep(0.0002)\n"
-        "print('done', flush=True)\n"
-        "sys.stdin.readline()\n"
-    )
 
 
 # Nice 10: the two hogs compete with each other as much as ever (that is the contention we

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from engine import engine_skip_reason
+from helpers import require_tools
 from kpod.processors.k8sattributes.podpath import parse_pod_path
 from runc_pods import (
     RuncRuntime,
@@ -28,6 +29,12 @@ from runc_pods import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(engine_skip_reason() is not None, reason=engine_skip_reason() or "")]
+
+
+@pytest.fixture(autouse=True)
+def _runc_installed() -> None:
+    require_tools("runc", "nsenter", "ip")
+
 
 UID = "0d3c4a8e-5a1f-4b7e-9c2d-6e8f1a2b3c4d"
 FLAT = UID.replace("-", "_")  # the systemd driver's spelling
