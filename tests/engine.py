@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers import require_tools
-from runc_pods import cgroup_mounts
+from runc_pods import cgroup_mounts, remove_cgroup_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CONTAINERS_CONF = REPO / "deploy" / "podman" / "containers.conf"
@@ -103,15 +102,7 @@ def cgroup_parent() -> Iterator[str]:
         yield name
     finally:
         for root in cgroup_mounts():
-            path = root / name.lstrip("/")
-            for _ in range(100):
-                try:
-                    path.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            remove_cgroup_dir(root / name.lstrip("/"))
 
 
 def container_pid(name: str) -> int:

@@ -499,10 +499,12 @@ SETNS = textwrap.dedent(
     """
 )
 
+# The receiver listens on loopback; in a pod network namespace of its own (a runc pod) it is
+# given KPOD_TEST_BIND=0.0.0.0, and the sender's port line is "<address> <port>".
 RECEIVER = SETNS + textwrap.dedent(
     """
     ls = socket.socket()
-    ls.bind(('127.0.0.1', 0))
+    ls.bind((os.environ.get('KPOD_TEST_BIND', '127.0.0.1'), 0))
     ls.listen(1)
     print(ls.getsockname()[1], flush=True)
     mode = sys.stdin.readline().strip()  # the test may move us to another cgroup before this
@@ -523,9 +525,9 @@ RECEIVER = SETNS + textwrap.dedent(
 
 SENDER = SETNS + textwrap.dedent(
     """
-    port = int(sys.stdin.readline())
+    address, _, port = sys.stdin.readline().strip().rpartition(' ')
     nbytes = int(sys.stdin.readline())
-    c = socket.create_connection(('127.0.0.1', port))
+    c = socket.create_connection((address or '127.0.0.1', int(port)))
     print('connected', flush=True)
     sys.stdin.readline()  # "send"
     data = b'k' * nbytes

@@ -59,6 +59,18 @@ def cgroup_mounts() -> list[Path]:
     return found
 
 
+def remove_cgroup_dir(path: Path) -> None:
+    """rmdir a cgroup, retrying while the tasks of a deleted container are still exiting."""
+    for _ in range(100):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+
+
 def pod_cgroup(driver: str, qos: str, uid: str) -> str:
     """The pod's cgroup as the kubelet names it (`--cgroup-root=/`)."""
     assert qos in QOS_CLASSES, qos
@@ -357,14 +369,7 @@ class RuncRuntime:
                 if not path.exists() or _child_dirs(path):
                     continue
                 if path.name.startswith("pod") or "-pod" in path.name or _marked(path):
-                    for _ in range(100):
-                        try:
-                            path.rmdir()
-                            break
-                        except FileNotFoundError:
-                            break
-                        except OSError:
-                            time.sleep(0.05)  # tasks of the deleted containers still exiting
+                    remove_cgroup_dir(path)
             pod.created_dirs = [p for p in pod.created_dirs if p.exists()]
 
     def close(self) -> None:

@@ -66,6 +66,9 @@ from kernel_util import (
     FAULT_FILE_SIZE,
     M_FAIL,
     N_OK,
+    ODD_BYTES,
+    RECEIVER,
+    SENDER,
     SYSCALL_WORKLOAD_C,
     Z_EOF,
     Workload,
@@ -94,7 +97,6 @@ CHART_VALUES: dict[str, Any] = {
     "seccompProfile": {"type": "Localhost", "localhostProfile": "kpod-metrics.json"},
 }
 EBPF_RECEIVERS = ("cpu_sched", "memory", "net_tcp", "syscall", "bpf_maps")
-ODD_BYTES = 1_000_003
 DATA_BYTES = 5 << 20
 TMPFS_BYTES = 64 << 20
 
@@ -290,44 +292,6 @@ def test_endpoints_answer_a_scraper_outside(chart_node: ChartNode) -> None:
 
 PRELUDE = Workload.PRELUDE  # prints "ready", waits for a line
 
-RECEIVER = textwrap.dedent(
-    """
-    import socket
-    ls = socket.socket()
-    ls.bind(('0.0.0.0', 8080))
-    ls.listen(1)
-    print('listening', flush=True)
-    conn, _ = ls.accept()
-    total = 0
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        total += len(chunk)
-    conn.close()
-    print(json.dumps({'received': total}), flush=True)
-    sys.stdin.readline()
-    """
-)
-
-SENDER = textwrap.dedent(
-    """
-    import socket
-    address, nbytes = sys.stdin.readline().split()
-    c = socket.create_connection((address, 8080))
-    data = b'k' * int(nbytes)
-    sent = 0
-    while sent < len(data):
-        sent += c.send(data[sent:])  # what each send() returned
-    c.shutdown(socket.SHUT_WR)
-    while c.recv(65536):
-        pass
-    c.close()
-    print(json.dumps({'sent': sent}), flush=True)
-    sys.stdin.readline()
-    """
-)
-
 FILL_DATA = textwrap.dedent(
     f"""
     with open('/data/blob', 'wb') as f:
@@ -365,18 +329,22 @@ def test_tcp_and_interface_bytes_between_runc_pods(chart_node: ChartNode, pods: 
     client = _new_pod(chart_node, pods, "client")  # cgroupfs driver, BestEffort
     server = _new_pod(chart_node, pods, "server", qos="burstable", driver="systemd")
     link_pods(client.netns, server.netns, "10.214.0.1", "10.214.0.2")
-    receiver = server.run("receiver", python(RECEIVER))
+    receiver = server.run("receiver", python(RECEIVER), env=["KPOD_TEST_BIND=0.0.0.0"])
     sender = client.run("sender", python(SENDER))
     for pod in (client, server):
         chart_node.add_pod(pod)
     for container in (receiver, sender):
         assert container.readline() == "ready"
-    receiver.send("go")
-    assert receiver.readline() == "listening"
-    sender.send("go")
-    sender.send(f"10.214.0.2 {ODD_BYTES}")
-    sent = json.loads(sender.readline())["sent"]
+        container.send("go")
+        container.send("")  # no netns to enter: the container is in its pod's
+    port = int(receiver.readline())
+    receiver.send("accept")
+    sender.send(f"10.214.0.2 {port}")
+    sender.send(str(ODD_BYTES))
+    assert sender.readline() == "connected"
+    sender.send("send")
     received = json.loads(receiver.readline())["received"]
+    sent = json.loads(sender.readline())["sent"]
     assert sent == received == ODD_BYTES
 
     # The kernel's counters of both ends of the veth (each in its own pod netns), now quiet.

@@ -83,9 +83,15 @@ def test_every_tool_the_tests_require_is_installed_by_make_setup() -> None:
     """require_tools fails a test when a tool is missing; that is fair only for tools that
     `make setup` installs.  (make itself runs `make setup`, so it is there already.)"""
     makefile = (REPO / "Makefile").read_text()
-    match = re.search(r"^APT_PACKAGES\s*:=((?:.*\\\n)*.*)$", makefile, flags=re.M)
-    assert match, "no APT_PACKAGES in the Makefile"
-    packages = set(match.group(1).replace("\\\n", " ").split())
+
+    def variable(name: str) -> set[str]:
+        match = re.search(rf"^{name}\s*:=((?:.*\\\n)*.*)$", makefile, flags=re.M)
+        assert match, f"no {name} in the Makefile"
+        words = match.group(1).replace("\\\n", " ").split()
+        # $(OTHER) references expand to that variable's words.
+        return {w for word in words for w in (variable(word[2:-1]) if word.startswith("$(") else {word})}
+
+    packages = variable("APT_PACKAGES")
     required = {package for tool, package in TOOL_PACKAGES.items() if tool != "make"}
     assert required <= packages, sorted(required - packages)
 
