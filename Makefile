@@ -146,13 +146,17 @@ export CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
 # e.g. --layers=false: no cached intermediate images (the tests build so)
 IMAGE_BUILD_FLAGS ?=
+# The RUN steps' cgroup parent: podman's default (/libpod_parent, with a conmon child) would stay
+# behind in every hierarchy; this one is removed when the build ends.
+IMAGE_BUILD_CGROUP ?= /kpod-metrics-build
 
 container-packages:
 	@$(MAKE) --no-print-directory system-packages APT_PACKAGES="$(CONTAINER_PACKAGES)"
 
 image: container-packages $(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),base-image)
 	$(PODMAN) build --network host --pull=$(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),never,missing) \
-	  $(IMAGE_BUILD_FLAGS) -f deploy/Dockerfile --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -t $(IMAGE) .
+	  --cgroup-parent=$(IMAGE_BUILD_CGROUP) $(IMAGE_BUILD_FLAGS) -f deploy/Dockerfile \
+	  --build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) -t $(IMAGE) .
 	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 
 # A Python 3.11 base made from Debian's packages (deploy/podman/base-image.sh); made once, reused.

@@ -133,6 +133,10 @@ def _check(path: str | None) -> int:
     print(f"cgroups:      {mounts.layout} (cgroup2 at {mounts.unified or 'nowhere'})")
     caps = ", ".join(sorted(facts.capabilities)) or "none of the relevant ones"
     print(f"capabilities: {caps}{' (root)' if facts.root else ''}")
+    if any(spec.factory.requires_bpf for spec in config.receivers):
+        from kpod.kernel.ebpf import syscall_probe  # asks the kernel: a trivial program, a perf event
+
+        print(f"seccomp:      {syscall_probe().summary()}")
     print(f"tracefs:      {facts.tracefs or 'not mounted (tp_btf and raw tracepoints still work)'}")
     print(f"profile:      {config.kpod.profile}; discovery: {config.kpod.discovery.mode}")
     try:

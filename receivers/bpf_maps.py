@@ -12,7 +12,7 @@ while nothing can be lost; local storage has no capacity at all.
 
 from __future__ import annotations
 
-from kpod.component import EmptyConfig, Factory, Receiver
+from kpod.component import ComponentUnavailable, EmptyConfig, Factory, Receiver
 from kpod.kernel.ebpf import REGISTRY, LoadedObject, bpf_preflight
 from kpod.kernel.libbpf import LibbpfError
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
@@ -43,6 +43,13 @@ class BpfMapsReceiver(Receiver):
     def route(self) -> str:
         reason = self.preflight()
         return f"unavailable: {reason}" if reason else "maps of the loaded eBPF receivers (bpf syscalls)"
+
+    def start(self) -> None:
+        # Where no eBPF receiver can load (capabilities, seccomp, BTF), say so like them rather
+        # than run and report nothing.
+        reason = self.preflight()
+        if reason:
+            raise ComponentUnavailable(reason)
 
     def collect(self) -> Batch:
         batch = Batch()

@@ -71,10 +71,12 @@ class BuiltImage:
 
 def build_image(tag: str, log: Path) -> None:
     """`make image` into `tag`, without intermediate layer images (nothing is left behind but
-    `tag` itself and the machine's base image, which is made once and reused)."""
-    with open(log, "w") as out:
+    `tag` itself and the machine's base image, which is made once and reused), its RUN steps
+    below a cgroup parent of its own."""
+    with open(log, "w") as out, cgroup_parent() as parent:
         result = subprocess.run(
-            ["make", "--no-print-directory", "image", f"IMAGE={tag}", "IMAGE_BUILD_FLAGS=--layers=false"],
+            ["make", "--no-print-directory", "image", f"IMAGE={tag}", "IMAGE_BUILD_FLAGS=--layers=false",
+             f"IMAGE_BUILD_CGROUP={parent}"],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=engine_env(), timeout=1800,
         )  # fmt: skip
     if result.returncode != 0:

@@ -486,3 +486,92 @@ def test_oom_kill_counted_when_the_runtime_deletes_the_cgroup_at_once(chart_node
     where = {"namespace": NAMESPACE, "pod": pod.name, "container": "hog"}
     got = chart_node.wait_value("kpod_mem_oom_kills_total", lambda v: v == 1, timeout=10, **where)
     assert got == 1, f"agent {got}, memory.oom_control said 1"
+
+
+# ----------------------------------------------------------------------------- seccomp
+
+
+def _check_in_container(image: str, values: dict[str, Any], workdir: Path, link: HostLink,
+                        cap_add: list[str] | None = None) -> str:  # fmt: skip
+    """`kpod-metrics check` in a container with the settings the chart renders for `values`."""
+    node = Node(NODE, host_ip=link.host_ip, pod_ip=link.pod_ip, netns=link.path,
+                service_account_dir=str(workdir))  # fmt: skip
+    objs = objects(render(values))
+    if cap_add is not None:
+        (ds,) = [o for o in objs if o["kind"] == "DaemonSet"]
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = cap_add
+    run = ChartRun(objs, node, workdir)
+    name = unique_name("check")
+    args = ["check", "--config=/etc/kpod-metrics/config.yaml"]
+    with cgroup_parent() as parent:
+        try:
+            command = run.command(name, "", cgroup_parent=parent, args=args)
+            command = [a for a in command if a != "--detach"]
+            command[command.index("")] = image
+            result = podman(*command, check=False)
+        finally:
+            remove_container(name)
+    assert result.returncode in (0, 1), result.stderr
+    return result.stdout
+
+
+def _receiver_lines(check_output: str) -> dict[str, str]:
+    return {name: verdict for name, verdict in (
+        line.strip().split(None, 1) for line in check_output.split("receivers:\n", 1)[1].splitlines() if line.strip()
+    )}  # fmt: skip
+
+
+def test_seccomp_runtime_default_is_told_from_a_missing_capability(chart_node: ChartNode, agent_image: BuiltImage,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """The chart's default (RuntimeDefault) under podman: containers/common's profile refuses
+    bpf() to a container without CAP_SYS_ADMIN.  `check` names the seccomp filter, not the
+    capabilities; without CAP_BPF it names the capability; with the chart's Localhost profile
+    every eBPF receiver is ok."""
+    values = {"config": {"profile": "comprehensive"}}
+    default = _check_in_container(agent_image.name, values, tmp_path, chart_node.link)
+    seccomp_line = next(line for line in default.splitlines() if line.startswith("seccomp:"))
+    assert seccomp_line.split(None, 1)[1].startswith("filter: bpf() BLOCKED by the filter (EPERM)"), default
+    receivers = _receiver_lines(default)
+    for receiver in EBPF_RECEIVERS:
+        assert receivers[receiver].startswith("cannot run: bpf() blocked by seccomp"), (receiver, default)
+    assert receivers["cgroup_cpu"].startswith("ok"), default
+
+    no_bpf = _check_in_container(agent_image.name, values, tmp_path, chart_node.link,
+                                 cap_add=["PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"])  # fmt: skip
+    receivers = _receiver_lines(no_bpf)
+    for receiver in EBPF_RECEIVERS:
+        assert receivers[receiver] == "cannot run: needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs"
+    assert "seccomp" not in "".join(receivers.values())
+
+    localhost = _check_in_container(agent_image.name, {**values, "seccompProfile": CHART_VALUES["seccompProfile"]},
+                                    tmp_path, chart_node.link)  # fmt: skip
+    assert "seccomp:      filter: bpf() allowed; perf_event_open() allowed" in localhost, localhost
+    receivers = _receiver_lines(localhost)
+    assert all(receivers[r].startswith("ok") for r in EBPF_RECEIVERS), localhost
+
+
+def test_seccomp_refusal_in_the_start_up_log_and_status(agent_image: BuiltImage, tmp_path: Path) -> None:
+    """The agent itself under RuntimeDefault: the start-up log and /debug/status say seccomp."""
+    with contextlib.ExitStack() as stack:
+        link = stack.enter_context(host_linked_netns())
+        node = Node(NODE, host_ip=link.host_ip, pod_ip=link.pod_ip, netns=link.path, service_account_dir=str(tmp_path))
+        values = {"config": {"pollInterval": 500, "profile": "comprehensive", "discovery": {"mode": "kubelet"}}}
+        run = ChartRun(objects(render(values)), node, tmp_path)
+        name = unique_name("seccomp")
+        parent = stack.enter_context(cgroup_parent())
+        stack.callback(remove_container, name)
+        podman(*run.command(name, agent_image.name, cgroup_parent=parent))
+        url = f"http://{link.pod_ip}:{run.metrics_port}/debug/status"
+        deadline = time.monotonic() + 60
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline and not status.get("cycles"):
+            with contextlib.suppress(OSError, ValueError):
+                status = json.loads(urllib.request.urlopen(url, timeout=2).read())
+            time.sleep(0.3)
+        assert status.get("cycles"), container_logs(name)[-3000:]
+        for receiver in EBPF_RECEIVERS:
+            state = status["receivers"][receiver]
+            assert state["state"] == "unavailable" and state["reason"].startswith("bpf() blocked by seccomp"), state
+        log = container_logs(name)
+        warnings = [json.loads(line)["message"] for line in log.splitlines() if '"warning"' in line]
+        assert any(m.startswith("receiver cpu_sched: bpf() blocked by seccomp") for m in warnings), log[-3000:]

@@ -127,3 +127,47 @@ def test_prog_info_from_kernel_btf(loaded: libbpf.BpfObject) -> None:
     assert info.nr_map_ids == len(shown["map_ids"]) > 0
     assert info.btf_id == shown["btf_id"] > 0
     assert info.created_by_uid == shown["uid"]
+
+
+# ----------------------------------------------------------------------------- syscall refusals
+
+
+def test_seccomp_mode_from_proc_status() -> None:
+    from kpod.kernel.preflight import parse_seccomp_mode
+
+    assert parse_seccomp_mode("Name:\tx\nSeccomp:\t2\nSeccomp_filters:\t1\n") == 2
+    assert parse_seccomp_mode("Seccomp:\t0\n") == 0
+    assert parse_seccomp_mode("Name:\tx\n") is None
+    assert parse_seccomp_mode("Seccomp:\tgarbage\n") is None
+    with open("/proc/self/status") as handle:
+        assert parse_seccomp_mode(handle.read()) in (0, 1, 2)
+
+
+def test_a_refusal_is_told_apart_by_capability_and_seccomp_mode() -> None:
+    import errno
+
+    from kpod.kernel.ebpf import SyscallProbe
+
+    held = frozenset({"CAP_BPF", "CAP_PERFMON"})
+    blocked = SyscallProbe(errno.EPERM, 0, 2, held)
+    assert (blocked.refusal("bpf") or "").startswith("bpf() blocked by seccomp (EPERM under a seccomp filter")
+    assert blocked.refusal("perf_event_open") is None
+    assert blocked.summary() == "filter: bpf() BLOCKED by the filter (EPERM); perf_event_open() allowed"
+    lacking = SyscallProbe(errno.EPERM, errno.EACCES, 2, frozenset({"CAP_PERFMON"}))
+    assert lacking.refusal("bpf") == "bpf() refused (EPERM): this process lacks CAP_BPF"
+    assert (lacking.refusal("perf_event_open") or "").startswith("perf_event_open() blocked by seccomp (EACCES")
+    admin = SyscallProbe(errno.ENOSYS, 0, 2, frozenset({"CAP_SYS_ADMIN"}))
+    assert (admin.refusal("bpf") or "").startswith("bpf() blocked by seccomp (ENOSYS")
+    unfiltered = SyscallProbe(errno.EPERM, 0, 0, held)
+    assert (unfiltered.refusal("bpf") or "").endswith("no seccomp filter: an LSM or lockdown")
+    assert SyscallProbe(0, 0, 0, held).summary() == "disabled: bpf() allowed; perf_event_open() allowed"
+
+
+def test_the_probe_here_loads_a_trivial_program() -> None:
+    """On this host (root, no filter) both calls work, and a second ask costs nothing new."""
+    from kpod.kernel.ebpf import bpf_preflight, syscall_probe
+
+    probe = syscall_probe()
+    assert (probe.bpf_errno, probe.perf_errno) == (0, 0), probe
+    assert syscall_probe() is probe
+    assert bpf_preflight() is None

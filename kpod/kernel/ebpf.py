@@ -57,7 +57,7 @@ from kpod.component import ComponentUnavailable, Receiver
 from kpod.kernel import btflayout, libbpf
 from kpod.kernel.bpfinfo import ProgramStats, program_stats
 from kpod.kernel.btflayout import LayoutError, MapLayout
-from kpod.kernel.preflight import BTF_PATH, TRACEFS_PATHS, effective_capabilities
+from kpod.kernel.preflight import BTF_PATH, TRACEFS_PATHS, effective_capabilities, seccomp_mode
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
 
 log = logging.getLogger("kpod.ebpf")
@@ -84,9 +84,92 @@ PROGRAM_RUNS = MetricDef(
 
 # --- can eBPF run here? --------------------------------------------------------------------
 
+# The capabilities each syscall needs for what the agent does with it (tracing programs, and
+# software perf events on every task of a CPU); CAP_SYS_ADMIN covers both.
+SYSCALL_CAPABILITIES = {"bpf": ("CAP_BPF", "CAP_PERFMON"), "perf_event_open": ("CAP_PERFMON",)}
+PERF_COUNT_SW_DUMMY = 9
+
+
+@dataclass(frozen=True)
+class SyscallProbe:
+    """What happened when this process made the two syscalls the eBPF receivers need, and
+    what tells a seccomp filter's refusal from a missing capability: the capabilities held and
+    the Seccomp: mode of /proc/self/status.  An errno of 0 means the call worked."""
+
+    bpf_errno: int
+    perf_errno: int
+    seccomp: int | None
+    capabilities: frozenset[str]
+
+    def refusal(self, syscall: str) -> str | None:
+        """Why `syscall` ("bpf" or "perf_event_open") is refused here, in one line, or None."""
+        err = self.bpf_errno if syscall == "bpf" else self.perf_errno
+        if not err:
+            return None
+        code = errno.errorcode.get(err, str(err))
+        needed = SYSCALL_CAPABILITIES[syscall]
+        missing = [cap for cap in needed if cap not in self.capabilities]
+        if missing and "CAP_SYS_ADMIN" not in self.capabilities:
+            return f"{syscall}() refused ({code}): this process lacks {' and '.join(missing)}"
+        if self.seccomp == 2:
+            held = "CAP_SYS_ADMIN" if missing else "+".join(needed)
+            return (
+                f"{syscall}() blocked by seccomp ({code} under a seccomp filter, although {held} is held):"
+                " the runtime's default profile allows it only with CAP_SYS_ADMIN; use the chart's Localhost profile"
+                " files/seccomp/kpod-metrics.json or seccompProfile Unconfined (docs/CAPABILITIES.md)"
+            )
+        held = "CAP_SYS_ADMIN" if missing else "+".join(needed)
+        return f"{syscall}() refused ({code}) with {held} held and no seccomp filter: an LSM or lockdown"
+
+    def summary(self) -> str:
+        """One line for `check`: the seccomp mode and what each syscall did."""
+        from kpod.kernel.preflight import SECCOMP_MODES
+
+        mode = "not reported" if self.seccomp is None else SECCOMP_MODES.get(self.seccomp, str(self.seccomp))
+        parts = []
+        for syscall in SYSCALL_CAPABILITIES:
+            reason = self.refusal(syscall)
+            if reason is None:
+                parts.append(f"{syscall}() allowed")
+            elif "blocked by seccomp" in reason:
+                err = self.bpf_errno if syscall == "bpf" else self.perf_errno
+                parts.append(f"{syscall}() BLOCKED by the filter ({errno.errorcode.get(err, err)})")
+            else:
+                parts.append(reason)
+        return f"{mode}: {'; '.join(parts)}"
+
+
+_probe: SyscallProbe | None = None
+_probe_lock = threading.Lock()
+
+
+def syscall_probe() -> SyscallProbe:
+    """Load (and close) a trivial tracepoint program and open (and close) a software perf event
+    on one CPU for every task.  Done once per process: neither a seccomp filter nor the
+    capabilities of a running process can come back."""
+    global _probe
+    with _probe_lock:
+        if _probe is None:
+            bpf_errno = perf_errno = 0
+            try:
+                libbpf.load_trivial_program()
+            except libbpf.LibbpfError as exc:
+                bpf_errno = exc.errno or errno.EPERM
+            try:
+                os.close(libbpf.perf_event_open(libbpf.PERF_TYPE_SOFTWARE, PERF_COUNT_SW_DUMMY,
+                                                libbpf.online_cpus()[0], sample_period=0))  # fmt: skip
+            except (libbpf.LibbpfError, OSError, IndexError) as exc:
+                perf_errno = getattr(exc, "errno", 0) or errno.EPERM
+            _probe = SyscallProbe(bpf_errno, perf_errno, seccomp_mode(), frozenset(effective_capabilities()))
+        return _probe
+
 
 def bpf_preflight(object_path: str | None = None) -> str | None:
-    """Why BPF programs cannot be loaded here (one line), or None.  Changes nothing."""
+    """Why BPF programs cannot be loaded here (one line), or None.
+
+    Loads nothing of the agent's: a missing capability, BTF or object is found by looking; a
+    refusal by a seccomp filter (or an LSM) only by asking, with a trivial program (syscall_probe).
+    """
     caps = effective_capabilities()
     if "CAP_SYS_ADMIN" not in caps and not {"CAP_BPF", "CAP_PERFMON"} <= caps:
         return "needs root or CAP_BPF+CAP_PERFMON to load tracing BPF programs"
@@ -98,7 +181,7 @@ def bpf_preflight(object_path: str | None = None) -> str | None:
         return str(exc)
     if object_path is not None and not os.path.exists(object_path):
         return f"{object_path} not found (build it with `make bpf`)"
-    return None
+    return syscall_probe().refusal("bpf")
 
 
 def object_path(name: str, program_dir: str = "") -> str:
@@ -471,7 +554,8 @@ def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, P
                 link.destroy()
             del obj.links[before:]
             route.active = False
-            route.reason = f"attach failed: {exc.strerror}"
+            refused = syscall_probe().refusal("perf_event_open") if spec.perf_event is not None else None
+            route.reason = refused or f"attach failed: {exc.strerror}"
             log.warning("%s: optional program %s not attached: %s", obj.name, route.program, exc)
 
 

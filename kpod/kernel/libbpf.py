@@ -187,6 +187,7 @@ def lib() -> ctypes.CDLL:
         _sig(handle, "bpf_map_lookup_batch", c_int, c_int, p, p, p, p, POINTER(c_uint32), p)
         _sig(handle, "bpf_map_delete_batch", c_int, c_int, p, POINTER(c_uint32), p)
         _sig(handle, "bpf_obj_get_info_by_fd", c_int, c_int, p, POINTER(c_uint32))
+        _sig(handle, "bpf_prog_load", c_int, c_int, c_char_p, c_char_p, p, c_size_t, p)
         _sig(handle, "btf__load_vmlinux_btf", p)
         _sig(handle, "btf__free", None, p)
         _sig(handle, "btf__type_cnt", c_uint32, p)
@@ -513,6 +514,24 @@ class BpfObject:
         self.close()
 
 
+# --- a trivial program ------------------------------------------------------------------------
+
+BPF_PROG_TYPE_TRACEPOINT = 5
+# r0 = 0; exit: struct bpf_insn {u8 code; u8 dst:4, src:4; s16 off; s32 imm}, 8 bytes each.
+_TRIVIAL_INSNS = bytes.fromhex("b7 00 0000 00000000  95 00 0000 00000000")
+
+
+def load_trivial_program() -> None:
+    """Load and close "return 0" as a tracepoint program: the bpf() call the agent's programs
+    need (CAP_BPF and CAP_PERFMON for a tracing type), with nothing that can fail to verify.
+    Raises LibbpfError with the errno of the refusal."""
+    insns = ctypes.create_string_buffer(_TRIVIAL_INSNS, len(_TRIVIAL_INSNS))
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_TRACEPOINT, b"kpod_probe", b"GPL", insns, len(_TRIVIAL_INSNS) // 8, None)
+    if fd < 0:
+        raise LibbpfError(fd, "bpf(BPF_PROG_LOAD) of a trivial tracepoint program")
+    os.close(fd)
+
+
 # --- perf events ----------------------------------------------------------------------------
 
 PERF_TYPE_SOFTWARE = 1
@@ -580,6 +599,7 @@ __all__ = [
     "PerfEventAttr",
     "Program",
     "lib",
+    "load_trivial_program",
     "online_cpus",
     "perf_event_open",
     "version",

@@ -36,6 +36,29 @@ def parse_cap_eff(status_text: str) -> int:
     return 0
 
 
+# The Seccomp: field of /proc/<pid>/status (linux/seccomp.h SECCOMP_MODE_*).
+SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
+
+
+def parse_seccomp_mode(status_text: str) -> int | None:
+    """The seccomp mode from /proc/<pid>/status (None: no Seccomp: field, e.g. CONFIG_SECCOMP off)."""
+    for line in status_text.splitlines():
+        if line.startswith("Seccomp:"):
+            try:
+                return int(line.split(":", 1)[1].strip())
+            except ValueError:
+                return None
+    return None
+
+
+def seccomp_mode() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            return parse_seccomp_mode(handle.read())
+    except OSError:
+        return None
+
+
 def effective_capabilities() -> set[str]:
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace", newline="\n") as handle:
