@@ -96,6 +96,15 @@ CHART_VALUES: dict[str, Any] = {
     },
     "seccompProfile": {"type": "Localhost", "localhostProfile": "kpod-metrics.json"},
 }
+# The image the chart would pull: the session's, under this name (image.repository is required).
+IMAGE_VALUES = {"image": {"repository": "localhost/kpod-metrics"}}
+
+
+def chart(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's objects as Helm's engine renders them with `values`."""
+    return objects(render({**IMAGE_VALUES, **values}))
+
+
 EBPF_RECEIVERS = ("cpu_sched", "memory", "net_tcp", "syscall", "bpf_maps")
 DATA_BYTES = 5 << 20
 TMPFS_BYTES = 64 << 20
@@ -188,24 +197,24 @@ def chart_node(agent_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory
         sa_dir = service_account(workdir / "serviceaccount", api.token, certs.ca)
         node = Node(NODE, host_ip=link.host_ip, pod_ip=link.pod_ip, netns=link.path, service_host=link.host_ip,
                     service_port=api.port, service_account_dir=str(sa_dir))  # fmt: skip
-        run = ChartRun(objects(render(CHART_VALUES)), node, workdir)
+        run = ChartRun(chart(CHART_VALUES), node, workdir)
         name = unique_name("agent")
         parent = stack.enter_context(cgroup_parent())
         stack.callback(remove_container, name)
         podman(*run.command(name, agent_image.name, cgroup_parent=parent))
-        chart = ChartNode(api, link, runtime, run, name, workdir)
+        agent_node = ChartNode(api, link, runtime, run, name, workdir)
         # The kubelet's readiness probe, from the node.
         deadline = time.monotonic() + 90
-        while not _ready(chart):
+        while not _ready(agent_node):
             state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
-            assert state == "running", f"agent container {state}: {chart.logs()}"
-            assert time.monotonic() < deadline, f"agent not ready after 90 s: {chart.logs()}"
+            assert state == "running", f"agent container {state}: {agent_node.logs()}"
+            assert time.monotonic() < deadline, f"agent not ready after 90 s: {agent_node.logs()}"
             time.sleep(0.5)
-        yield chart
+        yield agent_node
         # Stopped as the kubelet stops it: SIGTERM, the grace period, then the exit status.
         podman("stop", f"--time={run.stop_timeout}", name)
         code = podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip()
-        assert code == "0", f"agent exit status {code}: {chart.logs()}"
+        assert code == "0", f"agent exit status {code}: {agent_node.logs()}"
 
 
 def _ready(chart: ChartNode) -> bool:
@@ -237,7 +246,7 @@ def test_the_container_gets_exactly_the_chart_settings(chart_node: ChartNode) ->
         fields_ = line.split()
         mounts[fields_[4]] = fields_[5].split(",")
     assert "ro" in mounts["/"], "readOnlyRootFilesystem"
-    for path in ("/sys/fs/cgroup", "/host/proc", "/sys/kernel/btf", "/etc/kpod-metrics",
+    for path in ("/sys", "/sys/fs/cgroup", "/host/proc", "/etc/kpod-metrics",
                  "/var/run/secrets/kubernetes.io/serviceaccount"):  # fmt: skip
         seen = mounts.get(path) or mounts.get(path.replace("/var/run/", "/run/"), [])  # /var/run -> /run
         assert "ro" in seen, f"{path} is not mounted read-only: {seen}"
@@ -249,7 +258,11 @@ def test_a_chart_change_changes_the_run(tmp_path: Path) -> None:
     node = Node(NODE, host_ip="10.0.0.1", netns="/run/netns/x", service_account_dir=str(tmp_path))
 
     def flags(values: dict[str, Any]) -> list[str]:
-        return ChartRun(objects(render(values)), node, tmp_path).flags
+        return ChartRun(chart(values), node, tmp_path).flags
+
+    def flags_unchecked(values: dict[str, Any]) -> list[str]:
+        """Flags for a chart whose hostPaths need not exist here (tracefs is not mounted on every host)."""
+        return ChartRun(chart(values), node, tmp_path, check_host_paths=False).flags
 
     default = flags({})
     assert "--cap-add=CAP_BPF" in default and "--cap-drop=all" in default and "--read-only" in default
@@ -257,10 +270,11 @@ def test_a_chart_change_changes_the_run(tmp_path: Path) -> None:
     assert "--cap-add=CAP_SYS_RESOURCE" in flags({"capabilities": ["BPF", "PERFMON", "SYS_RESOURCE"]})
     assert "--security-opt=seccomp=unconfined" in flags({"seccompProfile": {"type": "Unconfined"}})
     assert "--network=host" in flags({"hostNetwork": True})
-    assert not any(f.startswith("--volume=/sys/kernel/btf") for f in flags({"hostMounts": {"btf": False}}))
+    assert not any("/sys/kernel/btf" in f or "tracing" in f for f in default), "BTF: the container's own sysfs"
+    assert "--volume=/sys/kernel/tracing:/sys/kernel/tracing:ro" in flags_unchecked({"hostMounts": {"tracefs": True}})
     assert "--volume=/proc:/host/proc:ro" in default
     with pytest.raises(ChartNotEmulated, match="hostAliases"):
-        objs = objects(render({}))
+        objs = chart({})
         next(o for o in objs if o["kind"] == "DaemonSet")["spec"]["template"]["spec"]["hostAliases"] = []
         ChartRun(objs, node, tmp_path)
 
@@ -496,7 +510,7 @@ def _check_in_container(image: str, values: dict[str, Any], workdir: Path, link:
     """`kpod-metrics check` in a container with the settings the chart renders for `values`."""
     node = Node(NODE, host_ip=link.host_ip, pod_ip=link.pod_ip, netns=link.path,
                 service_account_dir=str(workdir))  # fmt: skip
-    objs = objects(render(values))
+    objs = chart(values)
     if cap_add is not None:
         (ds,) = [o for o in objs if o["kind"] == "DaemonSet"]
         ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] = cap_add
@@ -556,7 +570,7 @@ def test_seccomp_refusal_in_the_start_up_log_and_status(agent_image: BuiltImage,
         link = stack.enter_context(host_linked_netns())
         node = Node(NODE, host_ip=link.host_ip, pod_ip=link.pod_ip, netns=link.path, service_account_dir=str(tmp_path))
         values = {"config": {"pollInterval": 500, "profile": "comprehensive", "discovery": {"mode": "kubelet"}}}
-        run = ChartRun(objects(render(values)), node, tmp_path)
+        run = ChartRun(chart(values), node, tmp_path)
         name = unique_name("seccomp")
         parent = stack.enter_context(cgroup_parent())
         stack.callback(remove_container, name)

@@ -38,7 +38,7 @@ AGENT_FLAGS = [
     "--network=none", "--pid=host", "--user=0:0", "--cap-drop=all",
     *(f"--cap-add=CAP_{c}" for c in ("BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH")),
     "--security-opt=no-new-privileges", "--volume=/sys/fs/cgroup:/sys/fs/cgroup:ro",
-    "--volume=/proc:/host/proc:ro", "--volume=/sys/kernel/btf:/sys/kernel/btf:ro",
+    "--volume=/proc:/host/proc:ro",
 ]  # fmt: skip
 COMPILERS = ("clang", "gcc", "cc", "c++", "llvm-strip", "llc", "bpftool", "make", "ld", "as", "pip", "pip3")
 BUILD_PACKAGES = ("clang", "llvm", "libbpf-dev", "bpftool", "gcc", "make", "libc6-dev", "build-essential")
@@ -88,7 +88,7 @@ def test_agent_writes_nothing_to_its_root(agent_image: BuiltImage, tmp_path: Pat
     )
     mount = f"--volume={tmp_path}:/etc/kpod-metrics:ro"
     args = ["run", "--config=/etc/kpod-metrics/config.yaml", "--cycles=5"]
-    engine_made = {"/etc/kpod-metrics", "/host", "/host/proc", "/sys/fs/cgroup", "/sys/kernel/btf",
+    engine_made = {"/etc/kpod-metrics", "/host", "/host/proc", "/sys/fs/cgroup",
                    "/etc", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run", "/run/.containerenv",
                    "/sys", "/sys/fs", "/sys/kernel", "/proc", "/dev"}  # fmt: skip
     for read_only in (False, True):
