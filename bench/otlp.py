@@ -1,4 +1,4 @@
-"""OTLP exporter figures: memory while the collector is down, recovery, per-batch cost.
+"""OTLP exporter figures: memory while the collector is down, recovery, encoding cost per route.
 
     .venv/bin/python -m bench.otlp [outage seconds, default 120] [--write]
 
@@ -7,7 +7,11 @@ queue_size 10) a fresh node-sized snapshot (bench.synthetic: 110 pods with histo
 the OTel resource attributes k8sattributes sets).  The collector is absent for
 the outage; then this process starts a real gRPC MetricsService on the same port and waits for
 the child's data to arrive.  The child's RSS is sampled all along: it must plateau once the queue
-is full (the oldest batch is dropped, never an unbounded backlog).
+is full (the oldest batch is dropped, never an unbounded backlog).  Then the sender thread's
+CPU per snapshot, the direct encoding (explicit and exponential) beside the SDK route it replaced.
+
+    .venv/bin/python -c 'from bench.otlp import encode_costs, render_encoding; print(render_encoding(encode_costs()))'
+                                                      (the encoding part alone: seconds, not minutes)
 """
 
 from __future__ import annotations
@@ -135,29 +139,61 @@ def _run(outage_s: float, after_s: float) -> dict[str, object]:
     return result
 
 
-def _encode_cost() -> tuple[float, int, int]:
-    """Median seconds to convert, encode and compress one node batch (the sender thread's CPU
-    per cycle), the protobuf size and the batch's points."""
-    from kpod.exporters.otlp.encoding import Encoder
+ROUTES = ("sdk", "explicit", "exponential")
 
+
+def encode_costs(pods: int = PODS, rounds: int = 7) -> dict[str, Any]:
+    """CPU seconds (process time) to encode one node snapshot, per route, side by side: the SDK
+    route the exporter took before (bench/otlp_sdk.py: SDK data classes + encode_metrics) and
+    the direct encoding (explicit and exponential histograms); each alone (`requests()`) and
+    with the queue's gzip (`payloads()`, what the sender thread does per snapshot).  The routes
+    take turns on the same batches; medians over rounds."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from kpod.exporters.otlp.encoding import Encoder
+    from test_otlp_export import with_otel
+
+    from bench.otlp_sdk import SdkEncoder
     from bench.synthetic import node_batch
 
-    encoder = Encoder({"service.name": "kpod-metrics"}, time.time_ns(), 5000)
-    times = []
-    size = 0
-    for seed in range(7):
-        batch = node_batch(PODS, seed=seed)
-        began = time.perf_counter()
-        encoder.payloads(batch)
-        times.append(time.perf_counter() - began)
-        size = sum(r.ByteSize() for r, _ in encoder.requests(batch))
-    return statistics.median(times), size, len(batch.points)
+    base = {"service.name": "kpod-metrics", "host.name": "bench"}
+    encoders = {
+        "sdk": SdkEncoder(base, time.time_ns(), 5000),
+        "explicit": Encoder(base, time.time_ns(), 5000, "explicit"),
+        "exponential": Encoder(base, time.time_ns(), 5000, "exponential"),
+    }
+    batches = [with_otel(node_batch(pods, seed=seed)) for seed in range(rounds + 1)]
+    for encoder in encoders.values():
+        encoder.payloads(batches[-1])  # warm: imports, caches of a previous cycle
+    encode: dict[str, list[float]] = {route: [] for route in ROUTES}
+    with_gzip: dict[str, list[float]] = {route: [] for route in ROUTES}
+    for batch in batches[:rounds]:
+        for route, encoder in encoders.items():
+            began = time.process_time()
+            encoder.requests(batch)
+            encode[route].append(time.process_time() - began)
+            began = time.process_time()
+            encoder.payloads(batch)
+            with_gzip[route].append(time.process_time() - began)
+    sizes = {
+        "sdk": sum(r.ByteSize() for r, _ in encoders["sdk"].requests(batches[0])),
+        **{route: sum(len(r) for r, _ in encoders[route].requests(batches[0])) for route in ROUTES[1:]},
+    }
+    gzipped = {route: sum(len(p.gzipped) for p in encoders[route].payloads(batches[0])) for route in ROUTES}
+    return {
+        "pods": pods,
+        "rounds": rounds,
+        "points": len(batches[0]),
+        "encode_s": {route: statistics.median(v) for route, v in encode.items()},
+        "gzip_s": {route: statistics.median(v) for route, v in with_gzip.items()},
+        "bytes": sizes,
+        "gzip_bytes": gzipped,
+    }
 
 
 def measure(outage_s: float = 120.0, after_s: float = 20.0, baseline_s: float = 30.0) -> Measured:
     baseline = _run(0.0, baseline_s)  # the collector up all along: encoding's own working memory
     result = _run(outage_s, after_s)
-    encode_s, request_bytes, points = _encode_cost()
+    encoding = encode_costs()
     data = {
         "outage_s": outage_s,
         "after_s": after_s,
@@ -165,11 +201,10 @@ def measure(outage_s: float = 120.0, after_s: float = 20.0, baseline_s: float = 
         "interval_s": INTERVAL_S,
         "queue_size": QUEUE_SIZE,
         "pods": PODS,
-        "points": points,
+        "points": encoding["points"],
         "baseline": baseline,
         "outage": result,
-        "encode_s": encode_s,
-        "request_bytes": request_bytes,
+        "encoding": encoding,
     }
     return Measured(f".venv/bin/python -m bench.otlp {outage_s:g}", data)
 
@@ -200,7 +235,8 @@ def render(data: dict[str, Any]) -> str:
         "|---|---|",
         f"| RSS before the exporter started (interpreter + kpod + synthetic batch code) | "
         f"{result['before_import'] * mib:.1f} MiB |",
-        f"| RSS after start() (gRPC + OTel SDK imported, channel created) | {result['after_start'] * mib:.1f} MiB |",
+        f"| RSS after start() (gRPC and the OTLP protobuf modules imported, channel created) | "
+        f"{result['after_start'] * mib:.1f} MiB |",
         f"| baseline, collector up: RSS median over its second half | {statistics.median(base_rss) * mib:.1f} MiB |",
         f"| outage: RSS after the first snapshot | {rss_first * mib:.1f} MiB |",
         f"| outage: queue full ({queue_size} batches) after | {'never' if full_at is None else f'{full_at} s'} |",
@@ -222,8 +258,34 @@ def render(data: dict[str, Any]) -> str:
         f"| points delivered after recovery | {result['points_received']} in {len(result['wire_bytes'])} requests |",
         f"| export() in the collection loop: median / max | {export_us[len(export_us) // 2]:.0f} / "
         f"{export_us[-1]:.0f} us |",
-        f"| sender thread: convert + encode + compress one node snapshot (median) | {data['encode_s'] * 1000:.0f} ms, "
-        f"{data['request_bytes'] / 1e6:.2f} MB of protobuf |",
+    ]
+    return "\n".join(lines) + "\n\n" + render_encoding(data["encoding"])
+
+
+def render_encoding(encoding: dict[str, Any]) -> str:
+    lines = [
+        f"Encoding one {encoding['pods']}-pod snapshot ({encoding['points']:,} points) in the sender thread, CPU "
+        f"time (process time), median of {encoding['rounds']} rounds, the routes taking turns on the same batches:",
+        "",
+        "| route | encode | encode + gzip (level 1) | protobuf | gzipped |",
+        "|---|---|---|---|---|",
+    ]
+    names = {
+        "sdk": "SDK data classes + encode_metrics (the route before, bench/otlp_sdk.py)",
+        "explicit": "direct encoding, explicit-bucket histograms (default)",
+        "exponential": "direct encoding, exponential histograms",
+    }
+    for route, name in names.items():
+        lines.append(
+            f"| {name} | {encoding['encode_s'][route] * 1000:.1f} ms | {encoding['gzip_s'][route] * 1000:.1f} ms "
+            f"| {encoding['bytes'][route] / 1e6:.2f} MB | {encoding['gzip_bytes'][route] / 1e6:.3f} MB |"
+        )
+    sdk = encoding["gzip_s"]["sdk"]
+    lines += [
+        "",
+        f"Direct / SDK route, encode + gzip: explicit {encoding['gzip_s']['explicit'] / sdk:.2f}, "
+        f"exponential {encoding['gzip_s']['exponential'] / sdk:.2f}.  Target (issue 18): <= 30 ms of CPU per "
+        f"snapshot: {'met' if encoding['gzip_s']['explicit'] <= 0.030 else '**missed**'} (explicit, with gzip).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -15,9 +15,11 @@ exporters never have to expire anything.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 # Attribute tuples are sorted (key, value) pairs: hashable, cheap to compare, and the order
 # in which labels are rendered.
@@ -96,6 +98,25 @@ class HistogramValue:
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+
+def base2_exponent(bounds: tuple[float, ...]) -> int | None:
+    """e when `bounds` are consecutive powers of two from 2^e (2^e, 2^(e+1), ...), else None.
+
+    Such a histogram (the kernel's, bpf/kpod.bpf.h) is exactly a Prometheus native histogram of
+    schema 0 and an OpenTelemetry exponential histogram of scale 0: its first bucket is the zero
+    bucket (threshold 2^e), bucket k >= 1 is (2^(e+k-1), 2^(e+k)], and the +Inf bucket has no
+    counterpart (exporters count it in the bucket above the last bound).
+    """
+    if len(bounds) < 2 or not bounds[0] > 0:
+        return None
+    mantissa, exponent = math.frexp(bounds[0])
+    if mantissa != 0.5:
+        return None
+    for low, high in pairwise(bounds):
+        if high != 2 * low:
+            return None
+    return exponent - 1
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.server
+import math
 import socket
 import subprocess
 import threading
@@ -288,9 +289,46 @@ def flatten(received: list[Received]) -> list[dict[str, Any]]:
                                 tuple(dp.explicit_bounds), tuple(dp.bucket_counts), dp.sum, dp.count,
                                 dp.HasField("min"), dp.HasField("max"),
                             )
+                        elif kind == "exponential_histogram":
+                            record["value"] = ExponentialValue(
+                                dp.scale, dp.zero_threshold, dp.zero_count, dp.positive.offset,
+                                tuple(dp.positive.bucket_counts), len(dp.negative.bucket_counts), dp.sum, dp.count,
+                                dp.HasField("min") or dp.HasField("max"),
+                            )
                         else:
                             record["value"] = dp.as_double if dp.WhichOneof("value") == "as_double" else dp.as_int
                         out.append(record)
+    return out
+
+
+@dataclass(frozen=True)
+class ExponentialValue:
+    scale: int
+    zero_threshold: float
+    zero_count: int
+    offset: int
+    positive: tuple[int, ...]
+    negatives: int
+    sum: float
+    count: int
+    min_or_max: bool
+
+    def buckets(self) -> dict[int, int]:
+        """Count by bucket index (index i holds (2^i, 2^(i+1)] at scale 0), empty ones left out."""
+        return {self.offset + k: c for k, c in enumerate(self.positive) if c}
+
+
+def as_exponential(value: HistogramValue) -> dict[int, int]:
+    """What an explicit histogram with power-of-two bounds is at scale 0, computed from the
+    bounds' own values (not with the exporter's code): bucket k >= 1, (bounds[k-1], bounds[k]],
+    is index log2(bounds[k-1]); the +Inf bucket the index after the last bound's."""
+    out = {}
+    for k, count in enumerate(value.counts[1:], start=1):
+        lower = value.bounds[k - 1]
+        index = round(math.log2(lower))
+        assert 2.0**index == lower, "bounds are not powers of two"
+        if count:
+            out[index] = count
     return out
 
 
@@ -315,11 +353,13 @@ def total_points(received: list[Received]) -> int:
     return len(flatten(received))
 
 
-def assert_delivered_equal(batch: Batch, received: list[Received]) -> None:
+def assert_delivered_equal(batch: Batch, received: list[Received], histograms: str = "explicit") -> None:
     records = flatten(received)
     expected = expected_records(batch)
     assert len(records) == len(expected), (len(records), len(expected))
     kinds = {Kind.COUNTER: "sum", Kind.GAUGE: "gauge", Kind.HISTOGRAM: "histogram"}
+    if histograms == "exponential":
+        kinds[Kind.HISTOGRAM] = "exponential_histogram"
     cumulative = metrics_pb2.AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
     seen = set()
     for record in records:
@@ -342,7 +382,15 @@ def assert_delivered_equal(batch: Batch, received: list[Received]) -> None:
             assert record["start"] > 0 and record["start"] <= record["time"]
         if point.metric.kind is Kind.COUNTER:
             assert record["monotonic"] is True
-        if isinstance(point.value, HistogramValue):
+        if isinstance(point.value, HistogramValue) and histograms == "exponential":
+            got = record["value"]
+            assert (got.scale, got.negatives, got.min_or_max) == (0, 0, False)
+            assert got.zero_threshold == point.value.bounds[0]
+            assert got.zero_count == point.value.counts[0]
+            assert got.buckets() == as_exponential(point.value)
+            assert got.count == point.value.count
+            assert got.sum == pytest.approx(point.value.sum, rel=1e-12)
+        elif isinstance(point.value, HistogramValue):
             bounds, counts, total, count, has_min, has_max = record["value"]
             assert bounds == point.value.bounds
             assert counts == point.value.counts

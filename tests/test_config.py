@@ -168,6 +168,7 @@ def test_kpod_env_overrides_win_over_the_file(tmp_path: Path, clean_env: dict[st
         ("exporters:\n  prometheus: {endpoint: 9090}\n", ":2: exporters.prometheus.endpoint: expected a string"),
         ("exporters:\n  prometheus: {endpoint: nowhere}\n", ":2: exporters.prometheus: expected host:port"),
         ("exporters:\n  prometheus: {colour: red}\n", ":2: exporters.prometheus.colour: unknown key"),
+        ("exporters:\n  prometheus: {histograms: all}\n", "prometheus.histograms: must be one of both, native"),
         (
             "exporters:\n  prometheus: {}\nservice:\n  pipelines:\n    metrics:\n      exporters: [otlp]\n",
             ":6: service.pipelines.metrics.exporters: exporter 'otlp' is not declared",

@@ -62,10 +62,12 @@ def self_point(name: str, value: float) -> Point:
 # --------------------------------------------------------------------------- delivery
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_node_batch_arrives_point_for_point(protocol: str) -> None:
+@pytest.mark.parametrize(("protocol", "histograms"), [*((p, "explicit") for p in PROTOCOLS), ("grpc", "exponential")])
+def test_node_batch_arrives_point_for_point(protocol: str, histograms: str) -> None:
     receiver = (GrpcReceiver() if protocol == "grpc" else HttpReceiver()).start()
-    exporter = make_exporter(receiver, protocol, max_batch_points=1000, headers={"X-Scope-OrgID": "tenant-7"})
+    exporter = make_exporter(
+        receiver, protocol, max_batch_points=1000, headers={"X-Scope-OrgID": "tenant-7"}, histograms=histograms
+    )
     try:
         batch = with_otel(node_batch(pods=40, seed=3))
         batch.add(self_point("kpod.test.agent.gauge", 3.5))
@@ -73,7 +75,7 @@ def test_node_batch_arrives_point_for_point(protocol: str) -> None:
         received = receiver.wait_for(lambda got: total_points(got) >= len(batch))
         time.sleep(0.1)  # anything extra would arrive now
         received = receiver.requests()
-        assert_delivered_equal(batch, received)
+        assert_delivered_equal(batch, received, histograms)
         # max_batch_points: every request within it, and more than one request for this batch.
         sizes = [total_points([r]) for r in received]
         assert max(sizes) <= 1000 and len(received) == -(-len(batch) // 1000)
@@ -86,6 +88,38 @@ def test_node_batch_arrives_point_for_point(protocol: str) -> None:
     finally:
         exporter.shutdown()
         receiver.stop()
+
+
+def test_direct_encoding_decodes_to_what_the_sdk_route_sent() -> None:
+    """The requests written byte by byte decode, with the official classes, to the same messages
+    as the SDK route the exporter used before (bench/otlp_sdk.py: SDK data classes and
+    opentelemetry-exporter-otlp's encode_metrics), attribute order aside."""
+    from google.protobuf.json_format import MessageToDict
+    from kpod.exporters.otlp.encoding import Encoder
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    from bench.otlp_sdk import SdkEncoder
+
+    def normalised(message: Any) -> Any:
+        if isinstance(message, dict):
+            return {
+                k: sorted((normalised(i) for i in v), key=lambda kv: kv["key"]) if k == "attributes" else normalised(v)
+                for k, v in message.items()
+            }
+        if isinstance(message, list):
+            return [normalised(i) for i in message]
+        return message
+
+    base = {"service.name": "kpod-metrics", "host.name": "node-x"}
+    batch = with_otel(node_batch(pods=30, seed=5))
+    batch.add(self_point("kpod.test.agent.gauge", 3.5))
+    bare = Resource((("cgroup", "/system.slice/x"),))  # labels only, no OTel attributes
+    batch.add(Point(MetricDef("kpod.test.counter", Kind.COUNTER, "1", "c"), CgroupRef(9, "/x"), (), 7, bare))
+    ours = Encoder(base, 1_000, 700).requests(batch)
+    theirs = SdkEncoder(base, 1_000, 700).requests(batch)
+    assert [points for _, points in ours] == [points for _, points in theirs]
+    decoded = [normalised(MessageToDict(ExportMetricsServiceRequest.FromString(body))) for body, _ in ours]
+    assert decoded == [normalised(MessageToDict(request)) for request, _ in theirs]
 
 
 def test_requests_are_split_below_the_collector_receive_limit() -> None:
@@ -515,6 +549,7 @@ def test_targets() -> None:
         ("{max_batch_points: 0}", "between 1 and"),
         ("{headers: {'bad header': x}}", "invalid header"),
         ("{backoff_initial: 10s, backoff_max: 1s}", "backoff_max"),
+        ("{histograms: native}", "must be one of explicit, exponential"),
     ],
 )
 def test_bad_config_is_one_line(tmp_path: Path, clean_env: dict[str, str], settings: str, message: str) -> None:

@@ -1,9 +1,13 @@
-"""Kernel histograms over OTLP: the run-queue latency buckets the cpu_sched BPF map held arrive
-at a real gRPC receiver unchanged (bucket counts, bounds, sum, count), with the pod's resource."""
+"""Kernel histograms over OTLP: the run-queue latency buckets the cpu_sched BPF map held (as
+bpftool dumps the map) arrive at a real gRPC receiver unchanged, as explicit buckets (counts,
+bounds, sum, count) or as an exponential histogram of scale 0 (zero bucket and buckets), with
+the pod's resource."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +16,7 @@ from kernel_util import Workload, cgroup_tree, context, kernel_test, points_for,
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.processor import K8sAttributesProcessor
 from kpod.receivers.cpu_sched import CpuSchedReceiver
-from otlp_receiver import GrpcReceiver, assert_delivered_equal, flatten, make_exporter, total_points
+from otlp_receiver import GrpcReceiver, as_exponential, assert_delivered_equal, flatten, make_exporter, total_points
 
 from kpod.component import EmptyConfig
 from kpod.kernel.ebpf import CGROUP_KEY_FIELD
@@ -21,7 +25,21 @@ from kpod.model import Batch, HistogramValue
 pytestmark = kernel_test
 
 
-def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
+def bpftool_slots(map_id: int, cgroup_id: int) -> tuple[list[int], int]:
+    """(slots, sum in ns) of a cgroup's run-queue histogram as bpftool reads the map (BTF-formatted
+    JSON): what the kernel holds, read by another program than the agent."""
+    dumped = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    for entry in dumped:
+        formatted = entry.get("formatted", entry)
+        if int(formatted["key"]["cgroup_id"]) == cgroup_id:
+            runq = formatted["value"]["runq"]
+            return [int(v) for v in runq["slots"]], int(runq["sum"])
+    raise AssertionError(f"cgroup {cgroup_id} not in map {map_id}")
+
+
+@pytest.mark.parametrize("histograms", ["explicit", "exponential"])
+def test_runqueue_histogram_arrives_as_the_kernel_held_it(histograms: str) -> None:
     hog = "end = time.monotonic() + 0.5\nwhile time.monotonic() < end:\n    pass\nprint('done', flush=True)\n"
     cpu = min(os.sched_getaffinity(0))
     receiver_context = context("cpu_sched")
@@ -32,7 +50,7 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
     settings.node_name = "node-k"
     processor = K8sAttributesProcessor(receiver_context, K8sAttributesConfig())
     collector = GrpcReceiver().start()
-    exporter = make_exporter(collector, "grpc")
+    exporter = make_exporter(collector, "grpc", histograms=histograms)
     with cgroup_tree() as tree, workloads() as procs:
         pod = tree.pod()
         receiver.start()
@@ -46,7 +64,17 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
             for h in hogs:
                 assert h.readline() == "done"
             receiver_context.cgroups.refresh()
-            raw = receiver.collect()
+            assert receiver.loaded is not None
+            map_id = receiver.loaded.obj.maps["sched_cgroups"].id()
+            # The hogs are done (blocked reading stdin), but a last wakeup may still land: a
+            # collection between two equal dumps read what the map holds.
+            for _ in range(10):
+                before = bpftool_slots(map_id, pod.container_id)
+                raw = receiver.collect()
+                if bpftool_slots(map_id, pod.container_id) == before:
+                    break
+                time.sleep(0.2)
+            map_slots, map_sum = before
         finally:
             receiver.shutdown()
         (point,) = points_for(raw, "kpod.cpu.runqueue.latency", pod.container_id)
@@ -61,16 +89,24 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it() -> None:
             exporter.export(batch)
             got = collector.wait_for(lambda got: total_points(got) >= len(batch))
             time.sleep(0.1)
-            assert_delivered_equal(batch, collector.requests())
+            assert_delivered_equal(batch, collector.requests(), histograms)
             (sent,) = [
                 r for r in flatten(collector.requests())
                 if r["name"] == "kpod.cpu.runqueue.latency" and r["resource"].get("k8s.pod.uid") == pod.uid
             ]
-            bounds, counts, total, count, _, _ = sent["value"]
-            assert counts == kernel_counts
-            assert bounds == hist.bounds
-            assert count == sum(kernel_counts)
-            assert total == pytest.approx(hist.sum)
+            assert list(kernel_counts) == map_slots  # the receiver read the map as bpftool does
+            if histograms == "explicit":
+                bounds, counts, total, count, _, _ = sent["value"]
+                assert list(counts) == map_slots
+                assert bounds == hist.bounds
+            else:
+                got = sent["value"]
+                assert got.zero_count == map_slots[0] and got.zero_threshold == hist.bounds[0] and got.scale == 0
+                assert got.buckets() == as_exponential(hist)
+                assert sum(got.buckets().values()) + got.zero_count == sum(map_slots)
+                total, count = got.sum, got.count
+            assert count == sum(map_slots)
+            assert total == pytest.approx(map_sum / 1e9)
             assert sent["unit"] == "s" and sent["resource"]["k8s.node.name"] == "node-k"
             assert got
         finally:

@@ -242,7 +242,14 @@ def _samples() -> dict[str, dict[str, Any]]:
         },
         "otlp": {
             "outage_s": 30.0, "after_s": 20.0, "baseline_s": 30.0, "interval_s": 1.0, "queue_size": 10, "pods": 110,
-            "points": 7370, "encode_s": 0.859, "request_bytes": 1_540_000,
+            "points": 7370,
+            "encoding": {
+                "pods": 110, "rounds": 7, "points": 7370,
+                "encode_s": {"sdk": 0.17, "explicit": 0.0187, "exponential": 0.0228},
+                "gzip_s": {"sdk": 0.19, "explicit": 0.023, "exponential": 0.0258},
+                "bytes": {"sdk": 1_216_497, "explicit": 1_216_497, "exponential": 711_221},
+                "gzip_bytes": {"sdk": 150_000, "explicit": 151_000, "exponential": 90_000},
+            },
             "baseline": {"samples": otlp_samples},
             "outage": {
                 "before_import": 22_754_099, "after_start": 46_347_059, "samples": otlp_samples,
@@ -269,7 +276,7 @@ PRINTED = {
     "bpf_net_syscall": "**234.8**",
     "hist": "| 93.2 | +12.0 ns |",
     "k8s": "+1.8 MiB",
-    "otlp": "1009690",
+    "otlp": "| direct encoding, exponential histograms | 22.8 ms | 25.8 ms | 0.71 MB | 0.090 MB |",
     "soak": "54.7 -> 55.7 MiB",
     "scale": "| 56.0 MiB | 67.0 MiB |",
 }

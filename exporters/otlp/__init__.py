@@ -14,14 +14,15 @@ Configured as `exporters: {otlp: {...}}`, several at once as `otlp/<name>`:
                       Collector's default 4 MiB receive limit
     queue_size        snapshots held while the collector is slow or away (default 10)
     backoff_initial / backoff_max   transient-error retry backoff (doubling, with jitter)
+    histograms        explicit (default) | exponential: how histograms are sent (docs/otlp.md)
 
 How a snapshot travels: `export()` (called from the collection loop) only appends the batch to a
 bounded queue and returns; it never converts, encodes or touches the network.  One sender thread
-converts each batch to the SDK's metric data classes (`opentelemetry.sdk.metrics.export`, built by
-hand: no MeterProvider, since kernel data is already aggregated), encodes them with the exporter
-package's `encode_metrics` into requests of at most max_batch_points points (and under 4 MiB), keeps
-them gzip-compressed (about 0.15 MB per 110-pod snapshot instead of ~3 MB of Point objects), and
-sends them oldest first.  Batches that arrive while a retry waits are encoded during the wait.
+encodes each batch straight into ExportMetricsServiceRequest bytes (encoding.py: no SDK data
+classes, no MeterProvider, since kernel data is already aggregated) of at most max_batch_points
+points (and under 4 MiB), keeps them gzip-compressed (about 0.15 MB per 110-pod snapshot instead
+of ~3 MB of Point objects), and sends them oldest first.  Batches that arrive while a retry waits
+are encoded during the wait.
 
 Why not `OTLPMetricExporter.export()`: in opentelemetry-exporter-otlp 1.45 it retries inside the
 call (up to 6 attempts, backoff 1 s, 2 s, 4 s... with +-20 % jitter, all within one `timeout`
@@ -42,11 +43,11 @@ Failure behaviour:
     counted in kpod_exporter_dropped_points_total{exporter}.  Memory stays bounded however long
     the collector is away, and delivery resumes by itself when it is back.
 
-The OpenTelemetry and gRPC modules (about 30 MB) are imported in `start()`, so an agent without
-an OTLP exporter never loads them.
+gRPC and the OTLP protobuf modules are imported in `start()`, so an agent without an OTLP exporter
+never loads them; the OpenTelemetry SDK is never imported.
 
     config.py     OtlpConfig, TlsConfig, and the Target they resolve to
-    encoding.py   Points -> SDK data classes -> gzipped ExportMetricsServiceRequests (Encoder)
+    encoding.py   Points -> ExportMetricsServiceRequest bytes, written directly, gzipped (Encoder)
     transport.py  one request over gRPC or HTTP/protobuf; errors classified (SendError)
     queue.py      the bounded, drop-oldest queue of snapshots between the loop and the sender
     exporter.py   the exporter: the sender thread, retries with backoff, accounting

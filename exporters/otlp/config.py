@@ -43,6 +43,10 @@ class OtlpConfig:
     queue_size: int = field(default=10, metadata={"min": 1, "max": 10_000})
     backoff_initial: Duration = field(default_factory=lambda: Duration.parse("1s"), metadata={"min": 0.01})
     backoff_max: Duration = field(default_factory=lambda: Duration.parse("30s"), metadata={"min": 0.01})
+    # How histograms are sent: explicit (explicit-bucket Histogram, the kernel's power-of-two bounds:
+    # every backend reads it) or exponential (ExponentialHistogram of scale 0, the same buckets in
+    # fewer bytes, for backends that take it: Prometheus' OTLP receiver needs native histograms on).
+    histograms: str = field(default="explicit", metadata={"choices": ("explicit", "exponential")})
 
     def validate(self) -> None:
         resolve_target(self)  # raises ValueError with the reason

@@ -86,7 +86,7 @@ class OtlpExporter(Exporter):
             base["k8s.node.name"] = settings.node_name
         status = self.context.status
         start_ns = int(status.started_unix * 1e9) if status is not None else time.time_ns()
-        self._encoder = Encoder(base, start_ns, self.config.max_batch_points)
+        self._encoder = Encoder(base, start_ns, self.config.max_batch_points, self.config.histograms)
         self._queue.open()
         self._thread = threading.Thread(target=self._run, name=f"otlp-{self.id}", daemon=True)
         self._thread.start()

@@ -21,15 +21,15 @@ two has no native form and keeps its classic buckets whatever the setting.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from itertools import accumulate, pairwise
 from struct import Struct
 
 from kpod.exporters.prometheus.exposition import families, utf8_label_value
 from kpod.exporters.prometheus.naming import label_name, prometheus_name
+from kpod.exporters.protowire import SMALL, field, varint, zigzag
 
-from kpod.model import Batch, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.model import Batch, HistogramValue, Kind, MetricDef, Point, Resource, base2_exponent
 
 PROTOBUF_CONTENT_TYPE = (
     "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited"
@@ -41,33 +41,12 @@ CLASSIC, NATIVE, BOTH = "classic", "native", "both"
 # MetricType enum of metrics.proto.
 _TYPES = {Kind.COUNTER: 0, Kind.GAUGE: 1, Kind.HISTOGRAM: 4}
 _pack_double = Struct("<d").pack
-# Varints of 0 .. 2^14 - 1 (one or two bytes), looked up rather than computed: most counts,
-# deltas and lengths of a cycle fall here.
-_SMALL = [bytes((n,)) if n < 0x80 else bytes((n & 0x7F | 0x80, n >> 7)) for n in range(1 << 14)]
-
-
-def varint(n: int) -> bytes:
-    """A base-128 varint (n >= 0), minimal."""
-    if n < 0x4000:
-        return _SMALL[n]
-    if n < 0x200000:
-        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def zigzag(n: int) -> int:
-    """sint32/sint64 encoding of n (Python ints: no width to shift by)."""
-    return n << 1 if n >= 0 else (-n << 1) - 1
+_small = SMALL
 
 
 def _field_bytes(number: int, data: bytes) -> bytes:
     """A length-delimited field."""
-    return varint(number << 3 | 2) + varint(len(data)) + data
+    return field(number << 3 | 2, data)
 
 
 def _label_pairs(labels: Iterable[tuple[str, str]]) -> bytes:
@@ -80,19 +59,11 @@ def _label_pairs(labels: Iterable[tuple[str, str]]) -> bytes:
 
 
 def native_indexes(bounds: tuple[float, ...]) -> int | None:
-    """The schema-0 index of the first finite bucket after the zero bucket, when `bounds` are
-    consecutive powers of two (bucket k >= 1 is native index first + k - 1, the zero bucket's
-    threshold is bounds[0]); None when the histogram has no native form."""
-    if len(bounds) < 2 or not bounds[0] > 0:
-        return None
-    mantissa, exponent = math.frexp(bounds[0])
-    if mantissa != 0.5:
-        return None
-    for low, high in pairwise(bounds):
-        if high != 2 * low:
-            return None
-    # bounds[0] = 2^(exponent-1): the bucket above it, (bounds[0], bounds[1]], is index exponent.
-    return exponent
+    """The schema-0 index of the first finite bucket after the zero bucket, (bounds[0],
+    bounds[1]], when the bounds are consecutive powers of two (kpod.model.base2_exponent);
+    bucket k >= 1 is index first + k - 1.  None when the histogram has no native form."""
+    exponent = base2_exponent(bounds)
+    return None if exponent is None else exponent + 1
 
 
 # Classic buckets are the bulk of a histogram (one Bucket message per bound) and Python is slow
@@ -160,12 +131,12 @@ def _native(first: int, counts: tuple[int, ...] | list[int]) -> bytes:
     while not counts[high - 1]:
         high -= 1
     deltas = [c - p for p, c in pairwise((0, *counts[low:high]))]
-    small = _SMALL
+    small = _small
     packed = b"".join(
         [small[z] if z < 0x4000 else varint(z) for z in [d << 1 if d >= 0 else (-d << 1) - 1 for d in deltas]]
     )
     span = b"\x08" + varint(zigzag(first + low)) + b"\x10" + varint(high - low)
-    return b"\x62" + _SMALL[len(span)] + span + b"\x6a" + varint(len(packed)) + packed
+    return b"\x62" + _small[len(span)] + span + b"\x6a" + varint(len(packed)) + packed
 
 
 def histogram_message(
