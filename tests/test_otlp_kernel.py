@@ -19,6 +19,7 @@ from kpod.receivers.cpu_sched import CpuSchedReceiver
 from otlp_receiver import GrpcReceiver, as_exponential, assert_delivered_equal, flatten, make_exporter, total_points
 
 from kpod.component import EmptyConfig
+from kpod.kernel import bpfinfo
 from kpod.kernel.ebpf import CGROUP_KEY_FIELD
 from kpod.model import Batch, HistogramValue
 
@@ -65,7 +66,7 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it(histograms: str) -> No
                 assert h.readline() == "done"
             receiver_context.cgroups.refresh()
             assert receiver.loaded is not None
-            map_id = receiver.loaded.obj.maps["sched_cgroups"].id()
+            map_id = bpfinfo.map_id(receiver.loaded.obj.maps["sched_cgroups"])
             # The hogs are done (blocked reading stdin), but a last wakeup may still land: a
             # collection between two equal dumps read what the map holds.
             for _ in range(10):
