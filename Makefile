@@ -162,7 +162,7 @@ image: container-packages $(if $(filter $(BASE_IMAGE),$(PYTHON_IMAGE)),base-imag
 # A Python 3.11 base made from Debian's packages (deploy/podman/base-image.sh); made once, reused.
 base-image: container-packages
 	@if $(PODMAN) image exists $(BASE_IMAGE); then echo "$(BASE_IMAGE): exists (podman rmi it to remake)"; \
-	else PODMAN=$(PODMAN) deploy/podman/base-image.sh $(BASE_IMAGE) $(DEBIAN_MIRROR); fi
+	else PODMAN="$(PODMAN)" deploy/podman/base-image.sh $(BASE_IMAGE) $(DEBIAN_MIRROR); fi
 
 # deploy/manifests/ is rendered from the Helm chart, deploy/grafana/ from scripts/gen_dashboard.py
 # and the chart's seccomp profile from the runtime default (scripts/gen_seccomp_profile.py);

@@ -43,6 +43,7 @@ SECTIONS: dict[str, str] = {
     "soak": "bench.soak",
     "scale": "bench.scale",
     "cycle": "bench.cycle",
+    "image": "bench.image",
 }
 
 # A section measured before its raw figures were kept carries this in its run line: it is the

@@ -259,6 +259,10 @@ def _samples() -> dict[str, dict[str, Any]]:
             },
         },
         "soak": {"result": soak, "python": "3.11.7"},
+        "image": {
+            "base_s": 57.2, "cold_s": 104.9, "warm_s": 1.94, "change_s": 71.3, "base_bytes": 139_010_000,
+            "image_bytes": 330_116_156, "packages_kib": [["kubernetes", 123_000], ["grpc", 18_500]], "cpus": 2,
+        },
         "scale": {
             "sizes": [size, {**size, "pods": 110, "containers": 165, "series": 7512, "rss_mib": 67.0}],
             "rss": {"minutes": 1.0, "pods": 110, "samples": [[0.0, 57_344], [30.0, 68_608], [60.0, 70_246]],
@@ -279,6 +283,7 @@ PRINTED = {
     "otlp": "| direct encoding, exponential histograms | 22.8 ms | 25.8 ms | 0.71 MB | 0.090 MB |",
     "soak": "54.7 -> 55.7 MiB",
     "scale": "| 56.0 MiB | 67.0 MiB |",
+    "image": "| agent image | 330 MB |",
 }
 
 
