@@ -155,8 +155,9 @@ class _Node:
     only the bash we started) and removes exactly the cgroups we made.
     """
 
-    def __init__(self, api: FakeApiServer) -> None:
+    def __init__(self, api: FakeApiServer, workload: str = WORKLOAD) -> None:
         self.api = api
+        self.workload = workload
         self.root = Path(cgroup2_root())
         self.tree = CgroupTree(self.root)
         v1 = mounts().v1
@@ -178,7 +179,7 @@ class _Node:
         for number, scope in enumerate(scopes):
             relative = scope.relative_to(self.root)
             proc = subprocess.Popen(
-                ["/bin/bash", "-c", WORKLOAD], stdin=subprocess.PIPE, start_new_session=True
+                ["/bin/bash", "-c", self.workload], stdin=subprocess.PIPE, start_new_session=True
             )  # fmt: skip
             self.procs.append(proc)
             for mirror in self.mirrors:

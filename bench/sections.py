@@ -44,6 +44,7 @@ SECTIONS: dict[str, str] = {
     "scale": "bench.scale",
     "cycle": "bench.cycle",
     "image": "bench.image",
+    "series": "bench.series",
 }
 
 # A section measured before its raw figures were kept carries this in its run line: it is the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
+import json
 import re
 import sys
 import typing
@@ -320,14 +321,7 @@ def metrics_markdown() -> str:
             else:
                 per_container += count
         lines.append(f"| {profile} | {per_container} | {per_pod} | {per_container + per_pod} |")
-    lines += [
-        "",
-        "Most of it is histogram buckets: without them (counting a histogram as one series) the same",
-        "profiles come to the following, comparable with the reference implementation's ~20 / 39 / 69:",
-        "",
-        "| profile | series per pod, histograms counted once |",
-        "|---|---|",
-    ]
+    native: dict[str, int] = {}
     for profile in profile_names:
         total = 0
         for doc, metric in profile_metrics(profile, docs):
@@ -337,9 +331,49 @@ def metrics_markdown() -> str:
             if metric.kind is Kind.HISTOGRAM:
                 count //= buckets + 2
             total += count
-        lines.append(f"| {profile} | {total} |")
-    lines.append("")
+        native[profile] = total
+    lines += [
+        "",
+        "Most of it is histogram buckets.  With native histograms (the protobuf exposition, above) a",
+        "histogram is one series, and the same profiles come to the following, comparable with the",
+        "reference implementation's ~20 / 39 / 69:",
+        "",
+        "| profile | series per pod, native histograms |",
+        "|---|---|",
+        *(f"| {profile} | {total} |" for profile, total in native.items()),
+        "",
+        *measured_series_table(),
+    ]
     return "\n".join(lines)
+
+
+def measured_series_table() -> list[str]:
+    """Series per pod measured from real expositions (bench/series.py's kept figures)."""
+    kept = REPO / "docs" / "perf" / "data" / "series.json"
+    header = ["### Measured: a real exposition at 110 pods", ""]
+    if not kept.exists():
+        return [*header, "Not measured yet: `python -m bench series` as root.", ""]
+    record = json.loads(kept.read_text())
+    data, run = record["data"], record["run"]
+    pods = data["pods"]
+    lines = [
+        *header,
+        f"Run `{run['id']}` ([perf/series.md](perf/series.md), `bench/series.py`): {pods} pods with "
+        f"{data['containers']} containers (alternately 2 and 1 per pod), each container doing a TCP round trip",
+        "and a wait every second, one agent per profile; the series carrying one of those pods' labels in a",
+        "text scrape (classic histograms) and in a protobuf scrape (native histograms), divided by the pods.",
+        "eBPF series exist only for what the containers did (no `accept4`, `epoll_wait`, `futex`... here).",
+        "",
+        "| profile | spec's estimate | classic | native | histograms per pod |",
+        "|---|---|---|---|---|",
+    ]
+    for profile, counts in data["profiles"].items():
+        lines.append(
+            f"| {profile} | ~{data['spec'][profile]} | {counts['classic'] / pods:.1f} | {counts['native'] / pods:.1f} "
+            f"| {counts['histograms'] / pods:.1f} |"
+        )
+    lines.append("")
+    return lines
 
 
 # ----------------------------------------------------------------------------- configuration

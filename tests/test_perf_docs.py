@@ -263,6 +263,15 @@ def _samples() -> dict[str, dict[str, Any]]:
             "base_s": 57.2, "cold_s": 104.9, "warm_s": 1.94, "change_s": 71.3, "base_bytes": 139_010_000,
             "image_bytes": 330_116_156, "packages_kib": [["kubernetes", 123_000], ["grpc", 18_500]], "cpus": 2,
         },
+        "series": {
+            "pods": 110, "containers": 165, "namespace": "scale", "poll_s": 1.0,
+            "spec": {"minimal": 20, "standard": 39, "comprehensive": 69},
+            "profiles": {
+                "minimal": {"classic": 5445, "native": 825, "histograms": 165, "labelled_pods": 110},
+                "standard": {"classic": 13530, "native": 4290, "histograms": 330, "labelled_pods": 110},
+                "comprehensive": {"classic": 33990, "native": 6270, "histograms": 990, "labelled_pods": 110},
+            },
+        },
         "scale": {
             "sizes": [size, {**size, "pods": 110, "containers": 165, "series": 7512, "rss_mib": 67.0}],
             "rss": {"minutes": 1.0, "pods": 110, "samples": [[0.0, 57_344], [30.0, 68_608], [60.0, 70_246]],
@@ -279,6 +288,7 @@ PRINTED = {
     "bpf": "163 ns (931,364 runs)",
     "bpf_net_syscall": "**234.8**",
     "hist": "| 93.2 | +12.0 ns |",
+    "series": "| comprehensive | ~69 | 309.0 | 57.0 | 9.0 | 110 |",
     "k8s": "+1.8 MiB",
     "otlp": "| direct encoding, exponential histograms | 22.8 ms | 25.8 ms | 0.71 MB | 0.090 MB |",
     "soak": "54.7 -> 55.7 MiB",
