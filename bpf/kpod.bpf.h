@@ -17,7 +17,7 @@
 #ifndef __KPOD_BPF_H
 #define __KPOD_BPF_H
 
-#include "vmlinux.h"
+#include <vmlinux.h>  /* angle brackets: -I picks the target arch's (BPF_OUT), not bpf/'s */
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>

@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Run a command inside Debian's 6.1 kernel under qemu (TCG), on the host's own root filesystem.
+"""Run a command inside Debian's 6.1 kernel under qemu (TCG): amd64, or arm64 (`--arch arm64`).
 
-    tests/vm/vm.py prepare                 # idempotent: packages, kernel, modules, initramfs
-    tests/vm/vm.py run [options] -- CMD..  # boot, run CMD in the current directory, power off
+    tests/vm/vm.py prepare [--arch A]                 # idempotent: packages, kernel, modules, initramfs
+    tests/vm/vm.py run [--arch A] [options] -- CMD..  # boot, run CMD in the current directory, power off
 
 Why this shape (docs/VM.md has the whole story):
-* The guest's root is the host's "/" over 9p, read-only, under a tmpfs overlay: the guest runs
-  the same Python, venv and repo checkout at the same paths as the host, and cannot write to
-  the host.  The only writable share is a per-run results directory.
-* The kernel comes from `apt-get download` + `dpkg-deb -x` into build/vm/: nothing is installed
-  as a boot kernel, nothing outside the build directory is changed.
+* amd64: the guest's root is the host's "/" over 9p, read-only, under a tmpfs overlay: the
+  guest runs the same Python, venv and repo checkout at the same paths as the host, and cannot
+  write to the host.  The only writable share is a per-run results directory.
+* arm64: the host's binaries cannot run there, so the root is an arm64 userland unpacked from
+  Debian's arm64 packages (python3.11, libbpf1, bpftool, iproute2, busybox...) under
+  build/vm-arm64/rootfs, with the repo overlaid at its host path, an arm64 venv (wheels for
+  aarch64 from the package index) over its .venv, and the arm64 BPF objects over its bpf/.
+* The kernel comes from `apt-get download` + `dpkg-deb -x` into the build directory: nothing is
+  installed as a boot kernel, nothing outside the build directory is changed (arm64 packages
+  come through a private apt state, scripts/debian_kernel.py: no `dpkg --add-architecture`).
 * The initramfs is written here as a cpio archive by Python, so building it needs no root, no
   device nodes on disk and no cpio tool: busybox, the few modules needed to reach the 9p root,
   and tests/vm/init.sh.  Everything after that (cgroup2, bpffs, the disk...) is done by
@@ -25,6 +30,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -38,20 +44,70 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-BUILD = Path(os.environ.get("KPOD_VM_BUILD", REPO / "build" / "vm"))
-KERNEL_ROOT = BUILD / "kernel"  # the extracted linux-image package (boot/, lib/modules/)
-INITRAMFS = BUILD / "initramfs.cpio.gz"
-RUNS = BUILD / "runs"
+sys.path.insert(0, str(REPO / "scripts"))
+import debian_kernel  # noqa: E402  (scripts/ is not a package; the path is set just above)
+
 KEEP_RUNS = 5
 
 # Debian's kernel is mostly modular: these are what /init needs to reach the 9p root and build
-# the overlay (config-6.1.0-*-amd64: VIRTIO_PCI, NET_9P*, 9P_FS, OVERLAY_FS are all =m).  The
-# rest (virtio_blk, ext4, loop, veth...) is loaded by guest.sh with the host's modprobe, from
-# this kernel's module tree bind-mounted at /lib/modules/<release>.
+# the overlay (config-6.1.0-*-{amd64,arm64}: VIRTIO_PCI, NET_9P*, 9P_FS, OVERLAY_FS are all =m;
+# arm64's virt machine has its virtio devices on PCI too, PCI_HOST_GENERIC is built in).  The
+# rest (virtio_blk, ext4, loop, veth...) is loaded by guest.sh with modprobe, from this
+# kernel's module tree at /lib/modules/<release>.
 INITRAMFS_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
-APT_PACKAGES = ("qemu-system-x86", "busybox-static", "kmod", "e2fsprogs")
 KERNEL_META = "linux-image-amd64"  # bookworm's meta package: depends on the current 6.1 ABI
 DISK_MIB = 64
+
+# The arm64 guest's userland: what guest.sh and the tests run (python3 and the stdlib, libbpf
+# for the loader, bpftool and iproute2 for tests, util-linux's setpriv/setsid, mount's
+# losetup, kmod's modprobe, coreutils (a `sleep` that can be copied and renamed), busybox for
+# the rest).  Their dependencies come along (apt resolves them).
+ARM64_USERLAND = ("python3", "python3.11", "libbpf1", "bpftool", "iproute2", "util-linux", "mount", "kmod",
+                  "coreutils", "procps", "busybox-static")  # fmt: skip
+# Python packages of the arm64 venv: the agent's dependencies and what the guest's tests import.
+GUEST_TEST_REQUIREMENTS = ("pytest",)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # Debian's architecture name
+    qemu: str
+    machine: tuple[str, ...]
+    console: str
+    host_packages: tuple[str, ...]
+    own_userland: bool  # the guest cannot run the host's binaries: it gets its own root
+
+
+ARCHES = {
+    "amd64": Arch(
+        "amd64", "qemu-system-x86_64", ("-machine", "q35", "-cpu", "max"), "ttyS0",
+        ("qemu-system-x86", "busybox-static", "kmod", "e2fsprogs"), own_userland=False,
+    ),
+    # pauth-impdef: TCG's pointer authentication with the architected QARMA cipher costs
+    # several times more per instruction than the implementation-defined one; the guest
+    # cannot tell the difference.
+    "arm64": Arch(
+        "arm64", "qemu-system-aarch64", ("-machine", "virt", "-cpu", "max,pauth-impdef=on"), "ttyAMA0",
+        # busybox-static: the host's busybox lists the applets the arm64 one (same version) has.
+        ("qemu-system-arm", "busybox-static", "kmod", "e2fsprogs"), own_userland=True,
+    ),
+}  # fmt: skip
+
+
+class Target:
+    """Where one architecture's VM lives: build/vm (amd64) or build/vm-arm64."""
+
+    def __init__(self, arch: str = "amd64") -> None:
+        self.arch = ARCHES[arch]
+        base = Path(os.environ.get("KPOD_VM_BUILD", REPO / "build" / "vm"))
+        self.build = base if arch == "amd64" else base.with_name(f"{base.name}-{arch}")
+        # amd64: the extracted kernel package; arm64: the whole root, kernel included.
+        self.kernel_root = self.build / ("rootfs" if self.arch.own_userland else "kernel")
+        self.initramfs = self.build / "initramfs.cpio.gz"
+        self.runs = self.build / "runs"
+        self.venv = self.build / "venv"  # arm64: mounted over the repo's .venv in the guest
+        self.layer = self.build / "layer"  # arm64: laid over the repo (bpf/*.bpf.o for arm64)
+        self.btf = self.build / "vmlinux.btf"  # arm64: what `make bpf-arm64` compiles against
 
 
 def log(message: str) -> None:
@@ -66,7 +122,7 @@ def _installed(package: str) -> bool:
     return "install ok installed" in result.stdout
 
 
-def ensure_packages(packages: Iterable[str] = APT_PACKAGES) -> None:
+def ensure_packages(packages: Iterable[str]) -> None:
     missing = [p for p in packages if not _installed(p)]
     if not missing:
         return
@@ -96,22 +152,24 @@ def _kernel_package() -> str:
     raise SystemExit(f"vm: cannot tell which kernel {KERNEL_META} depends on (apt-cache depends)")
 
 
-def kernel_release() -> str | None:
+def kernel_release(target: Target) -> str | None:
     """The release of the extracted kernel (e.g. 6.1.0-56-amd64), None before `prepare`."""
-    modules = KERNEL_ROOT / "lib" / "modules"
+    modules = target.kernel_root / "lib" / "modules"
     releases = sorted(p.name for p in modules.iterdir()) if modules.is_dir() else []
     for release in releases:
-        if (KERNEL_ROOT / "boot" / f"vmlinuz-{release}").exists() and (modules / release / "modules.dep").exists():
+        vmlinuz = target.kernel_root / "boot" / f"vmlinuz-{release}"
+        if vmlinuz.exists() and (modules / release / "modules.dep").exists():
             return release
     return None
 
 
-def ensure_kernel() -> str:
-    release = kernel_release()
+def ensure_kernel(target: Target) -> str:
+    """amd64: the kernel package alone, extracted into build/vm/kernel (the root is the host's)."""
+    release = kernel_release(target)
     if release:
         return release
     package = _kernel_package()
-    downloads = BUILD / "downloads"
+    downloads = target.build / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     debs = sorted(downloads.glob(f"{package}_*.deb"))
     if not debs:
@@ -124,24 +182,221 @@ def ensure_kernel() -> str:
         debs = sorted(downloads.glob(f"{package}_*.deb"))
     if not debs:
         raise SystemExit(f"vm: apt-get download {package} produced no .deb in {downloads}")
-    staging = BUILD / "kernel.tmp"
+    staging = target.build / "kernel.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], check=True)
     release = next(p.name for p in (staging / "lib" / "modules").iterdir())
     # The package ships no modules.dep (its postinst runs depmod); -b keeps depmod in our tree.
     subprocess.run(["depmod", "-b", str(staging), release], check=True)
-    shutil.rmtree(KERNEL_ROOT, ignore_errors=True)
-    staging.rename(KERNEL_ROOT)
+    shutil.rmtree(target.kernel_root, ignore_errors=True)
+    staging.rename(target.kernel_root)
     # The .deb is no longer needed: the extracted tree is the cache.
     for deb in debs:
         deb.unlink()
-    log(f"kernel {release} extracted to {KERNEL_ROOT}")
+    log(f"kernel {release} extracted to {target.kernel_root}")
     return release
 
 
-def module_load_order(release: str, wanted: Iterable[str]) -> list[Path]:
+# ------------------------------------------------------------------- arm64: a root of its own
+
+ROOTFS_STAMP = ".kpod-rootfs.json"  # what the root was built from: a change rebuilds it
+# Minimal /etc: root's name for `id`/getpwuid, localhost for tests' sockets, files-only lookups.
+ROOTFS_ETC = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    "etc/group": "root:x:0:\nnogroup:x:65534:\n",
+    "etc/hosts": "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+    "etc/nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
+    "etc/hostname": "kpod-vm\n",
+}
+
+
+def merge_usr(root: Path) -> None:
+    """/bin, /sbin, /lib as symlinks into /usr, as Debian 12 lays them out (usrmerge).
+
+    Extracting packages does not run base-files' setup, and bookworm's packages still ship
+    some files under /bin and /lib: move them where the symlinks will point.
+    """
+    for name in ("bin", "sbin", "lib"):
+        top, usr = root / name, root / "usr" / name
+        usr.mkdir(parents=True, exist_ok=True)
+        if top.is_symlink():
+            continue
+        if top.is_dir():
+            for entry in top.iterdir():
+                dest = usr / entry.name
+                if dest.is_dir() and entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, dest, symlinks=True, dirs_exist_ok=True)
+                    shutil.rmtree(entry)
+                else:
+                    entry.replace(dest)
+            top.rmdir()
+        top.symlink_to(f"usr/{name}")
+
+
+def busybox_applets() -> list[str]:
+    """Where busybox's applets live (usr/bin/awk, sbin/ifconfig...), from the host's busybox.
+
+    Same Debian version as the arm64 one (both bookworm's busybox-static), so the same list;
+    the arm64 binary itself cannot run here.
+    """
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    return subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout.split()
+
+
+def link_busybox(root: Path) -> None:
+    """Each applet that no real package provides becomes a link to busybox (sh, mount, awk...)."""
+    for applet in busybox_applets():
+        name = Path(applet).name
+        if any((root / d / name).exists() or (root / d / name).is_symlink() for d in ("usr/bin", "usr/sbin")):
+            continue
+        (root / "usr" / ("sbin" if "sbin" in applet else "bin") / name).symlink_to("/usr/bin/busybox")
+
+
+def ensure_rootfs(target: Target) -> str:
+    """arm64: Debian's arm64 userland and kernel, unpacked into build/vm-arm64/rootfs."""
+    apt = debian_kernel.ForeignApt(target.arch.name, target.build / "apt")
+    wanted = {"userland": list(ARM64_USERLAND)}
+    stamp = target.kernel_root / ROOTFS_STAMP
+    release = kernel_release(target)
+    if release and stamp.exists() and json.loads(stamp.read_text()).get("userland") == wanted["userland"]:
+        return release
+    apt.update()
+    kernel = apt.kernel_package()
+    log(f"downloading {target.arch.name} packages: {' '.join(ARM64_USERLAND)} (+ dependencies), {kernel}")
+    debs = apt.download_closure(ARM64_USERLAND)
+    debs += apt.download([kernel], target.build / "downloads")
+    staging = target.build / "rootfs.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for deb in debs:
+        debian_kernel.unpack(deb, staging)
+    merge_usr(staging)
+    link_busybox(staging)
+    for name, text in ROOTFS_ETC.items():
+        (staging / name).write_text(text)
+    for directory in ("proc", "sys", "dev", "run", "tmp", "root", "mnt", "var/tmp", "sys/fs/cgroup"):
+        (staging / directory).mkdir(parents=True, exist_ok=True)
+    (staging / "tmp").chmod(0o1777)
+    release = next(p.name for p in (staging / "lib" / "modules").iterdir())
+    subprocess.run(["depmod", "-b", str(staging), release], check=True)
+    (staging / ROOTFS_STAMP).write_text(json.dumps({**wanted, "kernel": kernel}) + "\n")
+    shutil.rmtree(target.kernel_root, ignore_errors=True)
+    staging.rename(target.kernel_root)
+    for deb in debs:  # the unpacked root is the cache
+        deb.unlink()
+    log(f"{target.arch.name} root with kernel {release} unpacked to {target.kernel_root}")
+    return release
+
+
+def ensure_btf(target: Target, release: str) -> Path:
+    """The guest kernel's BTF, carved from its image: `make bpf-arm64` compiles against it."""
+    vmlinuz = target.kernel_root / "boot" / f"vmlinuz-{release}"
+    if target.btf.exists() and target.btf.stat().st_mtime >= vmlinuz.stat().st_mtime:
+        return target.btf
+    blob = debian_kernel.kernel_btf(vmlinuz.read_bytes())
+    target.btf.write_bytes(blob)
+    log(f"{target.btf}: BTF of {release} ({len(blob) // 1024} KiB)")
+    return target.btf
+
+
+def _host_python() -> str:
+    venv_python = REPO / ".venv" / "bin" / "python"
+    return str(venv_python) if venv_python.exists() else sys.executable
+
+
+def guest_requirements() -> list[str]:
+    """The agent's dependencies (pyproject.toml) and the guest tests', pinned to the versions
+    the host's venv has, so that both sides run the same code."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = [*project["dependencies"], *GUEST_TEST_REQUIREMENTS]
+    freeze = subprocess.run([_host_python(), "-m", "pip", "freeze", "--exclude-editable"],
+                            capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    pins = {line.split("==")[0].lower().replace("_", "-"): line for line in freeze if "==" in line}
+    out = []
+    for requirement in names:
+        name = requirement.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
+        out.append(pins.get(name, requirement))
+    return out
+
+
+def write_console_scripts(site: Path, bin_dir: Path, python: str) -> list[str]:
+    """bin/<name> for each console script the distributions in `site` declare, as pip writes them."""
+    import configparser
+
+    written = []
+    for entry_points in sorted(site.glob("*.dist-info/entry_points.txt")):
+        parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+        parser.optionxform = str  # type: ignore[assignment,method-assign]  # names are case-sensitive
+        parser.read_string(entry_points.read_text())
+        if not parser.has_section("console_scripts"):
+            continue
+        for name, target in parser.items("console_scripts"):
+            module, _, function = target.strip().partition(":")
+            script = bin_dir / name
+            script.write_text(f"#!{python}\nimport sys\nfrom {module} import {function.strip()}\n"
+                              f"if __name__ == '__main__':\n    sys.exit({function.strip()}())\n")  # fmt: skip
+            script.chmod(0o755)
+            written.append(name)
+    return written
+
+
+def ensure_venv(target: Target) -> Path:
+    """arm64: a venv for the guest's python3.11, filled from the host with aarch64 wheels.
+
+    Made by hand (the arm64 interpreter cannot run here): pyvenv.cfg, bin/python pointing at
+    the guest's /usr/bin/python3.11, site-packages from `pip install --target --platform`.
+    The guest mounts it over the repo's .venv, so `.venv/bin/pytest` and the editable install
+    of kpod (copied from the host venv: pure Python, paths into this checkout) work unchanged.
+    """
+    venv, site = target.venv, target.venv / "lib" / "python3.11" / "site-packages"
+    requirements = guest_requirements()
+    host_site = Path(subprocess.run([_host_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                    capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    editable = sorted(host_site.glob("__editable__*kpod_metrics*")) + sorted(host_site.glob("kpod_metrics-*.dist-info"))
+    if not editable:
+        raise SystemExit(f"vm: the host venv has no editable install of kpod-metrics in {host_site} (make setup)")
+    # "layout": bump when this function changes what it writes, so existing venvs are redone.
+    wanted = {"layout": 1, "requirements": requirements, "editable": [p.name for p in editable]}
+    stamp = venv / "kpod-venv.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return venv
+    staging = venv.with_name("venv.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging_site = staging / "lib" / "python3.11" / "site-packages"
+    staging_site.mkdir(parents=True)
+    log(f"arm64 venv: {' '.join(requirements)} (aarch64 wheels)")
+    subprocess.run(
+        [_host_python(), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(staging_site),
+         # Every manylinux tag up to bookworm's glibc (2.36): pip does not expand them itself.
+         *[arg for minor in range(17, 37) for arg in ("--platform", f"manylinux_2_{minor}_aarch64")],
+         "--platform", "manylinux2014_aarch64", "--python-version", "3.11", "--implementation", "cp",
+         "--abi", "cp311", "--only-binary=:all:", *requirements],
+        check=True,
+    )  # fmt: skip
+    shutil.rmtree(staging_site / "bin", ignore_errors=True)  # host-made scripts; ours are below
+    for path in editable:
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging_site / path.name)
+    (staging / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11\n")
+    bin_dir = staging / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "python3", "python3.11"):
+        (bin_dir / name).symlink_to("/usr/bin/python3.11")
+    # The shebang names the path the guest sees: the venv is mounted over the repo's .venv.
+    python = str(REPO / ".venv" / "bin" / "python")
+    scripts = write_console_scripts(staging_site, bin_dir, python)
+    if not {"pytest", "kpod-metrics"} <= set(scripts):
+        raise SystemExit(f"vm: the arm64 venv lacks the pytest or kpod-metrics script (has {sorted(scripts)})")
+    (staging / "kpod-venv.json").write_text(json.dumps(wanted) + "\n")
+    shutil.rmtree(venv, ignore_errors=True)
+    staging.rename(venv)
+    return venv
+
+
+def module_load_order(kernel_root: Path, release: str, wanted: Iterable[str]) -> list[Path]:
     """The .ko files for `wanted` and their dependencies, each after what it depends on."""
-    base = KERNEL_ROOT / "lib" / "modules" / release
+    base = kernel_root / "lib" / "modules" / release
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (base / "modules.dep").read_text().splitlines():
@@ -211,16 +466,19 @@ class Cpio:
         return self.out.getvalue()
 
 
-def build_initramfs(release: str) -> bytes:
+def build_initramfs(target: Target, release: str) -> bytes:
     archive = Cpio()
     for directory in ("bin", "dev", "proc", "sys", "modules", "ro", "rw", "newroot"):
         archive.directory(directory)
     # The kernel opens /dev/console for /init's stdio before devtmpfs is mounted.
     archive.char_device("dev/console", 5, 1)
-    busybox = shutil.which("busybox") or "/bin/busybox"
+    if target.arch.own_userland:  # the guest architecture's static busybox, from its root
+        busybox = str(target.kernel_root / "usr" / "bin" / "busybox")
+    else:
+        busybox = shutil.which("busybox") or "/bin/busybox"
     archive.file("bin/busybox", Path(busybox).read_bytes(), 0o755)
     archive.symlink("bin/sh", "busybox")
-    modules = module_load_order(release, INITRAMFS_MODULES)
+    modules = module_load_order(target.kernel_root, release, INITRAMFS_MODULES)
     for module in modules:
         archive.file(f"modules/{module.name}", module.read_bytes())
     archive.file("modules/order", "".join(f"{m.name}\n" for m in modules).encode())
@@ -228,29 +486,34 @@ def build_initramfs(release: str) -> bytes:
     return archive.finish()
 
 
-def ensure_initramfs(release: str) -> Path:
+def ensure_initramfs(target: Target, release: str) -> Path:
     """Rewrite the initramfs only when its content changes (init.sh, busybox, modules)."""
-    data = build_initramfs(release)
+    data = build_initramfs(target, release)
     digest = hashlib.sha256(data).hexdigest()
-    stamp = BUILD / "initramfs.sha256"
-    if INITRAMFS.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return INITRAMFS
-    tmp = INITRAMFS.with_suffix(".tmp")
+    stamp = target.build / "initramfs.sha256"
+    if target.initramfs.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return target.initramfs
+    tmp = target.initramfs.with_suffix(".tmp")
     # mtime=0: the same inputs give the same bytes.
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=6) as gz:
         gz.write(data)
-    tmp.rename(INITRAMFS)
+    tmp.rename(target.initramfs)
     stamp.write_text(digest + "\n")
-    log(f"initramfs written: {INITRAMFS} ({INITRAMFS.stat().st_size // 1024} KiB)")
-    return INITRAMFS
+    log(f"initramfs written: {target.initramfs} ({target.initramfs.stat().st_size // 1024} KiB)")
+    return target.initramfs
 
 
-def prepare(install: bool = True) -> str:
-    BUILD.mkdir(parents=True, exist_ok=True)
+def prepare(target: Target, install: bool = True) -> str:
+    target.build.mkdir(parents=True, exist_ok=True)
     if install:
-        ensure_packages()
-    release = ensure_kernel()
-    ensure_initramfs(release)
+        ensure_packages(target.arch.host_packages)
+    if target.arch.own_userland:
+        release = ensure_rootfs(target)
+        ensure_btf(target, release)
+        ensure_venv(target)
+    else:
+        release = ensure_kernel(target)
+    ensure_initramfs(target, release)
     return release
 
 
@@ -281,24 +544,31 @@ def guest_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def qemu_argv(release: str, run_dir: Path, disk: Path, console: Path, smp: int, memory_mib: int,
+def kernel_cmdline(target: Target, release: str, loglevel: int) -> str:
+    words = [
+        f"console={target.arch.console}",
+        "panic=-1",  # a guest that dies reboots at once, and -no-reboot turns that into an exit
+        f"loglevel={loglevel}",
+        # Read by init.sh and guest.sh from /proc/cmdline: stage 2 lives in the host tree.
+        f"kpod.guest={HERE / 'guest.sh'}",
+    ]
+    if target.arch.own_userland:
+        # The root is the unpacked userland, the repo goes over it at its host path; modules
+        # are in the root where modprobe looks for them anyway.
+        words += [f"kpod.rootfs={target.kernel_root}", f"kpod.repo={REPO}", f"kpod.layer={target.layer}",
+                  f"kpod.venv={target.venv}", f"kpod.modules=/lib/modules/{release}"]  # fmt: skip
+    else:
+        words.append(f"kpod.modules={target.kernel_root / 'lib' / 'modules' / release}")
+    return " ".join(words)
+
+
+def qemu_argv(target: Target, release: str, run_dir: Path, disk: Path, console: Path, smp: int, memory_mib: int,
               loglevel: int, interactive: bool = False) -> list[str]:  # fmt: skip
-    vmlinuz = KERNEL_ROOT / "boot" / f"vmlinuz-{release}"
-    cmdline = " ".join(
-        (
-            "console=ttyS0",
-            "panic=-1",  # a guest that dies reboots at once, and -no-reboot turns that into an exit
-            f"loglevel={loglevel}",
-            # Read by init.sh from /proc/cmdline: stage 2 lives in the host tree.
-            f"kpod.guest={HERE / 'guest.sh'}",
-            f"kpod.modules={KERNEL_ROOT / 'lib' / 'modules' / release}",
-        )
-    )
+    vmlinuz = target.kernel_root / "boot" / f"vmlinuz-{release}"
     return [
-        "qemu-system-x86_64",
-        "-accel", "tcg",  # KVM cannot run this kernel on these hosts (issue 8)
-        "-machine", "q35",
-        "-cpu", "max",
+        target.arch.qemu,
+        "-accel", "tcg",  # KVM cannot run this kernel on these hosts (issue 8), nor another arch
+        *target.arch.machine,
         "-smp", str(smp),
         "-m", str(memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -306,8 +576,8 @@ def qemu_argv(release: str, run_dir: Path, disk: Path, console: Path, smp: int, 
         *(["-chardev", f"stdio,id=con,mux=on,signal=off,logfile={console}", "-serial", "chardev:con",
            "-mon", "chardev=con"] if interactive else ["-serial", f"file:{console}"]),
         "-kernel", str(vmlinuz),
-        "-initrd", str(INITRAMFS),
-        "-append", cmdline,
+        "-initrd", str(target.initramfs),
+        "-append", kernel_cmdline(target, release, loglevel),
         # multidevs=remap: "/" spans several host filesystems; without it inode numbers can
         # collide in the guest.
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -316,10 +586,10 @@ def qemu_argv(release: str, run_dir: Path, disk: Path, console: Path, smp: int, 
     ]  # fmt: skip
 
 
-def _prune_runs() -> None:
+def _prune_runs(runs_dir: Path) -> None:
     """Keep the newest KEEP_RUNS finished runs.  Runs of other sessions may be going on at the
     same time: a run without its "done" marker is left alone unless it is older than a day."""
-    runs = sorted(p for p in RUNS.iterdir() if p.is_dir() and not p.is_symlink()) if RUNS.is_dir() else []
+    runs = sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.is_symlink()) if runs_dir.is_dir() else []
     stale = time.time() - 86400
     finished = [p for p in runs if (p / "done").exists() or p.stat().st_mtime < stale]
     for old in finished[:-KEEP_RUNS]:
@@ -345,22 +615,25 @@ class ConsoleTail:
             sys.stdout.flush()
 
 
-def run(argv: list[str], *, timeout: float, cwd: Path, smp: int = 2, memory_mib: int = 2048,
-        stream: bool = True, loglevel: int = 4, env: dict[str, str] | None = None,
+def run(argv: list[str], *, timeout: float, cwd: Path, target: Target | None = None, smp: int = 2,
+        memory_mib: int = 2048, stream: bool = True, loglevel: int = 4, env: dict[str, str] | None = None,
         interactive: bool = False) -> RunResult:  # fmt: skip
-    release = kernel_release()
-    if release is None or not INITRAMFS.exists():
-        raise SystemExit("vm: not prepared: run `tests/vm/vm.py prepare` (or `make vm-setup`) first")
-    RUNS.mkdir(parents=True, exist_ok=True)
-    _prune_runs()
-    run_dir = RUNS / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = target or Target()
+    release = kernel_release(target)
+    if release is None or not target.initramfs.exists():
+        arch = "" if target.arch.name == "amd64" else f" --arch {target.arch.name}"
+        raise SystemExit(f"vm: not prepared: run `tests/vm/vm.py prepare{arch}` (or `make vm-setup`) first")
+    runs = target.runs
+    runs.mkdir(parents=True, exist_ok=True)
+    _prune_runs(runs)
+    run_dir = runs / time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     run_dir = run_dir.with_name(f"{run_dir.name}-{os.getpid()}")
     run_dir.mkdir()
     # build/vm/runs/last -> this run; replaced atomically, as other runs may do the same.
-    link = RUNS / f".last-{os.getpid()}"
+    link = runs / f".last-{os.getpid()}"
     link.unlink(missing_ok=True)
     link.symlink_to(run_dir.name)
-    os.replace(link, RUNS / "last")
+    os.replace(link, runs / "last")
     console = run_dir / "console.log"
     disk = run_dir / "disk.img"
     make_disk(disk)
@@ -375,7 +648,7 @@ def run(argv: list[str], *, timeout: float, cwd: Path, smp: int = 2, memory_mib:
     (run_dir / "cmd").write_text(guest_script(argv, cwd, guest_env))
     if interactive:  # guest.sh then gives the command the console as its terminal
         (run_dir / "interactive").touch()
-    qemu = qemu_argv(release, run_dir, disk, console, smp, memory_mib, loglevel, interactive)
+    qemu = qemu_argv(target, release, run_dir, disk, console, smp, memory_mib, loglevel, interactive)
     (run_dir / "qemu.argv").write_text(shlex.join(qemu) + "\n")
     tail = ConsoleTail(console, stream and not interactive)
     start = time.monotonic()
@@ -420,6 +693,9 @@ def main(args: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare", help="install packages, fetch the kernel, build the initramfs (idempotent)")
     prep.add_argument("--no-install", action="store_true", help="do not call apt-get install")
     runp = sub.add_parser("run", help="boot the VM and run a command in it")
+    for p in (prep, runp):
+        p.add_argument("--arch", choices=sorted(ARCHES), default=os.environ.get("KPOD_VM_ARCH", "amd64"),
+                       help="the guest's architecture (default amd64, or $KPOD_VM_ARCH)")  # fmt: skip
     runp.add_argument("--timeout", type=float, default=900, help="seconds before the VM is killed (default 900)")
     runp.add_argument("--smp", type=int, default=2)
     runp.add_argument("--memory", type=int, default=2048, help="MiB")
@@ -433,12 +709,14 @@ def main(args: list[str] | None = None) -> int:
     )
     runp.add_argument("argv", nargs="+", help="the command (after --)")
     opts = parser.parse_args(args)
+    target = Target(opts.arch)
     if opts.command == "prepare":
-        release = prepare(install=not opts.no_install)
-        log(f"ready: kernel {release}, {INITRAMFS}")
+        release = prepare(target, install=not opts.no_install)
+        log(f"ready: {target.arch.name} kernel {release}, {target.initramfs}")
         return 0
-    result = run(opts.argv, timeout=opts.timeout, cwd=Path(opts.cwd), smp=opts.smp, memory_mib=opts.memory,
-                 stream=not opts.quiet, loglevel=opts.loglevel, interactive=opts.interactive)  # fmt: skip
+    result = run(opts.argv, timeout=opts.timeout, cwd=Path(opts.cwd), target=target, smp=opts.smp,
+                 memory_mib=opts.memory, stream=not opts.quiet, loglevel=opts.loglevel,
+                 interactive=opts.interactive)  # fmt: skip
     where = f"console log: {result.console}"
     if result.timed_out:
         log(f"FAILED: timed out after {result.seconds:.0f} s, VM killed; {where}")
