@@ -51,9 +51,9 @@ from kpod.component import Context, EmptyConfig
 from kpod.kernel import libbpf
 from kpod.kernel.bpfinfo import map_id, program_stats
 from kpod.kernel.ebpf import BpfReceiver
-from kpod.kernel.syscalls import resolve_syscalls
+from kpod.kernel.syscalls import default_tracked, resolve_syscalls
 from kpod.selfmetrics import SelfMetrics
-from kpod.settings import DEFAULT_TRACKED_SYSCALLS, KpodSettings
+from kpod.settings import KpodSettings
 
 REPO = Path(__file__).resolve().parents[1]
 STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -446,7 +446,7 @@ def per_event(built: dict[str, Path], cpu: int, n: int, reps: int) -> dict[str, 
     """Each implementation measured `reps` times, interleaved; the least disturbed rep is kept
     (other load on the machine only ever adds: interrupts land inside a program's run time)."""
     loop = built["sysloop"]
-    numbers = list(resolve_syscalls(DEFAULT_TRACKED_SYSCALLS).values())
+    numbers = list(resolve_syscalls(default_tracked()).values())
     syscall_impls: dict[str, Callable[[], contextlib.AbstractContextManager[dict[str, int]]]] = {
         "sys_empty": lambda: empty_programs(built["empty"]),
         "sys_kpod": lambda: receiver_programs(SyscallReceiver(context("syscall"), SyscallConfig())),
@@ -491,7 +491,7 @@ def per_event(built: dict[str, Path], cpu: int, n: int, reps: int) -> dict[str, 
 
 @contextlib.contextmanager
 def bpftrace_syscalls() -> Iterator[None]:
-    numbers = list(resolve_syscalls(DEFAULT_TRACKED_SYSCALLS).values())
+    numbers = list(resolve_syscalls(default_tracked()).values())
     bt = Bpftrace(bpftrace_syscall_script(numbers), 2)
     try:
         yield

@@ -105,6 +105,9 @@ KPOD_ERRORS_MAP(sys_errors, struct sys_errors_value);
 
 /* x86 marks 32-bit (int 0x80 / sysenter) syscalls TS_COMPAT: their numbers are the ia32 table's. */
 #define KPOD_TS_COMPAT 0x0002
+/* arm64: an AArch32 task traps with SPSR.M[4] set (PSR_MODE32_BIT), and its numbers are the
+ * arm (EABI) table's, where 3 is read, not io_cancel.  Architectural, unlike a TIF_ number. */
+#define KPOD_PSR_MODE32_BIT 0x10
 
 struct thread_info___x86 {
 	__u32 status;
@@ -136,6 +139,10 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 		if (((struct thread_info___x86 *)&task->thread_info)->status & KPOD_TS_COMPAT)
 			return 0;
 	}
+#endif
+#ifdef __TARGET_ARCH_arm64
+	if (REGS_READ(regs, pstate) & KPOD_PSR_MODE32_BIT)
+		return 0;
 #endif
 #ifdef KPOD_SYS_START_HASH
 	{

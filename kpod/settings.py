@@ -11,19 +11,6 @@ from dataclasses import dataclass, field
 
 from kpod.units import Duration
 
-DEFAULT_TRACKED_SYSCALLS = [
-    "read",
-    "write",
-    "openat",
-    "close",
-    "connect",
-    "accept4",
-    "sendto",
-    "recvfrom",
-    "epoll_wait",
-    "futex",
-]
-
 
 @dataclass
 class KubeletSettings:
@@ -71,7 +58,9 @@ class BpfSettings:
 
 @dataclass
 class SyscallSettings:
-    tracked_syscalls: list[str] = field(default_factory=lambda: list(DEFAULT_TRACKED_SYSCALLS))
+    # Empty: the architecture's default set (kpod.kernel.syscalls.DEFAULT_TRACKED), which the
+    # settings cannot name once for every node: arm64 has epoll_pwait where x86_64 has epoll_wait.
+    tracked_syscalls: list[str] = field(default_factory=list)
 
 
 @dataclass

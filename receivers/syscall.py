@@ -1,15 +1,18 @@
 """Syscalls per (cgroup, syscall) from bpf/syscall.bpf.c: count, errors, latency.
 
-The tracked set is `kpod.syscall.tracked_syscalls` (names), resolved to this machine's numbers
-(x86_64 or arm64, kpod.kernel.syscalls) and written into the kernel's filter map after load and
-before the programs are attached; every other syscall returns after one array lookup.
+The tracked set is `kpod.syscall.tracked_syscalls` (names; empty = the architecture's default
+set), resolved to this machine's numbers (x86_64 or arm64, kpod.kernel.syscalls) and written
+into the kernel's filter map after load and before the programs are attached; every other
+syscall returns after one array lookup.  A name only another architecture has (epoll_wait on
+arm64) is skipped with a warning, so one config serves a mixed amd64/arm64 cluster.
 
 - kpod.syscall.count{syscall}: calls that returned, whose entry was seen (a call already in
   progress when the agent attached is not counted; fork/clone count once, in the parent).
   A call interrupted by a signal and restarted by the kernel counts twice, as strace shows it.
 - kpod.syscall.errors{syscall}: of those, calls that returned < 0.
 - kpod.syscall.latency{syscall}: entry to exit, bucketed in the kernel at powers of two seconds.
-32-bit (compat) syscalls on x86_64 are not counted: their numbers belong to another table.
+32-bit (compat) syscalls are not counted, on x86_64 (int 0x80, sysenter) nor on arm64
+(AArch32 tasks): their numbers belong to another table.
 
 Capacity: sys_stats holds one entry per (cgroup, tracked syscall) pair and is sized
 kpod.bpf.map_max_entries like every per-cgroup map, so 10,240 entries cover ~1,000 cgroups at
@@ -25,7 +28,7 @@ from typing import Any
 from kpod.component import ComponentUnavailable, Factory
 from kpod.kernel import libbpf
 from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
-from kpod.kernel.syscalls import resolve_syscalls
+from kpod.kernel.syscalls import default_tracked, other_architectures_only, resolve_syscalls, skipped_note
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 COUNT = MetricDef("kpod.syscall.count", Kind.COUNTER, "1", "Tracked syscalls made by the cgroup's tasks", ("syscall",))
@@ -61,15 +64,21 @@ class SyscallReceiver(BpfReceiver):
         self._names: dict[int, tuple[tuple[str, str], ...]] = {}
 
     def tracked_names(self) -> list[str]:
-        return list(self.config.tracked_syscalls or self.context.settings.syscall.tracked_syscalls)
+        """The configured names: this receiver's, else kpod.syscall's, else the architecture's defaults."""
+        names = self.config.tracked_syscalls or self.context.settings.syscall.tracked_syscalls
+        return list(names) if names else default_tracked()
 
     def start(self) -> None:
+        names = self.tracked_names()
         try:
-            self.tracked = resolve_syscalls(self.tracked_names())
+            self.tracked = resolve_syscalls(names)
         except ValueError as exc:  # an unknown name, or an architecture without a table
             raise ComponentUnavailable(str(exc)) from exc
+        note = skipped_note(names)
         if not self.tracked:
-            raise ComponentUnavailable("no syscalls to track (kpod.syscall.tracked_syscalls is empty)")
+            raise ComponentUnavailable(f"no syscalls to track here ({note or 'the tracked list is empty'})")
+        if note:  # another architecture's names, in a config shared by a mixed cluster
+            self.log.warning("%s", note)
         # Attribute tuples built once: one per tracked syscall, reused every cycle.
         self._names = {nr: attributes(syscall=name) for name, nr in self.tracked.items()}
         super().start()
@@ -85,8 +94,13 @@ class SyscallReceiver(BpfReceiver):
 
     def route(self) -> str:
         route = super().route()
-        names = ",".join(self.tracked_names())
-        return f"{route}; tracked: {names}" if not route.startswith("unavailable") else route
+        if route.startswith("unavailable"):
+            return route
+        names = self.tracked_names()
+        skipped = other_architectures_only(names)
+        tracked = ",".join(n for n in names if n not in skipped)
+        note = skipped_note(names)
+        return f"{route}; tracked: {tracked}" + (f"; {note}" if note else "")
 
     def collect_maps(self, batch: Batch) -> None:
         start = self.loaded.loaded_at_ns if self.loaded else 0

@@ -26,6 +26,7 @@ from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from kpod import pipeline, profiles, scheduler
 from kpod.component import Receiver
 from kpod.config.overrides import env_var_name, leaf_paths
+from kpod.kernel import syscalls
 from kpod.model import Kind, MetricDef
 from kpod.settings import KpodSettings
 from kpod.units import Duration
@@ -209,7 +210,8 @@ def _prom_names(metric: MetricDef) -> str:
 
 def metrics_markdown() -> str:
     docs = receivers()
-    tracked = len(KpodSettings().syscall.tracked_syscalls)
+    # Empty setting = the architecture's default set; x86_64's and arm64's are the same size.
+    tracked = len(KpodSettings().syscall.tracked_syscalls or syscalls.default_tracked("x86_64"))
     profile_names = [p for p in profiles.PROFILES if p != "custom"]
     in_profiles: dict[MetricDef, list[str]] = {}
     for profile in profile_names:

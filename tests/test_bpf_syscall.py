@@ -44,7 +44,7 @@ from kpod.receivers.syscall import FILTER_MAP, SyscallConfig, SyscallReceiver
 
 from kpod.component import ComponentUnavailable
 from kpod.kernel.bpfinfo import map_id
-from kpod.kernel.syscalls import resolve_syscalls
+from kpod.kernel.syscalls import default_tracked, resolve_syscalls, syscall_table
 
 pytestmark = kernel_test
 
@@ -160,6 +160,40 @@ def test_default_tracked_set_comes_from_settings() -> None:
     try:
         assert filter_contents(receiver) == set(resolve_syscalls(["openat", "close"]).values())
         assert "tracked: openat,close" in receiver.route()
+    finally:
+        receiver.shutdown()
+
+
+def test_empty_settings_track_this_architectures_default_set() -> None:
+    """Nothing configured: the default set of this machine's architecture (on arm64 with
+    epoll_pwait, which is what `make test-vm-arm64` proves), never a name it lacks."""
+    ctx = context("syscall")
+    assert ctx.settings.syscall.tracked_syscalls == []
+    receiver = SyscallReceiver(ctx, SyscallConfig())
+    receiver.start()
+    try:
+        expected = resolve_syscalls(default_tracked())
+        assert list(expected) == default_tracked()
+        assert receiver.filter_contents() == set(expected.values())
+        assert f"tracked: {','.join(default_tracked())}" in receiver.route()
+    finally:
+        receiver.shutdown()
+
+
+def test_another_architectures_names_are_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    """A list shared by amd64 and arm64 nodes: x86_64's epoll_wait is skipped on arm64 with a
+    warning, and the rest is tracked.  On x86_64 the same list tracks everything."""
+    names = ["epoll_wait", "getppid"]
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=names))
+    receiver.start()
+    try:
+        assert receiver.filter_contents() == set(resolve_syscalls(names).values())
+        if "epoll_wait" in syscall_table():
+            assert set(receiver.tracked) == set(names) and "not tracked here" not in receiver.route()
+        else:
+            assert set(receiver.tracked) == {"getppid"}
+            assert "not tracked here: epoll_wait (x86_64 only)" in receiver.route()
+            assert "epoll_wait (x86_64 only)" in caplog.text
     finally:
         receiver.shutdown()
 
@@ -315,5 +349,50 @@ def test_compat_syscalls_are_not_counted_as_64_bit_ones(tmp_path: Path) -> None:
             count = by_syscall(batch, "kpod.syscall.count", pod.container_id)
             assert count == {"close": 7}, count  # the 64-bit calls counted, no semget at all
             assert by_syscall(batch, "kpod.syscall.errors", pod.container_id) == {"close": 7}
+        finally:
+            receiver.shutdown()
+
+
+ARMHF_BUSYBOX = "/usr/local/bin/busybox-armhf"  # tests/vm/vm.py puts it in the arm64 guest's root
+
+
+def test_aarch32_syscalls_are_not_counted_as_arm64_ones(tmp_path: Path) -> None:
+    """arm64's compat side: an AArch32 process's syscalls use the arm (EABI) table, where 3 is
+    read and 4 is write; arm64's 3 and 4 are io_cancel and io_getevents.  A static armhf
+    busybox reads a file in the pod: nothing may be counted under arm64's names, while the
+    native read that waited for "go" in the same cgroup is counted."""
+    import platform
+
+    if platform.machine() != "aarch64":
+        pytest.skip("AArch32 compat syscalls are an arm64 matter")
+    if not os.access(ARMHF_BUSYBOX, os.X_OK):
+        pytest.skip(f"no {ARMHF_BUSYBOX} (make test-vm-arm64 provides it)")
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(64 * 1024))
+    tracked = ["io_cancel", "io_getevents", "read"]
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=tracked))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        receiver.start()
+        try:
+            # The arm64 shell blocks in read(2) until moved, then becomes the armhf cat.
+            script = f'read go; exec {ARMHF_BUSYBOX} cat "$1"'
+            proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", str(data)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE)  # fmt: skip
+            try:
+                deadline = time.monotonic() + 30
+                while _state(proc.pid) != "S" and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                tree.move(proc.pid, pod.container_dir)
+                out, _ = proc.communicate(b"go\n", timeout=120)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+            assert proc.returncode == 0 and out == data.read_bytes()  # the 32-bit cat did run
+            batch = collect(receiver)
+            count = by_syscall(batch, "kpod.syscall.count", pod.container_id)
+            assert count.get("read", 0) >= 1, count  # the native read of "go"
+            assert "io_cancel" not in count and "io_getevents" not in count, count
         finally:
             receiver.shutdown()

@@ -69,7 +69,7 @@ from kernel_util import (
 )
 from prometheus_server import OomCgroup, Prometheus, build_pod, single
 
-from kpod.settings import DEFAULT_TRACKED_SYSCALLS
+from kpod.kernel.syscalls import default_tracked
 
 NAMESPACE = "e2e"
 NODE = "node-e2e"
@@ -151,7 +151,7 @@ HOG = "os.nice(10)\nwhile True:\n    pass\n"
 
 
 def agent_config(cgroup_root: str, kubeconfig: str, port: int, classic_port: int) -> str:
-    tracked = [*DEFAULT_TRACKED_SYSCALLS, "getppid"]  # the profile's set plus the workload's marker syscall
+    tracked = [*default_tracked(), "getppid"]  # the profile's set plus the workload's marker syscall
     return (
         f"kpod:\n  profile: comprehensive\n  poll_interval: 1s\n  node_name: {NODE}\n"
         f"  discovery: {{mode: informer}}\n  cgroup: {{root: '{cgroup_root}'}}\n"

@@ -441,7 +441,7 @@ BAD_VALUES = [
     {"config": {"filters": {}}},  # a typo is an error, not a silently ignored key
     {"config": {"bpf": {"enabled": "yes"}}},
     {"config": {"bpf": {"mapMaxEntries": 0}}},
-    {"config": {"syscall": {"trackedSyscalls": []}}},
+    {"config": {"syscall": {"trackedSyscalls": ["Read"]}}},  # not a syscall name (lower case)
     {"image": {"repository": 5}},
     {"resources": "small"},
     {"capabilities": ["SYS_ADMIN", "BPF", "PERFMON"]},

@@ -65,6 +65,7 @@ log = logging.getLogger("kpod.ebpf")
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 CGROUP_KEY_FIELD = "cgroup_id"
+ENOTSUPP = 524  # the kernel's internal "not supported", which reaches user space unnamed
 
 PROGRAM_RUN_SECONDS = MetricDef(
     "kpod.bpf.program.run.seconds",
@@ -525,7 +526,14 @@ def load_object(
                 continue
             if before_attach is not None:
                 before_attach(obj)
-            _attach_all(obj, routes, by_name)
+            failed = _attach_all(obj, routes, by_name)
+            retry = {p: reason for p, reason in failed.items() if _has_untried_alternative(p, routes, dropped)}
+            if retry:
+                # Verified but refused at attach (fexit where the architecture has no
+                # trampoline): load again without it, so that the next alternative is used.
+                dropped.update(retry)
+                obj.close()
+                continue
             loaded = LoadedObject(name, obj, layouts, routes)
             REGISTRY.add(loaded)
             return loaded
@@ -535,7 +543,13 @@ def load_object(
     raise libbpf.LibbpfError(errno.EINVAL, f"{name}: gave up loading after dropping programs")
 
 
-def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, ProgramSpec]) -> None:
+def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, ProgramSpec]) -> dict[str, str]:
+    """Attach every active program; returns {program: reason} for optional ones that failed.
+
+    A failed optional program is detached again and its route marked off; the caller decides
+    whether a later alternative deserves a new load.
+    """
+    failed: dict[str, str] = {}
     for route in routes:
         if not route.active:
             continue
@@ -555,8 +569,28 @@ def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, P
             del obj.links[before:]
             route.active = False
             refused = syscall_probe().refusal("perf_event_open") if spec.perf_event is not None else None
-            route.reason = refused or f"attach failed: {exc.strerror}"
+            route.reason = refused or f"attach failed: {_strerror(exc)}"
+            failed[route.program] = route.reason
             log.warning("%s: optional program %s not attached: %s", obj.name, route.program, exc)
+    return failed
+
+
+def _strerror(exc: libbpf.LibbpfError) -> str:
+    # 524 is the kernel's ENOTSUPP (not in errno): what fentry/fexit attach returns where the
+    # architecture has no BPF trampoline for kernel functions (arm64 before 6.4).
+    return "operation not supported by this kernel (ENOTSUPP)" if exc.errno == ENOTSUPP else str(exc.strerror)
+
+
+def _has_untried_alternative(program: str, routes: list[Route], dropped: dict[str, str]) -> bool:
+    """Whether a later program feeding the same metrics could still be loaded instead."""
+    feeds = next(r.feeds for r in routes if r.program == program)
+    later = False
+    for route in routes:
+        if route.program == program:
+            later = True
+        elif later and route.feeds == feeds and route.program not in dropped and route.reason != "disabled by config":
+            return True
+    return False
 
 
 def _attach_perf_per_cpu(program: libbpf.Program, type_: int, config: int) -> None:

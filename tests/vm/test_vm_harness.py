@@ -35,7 +35,7 @@ def test_cpio_is_read_back_by_an_independent_cpio(tmp_path: Path) -> None:
     assert (out / "bin" / "hello").stat().st_mode & 0o777 == 0o755
 
 
-def test_modules_load_after_their_dependencies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_modules_load_after_their_dependencies(tmp_path: Path) -> None:
     base = tmp_path / "lib" / "modules" / "6.1.0-1-amd64"
     base.mkdir(parents=True)
     (base / "modules.dep").write_text(
@@ -47,14 +47,13 @@ def test_modules_load_after_their_dependencies(tmp_path: Path, monkeypatch: pyte
         "kernel/drivers/virtio/virtio_ring.ko:\n"
         "kernel/fs/overlayfs/overlay.ko:\n"
     )
-    monkeypatch.setattr(vm, "KERNEL_ROOT", tmp_path)
-    order = [p.name for p in vm.module_load_order("6.1.0-1-amd64", ["9pnet-virtio", "9p", "overlay"])]
+    order = [p.name for p in vm.module_load_order(tmp_path, "6.1.0-1-amd64", ["9pnet-virtio", "9p", "overlay"])]
     assert sorted(order) == sorted(set(order))  # each once
     assert order.index("9pnet.ko") < order.index("9pnet_virtio.ko")
     assert order.index("fscache.ko") < order.index("netfs.ko") < order.index("9p.ko")
     assert order[-1] == "overlay.ko"
     with pytest.raises(SystemExit, match="ext4"):
-        vm.module_load_order("6.1.0-1-amd64", ["ext4"])
+        vm.module_load_order(tmp_path, "6.1.0-1-amd64", ["ext4"])
 
 
 def test_guest_script_quotes_the_command() -> None:
@@ -66,7 +65,8 @@ def test_guest_script_quotes_the_command() -> None:
 
 
 def test_qemu_argv_shares_the_root_read_only_and_uses_tcg(tmp_path: Path) -> None:
-    argv = vm.qemu_argv("6.1.0-1-amd64", tmp_path, tmp_path / "d.img", tmp_path / "c.log", 2, 2048, 4)
+    target = vm.Target("amd64")
+    argv = vm.qemu_argv(target, "6.1.0-1-amd64", tmp_path, tmp_path / "d.img", tmp_path / "c.log", 2, 2048, 4)
     joined = " ".join(argv)
     assert argv[argv.index("-accel") + 1] == "tcg"
     assert "-no-reboot" in argv
@@ -86,3 +86,43 @@ def test_disk_image_is_ext4_of_64_mib(tmp_path: Path) -> None:
     with open(disk, "rb") as f:
         f.seek(1024 + 0x38)  # the ext2/3/4 superblock magic
         assert f.read(2) == b"\x53\xef"
+
+
+def test_arm64_argv_boots_its_own_root_with_the_repo_over_it(tmp_path: Path) -> None:
+    target = vm.Target("arm64")
+    argv = vm.qemu_argv(target, "6.1.0-1-arm64", tmp_path, tmp_path / "d.img", tmp_path / "c.log", 2, 2048, 4)
+    assert argv[0] == "qemu-system-aarch64" and argv[argv.index("-accel") + 1] == "tcg"
+    assert argv[argv.index("-machine") + 1] == "virt"
+    assert argv[argv.index("-kernel") + 1] == str(target.kernel_root / "boot" / "vmlinuz-6.1.0-1-arm64")
+    words = dict(w.split("=", 1) for w in argv[argv.index("-append") + 1].split() if "=" in w)
+    assert words["console"] == "ttyAMA0"
+    # init.sh reads these to lay the arm64 root, the repo, the arm64 objects and venv.
+    assert words["kpod.rootfs"] == str(target.kernel_root) and words["kpod.repo"] == str(vm.REPO)
+    assert words["kpod.layer"] == str(target.layer) and words["kpod.venv"] == str(target.venv)
+    assert words["kpod.modules"] == "/lib/modules/6.1.0-1-arm64"
+    assert target.build.name == vm.Target("amd64").build.name + "-arm64"
+
+
+def test_usr_merge_moves_files_and_leaves_links(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "busybox").write_text("bb")
+    (tmp_path / "lib" / "aarch64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "lib" / "aarch64-linux-gnu" / "libc.so.6").write_text("c")
+    (tmp_path / "usr" / "lib" / "aarch64-linux-gnu").mkdir(parents=True)
+    (tmp_path / "usr" / "lib" / "aarch64-linux-gnu" / "libm.so.6").write_text("m")
+    vm.merge_usr(tmp_path)
+    for name in ("bin", "sbin", "lib"):
+        assert (tmp_path / name).is_symlink() and str((tmp_path / name).readlink()) == f"usr/{name}"
+    assert (tmp_path / "usr" / "bin" / "busybox").read_text() == "bb"
+    assert {p.name for p in (tmp_path / "lib" / "aarch64-linux-gnu").iterdir()} == {"libc.so.6", "libm.so.6"}
+
+
+def test_console_scripts_follow_the_entry_points(tmp_path: Path) -> None:
+    dist = tmp_path / "site" / "demo-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "entry_points.txt").write_text("[console_scripts]\nDemo-Tool = demo.cli:main\n[other]\nx = y:z\n")
+    (tmp_path / "bin").mkdir()
+    assert vm.write_console_scripts(tmp_path / "site", tmp_path / "bin", "/venv/bin/python") == ["Demo-Tool"]
+    script = (tmp_path / "bin" / "Demo-Tool").read_text()
+    assert script.startswith("#!/venv/bin/python\n") and "from demo.cli import main" in script
+    assert (tmp_path / "bin" / "Demo-Tool").stat().st_mode & 0o111

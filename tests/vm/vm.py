@@ -60,10 +60,14 @@ DISK_MIB = 64
 
 # The arm64 guest's userland: what guest.sh and the tests run (python3 and the stdlib, libbpf
 # for the loader, bpftool and iproute2 for tests, util-linux's setpriv/setsid, mount's
-# losetup, kmod's modprobe, coreutils (a `sleep` that can be copied and renamed), busybox for
-# the rest).  Their dependencies come along (apt resolves them).
+# losetup, kmod's modprobe, coreutils (a `sleep` that can be copied and renamed), gcc and
+# libc6-dev (tests compile their C workloads, as on the host), busybox for the rest).  Their
+# dependencies come along (apt resolves them).
 ARM64_USERLAND = ("python3", "python3.11", "libbpf1", "bpftool", "iproute2", "util-linux", "mount", "kmod",
-                  "coreutils", "procps", "busybox-static")  # fmt: skip
+                  "coreutils", "procps", "gcc", "libc6-dev", "busybox-static")  # fmt: skip
+# An AArch32 (armhf) static busybox in the arm64 root, at this path: 32-bit syscalls for the
+# compat test (their numbers are the arm table's, not arm64's).
+ARMHF_BUSYBOX = "usr/local/bin/busybox-armhf"
 # Python packages of the arm64 venv: the agent's dependencies and what the guest's tests import.
 GUEST_TEST_REQUIREMENTS = ("pytest",)
 
@@ -255,10 +259,10 @@ def link_busybox(root: Path) -> None:
 def ensure_rootfs(target: Target) -> str:
     """arm64: Debian's arm64 userland and kernel, unpacked into build/vm-arm64/rootfs."""
     apt = debian_kernel.ForeignApt(target.arch.name, target.build / "apt")
-    wanted = {"userland": list(ARM64_USERLAND)}
+    wanted = {"userland": list(ARM64_USERLAND), "armhf": ARMHF_BUSYBOX}
     stamp = target.kernel_root / ROOTFS_STAMP
     release = kernel_release(target)
-    if release and stamp.exists() and json.loads(stamp.read_text()).get("userland") == wanted["userland"]:
+    if release and stamp.exists() and all(json.loads(stamp.read_text()).get(k) == v for k, v in wanted.items()):
         return release
     apt.update()
     kernel = apt.kernel_package()
@@ -274,6 +278,7 @@ def ensure_rootfs(target: Target) -> str:
     link_busybox(staging)
     for name, text in ROOTFS_ETC.items():
         (staging / name).write_text(text)
+    install_armhf_busybox(target, staging / ARMHF_BUSYBOX)
     for directory in ("proc", "sys", "dev", "run", "tmp", "root", "mnt", "var/tmp", "sys/fs/cgroup"):
         (staging / directory).mkdir(parents=True, exist_ok=True)
     (staging / "tmp").chmod(0o1777)
@@ -286,6 +291,20 @@ def ensure_rootfs(target: Target) -> str:
         deb.unlink()
     log(f"{target.arch.name} root with kernel {release} unpacked to {target.kernel_root}")
     return release
+
+
+def install_armhf_busybox(target: Target, dest: Path) -> None:
+    """Debian's armhf busybox-static (one static binary, no dependencies) at `dest`."""
+    armhf = debian_kernel.ForeignApt("armhf", target.build / "apt")
+    armhf.update()
+    work = target.build / "armhf.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    (deb,) = armhf.download(["busybox-static"], work)
+    debian_kernel.unpack(deb, work / "root")
+    (binary,) = [p for p in (work / "root" / d / "busybox" for d in ("bin", "usr/bin")) if p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(binary, dest)
+    shutil.rmtree(work)
 
 
 def ensure_btf(target: Target, release: str) -> Path:
@@ -350,7 +369,7 @@ def ensure_venv(target: Target) -> Path:
     The guest mounts it over the repo's .venv, so `.venv/bin/pytest` and the editable install
     of kpod (copied from the host venv: pure Python, paths into this checkout) work unchanged.
     """
-    venv, site = target.venv, target.venv / "lib" / "python3.11" / "site-packages"
+    venv = target.venv
     requirements = guest_requirements()
     host_site = Path(subprocess.run([_host_python(), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                     capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
