@@ -88,22 +88,29 @@ deploy/btf/vmlinux-%.btf:
 run: setup
 	$(VENV)/bin/kpod-metrics run --config $(CONFIG)
 
-# TEST_VM=0 skips the 6.1 VM part (make test-vm, ~3.5 min alone, up to ~7 when the host is busy).
+# TEST_VM=0 skips the 6.1 VMs (make test-vm, ~3.5 min alone, up to ~7 when the host is busy;
+# make test-vm-arm64, ~4 min).  TEST_VM_ARM64=0 skips only the arm64 one.
 TEST_VM ?= 1
+TEST_VM_ARM64 ?= 1
+
+# The eBPF ground-truth tests once more on the older kernels' routes (kpod.bpf.force_routes):
+# per-task stamps in a tid hash (< 5.13), the pre-5.15 socket cgroup layout, kprobes instead of
+# fentry/fexit.  On the host and in both VMs (docs/KERNELS.md).
+FORCED_ROUTES ?= tid_hash,sock_cgroup_val,kprobe
+FORCED_TESTS  ?= tests/test_bpf_receivers.py tests/test_bpf_syscall.py tests/test_bpf_net.py
 
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PYTEST) -q
+	KPOD_BPF_FORCE_ROUTES=$(FORCED_ROUTES) $(PYTEST) -q -p no:cacheprovider $(FORCED_TESTS)
 	@if [ "$(TEST_VM)" = 1 ]; then $(MAKE) --no-print-directory test-vm; else echo "TEST_VM=0: make test-vm skipped"; fi
-
-# Everything, the arm64 VM included (it does not fit `make test`'s time: see docs/VM.md).
-test-all: test
-	$(MAKE) --no-print-directory test-vm-arm64
+	@if [ "$(TEST_VM)" = 1 ] && [ "$(TEST_VM_ARM64)" = 1 ]; then $(MAKE) --no-print-directory test-vm-arm64; \
+	  else echo "make test-vm-arm64 skipped (TEST_VM=$(TEST_VM) TEST_VM_ARM64=$(TEST_VM_ARM64))"; fi
 
 # The eBPF and cgroup ground-truth tests again, inside Debian's 6.1 kernel under qemu (TCG) with
 # pure cgroup v2 (docs/VM.md).  A focused selection: Python runs ~19x slower there.
 VM_TESTS   ?= $(wildcard tests/vm/test_vm_guest.py tests/test_bpf_receivers.py tests/test_bpf_memory_v2.py \
-                tests/test_bpf_net.py tests/test_bpf_syscall.py tests/test_bpf_layout.py \
+                tests/test_bpf_net.py tests/test_bpf_syscall.py tests/test_bpf_layout.py tests/test_bpf_routes.py \
                 tests/test_cgroup_receivers_real.py tests/test_resolution_cgroups.py)
 VM_TIMEOUT ?= 1500
 
@@ -113,8 +120,10 @@ vm-setup:
 
 # Fails if the guest's pytest failed, or the VM did not boot or timed out (the one-line error
 # names the console log).
+VM_FORCED = --env KPOD_VM_FORCED_ROUTES=$(FORCED_ROUTES) --env "KPOD_VM_FORCED_TESTS=$(FORCED_TESTS)"
+
 test-vm: setup vm-setup
-	python3 tests/vm/vm.py run --timeout $(VM_TIMEOUT) -- sh tests/vm/run_tests.sh $(VM_TESTS)
+	python3 tests/vm/vm.py run --timeout $(VM_TIMEOUT) $(VM_FORCED) -- sh tests/vm/run_tests.sh $(VM_TESTS)
 
 # The same kernel for arm64 under qemu-system-aarch64 (TCG), with an arm64 userland from
 # Debian's arm64 packages, arm64 wheels and the arm64 objects (docs/VM.md, "arm64").
@@ -126,7 +135,8 @@ vm-setup-arm64:
 
 test-vm-arm64: setup vm-setup-arm64
 	$(MAKE) --no-print-directory bpf-arm64 ARM64_BTF=$(VM_ARM64)/vmlinux.btf
-	python3 tests/vm/vm.py run --arch arm64 --timeout $(VM_ARM64_TIMEOUT) -- sh tests/vm/run_tests.sh $(VM_ARM64_TESTS)
+	python3 tests/vm/vm.py run --arch arm64 --timeout $(VM_ARM64_TIMEOUT) $(VM_FORCED) -- \
+	  sh tests/vm/run_tests.sh $(VM_ARM64_TESTS)
 
 # Writes docs/perf/<section>.md (figures only, with the run's id, commit, machine and command),
 # their raw figures in docs/perf/data/, and docs/PERFORMANCE.md; interpretation is hand-written

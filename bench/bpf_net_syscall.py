@@ -279,10 +279,11 @@ def build(tmp: Path) -> dict[str, Path]:
             ["clang", "-O2", "-g", "-target", "bpf", "-c", str(tmp / f"{name}.bpf.c"), "-o", str(tmp / f"{name}.o")],
             check=True,
         )
-    # syscall.bpf.c's measured alternatives, each in its own directory as syscall.bpf.o.
+    # syscall.bpf.c's raw_tp alternative in its own directory as syscall.bpf.o (the tid-hash
+    # stamps are a load-time route of the shipped object: kpod.bpf.force_routes: tid_hash).
     arch = {"x86_64": "x86", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
     out = {"sysloop": tmp / "sysloop", "drop": tmp / "drop.o", "empty": tmp / "empty.o"}
-    for variant, macro in (("hash", "KPOD_SYS_START_HASH"), ("rawtp", "KPOD_SYS_RAW_TP")):
+    for variant, macro in (("rawtp", "KPOD_SYS_RAW_TP"),):
         directory = tmp / variant
         directory.mkdir()
         subprocess.run(
@@ -451,7 +452,7 @@ def per_event(built: dict[str, Path], cpu: int, n: int, reps: int) -> dict[str, 
         "sys_empty": lambda: empty_programs(built["empty"]),
         "sys_kpod": lambda: receiver_programs(SyscallReceiver(context("syscall"), SyscallConfig())),
         "sys_kpod_hash": lambda: receiver_programs(
-            SyscallReceiver(context("syscall", program_dir=str(built["hash"])), SyscallConfig())
+            SyscallReceiver(context("syscall", force_routes=["tid_hash"]), SyscallConfig())
         ),
         "sys_kpod_rawtp": lambda: receiver_programs(
             SyscallReceiver(context("syscall", program_dir=str(built["rawtp"])), SyscallConfig())

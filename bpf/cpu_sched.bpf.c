@@ -33,6 +33,8 @@ struct {
  * Enqueue timestamp per task, in task-local storage: one slot hangs off each task_struct, so
  * the lookup is a pointer chase instead of a hash, and the kernel frees it when the task
  * exits (no stale entries, nothing to size).  0 = not waiting.
+ * Kernels before 5.13 refuse task storage in tracing programs: there userspace clears
+ * kpod_task_storage and retypes this map to a HASH keyed by tid (see kpod.bpf.h).
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
@@ -40,6 +42,8 @@ struct {
 	__type(key, int);
 	__type(value, __u64);
 } sched_enqueued SEC(".maps");
+
+KPOD_TASK_STORAGE_FLAG;
 
 struct sched_errors_value {
 	__u64 sched_cgroups;
@@ -56,7 +60,7 @@ static __always_inline void enqueue(struct task_struct *task, __u64 now)
 	/* pid 0 is each CPU's idle task: it never waits in a run queue. */
 	if (!task->pid)
 		return;
-	ts = bpf_task_storage_get(&sched_enqueued, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	ts = kpod_task_stamp(&sched_enqueued, kpod_task_storage, task, true);
 	if (ts)
 		*ts = now;
 	else
@@ -122,13 +126,13 @@ int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_s
 	/* Switch-in: charge next's wait, if it was stamped, to next's cgroup. */
 	if (!next->pid)
 		return 0;  /* the idle task */
-	tsp = bpf_task_storage_get(&sched_enqueued, next, 0, 0);
+	tsp = kpod_task_stamp(&sched_enqueued, kpod_task_storage, next, false);
 	if (!tsp || !*tsp)
 		return 0;  /* not stamped: woken before we attached */
 	if (!now)
 		now = bpf_ktime_get_ns();
 	delta = now - *tsp;
-	*tsp = 0;
+	kpod_task_stamp_done(&sched_enqueued, kpod_task_storage, next, tsp);
 	if ((__s64)delta < 0)
 		return 0;  /* stamped on another CPU whose clock read later; drop it */
 	next_cgroup = next->cgroups->dfl_cgrp->kn->id;
@@ -139,5 +143,13 @@ int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_s
 			return 0;
 	}
 	kpod_hist_add(&stats->runq, delta);
+	return 0;
+}
+
+/* Only loaded on the tid-hash route: a task that exits while stamped leaves no entry behind. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(sched_forget, struct task_struct *p)
+{
+	kpod_task_stamp_forget(&sched_enqueued, kpod_task_storage, p);
 	return 0;
 }

@@ -22,6 +22,8 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
+#include "core_fixes.bpf.h"  /* kernel differences: task state, socket cgroup */
+
 /* Default size of per-cgroup maps; the agent overrides it before load (kpod.bpf.map_max_entries). */
 #define KPOD_MAX_ENTRIES 10240
 
@@ -185,24 +187,60 @@ static __always_inline __u64 kpod_task_cgroup_id(struct task_struct *task)
 	return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
 }
 
-/* task_struct.state became __state in 5.14; CO-RE picks whichever the kernel has. */
-struct task_struct___pre_5_14 {
-	long state;
-} __attribute__((preserve_access_index));
+/*
+ * Per-task timestamps (run-queue enqueue, syscall entry): task-local storage where tracing
+ * programs may use it (5.13+), else a HASH keyed by thread id.  One map declaration serves
+ * both: it is declared as TASK_STORAGE, and where userspace's probe (a tp_btf program calling
+ * bpf_task_storage_get, kpod/kernel/probes.py) fails, or kpod.bpf.force_routes names tid_hash,
+ * userspace clears kpod_task_storage and retypes the map (bpf_map__set_type) before load.
+ * The flag is read-only data, so the verifier sees a constant and never walks the other
+ * route: a kernel without task storage never meets its helpers.
+ * The hash costs a hash lookup per access instead of a pointer chase, needs deleting (when
+ * consumed, and at sched_process_exit), and can fill up (counted as a failed insert).
+ */
+#define KPOD_TASK_STORAGE_FLAG const volatile bool kpod_task_storage = true
 
-static __always_inline long kpod_task_state(struct task_struct *task)
+/* `storage`: the object's kpod_task_storage (each object that keeps stamps declares it). */
+static __always_inline __u64 *kpod_task_stamp(void *map, bool storage, struct task_struct *task, bool create)
 {
-	if (bpf_core_field_exists(task->__state))
-		return BPF_CORE_READ(task, __state);
-	return BPF_CORE_READ((struct task_struct___pre_5_14 *)task, state);
+	__u32 tid;
+	__u64 *ts, zero = 0;
+	long rc;
+
+	if (storage)
+		return bpf_task_storage_get(map, task, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	tid = BPF_CORE_READ(task, pid);
+	ts = bpf_map_lookup_elem(map, &tid);
+	if (ts || !create)
+		return ts;
+	rc = bpf_map_update_elem(map, &tid, &zero, BPF_NOEXIST);
+	if (rc && rc != -KPOD_EEXIST)
+		return NULL;
+	return bpf_map_lookup_elem(map, &tid);
 }
 
-/* The same for a typed (tp_btf) task pointer: direct loads, no helper call. */
-static __always_inline long kpod_btf_task_state(struct task_struct *task)
+/* The stamp was consumed: zeroed in task storage (the slot stays with the task), deleted
+ * from the hash (which would otherwise fill with every task that ever waited). */
+static __always_inline void kpod_task_stamp_done(void *map, bool storage, struct task_struct *task, __u64 *ts)
 {
-	if (bpf_core_field_exists(task->__state))
-		return task->__state;
-	return ((struct task_struct___pre_5_14 *)task)->state;
+	__u32 tid;
+
+	if (storage) {
+		*ts = 0;
+		return;
+	}
+	tid = BPF_CORE_READ(task, pid);
+	bpf_map_delete_elem(map, &tid);
+}
+
+static __always_inline void kpod_task_stamp_forget(void *map, bool storage, struct task_struct *task)
+{
+	__u32 tid;
+
+	if (storage)
+		return;  /* the kernel frees task storage with the task */
+	tid = BPF_CORE_READ(task, pid);
+	bpf_map_delete_elem(map, &tid);
 }
 
 #endif /* __KPOD_BPF_H */

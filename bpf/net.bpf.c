@@ -16,6 +16,7 @@
  *    (return value, same socket cgroup), else kretprobes that see only the return value and
  *    charge current's cgroup (process context: the caller), counting MSG_PEEK too.
  *  Userspace picks one route per direction at load time (bpf_program__set_autoload).
+ *  Before 6.5, sendfile/splice bytes are seen at tcp_sendpage in addition (below).
  *
  * Not seen by any route: splice(2) from a TCP socket (tcp_splice_read) and
  * TCP_ZEROCOPY_RECEIVE, which bypass recvmsg.
@@ -58,14 +59,17 @@ KPOD_ERRORS_MAP(net_errors, struct net_errors_value);
 
 #define ERR_OFF(map) offsetof(struct net_errors_value, map)
 
-/* The cgroup2 id of the socket's owner.  A NULL anywhere reads as 0 (fault-safe BTF loads). */
+/* Set by userspace before load: kpod.bpf.force_routes: sock_cgroup_val (core_fixes.bpf.h). */
+const volatile bool kpod_force_sock_cgroup_val = false;
+
 /*
- * tp_btf and fexit hand us typed (BTF) pointers: plain dereferences compile to direct,
- * fault-safe loads with CO-RE-relocated offsets, cheaper than bpf_probe_read_kernel calls.
+ * The cgroup2 id of the socket's owner, new or pre-5.15 layout (core_fixes.bpf.h).  tp_btf and
+ * fexit hand us typed (BTF) pointers: on the new layout plain dereferences compile to direct,
+ * fault-safe loads (a NULL anywhere reads as 0), cheaper than bpf_probe_read_kernel calls.
  */
 static __always_inline __u64 sk_cgroup_id(const struct sock *sk)
 {
-	return sk->sk_cgrp_data.cgroup->kn->id;
+	return kpod_sk_cgroup_id(sk, kpod_force_sock_cgroup_val);
 }
 
 static __always_inline bool is_tcp_stream(const struct sock *sk)
@@ -165,6 +169,31 @@ SEC("kretprobe/tcp_recvmsg")
 int BPF_KRETPROBE(tcp_recvmsg_ret, int ret)
 {
 	add_received(bpf_get_current_cgroup_id(), ret);
+	return 0;
+}
+
+/* --- bytes, sendpage (before 6.5): sendfile(2), splice(2) to a socket -------------------- */
+
+/*
+ * Before 6.5 ("sock: Remove ->sendpage*() in favour of sendmsg(MSG_SPLICE_PAGES)"), sendfile
+ * and splice to a TCP socket go inet_sendpage -> tcp_sendpage, past tcp_sendmsg and
+ * sock_sendmsg: none of the routes above sees those bytes (on 6.3/6.4 not even the
+ * tracepoint).  Wherever tcp_sendpage exists, one of these runs beside the sendmsg route;
+ * without a scatter-gather route tcp_sendpage falls back to tcp_sendmsg_locked, which no
+ * route hooks, so nothing is counted twice.  kTLS is not seen before 6.5 either way: its
+ * records go out through do_tcp_sendpages, and its sendmsg is tls_sw_sendmsg.
+ */
+SEC("fexit/tcp_sendpage")
+int BPF_PROG(tcp_sendpage_exit, struct sock *sk, struct page *page, int offset, size_t size, int flags, int ret)
+{
+	add_sent(sk_cgroup_id(sk), ret);
+	return 0;
+}
+
+SEC("kretprobe/tcp_sendpage")
+int BPF_KRETPROBE(tcp_sendpage_ret, int ret)
+{
+	add_sent(bpf_get_current_cgroup_id(), ret);  /* process context: sendfile's caller */
 	return 0;
 }
 

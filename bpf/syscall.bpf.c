@@ -32,28 +32,23 @@ struct {
 } sys_filter SEC(".maps");
 
 /*
- * Two variants exist only so that bench/bpf_net_syscall.py can measure the choices made here
- * (the shipped object is built with neither):
- *   KPOD_SYS_START_HASH  start stamps in a hash keyed by thread id (update at entry, lookup +
- *                        delete at exit) instead of task storage;
+ * One variant exists only so that bench/bpf_net_syscall.py can measure the choice made here
+ * (the shipped object is built without it):
  *   KPOD_SYS_RAW_TP      raw_tp instead of tp_btf (untyped args: pt_regs read with a probe read).
  */
-#ifdef KPOD_SYS_START_HASH
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, KPOD_MAX_ENTRIES);
-	__type(key, __u32);
-	__type(value, __u64);
-} sys_start SEC(".maps");
-#else
-/* Start time (ns) of the thread's current tracked syscall; 0 = none in flight. */
+/*
+ * Start time (ns) of the thread's current tracked syscall; 0 = none in flight.  Task storage,
+ * or on kernels before 5.13 (kpod_task_storage cleared by userspace) a hash keyed by tid:
+ * see kpod.bpf.h.  The hash route is also what bench/bpf_net_syscall.py measures side by side.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, __u64);
 } sys_start SEC(".maps");
-#endif
+
+KPOD_TASK_STORAGE_FLAG;
 
 #ifdef KPOD_SYS_RAW_TP
 #define SYS_HOOK(name) SEC("raw_tp/" name)
@@ -133,10 +128,18 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 
 	if (!tracked(id))
 		return 0;
-	task = bpf_get_current_task_btf();
+	/*
+	 * A typed task pointer (bpf_get_current_task_btf, 5.11+) where task storage exists
+	 * (5.13+), an untyped one read with CO-RE probe reads on older kernels.
+	 */
+	task = kpod_task_storage ? bpf_get_current_task_btf() : (struct task_struct *)bpf_get_current_task();
 #ifdef __TARGET_ARCH_x86
 	if (bpf_core_field_exists(((struct thread_info___x86 *)0)->status)) {
-		if (((struct thread_info___x86 *)&task->thread_info)->status & KPOD_TS_COMPAT)
+		struct thread_info___x86 *ti = (struct thread_info___x86 *)&task->thread_info;
+		/* A direct load through the typed pointer; a probe read through the untyped one. */
+		__u32 status = kpod_task_storage ? ti->status : BPF_CORE_READ(ti, status);
+
+		if (status & KPOD_TS_COMPAT)
 			return 0;
 	}
 #endif
@@ -144,17 +147,7 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	if (REGS_READ(regs, pstate) & KPOD_PSR_MODE32_BIT)
 		return 0;
 #endif
-#ifdef KPOD_SYS_START_HASH
-	{
-		__u32 tid = (__u32)bpf_get_current_pid_tgid();
-		__u64 now = bpf_ktime_get_ns();
-
-		if (bpf_map_update_elem(&sys_start, &tid, &now, BPF_ANY))
-			kpod_count_error(&sys_errors, ERR_OFF(sys_start));
-		return 0;
-	}
-#endif
-	ts = bpf_task_storage_get(&sys_start, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	ts = kpod_task_stamp(&sys_start, kpod_task_storage, task, true);
 	if (!ts) {
 		kpod_count_error(&sys_errors, ERR_OFF(sys_start));
 		return 0;
@@ -167,6 +160,7 @@ SYS_HOOK("sys_exit")
 int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 {
 	struct sys_key key = {};
+	struct task_struct *task;
 	struct sys_value *v;
 	__u64 *ts, start, nr;
 
@@ -180,24 +174,13 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 #endif
 	if (!tracked(nr))
 		return 0;
-#ifdef KPOD_SYS_START_HASH
-	{
-		__u32 tid = (__u32)bpf_get_current_pid_tgid();
-
-		ts = bpf_map_lookup_elem(&sys_start, &tid);
-		if (!ts)
-			return 0;
-		start = *ts;
-		bpf_map_delete_elem(&sys_start, &tid);
-	}
-#else
-	/* No storage yet: create nothing here, a syscall without a seen entry is not counted. */
-	ts = bpf_task_storage_get(&sys_start, bpf_get_current_task_btf(), 0, 0);
+	/* No stamp: create nothing here, a syscall without a seen entry is not counted. */
+	task = kpod_task_storage ? bpf_get_current_task_btf() : (struct task_struct *)bpf_get_current_task();
+	ts = kpod_task_stamp(&sys_start, kpod_task_storage, task, false);
 	if (!ts || !*ts)
 		return 0;
 	start = *ts;
-	*ts = 0;
-#endif
+	kpod_task_stamp_done(&sys_start, kpod_task_storage, task, ts);
 
 	key.cgroup_id = bpf_get_current_cgroup_id();
 	key.nr = nr;
@@ -221,5 +204,14 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 			__sync_fetch_and_add(&v->latency.sum, delta);
 		}
 	}
+	return 0;
+}
+
+/* Only loaded on the tid-hash route: a thread that exits inside a tracked syscall (exit,
+ * exit_group, a kill) leaves no stamp behind. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(sys_forget, struct task_struct *p)
+{
+	kpod_task_stamp_forget(&sys_start, kpod_task_storage, p);
 	return 0;
 }

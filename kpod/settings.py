@@ -54,6 +54,12 @@ class BpfSettings:
     enabled: bool = True
     program_dir: str = ""  # empty = the objects shipped with the package
     map_max_entries: int = 10240
+    # Diagnostic: take an older kernel's route on this one, to test it or to work around a
+    # newer route's problem: kprobe (fentry/fexit skipped), tid_hash (per-task stamps in a
+    # hash instead of task storage), sock_cgroup_val (the socket's cgroup read as before 5.15).
+    force_routes: list[str] = field(default_factory=list)
+
+    FORCE_ROUTES = ("kprobe", "tid_hash", "sock_cgroup_val")
 
 
 @dataclass

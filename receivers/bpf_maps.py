@@ -67,6 +67,8 @@ class BpfMapsReceiver(Receiver):
         start = loaded.loaded_at_ns
         errors = loaded.error_counts()
         for name, bpf_map in loaded.obj.maps.items():
+            if "." in name:
+                continue  # libbpf's own maps (<object>.rodata: read-only flags), not ours
             attrs = attributes(map=name)
             try:
                 entries = bpf_map.count()  # None: the map cannot fill (arrays, local storage)

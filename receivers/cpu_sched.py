@@ -10,7 +10,15 @@
 from __future__ import annotations
 
 from kpod.component import EmptyConfig, Factory
-from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel import libbpf
+from kpod.kernel.ebpf import (
+    PROGRAM_RUN_SECONDS,
+    PROGRAM_RUNS,
+    BpfReceiver,
+    ProgramSpec,
+    task_stamps_route,
+    use_task_stamps,
+)
 from kpod.model import Batch, Kind, MetricDef
 
 RUNQ_LATENCY = MetricDef(
@@ -35,7 +43,24 @@ class CpuSchedReceiver(BpfReceiver):
         # Without wakeup hooks only preempted tasks are timed: worse, but still worth running.
         ProgramSpec("sched_wakeup", feeds=("kpod.cpu.runqueue.latency (wakeups)",), optional=True),
         ProgramSpec("sched_wakeup_new", feeds=("kpod.cpu.runqueue.latency (new tasks)",), optional=True),
+        # Only on the tid-hash route (kernels before 5.13): deletes the stamp of an exiting task.
+        ProgramSpec("sched_forget", feeds=("enqueue stamps of exited tasks (tid hash)",), optional=True),
     )
+
+    def _stamps(self) -> tuple[bool, str]:
+        return task_stamps_route(self.force_routes, self._bpf_settings.program_dir)
+
+    def enabled_programs(self) -> set[str]:
+        enabled = super().enabled_programs()
+        if self._stamps()[0]:
+            enabled.discard("sched_forget")  # task storage is freed with the task
+        return enabled
+
+    def before_load(self, obj: libbpf.BpfObject) -> None:
+        use_task_stamps(obj, "sched_enqueued", self._stamps()[0])
+
+    def choices(self) -> dict[str, str]:
+        return {"enqueue stamps": self._stamps()[1]}
 
     def collect_maps(self, batch: Batch) -> None:
         for ref, stats in self.read_cgroup_map("sched_cgroups"):

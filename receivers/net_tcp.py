@@ -8,6 +8,9 @@ changes and RTT samples fire mostly in softirq, on whatever task the CPU interru
   lengths requested.  Route per direction, first available: tp_btf/sock_{send,recv}_length
   (6.x), fexit/tcp_{send,recv}msg (kernels without those tracepoints, e.g. 6.1), kretprobes
   (return value only; charged to the calling task's cgroup and MSG_PEEK reads counted).
+  Before 6.5, sendfile and splice to a socket are counted at tcp_sendpage, beside.
+- The socket's cgroup: sk_cgrp_data.cgroup (5.15+), else the pre-5.15 tagged union
+  (bpf/core_fixes.bpf.h); kpod.bpf.force_routes: sock_cgroup_val takes the old route anywhere.
 - kpod.net.tcp.retransmits: retransmitted skbs (tcp:tcp_retransmit_skb; on 6.11+ only those
   whose retransmission succeeded).  One skb may carry several segments (TCP_INFO's
   tcpi_total_retrans counts segments).
@@ -23,8 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kpod.component import Factory
-from kpod.kernel import btflayout
-from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec, Route
+from kpod.kernel import btflayout, libbpf
+from kpod.kernel.ebpf import (
+    FORCE_SOCK_CGROUP_VAL,
+    PROGRAM_RUN_SECONDS,
+    PROGRAM_RUNS,
+    BpfReceiver,
+    ProgramSpec,
+    Route,
+    set_rodata,
+)
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 BYTES_SENT = MetricDef(
@@ -60,6 +71,7 @@ PASSIVE = attributes(direction="passive")
 TCP_RECVMSG_PARAMS = 5
 # tcp_probe reads tcp_sock through this kfunc; tcp_probe_read (one probe read) stands in without it.
 RDONLY_CAST_KFUNC = "bpf_rdonly_cast"
+SENDPAGE_FEED = f"{BYTES_SENT.name} (sendfile, splice: tcp_sendpage, before 6.5)"
 
 
 @dataclass
@@ -79,6 +91,12 @@ def kernel_function_params(name: str) -> int | None:
     return len(proto.params) if proto.kind == btflayout.KIND_FUNC_PROTO else None
 
 
+def kernel_struct_members(name: str) -> tuple[btflayout.BtfMember, ...]:
+    btf = btflayout.vmlinux()
+    type_id = btf.find(name, btflayout.KIND_STRUCT) or btf.find(name, btflayout.KIND_UNION)
+    return btf.type(type_id).members if type_id else ()
+
+
 class NetTcpReceiver(BpfReceiver):
     metrics = (BYTES_SENT, BYTES_RECEIVED, RETRANSMITS, CONNECTIONS, RTT, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "net"
@@ -88,6 +106,9 @@ class NetTcpReceiver(BpfReceiver):
         ProgramSpec("tcp_send_length", feeds=(BYTES_SENT.name,), optional=True),
         ProgramSpec("tcp_sendmsg_exit", feeds=(BYTES_SENT.name,), optional=True),
         ProgramSpec("tcp_sendmsg_ret", feeds=(BYTES_SENT.name,), optional=True),
+        # Before 6.5 sendfile and splice reach tcp_sendpage, not tcp_sendmsg: counted beside.
+        ProgramSpec("tcp_sendpage_exit", feeds=(SENDPAGE_FEED,), optional=True),
+        ProgramSpec("tcp_sendpage_ret", feeds=(SENDPAGE_FEED,), optional=True),
         ProgramSpec("tcp_recv_length", feeds=(BYTES_RECEIVED.name,), optional=True),
         ProgramSpec("tcp_recvmsg_exit", feeds=(BYTES_RECEIVED.name,), optional=True),
         ProgramSpec("tcp_recvmsg_ret", feeds=(BYTES_RECEIVED.name,), optional=True),
@@ -109,6 +130,19 @@ class NetTcpReceiver(BpfReceiver):
             # Before 6.2: it would only fail to load (one wasted load attempt and a warning).
             enabled.discard("tcp_probe")
         return enabled
+
+    def before_load(self, obj: libbpf.BpfObject) -> None:
+        if FORCE_SOCK_CGROUP_VAL in self.force_routes:
+            set_rodata(obj, "kpod_force_sock_cgroup_val", 1)
+
+    def choices(self) -> dict[str, str]:
+        if FORCE_SOCK_CGROUP_VAL in self.force_routes:
+            layout = "sock_cgroup_data.val, the pre-5.15 tagged union (kpod.bpf.force_routes: sock_cgroup_val)"
+        elif "cgroup" in {m.name for m in kernel_struct_members("sock_cgroup_data")}:
+            layout = "sk_cgrp_data.cgroup (5.15+)"
+        else:
+            layout = "sock_cgroup_data.val, the pre-5.15 tagged union (root cgroup once net_cls/net_prio tag it)"
+        return {"socket cgroup": layout}
 
     def start(self) -> None:
         super().start()

@@ -27,7 +27,14 @@ from typing import Any
 
 from kpod.component import ComponentUnavailable, Factory
 from kpod.kernel import libbpf
-from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel.ebpf import (
+    PROGRAM_RUN_SECONDS,
+    PROGRAM_RUNS,
+    BpfReceiver,
+    ProgramSpec,
+    task_stamps_route,
+    use_task_stamps,
+)
 from kpod.kernel.syscalls import default_tracked, other_architectures_only, resolve_syscalls, skipped_note
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
@@ -56,7 +63,24 @@ class SyscallReceiver(BpfReceiver):
         # Both needed: enter stamps the start, exit counts and times.
         ProgramSpec("sys_enter", feeds=("kpod.syscall.* (entry)",)),
         ProgramSpec("sys_exit", feeds=(COUNT.name, ERRORS.name, LATENCY.name)),
+        # Only on the tid-hash route (kernels before 5.13): deletes the stamp of an exiting thread.
+        ProgramSpec("sys_forget", feeds=("entry stamps of exited threads (tid hash)",), optional=True),
     )
+
+    def _stamps(self) -> tuple[bool, str]:
+        return task_stamps_route(self.force_routes, self._bpf_settings.program_dir)
+
+    def enabled_programs(self) -> set[str]:
+        enabled = super().enabled_programs()
+        if self._stamps()[0]:
+            enabled.discard("sys_forget")  # task storage is freed with the task
+        return enabled
+
+    def before_load(self, obj: libbpf.BpfObject) -> None:
+        use_task_stamps(obj, "sys_start", self._stamps()[0])
+
+    def choices(self) -> dict[str, str]:
+        return {"entry stamps": self._stamps()[1]}
 
     def __init__(self, context: Any, config: SyscallConfig) -> None:
         super().__init__(context, config)

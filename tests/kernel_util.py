@@ -304,8 +304,15 @@ def workloads() -> Iterator[list[Workload]]:
             w.stop()
 
 
+def forced_routes() -> list[str]:
+    """KPOD_BPF_FORCE_ROUTES, as the agent reads it: the fallback routes a test run is forced onto
+    (`make test` runs the eBPF ground-truth tests once more this way, on the host and in the VMs)."""
+    return [r.strip() for r in os.environ.get("KPOD_BPF_FORCE_ROUTES", "").split(",") if r.strip()]
+
+
 def context(component_id: str, cgroup_root: str | None = None, **bpf: object) -> Context:
     settings = KpodSettings()
+    settings.bpf.force_routes = forced_routes()
     for key, value in bpf.items():
         setattr(settings.bpf, key, value)
     root = cgroup_root or cgroup2_root()
@@ -527,13 +534,30 @@ SENDER = SETNS + textwrap.dedent(
     """
     address, _, port = sys.stdin.readline().strip().rpartition(' ')
     nbytes = int(sys.stdin.readline())
+    method = sys.stdin.readline().strip()  # send | sendfile | splice
     c = socket.create_connection((address or '127.0.0.1', int(port)))
     print('connected', flush=True)
     sys.stdin.readline()  # "send"
     data = b'k' * nbytes
     sent = 0
-    while sent < nbytes:
-        sent += c.send(data[sent:])  # what each send() RETURNED
+    if method == 'sendfile':  # file -> socket in the kernel (tcp_sendpage before 6.5)
+        import tempfile
+        with tempfile.TemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            while sent < nbytes:
+                sent += os.sendfile(c.fileno(), f.fileno(), sent, nbytes - sent)
+    elif method == 'splice':  # pipe -> socket (tcp_sendpage before 6.5)
+        r, w = os.pipe()
+        while sent < nbytes:
+            queued = os.write(w, data[sent:sent + 65536])
+            while queued:
+                n = os.splice(r, c.fileno(), queued)
+                queued -= n
+                sent += n
+    else:
+        while sent < nbytes:
+            sent += c.send(data[sent:])  # what each send() RETURNED
     c.shutdown(socket.SHUT_WR)
     while c.recv(65536):
         pass
@@ -545,8 +569,9 @@ SENDER = SETNS + textwrap.dedent(
 
 def transfer(tree: CgroupTree, procs: list[Workload], pod_a: Pod, pod_b: Pod, netns: str = "",
              nbytes: int = ODD_BYTES, move_b_to: Pod | None = None,
-             peek: bool = False) -> tuple[Workload, Workload]:  # fmt: skip
-    """Start B (listener) then A (sender) in their pods; returns (a, b) workloads, connected."""
+             peek: bool = False, method: str = "send") -> tuple[Workload, Workload]:  # fmt: skip
+    """Start B (listener) then A (sender) in their pods; returns (a, b) workloads, connected.
+    `method`: how A hands the bytes to its socket (send, sendfile or splice)."""
     b = Workload(RECEIVER)
     procs.append(b)
     tree.move(b.pid, pod_b.container_dir)
@@ -563,6 +588,7 @@ def transfer(tree: CgroupTree, procs: list[Workload], pod_a: Pod, pod_b: Pod, ne
     a.send(netns)
     a.send(str(port))
     a.send(str(nbytes))
+    a.send(method)
     assert a.readline() == "connected"
     return a, b
 

@@ -146,6 +146,8 @@ def test_accepted_socket_belongs_to_the_listeners_cgroup() -> None:
         pod_a, pod_b, pod_c = tree.pod(), tree.pod(), tree.pod()
         receiver.start()
         try:
+            if receive_route(receiver).startswith("kretprobe/"):
+                pytest.skip("the kretprobe route charges the receiving task's cgroup (docs/KERNELS.md)")
             a, b = transfer(tree, procs, pod_a, pod_b, nbytes=4097, move_b_to=pod_c)
             a.send("send")
             assert json.loads(b.readline())["received"] == 4097
@@ -253,15 +255,20 @@ def test_route_falls_back_when_the_tracepoints_are_missing(monkeypatch: pytest.M
     monkeypatch.setattr(ebpf, "hook_unavailable", without_length_tracepoints)
     receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig())
     specs = receiver.program_specs
-    # The plan alone, as `kpod-metrics check` prints it: fexit is next in line for sends.
+    probes = build_probes(tmp_path)
+    # The plan alone, as `kpod-metrics check` prints it: fexit is next in line for sends, if an
+    # fexit program can attach here (not on this host: EPERM; nor on arm64 before 6.4).
     routes = {r.program: r for r in ebpf.plan_routes("net", "", specs, receiver.enabled_programs())}
     assert not routes["tcp_send_length"].active and "no tp_btf/sock_send_length" in routes["tcp_send_length"].reason
-    assert routes["tcp_sendmsg_exit"].active, routes
-    assert not routes["tcp_sendmsg_ret"].active
+    fexit_ok = kernel_refuses(probes, "fexit/tcp_sendmsg") is None
+    assert routes["tcp_sendmsg_exit"].active == fexit_ok, routes
+    if fexit_ok:
+        assert not routes["tcp_sendmsg_ret"].active
+    else:
+        assert "cannot attach to tcp_sendmsg" in routes["tcp_sendmsg_exit"].reason
     assert routes["tcp_retransmit"].active
     assert routes["tcp_probe"].active or routes["tcp_probe_read"].active  # the latter before 6.2
 
-    probes = build_probes(tmp_path)
     expected = {
         "sent": expected_route(probes, "tcp_sendmsg", "tcp_sendmsg_exit", "tcp_sendmsg_ret"),
         "received": expected_route(probes, "tcp_recvmsg", "tcp_recvmsg_exit", "tcp_recvmsg_ret",
@@ -336,6 +343,35 @@ def test_fallback_byte_routes_are_exact(route: str, monkeypatch: pytest.MonkeyPa
             receiver.shutdown()
 
 
+@pytest.mark.parametrize("method", ["sendfile", "splice"])
+def test_sendfile_and_splice_bytes_are_exact(method: str) -> None:
+    """Bytes the kernel moves from a file or a pipe into the socket: before 6.5 they reach
+    tcp_sendpage, past every sendmsg route (Debian 12's 6.1 counted none of them); 6.5+ sends
+    them through sendmsg, so the tracepoint route sees them.  Exact either way."""
+    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
+    with cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            routes = {r.program: r for r in receiver.loaded.routes}
+            if not any(routes[p].active for p in ("tcp_send_length", "tcp_sendmsg_exit", "tcp_sendmsg_ret")):
+                pytest.skip("no route for sent bytes on this kernel")
+            a, b = transfer(tree, procs, pod_a, pod_b, nbytes=ODD_BYTES, method=method)
+            a.send("send")
+            assert json.loads(b.readline())["received"] == ODD_BYTES
+            assert json.loads(a.readline())["sent"] == ODD_BYTES
+            batch = collect(receiver)
+            assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == ODD_BYTES, routes
+            assert value(batch, "kpod.net.tcp.bytes.received", pod_b.container_id) == ODD_BYTES
+        finally:
+            receiver.shutdown()
+
+
+def receive_route(receiver: NetTcpReceiver) -> str:
+    active = [r.hook for r in receiver.loaded.routes if r.active and "kpod.net.tcp.bytes.received" in r.feeds]
+    return active[0] if active else ""
+
+
 def test_peeked_bytes_are_not_received_twice() -> None:
     """MSG_PEEK returns bytes that stay queued: only the read that consumes them counts."""
     receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
@@ -343,6 +379,8 @@ def test_peeked_bytes_are_not_received_twice() -> None:
         pod_a, pod_b = tree.pod(), tree.pod()
         receiver.start()
         try:
+            if receive_route(receiver).startswith("kretprobe/"):
+                pytest.skip("the kretprobe route sees only the return value: peeks count (docs/KERNELS.md)")
             a, b = transfer(tree, procs, pod_a, pod_b, peek=True)
             a.send("send")
             result = json.loads(b.readline())

@@ -20,6 +20,7 @@ errors(read) == M; nothing for getuid or write.  The filter map is read back wit
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -380,9 +381,7 @@ def test_aarch32_syscalls_are_not_counted_as_arm64_ones(tmp_path: Path) -> None:
             proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", str(data)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE)  # fmt: skip
             try:
-                deadline = time.monotonic() + 30
-                while _state(proc.pid) != "S" and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                wait_blocked(proc.pid, timeout_s=30)
                 tree.move(proc.pid, pod.container_dir)
                 out, _ = proc.communicate(b"go\n", timeout=120)
             finally:

@@ -355,6 +355,7 @@ def test_tcp_and_interface_bytes_between_runc_pods(chart_node: ChartNode, pods: 
     receiver.send("accept")
     sender.send(f"10.214.0.2 {port}")
     sender.send(str(ODD_BYTES))
+    sender.send("send")  # the method: plain send() calls
     assert sender.readline() == "connected"
     sender.send("send")
     received = json.loads(receiver.readline())["received"]

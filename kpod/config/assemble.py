@@ -217,6 +217,11 @@ def _finish_settings(
     kpod.discovery.kubelet.url = str(substitute_env(kpod.discovery.kubelet.url, environ))
     if not 1 <= kpod.bpf.map_max_entries <= 1_048_576:
         raise at("bpf.map_max_entries").error("must be between 1 and 1048576")
+    unknown_routes = [r for r in kpod.bpf.force_routes if r not in kpod.bpf.FORCE_ROUTES]
+    if unknown_routes:
+        raise at("bpf.force_routes").error(
+            f"unknown route(s) {', '.join(unknown_routes)}; known: {', '.join(kpod.bpf.FORCE_ROUTES)}"
+        )
     try:
         checks = registry.settings_checks()
     except UnknownComponent as error:

@@ -79,6 +79,7 @@ class BtfTypeInfo:
     int_bits: int = 0
     params: tuple[int, ...] = ()  # FUNC_PROTO parameter type ids
     enumerators: tuple[tuple[str, int], ...] = ()
+    section_vars: tuple[tuple[int, int, int], ...] = ()  # DATASEC: (VAR type id, offset, size)
 
 
 class Btf:
@@ -142,6 +143,11 @@ class Btf:
                 triple = (ctypes.c_uint32 * 3).from_address(tail + 12 * i)
                 values.append((self.name(triple[0]), triple[1] | (triple[2] << 32)))
             info["enumerators"] = tuple(values)
+        elif kind == KIND_DATASEC:
+            # struct btf_var_secinfo { __u32 type, offset, size; }: the section's variables.
+            info["section_vars"] = tuple(
+                tuple((ctypes.c_uint32 * 3).from_address(tail + 12 * i)) for i in range(vlen)
+            )
         elif kind == KIND_FUNC_PROTO:
             info["params"] = tuple(
                 _BtfParam.from_address(tail + i * ctypes.sizeof(_BtfParam)).type for i in range(vlen)
@@ -152,6 +158,13 @@ class Btf:
         """The id of the named type of that kind, or 0."""
         type_id = self._lib.btf__find_by_name_kind(self.ptr, name.encode(), kind)
         return type_id if type_id > 0 else 0
+
+    def section_variables(self, section: str) -> dict[str, tuple[int, int]]:
+        """{variable: (offset, size)} of a data section (".rodata"), or {} if there is none."""
+        type_id = self.find(section, KIND_DATASEC)
+        if not type_id:
+            return {}
+        return {self.type(var).name: (offset, size) for var, offset, size in self.type(type_id).section_vars}
 
     def enum(self, name: str) -> dict[str, int]:
         """The enumerators of a named enum (constants C shares with Python), or {}."""

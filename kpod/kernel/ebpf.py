@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -54,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from kpod.component import ComponentUnavailable, Receiver
-from kpod.kernel import btflayout, libbpf
+from kpod.kernel import btflayout, libbpf, probes
 from kpod.kernel.bpfinfo import ProgramStats, program_stats
 from kpod.kernel.btflayout import LayoutError, MapLayout
 from kpod.kernel.preflight import BTF_PATH, TRACEFS_PATHS, effective_capabilities, seccomp_mode
@@ -65,7 +66,6 @@ log = logging.getLogger("kpod.ebpf")
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 CGROUP_KEY_FIELD = "cgroup_id"
-ENOTSUPP = 524  # the kernel's internal "not supported", which reaches user space unnamed
 
 PROGRAM_RUN_SECONDS = MetricDef(
     "kpod.bpf.program.run.seconds",
@@ -215,17 +215,20 @@ def hook_unavailable(section: str) -> str | None:
             return f"no tracefs event {target} (tracefs not mounted or tracepoint missing)"
         return None
     if kind in ("fentry", "fexit", "fmod_ret"):
-        # Whether the kernel lets us attach (some refuse fentry with EPERM) shows at load,
-        # where a failed optional program is dropped and the next alternative is tried.
         if not btflayout.vmlinux().find(target, btflayout.KIND_FUNC):
             return f"kernel BTF has no function {target}"
-        return None
+        # Loading proves nothing: arm64 before 6.4 verifies the program and refuses to attach
+        # it (no trampoline); some kernels refuse fentry with EPERM.  A probe attaches one.
+        return probes.trampoline_attach(target)
     if kind in ("kprobe", "kretprobe"):
         # libbpf attaches through the kprobe PMU, or legacy tracefs kprobe_events.
         if not os.path.exists(KPROBE_PMU_TYPE) and not any(
             os.path.exists(os.path.join(root, "kprobe_events")) for root in TRACEFS_PATHS
         ):
             return "kernel has no kprobes (no kprobe PMU, no kprobe_events)"
+        # A function gone from this kernel (tcp_sendpage since 6.5) is absent from its BTF too.
+        if not btflayout.vmlinux().find(target, btflayout.KIND_FUNC):
+            return f"kernel has no function {target}"
         return None
     return None
 
@@ -441,7 +444,16 @@ _NOT_FAILURES = ("disabled by config", "an earlier alternative is used")
 REGISTRY = BpfRegistry()
 
 
-def _plan(obj: libbpf.BpfObject, specs: Iterable[ProgramSpec], enabled: set[str]) -> list[Route]:
+# kpod.bpf.force_routes: diagnostic switches that make the loader take an older route on a
+# kernel that has the newer one, so that the fallbacks are exercised where they can be tested.
+FORCE_KPROBE = "kprobe"  # fentry/fexit programs are skipped: their kprobe alternatives run
+FORCE_TID_HASH = "tid_hash"  # per-task stamps in a hash keyed by tid instead of task storage
+FORCE_SOCK_CGROUP_VAL = "sock_cgroup_val"  # the socket's cgroup read as before 5.15 (tagged u64)
+
+
+def _plan(
+    obj: libbpf.BpfObject, specs: Iterable[ProgramSpec], enabled: set[str], force_routes: frozenset[str] = frozenset()
+) -> list[Route]:
     """Choose which programs to load: the first available alternative per fed metric set."""
     routes: list[Route] = []
     satisfied: set[tuple[str, ...]] = set()
@@ -454,6 +466,8 @@ def _plan(obj: libbpf.BpfObject, specs: Iterable[ProgramSpec], enabled: set[str]
             hook = f"perf_event type={spec.perf_event[0]} config={spec.perf_event[1]}"
         if spec.program not in enabled:
             routes.append(Route(spec.program, hook, spec.feeds, False, "disabled by config"))
+        elif FORCE_KPROBE in force_routes and hook.split("/")[0] in ("fentry", "fexit"):
+            routes.append(Route(spec.program, hook, spec.feeds, False, "kpod.bpf.force_routes: kprobe"))
         elif spec.feeds in satisfied:
             routes.append(Route(spec.program, hook, spec.feeds, False, "an earlier alternative is used"))
         else:
@@ -464,10 +478,13 @@ def _plan(obj: libbpf.BpfObject, specs: Iterable[ProgramSpec], enabled: set[str]
     return routes
 
 
-def plan_routes(name: str, program_dir: str, specs: Iterable[ProgramSpec], enabled: set[str]) -> list[Route]:
+def plan_routes(
+    name: str, program_dir: str, specs: Iterable[ProgramSpec], enabled: set[str],
+    force_routes: frozenset[str] = frozenset(),
+) -> list[Route]:  # fmt: skip
     """The routes a receiver would use on this kernel, without loading anything (for `check`)."""
     with libbpf.BpfObject.open(object_path(name, program_dir)) as obj:
-        return _plan(obj, specs, enabled)
+        return _plan(obj, specs, enabled, force_routes)
 
 
 def load_object(
@@ -477,8 +494,13 @@ def load_object(
     max_entries: int,
     program_dir: str = "",
     before_attach: Callable[[libbpf.BpfObject], None] | None = None,
+    before_load: Callable[[libbpf.BpfObject], None] | None = None,
+    force_routes: frozenset[str] = frozenset(),
 ) -> LoadedObject:
     """Open, size, load and attach `<name>.bpf.o`, and register it.
+
+    `before_load(obj)` runs on the opened object, before load: the place to set read-only
+    flags and retype maps for a fallback route (set_rodata, Map.retype).
 
     `before_attach(obj)` runs after load and before any program is attached: the place to
     fill maps the programs read (a filter) so that no event is seen with them empty.
@@ -497,7 +519,9 @@ def load_object(
             for map_name, layout in layouts.items():
                 if layout.has_key_field(CGROUP_KEY_FIELD):
                     obj.maps[map_name].set_max_entries(max_entries)
-            routes = _plan(obj, specs, enabled - set(dropped))
+            if before_load is not None:
+                before_load(obj)
+            routes = _plan(obj, specs, enabled - set(dropped), force_routes)
             for route in routes:
                 if route.program in dropped:
                     route.reason = dropped[route.program]
@@ -575,12 +599,6 @@ def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, P
     return failed
 
 
-def _strerror(exc: libbpf.LibbpfError) -> str:
-    # 524 is the kernel's ENOTSUPP (not in errno): what fentry/fexit attach returns where the
-    # architecture has no BPF trampoline for kernel functions (arm64 before 6.4).
-    return "operation not supported by this kernel (ENOTSUPP)" if exc.errno == ENOTSUPP else str(exc.strerror)
-
-
 def _has_untried_alternative(program: str, routes: list[Route], dropped: dict[str, str]) -> bool:
     """Whether a later program feeding the same metrics could still be loaded instead."""
     feeds = next(r.feeds for r in routes if r.program == program)
@@ -601,6 +619,41 @@ def _attach_perf_per_cpu(program: libbpf.Program, type_: int, config: int) -> No
         except BaseException:
             os.close(fd)
             raise
+
+
+# --- read-only flags and per-task stamps -------------------------------------------------------
+
+TID_HASH_ENTRIES = 32768  # threads with a stamp at once (waiting to run, or inside a tracked syscall)
+
+
+def set_rodata(obj: libbpf.BpfObject, variable: str, value: int) -> None:
+    """Before load: a `const volatile` global of the object (its .rodata), e.g. a route flag."""
+    offsets = btflayout.Btf(obj.btf_ptr).section_variables(".rodata")
+    if variable not in offsets:
+        raise LayoutError(f"{obj.path}: no read-only variable {variable}")
+    offset, size = offsets[variable]
+    rodata = next(m for n, m in obj.maps.items() if n.endswith(".rodata"))
+    data = rodata.initial_value()
+    data[offset : offset + size] = value.to_bytes(size, sys.byteorder)
+
+
+def task_stamps_route(force_routes: frozenset[str], program_dir: str = "") -> tuple[bool, str]:
+    """(use task storage?, what to say): task-local storage where the probe allows it, else
+    (kernels before 5.13, or forced) a hash keyed by thread id."""
+    if FORCE_TID_HASH in force_routes:
+        return False, "tid hash (kpod.bpf.force_routes: tid_hash)"
+    reason = probes.task_storage_in_tracing(program_dir)
+    if reason:
+        return False, f"tid hash ({reason})"
+    return True, "task storage"
+
+
+def use_task_stamps(obj: libbpf.BpfObject, map_name: str, task_storage: bool) -> None:
+    """Before load: keep `map_name` as task storage, or make it the tid hash (kpod.bpf.h)."""
+    if task_storage:
+        return
+    set_rodata(obj, "kpod_task_storage", 0)
+    obj.maps[map_name].retype(libbpf.BPF_MAP_TYPE_HASH, TID_HASH_ENTRIES)
 
 
 # --- histograms ----------------------------------------------------------------------------
@@ -646,6 +699,18 @@ class BpfReceiver(Receiver):
     def before_attach(self, obj: libbpf.BpfObject) -> None:
         """Subclasses: fill maps after load, before the programs run (see load_object)."""
 
+    def before_load(self, obj: libbpf.BpfObject) -> None:
+        """Subclasses: set read-only flags and retype maps for their chosen route (see load_object)."""
+
+    def choices(self) -> dict[str, str]:
+        """Subclasses: routes chosen by data layout rather than by program, e.g.
+        {"stamps": "tid hash (kernel refuses task-local storage ...)"}, for check and the log."""
+        return {}
+
+    @property
+    def force_routes(self) -> frozenset[str]:
+        return frozenset(self._bpf_settings.force_routes)
+
     # -- lifecycle --
 
     @property
@@ -672,6 +737,8 @@ class BpfReceiver(Receiver):
                 self._bpf_settings.map_max_entries,
                 self._bpf_settings.program_dir,
                 before_attach=self.before_attach,
+                before_load=self.before_load,
+                force_routes=self.force_routes,
             )
         except (libbpf.LibbpfError, LayoutError) as exc:
             detail = next((ln for ln in reversed(getattr(exc, "log_lines", [])) if ln.strip()), "")
@@ -679,6 +746,8 @@ class BpfReceiver(Receiver):
         for route in self.loaded.routes:
             state = "on" if route.active else f"off ({route.reason})"
             self.log.info("%s: %s -> %s", route.program, route.hook, state)
+        for what, chosen in self.choices().items():
+            self.log.info("%s: %s", what, chosen)
         if not any(r.active for r in self.loaded.routes):
             reasons = "; ".join(f"{r.program}: {r.reason}" for r in self.loaded.routes)
             self.shutdown()
@@ -695,14 +764,16 @@ class BpfReceiver(Receiver):
         if self.preflight():
             return []
         return plan_routes(
-            self.object_name, self._bpf_settings.program_dir, self.program_specs, self.enabled_programs()
-        )
+            self.object_name, self._bpf_settings.program_dir, self.program_specs, self.enabled_programs(),
+            self.force_routes,
+        )  # fmt: skip
 
     def route(self) -> str:
         reason = self.preflight()
         if reason:
             return f"unavailable: {reason}"
-        return describe_routes(self.routes())
+        choices = [f"{what}: {chosen}" for what, chosen in self.choices().items()]
+        return "; ".join([describe_routes(self.routes()), *choices])
 
     def status(self) -> dict[str, Any]:
         if self.loaded is None:
@@ -710,6 +781,7 @@ class BpfReceiver(Receiver):
         return {
             "loaded": True,
             "routes": {r.program: (r.hook if r.active else f"off: {r.reason}") for r in self.loaded.routes},
+            **({"choices": self.choices()} if self.choices() else {}),
             "map_update_errors": self.loaded.error_counts(),
         }
 

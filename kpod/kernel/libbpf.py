@@ -88,12 +88,18 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 
 
+# The kernel's internal "not supported" (linux/errno.h, not in user space's errno): what a
+# fentry/fexit attach returns where the architecture has no BPF trampoline (arm64 before 6.4).
+ENOTSUPP = 524
+
+
 class LibbpfError(OSError):
     """A libbpf call failed.  `log_lines` holds what libbpf logged during the call, if anything."""
 
     def __init__(self, err: int, what: str, log_lines: list[str] | None = None) -> None:
         err = abs(err) or errno.EINVAL
-        super().__init__(err, f"{what}: {os.strerror(err)}")
+        text = "not supported by this kernel (ENOTSUPP)" if err == ENOTSUPP else os.strerror(err)
+        super().__init__(err, f"{what}: {text}")
         self.log_lines = log_lines or []
 
 
@@ -166,6 +172,8 @@ def lib() -> ctypes.CDLL:
         _sig(handle, "bpf_program__name", c_char_p, p)
         _sig(handle, "bpf_program__section_name", c_char_p, p)
         _sig(handle, "bpf_program__set_autoload", c_int, p, c_bool)
+        _sig(handle, "bpf_program__set_attach_target", c_int, p, c_int, c_char_p)
+        _sig(handle, "bpf_map__set_autocreate", c_int, p, c_bool)
         _sig(handle, "bpf_program__autoload", c_bool, p)
         _sig(handle, "bpf_program__fd", c_int, p)
         _sig(handle, "bpf_program__attach", p, p)
@@ -176,6 +184,9 @@ def lib() -> ctypes.CDLL:
         _sig(handle, "bpf_map__fd", c_int, p)
         _sig(handle, "bpf_map__max_entries", c_uint32, p)
         _sig(handle, "bpf_map__set_max_entries", c_int, p, c_uint32)
+        _sig(handle, "bpf_map__set_type", c_int, p, c_int)
+        _sig(handle, "bpf_map__set_map_flags", c_int, p, c_uint32)
+        _sig(handle, "bpf_map__initial_value", p, p, POINTER(ctypes.c_size_t))
         _sig(handle, "bpf_map__key_size", c_uint32, p)
         _sig(handle, "bpf_map__value_size", c_uint32, p)
         _sig(handle, "bpf_map__btf_key_type_id", c_uint32, p)
@@ -257,6 +268,12 @@ class Program:
     def autoload(self) -> bool:
         return bool(lib().bpf_program__autoload(self._ptr))
 
+    def set_attach_target(self, function: str) -> None:
+        """Before load: the kernel function a fentry/fexit program attaches to (not its section's)."""
+        rc = lib().bpf_program__set_attach_target(self._ptr, 0, function.encode())
+        if rc:
+            raise LibbpfError(rc, f"{self.name}: set_attach_target({function})")
+
     @property
     def fd(self) -> int:
         if self._obj.closed:
@@ -316,6 +333,33 @@ class Map:
         rc = lib().bpf_map__set_max_entries(self._live, n)
         if rc:
             raise LibbpfError(rc, f"{self.name}: set_max_entries({n})")
+
+    def retype(self, map_type: int, max_entries: int, flags: int = 0) -> None:
+        """Only before load: another map type with the same key and value (a fallback route,
+        e.g. a task-storage map becoming a hash keyed by thread id where the kernel lacks it)."""
+        handle = lib()
+        for what, rc in (
+            (f"set_type({map_type})", handle.bpf_map__set_type(self._live, map_type)),
+            (f"set_map_flags({flags:#x})", handle.bpf_map__set_map_flags(self._live, flags)),
+            (f"set_max_entries({max_entries})", handle.bpf_map__set_max_entries(self._live, max_entries)),
+        ):
+            if rc:
+                raise LibbpfError(rc, f"{self.name}: {what}")
+        self.type = map_type
+
+    def set_autocreate(self, create: bool) -> None:
+        """Before load: a map no loaded program uses need not exist (its type may not, here)."""
+        rc = lib().bpf_map__set_autocreate(self._live, create)
+        if rc:
+            raise LibbpfError(rc, f"{self.name}: set_autocreate")
+
+    def initial_value(self) -> ctypes.Array[ctypes.c_char]:
+        """The bytes of an internal map (.rodata) as loading will write them; writable before load."""
+        size = ctypes.c_size_t(0)
+        addr = lib().bpf_map__initial_value(self._live, ctypes.byref(size))
+        if not addr:
+            raise LibbpfError(errno.EINVAL, f"{self.name}: no initial value (not a global data map?)")
+        return (ctypes.c_char * size.value).from_address(addr)
 
     @property
     def fd(self) -> int:

@@ -726,6 +726,8 @@ def main(args: list[str] | None = None) -> int:
         action="store_true",
         help="the guest console on this terminal, e.g. `run --interactive -- bash`",
     )
+    runp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                      help="an environment variable for the guest command (repeatable)")  # fmt: skip
     runp.add_argument("argv", nargs="+", help="the command (after --)")
     opts = parser.parse_args(args)
     target = Target(opts.arch)
@@ -733,8 +735,9 @@ def main(args: list[str] | None = None) -> int:
         release = prepare(target, install=not opts.no_install)
         log(f"ready: {target.arch.name} kernel {release}, {target.initramfs}")
         return 0
+    env = dict(item.split("=", 1) for item in opts.env)
     result = run(opts.argv, timeout=opts.timeout, cwd=Path(opts.cwd), target=target, smp=opts.smp,
-                 memory_mib=opts.memory, stream=not opts.quiet, loglevel=opts.loglevel,
+                 memory_mib=opts.memory, stream=not opts.quiet, loglevel=opts.loglevel, env=env,
                  interactive=opts.interactive)  # fmt: skip
     where = f"console log: {result.console}"
     if result.timed_out:
