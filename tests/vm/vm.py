@@ -62,10 +62,11 @@ DISK_MIB = 64
 # for the loader, bpftool and iproute2 for tests, util-linux's setpriv/setsid, mount's
 # losetup, kmod's modprobe, coreutils (a `sleep` that can be copied and renamed), clang, gcc
 # and libc6-dev (tests compile their C workloads and small BPF programs with clang, as on the
-# host, where a missing tool fails a test), e2fsprogs (mkfs.ext4 for the mount-namespace test),
-# busybox for the rest).  Their dependencies come along (apt resolves them).
+# host, where a missing tool fails a test; libbpf-dev for <bpf/bpf_helpers.h>), e2fsprogs
+# (mkfs.ext4 for the mount-namespace test), busybox for the rest).  Their dependencies come along (apt resolves them).
 ARM64_USERLAND = ("python3", "python3.11", "libbpf1", "bpftool", "iproute2", "util-linux", "mount", "kmod",
-                  "coreutils", "procps", "clang", "gcc", "libc6-dev", "e2fsprogs", "busybox-static")  # fmt: skip
+                  "coreutils", "procps", "clang", "gcc", "libc6-dev", "libbpf-dev", "e2fsprogs",
+                  "busybox-static")  # fmt: skip
 # An AArch32 (armhf) static busybox in the arm64 root, at this path: 32-bit syscalls for the
 # compat test (their numbers are the arm table's, not arm64's).
 ARMHF_BUSYBOX = "usr/local/bin/busybox-armhf"
