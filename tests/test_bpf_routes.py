@@ -22,7 +22,7 @@ from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
 from kpod.component import EmptyConfig
 from kpod.config import ConfigError, load_config
-from kpod.kernel import libbpf, probes
+from kpod.kernel import bpfinfo, libbpf, probes
 from kpod.kernel.ebpf import BpfReceiver
 
 pytestmark = kernel_test
@@ -36,7 +36,7 @@ def kernel_at_least(major: int, minor: int) -> bool:
 def kernel_map(receiver: BpfReceiver, name: str) -> tuple[int, int]:
     """(type, max_entries) of a loaded map as the kernel reports it (bpf_map_info)."""
     assert receiver.loaded is not None
-    info = libbpf.map_info(receiver.loaded.obj.maps[name].fd)
+    info = bpfinfo.map_info(receiver.loaded.obj.maps[name].fd)
     return int(info.type), int(info.max_entries)
 
 
