@@ -593,7 +593,7 @@ def _attach_all(obj: libbpf.BpfObject, routes: list[Route], by_name: dict[str, P
             del obj.links[before:]
             route.active = False
             refused = syscall_probe().refusal("perf_event_open") if spec.perf_event is not None else None
-            route.reason = refused or f"attach failed: {_strerror(exc)}"
+            route.reason = refused or f"attach failed: {exc.strerror}"
             failed[route.program] = route.reason
             log.warning("%s: optional program %s not attached: %s", obj.name, route.program, exc)
     return failed
