@@ -281,6 +281,9 @@ def test_filesystem_real_mount_namespace(scratch: Scratch, tmp_path: Path) -> No
     # says which): the overlay is labelled with that filesystem, not with its own 0:N.
     merged = str(tmp_path / "merged")
     upper_source, upper_fstype = findmnt(tmp_path / "upper")
+    if not (upper_source.startswith("/") or ":/" in upper_source):  # tmpfs & co. name no device
+        upper_dev = os.stat(tmp_path / "upper").st_dev
+        upper_source = f"{os.major(upper_dev)}:{os.minor(upper_dev)}"
     assert (labels[merged]["device"], labels[merged]["fstype"]) == (upper_source, upper_fstype)
     vfs = os.statvfs(tmp_path / "upper")
     assert values(merged)[0] == vfs.f_blocks * vfs.f_frsize  # statvfs of an overlay: its upper fs
