@@ -79,6 +79,8 @@ def _validate(path: str) -> int:
     if config is None:
         return 2
     receivers = ", ".join(spec.id for spec in config.receivers)
+    for warning in config.warnings:
+        print(f"kpod-metrics: warning: {warning}", file=sys.stderr)
     print(f"{path}: valid (profile {config.kpod.profile}; receivers: {receivers})")
     return 0
 
@@ -97,6 +99,8 @@ def _run(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", error)
         return 1
     install_signal_handlers(agent)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     log.info(
         "kpod-metrics %s: profile %s, discovery %s, poll every %s, node %s",
         __version__,

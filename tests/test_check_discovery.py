@@ -134,3 +134,15 @@ def test_kubelet_failure_is_one_line_with_the_fix(kubelet: FakeKubelet, certs: C
     (line,) = lines
     for text in expected:
         assert text in line, line
+
+
+def test_kubelet_url_with_an_unset_variable_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The default url is https://${env:NODE_IP}:10250/pods: without NODE_IP, check says so
+    (instead of polling https://:10250/pods)."""
+    monkeypatch.delenv("NODE_IP", raising=False)
+    status, lines = run_check(tmp_path, capsys, "  discovery: {mode: kubelet}\n")
+    assert status == 1
+    (line,) = lines
+    assert "'https://:10250/pods' (environment variable NODE_IP is not set)" in line, line
+    assert "fix: set it" in line, line

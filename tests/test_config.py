@@ -166,7 +166,20 @@ def test_kpod_env_overrides_win_over_the_file(tmp_path: Path, clean_env: dict[st
         ("kpod:\n  filter: {namespaces: prod}\n", ":2: kpod.filter.namespaces: expected a list"),
         ("receivers:\n  nosuch: {}\n", ":2: receivers.nosuch: unknown receiver type 'nosuch'"),
         ("exporters:\n  prometheus: {endpoint: 9090}\n", ":2: exporters.prometheus.endpoint: expected a string"),
-        ("exporters:\n  prometheus: {endpoint: nowhere}\n", ":2: exporters.prometheus: expected host:port"),
+        ("exporters:\n  prometheus: {endpoint: nowhere}\n", ":2: exporters.prometheus.endpoint: expected host:port"),
+        (
+            "exporters:\n  prometheus:\n    endpoint: ${env:LISTEN}\n",
+            ":3: exporters.prometheus.endpoint: expected host:port, got '' (environment variable LISTEN is not set)",
+        ),
+        (
+            "kpod:\n  poll_interval: ${env:POLL}\n",
+            ":2: kpod.poll_interval: expected a duration like 30s, 500ms, 2m or 1h, got ''"
+            " (environment variable POLL is not set)",
+        ),
+        (
+            "exporters:\n  otlp:\n    endpoint: collector:4317\n    tls: {cert_file: a.pem}\n",
+            ":4: exporters.otlp.tls: tls.cert_file and tls.key_file go together",
+        ),
         ("exporters:\n  prometheus: {colour: red}\n", ":2: exporters.prometheus.colour: unknown key"),
         ("exporters:\n  prometheus: {histograms: all}\n", "prometheus.histograms: must be one of both, native"),
         (
@@ -277,3 +290,32 @@ def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("kpod-metrics ")
+
+
+def test_declared_components_no_pipeline_uses_are_warned_about(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """Valid, but configured for nothing: an exporter, a processor and a receiver that no
+    pipeline (nor the profile) names each get a one-line warning with its line; `validate`
+    prints them and still exits 0."""
+    path = write(
+        tmp_path,
+        "kpod: {profile: minimal}\n"
+        "receivers:\n  syscall: {}\n"
+        "processors:\n  filter/x: {exclude: {interface: [lo]}}\n"
+        "exporters:\n  prometheus: {}\n  otlp: {endpoint: 'collector:4317'}\n"
+        "service:\n  pipelines:\n    metrics:\n      exporters: [prometheus]\n",
+    )
+    config = load_config(path, environ=clean_env)
+    assert [e.id for e in config.exporters] == ["prometheus"]
+    assert config.warnings == [
+        f"{path}:3: receivers.syscall: declared but not in profile minimal nor in service.pipelines.metrics.receivers:"
+        " it will not run",
+        f"{path}:5: processors.filter/x: declared but not in service.pipelines.metrics.processors: it will not run",
+        f"{path}:8: exporters.otlp: declared but not in service.pipelines.metrics.exporters: it will not run",
+    ]
+    result = subprocess.run([sys.executable, "-m", "kpod.cli", "validate", "--config", path], capture_output=True,
+                            text=True, timeout=60, env=clean_env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"kpod-metrics: warning: {w}" for w in config.warnings]
+    # Everything used: no warning.
+    used = write(tmp_path, "exporters:\n  prometheus: {}\n")
+    assert load_config(used, environ=clean_env).warnings == []

@@ -33,6 +33,9 @@ class PrometheusConfig:
     histograms: str = field(default="both", metadata={"choices": ("both", "native", "classic")})
 
     def validate(self) -> None:
-        parse_endpoint(self.endpoint)
+        try:
+            parse_endpoint(self.endpoint)
+        except ValueError as error:
+            raise ValueError(f"endpoint: {error}") from None
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
             raise ValueError("tls: set both cert_file and key_file, or neither")

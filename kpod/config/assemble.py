@@ -45,6 +45,9 @@ class AgentConfig:
     receivers: list[ComponentConfig] = field(default_factory=list)
     processors: list[ComponentConfig] = field(default_factory=list)
     exporters: list[ComponentConfig] = field(default_factory=list)
+    # Valid but probably not meant: one line each, file:line first (validate prints them,
+    # run logs them).
+    warnings: list[str] = field(default_factory=list)
 
 
 TOP_LEVEL_KEYS = ("kpod", "receivers", "processors", "exporters", "service")
@@ -168,6 +171,8 @@ def _load_config(
     if not exporter_ids:
         raise root.child("service", document).error("the metrics pipeline has no exporters")
 
+    config.warnings = _unused(declared, {"receiver": receiver_ids, "processor": processor_ids,
+                                         "exporter": exporter_ids}, kpod, registry)  # fmt: skip
     for kind, ids, target in (
         ("receiver", receiver_ids, config.receivers),
         ("processor", processor_ids, config.processors),
@@ -181,6 +186,24 @@ def _load_config(
             where = root.child("kpod", document).child("profile", raw_kpod)
             target.append(_component(registry, kind, component_id, None, where, overrides.get(component_id, {})))
     return config
+
+
+def _unused(declared: dict[str, dict[str, tuple[Any, Where]]], used: dict[str, list[str]], kpod: KpodSettings,
+            registry: Registry) -> list[str]:  # fmt: skip
+    """A component declared but in no pipeline is configured and never runs: say so."""
+    found = []
+    for kind, entries in declared.items():
+        for component_id, (_, where) in entries.items():
+            if component_id in used[kind]:
+                continue
+            if kind == "receiver" and not kpod.bpf.enabled and _requires_bpf(registry, split_id(component_id)[0]):
+                why = "kpod.bpf.enabled is false"
+            elif kind == "receiver":
+                why = f"not in profile {kpod.profile} nor in service.pipelines.metrics.receivers"
+            else:
+                why = f"not in service.pipelines.metrics.{kind}s"
+            found.append(where.error(f"declared but {why}: it will not run").args[0])
+    return found
 
 
 def _finish_settings(
@@ -214,7 +237,9 @@ def _finish_settings(
     if not kpod.node_name:
         kpod.node_name = socket.gethostname()
     # The default URL names ${env:NODE_IP}; a default never went through the file's substitution.
-    kpod.discovery.kubelet.url = str(substitute_env(kpod.discovery.kubelet.url, environ))
+    # An EnvText when a variable is not set: kubelet discovery then says which at start.
+    url = substitute_env(kpod.discovery.kubelet.url, environ)
+    kpod.discovery.kubelet.url = url if isinstance(url, str) else str(url)
     if not 1 <= kpod.bpf.map_max_entries <= 1_048_576:
         raise at("bpf.map_max_entries").error("must be between 1 and 1048576")
     unknown_routes = [r for r in kpod.bpf.force_routes if r not in kpod.bpf.FORCE_ROUTES]

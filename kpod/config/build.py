@@ -7,6 +7,7 @@ dataclass with a `validate()` method is validated once built (a ValueError names
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -135,5 +136,15 @@ def build(cls: type, data: Any, where: Where) -> Any:
         try:
             validate()
         except ValueError as error:
-            raise where.error(str(error)) from None
+            raise _blame_field(str(error), fields, data, where) from None
     return instance
+
+
+def _blame_field(message: str, fields: typing.Mapping[str, Any], data: Any, where: Where) -> ConfigError:
+    """A validate() error that starts with one of the dataclass's fields ("endpoint: ...",
+    "tls.cert_file and ...", "backoff_max must ...") names that field's full key and line."""
+    first = re.split(r"[ :.]", message, maxsplit=1)[0]
+    if first not in fields:
+        return where.error(message)
+    rest = message[len(first) + 2 :] if message.startswith(first + ": ") else message
+    return where.child(first, data).error(rest)

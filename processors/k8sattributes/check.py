@@ -158,8 +158,8 @@ def _connection_failure(host: str, ca: str, error: BaseException) -> str:
 
 def check_kubelet(settings: KpodSettings, config: K8sAttributesConfig) -> list[Finding]:
     kubelet = settings.discovery.kubelet
-    if "${" in kubelet.url:
-        return [Finding(False, f"kubelet: url {kubelet.url!r} names an environment variable that is not set; "
+    if "${" in kubelet.url or getattr(kubelet.url, "unset", ()):
+        return [Finding(False, f"kubelet: url {kubelet.url!r}: an environment variable is not set; "
                                "fix: set it (the chart sets NODE_IP from status.hostIP)")]  # fmt: skip
     timeout = max(1.0, min(config.request_timeout.seconds, 10.0))
     discovery = KubeletDiscovery(PodStore(), logging.getLogger("kpod.check"), settings, timeout)

@@ -458,7 +458,8 @@ class KubeletDiscovery(_Base):
     def start(self) -> None:
         if not self.url.startswith(("https://", "http://")):
             raise ComponentUnavailable(f"kubelet url {self.url!r}: not an http(s) URL")
-        if "${" in self.url:
+        if "${" in self.url or getattr(self.url, "unset", ()):
+            # getattr: the config's ${env:...} substitution marks a url made with unset variables.
             raise ComponentUnavailable(f"kubelet url {self.url!r}: an environment variable is not set")
         super().start()
 
