@@ -17,6 +17,7 @@ from types import FrameType
 from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import read_mountinfo, resolve_cgroup_root
 from kpod.config import AgentConfig
+from kpod.model import Batch
 from kpod.pipeline import Pipeline
 
 log = logging.getLogger("kpod.agent")
@@ -53,6 +54,8 @@ class Agent:
                 began = time.monotonic()
                 batch = self.pipeline.run_cycle()
                 cycles += 1
+                if cycles == 1:
+                    self._log_first_cycle(batch, time.monotonic() - began)
                 log.debug("cycle %d: %d points in %.3fs", cycles, len(batch), time.monotonic() - began)
                 if max_cycles is not None and cycles >= max_cycles:
                     break
@@ -63,6 +66,25 @@ class Agent:
                 self.stop_event.wait(next_start - now)
         finally:
             self.pipeline.shutdown()
+
+
+    def _log_first_cycle(self, batch: Batch, seconds: float) -> None:
+        """What the first cycle collected: a glance at the log tells whether the agent sees pods."""
+        pods = {
+            (labels.get("namespace", ""), labels["pod"])
+            for point in batch.points
+            if point.resource is not None
+            for labels in (dict(point.resource.labels),)
+            if labels.get("pod")
+        }
+        series = sum(1 for point in batch.points if point.cgroup is not None)
+        running = sum(1 for r in self.pipeline.receivers if r.started)
+        known = self.pipeline.pods_known()
+        log.info(
+            "first cycle: %d pods, %d series in %.2fs (%d of %d receivers running%s)",
+            len(pods), series, seconds, running, len(self.pipeline.receivers),
+            "" if known is None else f"; discovery knows {known} pods on this node",
+        )  # fmt: skip
 
 
 def install_signal_handlers(agent: Agent) -> None:

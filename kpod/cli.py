@@ -1,7 +1,8 @@
-"""The `kpod-metrics` command: run, validate, check.
+"""The `kpod-metrics` command: run, validate, check, config --effective.
 
-Exit codes: 0 success; 1 the agent cannot run (check found nothing runnable, the listener port
-is taken); 2 a bad config or bad arguments.  Errors are one line on stderr, never a traceback.
+Exit codes (EXIT_CODES, printed by --help): 0 success; 1 the agent cannot run (the listener port
+is taken, check found nothing runnable or discovery failing); 2 a bad config or bad arguments.
+Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -41,19 +42,74 @@ def setup_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
+EXIT_CODES = """\
+exit status:
+  0  success (run: stopped by SIGTERM/SIGINT; validate: the config is valid; check: a receiver can
+     run and pod discovery works)
+  1  the agent cannot run: the listener's port is taken, an exporter or processor cannot start,
+     nothing can run on this node, pod discovery fails (check)
+  2  a bad config or bad arguments (one line on stderr naming the file, line and key)
+"""
+
+
+def _environment_help() -> str:
+    """The KPOD_* variables, one per key of the `kpod:` section, generated from the settings."""
+    from kpod.config.overrides import env_var_name, leaf_paths
+    from kpod.settings import KpodSettings
+
+    names = [f"  {env_var_name(path):<44} kpod.{'.'.join(path)}" for path, _ in leaf_paths(KpodSettings)]
+    return (
+        "configuration: built-in defaults < the --config file < KPOD_* environment variables.\n"
+        "In the file, ${env:VAR} and ${env:VAR:-default} are replaced in every string value.\n"
+        "KPOD_* variables (lists are comma-separated; durations like 30s or milliseconds):\n" + "\n".join(names) + "\n"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kpod-metrics", description="Per-pod kernel metrics agent.")
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="kpod-metrics",
+        description="Per-pod kernel metrics agent: eBPF and cgroup receivers -> processors -> Prometheus/OTLP.",
+        epilog=EXIT_CODES + "\n" + _environment_help() + "\n`kpod-metrics COMMAND --help` describes each command.",
+        formatter_class=formatter,
+    )
     parser.add_argument("--version", action="version", version=f"kpod-metrics {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the agent")
-    run.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
-    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "YAML config file (without it: the built-in defaults; KPOD_* variables apply either way)"
+
+    run = commands.add_parser(
+        "run", help="run the agent until SIGTERM/SIGINT", formatter_class=formatter, epilog=EXIT_CODES,
+        description="Collect every poll interval and serve /metrics, /healthz, /readyz and /debug/status.",
+    )  # fmt: skip
+    run.add_argument("--config", metavar="PATH", help=config_help)
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="log lines as text or as one JSON object each (default: text)")  # fmt: skip
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                     help="least severe level logged (default: info)")  # fmt: skip
     run.add_argument("--cycles", type=int, default=None, help=argparse.SUPPRESS)  # tests: stop after N
-    validate = commands.add_parser("validate", help="check a config file and exit 0 (valid) or 2")
-    validate.add_argument("--config", required=True)
-    check = commands.add_parser("check", help="preflight: what can run on this node, and why not")
-    check.add_argument("--config")
+
+    validate = commands.add_parser(
+        "validate", help="check a config file: exit 0 (valid, warnings on stderr) or 2", formatter_class=formatter,
+        epilog=EXIT_CODES, description="Load the config as `run` would, without touching the node.",
+    )  # fmt: skip
+    validate.add_argument("--config", metavar="PATH", required=True, help="YAML config file to check")
+
+    check = commands.add_parser(
+        "check", help="preflight: what can run on this node and why not, and whether pod discovery works",
+        formatter_class=formatter, epilog=EXIT_CODES,
+        description="Kernel, BTF, cgroup layout, capabilities, tracefs, each receiver's route, then one\n"
+        "request to the API server (or the kubelet) with the configured credentials.",
+    )  # fmt: skip
+    check.add_argument("--config", metavar="PATH", help=config_help)
+
+    config = commands.add_parser(
+        "config", help="print the effective config (for bug reports)", formatter_class=formatter,
+        epilog=EXIT_CODES, description="The config the agent would run with, as YAML that loads again.",
+    )  # fmt: skip
+    config.add_argument("--config", metavar="PATH", help=config_help)
+    config.add_argument("--effective", action="store_true", required=True,
+                        help="defaults filled in, ${env:...} substituted, KPOD_* applied, the profile's "
+                        "receivers and the pipeline spelled out; header values redacted")  # fmt: skip
     return parser
 
 
@@ -63,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args.config)
     if args.command == "check":
         return _check(args.config)
+    if args.command == "config":
+        return _effective(args.config)
     return _run(args)
 
 
@@ -82,6 +140,18 @@ def _validate(path: str) -> int:
     for warning in config.warnings:
         print(f"kpod-metrics: warning: {warning}", file=sys.stderr)
     print(f"{path}: valid (profile {config.kpod.profile}; receivers: {receivers})")
+    return 0
+
+
+def _effective(path: str | None) -> int:
+    from kpod.config.effective import effective_yaml
+
+    config = _load(path)
+    if config is None:
+        return 2
+    for warning in config.warnings:
+        print(f"kpod-metrics: warning: {warning}", file=sys.stderr)
+    sys.stdout.write(effective_yaml(config))
     return 0
 
 
@@ -166,23 +236,19 @@ def _check(path: str | None) -> int:
     if runnable == 0:
         print("nothing can run on this node")
         return 1
-    return 0 if _check_discovery(config) else 1
+    return 0 if _check_components(config) else 1
 
 
-def _check_discovery(config: AgentConfig) -> bool:
-    """One line per finding about pod discovery (API server or kubelet); False if any failed."""
-    from kpod.processors.k8sattributes.check import check_discovery
-    from kpod.processors.k8sattributes.config import K8sAttributesConfig
-
-    spec = next((p for p in config.processors if p.factory.type == "k8sattributes"), None)
-    if spec is None:
-        print("discovery:    no k8sattributes processor in the pipeline: series carry no pod labels")
-        return True
-    findings = check_discovery(config.kpod, spec.config if isinstance(spec.config, K8sAttributesConfig) else
-                               K8sAttributesConfig())  # fmt: skip
-    for finding in findings:
-        print(f"discovery:    {finding.text}")
-    return all(finding.ok for finding in findings)
+def _check_components(config: AgentConfig) -> bool:
+    """The components' own findings (k8sattributes: pod discovery), one line each; False if any failed."""
+    ok = True
+    for spec in [*config.receivers, *config.processors, *config.exporters]:
+        if spec.factory.check is None:
+            continue
+        for finding in spec.factory.check(config.kpod, spec.config):
+            print(f"{spec.id + ':':<14}{finding.text}")
+            ok = ok and finding.ok
+    return ok
 
 
 if __name__ == "__main__":

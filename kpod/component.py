@@ -146,6 +146,17 @@ class Factory:
     description: str = ""
     # eBPF receivers: left out of the profiles when `kpod.bpf.enabled` is false.
     requires_bpf: bool = False
+    # For `kpod-metrics check`, optional: (KpodSettings, this component's config) -> [Finding].
+    # It may ask a remote service once (the API server), and changes nothing.
+    check: Callable[[Any, Any], list[Finding]] | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of `kpod-metrics check` about a component; a failure's text ends with its fix."""
+
+    ok: bool
+    text: str
 
 
 @dataclass

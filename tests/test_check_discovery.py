@@ -37,13 +37,13 @@ def api(certs: Certs) -> Iterator[FakeApiServer]:
 
 def run_check(tmp_path: Path, capsys: pytest.CaptureFixture[str], kpod: str,
               processors: str = "") -> tuple[int, list[str]]:  # fmt: skip
-    """Exit status and the discovery lines of `kpod-metrics check` with this config."""
+    """Exit status and the k8sattributes (discovery) lines of `kpod-metrics check` with this config."""
     config = tmp_path / "config.yaml"
     config.write_text(f"kpod:\n  profile: minimal\n  node_name: {NODE}\n  bpf: {{enabled: false}}\n{kpod}" + processors)
     capsys.readouterr()
     status = main(["check", "--config", str(config)])
     out = capsys.readouterr().out.splitlines()
-    return status, [line for line in out if line.startswith("discovery:")]
+    return status, [line for line in out if line.startswith("k8sattributes:")]
 
 
 def informer(kubeconfig: str) -> tuple[str, str]:

@@ -319,3 +319,59 @@ def test_declared_components_no_pipeline_uses_are_warned_about(tmp_path: Path, c
     # Everything used: no warning.
     used = write(tmp_path, "exporters:\n  prometheus: {}\n")
     assert load_config(used, environ=clean_env).warnings == []
+
+
+def test_effective_config_is_what_runs_and_loads_again(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    """`kpod-metrics config --effective`: defaults, ${env:...} and KPOD_* applied, the profile's
+    receivers and the pipeline spelled out; it loads back into the same config; OTLP header
+    values (credentials) are not printed."""
+    import yaml
+
+    from kpod.config.effective import REDACTED, effective_document
+
+    path = write(
+        tmp_path,
+        "kpod:\n  profile: minimal\n  node_name: ${env:MY_NODE}\n"
+        "exporters:\n  prometheus: {endpoint: '127.0.0.1:9999'}\n"
+        "  otlp: {endpoint: 'collector:4317', headers: {authorization: 'Bearer s3cret'}}\n"
+        "service:\n  pipelines:\n    metrics:\n      exporters: [prometheus, otlp]\n",
+    )
+    env = {**clean_env, "MY_NODE": "node-7", "KPOD_POLL_INTERVAL": "15s"}
+    config = load_config(path, environ=env)
+    document = effective_document(config)
+    assert document["kpod"]["node_name"] == "node-7" and document["kpod"]["poll_interval"] == "15s"
+    assert list(document["receivers"]) == [r.id for r in config.receivers] != []
+    assert document["service"]["pipelines"]["metrics"]["exporters"] == ["prometheus", "otlp"]
+    assert document["exporters"]["otlp"]["headers"] == {"authorization": REDACTED}
+    result = subprocess.run([sys.executable, "-m", "kpod.cli", "config", "--effective", "--config", path],
+                            capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout
+    printed = yaml.safe_load(result.stdout)
+    assert printed == document
+    # Loaded again (without the environment that made it): the same config.
+    again = write(tmp_path, result.stdout)
+    reloaded = effective_document(load_config(again, environ=clean_env))
+    assert reloaded == document
+
+
+def test_help_describes_every_option_the_exit_codes_and_the_overrides() -> None:
+    import argparse
+
+    from kpod.cli import EXIT_CODES, _parser
+    from kpod.config.overrides import env_var_name, leaf_paths
+    from kpod.settings import KpodSettings
+
+    parser = _parser()
+    top = parser.format_help()
+    assert EXIT_CODES.splitlines()[1].strip() in top
+    for path, _ in leaf_paths(KpodSettings):
+        assert f"{env_var_name(path)} " in top and f"kpod.{'.'.join(path)}" in top
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands.choices) == {"run", "validate", "check", "config"}
+    for name, sub in commands.choices.items():
+        assert "exit status:" in sub.format_help(), name
+        for action in sub._actions:
+            if action.dest in ("help", "cycles"):  # --cycles: for tests, hidden on purpose
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)

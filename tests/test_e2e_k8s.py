@@ -107,6 +107,11 @@ service:
             assert series(scrape(port), metric) == [
                 {"container": "app", "namespace": "shop", "node": "node-a", "pod": "web-1"}
             ]
+            # The log says what the first cycle collected: the one pod and its series.
+            web_series = [line for line in scrape(port).splitlines() if 'pod="web-1"' in line]
+            first = re.search(r"first cycle: (\d+) pods, (\d+) series", (tmp_path / "agent.log").read_text())
+            assert first is not None, (tmp_path / "agent.log").read_text()[-3000:]
+            assert (int(first[1]), int(first[2])) == (1, len(web_series)), (first[0], web_series)
 
             # A pod that starts later: its cgroup and its API object appear; its series follows.
             db_uid, db_cid = str(uuid.uuid4()), uuid.uuid4().hex * 2

@@ -15,6 +15,7 @@ Order of precedence: dataclass defaults < the file < `KPOD_*` environment variab
     build.py      typed building and validation against the config dataclasses
     overrides.py  KPOD_* environment variables
     assemble.py   load_config: settings, profile and pipeline into an AgentConfig
+    effective.py  the AgentConfig back as YAML (`kpod-metrics config --effective`)
 """
 
 from kpod.config.assemble import AgentConfig, ComponentConfig, load_config

@@ -8,9 +8,11 @@ point, from node-scoped pod discovery.
     pods.py       PodInfo and the PodStore discovery fills (copy on write)
     discovery.py  InformerDiscovery, KubeletDiscovery: fill the PodStore in a thread
     apiserver.py  how the informer reaches the API server (in-cluster config or a kubeconfig)
+    check.py      what `kpod-metrics check` asks of discovery (one request, one line with the fix)
     selector.py   Kubernetes label selectors and the pod filter
 """
 
+from kpod.processors.k8sattributes.check import check_discovery
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.processor import K8sAttributesProcessor
 
@@ -22,6 +24,7 @@ factory = Factory(
     config_class=K8sAttributesConfig,
     create=K8sAttributesProcessor,
     description="namespace/pod/container/node labels from node-scoped pod discovery",
+    check=check_discovery,
 )
 
 __all__ = ["factory"]

@@ -16,22 +16,14 @@ import logging
 import os
 import ssl
 import urllib.parse
-from dataclasses import dataclass
 
 from kpod.processors.k8sattributes import apiserver
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.discovery import KubeletDiscovery
 from kpod.processors.k8sattributes.pods import PodStore
 
-from kpod.component import ComponentUnavailable
+from kpod.component import ComponentUnavailable, Finding
 from kpod.settings import KpodSettings
-
-
-@dataclass(frozen=True)
-class Finding:
-    ok: bool
-    text: str  # one line; when not ok it ends with the fix
-
 
 RBAC_FIX = (
     "fix: bind a ClusterRole with pods get/list/watch to this service account "
