@@ -282,3 +282,7 @@ def test_rule_unit_tests_use_exported_series(exported: dict[str, set[str]]) -> N
             assert name in exported, name
             used = set(re.findall(r"(\w+)=", labels))
             assert used <= exported[name] | TARGET_LABELS, (name, used - exported[name])
+            # And every label of the agent's own (device and fstype of a filesystem, map, ...):
+            # a rule that folds by them must be tested with them.
+            own = exported[name] - TARGET_LABELS
+            assert own <= used, (name, own - used)
