@@ -80,7 +80,7 @@ from kernel_util import (
 from prometheus_server import MEMORY_HOG, oom_events
 from runc_pods import HostLink, Mount, RuncPod, RuncRuntime, host_linked_netns, link_pods, net_dev, runc_runtime
 
-from kpod.settings import DEFAULT_TRACKED_SYSCALLS
+from kpod.kernel.syscalls import default_tracked
 from scripts.render_manifests import objects, render
 
 _SKIP = engine_skip_reason() or kernel_skip_reason()
@@ -92,7 +92,7 @@ CHART_VALUES: dict[str, Any] = {
     "config": {
         "pollInterval": 1000,
         "profile": "comprehensive",
-        "syscall": {"trackedSyscalls": [*DEFAULT_TRACKED_SYSCALLS, "getppid"]},
+        "syscall": {"trackedSyscalls": [*default_tracked(), "getppid"]},
     },
     "seccompProfile": {"type": "Localhost", "localhostProfile": "kpod-metrics.json"},
 }
