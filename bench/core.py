@@ -30,7 +30,7 @@ from bench.sections import Measured
 from bench.synthetic import HIST_BOUNDS, node_batch
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
-from kpod.model import Kind
+from kpod.model import Batch, Kind
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
@@ -42,34 +42,45 @@ IDLE_S = 6.0
 
 
 def render_times(pods: int = 110, rounds: int = 15) -> dict[str, Any]:
-    """Median render times, side by side on the same batches: the text renderer (text 0.0.4 and
-    OpenMetrics in one pass) and the protobuf renderer (histograms: both, and native), with
-    every value new each cycle (worst case) and in a typical cycle where a third of the series
-    changed.  The renderers take turns on each batch.  Times are CPU time (process time: a render
-    is single-threaded), so that a busy shared machine slows them less than wall time."""
-    renderers = {"text": Renderer(), "protobuf": ProtobufRenderer(BOTH), "protobuf_native": ProtobufRenderer(NATIVE)}
-    batches = [node_batch(pods, seed=i) for i in range(rounds)]
-    changed: dict[str, list[float]] = {name: [] for name in renderers}
-    for batch in batches:
-        for name, renderer in renderers.items():
+    """Median render times, side by side on the same batches: the text renderer (the samples once,
+    then the OpenMetrics body, which Prometheus asks for, and the text 0.0.4 body too) and the
+    protobuf renderer (histograms: both, and native), with every value new each cycle (worst
+    case) and in a typical cycle where a third of the series changed.  The renderers take turns
+    on each batch, and only the batch being rendered is alive (as in the agent).  Times are CPU
+    time (process time: a render is single-threaded), which a busy shared machine inflates less
+    than wall time."""
+    text_renderer = Renderer()
+    protobuf = {"protobuf": ProtobufRenderer(BOTH), "protobuf_native": ProtobufRenderer(NATIVE)}
+    names = ("text", "text_both", *protobuf)
+
+    def timed(batch: Batch, into: dict[str, list[float]]) -> None:
+        began = time.process_time()
+        rendered = text_renderer.render_parts(batch)
+        rendered.openmetrics()
+        one = time.process_time()
+        rendered.text()
+        into["text"].append(one - began)
+        into["text_both"].append(time.process_time() - began)
+        for name, renderer in protobuf.items():
             began = time.process_time()
             renderer.render(batch)
-            changed[name].append(time.process_time() - began)
-    base = batches[-1]
+            into[name].append(time.process_time() - began)
+
+    changed: dict[str, list[float]] = {name: [] for name in names}
+    for seed in range(rounds):
+        timed(node_batch(pods, seed=seed), changed)
+    base = node_batch(pods, seed=rounds)
     other = node_batch(pods, seed=999)
-    partial: dict[str, list[float]] = {name: [] for name in renderers}
+    partial: dict[str, list[float]] = {name: [] for name in names}
     for round_number in range(rounds):
         points = list(base.points)
         for i in range(round_number % 3, len(points), 3):
             points[i] = other.points[i]
         base.points = points
-        for name, renderer in renderers.items():
-            began = time.process_time()
-            renderer.render(base)
-            partial[name].append(time.process_time() - began)
-    text, _, series = renderers["text"].render(base)
-    protobuf, _ = renderers["protobuf"].render(base)
-    native, _ = renderers["protobuf_native"].render(base)
+        timed(base, partial)
+    text, _, series = Renderer().render(base)
+    both, _ = ProtobufRenderer(BOTH).render(base)
+    native, _ = ProtobufRenderer(NATIVE).render(base)
     return {
         "rounds": rounds,
         "series": series,
@@ -77,8 +88,8 @@ def render_times(pods: int = 110, rounds: int = 15) -> dict[str, Any]:
         "buckets": len(HIST_BOUNDS) + 1,
         "bytes": len(text),
         "gzip_bytes": len(gzip.compress(text, 1)),
-        "protobuf_bytes": {"both": len(protobuf), "native": len(native)},
-        "protobuf_gzip_bytes": {"both": len(gzip.compress(protobuf, 1)), "native": len(gzip.compress(native, 1))},
+        "protobuf_bytes": {"both": len(both), "native": len(native)},
+        "protobuf_gzip_bytes": {"both": len(gzip.compress(both, 1)), "native": len(gzip.compress(native, 1))},
         # The first render of each fills the caches: not a cycle's cost.
         "all_changed_ms": {name: statistics.median(v[1:]) * 1000 for name, v in changed.items()},
         "third_changed_ms": {name: statistics.median(v) * 1000 for name, v in partial.items()},
@@ -175,16 +186,18 @@ def render(data: dict[str, Any]) -> str:
     changed, third = r["all_changed_ms"], r["third_changed_ms"]
     table = _table(
         [
-            ("render text + OpenMetrics, every value changed (worst case), median",
+            ("render OpenMetrics (what Prometheus asks for), every value changed (worst case), median",
              f"<= {RENDER_TARGET_MS:g} ms", f"{changed['text']:.1f} ms", changed["text"] <= RENDER_TARGET_MS),
-            ("render text + OpenMetrics, a third of the series changed (typical cycle), median",
+            ("render OpenMetrics, a third of the series changed (typical cycle), median",
              f"<= {RENDER_TARGET_MS:g} ms", f"{third['text']:.1f} ms", third["text"] <= RENDER_TARGET_MS),
+            ("render OpenMetrics and text 0.0.4 (two scrapers, one of each), every value changed, median", "-",
+             f"{changed['text_both']:.1f} ms", True),
             ("render protobuf, histograms: both (native + classic), every value changed, median",
-             "<= text", f"{changed['protobuf']:.1f} ms ({changed['protobuf'] / changed['text']:.2f} of text)",
+             "<= text", f"{changed['protobuf']:.1f} ms ({changed['protobuf'] / changed['text']:.2f} of OpenMetrics)",
              changed["protobuf"] <= changed["text"] * 1.1),
             ("render protobuf, histograms: native, every value changed, median",
-             "<= text",
-             f"{changed['protobuf_native']:.1f} ms ({changed['protobuf_native'] / changed['text']:.2f} of text)",
+             "<= OpenMetrics",
+             f"{changed['protobuf_native']:.1f} ms ({changed['protobuf_native'] / changed['text']:.2f} of OpenMetrics)",
              changed["protobuf_native"] <= changed["text"] * 1.1),
             ("render protobuf (both / native), a third of the series changed, median", "-",
              f"{third['protobuf']:.1f} / {third['protobuf_native']:.1f} ms", True),

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 from helpers import require_tools
-from kpod.exporters.prometheus.exposition import Renderer, escape_label_value
+from kpod.exporters.prometheus.exposition import Rendered, Renderer, escape_label_value
 from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
@@ -169,9 +169,9 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
     from kpod.exporters.prometheus.protobuf import ProtobufRenderer
 
     calls = {"render": 0, "protobuf": 0, "gzip": 0}
-    real_render, real_protobuf, real_compress = Renderer.render, ProtobufRenderer.render, gzip.compress
+    real_render, real_protobuf, real_compress = Renderer.render_parts, ProtobufRenderer.render, gzip.compress
 
-    def counted_render(self: Renderer, batch: Batch) -> tuple[bytes, bytes, int]:
+    def counted_render(self: Renderer, batch: Batch) -> Rendered:
         calls["render"] += 1
         return real_render(self, batch)
 
@@ -183,13 +183,14 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
         calls["gzip"] += 1
         return real_compress(data, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Renderer, "render", counted_render)
+    monkeypatch.setattr(Renderer, "render_parts", counted_render)
     monkeypatch.setattr(ProtobufRenderer, "render", counted_protobuf)
     monkeypatch.setattr(gzip, "compress", counted_compress)
     batch = node_batch(pods=2)
     exporter.export(batch)  # type: ignore[attr-defined]
-    assert calls == {"render": 1, "protobuf": 0, "gzip": 0}  # before any scrape: text and OpenMetrics
-    text, openmetrics, _ = real_render(Renderer(), batch)
+    assert calls == {"render": 1, "protobuf": 0, "gzip": 0}  # before any scrape: the text formats' samples
+    expected = real_render(Renderer(), batch)
+    text, openmetrics = expected.text(), expected.openmetrics()
     protobuf, _ = real_protobuf(ProtobufRenderer(), batch)
     address = exporter.address  # type: ignore[attr-defined]
     om = "application/openmetrics-text;version=1.0.0"

@@ -15,10 +15,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kpod.exporters.prometheus.config import PrometheusConfig
-from kpod.exporters.prometheus.exposition import Renderer
+from kpod.exporters.prometheus.exposition import Rendered, Renderer
 from kpod.exporters.prometheus.http import REFUSED_REASONS
 from kpod.exporters.prometheus.protobuf import CLASSIC, ProtobufRenderer
-from kpod.exporters.prometheus.server import EMPTY_EXPOSITION, OPENMETRICS, PROTOBUF, TEXT, Exposition, ScrapeServer
+from kpod.exporters.prometheus.server import (
+    EMPTY_EXPOSITION,
+    OPENMETRICS,
+    PROTOBUF,
+    TEXT,
+    Exposition,
+    Render,
+    ScrapeServer,
+)
 
 from kpod.component import Context, Exporter
 from kpod.model import Batch
@@ -81,10 +89,6 @@ class PrometheusExporter(Exporter):
     def shutdown(self) -> None:
         self._server.shutdown()
 
-    def _render_text(self, batch: Batch) -> dict[str, bytes]:
-        text, openmetrics, self.series = self._renderer.render(batch)
-        return {TEXT: text, OPENMETRICS: openmetrics}
-
     def _render_protobuf(self, batch: Batch) -> dict[str, bytes]:
         assert self._protobuf is not None
         body, self.series = self._protobuf.render(batch)
@@ -98,14 +102,22 @@ class PrometheusExporter(Exporter):
                 self._asked[key] = now
         self._asked = {key: when for key, when in self._asked.items() if now - when <= RECENT_S}
 
-        def text() -> dict[str, bytes]:
-            return self._render_text(batch)
+        rendered: list[Rendered] = []  # the batch's samples, rendered once for both text formats
 
-        renders = {TEXT: text, OPENMETRICS: text}
+        def samples() -> Rendered:
+            if not rendered:
+                rendered.append(self._renderer.render_parts(batch))
+                self.series = rendered[0].series
+            return rendered[0]
+
+        renders: dict[str, Render] = {
+            TEXT: lambda: {TEXT: samples().text()},
+            OPENMETRICS: lambda: {OPENMETRICS: samples().openmetrics()},
+        }
         if self._protobuf is not None:
             renders[PROTOBUF] = lambda: self._render_protobuf(batch)
         exposition = Exposition(renders, self._render_lock)
-        for fmt, gzipped in self._asked or {(TEXT, False): now}:
+        for fmt, gzipped in self._asked or {(OPENMETRICS, False): now}:
             if exposition.offers(fmt):
                 exposition.body(fmt, gzipped)
         self.context.self_metrics.inc(EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, self._labels, len(batch))

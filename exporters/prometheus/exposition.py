@@ -129,9 +129,15 @@ class Renderer:
         return "".join(lines).encode()
 
     def render(self, batch: Batch) -> tuple[bytes, bytes, int]:
-        """Render a batch as text 0.0.4 and as OpenMetrics 1.0 (samples are rendered once;
-        only the HELP/TYPE lines differ).  Returns both bodies and the number of series
-        (a histogram counts once)."""
+        """Render a batch as text 0.0.4 and as OpenMetrics 1.0: both bodies and the number of
+        series (a histogram counts once)."""
+        rendered = self.render_parts(batch)
+        return rendered.text(), rendered.openmetrics(), rendered.series
+
+    def render_parts(self, batch: Batch) -> Rendered:
+        """Render a batch's samples once (the two formats differ only in their HELP/TYPE lines);
+        each body is joined when asked for: a cycle scraped in one format pays one join of a
+        body that is megabytes long."""
         text: list[bytes] = []
         openmetrics: list[bytes] = []
         previous = self._series
@@ -187,7 +193,30 @@ class Renderer:
         if len(self._heads) > 4 * series + 1000 or len(self._tails) > 4 * series + 1000:
             self._heads.clear()  # resources of gone cgroups
             self._tails.clear()
-        return b"".join(text), b"".join(openmetrics), series
+        return Rendered(text, openmetrics, series)
+
+
+class Rendered:
+    """One batch's text and OpenMetrics bodies as lists of chunks, joined when first asked for."""
+
+    __slots__ = ("_bodies", "_parts", "series")
+
+    def __init__(self, text: list[bytes], openmetrics: list[bytes], series: int) -> None:
+        self._parts = {"text": text, "openmetrics": openmetrics}
+        self._bodies: dict[str, bytes] = {}
+        self.series = series
+
+    def _body(self, fmt: str) -> bytes:
+        body = self._bodies.get(fmt)
+        if body is None:
+            body = self._bodies[fmt] = b"".join(self._parts.pop(fmt))
+        return body
+
+    def text(self) -> bytes:
+        return self._body("text")
+
+    def openmetrics(self) -> bytes:
+        return self._body("openmetrics")
 
 
 def _line(prefix: bytes, value: float) -> bytes:

@@ -22,7 +22,7 @@ two has no native form and keeps its classic buckets whatever the setting.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import accumulate, pairwise
+from itertools import accumulate
 from struct import Struct
 
 from kpod.exporters.prometheus.exposition import families, utf8_label_value
@@ -101,7 +101,7 @@ class _ClassicLayout:
                 mask |= 0x7F << (7 * k + 8 * (slot * bucket + count_at))
             self.masks.append(mask)
 
-    def buckets(self, cumulative: list[int]) -> bytes:
+    def buckets(self, cumulative: Iterable[int]) -> bytes:
         packed = int.from_bytes(self.pack(*cumulative), "little")
         out = self.fixed
         for k, mask in enumerate(self.masks):
@@ -117,26 +117,25 @@ def _classic_slow(bounds: tuple[float, ...], cumulative: Iterable[int]) -> bytes
     return b"".join(parts)
 
 
-def _native(first: int, counts: tuple[int, ...] | list[int]) -> bytes:
-    """positive_span (12) and positive_delta (13, packed) of native buckets first, first+1, ...
-    holding `counts`: one span from the first to the last non-empty bucket, empty buckets
-    between them as zero counts (kernel histograms are rarely sparse inside their range, and
-    a zero delta costs one byte where a new span costs four)."""
-    low = 0
-    high = len(counts)
-    while low < high and not counts[low]:
-        low += 1
-    if low == high:
+def _native(first: int, counts: tuple[int, ...], low: int, high: int) -> bytes:
+    """positive_span (12) and positive_delta (13, packed) of native buckets: counts[k] is index
+    first + k - 1.  One span from the first non-empty bucket (low) to the last (high - 1), the
+    empty ones between them as zero counts (kernel histograms are rarely sparse inside their
+    range, and a zero delta costs one byte where a new span costs four)."""
+    if low >= high:
         return b""
-    while not counts[high - 1]:
-        high -= 1
-    deltas = [c - p for p, c in pairwise((0, *counts[low:high]))]
     small = _small
-    packed = b"".join(
-        [small[z] if z < 0x4000 else varint(z) for z in [d << 1 if d >= 0 else (-d << 1) - 1 for d in deltas]]
-    )
-    span = b"\x08" + varint(zigzag(first + low)) + b"\x10" + varint(high - low)
-    return b"\x62" + _small[len(span)] + span + b"\x6a" + varint(len(packed)) + packed
+    deltas = []
+    previous = 0
+    for k in range(low, high):
+        count = counts[k]
+        delta = count - previous
+        previous = count
+        zig = delta << 1 if delta >= 0 else (-delta << 1) - 1
+        deltas.append(small[zig] if zig < 0x4000 else varint(zig))
+    packed = b"".join(deltas)
+    span = b"\x08" + varint(zigzag(first + low - 1)) + b"\x10" + varint(high - low)
+    return b"\x62" + small[len(span)] + span + b"\x6a" + varint(len(packed)) + packed
 
 
 def histogram_message(
@@ -144,32 +143,48 @@ def histogram_message(
 ) -> bytes:
     """The Histogram message of one series (without its field tag); `first` is
     native_indexes(value.bounds), `layouts` the bounds' 4- and 8-byte _ClassicLayouts (made
-    here if None)."""
+    here if None).  Written with as few Python containers as it can: a render makes thousands of
+    these, and every container allocated brings the next garbage collection closer."""
     bounds = value.bounds
     counts = value.counts
     buckets = len(bounds) + 1
     if len(counts) != buckets:  # tolerate a short or long count tuple: pad or cut
         counts = (tuple(counts) + (0,) * buckets)[:buckets]
-    cumulative = list(accumulate(counts))
-    total = cumulative[-1]
-    parts = [b"\x08" + varint(total) + b"\x11" + _pack_double(value.sum)]
+    total = sum(counts)
+    head = b"\x08" + varint(total) + b"\x11" + _pack_double(value.sum)
     if mode == CLASSIC:
         first = None
+    classic = b""
     if (mode != NATIVE or first is None) and bounds:
         # Classic buckets, cumulative, inclusive upper bounds; the +Inf bucket is sample_count.
         if layouts is None:
             layouts = (_ClassicLayout(bounds, 4), _ClassicLayout(bounds, 8))
         layout = layouts[0] if total < layouts[0].limit else layouts[1]
         if total < layout.limit and min(counts) >= 0:
-            parts.append(layout.buckets(cumulative[:-1]))
+            classic = layout.buckets(accumulate(counts[:-1]))
         else:
-            parts.append(_classic_slow(bounds, cumulative))
-    if first is not None:
-        # schema 0, zero_threshold, zero_count, then the positive buckets: counts[1:-1] are
-        # indexes first.., and the +Inf bucket's count goes into the index just above them.
-        parts.append(b"\x28\x00\x31" + _pack_double(bounds[0]) + b"\x38" + varint(counts[0]))
-        parts.append(_native(first, counts[1:]))
-    return b"".join(parts)
+            classic = _classic_slow(bounds, accumulate(counts))
+    if first is None:
+        return head + classic
+    # schema 0, zero_threshold, zero_count, then the positive buckets: counts[1:-1] are indexes
+    # first.., and the +Inf bucket's count goes into the index just above them.
+    low, high = 1, buckets
+    while low < high and not counts[low]:
+        low += 1
+    while high > low and not counts[high - 1]:
+        high -= 1
+    native = b"\x28\x00\x31" + _pack_double(bounds[0]) + b"\x38" + varint(counts[0])
+    return head + classic + native + _native(first, counts, low, high)
+
+
+class _Entry:
+    """A series' last value and its Metric field."""
+
+    __slots__ = ("chunk", "value")
+
+    def __init__(self, value: float | HistogramValue, chunk: bytes) -> None:
+        self.value = value
+        self.chunk = chunk
 
 
 class ProtobufRenderer:
@@ -185,7 +200,7 @@ class ProtobufRenderer:
         self._heads: dict[int, tuple[Resource, bytes, dict[tuple[tuple[str, str], ...], bytes]]] = {}
         self._tails: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._families: dict[MetricDef, bytes] = {}
-        self._series: dict[MetricDef, dict[bytes, list[object]]] = {}
+        self._series: dict[MetricDef, dict[bytes, _Entry]] = {}
         # id(bounds) -> (bounds, native_indexes(bounds), 4- and 8-byte _ClassicLayouts); bounds
         # are shared tuples (one per receiver), so this holds a handful of entries.
         self._layouts: dict[int, tuple[tuple[float, ...], int | None, tuple[_ClassicLayout, _ClassicLayout]]] = {}
@@ -243,7 +258,7 @@ class ProtobufRenderer:
         """The delimited MetricFamily messages of a batch and the number of series."""
         out: list[bytes] = []
         previous = self._series
-        current: dict[MetricDef, dict[bytes, list[object]]] = {}
+        current: dict[MetricDef, dict[bytes, _Entry]] = {}
         mode = self.histograms
         series = 0
         for metric, points in families(batch, self._labels).items():
@@ -254,13 +269,13 @@ class ProtobufRenderer:
             # Counter (3) or Gauge (2), each {value (1): double}: a fixed 11 bytes after the labels.
             scalar_tag = b"\x1a\x09\x09" if kind is Kind.COUNTER else b"\x12\x09\x09"
             known = previous.get(metric, {})
-            kept: dict[bytes, list[object]] = {}
+            kept: dict[bytes, _Entry] = {}
             chunks: list[bytes] = []
             for labels, value in points.items():
                 if isinstance(value, HistogramValue) is not histogram:
                     continue  # a point whose value does not fit its metric's kind
-                entry = known.get(labels)  # [value, bytes of the Metric field]
-                if entry is None or entry[0] != value:
+                entry = known.get(labels)
+                if entry is None or entry.value != value:
                     if histogram:
                         _, first, layouts = self._layout(value.bounds)  # type: ignore[union-attr]
                         body = histogram_message(value, mode, first, layouts)  # type: ignore[arg-type]
@@ -269,9 +284,12 @@ class ProtobufRenderer:
                     else:
                         # A scalar Metric has a fixed length: 11 bytes after its labels.
                         chunk = b"\x22" + varint(len(labels) + 11) + labels + scalar_tag + _pack_double(value)  # type: ignore[arg-type]
-                    entry = [value, chunk]
+                    if entry is None:
+                        entry = _Entry(value, chunk)
+                    else:  # changed in place: no allocation per changed series
+                        entry.value, entry.chunk = value, chunk
                 kept[labels] = entry
-                chunks.append(entry[1])  # type: ignore[arg-type]
+                chunks.append(entry.chunk)
             if not chunks:
                 continue
             current[metric] = kept
