@@ -26,6 +26,8 @@ ALLOWED = {
     ("kpod.agent", "kpod.cgroup.mounts"): "... from the cgroup2 mount it finds in mountinfo",
     ("kpod.cli", "kpod.cgroup.mounts"): "`kpod-metrics check` prints the node's cgroup layout (that command only)",
     ("kpod.cli", "kpod.kernel.preflight"): "`kpod-metrics check` prints the kernel's facts (that command only)",
+    ("kpod.cli", "kpod.kernel.ebpf"): "`kpod-metrics check` asks whether seccomp refuses bpf() "
+    "(that command only)",
     ("kpod.agentmetrics", "kpod.kernel.ebpf"): "looked up in sys.modules, never imported: the BPF self-metrics "
     "exist only when an eBPF receiver loaded the module",
 }

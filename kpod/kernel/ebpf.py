@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import importlib.resources
 import logging
 import math
 import os
@@ -58,6 +57,7 @@ from kpod.component import ComponentUnavailable, Receiver
 from kpod.kernel import btflayout, libbpf, probes
 from kpod.kernel.bpfinfo import ProgramStats, program_stats
 from kpod.kernel.btflayout import LayoutError, MapLayout
+from kpod.kernel.objects import object_path
 from kpod.kernel.preflight import BTF_PATH, TRACEFS_PATHS, effective_capabilities, seccomp_mode
 from kpod.model import Batch, CgroupRef, HistogramValue, Kind, MetricDef, Point, attributes
 
@@ -183,12 +183,6 @@ def bpf_preflight(object_path: str | None = None) -> str | None:
     if object_path is not None and not os.path.exists(object_path):
         return f"{object_path} not found (build it with `make bpf`)"
     return syscall_probe().refusal("bpf")
-
-
-def object_path(name: str, program_dir: str = "") -> str:
-    """Where `<name>.bpf.o` is: the configured directory, else the one shipped in kpod.bpf."""
-    directory = program_dir or str(importlib.resources.files("kpod.bpf"))
-    return os.path.join(directory, f"{name}.bpf.o")
 
 
 def bpf_stats_enabled() -> bool:

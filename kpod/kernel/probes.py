@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from kpod.kernel import libbpf
+from kpod.kernel.objects import object_path
 
 PROBE_OBJECT = "probe"
 _lock = threading.Lock()
@@ -19,8 +20,6 @@ _answers: dict[tuple[str, ...], str | None] = {}
 
 
 def _probe_path(program_dir: str) -> str:
-    from kpod.kernel.ebpf import object_path  # ebpf imports this module
-
     return object_path(PROBE_OBJECT, program_dir)
 
 
