@@ -7,6 +7,7 @@ check` chooses there, and the disk receiver on a real virtio disk.  Elsewhere th
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -80,7 +81,9 @@ def test_check_names_kernel_layout_and_routes(tmp_path: Path) -> None:
     assert f"kernel:       {os.uname().release}" in out and "6.1." in out
     assert "cgroups:      v2 (cgroup2 at /sys/fs/cgroup)" in out
     assert "BTF:          yes" in out
-    receivers = [line.strip() for line in out.split("receivers:", 1)[1].splitlines() if line.strip()]
+    # The receiver lines are the indented ones under "receivers:" (processors follow, unindented).
+    after = out.split("receivers:", 1)[1].split("\n")[1:]
+    receivers = [line.strip() for line in itertools.takewhile(lambda line: line.startswith("  "), after)]
     assert receivers, out
     # Every receiver either runs, naming its route, or says in one line why not.
     for line in receivers:
