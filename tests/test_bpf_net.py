@@ -140,9 +140,12 @@ def test_loopback_transfer_exact_bytes_connections_and_rtt(receiver_class: type[
             assert b_rtt_us > 0
             assert rtt_b.sum == pytest.approx(rtt_b.count * b_rtt_us * 1e-6, rel=1e-9), (rtt_b, b_rtt_us)
             assert sum(1 for c in rtt_b.counts if c) == 1  # one value: one bucket
-            # A's srtt moves with every ACK; its samples must be of the order of its own srtt.
-            a_rtt_s = tcp_info(a_result["info"]).tcpi_rtt * 1e-6
-            assert a_rtt_s / 8 < rtt_a.sum / rtt_a.count < a_rtt_s * 8 + 1e-3
+            # A's srtt moves with every ACK, and a busy machine (qemu TCG in make test-vm) can
+            # stretch one sample tenfold (43.7 ms against a final srtt of 4.9 ms was seen), so
+            # A is checked for the unit only: B's exact equality above is what catches a scaling
+            # error.  Microseconds or nanoseconds taken as seconds would be far above 1 s.
+            assert tcp_info(a_result["info"]).tcpi_rtt > 0
+            assert 0 < rtt_a.sum / rtt_a.count < 1.0
         finally:
             receiver.shutdown()
 
