@@ -67,17 +67,17 @@ def test_factory_is_registered_as_entry_point() -> None:
         (
             POD1,
             {"namespace": "", "pod": "", "container": POD1.rsplit("/", 1)[1], "node": "node-a"},
-            {"k8s.pod.uid": UID1, "k8s.node.name": "node-a"},
+            {"k8s.pod.uid": UID1, "k8s.node.name": "node-a", "kpod.cgroup.name": POD1.rsplit("/", 1)[1]},
         ),
         (
             f"/kubepods/pod{UID1}/crio-conmon-{CID}",
             {"namespace": "", "pod": "", "container": f"crio-conmon-{CID}", "node": "node-a"},
-            {"k8s.pod.uid": UID1, "k8s.node.name": "node-a"},
+            {"k8s.pod.uid": UID1, "k8s.node.name": "node-a", "kpod.cgroup.name": f"crio-conmon-{CID}"},
         ),
         (
             "/system.slice/nginx.service",
             {"namespace": "", "pod": "", "container": "nginx.service", "node": "node-a"},
-            {"k8s.node.name": "node-a"},
+            {"k8s.node.name": "node-a", "kpod.cgroup.name": "nginx.service"},
         ),
         (
             f"/system.slice/docker-{CID}.scope",

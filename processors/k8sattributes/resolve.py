@@ -57,6 +57,10 @@ OTEL_POD_UID = "k8s.pod.uid"
 OTEL_CONTAINER_NAME = "k8s.container.name"
 OTEL_CONTAINER_ID = "container.id"
 OTEL_NODE = "k8s.node.name"
+# A cgroup known only by its directory (local mode, a pod cgroup without a container id): the
+# `container` label is its last path component, and OTLP needs it too, or two such cgroups would
+# be one OTLP series under two Prometheus series.
+OTEL_CGROUP_NAME = "kpod.cgroup.name"
 
 
 def node_name(configured: str) -> str:
@@ -96,6 +100,7 @@ class _ResourceBuilder:
             OTEL_CONTAINER_NAME: container_name,
             OTEL_CONTAINER_ID: container_id,
             OTEL_NODE: self.node,
+            OTEL_CGROUP_NAME: container if not (container_name or container_id) else "",
         }
         # An empty OTLP attribute says nothing; leave unknown ones out.
         return Resource(
