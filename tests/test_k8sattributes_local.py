@@ -167,5 +167,5 @@ def test_node_defaults_to_host_name() -> None:
     (point,) = processor.process(Batch([Point(CPU, CgroupRef(5, "/x.service"), (), 1.0)])).points
     assert point.resource == Resource(
         (("container", "x.service"), ("namespace", ""), ("node", socket.gethostname()), ("pod", "")),
-        (("k8s.node.name", socket.gethostname()),),
+        (("k8s.node.name", socket.gethostname()), ("kpod.cgroup.name", "x.service")),
     )
