@@ -15,7 +15,7 @@ from types import FrameType
 # The one place the framework touches cgroup access: it builds the index that every component
 # gets in its Context (tests/test_imports.py keeps it so).
 from kpod.cgroup.index import CgroupIndex
-from kpod.cgroup.mounts import read_mountinfo, resolve_cgroup_root
+from kpod.cgroup.mounts import choose_hierarchy, read_mountinfo
 from kpod.config import AgentConfig
 from kpod.model import Batch
 from kpod.pipeline import Pipeline
@@ -24,10 +24,11 @@ log = logging.getLogger("kpod.agent")
 
 
 def build_cgroup_index(config: AgentConfig) -> CgroupIndex:
-    root, mounts = resolve_cgroup_root(config.kpod.cgroup.root, read_mountinfo())
     # On a Kubernetes node the agent reports pods only; locally, every cgroup.
-    scope = "all" if config.kpod.discovery.mode == "local" else "kubepods"
-    return CgroupIndex(root, scope=scope, mounts=mounts)
+    local = config.kpod.discovery.mode == "local"
+    tree = choose_hierarchy(config.kpod.cgroup.root, read_mountinfo(), pods_only=not local)
+    return CgroupIndex(tree.root, scope="all" if local else "kubepods", mounts=tree.mounts,
+                       ebpf_unattributable=tree.ebpf_unattributable)  # fmt: skip
 
 
 class Agent:

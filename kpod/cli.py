@@ -168,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         log.error("cannot start: %s", error)
         return 1
+    if agent.cgroups.ebpf_unattributable:
+        log.warning("cgroups: %s", agent.cgroups.ebpf_unattributable)
     install_signal_handlers(agent)
     for warning in config.warnings:
         log.warning("config: %s", warning)
@@ -204,7 +206,12 @@ def _check(path: str | None) -> int:
     mounts = parse_mountinfo_cgroups(read_mountinfo())
     print(f"kernel:       {facts.kernel} ({facts.machine})")
     print(f"BTF:          {'yes' if facts.btf else 'no (/sys/kernel/btf/vmlinux missing: eBPF receivers cannot run)'}")
-    print(f"cgroups:      {mounts.layout} (cgroup2 at {mounts.unified or 'nowhere'})")
+    try:
+        cgroups = build_cgroup_index(config)
+    except (OSError, ValueError) as error:
+        cgroups, unusable = None, str(error)
+    note = f"; {cgroups.ebpf_unattributable}" if cgroups is not None and cgroups.ebpf_unattributable else ""
+    print(f"cgroups:      {mounts.layout} (cgroup2 at {mounts.unified or 'nowhere'}){note}")
     caps = ", ".join(sorted(facts.capabilities)) or "none of the relevant ones"
     print(f"capabilities: {caps}{' (root)' if facts.root else ''}")
     if any(spec.factory.requires_bpf for spec in config.receivers):
@@ -213,10 +220,8 @@ def _check(path: str | None) -> int:
         print(f"seccomp:      {syscall_probe().summary()}")
     print(f"tracefs:      {facts.tracefs or 'not mounted (tp_btf and raw tracepoints still work)'}")
     print(f"profile:      {config.kpod.profile}; discovery: {config.kpod.discovery.mode}")
-    try:
-        cgroups = build_cgroup_index(config)
-    except (OSError, ValueError) as error:
-        print(f"cgroup root:  unusable: {error}")
+    if cgroups is None:
+        print(f"cgroup root:  unusable: {unusable}")
         return 1
     runnable = 0
     print("receivers:")

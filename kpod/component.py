@@ -40,6 +40,9 @@ class CgroupMountsView(Protocol):
     @property
     def v1(self) -> dict[str, str]: ...
 
+    @property
+    def layout(self) -> str: ...
+
 
 class Cgroups(Protocol):
     """The cgroup index every component gets in its Context: kpod.cgroup.index.CgroupIndex,
@@ -50,6 +53,11 @@ class Cgroups(Protocol):
 
     @property
     def mounts(self) -> CgroupMountsView: ...
+
+    @property
+    def ebpf_unattributable(self) -> str:
+        """Why eBPF events (cgroup2 ids) cannot be attributed to this tree's cgroups; "" if they can."""
+        ...
 
     def abspath(self, path: str) -> str: ...
 

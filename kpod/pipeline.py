@@ -63,6 +63,10 @@ class Pipeline:
         # The parsers count for the whole process; this pipeline reports what happens from now.
         self._parser_skips = parser_skips()
         self.status.discovery_failure_window_s = self.settings.discovery.failure_window.seconds
+        # /debug/status: the tree the index walks, and why eBPF cannot attribute to it (one line).
+        note = cgroups.ebpf_unattributable
+        walked = f"{cgroups.mounts.layout}, walking {cgroups.root}"
+        self.status.extra["cgroups"] = f"{walked}; {note}" if note else walked
         # /debug/status: what a user pastes into a bug report, computed when it is read.
         self.status.sections.update(
             exporters=lambda: {e.id: e.status() for e in self.exporters},

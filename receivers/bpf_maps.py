@@ -38,7 +38,7 @@ class BpfMapsReceiver(Receiver):
     def preflight(self) -> str | None:
         if not self.context.settings.bpf.enabled:
             return "eBPF is disabled (kpod.bpf.enabled: false)"
-        return bpf_preflight()
+        return self.context.cgroups.ebpf_unattributable or bpf_preflight()
 
     def route(self) -> str:
         reason = self.preflight()

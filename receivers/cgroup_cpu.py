@@ -1,8 +1,21 @@
-"""CPU usage and CFS throttling per cgroup, from cgroup2 `cpu.stat`.
+"""CPU usage and CFS throttling per cgroup, from the files of wherever the cpu controller lives.
 
-cpu.stat exists in every cgroup2 directory, with or without the cpu controller: usage_usec is
-always there (rstat), nr_periods / nr_throttled / throttled_usec only where the cpu controller
-is enabled.  All are cumulative since the cgroup was created, so they are exported as they are.
+Routes, chosen once at start (the same choice as cgroup_memory's and disk's):
+
+  cgroup2  the cpu controller is on cgroup2: `cpu.stat` has usage_usec and, where the controller
+           is enabled, nr_periods, nr_throttled and throttled_usec.
+  v1       the cpu controller is on a v1 hierarchy (hybrid and v1 nodes): usage from the cpuacct
+           hierarchy's `cpuacct.usage` (nanoseconds), throttling from the cpu hierarchy's
+           `cpu.stat` (nr_periods, nr_throttled, throttled_time in nanoseconds), each at the
+           cgroup's relative path under that controller's mount.  A cgroup of a hybrid host's
+           cgroup2 tree with no v1 counterpart (made in cgroup2 alone) gets its usage from
+           cgroup2's cpu.stat, as on the route below.
+  cgroup2 usage only  neither: a controller-less cgroup2 tree still has usage_usec in every
+           `cpu.stat` (rstat), but no throttling.
+
+All are cumulative since the cgroup was created, so they are exported as they are.  nr_periods
+counts the enforcement periods in which the cgroup had a quota and runnable tasks, nr_throttled
+those that ended with it throttled: their ratio is the share of periods throttled.
 """
 
 from __future__ import annotations
@@ -10,19 +23,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kpod.cgroup.files import CgroupFileReceiver
-from kpod.cgroup.parsers import parse_cpu_stat
+from kpod.cgroup.files import ControllerFilesReceiver, v1_path
+from kpod.cgroup.parsers import parse_cpu_stat, parse_single_int
 from kpod.component import Factory
-from kpod.model import Batch, Kind, MetricDef, Point
+from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 
 USAGE = MetricDef("kpod.cpu.usage.seconds", Kind.COUNTER, "s", "CPU time consumed by the cgroup's tasks.")
+PERIODS = MetricDef(
+    "kpod.cpu.periods", Kind.COUNTER, "1", "CFS enforcement periods in which the cgroup had a quota and runnable tasks."
+)
 THROTTLED_PERIODS = MetricDef(
     "kpod.cpu.throttled.periods", Kind.COUNTER, "1", "CFS periods in which the cgroup was throttled."
 )
 THROTTLED_SECONDS = MetricDef(
-    "kpod.cpu.throttled.seconds", Kind.COUNTER, "s", "Time the cgroup's tasks spent throttled by cpu.max."
+    "kpod.cpu.throttled.seconds", Kind.COUNTER, "s", "Time the cgroup's tasks spent throttled by their CFS quota."
 )
 
+ROUTE_V2 = "cpu.stat (cgroup2 cpu controller)"
+ROUTE_V1 = "cpuacct.usage + cpu.stat (v1 cpuacct and cpu controllers)"
+ROUTE_V2_USAGE = "cpu.stat usage_usec (cgroup2 without the cpu controller: no throttling)"
 
 
 @dataclass
@@ -30,36 +49,74 @@ class CgroupCpuConfig:
     pass
 
 
-class CgroupCpuReceiver(CgroupFileReceiver):
-    metrics = (USAGE, THROTTLED_PERIODS, THROTTLED_SECONDS)
+class CgroupCpuReceiver(ControllerFilesReceiver):
+    v2_controller = "cpu"
+    v1_controller = "cpu"
+    route_v2 = ROUTE_V2
+    route_v1 = ROUTE_V1
+    metrics = (USAGE, PERIODS, THROTTLED_PERIODS, THROTTLED_SECONDS)
 
-    def preflight(self) -> str | None:
-        root = self.context.cgroups.root
-        if not os.path.exists(os.path.join(root, "cgroup.procs")):
-            return f"{root} is not a cgroup2 mount"
-        return None
-
-    def route(self) -> str:
-        return f"cpu.stat under {self.context.cgroups.root}"
+    def _choose_route(self) -> tuple[str | None, str]:
+        route, reason = super()._choose_route()
+        if route is None and "cpuacct" in self.context.cgroups.mounts.v1:
+            return ROUTE_V1, ""  # cpuacct alone: usage without throttling
+        if route is None and os.path.exists(self.context.cgroups.abspath("/") + "/cpu.stat"):
+            return ROUTE_V2_USAGE, ""
+        return route, reason
 
     def collect(self) -> Batch:
+        if self._route is None:
+            self.start()
         batch = Batch()
         index = self.context.cgroups
         for ref in index.workloads():
             directory = index.abspath(ref.path)
-            # A cgroup gone between the walk and the read is skipped and counted by _read.
-            text = self._read(directory + "/cpu.stat", directory)
-            if text is None:
-                continue
-            stat = parse_cpu_stat(text)
-            if "usage_usec" in stat:
-                batch.add(Point(USAGE, ref, (), stat["usage_usec"] / 1e6))
-            # Only where the cpu controller is enabled; absent is not zero.
-            if "nr_throttled" in stat:
-                batch.add(Point(THROTTLED_PERIODS, ref, (), stat["nr_throttled"]))
-            if "throttled_usec" in stat:
-                batch.add(Point(THROTTLED_SECONDS, ref, (), stat["throttled_usec"] / 1e6))
+            if self._route == ROUTE_V1:
+                self._collect_v1(ref, directory, batch)
+            else:
+                self._collect_v2(ref, directory, batch)
         return batch
+
+    def _collect_v2(self, ref: CgroupRef, directory: str, batch: Batch) -> None:
+        # A cgroup gone between the walk and the read is skipped and counted by _read.
+        text = self._read(directory + "/cpu.stat", directory)
+        if text is None:
+            return
+        stat = parse_cpu_stat(text)
+        if "usage_usec" in stat:
+            batch.add(Point(USAGE, ref, (), stat["usage_usec"] / 1e6))
+        # Only where the cpu controller is enabled; absent is not zero.
+        self._throttling(ref, stat, "throttled_usec", 1e6, batch)
+
+    def _collect_v1(self, ref: CgroupRef, directory: str, batch: Batch) -> None:
+        # `directory` (the walked tree's) decides whether a missing file is an error: while it
+        # exists, a cgroup without a v1 counterpart simply has no such file.
+        mounts = self.context.cgroups.mounts
+        cpuacct = v1_path(mounts, "cpuacct", ref.path)
+        if cpuacct is not None and not os.path.isdir(cpuacct) and os.path.exists(directory + "/cpu.stat"):
+            # A cgroup only in the cgroup2 tree of a hybrid host (made there alone): its usage
+            # is in cgroup2's cpu.stat, and no quota of a v1 cpu controller applies to it.
+            self._collect_v2(ref, directory, batch)
+            return
+        if cpuacct is not None:
+            text = self._read(cpuacct + "/cpuacct.usage", directory, record=True)
+            usage = parse_single_int(text) if text is not None else None
+            if usage is not None:
+                batch.add(Point(USAGE, ref, (), usage / 1e9))
+        cpu = v1_path(mounts, "cpu", ref.path)
+        if cpu is not None:
+            text = self._read(cpu + "/cpu.stat", directory)
+            if text is not None:
+                self._throttling(ref, parse_cpu_stat(text), "throttled_time", 1e9, batch)
+
+    @staticmethod
+    def _throttling(ref: CgroupRef, stat: dict[str, int], time_key: str, per_second: float, batch: Batch) -> None:
+        if "nr_periods" in stat:
+            batch.add(Point(PERIODS, ref, (), stat["nr_periods"]))
+        if "nr_throttled" in stat:
+            batch.add(Point(THROTTLED_PERIODS, ref, (), stat["nr_throttled"]))
+        if time_key in stat:
+            batch.add(Point(THROTTLED_SECONDS, ref, (), stat[time_key] / per_second))
 
 
 factory = Factory(
@@ -67,5 +124,5 @@ factory = Factory(
     kind="receiver",
     config_class=CgroupCpuConfig,
     create=CgroupCpuReceiver,
-    description="CPU usage and throttling per cgroup from cpu.stat.",
+    description="CPU usage and throttling per cgroup (cgroup2 cpu.stat, or v1 cpuacct.usage and cpu.stat).",
 )

@@ -58,6 +58,8 @@ class PressureReceiver(CgroupFileReceiver):
         super().__init__(context, config)
 
     def preflight(self) -> str | None:
+        if self.context.cgroups.ebpf_unattributable:  # the pods' tree is a v1 hierarchy
+            return "PSI files are cgroup2's, and the pods are only in cgroup v1 hierarchies"
         # The root cgroup has cpu.pressure whenever PSI is on; with psi=0 it is absent or
         # fails with EOPNOTSUPP.
         try:

@@ -42,7 +42,9 @@ RESOURCE_LABELS = ("namespace", "pod", "container", "node")
 # Where the cgroup-file receivers read (eBPF receivers' hooks are read from their objects).
 # A new receiver without an entry here fails tests/test_docs.py: say where its data comes from.
 FILE_SOURCES = {
-    "cgroup_cpu": "cgroup2 `cpu.stat` (`usage_usec`, `nr_throttled`, `throttled_usec`); v1 cpuacct/cpu",
+    "cgroup_cpu": "cgroup2 `cpu.stat` (`usage_usec`, `nr_periods`, `nr_throttled`, `throttled_usec`) where the cpu "
+    "controller is on cgroup2; else (hybrid and v1 nodes) v1 `cpuacct.usage` and the cpu controller's `cpu.stat` "
+    "(`nr_periods`, `nr_throttled`, `throttled_time`)",
     "cgroup_memory": "cgroup2 `memory.current` and `memory.stat` (`inactive_file`); v1 `memory.usage_in_bytes`",
     "disk": "cgroup2 `io.stat` (`rbytes`, `wbytes`, `rios`, `wios`); v1 `blkio.throttle.io_service*`",
     "net_iface": "`<proc_root>/<pid>/net/dev` of one process per pod network namespace",

@@ -18,9 +18,10 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import require_tools
@@ -636,3 +637,16 @@ def faults_code(path: Path) -> str:
         "print('done', flush=True)\n"
         "sys.stdin.readline()\n"
     )
+
+
+def settled(read: Callable[[], Any], interval_s: float = 0.3, timeout_s: float = 10.0) -> Any:
+    """read() once it returns the same twice `interval_s` apart: kernel counters that trail the
+    event (a CFS period timer still counts periods after its last runnable task blocked)."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while True:
+        time.sleep(interval_s)
+        again = read()
+        if again == value or time.monotonic() > deadline:
+            return again
+        value = again

@@ -44,6 +44,7 @@ from fake_apiserver import make_pod
 from kernel_util import _child_dirs, _mark, _marked, _tree_lock
 
 QOS_CLASSES = ("guaranteed", "burstable", "besteffort")
+CFS_PERIOD_US = 100_000  # the kubelet's cpu.cfs_period_us
 
 
 def cgroup_mounts() -> list[Path]:
@@ -236,11 +237,13 @@ class RuncPod:
         assert self.sandbox is not None
         return f"/proc/{self.sandbox.pid}/ns/net"
 
-    def run(self, name: str, args: Sequence[str], *, memory_limit: int | None = None,
+    def run(self, name: str, args: Sequence[str], *, memory_limit: int | None = None, cpu_quota_us: int | None = None,
             mounts: Sequence[Mount] = (), env: Sequence[str] = ()) -> RuncContainer:  # fmt: skip
-        """Create and start an app container in this pod (joins the sandbox's namespaces)."""
+        """Create and start an app container in this pod (joins the sandbox's namespaces).
+        `cpu_quota_us`: a CFS quota per 100 ms period, as the kubelet sets for a CPU limit."""
         assert self.sandbox is not None and name not in self.containers
-        container = self.runtime._start(self, name, args, memory_limit=memory_limit, mounts=mounts, env=env)
+        container = self.runtime._start(self, name, args, memory_limit=memory_limit, cpu_quota_us=cpu_quota_us,
+                                        mounts=mounts, env=env)  # fmt: skip
         self.containers[name] = container
         return container
 
@@ -289,8 +292,8 @@ class RuncRuntime:
 
     # -- containers -------------------------------------------------------------------------
 
-    def _spec(self, pod: RuncPod, container_id: str, args: Sequence[str], sandbox: bool,
-              memory_limit: int | None, mounts: Sequence[Mount], env: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+    def _spec(self, pod: RuncPod, container_id: str, args: Sequence[str], sandbox: bool, memory_limit: int | None,
+              cpu_quota_us: int | None, mounts: Sequence[Mount], env: Sequence[str]) -> dict[str, Any]:  # fmt: skip
         spec = runc_default_spec()
         process = spec["process"]
         process["terminal"] = False
@@ -304,6 +307,8 @@ class RuncRuntime:
         linux["cgroupsPath"] = container_cgroup(pod.driver, pod.qos, pod.uid, container_id)
         if memory_limit is not None:
             linux.setdefault("resources", {})["memory"] = {"limit": memory_limit}
+        if cpu_quota_us is not None:
+            linux.setdefault("resources", {})["cpu"] = {"quota": cpu_quota_us, "period": CFS_PERIOD_US}
         if not sandbox:
             assert pod.sandbox is not None
             shared = {"network": "net", "ipc": "ipc", "uts": "uts"}  # OCI type -> /proc/<pid>/ns/ name
@@ -325,13 +330,13 @@ class RuncRuntime:
             (rootfs / mount.destination.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
     def _start(self, pod: RuncPod, name: str, args: Sequence[str], *, sandbox: bool = False,
-               memory_limit: int | None = None, mounts: Sequence[Mount] = (),
+               memory_limit: int | None = None, cpu_quota_us: int | None = None, mounts: Sequence[Mount] = (),
                env: Sequence[str] = ()) -> RuncContainer:  # fmt: skip
         container_id = new_container_id()
         bundle = self.workdir / "bundles" / container_id[:16]
         bundle.mkdir()
         self._rootfs(bundle, mounts)
-        spec = self._spec(pod, container_id, args, sandbox, memory_limit, mounts, env)
+        spec = self._spec(pod, container_id, args, sandbox, memory_limit, cpu_quota_us, mounts, env)
         (bundle / "config.json").write_text(json.dumps(spec, indent=1))
         container = RuncContainer(self, pod, name, container_id, bundle, spec["linux"]["cgroupsPath"])
         with _tree_lock():

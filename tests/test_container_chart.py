@@ -62,6 +62,7 @@ from engine import (
 )
 from fake_apiserver import FakeApiServer
 from fake_kubelet import make_certs
+from helpers import poll_until
 from kernel_util import (
     FAULT_FILE_SIZE,
     M_FAIL,
@@ -75,11 +76,24 @@ from kernel_util import (
     compile_c,
     faults_code,
     kernel_skip_reason,
+    mounts,
+    settled,
     uncached_file,
 )
 from prometheus_server import MEMORY_HOG, oom_events
-from runc_pods import HostLink, Mount, RuncPod, RuncRuntime, host_linked_netns, link_pods, net_dev, runc_runtime
+from runc_pods import (
+    HostLink,
+    Mount,
+    RuncContainer,
+    RuncPod,
+    RuncRuntime,
+    host_linked_netns,
+    link_pods,
+    net_dev,
+    runc_runtime,
+)
 
+from kpod.cgroup.parsers import parse_cpu_stat
 from kpod.kernel.syscalls import default_tracked
 from scripts.render_manifests import objects, render
 
@@ -404,6 +418,53 @@ def test_filesystem_usage_of_a_container_mount(chart_node: ChartNode, pods: list
     assert usage == DATA_BYTES, f"agent {usage}, tmpfs holds {DATA_BYTES // 4096} pages"
     assert chart_node.value("kpod_fs_capacity_bytes", **where) == TMPFS_BYTES
     assert chart_node.value("kpod_fs_available_bytes", **where) == TMPFS_BYTES - DATA_BYTES
+
+
+# 0.4 s of CPU under a 20 % quota: about 2 s, most CFS periods ending throttled.
+SPIN = "while time.process_time() < 0.4:\n    pass\nprint('spun', flush=True)\nsys.stdin.readline()\n"
+CPU_QUOTA_US = 20_000
+
+
+def cpu_truth(container: RuncContainer) -> dict[str, float]:
+    """The kernel's own CPU counters of a container's cgroup, where the cpu controller lives:
+    v1 cpuacct.usage and cpu.stat (this hybrid host), else cgroup2's cpu.stat."""
+    v1 = mounts().v1
+    relative = container.cgroups_path.lstrip("/")
+    if "cpu" in v1:
+        usage = int(Path(v1["cpuacct"], relative, "cpuacct.usage").read_text()) / 1e9
+        stat = parse_cpu_stat(Path(v1["cpu"], relative, "cpu.stat").read_text())
+        throttled = stat["throttled_time"] / 1e9
+    else:
+        stat = parse_cpu_stat(Path(mounts().unified or "", relative, "cpu.stat").read_text())
+        usage, throttled = stat["usage_usec"] / 1e6, stat["throttled_usec"] / 1e6
+    return {"kpod_cpu_usage_seconds_total": usage, "kpod_cpu_periods_total": stat["nr_periods"],
+            "kpod_cpu_throttled_periods_total": stat["nr_throttled"],
+            "kpod_cpu_throttled_seconds_total": throttled}  # fmt: skip
+
+
+def test_cpu_usage_and_throttling_against_the_kernel(chart_node: ChartNode, pods: list[RuncPod]) -> None:
+    """A container with a CPU limit (a CFS quota in the OCI spec) spins; once it waits, the
+    agent's four CPU counters equal the kernel's own (on this host the v1 cpu and cpuacct
+    controllers: cgroup2's cpu.stat there has usage but never throttling)."""
+    pod = _new_pod(chart_node, pods, "spin", qos="burstable")
+    spinner = pod.run("spinner", python(SPIN), cpu_quota_us=CPU_QUOTA_US)
+    chart_node.add_pod(pod)
+    assert spinner.readline() == "ready"
+    spinner.send("go")
+    assert spinner.readline(60) == "spun"
+    spinner.wait_blocked()
+    truth = settled(lambda: cpu_truth(spinner))
+    assert truth["kpod_cpu_throttled_periods_total"] > 0, f"the quota throttled nothing: {truth}"
+    labels = {"namespace": NAMESPACE, "pod": pod.name, "container": "spinner"}
+
+    def seen() -> dict[str, float]:
+        return {s.name: s.value for s in chart_node.metrics()
+                if s.name in truth and all(s.labels.get(k) == v for k, v in labels.items())}  # fmt: skip
+
+    # Seconds went through a float division and the text exposition: equal to the nanosecond.
+    close = lambda got: set(got) == set(truth) and all(abs(got[k] - truth[k]) < 1e-9 for k in truth)  # noqa: E731
+    assert poll_until(lambda: close(seen()), timeout=30), (seen(), truth)
+    print(f"\ncontainer-chart: cpu {truth}")
 
 
 @pytest.fixture(scope="module")

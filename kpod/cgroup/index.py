@@ -15,14 +15,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kpod.cgroup.mounts import CgroupMounts
+from kpod.cgroup.mounts import KUBEPODS_TOPS, CgroupMounts
 from kpod.model import CgroupRef
 
 log = logging.getLogger("kpod.cgroups")
-
-
-# A k8s node's workload cgroups live under these top-level names (systemd and cgroupfs drivers).
-KUBEPODS_TOPS = ("kubepods.slice", "kubepods")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +39,14 @@ class CgroupIndex:
     # already gone would otherwise trigger a walk per lookup).
     MISS_REFRESH_INTERVAL_S = 1.0
 
-    def __init__(self, root: str, scope: str = "all", mounts: CgroupMounts | None = None) -> None:
+    def __init__(self, root: str, scope: str = "all", mounts: CgroupMounts | None = None,
+                 ebpf_unattributable: str = "") -> None:  # fmt: skip
         self.root = root.rstrip("/") or "/"
         self.scope = scope
         self.mounts = mounts or CgroupMounts(unified=root)
+        # Why eBPF cgroup ids name none of this tree's cgroups ("" when the tree is cgroup2's):
+        # kpod.cgroup.mounts.choose_hierarchy.
+        self.ebpf_unattributable = ebpf_unattributable
         self._lock = threading.Lock()
         self._by_id: dict[int, CgroupEntry] = {}
         self._walked_at = 0.0

@@ -717,7 +717,8 @@ class BpfReceiver(Receiver):
     def preflight(self) -> str | None:
         if not self._bpf_settings.enabled:
             return "eBPF is disabled (kpod.bpf.enabled: false)"
-        return bpf_preflight(self._object_path())
+        # Nothing to load where no event could be told apart from the host's.
+        return self.context.cgroups.ebpf_unattributable or bpf_preflight(self._object_path())
 
     def start(self) -> None:
         reason = self.preflight()
