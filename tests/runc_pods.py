@@ -273,6 +273,7 @@ class RuncRuntime:
     node_name: str = "node-a"
     state_dir: Path = field(init=False)
     pods: list[RuncPod] = field(default_factory=list)
+    kubelet_dirs: list[Path] = field(default_factory=list)  # kubelet_cgroups() made these
 
     def __post_init__(self) -> None:
         self.state_dir = Path(f"/run/kpod-test-runc-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -281,6 +282,22 @@ class RuncRuntime:
 
     def runc(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return _run("runc", "--root", str(self.state_dir), *args, check=check, timeout=timeout)
+
+    def kubelet_cgroups(self) -> None:
+        """What the kubelet makes when it starts (cgroupfs driver), before any pod: /kubepods and
+        its QoS levels in every hierarchy.  Ours to remove at close() when we made them."""
+        with _tree_lock():
+            for root in cgroup_mounts():
+                for relative in ("kubepods", "kubepods/burstable", "kubepods/besteffort"):
+                    path = root / relative
+                    if path.exists():
+                        continue
+                    path.mkdir()
+                    if (path / "cpuset.cpus").exists():  # v1 cpuset: empty until given the parent's
+                        for name in ("cpuset.cpus", "cpuset.mems"):
+                            (path / name).write_text((path.parent / name).read_text())
+                    _mark(path)
+                    self.kubelet_dirs.append(path)
 
     def pod(self, namespace: str, name: str, qos: str = "besteffort", driver: str = "cgroupfs") -> RuncPod:
         """A pod with its sandbox running (its own network namespace, loopback up)."""
@@ -386,6 +403,10 @@ class RuncRuntime:
         listed = self.runc("list", "--format", "json", check=False)
         for entry in json.loads(listed.stdout or "null") or []:
             self.runc("delete", "--force", entry["id"], check=False)
+        with _tree_lock():  # the kubelet's cgroups, once no pod of anyone's is below them
+            for path in sorted(self.kubelet_dirs, key=lambda p: len(p.parts), reverse=True):
+                if path.exists() and _marked(path) and not _child_dirs(path):
+                    remove_cgroup_dir(path)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 

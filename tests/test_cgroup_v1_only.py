@@ -196,10 +196,16 @@ def _mountinfo(lines: list[tuple[str, str, str]]) -> str:
 
 
 def test_the_pods_tree_is_cgroup2_when_it_holds_them(tmp_path: Path) -> None:
-    unified, memory = tmp_path / "unified", tmp_path / "memory"
-    for directory in (unified / "kubepods.slice", memory / "kubepods.slice"):
+    unified, memory, cpu = tmp_path / "unified", tmp_path / "memory", tmp_path / "cpu"
+    for directory in (unified / "kubepods.slice", memory / "kubepods.slice", cpu):
         directory.mkdir(parents=True)
-    text = _mountinfo([(str(unified), "cgroup2", "rw"), (str(memory), "cgroup", "rw,memory")])
+    both = [(str(unified), "cgroup2", "rw"), (str(memory), "cgroup", "rw,memory"), (str(cpu), "cgroup", "rw,cpu")]
+    (unified / "kubepods.slice").rmdir()
+    # One v1 hierarchy with a kubepods tree is not a v1 node: the kubelet makes it in cpu and memory.
+    assert choose_hierarchy("/nonexistent", _mountinfo(both)).root == str(unified)
+    (unified / "kubepods.slice").mkdir()
+    (cpu / "kubepods.slice").mkdir()
+    text = _mountinfo(both)
     tree = choose_hierarchy("/nonexistent", text)
     assert (tree.root, tree.ebpf_unattributable) == (str(unified), "")
     (unified / "kubepods.slice").rmdir()
@@ -209,7 +215,7 @@ def test_the_pods_tree_is_cgroup2_when_it_holds_them(tmp_path: Path) -> None:
     )
     assert choose_hierarchy("/nonexistent", text, pods_only=False).root == str(unified), "local mode: any cgroup2"
     (memory / "kubepods.slice").rmdir()
-    assert choose_hierarchy("/nonexistent", text).root == str(unified), "no pods anywhere yet: cgroup2"
+    assert choose_hierarchy("/nonexistent", text).root == str(unified), "no v1 pods (cpu alone): cgroup2"
     v1_only = _mountinfo([(str(memory), "cgroup", "rw,memory")])
     assert choose_hierarchy("/nonexistent", v1_only).ebpf_unattributable.startswith(
         "pods only in cgroup v1 (no cgroup2 mount"

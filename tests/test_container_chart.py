@@ -188,6 +188,27 @@ class ChartNode:
     def add_pod(self, pod: RuncPod) -> None:
         self.api.add_pod(pod.api_object())
 
+    @contextlib.contextmanager
+    def frozen_between_cycles(self, margin_s: float = 0.5) -> Iterator[None]:
+        """The agent container paused (freezer) while no collection runs: whatever the block
+        does happens between two cycles, however long it takes.  Entered right after a cycle,
+        when the next one is more than `margin_s` away (its start: the earliest receiver start
+        of the last cycle plus the poll interval)."""
+        poll_s = CHART_VALUES["config"]["pollInterval"] / 1000
+        for _ in range(20):
+            self.wait_cycles(1)
+            ran = [r for r in self.status()["receivers"].values() if r["last_collect_unix"]]
+            began = min(r["last_collect_unix"] - r["last_duration_seconds"] for r in ran)
+            if began + poll_s - time.time() > margin_s:
+                podman("pause", self.container)
+                break
+        else:
+            raise AssertionError(f"the agent's cycles leave less than {margin_s} s between them: {self.logs()}")
+        try:
+            yield
+        finally:
+            podman("unpause", self.container)
+
 
 def service_account(directory: Path, token: str, ca_file: str) -> Path:
     """The projected volume the kubelet mounts (token, ca.crt, namespace)."""
@@ -208,6 +229,7 @@ def chart_node(agent_image: BuiltImage, tmp_path_factory: pytest.TempPathFactory
         tls.load_cert_chain(certs.cert, certs.key)
         api = stack.enter_context(FakeApiServer(token=f"sa-{uuid.uuid4().hex}", host=link.host_ip, tls=tls))
         runtime = stack.enter_context(runc_runtime(workdir, NODE))
+        runtime.kubelet_cgroups()  # the node's kubelet started before the DaemonSet's pod
         sa_dir = service_account(workdir / "serviceaccount", api.token, certs.ca)
         node = Node(NODE, host_ip=link.host_ip, pod_ip=link.pod_ip, netns=link.path, service_host=link.host_ip,
                     service_port=api.port, service_account_dir=str(sa_dir))  # fmt: skip
@@ -530,15 +552,14 @@ def _oom_killed(chart_node: ChartNode, pods: list[RuncPod], name: str, delete_at
     assert hog.readline() == "ready"
     (memcg,) = [d for d in hog.cgroup_dirs() if (d / "memory.oom_control").exists() or (d / "memory.events").exists()]
     chart_node.wait_cycles(2)  # the agent knows the pod and its container's cgroup
-    if delete_at_once:
-        chart_node.wait_cycles(1)  # right after a cycle: the kill and the delete fall between two
-    hog.send("go")
-    assert hog.readline(60) == "", "the hog's stdout closes when the kernel kills it"
-    kills = oom_events(memcg)
-    if delete_at_once:
-        hog.delete()  # as containerd does on the task's exit event, before the agent's next cycle
-    else:
-        hog.wait_stopped(10)
+    with chart_node.frozen_between_cycles() if delete_at_once else contextlib.nullcontext():
+        hog.send("go")
+        assert hog.readline(60) == "", "the hog's stdout closes when the kernel kills it"
+        kills = oom_events(memcg)
+        if delete_at_once:
+            hog.delete()  # as containerd does on the task's exit event, before the agent's next cycle
+        else:
+            hog.wait_stopped(10)
     assert kills == 1, f"memory.oom_control counts {kills} kills"
     return pod, hog
 

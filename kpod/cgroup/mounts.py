@@ -110,12 +110,15 @@ def choose_hierarchy(configured: str, mountinfo_text: str, pods_only: bool = Tru
     unified = configured if os.path.exists(os.path.join(configured, "cgroup.controllers")) else mounts.unified
     ordered = [mounts.v1[c] for c in V1_WALK_ORDER if c in mounts.v1]
     ordered += [m for m in mounts.v1.values() if m not in ordered]
-    v1_pods = [m for m in ordered if has_kubepods(m)]
-    if unified and (not pods_only or has_kubepods(unified) or not v1_pods):
+    # The kubelet makes its kubepods cgroups in the cpu and memory hierarchies (it requires both
+    # controllers): pods live in v1 when those have them, not when one hierarchy happens to.
+    required = [mounts.v1[c] for c in ("cpu", "memory") if c in mounts.v1] or ordered[:1]
+    v1_holds_pods = bool(required) and all(has_kubepods(m) for m in required)
+    if unified and (not pods_only or has_kubepods(unified) or not v1_holds_pods):
         return CgroupHierarchy(unified, mounts)
     if not ordered:
         raise FileNotFoundError(f"{configured}: not a cgroup2 mount, and no cgroup mount in mountinfo")
-    walked = (v1_pods or ordered)[0]
+    walked = ordered[0]
     where = f"no pod cgroups under the cgroup2 mount {unified}" if unified else "no cgroup2 mount"
     return CgroupHierarchy(
         walked,
