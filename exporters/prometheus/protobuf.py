@@ -102,10 +102,16 @@ class _ClassicLayout:
             self.masks.append(mask)
 
     def buckets(self, cumulative: Iterable[int]) -> bytes:
+        """The Bucket messages of cumulative counts in [0, limit)."""
         packed = int.from_bytes(self.pack(*cumulative), "little")
-        out = self.fixed
-        for k, mask in enumerate(self.masks):
-            out |= (packed & mask) << k
+        masks = self.masks
+        if len(masks) == 4:  # unrolled: the common case, counts below 2^28
+            out = self.fixed | packed & masks[0] | (packed & masks[1]) << 1
+            out |= (packed & masks[2]) << 2 | (packed & masks[3]) << 3
+        else:
+            out = self.fixed
+            for k, mask in enumerate(masks):
+                out |= (packed & mask) << k
         return out.to_bytes(self.size, "little")
 
 
@@ -160,7 +166,7 @@ def histogram_message(
         if layouts is None:
             layouts = (_ClassicLayout(bounds, 4), _ClassicLayout(bounds, 8))
         layout = layouts[0] if total < layouts[0].limit else layouts[1]
-        if total < layout.limit and min(counts) >= 0:
+        if total < layout.limit and min(counts) >= 0:  # every cumulative count fits the varints
             classic = layout.buckets(accumulate(counts[:-1]))
         else:
             classic = _classic_slow(bounds, accumulate(counts))
