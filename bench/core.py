@@ -41,7 +41,7 @@ RSS_TARGET_MIB = 50.0
 IDLE_S = 6.0
 
 
-def render_times(pods: int = 110, rounds: int = 15) -> dict[str, Any]:
+def render_times(pods: int = 110, rounds: int = 31) -> dict[str, Any]:
     """Median render times, side by side on the same batches: the text renderer (the samples once,
     then the OpenMetrics body, which Prometheus asks for, and the text 0.0.4 body too) and the
     protobuf renderer (histograms: both, and native), with every value new each cycle (worst
@@ -100,6 +100,9 @@ def render_times(pods: int = 110, rounds: int = 15) -> dict[str, Any]:
         # The first render of each fills the caches: not a cycle's cost.
         "all_changed_ms": {name: statistics.median(v[1:]) * 1000 for name, v in changed.items()},
         "third_changed_ms": {name: statistics.median(v) * 1000 for name, v in partial.items()},
+        # Other work on a shared machine only ever adds to a render's CPU time: the least disturbed
+        # render is the closest to its own cost.
+        "all_changed_min_ms": {name: min(v[1:]) * 1000 for name, v in changed.items()},
     }
 
 
@@ -190,11 +193,12 @@ def measure(pods: int = 110) -> Measured:
 
 def render(data: dict[str, Any]) -> str:
     r, scrape, rss = data["render"], data["scrape"], data["rss_mib"]
-    changed, third = r["all_changed_ms"], r["third_changed_ms"]
+    changed, third, least = r["all_changed_ms"], r["third_changed_ms"], r.get("all_changed_min_ms", {})
     table = _table(
         [
-            ("render OpenMetrics (what Prometheus asks for), every value changed (worst case), median",
-             f"<= {RENDER_TARGET_MS:g} ms", f"{changed['text']:.1f} ms", changed["text"] <= RENDER_TARGET_MS),
+            ("render OpenMetrics (what Prometheus asks for), every value changed (worst case), median (min)",
+             f"<= {RENDER_TARGET_MS:g} ms", f"{changed['text']:.1f} ms ({least.get('text', float('nan')):.1f} ms)",
+             changed["text"] <= RENDER_TARGET_MS),
             ("render OpenMetrics, a third of the series changed (typical cycle), median",
              f"<= {RENDER_TARGET_MS:g} ms", f"{third['text']:.1f} ms", third["text"] <= RENDER_TARGET_MS),
             ("render OpenMetrics and text 0.0.4 (two scrapers, one of each), every value changed, median", "-",
