@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import random
 import subprocess
 
 import pytest
@@ -223,3 +224,58 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
     assert get(address, "/metrics", {"Accept": pb}).body != protobuf  # type: ignore[attr-defined]
 
 
+
+
+def _tricky_batch(rng: random.Random, cycle: int) -> Batch:
+    """A batch with what the renderer's fast paths must not get wrong: series coming and going
+    and changing order, resources rebuilt with the same labels, floats that are integral, not
+    finite or huge, ints beyond 64 bits, sums of every kind, a histogram value in a counter and a
+    number in a histogram family, a repeated series, short and long count tuples, other bounds,
+    points without a resource, and label values with '%', quotes and bytes that are not UTF-8."""
+    counter = MetricDef("kpod.test.events", Kind.COUNTER, "1", "Events.", ("kind",))
+    gauge = MetricDef("kpod.test.level", Kind.GAUGE, "s", "Level.")
+    histogram = MetricDef("kpod.test.latency", Kind.HISTOGRAM, "s", "Latency.", ("syscall",))
+    numbers = [0, 7, 2**70, -3, 0.0, -0.0, 3.0, 0.25, 1e15, 1e16, 123456789.125, 2.5e-7,
+               float("nan"), float("inf"), float("-inf")]  # fmt: skip
+    other_bounds = (0.001, 0.01, 0.1)
+    points = []
+    pods = [p for p in range(8) if rng.random() < 0.8]
+    if cycle % 4 == 3:
+        pods.reverse()
+    for pod in pods:
+        value = f"web-{pod}%d" if pod == 3 else ("caf\udce9" if pod == 4 else f'pod"{pod}')
+        resource = Resource((("namespace", "ns"), ("pod", value), ("container", "app"), ("node", "n")))
+        cgroup = CgroupRef(100 + pod, f"/pod{pod}")
+        for kind in ("a", "b"):
+            chosen = rng.choice(numbers) if rng.random() < 0.5 else rng.randrange(10**6)
+            points.append(Point(counter, cgroup, (("kind", kind),), chosen, resource))
+        points.append(Point(gauge, cgroup, (), rng.choice(numbers) if rng.random() < 0.3 else rng.random(), resource))
+        for syscall in ("read", "write"):
+            bounds = other_bounds if pod == 5 and cycle % 2 else HIST_BOUNDS
+            width = len(bounds) + 1 + (rng.choice((-2, 0, 0, 0, 1)) if pod == 6 else 0)
+            counts = tuple(rng.randrange(3) if rng.random() < 0.4 else 0 for _ in range(width))
+            total = rng.choice((rng.random(), 0.0, 0, 12.0, float("nan"), 2**40 + 0.5))
+            value = HistogramValue(bounds, counts, total)
+            points.append(Point(histogram, cgroup, (("syscall", syscall),), value, resource))
+    if cycle % 3 == 1:  # kinds that do not fit, and a repeated series: the first point is rendered
+        resource = Resource((("namespace", "ns"), ("pod", "odd"), ("container", "app"), ("node", "n")))
+        points.append(Point(counter, None, (("kind", "a"),), HistogramValue(HIST_BOUNDS, (1,) * 27, 1.0), resource))
+        points.append(Point(histogram, None, (("syscall", "read"),), 4.0, resource))
+        points.append(Point(counter, None, (("kind", "a"),), 5, resource))
+    points.append(Point(gauge, CgroupRef(9, "/system.slice/x.service"), (), rng.random()))
+    points.append(Point(gauge, CgroupRef(10, ""), (), cycle))
+    points.append(Point(counter, None, (("kind", "self"),), cycle * 1.5))
+    return Batch(points)
+
+
+def test_renders_the_bytes_the_previous_renderer_did() -> None:
+    """The renderer was rewritten for speed (issue 18); its output is the previous one's, byte
+    for byte (bench/render_previous.py is that renderer, kept for the side-by-side bench), over
+    cycles that exercise every cache and every fallback of the new one."""
+    from bench.render_previous import Renderer as PreviousRenderer
+
+    rng = random.Random(18)
+    current, previous = Renderer(), PreviousRenderer()
+    for cycle in range(60):
+        batch = _tricky_batch(rng, cycle) if cycle % 5 else node_batch(pods=3, seed=cycle)
+        assert current.render(batch) == previous.render(batch), f"cycle {cycle}"

@@ -9,10 +9,13 @@ rendering work.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from itertools import accumulate
+from operator import attrgetter
 from typing import TypeVar
 
+from kpod.exporters.prometheus.labels import Head, LabelCache
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
 
 from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point, Resource
@@ -60,73 +63,123 @@ def _pairs(labels: Iterable[tuple[str, str]]) -> str:
     return ",".join(f'{label_name(k)}="{escape_label_value(v)}"' for k, v in labels)
 
 
-class _Series:
-    """What the renderer remembers of one series between cycles."""
+def _join_labels(head: str, tail: str) -> str:
+    return f"{head},{tail}" if head else tail
 
-    __slots__ = ("bounds", "chunk", "template", "value")
 
-    def __init__(self, value: float | HistogramValue, chunk: bytes, template: bytes, bounds: tuple[float, ...]):
-        self.value = value
-        self.chunk = chunk
-        self.template = template
-        self.bounds = bounds
+# Numbers go into templates' holes: %d for an int, and %a for any other number, which writes
+# repr() of its argument, the exposition's text of a finite float that is not integral.  The
+# other numbers are replaced by what repr() writes as format_value() does.
+
+
+class _Shown:
+    """A number whose repr() is `text`."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+_NON_FINITE = {"nan": _Shown("NaN"), "inf": _Shown("+Inf"), "-inf": _Shown("-Inf")}
+
+
+def _shown(value: float) -> object:
+    """`value` for a %a hole: repr() of the result is format_value(value)."""
+    kind = type(value)
+    if kind is int:
+        return value
+    if kind is float:
+        if value.is_integer():
+            return int(value) if abs(value) < 1e15 else value
+        if math.isfinite(value):
+            return value
+        return _NON_FINITE[repr(value)]
+    return _Shown(format_value(value))
+
+
+def _all_shown(numbers: Sequence[float]) -> Sequence[object]:
+    """`numbers` for %a holes: themselves if repr() writes each one right (checked in C: every
+    one an int, or every one a finite float with a fraction, as sums and seconds almost always
+    are), else each one through _shown()."""
+    kinds = set(map(type, numbers))
+    if kinds == {float}:
+        if all(map(math.isfinite, numbers)) and not any(map(float.is_integer, numbers)):
+            return numbers
+    elif kinds <= {int}:
+        return numbers
+    return list(map(_shown, numbers))
+
+
+class _Family:
+    """What the renderer keeps of a family between cycles: its series' labels and shapes (a
+    value's type; a histogram's bounds), in order, each series' text with holes for its
+    numbers (`pieces`, by labels and shape), and their concatenation (`template`), which one
+    bytes-format call fills with the family's numbers."""
+
+    __slots__ = ("labels", "pieces", "shape", "template")
+
+    def __init__(self, labels: list[str], shape: tuple[object, ...], pieces: dict[tuple[str, object], bytes]) -> None:
+        self.labels = labels
+        self.shape = shape
+        self.pieces = pieces
+        self.template = b"".join(pieces.values())
+
+    def same(self, labels: list[str], shape: tuple[object, ...]) -> bool:
+        # Identity first: a series' label text is the same object every cycle (labels.py), and
+        # so are the bounds of a receiver's histograms.
+        return self.shape == shape and self.labels == labels
+
+    @staticmethod
+    def rebuilt(
+        previous: _Family | None,
+        labels: list[str],
+        shape: tuple[object, ...],
+        piece: Callable[[str, object], bytes],
+    ) -> _Family:
+        """The family of these series: the pieces of series it had already are reused (a pod
+        that comes or goes costs its own series' pieces, not the family's)."""
+        known = previous.pieces if previous is not None else {}
+        pieces = {}
+        for key in zip(labels, shape, strict=True):
+            text = known.get(key)
+            pieces[key] = text if text is not None else piece(*key)
+        return _Family(labels, shape, pieces)
+
+
+_SCALAR_TYPES = {int, float}
+_bounds = attrgetter("bounds")
+_counts = attrgetter("counts")
+_sum = attrgetter("sum")
+
+
+def _scalar_piece(sample: str, labels: str, kind: object) -> bytes:
+    """A counter's or gauge's line with a hole for its value."""
+    hole = "%d" if kind is int else "%a"
+    escaped = labels.replace("%", "%%")
+    return (f"{sample}{{{escaped}}} {hole}\n" if labels else f"{sample} {hole}\n").encode()
 
 
 class Renderer:
-    """Renders batches.  Caches across cycles what rarely changes: label strings, each
-    histogram's text template, and the text of series whose value did not change (on a real
-    node most histograms, idle syscalls and quiet sockets, are unchanged from cycle to cycle).
-    Caches hold only what the last cycle used."""
+    """Renders batches.  Caches across cycles what rarely changes: label strings (labels.py)
+    and, per family, the text of its series with holes for their numbers (_Family).
+
+    The render of a 110-pod node where every value changed (some 7,400 series, 1,320 of them
+    histograms of 29 numbers: 37,000 lines) has a budget of 20 ms (issue 18, bench/core.py).
+    A family's series are the same ones, in the same order, cycle after cycle (they change when
+    pods come and go), so a family is rendered by one bytes-format call over its kept template:
+    the work per number is done in C, and the Python work per series is the lookup of its
+    labels and, for a histogram, collecting its numbers."""
 
     def __init__(self) -> None:
-        # id(resource) -> (resource, its label text, {attributes: the series' label text}); the
-        # resource is kept so that the id stays unique.
-        self._heads: dict[int, tuple[Resource, str, dict[Attributes, str]]] = {}
-        self._tails: dict[Attributes, str] = {}
+        self._labels = LabelCache(_pairs, _join_labels)
         self._les_cache: dict[tuple[float, ...], list[str]] = {}
-        self._series: dict[MetricDef, dict[str, _Series]] = {}
-
-    def _labels(self, point: Point) -> str:
-        """The series' label text.  The same string object for the same resource and attributes
-        every cycle: its hash is computed once, and dict lookups compare by identity first."""
-        resource = point.resource
-        attrs = point.attributes
-        if resource is not None:
-            cached = self._heads.get(id(resource))
-            if cached is None or cached[0] is not resource:
-                cached = self._heads[id(resource)] = (resource, _pairs(resource.labels), {})
-            if not attrs:
-                return cached[1]
-            joined = cached[2].get(attrs)
-            if joined is None:
-                joined = cached[2][attrs] = self._join(cached[1], attrs)
-            return joined
-        cgroup = point.cgroup
-        # No enrichment processor in the pipeline: name the cgroup so series stay apart.
-        head = _pairs((("cgroup", cgroup.path or str(cgroup.id)),)) if cgroup is not None else ""
-        return self._join(head, attrs) if attrs else head
-
-    def _join(self, head: str, attrs: Attributes) -> str:
-        tail = self._tails.get(attrs)
-        if tail is None:
-            tail = self._tails[attrs] = _pairs(attrs)
-        return f"{head},{tail}" if head else tail
-
-    def _les(self, bounds: tuple[float, ...]) -> list[str]:
-        les = self._les_cache.get(bounds)
-        if les is None:
-            les = self._les_cache[bounds] = [format_value(float(b)) for b in bounds] + ["+Inf"]
-        return les
-
-    def _histogram_template(self, family: str, labels: str, bounds: tuple[float, ...]) -> bytes:
-        """The whole text of one histogram series with %d holes for the cumulative counts and
-        the count, and %b for the sum: one bytes-format call renders a series."""
-        escaped = labels.replace("%", "%%")
-        head = f"{family}_bucket{{{escaped}," if labels else f"{family}_bucket{{"
-        suffix = f"{{{escaped}}}" if labels else ""
-        lines = [f'{head}le="{le}"}} %d\n' for le in self._les(bounds)]
-        lines.append(f"{family}_sum{suffix} %b\n{family}_count{suffix} %d\n")
-        return "".join(lines).encode()
+        # metric -> (text HELP/TYPE lines, OpenMetrics HELP/TYPE lines, family name, sample name)
+        self._heads: dict[MetricDef, tuple[bytes, bytes, str, str]] = {}
+        self._families: dict[MetricDef, _Family] = {}
 
     def render(self, batch: Batch) -> tuple[bytes, bytes, int]:
         """Render a batch as text 0.0.4 and as OpenMetrics 1.0: both bodies and the number of
@@ -140,60 +193,160 @@ class Renderer:
         body that is megabytes long."""
         text: list[bytes] = []
         openmetrics: list[bytes] = []
-        previous = self._series
-        current: dict[MetricDef, dict[str, _Series]] = {}
+        previous = self._families
+        kept: dict[MetricDef, _Family] = {}
         series = 0
-        for metric, points in families(batch, self._labels).items():
-            family = family_name(metric)
-            sample = prometheus_name(metric)
-            histogram = metric.kind is Kind.HISTOGRAM
-            help_text = escape_help(metric.description)
-            text.append(f"# HELP {sample} {help_text}\n# TYPE {sample} {metric.kind.value}\n".encode())
-            openmetrics.append(f"# HELP {family} {help_text}\n# TYPE {family} {metric.kind.value}\n".encode())
-            first = len(text)
-            append = text.append
-            known = previous.get(metric, {})
-            kept = current[metric] = {}
-            for labels, value in points.items():
-                if isinstance(value, HistogramValue) is not histogram:
-                    continue  # a point whose value does not fit its metric's kind
-                entry = known.get(labels)
-                if entry is None:
-                    if histogram:
-                        bounds = value.bounds  # type: ignore[union-attr]
-                        entry = _Series(value, b"", self._histogram_template(family, labels, bounds), bounds)
-                        entry.chunk = _fill(entry.template, value)  # type: ignore[arg-type]
-                    else:
-                        # The series' line up to its value, kept: a new value only appends.
-                        line = f"{sample}{{{labels}}} " if labels else f"{sample} "
-                        entry = _Series(value, b"", line.encode(), ())
-                        entry.chunk = _line(entry.template, value)  # type: ignore[arg-type]
-                elif entry.value != value:
-                    entry.value = value
-                    if histogram:
-                        bounds = value.bounds  # type: ignore[union-attr]
-                        if entry.bounds != bounds:
-                            entry.template, entry.bounds = self._histogram_template(family, labels, bounds), bounds
-                        entry.chunk = _fill(entry.template, value)  # type: ignore[arg-type]
-                    else:
-                        entry.chunk = _line(entry.template, value)  # type: ignore[arg-type]
-                kept[labels] = entry
-                append(entry.chunk)
-            series += len(kept)
-            openmetrics.extend(text[first:])
+        for metric, points in self._group(batch).items():
+            text_head, openmetrics_head, family_text, sample = self._family_head(metric)
+            if metric.kind is Kind.HISTOGRAM:
+                family, chunk, count = self._histogram_family(family_text, points, previous.get(metric))
+            else:
+                family, chunk, count = self._scalar_family(sample, points, previous.get(metric))
+            if family is not None:
+                kept[metric] = family
+            series += count
+            text += (text_head, chunk)
+            openmetrics += (openmetrics_head, chunk)
         openmetrics.append(b"# EOF\n")
-        self._series = current
-        if len(self._heads) > series // 4 + 256:
-            # Resources of gone cgroups (and the ones k8sattributes replaces when pods change)
-            # would otherwise pile up here, ~1 KiB each, until the clear below: measured as the
-            # agent's RSS creeping by 4.47 MiB over 1500 pod churn cycles (docs/perf/readings/soak.md).  Keep
-            # the heads of this batch's resources; one pass over the points, once in a while.
-            used = {id(point.resource) for point in batch.points if point.resource is not None}
-            self._heads = {key: entry for key, entry in self._heads.items() if key in used}
-        if len(self._heads) > 4 * series + 1000 or len(self._tails) > 4 * series + 1000:
-            self._heads.clear()  # resources of gone cgroups
-            self._tails.clear()
+        self._families = kept
+        self._labels.prune(batch, series)
         return Rendered(text, openmetrics, series)
+
+    def _group(self, batch: Batch) -> dict[MetricDef, dict[str, float | HistogramValue]]:
+        """The batch's values by metric and label text: the first point of a series is the one
+        rendered.  The pipeline hands over one point per series (kpod.model.merge_duplicates
+        adds up a pod's sandbox and pod-level cgroups, which share one label set); should a
+        batch repeat a series anyway, Prometheus would reject a scrape that repeats it.  This
+        runs over every point of every cycle: the label lookup is written out (labels.py)."""
+        cache = self._labels
+        heads_get = cache.heads.get
+        grouped: dict[MetricDef, dict[str, float | HistogramValue]] = {}
+        grouped_get = grouped.get
+        # A receiver emits a cgroup's points one after the other: the labels of their resource
+        # are looked up once per run of points.
+        last: Resource | None = None
+        head: Head[str] | None = None
+        joined_get: Callable[[Attributes], str | None] = {}.get
+        for point in batch.points:
+            resource = point.resource
+            if resource is not last:
+                last = resource
+                if resource is None:
+                    head = None
+                else:
+                    head = heads_get(id(resource))
+                    if head is None or head[0] is not resource:
+                        head = cache.head(resource)
+                    joined_get = head[2].get
+            attrs = point.attributes
+            if head is None:
+                labels = cache.bare(point)
+            elif attrs:
+                labels = joined_get(attrs)  # type: ignore[assignment]
+                if labels is None:
+                    labels = cache.joined(head, attrs)
+            else:
+                labels = head[1]
+            points = grouped_get(point.metric)
+            if points is None:
+                points = grouped[point.metric] = {}
+            points.setdefault(labels, point.value)
+        return grouped
+
+    def _family_head(self, metric: MetricDef) -> tuple[bytes, bytes, str, str]:
+        head = self._heads.get(metric)
+        if head is None:
+            family, sample = family_name(metric), prometheus_name(metric)
+            help_text = escape_help(metric.description)
+            head = self._heads[metric] = (
+                f"# HELP {sample} {help_text}\n# TYPE {sample} {metric.kind.value}\n".encode(),
+                f"# HELP {family} {help_text}\n# TYPE {family} {metric.kind.value}\n".encode(),
+                family,
+                sample,
+            )
+        return head
+
+    def _scalar_family(
+        self, sample: str, points: dict[str, float | HistogramValue], previous: _Family | None
+    ) -> tuple[_Family | None, bytes, int]:
+        """A counter or gauge family's lines, what to keep of it and its number of series.
+        Values that are neither ints nor floats (a histogram value in a counter) are left out,
+        and such a family is rendered line by line and not kept."""
+        labels = list(points)
+        values = tuple(points.values())
+        shape = tuple(map(type, values))
+        if previous is None or not previous.same(labels, shape):
+            if not set(shape) <= _SCALAR_TYPES:
+                lines = [
+                    _scalar_piece(sample, series, type(value)) % (value if type(value) is int else _shown(value))
+                    for series, value in points.items()
+                    if not isinstance(value, HistogramValue)
+                ]
+                return None, b"".join(lines), len(lines)
+            previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample))
+        if int not in shape or len(set(shape)) > 1:
+            values = tuple(_all_shown(values))
+        return previous, previous.template % values, len(values)
+
+    def _histogram_family(
+        self, family: str, points: dict[str, float | HistogramValue], previous: _Family | None
+    ) -> tuple[_Family | None, bytes, int]:
+        """A histogram family's lines, what to keep of it and its number of series (see
+        _scalar_family); values that are not histograms are left out."""
+        if set(map(type, points.values())) != {HistogramValue}:
+            chunks = [
+                self._histogram_template(family, series, value.bounds) % _histogram_numbers([value])
+                for series, value in points.items()
+                if isinstance(value, HistogramValue)
+            ]
+            return None, b"".join(chunks), len(chunks)
+        labels = list(points)
+        values: list[HistogramValue] = list(points.values())  # type: ignore[arg-type]
+        shape = tuple(map(_bounds, values))
+        if previous is None or not previous.same(labels, shape):
+            previous = _Family.rebuilt(previous, labels, shape, partial(self._histogram_template, family))
+        return previous, previous.template % _histogram_numbers(values), len(labels)
+
+    def _histogram_template(self, family: str, labels: str, bounds: tuple[float, ...]) -> bytes:
+        """The text of one histogram series with %d holes for the cumulative counts and the
+        count, and %a for the sum."""
+        escaped = labels.replace("%", "%%")
+        head = f"{family}_bucket{{{escaped}," if labels else f"{family}_bucket{{"
+        suffix = f"{{{escaped}}}" if labels else ""
+        lines = [f'{head}le="{le}"}} %d\n' for le in self._les(bounds)]
+        lines.append(f"{family}_sum{suffix} %a\n{family}_count{suffix} %d\n")
+        return "".join(lines).encode()
+
+    def _les(self, bounds: tuple[float, ...]) -> list[str]:
+        les = self._les_cache.get(bounds)
+        if les is None:
+            les = self._les_cache[bounds] = [format_value(float(b)) for b in bounds] + ["+Inf"]
+        return les
+
+
+def _histogram_numbers(values: list[HistogramValue]) -> tuple[object, ...]:
+    """The numbers of histogram templates, in their order: each one's cumulative counts, its
+    sum and its count (the last cumulative count)."""
+    numbers: list[object] = []
+    extend, append = numbers.extend, numbers.append
+    sums = _all_shown(list(map(_sum, values)))
+    if len(set(map(len, map(_counts, values)))) == 1 and len(set(map(id, map(_bounds, values)))) == 1:
+        buckets = len(values[0].bounds) + 1  # one count tuple length and one bounds for all
+        if len(values[0].counts) == buckets:
+            for value, total in zip(values, sums, strict=True):
+                extend(accumulate(value.counts))
+                append(total)
+                append(numbers[-2])
+            return tuple(numbers)
+    for value, total in zip(values, sums, strict=True):
+        counts = value.counts
+        buckets = len(value.bounds) + 1
+        if len(counts) != buckets:  # tolerate a short or long count tuple: pad or cut
+            counts = (tuple(counts) + (0,) * buckets)[:buckets]
+        extend(accumulate(counts))
+        append(total)
+        append(numbers[-2])
+    return tuple(numbers)
 
 
 class Rendered:
@@ -217,21 +370,6 @@ class Rendered:
 
     def openmetrics(self) -> bytes:
         return self._body("openmetrics")
-
-
-def _line(prefix: bytes, value: float) -> bytes:
-    if type(value) is int:
-        return b"%s%d\n" % (prefix, value)
-    return b"%s%s\n" % (prefix, format_value(value).encode())
-
-
-def _fill(template: bytes, value: HistogramValue) -> bytes:
-    buckets = len(value.bounds) + 1
-    counts = value.counts
-    if len(counts) != buckets:  # tolerate a short or long count tuple: pad or cut
-        counts = (tuple(counts) + (0,) * buckets)[:buckets]
-    cumulative = tuple(accumulate(counts))
-    return template % (*cumulative, format_value(value.sum).encode(), cumulative[-1])
 
 
 def families(batch: Batch, labels_of: Callable[[Point], K]) -> dict[MetricDef, dict[K, float | HistogramValue]]:
