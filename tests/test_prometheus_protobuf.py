@@ -21,6 +21,7 @@ from kpod.exporters.prometheus.protobuf import (
     NATIVE,
     PROTOBUF_CONTENT_TYPE,
     ProtobufRenderer,
+    histogram_message,
     native_indexes,
     varint,
     zigzag,
@@ -166,6 +167,28 @@ def test_random_histograms_round_trip() -> None:
         assert (h.zero_count, h.sample_count) == (counts[0], sum(counts))
 
 
+@pytest.mark.parametrize("mode", [BOTH, NATIVE, CLASSIC])
+def test_the_renderers_common_case_writes_what_histogram_message_writes(mode: str) -> None:
+    """The renderer writes the common histogram (counts below 2^28, one per bucket) on a path of
+    its own; it must write the bytes of the general histogram_message(), which the decoder
+    tests check, whatever the counts: empty, one bucket, the +Inf bucket, deltas beyond the
+    lookup table, counts near 2^28, and the rare shapes the general path takes."""
+    rng = random.Random(28)
+    renderer = ProtobufRenderer(mode)
+    first = None if mode == CLASSIC else native_indexes(HIST_BOUNDS)
+    buckets = len(HIST_BOUNDS) + 1
+    shapes = [(0,) * buckets, (4,) + (0,) * (buckets - 1), (0,) * (buckets - 1) + (9,), (1,) * buckets]
+    for _ in range(300):
+        big = rng.choice((10, 9000, 2**20, 2**27 // buckets, 2**29))
+        width = rng.choice((buckets,) * 8 + (buckets - 3, buckets + 2))
+        shapes.append(tuple(rng.choice((0, 0, 1, rng.randrange(big))) for _ in range(width)))
+    for counts in shapes:
+        value = HistogramValue(HIST_BOUNDS, counts, rng.random())
+        body, _ = renderer.render(Batch([Point(RUNQ, CgroupRef(1, "/"), (), value, RESOURCE)]))
+        expected = histogram_message(value, mode, first)
+        assert body.endswith(b"\x3a" + varint(len(expected)) + expected), counts
+
+
 def test_a_histogram_without_native_form_keeps_its_classic_buckets() -> None:
     bounds = (0.001, 0.01, 0.1, 1.0)  # not powers of two
     assert native_indexes(bounds) is None and native_indexes(HIST_BOUNDS) == -19
@@ -183,6 +206,11 @@ def test_unchanged_series_are_reused_and_changed_ones_are_not() -> None:
     second = node_batch(pods=3, seed=2)
     fresh, _ = ProtobufRenderer(BOTH).render(second)
     assert renderer.render(second)[0] == fresh != body
+    # A histogram whose counts stayed and whose sum moved (or the other way round) is new.
+    counts = (0, 3, 1) + (0,) * (len(HIST_BOUNDS) - 2)
+    for changed in (one_histogram(counts, total=2.5), one_histogram((0, 3, 2, *counts[3:]), total=2.5)):
+        renderer.render(one_histogram(counts, total=1.5))
+        assert renderer.render(changed)[0] == ProtobufRenderer(BOTH).render(changed)[0]
 
 
 def test_hostile_label_values_stay_valid_utf8() -> None:

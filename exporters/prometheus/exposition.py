@@ -13,17 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import accumulate
 from operator import attrgetter
-from typing import TypeVar
 
-from kpod.exporters.prometheus.labels import Head, LabelCache
+from kpod.exporters.prometheus.labels import LabelCache, group
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
 
-from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point, Resource
+from kpod.model import Batch, HistogramValue, Kind, MetricDef
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
-K = TypeVar("K")  # a renderer's key for a series' labels
 
 def utf8_label_value(value: str) -> str:
     """`value` as valid UTF-8: values from pods may carry bytes that are not UTF-8 (decoded with
@@ -196,7 +194,7 @@ class Renderer:
         previous = self._families
         kept: dict[MetricDef, _Family] = {}
         series = 0
-        for metric, points in self._group(batch).items():
+        for metric, points in group(batch, self._labels).items():
             text_head, openmetrics_head, family_text, sample = self._family_head(metric)
             if metric.kind is Kind.HISTOGRAM:
                 family, chunk, count = self._histogram_family(family_text, points, previous.get(metric))
@@ -211,47 +209,6 @@ class Renderer:
         self._families = kept
         self._labels.prune(batch, series)
         return Rendered(text, openmetrics, series)
-
-    def _group(self, batch: Batch) -> dict[MetricDef, dict[str, float | HistogramValue]]:
-        """The batch's values by metric and label text: the first point of a series is the one
-        rendered.  The pipeline hands over one point per series (kpod.model.merge_duplicates
-        adds up a pod's sandbox and pod-level cgroups, which share one label set); should a
-        batch repeat a series anyway, Prometheus would reject a scrape that repeats it.  This
-        runs over every point of every cycle: the label lookup is written out (labels.py)."""
-        cache = self._labels
-        heads_get = cache.heads.get
-        grouped: dict[MetricDef, dict[str, float | HistogramValue]] = {}
-        grouped_get = grouped.get
-        # A receiver emits a cgroup's points one after the other: the labels of their resource
-        # are looked up once per run of points.
-        last: Resource | None = None
-        head: Head[str] | None = None
-        joined_get: Callable[[Attributes], str | None] = {}.get
-        for point in batch.points:
-            resource = point.resource
-            if resource is not last:
-                last = resource
-                if resource is None:
-                    head = None
-                else:
-                    head = heads_get(id(resource))
-                    if head is None or head[0] is not resource:
-                        head = cache.head(resource)
-                    joined_get = head[2].get
-            attrs = point.attributes
-            if head is None:
-                labels = cache.bare(point)
-            elif attrs:
-                labels = joined_get(attrs)  # type: ignore[assignment]
-                if labels is None:
-                    labels = cache.joined(head, attrs)
-            else:
-                labels = head[1]
-            points = grouped_get(point.metric)
-            if points is None:
-                points = grouped[point.metric] = {}
-            points.setdefault(labels, point.value)
-        return grouped
 
     def _family_head(self, metric: MetricDef) -> tuple[bytes, bytes, str, str]:
         head = self._heads.get(metric)
@@ -370,19 +327,3 @@ class Rendered:
 
     def openmetrics(self) -> bytes:
         return self._body("openmetrics")
-
-
-def families(batch: Batch, labels_of: Callable[[Point], K]) -> dict[MetricDef, dict[K, float | HistogramValue]]:
-    """Group points by metric and labels (a renderer's encoding of them: text, protobuf).
-
-    The pipeline hands over one point per series (kpod.model.merge_duplicates adds up a pod's
-    sandbox and pod-level cgroups, which share one label set).  Should a batch repeat a series
-    anyway, only its first point is rendered: Prometheus rejects a scrape that repeats one.
-    """
-    grouped: dict[MetricDef, dict[K, float | HistogramValue]] = {}
-    for point in batch.points:
-        series = grouped.get(point.metric)
-        if series is None:
-            series = grouped[point.metric] = {}
-        series.setdefault(labels_of(point), point.value)
-    return grouped

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from kpod.model import Attributes, Batch, Point, Resource
+from kpod.model import Attributes, Batch, HistogramValue, MetricDef, Point, Resource
 
 L = TypeVar("L", str, bytes)  # a renderer's encoding of labels
 
@@ -23,16 +23,8 @@ Head = tuple[Resource, L, dict[Attributes, L]]
 
 
 class LabelCache(Generic[L]):
-    """The renderers read `heads` inline (the fast path):
-
-        head = heads.get(id(resource))
-        if head is None or head[0] is not resource:
-            head = cache.head(resource)
-        labels = head[2].get(attrs) if attrs else head[1]
-        if labels is None:
-            labels = cache.joined(head, attrs)
-
-    and call prune() once per render, so that resources of gone cgroups do not pile up."""
+    """group() reads `heads` inline (the fast path); a renderer calls prune() once per render,
+    so that resources of gone cgroups do not pile up."""
 
     def __init__(self, encode: Callable[[Iterable[tuple[str, str]]], L], join: Callable[[L, L], L]) -> None:
         self._encode = encode
@@ -82,3 +74,43 @@ class LabelCache(Generic[L]):
             self.heads.clear()  # resources of gone cgroups
             self._by_labels.clear()
             self._tails.clear()
+
+
+def group(batch: Batch, cache: LabelCache[L]) -> dict[MetricDef, dict[L, float | HistogramValue]]:
+    """The batch's values by metric and encoded labels: the first point of a series is the one
+    rendered.  The pipeline hands over one point per series (kpod.model.merge_duplicates adds up
+    a pod's sandbox and pod-level cgroups, which share one label set); should a batch repeat a
+    series anyway, Prometheus would reject a scrape that repeats it.  This runs over every point
+    of every cycle: the label lookup is written out here."""
+    heads_get = cache.heads.get
+    grouped: dict[MetricDef, dict[L, float | HistogramValue]] = {}
+    grouped_get = grouped.get
+    # A receiver emits a cgroup's points one after the other: the labels of their resource are
+    # looked up once per run of points.
+    last: Resource | None = None
+    head: Head[L] | None = None
+    joined_get: Callable[[Attributes], L | None] = {}.get
+    for point in batch.points:
+        resource = point.resource
+        if resource is not last:
+            last = resource
+            if resource is None:
+                head = None
+            else:
+                head = heads_get(id(resource))
+                if head is None or head[0] is not resource:
+                    head = cache.head(resource)
+                joined_get = head[2].get
+        attrs = point.attributes
+        if head is None:
+            labels = cache.bare(point)
+        elif attrs:
+            found = joined_get(attrs)
+            labels = found if found is not None else cache.joined(head, attrs)
+        else:
+            labels = head[1]
+        points = grouped_get(point.metric)
+        if points is None:
+            points = grouped[point.metric] = {}
+        points.setdefault(labels, point.value)
+    return grouped

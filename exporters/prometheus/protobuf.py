@@ -7,8 +7,9 @@ and the one Prometheus asks for first when native histograms are on (2.40-3.7:
 `--enable-feature=native-histograms`; 3.8+: `scrape_native_histograms: true`).
 
 The messages are written byte by byte here rather than through generated classes: the protobuf
-runtime is only a dependency of the OTLP exporter, the message is small and fixed, and a
-series whose value did not change is reused as bytes from the previous cycle.  Tests decode the
+runtime is only a dependency of the OTLP exporter, the message is small and fixed, a counter or
+gauge family is one struct pack() of its kept layout, and a histogram series whose value did not
+change is reused as bytes from the previous cycle.  Tests decode the
 output with classes protoc generates from metrics.proto (tests/proto/), never with this module.
 
 Histograms: the kernel buckets at powers of two seconds (bpf/kpod.bpf.h), so each bucket is
@@ -22,14 +23,16 @@ two has no native form and keeps its classic buckets whatever the setting.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import accumulate
+from itertools import accumulate, chain
+from operator import add
 from struct import Struct
 
-from kpod.exporters.prometheus.exposition import families, utf8_label_value
+from kpod.exporters.prometheus.exposition import utf8_label_value
+from kpod.exporters.prometheus.labels import LabelCache, group
 from kpod.exporters.prometheus.naming import label_name, prometheus_name
 from kpod.exporters.protowire import SMALL, field, varint, zigzag
 
-from kpod.model import Batch, HistogramValue, Kind, MetricDef, Point, Resource, base2_exponent
+from kpod.model import Batch, HistogramValue, Kind, MetricDef, base2_exponent
 
 PROTOBUF_CONTENT_TYPE = (
     "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited"
@@ -184,72 +187,74 @@ def histogram_message(
 
 
 class _Entry:
-    """A series' last value and its Metric field."""
+    """A histogram series' last value and its Metric field."""
 
     __slots__ = ("chunk", "value")
 
-    def __init__(self, value: float | HistogramValue, chunk: bytes) -> None:
+    def __init__(self, value: HistogramValue, chunk: bytes) -> None:
         self.value = value
         self.chunk = chunk
 
 
+class _Scalars:
+    """What the renderer keeps of a counter or gauge family between cycles: its series' labels,
+    in order, each series' Metric field up to its value (`prefixes`: a scalar Metric is its
+    labels and an 11-byte Counter or Gauge of one double), and one Struct that writes them all
+    with the values between them, so that a family is one pack() call."""
+
+    __slots__ = ("labels", "pack", "pieces")
+
+    def __init__(self, labels: list[bytes], pieces: dict[bytes, bytes]) -> None:
+        self.labels = labels
+        self.pieces = pieces
+        self.pack = Struct("<" + "".join(f"{len(piece)}sd" for piece in pieces.values())).pack
+
+    @staticmethod
+    def rebuilt(previous: _Scalars | None, labels: list[bytes], tag: bytes) -> _Scalars:
+        known = previous.pieces if previous is not None else {}
+        pieces = {}
+        for series in labels:
+            piece = known.get(series)
+            pieces[series] = piece if piece is not None else _scalar_prefix(series, tag)
+        return _Scalars(labels, pieces)
+
+
+def _scalar_prefix(labels: bytes, tag: bytes) -> bytes:
+    # A scalar Metric has a fixed length: 11 bytes after its labels.
+    return b"\x22" + varint(len(labels) + 11) + labels + tag
+
+
+_PACKED_TYPES = {int, float}  # what struct's "d" takes as Python does float()
+
+
 class ProtobufRenderer:
     """Renders batches as the protobuf exposition.  Caches, as the text renderer does, each
-    resource's encoded labels and the bytes of series whose value did not change; the caches
-    hold only what the last cycle used."""
+    series' encoded labels (labels.py), a counter or gauge family's layout and the bytes of
+    histogram series whose value did not change; the caches hold only what the last cycle
+    used."""
 
     def __init__(self, histograms: str = BOTH) -> None:
         if histograms not in (CLASSIC, NATIVE, BOTH):
             raise ValueError(f"histograms: expected classic, native or both, got {histograms!r}")
         self.histograms = histograms
-        # id(resource) -> (resource, its encoded labels, {attributes: the series' labels})
-        self._heads: dict[int, tuple[Resource, bytes, dict[tuple[tuple[str, str], ...], bytes]]] = {}
-        self._tails: dict[tuple[tuple[str, str], ...], bytes] = {}
-        self._families: dict[MetricDef, bytes] = {}
-        self._series: dict[MetricDef, dict[bytes, _Entry]] = {}
-        # id(bounds) -> (bounds, native_indexes(bounds), 4- and 8-byte _ClassicLayouts); bounds
-        # are shared tuples (one per receiver), so this holds a handful of entries.
-        self._layouts: dict[int, tuple[tuple[float, ...], int | None, tuple[_ClassicLayout, _ClassicLayout]]] = {}
+        self._labels = LabelCache(_label_pairs, add)
+        self._heads: dict[MetricDef, bytes] = {}
+        self._scalars: dict[MetricDef, _Scalars] = {}
+        self._histograms: dict[MetricDef, dict[bytes, _Entry]] = {}
+        # id(bounds) -> its _Layout; bounds are shared tuples (one per receiver), so this holds a
+        # handful of entries.
+        self._layouts: dict[int, _Layout] = {}
 
-    def _layout(
-        self, bounds: tuple[float, ...]
-    ) -> tuple[tuple[float, ...], int | None, tuple[_ClassicLayout, _ClassicLayout]]:
-        cached = self._layouts.get(id(bounds))
-        if cached is None or cached[0] is not bounds:
+    def _layout(self, bounds: tuple[float, ...]) -> _Layout:
+        layout = self._layouts.get(id(bounds))
+        if layout is None or layout.bounds is not bounds:
             if len(self._layouts) > 64:
                 self._layouts.clear()
-            layouts = (_ClassicLayout(bounds, 4), _ClassicLayout(bounds, 8))
-            cached = self._layouts[id(bounds)] = (bounds, native_indexes(bounds), layouts)
-        return cached
-
-    def _labels(self, point: Point) -> bytes:
-        """The series' encoded labels: the same bytes object for the same resource and
-        attributes every cycle (see the text Renderer)."""
-        resource = point.resource
-        attrs = point.attributes
-        if resource is not None:
-            cached = self._heads.get(id(resource))
-            if cached is None or cached[0] is not resource:
-                cached = self._heads[id(resource)] = (resource, _label_pairs(resource.labels), {})
-            if not attrs:
-                return cached[1]
-            joined = cached[2].get(attrs)
-            if joined is None:
-                joined = cached[2][attrs] = cached[1] + self._tail(attrs)
-            return joined
-        cgroup = point.cgroup
-        # No enrichment processor in the pipeline: name the cgroup so series stay apart.
-        head = _label_pairs((("cgroup", cgroup.path or str(cgroup.id)),)) if cgroup is not None else b""
-        return head + self._tail(attrs) if attrs else head
-
-    def _tail(self, attrs: tuple[tuple[str, str], ...]) -> bytes:
-        tail = self._tails.get(attrs)
-        if tail is None:
-            tail = self._tails[attrs] = _label_pairs(attrs)
-        return tail
+            layout = self._layouts[id(bounds)] = _Layout(bounds)
+        return layout
 
     def _family_head(self, metric: MetricDef) -> bytes:
-        head = self._families.get(metric)
+        head = self._heads.get(metric)
         if head is None:
             head = (
                 _field_bytes(1, prometheus_name(metric).encode())
@@ -257,56 +262,162 @@ class ProtobufRenderer:
                 + b"\x18"
                 + varint(_TYPES[metric.kind])
             )
-            self._families[metric] = head
+            self._heads[metric] = head
         return head
 
     def render(self, batch: Batch) -> tuple[bytes, int]:
         """The delimited MetricFamily messages of a batch and the number of series."""
         out: list[bytes] = []
-        previous = self._series
-        current: dict[MetricDef, dict[bytes, _Entry]] = {}
-        mode = self.histograms
+        previous_scalars, previous_histograms = self._scalars, self._histograms
+        scalars: dict[MetricDef, _Scalars] = {}
+        histograms: dict[MetricDef, dict[bytes, _Entry]] = {}
         series = 0
-        for metric, points in families(batch, self._labels).items():
+        for metric, points in group(batch, self._labels).items():
             kind = metric.kind
             if kind not in _TYPES:
                 continue
-            histogram = kind is Kind.HISTOGRAM
-            # Counter (3) or Gauge (2), each {value (1): double}: a fixed 11 bytes after the labels.
-            scalar_tag = b"\x1a\x09\x09" if kind is Kind.COUNTER else b"\x12\x09\x09"
-            known = previous.get(metric, {})
-            kept: dict[bytes, _Entry] = {}
-            chunks: list[bytes] = []
-            for labels, value in points.items():
-                if isinstance(value, HistogramValue) is not histogram:
-                    continue  # a point whose value does not fit its metric's kind
-                entry = known.get(labels)
-                if entry is None or entry.value != value:
-                    if histogram:
-                        _, first, layouts = self._layout(value.bounds)  # type: ignore[union-attr]
-                        body = histogram_message(value, mode, first, layouts)  # type: ignore[arg-type]
-                        metric_bytes = labels + b"\x3a" + varint(len(body)) + body
-                        chunk = b"\x22" + varint(len(metric_bytes)) + metric_bytes
-                    else:
-                        # A scalar Metric has a fixed length: 11 bytes after its labels.
-                        chunk = b"\x22" + varint(len(labels) + 11) + labels + scalar_tag + _pack_double(value)  # type: ignore[arg-type]
-                    if entry is None:
-                        entry = _Entry(value, chunk)
-                    else:  # changed in place: no allocation per changed series
-                        entry.value, entry.chunk = value, chunk
-                kept[labels] = entry
-                chunks.append(entry.chunk)
-            if not chunks:
+            if kind is Kind.HISTOGRAM:
+                kept = histograms[metric] = {}
+                body = self._histogram_family(points, previous_histograms.get(metric, {}), kept)
+                count = len(kept)
+            else:
+                # Counter (3) or Gauge (2), each {value (1): double}.
+                tag = b"\x1a\x09\x09" if kind is Kind.COUNTER else b"\x12\x09\x09"
+                family, body, count = self._scalar_family(points, previous_scalars.get(metric), tag)
+                if family is not None:
+                    scalars[metric] = family
+            if not count:
                 continue
-            current[metric] = kept
-            series += len(kept)
-            body = self._family_head(metric) + b"".join(chunks)
+            series += count
+            body = self._family_head(metric) + body
             out.append(varint(len(body)) + body)
-        self._series = current
-        # Resources of gone cgroups must not pile up here (see the text Renderer).
-        if len(self._heads) > series // 4 + 256:
-            used = {id(point.resource) for point in batch.points if point.resource is not None}
-            self._heads = {key: entry for key, entry in self._heads.items() if key in used}
-        if len(self._tails) > 4 * series + 1000:
-            self._tails.clear()
+        self._scalars, self._histograms = scalars, histograms
+        self._labels.prune(batch, series)
         return b"".join(out), series
+
+    @staticmethod
+    def _scalar_family(
+        points: dict[bytes, float | HistogramValue], previous: _Scalars | None, tag: bytes
+    ) -> tuple[_Scalars | None, bytes, int]:
+        """A counter or gauge family's Metric fields, what to keep of it and its number of
+        series.  Values that are histograms are left out, and such a family is encoded series by
+        series and not kept."""
+        values = tuple(points.values())
+        if set(map(type, values)) <= _PACKED_TYPES:
+            labels = list(points)
+            if previous is None or previous.labels != labels:  # identity first: labels.py
+                previous = _Scalars.rebuilt(previous, labels, tag)
+            numbers = chain.from_iterable(zip(previous.pieces.values(), values, strict=True))
+            return previous, previous.pack(*numbers), len(values)
+        chunks = [
+            _scalar_prefix(series, tag) + _pack_double(value)  # type: ignore[arg-type]
+            for series, value in points.items()
+            if not isinstance(value, HistogramValue)
+        ]
+        return None, b"".join(chunks), len(chunks)
+
+    def _histogram_family(
+        self, points: dict[bytes, float | HistogramValue], known: dict[bytes, _Entry], kept: dict[bytes, _Entry]
+    ) -> bytes:
+        """A histogram family's Metric fields: each series' kept bytes if its value did not
+        change (kernel histograms are sparse: most of them do not change from one cycle to the
+        next on a real node), else its message anew.  Values that are not histograms are left
+        out.  The common case (counts below 2^28, one count per bucket) is written out here; the
+        rest goes through histogram_message()."""
+        mode = self.histograms
+        classic_wanted = mode != NATIVE
+        chunks = []
+        append = chunks.append
+        known_get = known.get
+        layout: _Layout | None = None
+        for labels, value in points.items():
+            entry = known_get(labels)
+            if value.__class__ is not HistogramValue and not isinstance(value, HistogramValue):
+                continue  # a point whose value does not fit its metric's kind
+            bounds, counts = value.bounds, value.counts  # type: ignore[union-attr]
+            if entry is not None:
+                last = entry.value
+                if last.counts == counts and last.sum == value.sum and last.bounds == bounds:  # type: ignore[union-attr]
+                    kept[labels] = entry
+                    append(entry.chunk)
+                    continue
+            if layout is None or layout.bounds is not bounds:
+                layout = self._layout(bounds)
+            total = sum(counts)
+            first = layout.first if mode != CLASSIC else None
+            if len(counts) != layout.buckets or total >= _LIMIT_4 or not bounds or min(counts) < 0:
+                body = histogram_message(value, mode, first, layout.classic)  # type: ignore[arg-type]
+            else:
+                body = _histogram_common(layout, counts, total, value.sum, classic_wanted or first is None, first)  # type: ignore[union-attr]
+            metric_bytes = labels + b"\x3a" + varint(len(body)) + body
+            chunk = b"\x22" + varint(len(metric_bytes)) + metric_bytes
+            if entry is None:
+                kept[labels] = _Entry(value, chunk)  # type: ignore[arg-type]
+            else:  # changed in place: no allocation per changed series
+                entry.value, entry.chunk = value, chunk  # type: ignore[assignment]
+                kept[labels] = entry
+            append(chunk)
+        return b"".join(chunks)
+
+
+def _histogram_common(
+    layout: _Layout, counts: tuple[int, ...], total: int, total_sum: float, classic: bool, first: int | None
+) -> bytes:
+    """histogram_message() of the common case: one count per bucket, none negative, the total
+    below 2^28 (the 4-byte _ClassicLayout), classic buckets if `classic`, native ones if `first`
+    is not None."""
+    parts = [b"\x08", varint(total), b"\x11", _pack_double(total_sum)]
+    if classic:
+        parts.append(layout.classic[0].buckets(accumulate(counts[:-1])))
+    if first is not None:
+        parts += (layout.native_head, varint(counts[0]))
+        low, high = 1, len(counts)
+        while low < high and not counts[low]:
+            low += 1
+        while high > low and not counts[high - 1]:
+            high -= 1
+        if low < high:
+            packed = _deltas(counts[low:high])
+            parts += (layout.spans[low * (layout.buckets + 1) + high], b"\x6a", varint(len(packed)), packed)
+    return b"".join(parts)
+
+
+def _deltas(window: tuple[int, ...]) -> bytes:
+    """The packed positive_delta varints of non-negative bucket counts (the first one's delta is
+    from 0)."""
+    pairs = zip(window, chain(_ZERO, window), strict=False)
+    if max(window) < _ZIGZAG_OFFSET:  # every delta has its varint in _ZIGZAG
+        zigzags = _ZIGZAG
+        return b"".join([zigzags[count - before + _ZIGZAG_OFFSET] for count, before in pairs])
+    return b"".join([varint(zigzag(count - before)) for count, before in pairs])
+
+
+_LIMIT_4 = 1 << 28  # counts that fit 4-byte varints (_ClassicLayout)
+_ZIGZAG_OFFSET = 1 << 13
+# varint(zigzag(d)) of -2^13 <= d < 2^13 at index d + 2^13: the native deltas of counts below 2^13.
+_ZIGZAG = [varint(zigzag(d - _ZIGZAG_OFFSET)) for d in range(2 * _ZIGZAG_OFFSET)]
+_ZERO = (0,)
+
+
+class _Layout:
+    """What every histogram with these bounds shares: its number of buckets, its native form
+    (native_indexes(); None if it has none), its classic buckets' 4- and 8-byte _ClassicLayouts,
+    the bytes of its native fields up to the zero count, and the positive_span field of every
+    window of non-empty buckets [low, high), at low * (buckets + 1) + high."""
+
+    __slots__ = ("bounds", "buckets", "classic", "first", "native_head", "spans")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = len(bounds) + 1
+        self.first = native_indexes(bounds)
+        self.classic = (_ClassicLayout(bounds, 4), _ClassicLayout(bounds, 8))
+        self.native_head = b""
+        self.spans: list[bytes] = []
+        if self.first is not None:
+            # schema 0, zero_threshold, then the zero_count's tag.
+            self.native_head = b"\x28\x00\x31" + _pack_double(bounds[0]) + b"\x38"
+            for low in range(self.buckets):
+                for high in range(self.buckets + 1):
+                    span = b"\x08" + varint(zigzag(self.first + low - 1)) + b"\x10" + varint(max(high - low, 0))
+                    self.spans.append(b"\x62" + _small[len(span)] + span)
