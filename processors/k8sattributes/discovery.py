@@ -198,6 +198,11 @@ class _Base:
     def _interrupt(self) -> None:
         """Unblock a blocking read so that stop() is prompt."""
 
+    def _pause(self, seconds: float) -> bool:
+        """Wait `seconds` before the next attempt (a backoff, a poll interval); True when
+        stop() came meanwhile.  The one place the thread waits, so tests can see its waits."""
+        return self._stop.wait(seconds)
+
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not self.store.synced and time.monotonic() < deadline and not self._stop.is_set():
@@ -251,6 +256,7 @@ class InformerDiscovery(_Base):
         self.lists = 0
         self.watches = 0
         self.relists_after_gone = 0
+        self.streamed = False  # the current (or last) watch delivered an event
         self._server: apiserver.ApiServer | None = None
         self._request: apiserver.Request | None = None
         self._request_lock = threading.Lock()
@@ -359,6 +365,7 @@ class InformerDiscovery(_Base):
         )
         self.watches += 1
         self._recovered()  # connected and streaming: whatever failed before works again
+        self.streamed = False
         events = 0
         try:
             for line in self._lines(request):
@@ -389,6 +396,7 @@ class InformerDiscovery(_Base):
                     version = str(new_version)
                     self.resource_version = version
                 events += 1
+                self.streamed = True
         finally:
             self._forget(request)
         return version, events
@@ -436,7 +444,13 @@ class InformerDiscovery(_Base):
                     break
                 message = apiserver.describe_error(error)
             self._error(message)
-            if self._stop.wait(backoff):
+            if self.streamed:
+                # The watch that broke had delivered events: the server works, and this is a
+                # new failure, not the next one of a run (an outage's 30 s would otherwise
+                # delay the reconnect after any later drop).
+                backoff = self.backoff_initial
+                self.streamed = False
+            if self._pause(backoff):
                 break
             backoff = min(backoff * 2, self.backoff_max)
 
@@ -520,7 +534,7 @@ class KubeletDiscovery(_Base):
                 self.store.replace(pods)
                 self.polls += 1
                 self._recovered()
-            if self._stop.wait(self.poll_interval):
+            if self._pause(self.poll_interval):
                 break
 
 
