@@ -76,6 +76,25 @@ def test_generations_and_no_op_updates() -> None:
     assert store.generation == 3 and len(store) == 0
 
 
+def test_a_complete_list_of_the_same_pods_is_not_a_new_generation() -> None:
+    """A kubelet poll (or a relist) that finds the pods as they were changes nothing readers
+    derived; one that finds any difference, or the first list (even an empty one), does."""
+    raw = [make_pod(f"p{i}", uid=f"{i}1111111-1111-1111-1111-111111111111") for i in range(3)]
+    store = PodStore()
+    store.replace([])
+    assert store.synced and store.generation == 1
+    store.replace([pod_from_json(p) for p in raw])
+    assert store.generation == 2
+    store.set_error("poll failed")
+    store.replace([pod_from_json(p) for p in reversed(raw)])  # decoded again, another order
+    assert store.generation == 2 and store.last_error == ""
+    raw[1]["metadata"]["labels"]["tier"] = "new"
+    store.replace([pod_from_json(p) for p in raw])
+    assert store.generation == 3 and dict(store.snapshot()[pod_from_json(raw[1]).uid].labels)["tier"] == "new"
+    store.replace([pod_from_json(p) for p in raw[:2]])
+    assert store.generation == 4 and len(store) == 2
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -147,9 +147,13 @@ class PodStore:
         self.generation += 1
 
     def replace(self, pods: Iterable[PodInfo]) -> None:
-        """A complete list (initial list, relist, kubelet poll)."""
+        """A complete list (initial list, relist, kubelet poll).  The same pods as before are
+        not a new generation: a kubelet poll every 30 s would otherwise make every reader
+        derive everything again (k8sattributes its labels, the exporters their label text)."""
+        by_uid = {p.uid: p for p in pods}
         with self._lock:
-            self._publish({p.uid: p for p in pods})
+            if not self.synced or by_uid != self._pods:
+                self._publish(by_uid)
             self.synced = True
             self.last_error = ""
             self.last_sync_monotonic = time.monotonic()
