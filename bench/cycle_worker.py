@@ -128,6 +128,12 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
     from kpod.config import load_config
 
     logging.basicConfig(level=logging.WARNING)
+    try:
+        from kpod import allocator  # as `kpod-metrics run` does, before any thread starts
+    except ImportError:
+        pass  # an older tree: glibc's defaults, as its agent had them
+    else:
+        allocator.tune()
     agent = Agent(load_config(config_path))
     pipeline = agent.pipeline
     pipeline.start()

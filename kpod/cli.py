@@ -156,7 +156,12 @@ def _effective(path: str | None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from kpod import allocator
+
+    tuned = allocator.tune()  # before any thread starts: see kpod/allocator.py
     setup_logging(args.log_format, args.log_level)
+    if not tuned:
+        logging.getLogger("kpod").debug("allocator: not glibc, its defaults stay")
     config = _load(args.config)
     if config is None:
         return 2
