@@ -5,8 +5,9 @@ and the agent's RSS over a long run at 110 pods.
     KPOD_BENCH_RSS_MINUTES=1 .venv/bin/python -m bench.scale      (a quick run; 0 skips the RSS run)
 
 The node, as root on this host (the machinery of bench/soak.py and tests/kernel_util.py):
-N kubepods-shaped pod cgroups (systemd driver, burstable QoS, containerd scopes) under the
-cgroup2 mount, alternately 2 and 1 containers per pod (1.5 N containers), each container with
+under a cgroup of the bench's own (the agent's cgroup root: nobody else's pods in its view),
+N kubepods-shaped pod cgroups (systemd driver, burstable QoS, containerd scopes) in that
+cgroup, alternately 2 and 1 containers per pod (1.5 N containers), each container with
 one live process: a bash loop waking once a second (`read -t 1`), so the eBPF receivers see
 scheduling and system calls in every container at a negligible load.  On this hybrid host the
 memory and blkio controllers live on v1, so the same relative paths are made there too and the
@@ -14,6 +15,13 @@ processes moved in, as a kubelet does on a hybrid node (the cgroup receivers rea
 blkio files there).  The fake API server (tests/fake_apiserver.py) serves the N pods, and the
 agent runs as its own process (`kpod-metrics run`, informer mode, comprehensive profile, poll
 1 s, Prometheus exporter), so every pod's series are labelled as on a node.
+
+The agent reaches the API server the way it does in a pod: KUBERNETES_SERVICE_HOST/PORT, a
+service account directory with a token and a CA (apiserver.SERVICE_ACCOUNT_DIR pointed at a
+temporary one), HTTPS with a certificate that CA signed (tests/fake_kubelet.make_certs).  With a
+kubeconfig instead it would import the `kubernetes` package to read it, some 22 MiB of RSS that
+no pod pays.  The RSS run is made in both discovery modes a node can use: informer, and kubelet
+(a fake kubelet's /pods over HTTPS with the same token and CA, the same pods).
 
 Cycle wall time: nothing added to the agent.  The agent's loop already times each cycle
 (refresh + collection + processors + export, i.e. render) and logs it at debug level
@@ -40,6 +48,7 @@ import contextlib
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -49,14 +58,15 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from agent_proc import AgentProcess, full_profile, rss_kib  # noqa: E402
-from fake_apiserver import FakeApiServer, make_pod  # noqa: E402
-from helpers import free_port  # noqa: E402
+from agent_proc import AgentProcess, clean_env, full_profile, rss_kib  # noqa: E402
+from fake_apiserver import FakeApiServer, Pod, make_pod  # noqa: E402
+from fake_kubelet import FakeKubelet, make_certs  # noqa: E402
+from helpers import free_port, server_tls  # noqa: E402
 from kernel_util import CgroupTree, cgroup2_root, mounts  # noqa: E402
 
 from bench import sections  # noqa: E402
@@ -72,6 +82,13 @@ SCRAPES = 200
 RSS_PODS = 110
 RSS_SAMPLE_S = 10.0
 RSS_WARMUP_S = 60.0
+RSS_MODES = ("informer", "kubelet")
+# Targets of issue 17 for the agent's RSS at RSS_PODS pods, by discovery mode.
+RSS_TARGET_MIB = {"informer": 50.0, "kubelet": 40.0}
+CPU_TARGET_MS = {110: 40.0, 250: 90.0}  # issue 17: CPU per cycle, comprehensive profile
+KUBELET_POLL = "10s"  # the default is 30 s; more polls within a short run
+TOKEN = "scale-token"
+KUBERNETES_IMPORTED = "kpod-bench: the kubernetes package was imported"
 # Targets of issue 2 (bench.core measures them on a synthetic batch; here on a real agent).
 SCRAPE_P50_TARGET_MS = 2.0
 SCRAPE_TARGET_PODS = 110
@@ -119,6 +136,7 @@ class SizeResult:
 class RssResult:
     minutes: float
     pods: int
+    mode: str = "informer"
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since ready, KiB)
     cycles: int = 0
     load_before: float = 0.0
@@ -148,6 +166,59 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
 
+class _PodSink(Protocol):
+    def add_pod(self, pod: Pod) -> Pod: ...
+
+
+class Cluster:
+    """The API server and the kubelet as a pod sees them: HTTPS with a certificate signed by
+    the CA in a service account directory that also holds the token, the same pods in both.
+
+    `env()` and `account_dir` are what an agent needs to run in-cluster; `stop()` ends both
+    servers (the temporary files are the caller's workdir)."""
+
+    def __init__(self, workdir: Path) -> None:
+        certs = make_certs(workdir)
+        self.account_dir = workdir / "serviceaccount"
+        self.account_dir.mkdir()
+        (self.account_dir / "token").write_text(TOKEN + "\n")
+        (self.account_dir / "ca.crt").write_text(Path(certs.ca).read_text())
+        tls = server_tls(certs.cert, certs.key)
+        self.api = FakeApiServer(token=TOKEN, tls=tls)
+        self.kubelet = FakeKubelet(token=TOKEN, certs=certs)
+
+    def start(self) -> Cluster:
+        self.api.start()
+        try:
+            self.kubelet.start()
+        except Exception:
+            self.api.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.kubelet.stop()
+        self.api.stop()
+
+    def add_pod(self, pod: Pod) -> Pod:
+        self.kubelet.pods.append(pod)
+        return self.api.add_pod(pod)
+
+    def env(self) -> dict[str, str]:
+        """The agent's environment in a pod (the service's address), on top of a clean one."""
+        return clean_env({"KUBERNETES_SERVICE_HOST": self.api.host, "KUBERNETES_SERVICE_PORT": str(self.api.port)})
+
+    def discovery(self, mode: str) -> str:
+        """The `kpod.discovery` setting of `mode`, as YAML flow."""
+        if mode == "informer":
+            return "{mode: informer}"
+        token, ca = self.account_dir / "token", self.account_dir / "ca.crt"
+        return (
+            f"{{mode: kubelet, kubelet: {{url: '{self.kubelet.url}', poll_interval: {KUBELET_POLL},"
+            f" token_file: '{token}', ca_file: '{ca}'}}}}"
+        )
+
+
 class _Node:
     """The pods of the fake node: cgroups (cgroup2 + v1 mirrors), processes, API objects.
 
@@ -155,10 +226,15 @@ class _Node:
     only the bash we started) and removes exactly the cgroups we made.
     """
 
-    def __init__(self, api: FakeApiServer, workload: str = WORKLOAD) -> None:
+    def __init__(self, api: _PodSink, workload: str = WORKLOAD) -> None:
         self.api = api
         self.workload = workload
-        self.root = Path(cgroup2_root())
+        # A cgroup of its own under the cgroup2 root holds this node's kubepods.slice, and the
+        # agent's cgroup root is that cgroup: other sessions on the machine build kubepods
+        # trees at the real root, and the agent would read their pods' files too.  The v1
+        # mirrors keep the relative paths (from kubepods.slice), as the agent looks them up.
+        self.top = CgroupTree(Path(cgroup2_root()))
+        self.root = self.top.mkdir(f"kpod-bench-{uuid.uuid4().hex[:12]}")
         self.tree = CgroupTree(self.root)
         v1 = mounts().v1
         self.mirrors = [CgroupTree(Path(v1[c])) for c in V1_CONTROLLERS if c in v1]
@@ -202,7 +278,7 @@ class _Node:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
         self.procs.clear()
-        for tree in (self.tree, *self.mirrors):
+        for tree in (self.tree, *self.mirrors, self.top):
             tree.cleanup()
 
 
@@ -212,15 +288,28 @@ def _scope_name() -> str:
 
 class _TimedAgent(AgentProcess):
     """The agent with only the `kpod.agent` logger at debug: one "cycle N: P points in X s" line
-    per cycle in its log, and otherwise exactly `kpod-metrics run`."""
+    per cycle in its log, and otherwise exactly `kpod-metrics run`.  `account_dir`: the
+    service account directory the in-cluster config reads instead of the real one."""
+
+    account_dir: Path | None = None
 
     def start(self) -> _TimedAgent:
         config = self.workdir / f"config-{self.port}.yaml"
         config.write_text(self.config_text)
+        account = ""
+        if self.account_dir is not None:
+            account = (
+                "from kpod.processors.k8sattributes import apiserver\n"
+                f"apiserver.SERVICE_ACCOUNT_DIR = {str(self.account_dir)!r}\n"
+            )
         bootstrap = (
             "import logging, sys\n"
             "logging.getLogger('kpod.agent').setLevel(logging.DEBUG)\n"
-            "from kpod.cli import main\n"
+            # Says in the log if anything imports the `kubernetes` package (then goes on).
+            "class _Watch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name == 'kubernetes': print({KUBERNETES_IMPORTED!r}, file=sys.stderr, flush=True)\n"
+            "sys.meta_path.insert(0, _Watch())\n" + account + "from kpod.cli import main\n"
             f"sys.exit(main(['run', '--config', {str(config)!r}, '--log-level', 'info']))\n"
         )
         with open(self.log_path, "wb") as log:
@@ -247,18 +336,27 @@ class _TimedAgent(AgentProcess):
         raise RuntimeError(f"fewer than {count} cycles logged in time:\n{self.log()[-3000:]}")
 
 
-def _start_agent(workdir: Path, kubeconfig: str, root: str) -> _TimedAgent:
+def _start_agent(workdir: Path, cluster: Cluster, root: str, mode: str = "informer") -> _TimedAgent:
+    """The agent in a pod of `cluster`: in-cluster config (no kubeconfig), discovery `mode`."""
     port = free_port()
     profile = full_profile()
     config = (
-        f"kpod: {{profile: {profile}, poll_interval: {POLL_S:g}s, node_name: {NODE}, discovery: {{mode: informer}},"
+        f"kpod: {{profile: {profile}, poll_interval: {POLL_S:g}s, node_name: {NODE},"
+        f" discovery: {cluster.discovery(mode)},"
         f" cgroup: {{root: {root}}}, filter: {{exclude_namespaces: []}}}}\n"
-        f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}'}}\n"
         f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
     )
-    agent = _TimedAgent(config, workdir, port).start()
+    agent = _TimedAgent(config, workdir, port, env=cluster.env())
+    agent.account_dir = cluster.account_dir
+    agent.start()
     agent.wait_ready(90)
     return agent
+
+
+def _check_no_client(agent: _TimedAgent) -> None:
+    """In a pod the agent must not import the `kubernetes` package: its RSS would not be a pod's."""
+    if KUBERNETES_IMPORTED in agent.log():
+        raise RuntimeError(f"the agent imported the `kubernetes` package in-cluster:\n{agent.log()[-3000:]}")
 
 
 POD_LABEL = re.compile(rb'pod="(scale-\d+)"')
@@ -299,10 +397,10 @@ def _scrapes(agent: AgentProcess, gzip: bool, count: int) -> tuple[list[float], 
     return samples, size
 
 
-def measure_size(node: _Node, pods: int, workdir: Path, kubeconfig: str, log=print) -> SizeResult:  # type: ignore[no-untyped-def]
+def measure_size(node: _Node, pods: int, workdir: Path, cluster: Cluster, log=print) -> SizeResult:  # type: ignore[no-untyped-def]
     node.grow(pods)
     result = SizeResult(pods=pods, containers=node.containers, load_before=_load1())
-    agent = _start_agent(workdir, kubeconfig, str(node.root))
+    agent = _start_agent(workdir, cluster, str(node.root))
     try:
         result.labelled_pods = _wait_labelled(agent, pods)
         agent.wait_cycles(3)  # a few cycles past labelling: caches warm, BPF maps populated
@@ -333,18 +431,22 @@ def measure_size(node: _Node, pods: int, workdir: Path, kubeconfig: str, log=pri
         result.gzip_ms, result.gzip_bytes = _scrapes(agent, gzip=True, count=SCRAPES)
         result.rss_mib = rss_kib(agent.pid) / 1024
         result.load_after = _load1()
+        _check_no_client(agent)
     finally:
         agent.stop()
     return result
 
 
-def measure_rss(node: _Node, minutes: float, workdir: Path, kubeconfig: str, log=print) -> RssResult:  # type: ignore[no-untyped-def]
-    """A fresh agent at RSS_PODS pods for `minutes`: RSS every 10 s, one gzip scrape per sample
-    (as Prometheus would scrape it)."""
+def measure_rss(node: _Node, minutes: float, workdir: Path, cluster: Cluster, mode: str, log=print) -> RssResult:  # type: ignore[no-untyped-def]
+    """A fresh agent at RSS_PODS pods for `minutes`, discovery `mode`: RSS every 10 s, one gzip
+    scrape per sample (as Prometheus would scrape it)."""
     node.grow(RSS_PODS)
-    result = RssResult(minutes=minutes, pods=RSS_PODS, load_before=_load1())
-    agent = _start_agent(workdir, kubeconfig, str(node.root))
+    result = RssResult(minutes=minutes, pods=RSS_PODS, mode=mode, load_before=_load1())
+    agent = _start_agent(workdir, cluster, str(node.root), mode)
     try:
+        labelled = _wait_labelled(agent, RSS_PODS)
+        if labelled < RSS_PODS:
+            raise RuntimeError(f"{mode}: only {labelled} of {RSS_PODS} pods labelled:\n{agent.log()[-3000:]}")
         ready = time.monotonic()
         end = ready + minutes * 60
         tick = ready
@@ -352,7 +454,7 @@ def measure_rss(node: _Node, minutes: float, workdir: Path, kubeconfig: str, log
             agent.get("/metrics", headers={"Accept-Encoding": "gzip"}, timeout=30)
             result.samples.append((time.monotonic() - ready, rss_kib(agent.pid)))
             if len(result.samples) % 6 == 0:
-                log(f"  RSS at {result.samples[-1][0]:.0f} s: {result.samples[-1][1] / 1024:.1f} MiB")
+                log(f"  {mode} RSS at {result.samples[-1][0]:.0f} s: {result.samples[-1][1] / 1024:.1f} MiB")
             if not agent.alive():
                 raise RuntimeError(f"agent died:\n{agent.log()[-3000:]}")
             tick += RSS_SAMPLE_S
@@ -361,51 +463,53 @@ def measure_rss(node: _Node, minutes: float, workdir: Path, kubeconfig: str, log
             time.sleep(max(0.0, tick - time.monotonic()))
         result.cycles = len(agent.cycle_lines())
         result.load_after = _load1()
+        _check_no_client(agent)
     finally:
         agent.stop()
     return result
 
 
-def run(sizes: tuple[int, ...], rss_minutes: float, log=print) -> tuple[list[SizeResult], RssResult | None]:  # type: ignore[no-untyped-def]
+def run(sizes: tuple[int, ...], rss_minutes: float, log=print) -> tuple[list[SizeResult], list[RssResult]]:  # type: ignore[no-untyped-def]
     """Sizes in increasing order (the node grows; pods are never removed in between); the RSS
-    run happens when the node has RSS_PODS pods.  Cleans up everything, also on failure."""
+    runs (one per discovery mode) happen when the node has RSS_PODS pods.  Cleans up
+    everything, also on failure."""
     results: list[SizeResult] = []
-    rss: RssResult | None = None
+    rss: list[RssResult] = []
     workdir = Path(tempfile.mkdtemp(prefix="kpod-scale-"))
-    api = FakeApiServer().start()
+    cluster: Cluster | None = None
     node: _Node | None = None
     try:
-        node = _Node(api)
-        kubeconfig = api.write_kubeconfig(str(workdir / "kubeconfig"))
+        cluster = Cluster(workdir).start()
+        node = _Node(cluster)
+
+        def rss_runs() -> None:
+            for mode in RSS_MODES:
+                rss.append(measure_rss(node, rss_minutes, workdir, cluster, mode, log))
+
         rss_done = rss_minutes <= 0
         for pods in sorted(sizes):
             if not rss_done and pods > RSS_PODS:
-                rss = measure_rss(node, rss_minutes, workdir, kubeconfig, log)
+                rss_runs()
                 rss_done = True
             log(f"{pods} pods ...")
-            results.append(measure_size(node, pods, workdir, kubeconfig, log))
+            results.append(measure_size(node, pods, workdir, cluster, log))
             if not rss_done and pods == RSS_PODS:
-                rss = measure_rss(node, rss_minutes, workdir, kubeconfig, log)
+                rss_runs()
                 rss_done = True
         if not rss_done:
-            rss = measure_rss(node, rss_minutes, workdir, kubeconfig, log)
+            rss_runs()
     finally:
         if node is not None:
             node.close()
-        api.stop()
-        for path in sorted(workdir.glob("*"), reverse=True):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            workdir.rmdir()
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return results, rss
 
 
 def render(data: dict[str, Any]) -> str:
     results = [SizeResult(**r) for r in data["sizes"]]
-    rss = None
-    if data.get("rss"):
-        rss = RssResult(**{**data["rss"], "samples": [tuple(x) for x in data["rss"]["samples"]]})
+    rss = [RssResult(**{**run, "samples": [tuple(x) for x in run["samples"]]}) for run in data.get("rss") or ()]
     poll_s = data["poll_s"]
     rows = []
     for r in results:
@@ -454,45 +558,29 @@ def render(data: dict[str, Any]) -> str:
             f"- scrapes of a body under one loopback segment ({LOOPBACK_MSS:,} bytes) slower than "
             f"{SLOW_SCRAPE_MS:g} ms: " + ", ".join(slow)
         )
-    rss_text = "RSS run: skipped (KPOD_BENCH_RSS_MINUTES=0)."
-    if rss is not None and rss.samples:
-        kib = [k for _, k in rss.samples]
-        sample_s, warmup_s = data["rss_sample_s"], data["rss_warmup_s"]
-        warm = rss.at(min(warmup_s, rss.minutes * 60 / 2))
-        end = kib[-1]
-        minute_marks = " ".join(
-            f"{t / 60:.0f}m:{k / 1024:.1f}" for t, k in rss.samples if round(t) % 60 < sample_s / 2
-        )
-        warm_s = min(warmup_s, rss.minutes * 30)
-        figures = (
-            f"| {kib[0] / 1024:.1f} MiB | {warm / 1024:.1f} MiB | {end / 1024:.1f} MiB "
-            f"| {max(kib) / 1024:.1f} MiB | {(end - warm) / 1024:+.2f} MiB |"
-        )
-        rss_text = f"""### RSS over {rss.minutes:g} minutes at {rss.pods} pods
-
-A fresh agent, RSS sampled every {sample_s:g} s from readiness on, one gzip scrape of /metrics
-before each sample; {rss.cycles} cycles; load average {rss.load_before:.1f} before, {rss.load_after:.1f} after.
-
-| start (ready) | after warm-up ({warm_s:.0f} s) | end | max | growth after warm-up |
-|---:|---:|---:|---:|---:|
-{figures}
-
-Per minute (MiB): {minute_marks}
-"""
+    for r in results:
+        target = CPU_TARGET_MS.get(r.pods)
+        if target is not None:
+            targets.append(
+                f"- CPU per cycle <= {target:g} ms at {r.pods} pods (issue 17): {r.cpu_ms_per_cycle:.0f} ms: "
+                + ("met" if r.cpu_ms_per_cycle <= target else "**missed**")
+            )
+    rss_text = _render_rss(rss, data["rss_sample_s"], data["rss_warmup_s"], targets)
     sizes = ", ".join(str(r.pods) for r in results)
     return f"""## Scale: cycle time, CPU, scrape latency at {sizes} pods; RSS over time
 
 - Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio mirrors where the host has them),
   alternately 2 and 1 containers per pod, a live process per container waking once a second; the
-  pods served by tests/fake_apiserver.py; the agent as its own process, informer mode,
-  {data["profile"]} profile, poll {poll_s:g} s, Prometheus exporter; Python {data["python"]}.
+  pods served by tests/fake_apiserver.py over HTTPS; the agent as its own process, in-cluster
+  (service account token and CA), informer mode, {data["profile"]} profile, poll {poll_s:g} s,
+  Prometheus exporter; Python {data["python"]}.
 - Cycle: the agent's own timing of run_cycle (cgroup walk, every receiver, k8sattributes, render),
   read from its `kpod.agent` debug line; median and p99 of {data["cycles"]} consecutive cycles.  CPU per
   cycle: the agent's utime+stime (the process_cpu_seconds_total counter) over those cycles / cycles,
   with nothing scraping.  Scrapes: {data["scrapes"]} GETs of /metrics per encoding on one keep-alive
   loopback connection while the agent cycles.  Load: the load average before / after each size.
-- Targets: issue 2's scrape p50 <= {SCRAPE_P50_TARGET_MS:g} ms at {SCRAPE_TARGET_PODS} pods, and a cycle
-  shorter than the poll interval.
+- Targets: issue 2's scrape p50 <= {SCRAPE_P50_TARGET_MS:g} ms at {SCRAPE_TARGET_PODS} pods, a cycle
+  shorter than the poll interval; issue 17's CPU per cycle and RSS.
 
 {HEADER}
 {chr(10).join(rows)}
@@ -510,6 +598,49 @@ Against the targets:
 {chr(10).join(targets)}
 
 {rss_text}"""
+
+
+def _render_rss(runs: list[RssResult], sample_s: float, warmup_s: float, targets: list[str]) -> str:
+    """The RSS runs' table (one row per discovery mode); appends their targets to `targets`."""
+    runs = [run for run in runs if run.samples]
+    if not runs:
+        return "RSS run: skipped (KPOD_BENCH_RSS_MINUTES=0)."
+    rows, marks = [], []
+    for run in runs:
+        kib = [k for _, k in run.samples]
+        warm = run.at(min(warmup_s, run.minutes * 60 / 2))
+        end = kib[-1]
+        rows.append(
+            f"| {run.mode} | {kib[0] / 1024:.1f} MiB | {warm / 1024:.1f} MiB | {end / 1024:.1f} MiB "
+            f"| {max(kib) / 1024:.1f} MiB | {(end - warm) / 1024:+.2f} MiB | {run.cycles} "
+            f"| {run.load_before:.1f} / {run.load_after:.1f} |"
+        )
+        marks.append(
+            f"- {run.mode}: "
+            + " ".join(f"{t / 60:.0f}m:{k / 1024:.1f}" for t, k in run.samples if round(t) % 60 < sample_s / 2)
+        )
+        target = RSS_TARGET_MIB.get(run.mode)
+        if target is not None:
+            targets.append(
+                f"- RSS <= {target:g} MiB at {run.pods} pods, {run.mode} mode (issue 17): "
+                f"max {max(kib) / 1024:.1f} MiB over {run.minutes:g} min: "
+                + ("met" if max(kib) / 1024 <= target else "**missed**")
+            )
+    minutes = ", ".join(f"{run.minutes:g}" for run in runs)
+    warm_s = min(warmup_s, runs[0].minutes * 30)
+    return f"""### RSS over {minutes} minutes at {runs[0].pods} pods, by discovery mode
+
+A fresh agent per mode, in-cluster (service account token and CA, no kubeconfig), once every pod
+is labelled: RSS sampled every {sample_s:g} s, one gzip scrape of /metrics before each sample.
+
+| discovery | start (labelled) | after warm-up ({warm_s:.0f} s) | end | max | growth after warm-up | cycles | load |
+|---|---:|---:|---:|---:|---:|---:|---|
+{chr(10).join(rows)}
+
+Per minute (MiB):
+
+{chr(10).join(marks)}
+"""
 
 
 HEADER = (
@@ -532,7 +663,7 @@ def measure(sizes: tuple[int, ...] = SIZES, rss_minutes: float | None = None) ->
         command += f" --rss-minutes {minutes:g}"
     data = {
         "sizes": [asdict(r) for r in results],
-        "rss": rss and asdict(rss),
+        "rss": [asdict(run) for run in rss],
         "profile": full_profile(),
         "python": platform.python_version(),
         "poll_s": POLL_S,

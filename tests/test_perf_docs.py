@@ -278,8 +278,8 @@ def _samples() -> dict[str, dict[str, Any]]:
         },
         "scale": {
             "sizes": [size, {**size, "pods": 110, "containers": 165, "series": 7512, "rss_mib": 67.0}],
-            "rss": {"minutes": 1.0, "pods": 110, "samples": [[0.0, 57_344], [30.0, 68_608], [60.0, 70_246]],
-                    "cycles": 61, "load_before": 1.6, "load_after": 1.9},
+            "rss": [{"minutes": 1.0, "pods": 110, "mode": mode, "cycles": 61, "load_before": 1.6, "load_after": 1.9,
+                     "samples": [[0.0, 57_344], [30.0, 68_608], [60.0, 70_246]]} for mode in ("informer", "kubelet")],
             "profile": "comprehensive", "python": "3.11.7", "poll_s": 1.0, "cycles": 3, "status_cycles": 2,
             "scrapes": 2, "rss_sample_s": 10.0, "rss_warmup_s": 60.0,
         },
