@@ -44,9 +44,14 @@ class CgroupMountsView(Protocol):
     def layout(self) -> str: ...
 
 
+class CycleReadsView(Protocol):
+    def read_text(self, path: str, max_record: int = 0) -> str: ...
+
+
 class Cgroups(Protocol):
     """The cgroup index every component gets in its Context: kpod.cgroup.index.CgroupIndex,
-    built by the agent.  The framework itself only refreshes it and asks which ids exist."""
+    built by the agent.  The framework itself only begins cycles, refreshes it and asks which
+    ids exist."""
 
     @property
     def root(self) -> str: ...
@@ -57,6 +62,13 @@ class Cgroups(Protocol):
     @property
     def ebpf_unattributable(self) -> str:
         """Why eBPF events (cgroup2 ids) cannot be attributed to this tree's cgroups; "" if they can."""
+        ...
+
+    @property
+    def reads(self) -> CycleReadsView: ...
+
+    def new_cycle(self) -> None:
+        """A cycle begins: files read once per cycle (reads) are read again from now."""
         ...
 
     def abspath(self, path: str) -> str: ...

@@ -134,6 +134,7 @@ class Pipeline:
         if timeout_s is None:
             configured = self.settings.cycle_timeout.seconds
             timeout_s = configured or self.settings.poll_interval.seconds
+        self.cgroups.new_cycle()
         self.cgroups.refresh()
         self.scheduler.collect_due(started, timeout_s)
 

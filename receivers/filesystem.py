@@ -3,7 +3,8 @@
 Per container (leaf cgroup) with a live process, from that process's view of the world:
 
   * <proc_root>/<pid>/mountinfo lists the container's mounts (its root overlay, volumes,
-    emptyDirs, tmpfs mounts);
+    emptyDirs, tmpfs mounts); kept open and read again only when the kernel reports a change
+    (kpod.cgroup.mounttables);
   * statvfs(<proc_root>/<pid>/root/<mountpoint>) measures each one in the container's own
     mount namespace, so nothing has to be mounted or entered by the agent.
 
@@ -42,6 +43,7 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 
 from kpod.cgroup.files import CgroupFileReceiver, read_text
+from kpod.cgroup.mounttables import MountTables
 from kpod.cgroup.parsers import MountInfo, parse_mountinfo, unescape_mountinfo
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.kernel.preflight import capability_gaps
@@ -169,6 +171,8 @@ class FilesystemReceiver(CgroupFileReceiver):
         # The host's mount table (for overlays' upper layers): read at most once per cycle,
         # and only when a container's mount table changed.
         self._host_mounts: list[MountInfo] | None = None
+        # Each container's mountinfo, kept open and read again only when it changed.
+        self._tables = MountTables(self.proc_root)
 
     def preflight(self) -> str | None:
         if not os.path.exists(f"{self.proc_root}/1/mountinfo"):
@@ -186,6 +190,12 @@ class FilesystemReceiver(CgroupFileReceiver):
         for line in capability_gaps(CAPABILITY_LOSSES):
             self.log.warning(line)
 
+    def shutdown(self) -> None:
+        self._tables.close()
+
+    def status(self) -> dict[str, object]:
+        return {"mount_tables_kept": self._tables.kept, "mount_tables_read": self._tables.reads}
+
     def collect(self) -> Batch:
         batch = Batch()
         # (device, root inside the filesystem) -> statvfs result, or None for a regular file.
@@ -194,10 +204,12 @@ class FilesystemReceiver(CgroupFileReceiver):
         measured: dict[tuple[tuple[int, int], str], os.statvfs_result | None] = {}
         live: set[int] = set()
         self._host_mounts = None
+        self._tables.begin()
         for ref in self.context.cgroups.workloads():
             pids = self._pids(ref)
             if pids:
                 self._collect_container(ref, pids, batch, measured, live)
+        self._tables.end()
         # Forget the mount tables of processes that were not read this cycle.
         for pid in self._mount_cache.keys() - live:
             del self._mount_cache[pid]
@@ -235,13 +247,9 @@ class FilesystemReceiver(CgroupFileReceiver):
     ) -> None:
         # Any process of the container sees the container's mounts; the first one that is
         # still alive will do.  Its exit between the reads is the usual "pod ended" error.
-        for pid in pids:
-            try:
-                text = read_text(f"{self.proc_root}/{pid}/mountinfo")
-                break
-            except OSError:
-                continue
-        else:
+        try:
+            pid, text = self._tables.read(ref.id, pids)
+        except OSError:
             self._error()
             return
         live.add(pid)

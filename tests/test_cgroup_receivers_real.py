@@ -496,3 +496,140 @@ def test_pressure_measures_cpu_contention(scratch: Scratch) -> None:
     # One of the two waits whenever the other runs: "some" stall of about the whole second.
     print(f"\npressure: cpu some +{after - before:.3f} s for two hogs sharing one CPU for 1 s ({MOUNTS.layout})")
     assert after - before >= 0.3, (before, after)
+
+
+# ------------------------------------------------------------------------------------------ shared reads
+
+# A container in its own mount namespace that mounts a tmpfs when told to ("mount"), and
+# unmounts it again ("umount").
+_REMOUNTER = r"""
+echo ready
+while read line; do
+  case "$line" in
+    mount) mount -t tmpfs -o size=4m kpodlate "$1";;
+    umount) umount "$1";;
+  esac
+  echo done
+done
+"""
+
+
+@contextlib.contextmanager
+def _opens(paths: list[str]) -> Iterator[None]:
+    """Appends to `paths` every file this process opens while the context is active."""
+    active = [True]
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if active[0] and event == "open" and isinstance(args[0], (str, bytes)):
+            paths.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(hook)  # audit hooks cannot be removed: this one goes quiet instead
+    try:
+        yield
+    finally:
+        active[0] = False
+
+
+@needs_root_and_cgroup2
+def test_mount_tables_are_read_again_only_after_a_mount_change(scratch: Scratch, tmp_path: Path) -> None:
+    """The filesystem receiver keeps each container's mountinfo open and reads it again only
+    when the kernel reports a change: a tmpfs mounted (then unmounted) in the container between
+    two collections shows (then goes) at the next one, and collections in between open no
+    mountinfo.  When the process leaves, its table is closed (the namespace is not held)."""
+    require_tools("unshare")
+    s = scratch
+    late = tmp_path / "late"
+    late.mkdir()
+    base, pods = _pod_tree(s, pods=1, containers=1)
+    container = pods[0][0]
+    proc = s.spawn(["unshare", "-m", "--propagation", "private", "sh", "-c", _REMOUNTER, "sh", str(late)],
+                   [container])  # fmt: skip
+    assert proc.stdin and proc.stdout and proc.stdout.readline().strip() == "ready"
+
+    def tell(command: str) -> None:
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(command + "\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+
+    index = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base))
+    index.refresh()
+    receiver = FilesystemReceiver(make_context("filesystem", index), FilesystemConfig())
+    path = container[len(base) :]
+    mountinfo = f"/proc/{proc.pid}/mountinfo"
+
+    def collect() -> tuple[set[str], list[str]]:
+        opened: list[str] = []
+        with _opens(opened):
+            got = _series(receiver.collect())
+        return {dict(k[2])["mountpoint"] for k in got if k[1] == path}, opened
+
+    try:
+        first, opened = collect()
+        assert str(late) not in first and mountinfo in opened
+        assert receiver.status() == {"mount_tables_kept": 1, "mount_tables_read": 1}
+        again, opened = collect()
+        assert again == first and mountinfo not in opened
+        assert receiver.status()["mount_tables_read"] == 1
+        tell("mount")
+        mounted, opened = collect()
+        assert mounted == first | {str(late)} and mountinfo not in opened  # read again, not reopened
+        assert receiver.status()["mount_tables_read"] == 2
+        truth = Path(mountinfo).read_text()
+        assert f" {late} " in truth and " kpodlate " in truth
+        tell("umount")
+        assert collect()[0] == first
+        assert receiver.status()["mount_tables_read"] == 3
+        # The process leaves the container: its table is closed, nothing is kept.
+        Path(base, "cgroup.procs").write_text(str(proc.pid))
+        assert collect()[0] == set()
+        assert receiver.status()["mount_tables_kept"] == 0
+        assert not any(os.readlink(f"/proc/self/fd/{fd}") == mountinfo for fd in os.listdir("/proc/self/fd")
+                       if os.path.exists(f"/proc/self/fd/{fd}"))  # fmt: skip
+    finally:
+        receiver.shutdown()
+
+
+@needs_root_and_cgroup2
+def test_cgroup_procs_is_read_once_per_cycle_by_filesystem_and_net_iface(scratch: Scratch) -> None:
+    """Within one cycle (index.new_cycle(), as the pipeline does), filesystem and net_iface
+    read each container's cgroup.procs once between them; the next cycle reads it again and
+    sees a process that moved in meanwhile."""
+    s = scratch
+    base, pods = _pod_tree(s, pods=2, containers=1)
+    index = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base))
+    index.refresh()
+    filesystem = FilesystemReceiver(make_context("filesystem", index), FilesystemConfig())
+    net = NetIfaceReceiver(make_context("net_iface", index), NetIfaceConfig(host_netns_path="/proc/self/ns/net"))
+    net.start()
+    procs = [f"{group[0]}/cgroup.procs" for group in pods]
+    first = s.spawn([sys.executable, "-c", "import sys; sys.stdin.readline()"], [pods[0][0]])
+
+    def cycle() -> tuple[list[str], set[str]]:
+        index.new_cycle()
+        opened: list[str] = []
+        with _opens(opened):
+            got = _series(filesystem.collect())
+            net.collect()
+        return [p for p in opened if p.endswith("/cgroup.procs")], {k[1] for k in got}
+
+    try:
+        opened, containers = cycle()
+        assert sorted(opened) == sorted(procs)  # two readers, each file once
+        assert containers == {pods[0][0][len(base) :]}
+        second = s.spawn([sys.executable, "-c", "import sys; sys.stdin.readline()"], [pods[1][0]])
+        opened, containers = cycle()
+        assert sorted(opened) == sorted(procs)
+        assert containers == {group[0][len(base) :] for group in pods}  # the moved-in process is seen
+        assert first.poll() is None and second.poll() is None
+        # Without cycles (a receiver driven by hand), every read goes to the file.
+        fresh = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base))
+        fresh.refresh()
+        opened = []
+        with _opens(opened):
+            FilesystemReceiver(make_context("filesystem", fresh), FilesystemConfig()).collect()
+            host = NetIfaceConfig(host_netns_path="/proc/self/ns/net")
+            NetIfaceReceiver(make_context("net_iface", fresh), host).collect()
+        assert sorted(p for p in opened if p.endswith("/cgroup.procs")) == sorted(procs * 2)
+    finally:
+        filesystem.shutdown()

@@ -81,6 +81,40 @@ def read_record(path: str) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
+class CycleReads:
+    """Files that several receivers read in one cycle, read once per cycle: a container's
+    cgroup.procs, which filesystem and net_iface both need.  A cycle is the pipeline's: it
+    calls `new_cycle()` as each one begins, and until it first does (a receiver driven by
+    hand, in a test) every read goes to the file.
+
+    An error is remembered like a text, so each receiver still counts its own.  Receivers run
+    in threads: two that ask for one path at the same moment may both read it (the same
+    text); the dict operations themselves are atomic.
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str | OSError] | None = None
+
+    def new_cycle(self) -> None:
+        self._texts = {}
+
+    def read_text(self, path: str, max_record: int = 0) -> str:
+        """read_text(path, max_record), at most once per cycle.  Raises OSError."""
+        texts = self._texts
+        if texts is None:
+            return read_text(path, max_record)
+        found = texts.get(path)
+        if found is None:
+            try:
+                found = read_text(path, max_record)
+            except OSError as error:
+                found = error
+            texts[path] = found
+        if isinstance(found, OSError):
+            raise found.with_traceback(None)
+        return found
+
+
 def v1_path(mounts: CgroupMounts, controller: str, cgroup_path: str) -> str | None:
     """The v1 directory of `controller` for a cgroup2-relative path, on hybrid hosts.
 
@@ -127,14 +161,24 @@ class CgroupFileReceiver(Receiver):
             COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, labels=(("receiver", self.id),), amount=amount
         )
 
-    def _read(self, path: str, cgroup_dir: str | None = None, record: bool = False, max_record: int = 0) -> str | None:
+    def _read(
+        self,
+        path: str,
+        cgroup_dir: str | None = None,
+        record: bool = False,
+        max_record: int = 0,
+        once_per_cycle: bool = False,
+    ) -> str | None:
         """Read a file, or count the failure and return None.
 
         `cgroup_dir`: the directory that holds the file; when given, a missing file in a
         directory that still exists is "not provided here" and not counted.
         `record`: the file is a single seq_file record (see read_record).
+        `once_per_cycle`: other receivers read it too this cycle (CycleReads).
         """
         try:
+            if once_per_cycle:
+                return self.context.cgroups.reads.read_text(path, max_record)
             return read_record(path) if record else read_text(path, max_record)
         except FileNotFoundError:
             if cgroup_dir is not None and os.path.isdir(cgroup_dir):
@@ -151,7 +195,7 @@ class CgroupFileReceiver(Receiver):
     def _pids(self, ref: CgroupRef) -> list[int] | None:
         """The processes of a cgroup from its cgroup.procs (never a /proc scan)."""
         directory = self.context.cgroups.abspath(ref.path)
-        text = self._read(directory + "/cgroup.procs", max_record=PROCS_MAX_RECORD)
+        text = self._read(directory + "/cgroup.procs", max_record=PROCS_MAX_RECORD, once_per_cycle=True)
         if text is None:
             return None
         return parse_cgroup_procs(text)

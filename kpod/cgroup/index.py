@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from kpod.cgroup.files import CycleReads
 from kpod.cgroup.mounts import KUBEPODS_TOPS, CgroupMounts
 from kpod.model import CgroupRef
 
@@ -50,6 +51,10 @@ class CgroupIndex:
         self._lock = threading.Lock()
         self._by_id: dict[int, CgroupEntry] = {}
         self._walked_at = 0.0
+        self.reads = CycleReads()  # files several receivers read in one cycle
+
+    def new_cycle(self) -> None:
+        self.reads.new_cycle()
 
     def abspath(self, path: str) -> str:
         return self.root if path == "/" else self.root + path

@@ -1,0 +1,125 @@
+"""Containers' mount tables (/proc/<pid>/mountinfo), read again only when the kernel says so.
+
+An open mountinfo file can be polled: the kernel reports POLLPRI|POLLERR on it once after its
+mount namespace's table changed (since the file was opened or last polled; fs/proc_namespace.c,
+mounts_poll).  So `MountTables` keeps one open mountinfo per container (of the first live
+process of its cgroup), asks the kernel once per collection which of them changed (one poll()
+call for all), and reads only those again.  A container's mounts change when a volume is
+mounted, not every second; generating a mountinfo costs the kernel a path walk per mount.
+
+What keeping a file costs: a file descriptor, and it holds the container's mount namespace
+(and the process's root) until the collection after its process left the cgroup, when it is
+closed.  At most `limit` files are kept (a share of RLIMIT_NOFILE); containers beyond it are
+read every collection, as without this.
+
+One thread at a time (the receiver that owns it): `begin`, any number of `read`, `end`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+_READ_CHUNK = 65536
+_MAX_KEPT = 4096
+
+
+def default_limit() -> int:
+    """A quarter of the soft RLIMIT_NOFILE (BPF objects, sockets and cgroup reads need the rest),
+    at most _MAX_KEPT."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_KEPT
+    return max(0, min(_MAX_KEPT, soft // 4))
+
+
+def _read_from_start(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)  # seq_file: generated again from the start
+    chunks = []
+    while chunk := os.read(fd, _READ_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")  # as kpod.cgroup.files.read_text
+
+
+@dataclass
+class _Table:
+    pid: int
+    fd: int
+    text: str
+
+
+class MountTables:
+    def __init__(self, proc_root: str = "/proc", limit: int | None = None) -> None:
+        self.proc_root = proc_root.rstrip("/") or "/"
+        self.limit = default_limit() if limit is None else limit
+        self._tables: dict[Hashable, _Table] = {}
+        self._poll = select.poll()
+        self._changed: set[int] = set()
+        self._used: set[Hashable] = set()
+        self.reads = 0  # mountinfo files generated (opened, or read again after a change)
+
+    @property
+    def kept(self) -> int:
+        return len(self._tables)
+
+    def begin(self) -> None:
+        """A collection begins: which kept tables changed since the last one."""
+        self._changed = {fd for fd, _ in self._poll.poll(0)} if self._tables else set()
+        self._used = set()
+
+    def read(self, key: Hashable, pids: Sequence[int]) -> tuple[int, str]:
+        """(pid, mountinfo text) for the container `key` whose live processes are `pids` (from
+        its cgroup.procs this collection): the kept table while its process is among them and
+        nothing changed, else the first process's table that can be read.  Raises OSError
+        when none can."""
+        self._used.add(key)
+        table = self._tables.get(key)
+        if table is not None:
+            if table.pid in pids:
+                if table.fd not in self._changed:
+                    return table.pid, table.text
+                try:
+                    table.text = _read_from_start(table.fd)
+                    self.reads += 1
+                    return table.pid, table.text
+                except OSError:
+                    pass  # read it again through a process that is there
+            self._close(key)
+        error: OSError = FileNotFoundError(f"no process of {key!r} to read a mount table from")
+        for pid in pids:
+            try:
+                fd = os.open(f"{self.proc_root}/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as failure:
+                error = failure
+                continue
+            try:
+                text = _read_from_start(fd)
+            except OSError as failure:
+                os.close(fd)
+                error = failure
+                continue
+            self.reads += 1
+            if len(self._tables) < self.limit:
+                self._tables[key] = _Table(pid, fd, text)
+                self._poll.register(fd, select.POLLPRI)
+            else:
+                os.close(fd)
+            return pid, text
+        raise error
+
+    def end(self) -> None:
+        """The collection is over: close the tables of containers it did not read."""
+        for key in self._tables.keys() - self._used:
+            self._close(key)
+
+    def close(self) -> None:
+        for key in list(self._tables):
+            self._close(key)
+
+    def _close(self, key: Hashable) -> None:
+        table = self._tables.pop(key)
+        self._poll.unregister(table.fd)
+        os.close(table.fd)
