@@ -633,3 +633,40 @@ def test_cgroup_procs_is_read_once_per_cycle_by_filesystem_and_net_iface(scratch
         assert sorted(p for p in opened if p.endswith("/cgroup.procs")) == sorted(procs * 2)
     finally:
         filesystem.shutdown()
+
+
+def test_mount_tables_keep_nothing_outside_procfs_and_close_with_their_owner(tmp_path: Path) -> None:
+    """A proc root that is not a procfs (a fixture tree) reports no changes through poll, so
+    its tables are read every time; tables still open when their owner is dropped without
+    close() are closed with it."""
+    import gc
+
+    from kpod.cgroup.mounttables import MountTables
+
+    fake = tmp_path / "proc"
+    (fake / "123").mkdir(parents=True)
+    (fake / "123" / "mountinfo").write_text("first\n")
+    tables = MountTables(str(fake))
+    assert tables.limit == 0
+    tables.begin()
+    assert tables.read("c", [123]) == (123, "first\n")
+    (fake / "123" / "mountinfo").write_text("second\n")
+    tables.begin()
+    assert tables.read("c", [123]) == (123, "second\n") and tables.kept == 0
+
+    def open_mountinfos() -> int:
+        mine = f"/proc/{os.getpid()}/mountinfo"
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return links.count(mine)
+
+    before = open_mountinfos()
+    real = MountTables()
+    real.begin()
+    real.read("self", [os.getpid()])
+    assert real.kept == 1 and open_mountinfos() == before + 1
+    del real
+    gc.collect()
+    assert open_mountinfos() == before

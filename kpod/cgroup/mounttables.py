@@ -9,19 +9,24 @@ mounted, not every second; generating a mountinfo costs the kernel a path walk p
 
 What keeping a file costs: a file descriptor, and it holds the container's mount namespace
 (and the process's root) until the collection after its process left the cgroup, when it is
-closed.  At most `limit` files are kept (a share of RLIMIT_NOFILE); containers beyond it are
-read every collection, as without this.
+closed.  At most `limit` files are kept (a share of RLIMIT_NOFILE); containers beyond it, and
+every container when `proc_root` is not a procfs (a test's fixture tree: a plain file reports
+no change), are read every collection, as without this.
 
 One thread at a time (the receiver that owns it): `begin`, any number of `read`, `end`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import select
+import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+from kpod.cgroup.parsers import parse_mountinfo
 
 _READ_CHUNK = 65536
 _MAX_KEPT = 4096
@@ -34,6 +39,24 @@ def default_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return _MAX_KEPT
     return max(0, min(_MAX_KEPT, soft // 4))
+
+
+def on_procfs(path: str) -> bool:
+    """Whether `path` lies on a procfs mount (this process's mount table: the longest mount
+    point above it)."""
+    try:
+        target = os.path.realpath(path)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
+            mounts = parse_mountinfo(handle.read())
+    except OSError:
+        return False
+    best = None
+    for mount in mounts:
+        point = mount.mount_point
+        below = target == point or point == "/" or target.startswith(point.rstrip("/") + "/")
+        if below and (best is None or len(point) >= len(best.mount_point)):
+            best = mount
+    return best is not None and best.fstype == "proc"
 
 
 def _read_from_start(fd: int) -> str:
@@ -54,8 +77,13 @@ class _Table:
 class MountTables:
     def __init__(self, proc_root: str = "/proc", limit: int | None = None) -> None:
         self.proc_root = proc_root.rstrip("/") or "/"
-        self.limit = default_limit() if limit is None else limit
+        if limit is None:
+            limit = default_limit() if on_procfs(self.proc_root) else 0
+        self.limit = limit
         self._tables: dict[Hashable, _Table] = {}
+        # Files still open when the owner is dropped without close() (a receiver a test never
+        # shut down) are closed with it.
+        weakref.finalize(self, _close_all, self._tables)
         self._poll = select.poll()
         self._changed: set[int] = set()
         self._used: set[Hashable] = set()
@@ -123,3 +151,10 @@ class MountTables:
         table = self._tables.pop(key)
         self._poll.unregister(table.fd)
         os.close(table.fd)
+
+
+def _close_all(tables: dict[Hashable, _Table]) -> None:
+    for table in tables.values():
+        with contextlib.suppress(OSError):
+            os.close(table.fd)
+    tables.clear()
