@@ -1,7 +1,7 @@
 """Scale: collection cycle time, CPU per cycle, scrape latency and series at 10, 110 and 250 pods,
 and the agent's RSS over a long run at 110 pods.
 
-    .venv/bin/python -m bench.scale [--sizes 10,110,250] [--rss-minutes 10] [--write]
+    .venv/bin/python -m bench.scale [--sizes 10,110,250] [--rss-minutes 10] [--baseline DIR] [--write]
     KPOD_BENCH_RSS_MINUTES=1 .venv/bin/python -m bench.scale      (a quick run; 0 skips the RSS run)
 
 The node, as root on this host (the machinery of bench/soak.py and tests/kernel_util.py):
@@ -39,6 +39,14 @@ informer's watch, the HTTP server), which is part of what a cycle costs on a nod
 
 Scrape latency: GET /metrics over one keep-alive loopback connection, plain and gzip, while the
 agent keeps cycling (as Prometheus scrapes a running agent).
+
+Before and after in one run: `--baseline DIR` (a worktree of an older commit, set up with
+`make setup`) runs that tree's agent (its own interpreter, its working directory) on the same
+node: each size is measured for both trees one after the other (the order alternating from
+size to size), and the RSS runs of both trees in both modes run at the same time, side by side
+for the same minutes.  A tree without the in-cluster client of this one
+(processors/k8sattributes/apiserver.py) reaches the API server through a kubeconfig with the
+same token and CA: it imports the `kubernetes` package for that, as it did in a pod.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,12 +112,14 @@ CYCLE_LINE = re.compile(r"kpod\.agent: cycle (\d+): (\d+) points in ([0-9.]+)s")
 # A container's process: wakes once a second, exits on EOF (if the bench dies, so do they).
 WORKLOAD = "while read -t 1 _ || [ $? -gt 128 ]; do :; done"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+Tree = tuple[str, Path]  # ("this" or "baseline", its worktree)
 
 
 @dataclass
 class SizeResult:
     pods: int
     containers: int
+    tree: str = "this"  # or "baseline" (--baseline)
     cycles: int = 0
     cycle_ms: list[float] = field(default_factory=list)
     cpu_ms_per_cycle: float = 0.0
@@ -137,6 +148,7 @@ class RssResult:
     minutes: float
     pods: int
     mode: str = "informer"
+    tree: str = "this"
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since ready, KiB)
     cycles: int = 0
     load_before: float = 0.0
@@ -292,12 +304,13 @@ class _TimedAgent(AgentProcess):
     service account directory the in-cluster config reads instead of the real one."""
 
     account_dir: Path | None = None
+    tree: Path = REPO  # the tree whose agent runs: its interpreter, its working directory
 
     def start(self) -> _TimedAgent:
         config = self.workdir / f"config-{self.port}.yaml"
         config.write_text(self.config_text)
         account = ""
-        if self.account_dir is not None:
+        if self.account_dir is not None and in_cluster_client(self.tree):
             account = (
                 "from kpod.processors.k8sattributes import apiserver\n"
                 f"apiserver.SERVICE_ACCOUNT_DIR = {str(self.account_dir)!r}\n"
@@ -312,9 +325,10 @@ class _TimedAgent(AgentProcess):
             "sys.meta_path.insert(0, _Watch())\n" + account + "from kpod.cli import main\n"
             f"sys.exit(main(['run', '--config', {str(config)!r}, '--log-level', 'info']))\n"
         )
+        python = sys.executable if self.tree == REPO else str(self.tree / ".venv" / "bin" / "python")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", bootstrap], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
+                [python, "-c", bootstrap], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tree
             )  # fmt: skip
         return self
 
@@ -336,26 +350,45 @@ class _TimedAgent(AgentProcess):
         raise RuntimeError(f"fewer than {count} cycles logged in time:\n{self.log()[-3000:]}")
 
 
-def _start_agent(workdir: Path, cluster: Cluster, root: str, mode: str = "informer") -> _TimedAgent:
-    """The agent in a pod of `cluster`: in-cluster config (no kubeconfig), discovery `mode`."""
+def in_cluster_client(tree: Path) -> bool:
+    """Whether `tree`'s informer reaches the API server in-cluster without the `kubernetes`
+    package (its own client, which reads the service account directory)."""
+    return (tree / "processors" / "k8sattributes" / "apiserver.py").exists()
+
+
+def _start_agent(
+    workdir: Path, cluster: Cluster, root: str, mode: str = "informer", tree: Path = REPO, wait: bool = True
+) -> _TimedAgent:
+    """`tree`'s agent in a pod of `cluster`: in-cluster config (no kubeconfig), discovery
+    `mode`; a tree without its own in-cluster client gets a kubeconfig (see the docstring)."""
     port = free_port()
     profile = full_profile()
+    processors = ""
+    if mode == "informer" and not in_cluster_client(tree):
+        kubeconfig = cluster.api.write_kubeconfig(
+            str(workdir / f"kubeconfig-{port}"), ca_file=str(cluster.account_dir / "ca.crt"), token=TOKEN
+        )
+        processors = f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}'}}\n"
     config = (
         f"kpod: {{profile: {profile}, poll_interval: {POLL_S:g}s, node_name: {NODE},"
         f" discovery: {cluster.discovery(mode)},"
         f" cgroup: {{root: {root}}}, filter: {{exclude_namespaces: []}}}}\n"
-        f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
+        + processors
+        + f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
     )
     agent = _TimedAgent(config, workdir, port, env=cluster.env())
     agent.account_dir = cluster.account_dir
+    agent.tree = tree
     agent.start()
-    agent.wait_ready(90)
+    if wait:
+        agent.wait_ready(90)
     return agent
 
 
 def _check_no_client(agent: _TimedAgent) -> None:
-    """In a pod the agent must not import the `kubernetes` package: its RSS would not be a pod's."""
-    if KUBERNETES_IMPORTED in agent.log():
+    """In a pod the agent must not import the `kubernetes` package: its RSS would not be a pod's.
+    (A baseline tree without its own client imports it: that is what it measured then.)"""
+    if in_cluster_client(agent.tree) and KUBERNETES_IMPORTED in agent.log():
         raise RuntimeError(f"the agent imported the `kubernetes` package in-cluster:\n{agent.log()[-3000:]}")
 
 
@@ -397,10 +430,12 @@ def _scrapes(agent: AgentProcess, gzip: bool, count: int) -> tuple[list[float], 
     return samples, size
 
 
-def measure_size(node: _Node, pods: int, workdir: Path, cluster: Cluster, log=print) -> SizeResult:  # type: ignore[no-untyped-def]
+def measure_size(  # type: ignore[no-untyped-def]
+    node: _Node, pods: int, workdir: Path, cluster: Cluster, tree: Tree = ("this", REPO), log=print
+) -> SizeResult:
     node.grow(pods)
-    result = SizeResult(pods=pods, containers=node.containers, load_before=_load1())
-    agent = _start_agent(workdir, cluster, str(node.root))
+    result = SizeResult(pods=pods, containers=node.containers, tree=tree[0], load_before=_load1())
+    agent = _start_agent(workdir, cluster, str(node.root), tree=tree[1])
     try:
         result.labelled_pods = _wait_labelled(agent, pods)
         agent.wait_cycles(3)  # a few cycles past labelling: caches warm, BPF maps populated
@@ -414,7 +449,10 @@ def measure_size(node: _Node, pods: int, workdir: Path, cluster: Cluster, log=pr
         result.points = timed[-1][1]
         result.overruns = sum(1 for ms in result.cycle_ms if ms > POLL_S * 1000)
         result.cpu_ms_per_cycle = (ticks_after - ticks_before) / CLK_TCK * 1000 / len(timed)
-        log(f"  {pods} pods: cycle median {result.median_cycle():.0f} ms, CPU {result.cpu_ms_per_cycle:.0f} ms/cycle")
+        log(
+            f"  {tree[0]}, {pods} pods: cycle median {result.median_cycle():.0f} ms,"
+            f" CPU {result.cpu_ms_per_cycle:.0f} ms/cycle"
+        )
         # Per-receiver times: /debug/status once per cycle, right after it.
         per: dict[str, list[float]] = {}
         for _ in range(STATUS_CYCLES):
@@ -437,42 +475,62 @@ def measure_size(node: _Node, pods: int, workdir: Path, cluster: Cluster, log=pr
     return result
 
 
-def measure_rss(node: _Node, minutes: float, workdir: Path, cluster: Cluster, mode: str, log=print) -> RssResult:  # type: ignore[no-untyped-def]
-    """A fresh agent at RSS_PODS pods for `minutes`, discovery `mode`: RSS every 10 s, one gzip
-    scrape per sample (as Prometheus would scrape it)."""
+def measure_rss(  # type: ignore[no-untyped-def]
+    node: _Node, minutes: float, workdir: Path, cluster: Cluster, trees: list[Tree], log=print
+) -> list[RssResult]:
+    """A fresh agent per tree and discovery mode at RSS_PODS pods, all running at once for
+    `minutes` once each has labelled every pod: RSS every 10 s (each from its own start), one
+    gzip scrape before each sample (as Prometheus would scrape it)."""
     node.grow(RSS_PODS)
-    result = RssResult(minutes=minutes, pods=RSS_PODS, mode=mode, load_before=_load1())
-    agent = _start_agent(workdir, cluster, str(node.root), mode)
+    runs: list[tuple[RssResult, _TimedAgent]] = []
     try:
-        labelled = _wait_labelled(agent, RSS_PODS)
-        if labelled < RSS_PODS:
-            raise RuntimeError(f"{mode}: only {labelled} of {RSS_PODS} pods labelled:\n{agent.log()[-3000:]}")
+        for name, tree in trees:
+            for mode in RSS_MODES:
+                result = RssResult(minutes=minutes, pods=RSS_PODS, mode=mode, tree=name, load_before=_load1())
+                runs.append((result, _start_agent(workdir, cluster, str(node.root), mode, tree, wait=False)))
+        for result, agent in runs:
+            agent.wait_ready(90)
+            labelled = _wait_labelled(agent, RSS_PODS)
+            if labelled < RSS_PODS:
+                raise RuntimeError(
+                    f"{result.tree} {result.mode}: only {labelled} of {RSS_PODS} pods labelled:\n{agent.log()[-3000:]}"
+                )
         ready = time.monotonic()
         end = ready + minutes * 60
         tick = ready
         while True:
-            agent.get("/metrics", headers={"Accept-Encoding": "gzip"}, timeout=30)
-            result.samples.append((time.monotonic() - ready, rss_kib(agent.pid)))
-            if len(result.samples) % 6 == 0:
-                log(f"  {mode} RSS at {result.samples[-1][0]:.0f} s: {result.samples[-1][1] / 1024:.1f} MiB")
-            if not agent.alive():
-                raise RuntimeError(f"agent died:\n{agent.log()[-3000:]}")
+            for result, agent in runs:
+                agent.get("/metrics", headers={"Accept-Encoding": "gzip"}, timeout=30)
+                result.samples.append((time.monotonic() - ready, rss_kib(agent.pid)))
+                if not agent.alive():
+                    raise RuntimeError(f"agent died:\n{agent.log()[-3000:]}")
+            if len(runs[0][0].samples) % 6 == 0:
+                log(
+                    f"  RSS at {runs[0][0].samples[-1][0]:.0f} s: "
+                    + ", ".join(f"{r.tree} {r.mode} {r.samples[-1][1] / 1024:.1f} MiB" for r, _ in runs)
+                )
             tick += RSS_SAMPLE_S
             if tick > end + 0.5:
                 break
             time.sleep(max(0.0, tick - time.monotonic()))
-        result.cycles = len(agent.cycle_lines())
-        result.load_after = _load1()
-        _check_no_client(agent)
+        for result, agent in runs:
+            result.cycles = len(agent.cycle_lines())
+            result.load_after = _load1()
+            _check_no_client(agent)
     finally:
-        agent.stop()
-    return result
+        for _, agent in runs:
+            agent.stop()
+    return [result for result, _ in runs]
 
 
-def run(sizes: tuple[int, ...], rss_minutes: float, log=print) -> tuple[list[SizeResult], list[RssResult]]:  # type: ignore[no-untyped-def]
-    """Sizes in increasing order (the node grows; pods are never removed in between); the RSS
-    runs (one per discovery mode) happen when the node has RSS_PODS pods.  Cleans up
+def run(  # type: ignore[no-untyped-def]
+    sizes: tuple[int, ...], rss_minutes: float, baseline: Path | None = None, log=print
+) -> tuple[list[SizeResult], list[RssResult]]:
+    """Sizes in increasing order (the node grows; pods are never removed in between), each for
+    this tree and the baseline's (if any), alternating which goes first; the RSS runs (every
+    tree in every discovery mode, at once) happen when the node has RSS_PODS pods.  Cleans up
     everything, also on failure."""
+    trees = [("this", REPO)] + ([("baseline", baseline)] if baseline is not None else [])
     results: list[SizeResult] = []
     rss: list[RssResult] = []
     workdir = Path(tempfile.mkdtemp(prefix="kpod-scale-"))
@@ -483,8 +541,8 @@ def run(sizes: tuple[int, ...], rss_minutes: float, log=print) -> tuple[list[Siz
         node = _Node(cluster)
 
         def rss_runs() -> None:
-            for mode in RSS_MODES:
-                rss.append(measure_rss(node, rss_minutes, workdir, cluster, mode, log))
+            log(f"RSS, {RSS_PODS} pods, {rss_minutes:g} min ...")
+            rss.extend(measure_rss(node, rss_minutes, workdir, cluster, trees, log))
 
         rss_done = rss_minutes <= 0
         for pods in sorted(sizes):
@@ -492,7 +550,8 @@ def run(sizes: tuple[int, ...], rss_minutes: float, log=print) -> tuple[list[Siz
                 rss_runs()
                 rss_done = True
             log(f"{pods} pods ...")
-            results.append(measure_size(node, pods, workdir, cluster, log))
+            for tree in trees if len(results) % 2 == 0 else list(reversed(trees)):
+                results.append(measure_size(node, pods, workdir, cluster, tree, log))
             if not rss_done and pods == RSS_PODS:
                 rss_runs()
                 rss_done = True
@@ -511,10 +570,20 @@ def render(data: dict[str, Any]) -> str:
     results = [SizeResult(**r) for r in data["sizes"]]
     rss = [RssResult(**{**run, "samples": [tuple(x) for x in run["samples"]]}) for run in data.get("rss") or ()]
     poll_s = data["poll_s"]
+    commits: dict[str, str] = data.get("trees") or {"this": ""}
+
+    def tree(name: str) -> str:
+        return f"{name} ({commits[name]})" if commits.get(name) else name
+
+    # Sizes in order, this tree first at each; targets are this tree's.
+    results.sort(key=lambda r: (r.pods, r.tree != "this"))
+    rss.sort(key=lambda r: r.tree != "this")
+    ours = [r for r in results if r.tree == "this"]
     rows = []
     for r in results:
         rows.append(
-            f"| {r.pods} | {r.containers} | {r.series:,} | {r.median_cycle():.0f} | {r.p99_cycle():.0f} "
+            f"| {r.pods} | {tree(r.tree)} | {r.containers} | {r.series:,} "
+            f"| {r.median_cycle():.0f} | {r.p99_cycle():.0f} "
             f"| {r.cpu_ms_per_cycle:.0f} | {r.cpu_ms_per_cycle / (poll_s * 10):.1f} "
             f"| {statistics.median(r.plain_ms):.1f} / {_quantile(r.plain_ms, 0.99):.1f} "
             f"| {statistics.median(r.gzip_ms):.1f} / {_quantile(r.gzip_ms, 0.99):.1f} "
@@ -531,11 +600,11 @@ def render(data: dict[str, Any]) -> str:
     notes = []
     for r in results:
         if r.labelled_pods < r.pods:
-            notes.append(f"- {r.pods} pods: only {r.labelled_pods} pods were labelled when the timing began")
+            notes.append(f"- {r.pods} pods, {r.tree}: only {r.labelled_pods} pods were labelled when the timing began")
         if r.overruns:
-            notes.append(f"- {r.pods} pods: {r.overruns} of {r.cycles} cycles ran longer than the poll interval")
+            notes.append(f"- {r.pods} pods, {r.tree}: {r.overruns} of {r.cycles} cycles longer than the poll interval")
     targets = []
-    for r in results:
+    for r in ours:
         p50, gzip_p50 = statistics.median(r.plain_ms), statistics.median(r.gzip_ms)
         if r.pods == SCRAPE_TARGET_PODS:
             targets.append(
@@ -548,7 +617,7 @@ def render(data: dict[str, Any]) -> str:
             + ("met" if r.p99_cycle() < poll_s * 1000 else "**missed**")
         )
     slow = [
-        f"{r.pods} pods {label} ({size / 1e3:.0f} kB body, p50 {statistics.median(samples):.0f} ms)"
+        f"{r.pods} pods {r.tree} {label} ({size / 1e3:.0f} kB body, p50 {statistics.median(samples):.0f} ms)"
         for r in results
         for label, samples, size in (("plain", r.plain_ms, r.body_bytes), ("gzip", r.gzip_ms, r.gzip_bytes))
         if statistics.median(samples) > SLOW_SCRAPE_MS and size < LOOPBACK_MSS
@@ -558,15 +627,22 @@ def render(data: dict[str, Any]) -> str:
             f"- scrapes of a body under one loopback segment ({LOOPBACK_MSS:,} bytes) slower than "
             f"{SLOW_SCRAPE_MS:g} ms: " + ", ".join(slow)
         )
-    for r in results:
+    for r in ours:
         target = CPU_TARGET_MS.get(r.pods)
         if target is not None:
             targets.append(
                 f"- CPU per cycle <= {target:g} ms at {r.pods} pods (issue 17): {r.cpu_ms_per_cycle:.0f} ms: "
                 + ("met" if r.cpu_ms_per_cycle <= target else "**missed**")
             )
-    rss_text = _render_rss(rss, data["rss_sample_s"], data["rss_warmup_s"], targets)
-    sizes = ", ".join(str(r.pods) for r in results)
+    rss_text = _render_rss(rss, data["rss_sample_s"], data["rss_warmup_s"], targets, tree)
+    sizes = ", ".join(str(pods) for pods in sorted({r.pods for r in results}))
+    side_by_side = ""
+    if len(commits) > 1:
+        side_by_side = (
+            "\n- Before and after in one run: each size measured for this tree and the baseline one after the"
+            "\n  other (alternating which goes first), the RSS runs of both at the same time; a baseline without"
+            "\n  the in-cluster client reaches the API server through a kubeconfig (same token and CA)."
+        )
     return f"""## Scale: cycle time, CPU, scrape latency at {sizes} pods; RSS over time
 
 - Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio mirrors where the host has them),
@@ -580,7 +656,7 @@ def render(data: dict[str, Any]) -> str:
   with nothing scraping.  Scrapes: {data["scrapes"]} GETs of /metrics per encoding on one keep-alive
   loopback connection while the agent cycles.  Load: the load average before / after each size.
 - Targets: issue 2's scrape p50 <= {SCRAPE_P50_TARGET_MS:g} ms at {SCRAPE_TARGET_PODS} pods, a cycle
-  shorter than the poll interval; issue 17's CPU per cycle and RSS.
+  shorter than the poll interval; issue 17's CPU per cycle and RSS (this tree's figures).{side_by_side}
 
 {HEADER}
 {chr(10).join(rows)}
@@ -588,7 +664,7 @@ def render(data: dict[str, Any]) -> str:
 Per receiver, median of the last collection's duration over {data["status_cycles"]} cycles (ms; the
 receivers run concurrently):
 
-| receiver | {" | ".join(f"{r.pods} pods" for r in results)} |
+| receiver | {" | ".join(f"{r.pods} pods, {r.tree}" for r in results)} |
 |---|{"---:|" * len(results)}
 {chr(10).join(receiver_rows)}
 {"".join(chr(10) + n for n in notes)}
@@ -600,8 +676,11 @@ Against the targets:
 {rss_text}"""
 
 
-def _render_rss(runs: list[RssResult], sample_s: float, warmup_s: float, targets: list[str]) -> str:
-    """The RSS runs' table (one row per discovery mode); appends their targets to `targets`."""
+def _render_rss(
+    runs: list[RssResult], sample_s: float, warmup_s: float, targets: list[str], tree: Callable[[str], str]
+) -> str:
+    """The RSS runs' table (one row per tree and discovery mode); appends this tree's targets to
+    `targets`."""
     runs = [run for run in runs if run.samples]
     if not runs:
         return "RSS run: skipped (KPOD_BENCH_RSS_MINUTES=0)."
@@ -611,30 +690,30 @@ def _render_rss(runs: list[RssResult], sample_s: float, warmup_s: float, targets
         warm = run.at(min(warmup_s, run.minutes * 60 / 2))
         end = kib[-1]
         rows.append(
-            f"| {run.mode} | {kib[0] / 1024:.1f} MiB | {warm / 1024:.1f} MiB | {end / 1024:.1f} MiB "
+            f"| {tree(run.tree)} | {run.mode} | {kib[0] / 1024:.1f} MiB | {warm / 1024:.1f} MiB | {end / 1024:.1f} MiB "
             f"| {max(kib) / 1024:.1f} MiB | {(end - warm) / 1024:+.2f} MiB | {run.cycles} "
             f"| {run.load_before:.1f} / {run.load_after:.1f} |"
         )
         marks.append(
-            f"- {run.mode}: "
+            f"- {run.tree}, {run.mode}: "
             + " ".join(f"{t / 60:.0f}m:{k / 1024:.1f}" for t, k in run.samples if round(t) % 60 < sample_s / 2)
         )
         target = RSS_TARGET_MIB.get(run.mode)
-        if target is not None:
+        if target is not None and run.tree == "this":
             targets.append(
                 f"- RSS <= {target:g} MiB at {run.pods} pods, {run.mode} mode (issue 17): "
                 f"max {max(kib) / 1024:.1f} MiB over {run.minutes:g} min: "
                 + ("met" if max(kib) / 1024 <= target else "**missed**")
             )
-    minutes = ", ".join(f"{run.minutes:g}" for run in runs)
+    minutes = ", ".join(sorted({f"{run.minutes:g}" for run in runs}))
     warm_s = min(warmup_s, runs[0].minutes * 30)
     return f"""### RSS over {minutes} minutes at {runs[0].pods} pods, by discovery mode
 
-A fresh agent per mode, in-cluster (service account token and CA, no kubeconfig), once every pod
-is labelled: RSS sampled every {sample_s:g} s, one gzip scrape of /metrics before each sample.
+A fresh agent per tree and mode, all at once, in-cluster (service account token and CA), once every
+pod is labelled: RSS sampled every {sample_s:g} s, one gzip scrape of /metrics before each sample.
 
-| discovery | start (labelled) | after warm-up ({warm_s:.0f} s) | end | max | growth after warm-up | cycles | load |
-|---|---:|---:|---:|---:|---:|---:|---|
+| tree | mode | start (labelled) | after warm-up ({warm_s:.0f} s) | end | max | growth since warm-up | cycles | load |
+|---|---|---:|---:|---:|---:|---:|---:|---|
 {chr(10).join(rows)}
 
 Per minute (MiB):
@@ -644,24 +723,29 @@ Per minute (MiB):
 
 
 HEADER = (
-    "| pods | containers | series | cycle median ms | cycle p99 ms | CPU ms / cycle | % of a CPU at the poll "
+    "| pods | tree | containers | series | cycle median ms | cycle p99 ms | CPU ms / cycle | % of a CPU at the poll "
     "| scrape plain p50 / p99 ms "
     "| scrape gzip p50 / p99 ms | body MB plain / gzip | RSS MiB | load before / after |\n"
-    "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
+    "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"
 )
 
 
-def measure(sizes: tuple[int, ...] = SIZES, rss_minutes: float | None = None) -> Measured:
+def measure(sizes: tuple[int, ...] = SIZES, rss_minutes: float | None = None, baseline: Path | None = None) -> Measured:
     if os.geteuid() != 0:
         raise NotMeasured("needs root (creates cgroups, loads BPF programs)")
     minutes = rss_minutes_from_env() if rss_minutes is None else rss_minutes
-    results, rss = run(sizes, minutes, log=lambda m: print(m, file=sys.stderr))
+    results, rss = run(sizes, minutes, baseline, log=lambda m: print(m, file=sys.stderr))
     command = ".venv/bin/python -m bench.scale"
     if sizes != SIZES:
         command += f" --sizes {','.join(map(str, sizes))}"
     if minutes != 10:
         command += f" --rss-minutes {minutes:g}"
+    trees = {"this": _commit_of(REPO)}
+    if baseline is not None:
+        trees["baseline"] = _commit_of(baseline)
+        command += f" --baseline <worktree of {trees['baseline']}>"
     data = {
+        "trees": trees,
         "sizes": [asdict(r) for r in results],
         "rss": [asdict(run) for run in rss],
         "profile": full_profile(),
@@ -676,6 +760,12 @@ def measure(sizes: tuple[int, ...] = SIZES, rss_minutes: float | None = None) ->
     return Measured(command, data)
 
 
+def _commit_of(tree: Path) -> str:
+    return subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
 def rss_minutes_from_env() -> float:
     return float(os.environ.get("KPOD_BENCH_RSS_MINUTES", "10"))
 
@@ -684,13 +774,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--rss-minutes", type=float, default=rss_minutes_from_env())
+    parser.add_argument("--baseline", type=Path, help="a worktree of an older commit with its .venv (before/after)")
     parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/scale.md")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the finally blocks kill our processes and remove our cgroups.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     try:
-        measured = measure(tuple(int(s) for s in args.sizes.split(",")), args.rss_minutes)
+        measured = measure(tuple(int(s) for s in args.sizes.split(",")), args.rss_minutes, args.baseline)
     except NotMeasured as reason:
         raise SystemExit(f"bench.scale: {reason}") from None
     if args.write:

@@ -277,9 +277,12 @@ def _samples() -> dict[str, dict[str, Any]]:
             },
         },
         "scale": {
-            "sizes": [size, {**size, "pods": 110, "containers": 165, "series": 7512, "rss_mib": 67.0}],
-            "rss": [{"minutes": 1.0, "pods": 110, "mode": mode, "cycles": 61, "load_before": 1.6, "load_after": 1.9,
-                     "samples": [[0.0, 57_344], [30.0, 68_608], [60.0, 70_246]]} for mode in ("informer", "kubelet")],
+            "trees": {"this": "1234abc", "baseline": "0a16bb2"},
+            "sizes": [size, {**size, "pods": 110, "containers": 165, "series": 7512, "rss_mib": 67.0},
+                      {**size, "pods": 110, "tree": "baseline", "cpu_ms_per_cycle": 81.0}],
+            "rss": [{"minutes": 1.0, "pods": 110, "mode": mode, "tree": tree, "cycles": 61, "load_before": 1.6,
+                     "load_after": 1.9, "samples": [[0.0, 57_344], [30.0, 68_608], [60.0, 70_246]]}
+                    for tree in ("this", "baseline") for mode in ("informer", "kubelet")],
             "profile": "comprehensive", "python": "3.11.7", "poll_s": 1.0, "cycles": 3, "status_cycles": 2,
             "scrapes": 2, "rss_sample_s": 10.0, "rss_warmup_s": 60.0,
         },
@@ -296,7 +299,7 @@ PRINTED = {
     "k8s": "+1.8 MiB",
     "otlp": "| direct encoding, exponential histograms | 22.8 ms | 25.8 ms | 0.71 MB | 0.090 MB |",
     "soak": "54.7 -> 55.7 MiB",
-    "scale": "| 56.0 MiB | 67.0 MiB |",
+    "scale": "| baseline (0a16bb2) | kubelet | 56.0 MiB | 67.0 MiB |",
     "image": "| agent image | 330 MB |",
 }
 
