@@ -8,9 +8,13 @@ arm64) is skipped with a warning, so one config serves a mixed amd64/arm64 clust
 
 - kpod.syscall.count{syscall}: calls that returned, whose entry was seen (a call already in
   progress when the agent attached is not counted; fork/clone count once, in the parent).
-  A call interrupted by a signal and restarted by the kernel counts twice, as strace shows it.
-- kpod.syscall.errors{syscall}: of those, calls that returned < 0.
-- kpod.syscall.latency{syscall}: entry to exit, bucketed in the kernel at powers of two seconds.
+  A call interrupted by a signal and restarted by the kernel (SA_RESTART, a stop and
+  continue) is one call, as its caller sees it; one the signal ends with EINTR is one call
+  and one error.
+- kpod.syscall.errors{syscall}: of those, calls that returned < 0 to their caller (the
+  kernel's internal restart codes are not errors).
+- kpod.syscall.latency{syscall}: first entry to the return the caller sees, bucketed in the
+  kernel at powers of two seconds.
 32-bit (compat) syscalls are not counted, on x86_64 (int 0x80, sysenter) nor on arm64
 (AArch32 tasks): their numbers belong to another table.
 
@@ -35,7 +39,7 @@ from kpod.kernel.ebpf import (
     task_stamps_route,
     use_task_stamps,
 )
-from kpod.kernel.syscalls import default_tracked, other_architectures_only, resolve_syscalls, skipped_note
+from kpod.kernel.syscalls import default_tracked, other_architectures_only, resolve_syscalls, skipped_note, syscall_table
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 COUNT = MetricDef("kpod.syscall.count", Kind.COUNTER, "1", "Tracked syscalls made by the cgroup's tasks", ("syscall",))
@@ -47,7 +51,11 @@ LATENCY = MetricDef(
 )
 
 FILTER_MAP = "sys_filter"
+# sys_filter values (enum kpod_sys_filter in bpf/syscall.bpf.c).
 TRACKED = (1).to_bytes(4, "little")
+RESTART = (2).to_bytes(4, "little")
+# Resumes a call interrupted with -ERESTART_RESTARTBLOCK (nanosleep, futex with a timeout, poll).
+RESTART_SYSCALL = "restart_syscall"
 
 
 @dataclass
@@ -65,6 +73,9 @@ class SyscallReceiver(BpfReceiver):
         ProgramSpec("sys_exit", feeds=(COUNT.name, ERRORS.name, LATENCY.name)),
         # Only on the tid-hash route (kernels before 5.13): deletes the stamp of an exiting thread.
         ProgramSpec("sys_forget", feeds=("entry stamps of exited threads (tid hash)",), optional=True),
+        # Without it a call a signal ends with EINTR after a restart code stays parked until
+        # the thread calls that syscall again (then it counts as one longer call).
+        ProgramSpec("sys_signal", feeds=("kpod.syscall.* (EINTR after a restart code)",), optional=True),
     )
 
     def _stamps(self) -> tuple[bool, str]:
@@ -115,6 +126,9 @@ class SyscallReceiver(BpfReceiver):
             if not 0 <= nr < slots:
                 raise libbpf.LibbpfError(22, f"syscall {name} ({nr}) is beyond the filter's {slots} slots")
             filter_map.update(nr.to_bytes(4, "little"), TRACKED)
+        restart = syscall_table().get(RESTART_SYSCALL)
+        if restart is not None and restart not in self.tracked.values() and 0 <= restart < slots:
+            filter_map.update(restart.to_bytes(4, "little"), RESTART)
 
     def route(self) -> str:
         route = super().route()

@@ -19,10 +19,13 @@ errors(read) == M; nothing for getuid or write.  The filter map is read back wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,7 +44,7 @@ from kernel_util import (
     started_syscall_workload,
     wait_blocked,
 )
-from kpod.receivers.syscall import FILTER_MAP, SyscallConfig, SyscallReceiver
+from kpod.receivers.syscall import FILTER_MAP, TRACKED, SyscallConfig, SyscallReceiver
 
 from kpod.component import ComponentUnavailable
 from kpod.kernel.bpfinfo import map_id
@@ -64,19 +67,20 @@ def by_syscall(batch, metric: str, cgroup_id: int) -> dict[str, object]:
 
 
 def filter_contents(receiver: SyscallReceiver) -> set[int]:
-    """The syscall numbers the kernel's filter map holds, read back through our binding."""
+    """The tracked syscall numbers the kernel's filter map holds, read back through our binding."""
     assert receiver.loaded is not None
     filter_map = receiver.loaded.obj.maps[FILTER_MAP]
     on: set[int] = set()
     for nr in range(filter_map.max_entries):
         raw = filter_map.lookup(nr.to_bytes(4, "little"))
-        if raw is not None and int.from_bytes(raw, "little"):
+        if raw == TRACKED:
             on.add(nr)
     return on
 
 
-def bpftool_filter(map_id: int) -> set[int]:
-    """The filter map's set entries, as bpftool (not our binding) reads them from the kernel."""
+def bpftool_filter(map_id: int, wanted: int = 1) -> set[int]:
+    """The filter map's entries with value `wanted` (1: tracked, 2: restart_syscall), as
+    bpftool (not our binding) reads them from the kernel."""
     out = subprocess.run(
         ["bpftool", "-j", "map", "dump", "id", str(map_id)], check=True, capture_output=True, text=True
     ).stdout
@@ -87,7 +91,7 @@ def bpftool_filter(map_id: int) -> set[int]:
         # Without BTF pretty-printing bpftool gives hex byte strings; with it, integers.
         k = key if isinstance(key, int) else int.from_bytes(bytes(int(b, 16) for b in key), "little")
         v = value if isinstance(value, int) else int.from_bytes(bytes(int(b, 16) for b in value), "little")
-        if v:
+        if v == wanted:
             on.add(k)
     return on
 
@@ -104,6 +108,8 @@ def test_counts_errors_and_latency_exact_for_a_known_workload(workload_binary: P
             filter_id = map_id(receiver.loaded.obj.maps["sys_filter"])
             assert bpftool_filter(filter_id) == set(numbers.values())
             assert filter_contents(receiver) == set(numbers.values())
+            # restart_syscall is there too, only to resume calls the kernel restarts.
+            assert bpftool_filter(filter_id, 2) == set(resolve_syscalls(["restart_syscall"]).values())
             with started_syscall_workload(workload_binary) as proc:
                 tree.move(proc.pid, pod.container_dir)
                 time.sleep(GO_DELAY)
@@ -395,3 +401,201 @@ def test_aarch32_syscalls_are_not_counted_as_arm64_ones(tmp_path: Path) -> None:
             assert "io_cancel" not in count and "io_getevents" not in count, count
         finally:
             receiver.shutdown()
+
+
+# --- calls interrupted by signals: restarted, or ended with EINTR ------------------------------
+
+RESTART_WORKLOAD_C = r"""
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile long alarms;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	alarms++;
+}
+
+/* argv: sa_restart (1/0), reads, gap_ms.  A child writes one byte every gap_ms; we read them
+ * one by one while SIGALRM arrives every 20 ms.  Prints "<EINTR returns> <alarms>". */
+int main(int argc, char **argv)
+{
+	int restart = atoi(argv[1]);
+	long reads = atol(argv[2]), gap_ms = atol(argv[3]), got = 0, eintr = 0, i;
+	struct sigaction sa;
+	struct itimerval it;
+	int p[2];
+	pid_t child;
+	char c;
+
+	if (pipe(p) || write(1, "ready\n", 6) != 6 || read(0, &c, 1) != 1)
+		return 2;
+	child = fork();
+	if (child == 0) {
+		struct timespec gap = { gap_ms / 1000, (gap_ms % 1000) * 1000000L };
+
+		close(p[0]);
+		for (i = 0; i < reads; i++) {
+			nanosleep(&gap, NULL);
+			if (write(p[1], "x", 1) != 1)
+				_exit(1);
+		}
+		_exit(0);
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_alarm;
+	sa.sa_flags = restart ? SA_RESTART : 0;
+	sigaction(SIGALRM, &sa, NULL);
+	memset(&it, 0, sizeof(it));
+	it.it_interval.tv_usec = 20000;
+	it.it_value.tv_usec = 20000;
+	setitimer(ITIMER_REAL, &it, NULL);
+	while (got < reads) {
+		ssize_t n = read(p[0], &c, 1);
+
+		if (n == 1)
+			got++;
+		else if (n < 0 && errno == EINTR)
+			eintr++;
+		else
+			return 3;
+	}
+	memset(&it, 0, sizeof(it));
+	setitimer(ITIMER_REAL, &it, NULL);
+	waitpid(child, NULL, 0);
+	printf("%ld %ld\n", eintr, alarms);
+	fflush(stdout);
+	(void)read(0, &c, 1);           /* blocks until the test kills us */
+	return 0;
+}
+"""
+
+SLEEP_WORKLOAD_C = r"""
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* One clock_nanosleep of argv[1] ms, called directly (libc may pick another call). */
+int main(int argc, char **argv)
+{
+	long ms = atol(argv[1]);
+	struct timespec t = { ms / 1000, (ms % 1000) * 1000000L };
+	char c;
+
+	if (write(1, "ready\n", 6) != 6 || read(0, &c, 1) != 1)
+		return 2;
+	if (syscall(SYS_clock_nanosleep, CLOCK_MONOTONIC, 0, &t, NULL) != 0)
+		return 3;
+	if (write(1, "done\n", 5) != 5)
+		return 4;
+	(void)read(0, &c, 1);
+	return 0;
+}
+"""
+
+READS, GAP_MS = 3, 500
+
+
+@contextlib.contextmanager
+def _waiting(command: list[str]) -> Iterator[subprocess.Popen]:
+    """Start a workload that prints "ready" and blocks in read(0) until "go"."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        wait_blocked(proc.pid)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout):
+            if stream:
+                stream.close()
+
+
+def _slow_samples(hist, at_least: float) -> int:
+    return sum(c for c, bound in zip(hist.counts, (*hist.bounds, float("inf")), strict=True) if bound >= at_least)
+
+
+@pytest.mark.parametrize("sa_restart", [True, False], ids=["SA_RESTART", "no-SA_RESTART"])
+def test_reads_interrupted_by_signals_count_as_their_caller_sees_them(tmp_path: Path, sa_restart: bool) -> None:
+    """Three reads, each blocked 0.5 s, with SIGALRM every 20 ms.  With SA_RESTART the kernel
+    restarts each read (-ERESTARTSYS at sys_exit, then the same call again): 3 calls, no
+    error, 0.5 s each.  Without it every interruption returns EINTR to the program, which
+    calls read again: one call and one error per EINTR the program counted."""
+    binary = compile_c(RESTART_WORKLOAD_C, tmp_path, "restart")
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["read"]))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        cgroup_id = pod.container_id
+        receiver.start()
+        try:
+            with _waiting([str(binary), "1" if sa_restart else "0", str(READS), str(GAP_MS)]) as proc:
+                tree.move(proc.pid, pod.container_dir)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                eintr, alarms = (int(x) for x in proc.stdout.readline().split())
+                batch = collect(receiver)
+        finally:
+            receiver.shutdown()
+    assert alarms >= 10, f"only {alarms} signals arrived: nothing was interrupted"
+    count = by_syscall(batch, "kpod.syscall.count", cgroup_id)
+    errors = by_syscall(batch, "kpod.syscall.errors", cgroup_id)
+    latency = by_syscall(batch, "kpod.syscall.latency", cgroup_id)["read"]
+    if sa_restart:
+        assert eintr == 0
+        # The read(0) waiting for "go", then the three restarted reads.
+        assert count == {"read": 1 + READS}, (count, alarms)
+        assert errors == {"read": 0}, errors
+        # Each of the three spans its whole wait (>= 0.4 s: the child's first gap is 0.5 s).
+        assert _slow_samples(latency, 0.4) == READS, latency
+    else:
+        assert eintr >= 10
+        assert count == {"read": 1 + READS + eintr}, (count, eintr)
+        assert errors == {"read": eintr}, (errors, eintr)
+        assert _slow_samples(latency, 0.4) == 0, latency  # none waited longer than one tick
+
+
+def test_sleep_stopped_and_continued_is_one_call(tmp_path: Path) -> None:
+    """SIGSTOP wakes a clock_nanosleep with -ERESTART_RESTARTBLOCK; after SIGCONT (no
+    handler) the kernel resumes it through restart_syscall(2).  One call, no error, the
+    whole sleep."""
+    binary = compile_c(SLEEP_WORKLOAD_C, tmp_path, "sleep")
+    receiver = SyscallReceiver(context("syscall"), SyscallConfig(tracked_syscalls=["clock_nanosleep"]))
+    with cgroup_tree() as tree:
+        pod = tree.pod()
+        cgroup_id = pod.container_id
+        receiver.start()
+        try:
+            with _waiting([str(binary), "800"]) as proc:
+                tree.move(proc.pid, pod.container_dir)
+                proc.stdin.write(b"g")
+                proc.stdin.flush()
+                stops = 0
+                for _ in range(4):
+                    time.sleep(0.08)
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    time.sleep(0.02)
+                    os.kill(proc.pid, signal.SIGCONT)
+                    stops += 1
+                assert proc.stdout.readline() == b"done\n"
+                batch = collect(receiver)
+        finally:
+            receiver.shutdown()
+    count = by_syscall(batch, "kpod.syscall.count", cgroup_id)
+    errors = by_syscall(batch, "kpod.syscall.errors", cgroup_id)
+    latency = by_syscall(batch, "kpod.syscall.latency", cgroup_id)["clock_nanosleep"]
+    assert stops == 4
+    assert count == {"clock_nanosleep": 1}, count
+    assert errors == {"clock_nanosleep": 0}, errors
+    assert _slow_samples(latency, 0.8) == 1, latency
