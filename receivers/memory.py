@@ -1,7 +1,9 @@
 """Memory events per cgroup from bpf/mem.bpf.c: OOM kills and major page faults.
 
-- kpod.mem.oom.kills: charged to the victim's cgroup (tp_btf/mark_victim gives the victim task
-  since 6.8; older kernels count the victim process at its exit, see bpf/mem.bpf.c).
+- kpod.mem.oom.kills: processes the OOM killer killed, once each, charged to the victim's
+  cgroup.  A mark the kernel makes without a kill (a task already exiting, e.g. the other
+  threads of a killed process) does not count: a mark counts only right after the kill's
+  own SIGKILL to that thread (see bpf/mem.bpf.c for the reasoning and the fallback).
 - kpod.mem.major.page.faults: a perf software event (PERF_COUNT_SW_PAGE_FAULTS_MAJ, one per
   CPU, sample_period 1) runs a perf_event program on each major fault, in the faulting task;
   the same accounting point as the task's majflt.  `major_faults: false` leaves the events
@@ -34,7 +36,17 @@ class MemoryReceiver(BpfReceiver):
     metrics = (OOM_KILLS, MAJOR_FAULTS, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "mem"
     program_specs = (
+        # A mark counts only after the kill's SIGKILL (oom_signal); mark_victim passes the
+        # task since 6.8, a pid before.
         ProgramSpec("oom_mark_victim", feeds=(OOM_KILLS.name,), optional=True, tp_args=("struct task_struct *",)),
+        ProgramSpec("oom_mark_victim_pid", feeds=(OOM_KILLS.name,), optional=True, tp_args=("int",)),
+        ProgramSpec(
+            "oom_signal",
+            feeds=("kpod.mem.oom.kills (the kill's SIGKILL)",),
+            optional=True,
+            tp_args=("int", "struct kernel_siginfo *", "struct task_struct *"),
+            with_programs=("oom_mark_victim", "oom_mark_victim_pid"),
+        ),
         ProgramSpec("oom_victim_exit", feeds=(OOM_KILLS.name,), optional=True, tp_args=("struct task_struct *",)),
         ProgramSpec(
             "mem_major_fault",
@@ -47,7 +59,7 @@ class MemoryReceiver(BpfReceiver):
     def enabled_programs(self) -> set[str]:
         enabled = set()
         if self.config.oom_kills:
-            enabled |= {"oom_mark_victim", "oom_victim_exit"}
+            enabled |= {"oom_mark_victim", "oom_mark_victim_pid", "oom_signal", "oom_victim_exit"}
         if self.config.major_faults:
             enabled.add("mem_major_fault")
         return enabled

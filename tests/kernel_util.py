@@ -360,6 +360,47 @@ def stat_majflt(text: str) -> int:
     return int(rest[9])
 
 
+# An OOM victim with many threads that all allocate: after the kill, every thread that
+# faults again before it dies enters the OOM killer "already exiting" and is marked a victim
+# without a kill.  Prints "ready", waits for a line on stdin, then allocates until killed.
+THREADED_HOG_C = r"""
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static char *volatile sink;  /* the pointer escapes: the compiler may not drop malloc + memset */
+
+static void *hog(void *arg)
+{
+	(void)arg;
+	for (;;) {
+		char *p = malloc(1 << 20);
+
+		if (p) {
+			memset(p, 1, 1 << 20);
+			sink = p;
+		}
+	}
+	return NULL;
+}
+
+int main(int argc, char **argv)
+{
+	int threads = atoi(argv[1]), i;
+	pthread_t t[256];
+	char c;
+
+	if (write(1, "ready\n", 6) != 6 || read(0, &c, 1) != 1)
+		return 2;
+	for (i = 0; i < threads && i < 256; i++)
+		pthread_create(&t[i], NULL, hog, NULL);
+	hog(NULL);
+	return 0;
+}
+"""
+
+
 def points_for(batch, metric_name: str, cgroup_id: int) -> list:
     return [p for p in batch if p.metric.name == metric_name and p.cgroup is not None and p.cgroup.id == cgroup_id]
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 from helpers import bpftool_ids, require_tools
 from kernel_util import (
+    THREADED_HOG_C,
     Workload,
     cgroup_tree,
+    compile_c,
     context,
     kernel_test,
     mounts,
@@ -236,28 +238,49 @@ def _readlink(path: str) -> str:
         return ""
 
 
-class ExitFallbackMemoryReceiver(MemoryReceiver):
-    """The memory receiver as it runs on kernels before 6.8 (no task in mark_victim)."""
+class OomRouteReceiver(MemoryReceiver):
+    """The memory receiver restricted to one OOM route: "mark" (mark_victim after the kill's
+    SIGKILL, whichever mark_victim this kernel has) or "exit" (the fallback without it)."""
+
+    route_name = "mark"
 
     def enabled_programs(self) -> set[str]:
-        return super().enabled_programs() - {"oom_mark_victim"}
+        if self.route_name == "exit":
+            return super().enabled_programs() - {"oom_mark_victim", "oom_mark_victim_pid", "oom_signal"}
+        return super().enabled_programs()
 
 
-@pytest.mark.parametrize("route", ["tp_btf/mark_victim", "tp_btf/sched_process_exit"])
+def oom_receiver(route: str) -> MemoryReceiver:
+    receiver = OomRouteReceiver(context("memory"), MemoryConfig(major_faults=False))
+    receiver.route_name = route
+    return receiver
+
+
+def check_oom_route(receiver: MemoryReceiver, route: str) -> None:
+    active = {r.program for r in receiver.routes() if r.active}
+    if route == "exit":
+        assert "oom_victim_exit" in active and "oom_signal" not in active, active
+    else:
+        assert "oom_signal" in active and active & {"oom_mark_victim", "oom_mark_victim_pid"}, active
+
+
+def v1_oom_control(memcg: Path) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in (memcg / "memory.oom_control").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("route", ["mark", "exit"])
 def test_oom_kill_counted_once_for_the_victims_pod(route: str) -> None:
     memory_root = mounts().v1.get("memory")
     if memory_root is None:
         pytest.skip("no v1 memory controller on this host (pure cgroup2 needs memory.max instead)")
     hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
-    cls = MemoryReceiver if route == "tp_btf/mark_victim" else ExitFallbackMemoryReceiver
-    receiver = cls(context("memory"), MemoryConfig(major_faults=False))
+    receiver = oom_receiver(route)
     with cgroup_tree() as tree, cgroup_tree(memory_root) as v1, workloads() as procs:
         pod, bystander = tree.pod(), tree.pod()
         memcg = v1.mkdir(f"kpod-test-oom-{uuid.uuid4().hex[:12]}")
         (memcg / "memory.limit_in_bytes").write_text(str(64 << 20))
         receiver.start()
-        active = [r.hook for r in receiver.routes() if r.active and "kpod.mem.oom.kills" in r.feeds]
-        assert active == [route]
+        check_oom_route(receiver, route)
         try:
             w = Workload(hog)
             procs.append(w)
@@ -309,6 +332,46 @@ def test_map_fill_is_reported_for_hash_maps_only() -> None:
         assert 0 <= status["sched_cgroups"]["fill"] < 1
     finally:
         receiver.shutdown()
+
+
+@pytest.mark.parametrize("route", ["mark", "exit"])
+def test_multithreaded_oom_victim_counts_one_kill_each_time(route: str, tmp_path: Path) -> None:
+    """32 threads allocate at once: after each kill the other threads are marked OOM victims
+    "already exiting" (no kill).  Three kills: 3, as the memcg's own oom_kill counter says
+    (a mark_victim counter said 2 for the first kill of 16 threads)."""
+    memory_root = mounts().v1.get("memory")
+    if memory_root is None:
+        pytest.skip("no v1 memory controller on this host (test_bpf_memory_v2.py covers memory.max)")
+    binary = compile_c(THREADED_HOG_C, tmp_path, "hog")
+    receiver = oom_receiver(route)
+    with cgroup_tree() as tree, cgroup_tree(memory_root) as v1:
+        pod = tree.pod()
+        memcg = v1.mkdir(f"kpod-test-oom-{uuid.uuid4().hex[:12]}")
+        (memcg / "memory.limit_in_bytes").write_text(str(64 << 20))
+        receiver.start()
+        check_oom_route(receiver, route)
+        try:
+            for _ in range(3):
+                proc = subprocess.Popen([str(binary), "32"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                try:
+                    assert proc.stdout.readline() == b"ready\n"
+                    tree.move(proc.pid, pod.container_dir)
+                    v1.move(proc.pid, memcg)
+                    proc.stdin.write(b"g")
+                    proc.stdin.flush()
+                    assert proc.wait(120) == -9
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(10)
+                    proc.stdin.close()
+                    proc.stdout.close()
+            truth = v1_oom_control(memcg)["oom_kill"]
+            batch = collect(receiver)
+            assert truth == 3
+            assert [p.value for p in points_for(batch, "kpod.mem.oom.kills", pod.container_id)] == [3.0]
+        finally:
+            receiver.shutdown()
 
 
 def test_full_map_counts_update_errors() -> None:

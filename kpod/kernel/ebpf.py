@@ -239,7 +239,9 @@ class ProgramSpec:
     perf event opened on every online CPU with sample_period 1.  `tp_args`: the leading
     argument types a tp_btf/raw_tp program reads, as the kernel's BTF spells them
     ("struct task_struct *"); a kernel whose tracepoint has other arguments (a tracepoint whose
-    prototype changed between versions) does not get the program.
+    prototype changed between versions) does not get the program.  `with_program`: this
+    program completes the routes of these others: it runs exactly when one of them does, and
+    if it cannot, they do not either (list it after them, before their fallbacks).
     """
 
     program: str
@@ -247,6 +249,7 @@ class ProgramSpec:
     optional: bool = False
     perf_event: tuple[int, int] | None = None
     tp_args: tuple[str, ...] = ()
+    with_programs: tuple[str, ...] = ()
 
 
 def tp_args_mismatch(section: str, expected: tuple[str, ...]) -> str | None:
@@ -458,6 +461,23 @@ def _plan(
         hook = program.section
         if spec.perf_event is not None:
             hook = f"perf_event type={spec.perf_event[0]} config={spec.perf_event[1]}"
+        if spec.with_programs:
+            partner = next((r for r in routes if r.program in spec.with_programs and r.active), None)
+            if partner is None:
+                names = " or ".join(spec.with_programs)
+                routes.append(Route(spec.program, hook, spec.feeds, False, f"runs only with {names}"))
+                continue
+            reason = (
+                ("disabled by config" if spec.program not in enabled else None)
+                or hook_unavailable(program.section)
+                or tp_args_mismatch(program.section, spec.tp_args)
+            )
+            routes.append(Route(spec.program, hook, spec.feeds, reason is None, reason or ""))
+            if reason is not None:  # half a route is no route: the partner goes too
+                partner.active = False
+                partner.reason = f"{spec.program}: {reason}"
+                satisfied.discard(partner.feeds)
+            continue
         if spec.program not in enabled:
             routes.append(Route(spec.program, hook, spec.feeds, False, "disabled by config"))
         elif FORCE_KPROBE in force_routes and hook.split("/")[0] in ("fentry", "fexit"):
