@@ -27,7 +27,7 @@ from bench.sections import SECTIONS, Measured, NotMeasured
 
 # Modules that are command-line programs (their own process: a sysctl lock, real-time priority,
 # an exit code for a missed target); they hand their figures back through --json.
-CLI_MODULES = {"bench.bpf_cost", "bench.cgroup_receivers"}
+CLI_MODULES = {"bench.bpf_cost", "bench.cgroup_receivers", "bench.filter_cost"}
 
 
 def measure(module: str) -> Measured:

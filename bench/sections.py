@@ -38,6 +38,7 @@ SECTIONS: dict[str, str] = {
     "bpf": "bench.bpf_cost",
     "bpf_net_syscall": "bench.bpf_net_syscall",
     "hist": "bench.hist_slot",
+    "filter": "bench.filter_cost",
     "k8s": "bench.discovery_memory",
     "otlp": "bench.otlp",
     "soak": "bench.soak",

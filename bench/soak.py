@@ -7,13 +7,16 @@ containerd scope) under the cgroup2 mount with a live process in it (a shell tha
 `sleep` every 50 ms, so the eBPF receivers see scheduling, and fork/exit churn), and the
 pod's ADDED event from the fake API server (tests/fake_apiserver.py); the pod `--window`
 cycles older is deleted from the API (DELETED event), its processes killed and its cgroup
-removed.  The agent runs as its own process (`python -m kpod.cli run`) in informer mode with a
-kubeconfig pointing at the fake server, at poll 1 s, with the largest profile installed.
+removed.  Each pod also gets a second container that runs for 10 ms and whose cgroup is removed
+at once, long before the next cycle: the agent knows it only from the kernel's cgroup events.
+Gone cgroups and deleted pods are kept 2 s (kpod.cgroup.gone_retention).  The agent runs as
+its own process (`python -m kpod.cli run`) in informer mode with a kubeconfig pointing at the
+fake server, at poll 1 s, with the largest profile installed.
 
 Measured (min of 5 samples a few hundred ms apart, so that a collection thread or an HTTP
 connection that happens to exist at that instant does not count as a leak): RSS, threads
 (/proc/<pid>/task) and file descriptors (/proc/<pid>/fd) after warm-up and at the end, after
-every pod is gone and 3 poll intervals passed; BPF map entries (kpod_bpf_map_entries) before
+every pod is gone and twice the retention plus 3 poll intervals passed; BPF map entries (kpod_bpf_map_entries) before
 and after; the cgroup ids of deleted pods still present as keys of our BPF maps (bpftool map
 dump by the ids the agent holds); series of deleted pods still in the exposition.
 
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,9 @@ from bench.sections import Measured, NotMeasured  # noqa: E402
 RSS_BOUND_KIB = 5 * 1024
 POLL = "1s"
 NODE = "soak-node"
+# Gone cgroups' counts and deleted pods' labels are kept this long (kpod.cgroup.gone_retention):
+# the end of the run waits for it before looking for leftovers.
+RETENTION_S = 2.0
 
 
 @dataclass
@@ -127,7 +134,17 @@ class _Pod:
         self.proc.stdin.write(b"go\n")  # start forking only once inside the cgroup
         self.proc.stdin.flush()
         cid = self.pod.container_dir.name.removeprefix("cri-containerd-").removesuffix(".scope")
-        api.add_pod(make_pod(self.name, namespace="soak", node=NODE, uid=self.pod.uid, containers=[("app", cid)]))
+        # A container that lives for a moment and is gone before the next cycle (a Job's, an
+        # init container, a crash loop): known to the agent only from the kernel's events.
+        scope = f"cri-containerd-{uuid.uuid4().hex * 2}.scope"
+        job = tree.mkdir(str((self.pod.pod_dir / scope).relative_to(tree.root)))
+        self.cgroup_ids.add(os.stat(job).st_ino)
+        job_id = job.name.removeprefix("cri-containerd-").removesuffix(".scope")
+        api.add_pod(make_pod(self.name, namespace="soak", node=NODE, uid=self.pod.uid,
+                             containers=[("app", cid), ("job", job_id)]))  # fmt: skip
+        brief = subprocess.Popen(["/bin/sh", "-c", f"echo $$ > {job}/cgroup.procs && exec sleep 0.01"])
+        brief.wait(10)
+        _rmdir(tree, job)
 
     def delete(self, tree: CgroupTree, api: FakeApiServer) -> None:
         api.delete_pod(self.pod.uid)
@@ -202,7 +219,11 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kpod-soak-"))
     root = cgroup2_root()
     port = free_port()
-    warmup = max(10, cycles // 10)
+    # Warm-up ends once the retained state (gone cgroups, deleted pods, then their carried
+    # counts: twice the retention) has reached its steady size, a few cycles after that.
+    warmup = max(cycles // 10, int((2 * RETENTION_S + 3) / 0.1))
+    if warmup >= cycles:
+        raise ValueError(f"{cycles} cycles end before the warm-up ({warmup} cycles, {warmup / 10:g} s)")
     tree = CgroupTree(Path(root))
     live: list[_Pod] = []
     deleted_ids: set[int] = set()
@@ -214,7 +235,7 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
         kubeconfig = api.write_kubeconfig(str(workdir / "kubeconfig"))
         config = (
             f"kpod: {{profile: {profile}, poll_interval: {POLL}, node_name: {NODE}, discovery: {{mode: informer}},"
-            f" cgroup: {{root: {root}}}, filter: {{exclude_namespaces: []}}}}\n"
+            f" cgroup: {{root: {root}, gone_retention: {RETENTION_S:g}s}}, filter: {{exclude_namespaces: []}}}}\n"
             f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}', backoff_initial: 200ms, backoff_max: 2s}}\n"
             f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
         )
@@ -254,7 +275,9 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
             deleted_names.add(old.name)
         live.clear()
         result.seconds = time.monotonic() - began
-        time.sleep(3 * 1.0 + 1.5)  # three poll intervals: gone cgroups leave maps and exposition
+        # Gone cgroups and deleted pods are let go after the retention, their carried counts
+        # after the retention again; then three poll intervals: they leave maps and exposition.
+        time.sleep(2 * RETENTION_S + 3 * 1.0 + 1.5)
         result.rss_end_kib = _quiet_min(agent.pid, rss_kib)
         result.threads_end = _quiet_min(agent.pid, thread_count)
         result.fds_end = _quiet_min(agent.pid, fd_count)

@@ -9,6 +9,8 @@
  *    which at sched_switch is still prev).
  * Context switches are counted on switch-OUT, to prev's cgroup: that is exactly where the
  * kernel counts /proc/<pid>/status voluntary_ctxt_switches + nonvoluntary_ctxt_switches.
+ * In Kubernetes modes tasks outside pods are neither counted nor stamped (kpod_charge*): a
+ * kernel thread's switch costs a lookup, not an atomic on the root cgroup's shared entry.
  * One value struct per cgroup holds both the counter and the histogram, and when prev and
  * next share a cgroup (two tasks of one pod) one hash lookup serves both.
  */
@@ -53,18 +55,25 @@ KPOD_ERRORS_MAP(sched_errors, struct sched_errors_value);
 
 #define ERR_OFF(map) offsetof(struct sched_errors_value, map)
 
-static __always_inline void enqueue(struct task_struct *task, __u64 now)
+static __always_inline void stamp(struct task_struct *task, __u64 now)
 {
-	__u64 *ts;
+	__u64 *ts = kpod_task_stamp(&sched_enqueued, kpod_task_storage, task, true);
 
-	/* pid 0 is each CPU's idle task: it never waits in a run queue. */
-	if (!task->pid)
-		return;
-	ts = kpod_task_stamp(&sched_enqueued, kpod_task_storage, task, true);
 	if (ts)
 		*ts = now;
 	else
 		kpod_count_error(&sched_errors, ERR_OFF(sched_enqueued));
+}
+
+/* A woken task starts waiting: stamp it, unless it is one that never counts. */
+static __always_inline void enqueue(struct task_struct *task, __u64 now)
+{
+	/* pid 0 is each CPU's idle task: it never waits in a run queue. */
+	if (!task->pid)
+		return;
+	if (kpod_filtering() && !kpod_charge_cgrp(task->cgroups->dfl_cgrp))
+		return;
+	stamp(task, now);
 }
 
 /*
@@ -104,11 +113,11 @@ int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_s
 {
 	struct kpod_cgroup_key key = {};
 	struct sched_cgroup_value *stats = NULL;
+	struct cgroup *next_cgrp;
 	__u64 now = 0, *tsp, delta, next_cgroup;
 
 	/* Switch-out.  current is still prev here, so the cheap helper gives prev's cgroup. */
-	if (prev->pid) {
-		key.cgroup_id = bpf_get_current_cgroup_id();
+	if (prev->pid && (key.cgroup_id = kpod_charge_current())) {
 		stats = cgroup_stats(&key);
 		if (stats)
 			__sync_fetch_and_add(&stats->switches, 1);
@@ -119,7 +128,7 @@ int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_s
 		 */
 		if (preempt || kpod_btf_task_state(prev) == KPOD_TASK_RUNNING) {
 			now = bpf_ktime_get_ns();
-			enqueue(prev, now);
+			stamp(prev, now);
 		}
 	}
 
@@ -135,7 +144,10 @@ int BPF_PROG(sched_switch, bool preempt, struct task_struct *prev, struct task_s
 	kpod_task_stamp_done(&sched_enqueued, kpod_task_storage, next, tsp);
 	if ((__s64)delta < 0)
 		return 0;  /* stamped on another CPU whose clock read later; drop it */
-	next_cgroup = next->cgroups->dfl_cgrp->kn->id;
+	next_cgrp = next->cgroups->dfl_cgrp;
+	next_cgroup = kpod_charge_cgrp(next_cgrp);
+	if (!next_cgroup)
+		return 0;  /* moved out of its pod while it waited */
 	if (!stats || next_cgroup != key.cgroup_id) {
 		key.cgroup_id = next_cgroup;
 		stats = cgroup_stats(&key);

@@ -13,6 +13,10 @@
  *    kpod_hist_slot).
  *  - Map names stay <= 15 characters: the kernel truncates longer ones, and bpftool then shows
  *    a different name than libbpf.
+ *  - Every handler charges a cgroup through kpod_charge*(): the id to key its maps with, or 0
+ *    to do nothing (Kubernetes modes: only pods and their containers count).  The maps behind
+ *    it, kpod_watched and kpod_watch_cfg, belong to bpf/cgroups.bpf.c; userspace makes every
+ *    object share that object's maps (bpf_map__reuse_fd) before loading it.
  */
 #ifndef __KPOD_BPF_H
 #define __KPOD_BPF_H
@@ -241,6 +245,235 @@ static __always_inline void kpod_task_stamp_forget(void *map, bool storage, stru
 		return;  /* the kernel frees task storage with the task */
 	tid = BPF_CORE_READ(task, pid);
 	bpf_map_delete_elem(map, &tid);
+}
+
+/*
+ * Which cgroups count, and as whom.
+ *
+ * Local mode (no Kubernetes): every cgroup counts as itself, as the host shows it.
+ *
+ * Kubernetes modes: only pods and containers count.  kpod_watched maps the cgroup2 ids of the
+ * kubepods root, its QoS cgroups, pods and containers to what they are and whom to charge:
+ * userspace fills it from its walk of the tree, and bpf/cgroups.bpf.c keeps it current in the
+ * kernel at every mkdir (a child of kubepods or of a QoS cgroup is a pod, a child of a pod is
+ * a container), so a container that lives for a millisecond is charged to itself from its
+ * first event.  A cgroup below a container (a runtime's or the workload's own sub-cgroups,
+ * cgroup delegation) has no entry: it is charged to its container, found among its
+ * ancestors.  So one container takes one entry in every per-cgroup map however many cgroups
+ * it makes, and the root cgroup, kernel threads and system services cost one failed lookup.
+ */
+enum kpod_cgroup_kind {
+	KPOD_CG_KUBEPODS = 1,   /* the kubepods root: not charged */
+	KPOD_CG_QOS = 2,        /* burstable, besteffort: not charged */
+	KPOD_CG_POD = 3,        /* charged to itself */
+	KPOD_CG_CONTAINER = 4,  /* charged to itself, and so is everything below it */
+};
+
+struct kpod_watch {
+	__u64 charge;  /* the cgroup id to charge; 0: not charged */
+	__u32 kind;    /* enum kpod_cgroup_kind */
+	__u32 level;   /* depth below the cgroup2 root (kubepods.slice is 1) */
+	/* Zero bytes: puts the kinds into the object's BTF for userspace. */
+	enum kpod_cgroup_kind kinds[0];
+};
+
+struct kpod_watch_cfg {
+	__u32 filter;          /* 1: Kubernetes modes (only watched cgroups count); 0: local mode */
+	__u32 kubepods_level;  /* level of the kubepods root */
+	__u64 kubepods_id;     /* its id; 0: none yet */
+};
+
+/*
+ * Sized by userspace at four entries per per-cgroup map entry (kubepods, QoS, pod and its
+ * containers: a pod's container entries each need a pod entry too); not preallocated, since
+ * it is written only at mkdir: memory for the cgroups that exist, not for the capacity.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, KPOD_MAX_ENTRIES);
+	__type(key, struct kpod_cgroup_key);
+	__type(value, struct kpod_watch);
+} kpod_watched SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kpod_watch_cfg);
+} kpod_watch_cfg SEC(".maps");
+
+/* The cgroup2 root's id (kernfs' root inode); its tasks (kernel threads among them) never count. */
+#define KPOD_ROOT_CGROUP_ID 1
+/* Deeper than any real hierarchy; bounds the ancestor reads. */
+#define KPOD_MAX_LEVEL 255
+
+/*
+ * The id of `cgrp`'s ancestor at `level`.  6.0 replaced cgroup->ancestor_ids[] (ids) with
+ * cgroup->ancestors[] (pointers) (commit 7f203bc89eb6, "cgroup: Replace cgroup->ancestor_ids[]
+ * with ->ancestors[]"); CO-RE picks whichever the kernel has.  Probe reads: `cgrp` may be a
+ * typed or an untyped pointer, and the index is not a constant.
+ */
+struct cgroup___pre_6_0 {
+	__u64 ancestor_ids[0];
+} __attribute__((preserve_access_index));
+
+static __always_inline __u64 kpod_ancestor_id(const struct cgroup *cgrp, __u32 level)
+{
+	unsigned long base = (unsigned long)cgrp;
+	__u64 id = 0;
+
+	if (!base || level > KPOD_MAX_LEVEL)
+		return 0;
+	if (bpf_core_field_exists(((struct cgroup *)0)->ancestors)) {
+		struct cgroup *ancestor = NULL;
+
+		bpf_probe_read_kernel(&ancestor, sizeof(ancestor),
+				      (void *)(base + bpf_core_field_offset(struct cgroup, ancestors) +
+					       level * sizeof(void *)));
+		if (ancestor)
+			id = BPF_CORE_READ(ancestor, kn, id);
+	} else {
+		bpf_probe_read_kernel(&id, sizeof(id),
+				      (void *)(base + bpf_core_field_offset(struct cgroup___pre_6_0, ancestor_ids) +
+					       level * sizeof(__u64)));
+	}
+	return id;
+}
+
+/*
+ * A cgroup below a container (`level` deep): its container's id, found among its ancestors,
+ * or 0.  Only reached for cgroups deeper than any container, so its probe reads are paid by
+ * tasks of nested cgroups alone.
+ */
+static __always_inline __u64 kpod_charge_nested(const struct kpod_watch_cfg *cfg, const struct cgroup *cgrp,
+						__u32 level)
+{
+	__u32 kubepods = cfg->kubepods_level;
+	struct kpod_cgroup_key ancestor;
+	struct kpod_watch *w;
+
+	if (kpod_ancestor_id(cgrp, kubepods) != cfg->kubepods_id)
+		return 0;  /* deep, but not below kubepods */
+	ancestor.cgroup_id = kpod_ancestor_id(cgrp, kubepods + 2);
+	w = bpf_map_lookup_elem(&kpod_watched, &ancestor);
+	if (w && w->kind == KPOD_CG_CONTAINER)
+		return w->charge;
+	if (level < kubepods + 4)
+		return 0;
+	ancestor.cgroup_id = kpod_ancestor_id(cgrp, kubepods + 3);
+	w = bpf_map_lookup_elem(&kpod_watched, &ancestor);
+	if (w && w->kind == KPOD_CG_CONTAINER)
+		return w->charge;
+	return 0;
+}
+
+/*
+ * The first steps of every charge, cheapest first: local mode charges the cgroup itself; the
+ * root cgroup (kernel threads) nothing; a watched cgroup its entry.  Returns true when that
+ * settled it (`*charge` set); false for an unwatched cgroup that could still be nested in a
+ * container (Kubernetes modes only), with `*cfg` set for kpod_charge_nested().
+ */
+static __always_inline bool kpod_charge_quick(__u64 id, __u64 *charge, struct kpod_watch_cfg **cfg_out)
+{
+	__u32 zero = 0;
+	struct kpod_watch_cfg *cfg = bpf_map_lookup_elem(&kpod_watch_cfg, &zero);
+	struct kpod_cgroup_key key = { .cgroup_id = id };
+	struct kpod_watch *w;
+
+	*charge = 0;
+	if (!cfg || !cfg->filter) {
+		*charge = id;
+		return true;
+	}
+	if (id == KPOD_ROOT_CGROUP_ID)
+		return true;
+	w = bpf_map_lookup_elem(&kpod_watched, &key);
+	if (w) {
+		*charge = w->charge;
+		return true;
+	}
+	if (!cfg->kubepods_id)
+		return true;  /* no kubepods yet: nothing can be nested in a container */
+	*cfg_out = cfg;
+	return false;
+}
+
+/* Containers sit at kubepods + 2 (Guaranteed pods) or + 3: only deeper cgroups can be nested. */
+#define KPOD_NESTED_MIN(cfg) ((cfg)->kubepods_level + 3)
+
+/*
+ * The cgroup id to charge for an event of `cgrp`, or 0: count nothing.  `cgrp` is a BTF
+ * pointer (a tp_btf argument's, or from bpf_get_current_task_btf()): plain loads.
+ */
+static __always_inline __u64 kpod_charge_cgrp(struct cgroup *cgrp)
+{
+	struct kpod_watch_cfg *cfg = NULL;
+	__u64 charge;
+	__u32 level;
+
+	if (kpod_charge_quick(cgrp->kn->id, &charge, &cfg) || !cfg)
+		return charge;
+	level = cgrp->level;
+	if (level < KPOD_NESTED_MIN(cfg))
+		return 0;
+	return kpod_charge_nested(cfg, cgrp, level);
+}
+
+/* The nested-cgroup step through an untyped pointer (probe reads). */
+static __always_inline __u64 kpod_charge_nested_read(const struct kpod_watch_cfg *cfg, const struct cgroup *cgrp)
+{
+	__u32 level;
+
+	if (!cgrp)
+		return 0;
+	level = BPF_CORE_READ(cgrp, level);
+	if (level < KPOD_NESTED_MIN(cfg))
+		return 0;
+	return kpod_charge_nested(cfg, cgrp, level);
+}
+
+/*
+ * ...for current.  The nested step reads current's cgroup through bpf_get_current_task_btf()
+ * (plain loads) where the kernel has that helper (5.11+, asked of its BTF: the other branch is
+ * dropped at load), through probe reads before.
+ */
+static __always_inline __u64 kpod_charge_current(void)
+{
+	struct kpod_watch_cfg *cfg = NULL;
+	__u64 charge;
+
+	if (kpod_charge_quick(bpf_get_current_cgroup_id(), &charge, &cfg) || !cfg)
+		return charge;
+	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_current_task_btf)) {
+		struct cgroup *cgrp = bpf_get_current_task_btf()->cgroups->dfl_cgrp;
+		__u32 level = cgrp->level;
+
+		if (level < KPOD_NESTED_MIN(cfg))
+			return 0;
+		return kpod_charge_nested(cfg, cgrp, level);
+	}
+	return kpod_charge_nested_read(cfg, BPF_CORE_READ((struct task_struct *)bpf_get_current_task(), cgroups, dfl_cgrp));
+}
+
+/* ...for current, where only probe reads work (perf_event programs, kretprobes). */
+static __always_inline __u64 kpod_charge_current_read(void)
+{
+	struct kpod_watch_cfg *cfg = NULL;
+	__u64 charge;
+
+	if (kpod_charge_quick(bpf_get_current_cgroup_id(), &charge, &cfg) || !cfg)
+		return charge;
+	return kpod_charge_nested_read(cfg, BPF_CORE_READ((struct task_struct *)bpf_get_current_task(), cgroups, dfl_cgrp));
+}
+
+/* True in Kubernetes modes: a handler may skip per-task work for tasks that will not count. */
+static __always_inline bool kpod_filtering(void)
+{
+	__u32 zero = 0;
+	struct kpod_watch_cfg *cfg = bpf_map_lookup_elem(&kpod_watch_cfg, &zero);
+
+	return cfg && cfg->filter;
 }
 
 #endif /* __KPOD_BPF_H */

@@ -105,7 +105,7 @@ int BPF_PROG(oom_signal, int sig, struct kernel_siginfo *info, struct task_struc
 	if (!slot)
 		return 0;
 	slot->at = bpf_ktime_get_ns();
-	slot->cgroup_id = kpod_task_cgroup_id(task);
+	slot->cgroup_id = kpod_charge_cgrp(task->cgroups->dfl_cgrp);  /* 0: a task that does not count */
 	slot->leader_start = task->group_leader->start_time;
 	slot->tid = task->pid;
 	slot->tgid = task->tgid;
@@ -128,6 +128,8 @@ static __always_inline void oom_mark(__u32 tid)
 		return;
 	}
 	slot->tid = 0;
+	if (!slot->cgroup_id)
+		return;
 	tgid = slot->tgid;
 	start = slot->leader_start;
 	seen = bpf_map_lookup_elem(&mem_oom_seen, &tgid);
@@ -162,7 +164,9 @@ int BPF_PROG(oom_victim_exit, struct task_struct *p)
 
 	if (p->pid != p->tgid || !p->signal->oom_mm)
 		return 0;
-	key.cgroup_id = bpf_get_current_cgroup_id();
+	key.cgroup_id = kpod_charge_current();
+	if (!key.cgroup_id)
+		return 0;
 	kpod_counter_add(&mem_oom_kills, &key, 1, &mem_errors, ERR_OFF(mem_oom_kills));
 	return 0;
 }
@@ -170,8 +174,10 @@ int BPF_PROG(oom_victim_exit, struct task_struct *p)
 SEC("perf_event")
 int mem_major_fault(struct bpf_perf_event_data *ctx)
 {
-	struct kpod_cgroup_key key = { .cgroup_id = bpf_get_current_cgroup_id() };
+	struct kpod_cgroup_key key = { .cgroup_id = kpod_charge_current_read() };
 
+	if (!key.cgroup_id)
+		return 0;
 	kpod_counter_add(&mem_maj_faults, &key, 1, &mem_errors, ERR_OFF(mem_maj_faults));
 	return 0;  /* 0: no perf sample is written, we only wanted the callback */
 }

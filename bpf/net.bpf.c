@@ -69,7 +69,21 @@ const volatile bool kpod_force_sock_cgroup_val = false;
  */
 static __always_inline __u64 sk_cgroup_id(const struct sock *sk)
 {
-	return kpod_sk_cgroup_id(sk, kpod_force_sock_cgroup_val);
+	struct kpod_watch_cfg *cfg = NULL;
+	__u64 charge, val = 0;
+
+	/* The socket owner's cgroup as kpod_charge_quick() maps it: 0 for sockets of no pod. */
+	if (kpod_charge_quick(kpod_sk_cgroup_id(sk, kpod_force_sock_cgroup_val), &charge, &cfg) || !cfg)
+		return charge;
+	/*
+	 * Possibly nested in a container: its cgroup pointer, untyped, from the first 8 bytes of
+	 * sk_cgrp_data, which are the pointer on every kernel while the two tag bits are clear
+	 * (bpf/core_fixes.bpf.h, kpod_sk_cgroup_id()).
+	 */
+	bpf_probe_read_kernel(&val, sizeof(val), (const void *)&sk->sk_cgrp_data);
+	if (val & KPOD_SOCK_CGROUP_TAG_BITS)
+		return 0;
+	return kpod_charge_nested_read(cfg, (const struct cgroup *)(unsigned long)val);
 }
 
 static __always_inline bool is_tcp_stream(const struct sock *sk)
@@ -81,8 +95,11 @@ static __always_inline bool is_tcp_stream(const struct sock *sk)
 static __always_inline struct net_tcp_value *tcp_value(__u64 cgroup_id)
 {
 	struct kpod_cgroup_key key = { .cgroup_id = cgroup_id };
-	struct net_tcp_value *v = bpf_map_lookup_elem(&net_tcp, &key);
+	struct net_tcp_value *v;
 
+	if (!cgroup_id)
+		return NULL;  /* a socket of no pod (Kubernetes modes) */
+	v = bpf_map_lookup_elem(&net_tcp, &key);
 	if (v)
 		return v;
 	{
@@ -161,14 +178,14 @@ int BPF_PROG(tcp_recvmsg_exit, struct sock *sk, struct msghdr *msg, size_t len, 
 SEC("kretprobe/tcp_sendmsg")
 int BPF_KRETPROBE(tcp_sendmsg_ret, int ret)
 {
-	add_sent(bpf_get_current_cgroup_id(), ret);
+	add_sent(kpod_charge_current_read(), ret);
 	return 0;
 }
 
 SEC("kretprobe/tcp_recvmsg")
 int BPF_KRETPROBE(tcp_recvmsg_ret, int ret)
 {
-	add_received(bpf_get_current_cgroup_id(), ret);
+	add_received(kpod_charge_current_read(), ret);
 	return 0;
 }
 
@@ -262,6 +279,8 @@ static __always_inline void rtt_sample(const struct sock *sk, __u32 srtt_us_x8)
 	if (!srtt_us)
 		return;  /* no RTT sample yet */
 	key.cgroup_id = sk_cgroup_id(sk);
+	if (!key.cgroup_id)
+		return;
 	hist = bpf_map_lookup_elem(&net_rtt, &key);
 	if (!hist) {
 		struct kpod_hist zero = {};

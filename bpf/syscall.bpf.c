@@ -63,6 +63,7 @@ struct {
  */
 struct sys_inflight {
 	__u64 start;          /* entry time (ns) of the call in flight */
+	__u64 charge;         /* Kubernetes modes: the cgroup to charge, as at entry; 0: current's at the end */
 	__u64 restart_start;  /* first entry time of a parked call */
 	__u32 nr;             /* the in-flight call's syscall number */
 	__u32 restart_nr;     /* the parked call's syscall number */
@@ -207,10 +208,11 @@ static __always_inline void inflight_idle(struct task_struct *task, struct sys_i
 		kpod_task_stamp_forget(&sys_start, kpod_task_storage, task);
 }
 
-/* One finished call of current's: count it, an error if ret < 0, its latency since `start`. */
-static __always_inline void account(__u32 nr, long ret, __u64 start)
+/* One finished call: count it, an error if ret < 0, its latency since `start`.  `charge`:
+ * the cgroup taken at entry (Kubernetes modes), or 0 for current's (local mode). */
+static __always_inline void account(__u64 charge, __u32 nr, long ret, __u64 start)
 {
-	struct sys_key key = { .cgroup_id = bpf_get_current_cgroup_id(), .nr = nr };
+	struct sys_key key = { .cgroup_id = charge ? charge : bpf_get_current_cgroup_id(), .nr = nr };
 	struct sys_value *v = bpf_map_lookup_elem(&sys_stats, &key);
 	__u64 delta;
 	__u32 slot;
@@ -239,8 +241,12 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 	struct task_struct *task;
 	struct sys_inflight *s;
 	__u32 on = tracked(id);
+	__u64 charge = 0;
 
 	if (on == KPOD_SYS_UNTRACKED)
+		return 0;
+	/* Kubernetes modes: a task of no pod gets no stamp (and so no count at exit). */
+	if (kpod_filtering() && !(charge = kpod_charge_current()))
 		return 0;
 	/*
 	 * A typed task pointer (bpf_get_current_task_btf, 5.11+) where task storage exists
@@ -284,6 +290,7 @@ int BPF_PROG(sys_enter, struct pt_regs *regs, long id)
 		return 0;
 	}
 	s->start = bpf_ktime_get_ns();
+	s->charge = charge;
 	s->nr = id;
 	return 0;
 }
@@ -319,7 +326,7 @@ int BPF_PROG(sys_exit, struct pt_regs *regs, long ret)
 		s->restart_code = ret;
 		return 0;
 	}
-	account(s->nr, ret, start);
+	account(s->charge, s->nr, ret, start);
 	inflight_idle(task, s);
 	return 0;
 }
@@ -352,7 +359,7 @@ int BPF_PROG(sys_signal, int sig, struct kernel_siginfo *info, struct k_sigactio
 		return 0;
 	}
 	/* The call ends here with -EINTR, which is what the caller sees. */
-	account(s->restart_nr, -KPOD_EINTR, s->restart_start);
+	account(s->charge, s->restart_nr, -KPOD_EINTR, s->restart_start);
 	s->restart_start = 0;
 	inflight_idle(task, s);
 	return 0;

@@ -27,8 +27,13 @@ def build_cgroup_index(config: AgentConfig) -> CgroupIndex:
     # On a Kubernetes node the agent reports pods only; locally, every cgroup.
     local = config.kpod.discovery.mode == "local"
     tree = choose_hierarchy(config.kpod.cgroup.root, read_mountinfo(), pods_only=not local)
-    return CgroupIndex(tree.root, scope="all" if local else "kubepods", mounts=tree.mounts,
-                       ebpf_unattributable=tree.ebpf_unattributable)  # fmt: skip
+    return CgroupIndex(
+        tree.root,
+        scope="all" if local else "kubepods",
+        mounts=tree.mounts,
+        ebpf_unattributable=tree.ebpf_unattributable,
+        gone_retention_s=config.kpod.cgroup.gone_retention.seconds,
+    )
 
 
 class Agent:

@@ -62,11 +62,13 @@ class CgroupRef:
     """The identity of a cgroup: its cgroup2 id (the directory's inode) and path.
 
     `path` is relative to the cgroup2 mount and starts with "/" ("/" is the root).  It is empty
-    when the receiver saw only an id that no longer resolves (the cgroup is gone).
+    when the receiver saw only an id that no longer resolves.  `gone`: the cgroup was removed
+    and is still retained (kpod.cgroup.index): its points are its final counts.
     """
 
     id: int
     path: str
+    gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)

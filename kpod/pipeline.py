@@ -58,6 +58,10 @@ class Pipeline:
             status_entry.details_source = receiver.status  # routes, map errors: in /debug/status
             interval = spec.interval.seconds if spec.interval else self.settings.poll_interval.seconds
             self.receivers.append(ScheduledReceiver(spec, receiver, status_entry, interval))
+        # A gone cgroup's final counts must reach every receiver's batch at least once, and be
+        # exported at least twice (a scrape between two cycles): keep it two slowest intervals.
+        slowest = max((r.interval_s for r in self.receivers), default=self.settings.poll_interval.seconds)
+        cgroups.gone_retention_s = max(self.settings.cgroup.gone_retention.seconds, 2 * slowest)
         self._started: list[Exporter | Processor] = []
         self._shut_down = False
         # The parsers count for the whole process; this pipeline reports what happens from now.

@@ -38,6 +38,10 @@ class DiscoverySettings:
 class CgroupSettings:
     root: str = "/sys/fs/cgroup"
     proc_root: str = "/proc"
+    # How long a removed cgroup (and a deleted pod's labels) stay known: its final counts are
+    # exported under its labels that long, then the series goes and its kernel entries are
+    # deleted.  At least two intervals of the slowest receiver are used whatever this says.
+    gone_retention: Duration = field(default_factory=lambda: Duration.parse("2m"))
 
 
 @dataclass

@@ -66,7 +66,7 @@ class BpfMapsReceiver(Receiver):
     def _collect_object(self, loaded: LoadedObject, batch: Batch) -> None:
         start = loaded.loaded_at_ns
         errors = loaded.error_counts()
-        for name, bpf_map in loaded.obj.maps.items():
+        for name, bpf_map in loaded.own_maps().items():
             if "." in name:
                 continue  # libbpf's own maps (<object>.rodata: read-only flags), not ours
             attrs = attributes(map=name)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from kpod.component import EmptyConfig, Factory
 from kpod.kernel import libbpf
+from kpod.kernel.cgroupwatch import CgroupBpfReceiver
 from kpod.kernel.ebpf import (
     PROGRAM_RUN_SECONDS,
     PROGRAM_RUNS,
-    BpfReceiver,
     ProgramSpec,
     task_stamps_route,
     use_task_stamps,
@@ -35,7 +35,7 @@ CONTEXT_SWITCHES = MetricDef(
 )
 
 
-class CpuSchedReceiver(BpfReceiver):
+class CpuSchedReceiver(CgroupBpfReceiver):
     metrics = (RUNQ_LATENCY, CONTEXT_SWITCHES, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "cpu_sched"
     program_specs = (

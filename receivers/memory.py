@@ -3,7 +3,10 @@
 - kpod.mem.oom.kills: processes the OOM killer killed, once each, charged to the victim's
   cgroup.  A mark the kernel makes without a kill (a task already exiting, e.g. the other
   threads of a killed process) does not count: a mark counts only right after the kill's
-  own SIGKILL to that thread (see bpf/mem.bpf.c for the reasoning and the fallback).
+  own SIGKILL to that thread (see bpf/mem.bpf.c for the reasoning and the fallback).  Every
+  container the agent knows has the series from its start, at 0 (so that increase() and
+  alerts see the first kill); a container's kills stay exported after its cgroup is removed,
+  for kpod.cgroup.gone_retention.
 - kpod.mem.major.page.faults: a perf software event (PERF_COUNT_SW_PAGE_FAULTS_MAJ, one per
   CPU, sample_period 1) runs a perf_event program on each major fault, in the faulting task;
   the same accounting point as the task's majflt.  `major_faults: false` leaves the events
@@ -16,11 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kpod.component import Factory
-from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, BpfReceiver, ProgramSpec
+from kpod.kernel.cgroupwatch import CgroupBpfReceiver
+from kpod.kernel.ebpf import PROGRAM_RUN_SECONDS, PROGRAM_RUNS, ProgramSpec
 from kpod.kernel.libbpf import PERF_COUNT_SW_PAGE_FAULTS_MAJ, PERF_TYPE_SOFTWARE
 from kpod.model import Batch, Kind, MetricDef
 
-OOM_KILLS = MetricDef("kpod.mem.oom.kills", Kind.COUNTER, "1", "Tasks of the cgroup killed by the OOM killer")
+OOM_KILLS = MetricDef(
+    "kpod.mem.oom.kills", Kind.COUNTER, "1", "Processes of the cgroup the OOM killer killed (each once; 0 at first)"
+)
 MAJOR_FAULTS = MetricDef(
     "kpod.mem.major.page.faults", Kind.COUNTER, "1", "Major page faults (served with I/O) of the cgroup's tasks"
 )
@@ -32,7 +38,7 @@ class MemoryConfig:
     major_faults: bool = True
 
 
-class MemoryReceiver(BpfReceiver):
+class MemoryReceiver(CgroupBpfReceiver):
     metrics = (OOM_KILLS, MAJOR_FAULTS, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "mem"
     program_specs = (
@@ -66,8 +72,15 @@ class MemoryReceiver(BpfReceiver):
 
     def collect_maps(self, batch: Batch) -> None:
         if self.feeds_active(OOM_KILLS.name):
+            counted: set[int] = set()
             for ref, count in self.read_cgroup_map("mem_oom_kills"):
                 batch.add(self.point(OOM_KILLS, ref, float(count)))
+                counted.add(ref.id)
+            # Every container the agent knows has the series from the start, at 0: a counter
+            # that first appears at 1 is an increase() of 0, and the first kill would never alert.
+            for ref in self.context.cgroups.charge_targets():
+                if ref.id not in counted:
+                    batch.add(self.point(OOM_KILLS, ref, 0.0))
         if self.feeds_active(MAJOR_FAULTS.name):
             for ref, count in self.read_cgroup_map("mem_maj_faults"):
                 batch.add(self.point(MAJOR_FAULTS, ref, float(count)))

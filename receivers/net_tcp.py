@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from kpod.component import Factory
 from kpod.kernel import btflayout, libbpf
+from kpod.kernel.cgroupwatch import CgroupBpfReceiver
 from kpod.kernel.ebpf import (
     FORCE_SOCK_CGROUP_VAL,
     PROGRAM_RUN_SECONDS,
     PROGRAM_RUNS,
-    BpfReceiver,
     ProgramSpec,
     Route,
     set_rodata,
@@ -97,7 +97,7 @@ def kernel_struct_members(name: str) -> tuple[btflayout.BtfMember, ...]:
     return btf.type(type_id).members if type_id else ()
 
 
-class NetTcpReceiver(BpfReceiver):
+class NetTcpReceiver(CgroupBpfReceiver):
     metrics = (BYTES_SENT, BYTES_RECEIVED, RETRANSMITS, CONNECTIONS, RTT, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "net"
     # All optional: the receiver is useful with any subset of its hooks.  Same `feeds` =

@@ -31,15 +31,21 @@ from typing import Any
 
 from kpod.component import ComponentUnavailable, Factory
 from kpod.kernel import libbpf
+from kpod.kernel.cgroupwatch import CgroupBpfReceiver
 from kpod.kernel.ebpf import (
     PROGRAM_RUN_SECONDS,
     PROGRAM_RUNS,
-    BpfReceiver,
     ProgramSpec,
     task_stamps_route,
     use_task_stamps,
 )
-from kpod.kernel.syscalls import default_tracked, other_architectures_only, resolve_syscalls, skipped_note, syscall_table
+from kpod.kernel.syscalls import (
+    default_tracked,
+    other_architectures_only,
+    resolve_syscalls,
+    skipped_note,
+    syscall_table,
+)
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
 
 COUNT = MetricDef("kpod.syscall.count", Kind.COUNTER, "1", "Tracked syscalls made by the cgroup's tasks", ("syscall",))
@@ -64,7 +70,7 @@ class SyscallConfig:
     tracked_syscalls: list[str] = field(default_factory=list)
 
 
-class SyscallReceiver(BpfReceiver):
+class SyscallReceiver(CgroupBpfReceiver):
     metrics = (COUNT, ERRORS, LATENCY, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
     object_name = "syscall"
     program_specs = (

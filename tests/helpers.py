@@ -180,7 +180,8 @@ class BpftoolBtf:
         return out
 
     def maps(self) -> dict[str, tuple[int, int]]:
-        """map name -> (key type id, value type id), from the `.maps` DATASEC."""
+        """map name -> (key type id, value type id), from the `.maps` DATASEC (maps without a
+        key type, ring buffers, are not keyed: left out)."""
         out: dict[str, tuple[int, int]] = {}
         for t in self.types.values():
             if t["kind"] != "DATASEC" or t["name"] != ".maps":
@@ -189,6 +190,8 @@ class BpftoolBtf:
                 v = self.types[var["type_id"]]
                 definition = self.resolve(v["type_id"])
                 members = {m["name"]: m["type_id"] for m in definition["members"]}
+                if "key" not in members:
+                    continue
                 key = self.types[members["key"]]["type_id"]  # __type(key, T) is a T *
                 value = self.types[members["value"]]["type_id"]
                 out[v["name"]] = (key, value)

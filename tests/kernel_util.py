@@ -133,11 +133,15 @@ class CgroupTree:
         return path
 
     def pod(self, qos: str = "burstable") -> Pod:
+        """A pod with one container; qos "guaranteed" puts the pod right below kubepods.slice."""
         uid = str(uuid.uuid4())
-        qos_slice = f"kubepods-{qos}.slice"
-        pod_slice = f"kubepods-{qos}-pod{uid.replace('-', '_')}.slice"
         scope = f"cri-containerd-{uuid.uuid4().hex}{uuid.uuid4().hex}.scope"
-        container = self.mkdir(f"kubepods.slice/{qos_slice}/{pod_slice}/{scope}")
+        if qos == "guaranteed":
+            container = self.mkdir(f"kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/{scope}")
+        else:
+            qos_slice = f"kubepods-{qos}.slice"
+            pod_slice = f"kubepods-{qos}-pod{uid.replace('-', '_')}.slice"
+            container = self.mkdir(f"kubepods.slice/{qos_slice}/{pod_slice}/{scope}")
         return Pod(uid, container.parent, container)
 
     def move(self, pid: int, cgroup: Path) -> None:
@@ -311,13 +315,15 @@ def forced_routes() -> list[str]:
     return [r.strip() for r in os.environ.get("KPOD_BPF_FORCE_ROUTES", "").split(",") if r.strip()]
 
 
-def context(component_id: str, cgroup_root: str | None = None, **bpf: object) -> Context:
+def context(component_id: str, cgroup_root: str | None = None, scope: str = "all", **bpf: object) -> Context:
+    """A component's context over the real cgroup2 tree: scope "all" is local mode (every
+    cgroup counts as itself), "kubepods" a Kubernetes mode (only pods and containers count)."""
     settings = KpodSettings()
     settings.bpf.force_routes = forced_routes()
     for key, value in bpf.items():
         setattr(settings.bpf, key, value)
     root = cgroup_root or cgroup2_root()
-    index = CgroupIndex(root, scope="all")
+    index = CgroupIndex(root, scope=scope)
     index.refresh()
     return Context(component_id, settings, index, SelfMetrics())
 

@@ -295,7 +295,8 @@ def test_oom_kill_counted_once_for_the_victims_pod(route: str) -> None:
             batch = collect(receiver)
             points = points_for(batch, "kpod.mem.oom.kills", pod.container_id)
             assert [p.value for p in points] == [1.0]
-            assert not points_for(batch, "kpod.mem.oom.kills", bystander.container_id)
+            # The bystander has the series too, at 0: every known container starts there.
+            assert [p.value for p in points_for(batch, "kpod.mem.oom.kills", bystander.container_id)] == [0.0]
         finally:
             receiver.shutdown()
 
@@ -312,12 +313,13 @@ def test_map_fill_is_reported_for_hash_maps_only() -> None:
     receiver.start()
     try:
         assert receiver.loaded is not None
-        types = {name: m.type for name, m in receiver.loaded.obj.maps.items()}
+        # Its own maps: the cgroup watch's shared ones are reported under their owner.
+        types = {name: m.type for name, m in receiver.loaded.own_maps().items()}
         hashes = {name for name, t in types.items() if t in libbpf.HASH_TYPES}
         arrays = {name for name, t in types.items() if t == libbpf.BPF_MAP_TYPE_ARRAY}
         assert "sched_cgroups" in hashes and receiver.loaded.error_map in arrays, types
         batch = maps.collect()
-        mine = set(receiver.loaded.obj.maps)
+        mine = set(receiver.loaded.own_maps())
         reported = {
             (p.metric.name, dict(p.attributes)["map"]) for p in batch if dict(p.attributes)["map"] in mine
         }
@@ -415,17 +417,25 @@ def test_entries_of_gone_cgroups_are_deleted() -> None:
             w.go()
             w.readline()
             w.stop()
-            assert points_for(collect(receiver), "kpod.cpu.context.switches", gone_id)
+            final = points_for(collect(receiver), "kpod.cpu.context.switches", gone_id)
+            assert final
+            index = receiver.context.cgroups
+            index.gone_retention_s = 1.0
             tree.cleanup()  # the pod goes away
-            receiver.context.cgroups.refresh()
             switches = receiver.loaded.obj.maps["sched_cgroups"]
 
             def keys() -> set[int]:
                 return {int.from_bytes(k[:8], "little") for k in switches.keys()}  # noqa: SIM118 - a BPF map
 
+            # Gone but retained: its final count is still reported, under its path.
+            (point,) = points_for(collect(receiver), "kpod.cpu.context.switches", gone_id)
+            assert point.cgroup.gone and point.cgroup.path == final[0].cgroup.path
+            assert point.value >= final[0].value
             assert gone_id in keys()
-            collect(receiver)  # first miss: kept one cycle (the index may just be behind)
-            assert gone_id in keys()
+            time.sleep(1.1)  # past the retention: let go
+            index._walked_at = 0.0  # (a miss walks again at most once a second)
+            assert not points_for(collect(receiver), "kpod.cpu.context.switches", gone_id)
+            assert gone_id in keys()  # first miss: kept one cycle (the index may just be behind)
             collect(receiver)  # second miss: deleted
             assert gone_id not in keys()
         finally:

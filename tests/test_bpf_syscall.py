@@ -293,11 +293,19 @@ def test_entries_of_gone_cgroups_are_deleted(workload_binary: Path) -> None:
             with started_syscall_workload(workload_binary) as proc:
                 tree.move(proc.pid, pod.container_dir)
                 finish_syscall_workload(proc)
-                assert by_syscall(collect(receiver), "kpod.syscall.count", gone)
+                final = by_syscall(collect(receiver), "kpod.syscall.count", gone)
+                assert final
+            index = receiver.context.cgroups
+            index.gone_retention_s = 1.0
             tree.cleanup()  # the pod goes away
             assert keys_of_gone() == 2  # (gone, read) and (gone, getppid)
-            collect(receiver)  # first miss: kept one cycle (the index may just be behind)
-            assert keys_of_gone() == 2
+            # Retained: the final counts are still reported (the workload was killed while
+            # blocked in its last read, which never returned: the counts did not move).
+            assert by_syscall(collect(receiver), "kpod.syscall.count", gone) == final
+            time.sleep(1.1)  # past the retention: let go
+            index._walked_at = 0.0  # (a miss walks again at most once a second)
+            assert not by_syscall(collect(receiver), "kpod.syscall.count", gone)
+            assert keys_of_gone() == 2  # first miss: kept one cycle (the index may just be behind)
             collect(receiver)  # second miss: deleted
             assert keys_of_gone() == 0
         finally:

@@ -153,8 +153,13 @@ def test_pods_appear_change_and_disappear(api: FakeApiServer, tmp_path: Path) ->
         assert poll_until(lambda: (h.labels(cgroup_of(web, new_cid)) or {}).get("container") == "app")
         assert (h.labels(cgroup_of(web, cid)) or {}).get("container") == "app"
 
-        # DELETED: the pod's cgroups are dropped from the next cycle on, and counted.
+        # DELETED: the pod's labels stay for kpod.cgroup.gone_retention (its removed
+        # containers' final counts are still exported), then its cgroups are dropped, counted.
+        h.processor.context.cgroups.gone_retention_s = 1.0
+        h.labels(cgroup_of(db, "f" * 64))  # a cycle: the processor takes the retention
         api.delete_pod(web["metadata"]["uid"])
+        assert poll_until(lambda: web["metadata"]["uid"] not in h.store.snapshot())
+        assert (h.labels(cgroup_of(web, new_cid)) or {}).get("pod") == "web-1"
         assert poll_until(lambda: h.labels(cgroup_of(web, new_cid)) is None)
         assert h.unresolved("unknown_pod") >= 1
         assert h.labels(cgroup_of(db, "f" * 64)) is not None

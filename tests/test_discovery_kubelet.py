@@ -123,10 +123,14 @@ def test_lists_pods_with_token_and_ca(kubelet: FakeKubelet, certs: Certs, pods: 
             "container": "app",
             "node": NODE,
         }
-        # Polling follows changes: a new pod appears, a removed one is dropped.
+        # Polling follows changes: a new pod appears, a removed one keeps its labels for
+        # kpod.cgroup.gone_retention (its containers' final counts), then is dropped.
+        h.processor.context.cgroups.gone_retention_s = 1.0
         new = make_pod("new-1", namespace="shop")
         kubelet.pods = [pods[1], new]
         assert poll_until(lambda: h.labels(cgroup_of(new, container_id("shop/new-1/app"))) is not None)
+        assert (h.labels(cgroup_of(pods[0], container_id("shop/web-1/app"))) or {}).get("pod") == "web-1"
+        assert poll_until(lambda: h.labels(cgroup_of(pods[0], container_id("shop/web-1/app"))) is None)
         before = h.self_metrics.get(UNRESOLVED_METRIC, (("reason", "unknown_pod"),))
         assert h.labels(cgroup_of(pods[0], container_id("shop/web-1/app"))) is None
         assert h.self_metrics.get(UNRESOLVED_METRIC, (("reason", "unknown_pod"),)) == before + 1

@@ -81,7 +81,7 @@ kpod:
   poll_interval: 500ms
   node_name: node-a
   discovery: {{mode: informer}}
-  cgroup: {{root: {tree.root / prefix}}}
+  cgroup: {{root: {tree.root / prefix}, gone_retention: 2s}}
   filter: {{exclude_namespaces: []}}
 receivers:
   cgroup_cpu: {{}}
@@ -119,7 +119,8 @@ service:
             api.add_pod(make_pod("db-1", namespace="shop", uid=db_uid, containers=[("pg", db_cid)]))
             assert until(lambda: {s["pod"] for s in series(scrape(port), metric)} == {"web-1", "db-1"})
 
-            # The API deletes web-1 (its cgroup lingers a moment on a real node): its series go.
+            # The API deletes web-1 (its cgroup lingers a moment on a real node): its series go
+            # once the deleted pod's labels are let go (kpod.cgroup.gone_retention).
             api.delete_pod(web_uid)
             assert until(lambda: {s["pod"] for s in series(scrape(port), metric)} == {"db-1"})
             text = scrape(port)

@@ -92,7 +92,8 @@ def test_runqueue_histogram_arrives_as_the_kernel_held_it(histograms: str) -> No
             time.sleep(0.1)
             assert_delivered_equal(batch, collector.requests(), histograms)
             (sent,) = [
-                r for r in flatten(collector.requests())
+                r
+                for r in flatten(collector.requests())
                 if r["name"] == "kpod.cpu.runqueue.latency" and r["resource"].get("k8s.pod.uid") == pod.uid
             ]
             assert list(kernel_counts) == map_slots  # the receiver read the map as bpftool does
@@ -138,13 +139,17 @@ def test_bpf_self_metrics_and_map_fill_in_debug_status(tmp_path: Path, clean_env
         objects = [o for o in REGISTRY.objects() if o.name == "cpu_sched"]
         assert len(objects) == 1, "cpu_sched did not load"
         active = [r.program for r in objects[0].routes if r.active]
-        assert pipeline.self_metrics.get("kpod.bpf.programs.loaded") == len(active) > 0
+        # Every program the agent attached: cpu_sched's and the shared cgroup watch's.
+        attached = sum(1 for o in REGISTRY.objects() for r in o.routes if r.active)
+        assert {o.name for o in REGISTRY.objects()} == {"cpu_sched", "cgroups"}
+        assert pipeline.self_metrics.get("kpod.bpf.programs.loaded") == attached > len(active) > 0
         for program in active:
             assert pipeline.self_metrics.get("kpod.bpf.programs.failed", (("program", program),)) == 0
         status = pipeline.status.snapshot()
         maps = {m["map"]: m for m in status["bpf_maps"] if m["object"] == "cpu_sched"}
         assert set(maps) == set(objects[0].map_names())
-        cgroup_maps = [n for n, lay in objects[0].layouts.items() if lay.has_key_field(CGROUP_KEY_FIELD)]
+        # Its own maps (the cgroup watch's shared ones are reported under their owner, "cgroups").
+        cgroup_maps = [n for n in objects[0].map_names() if objects[0].layouts[n].has_key_field(CGROUP_KEY_FIELD)]
         assert cgroup_maps
         for name in cgroup_maps:
             assert maps[name]["capacity"] == 4096

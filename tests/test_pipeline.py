@@ -10,6 +10,7 @@ import pytest
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.config import load_config
+from kpod.model import CgroupRef
 from kpod.pipeline import Pipeline
 from kpod.registry import Registry
 
@@ -188,7 +189,7 @@ def test_per_receiver_interval_keeps_last_values_between_collections(
         assert sources == {"constant/hourly", "constant/often"}
 
 
-def test_series_of_a_removed_cgroup_leave_at_the_next_cycle(
+def test_series_of_a_removed_cgroup_leave_after_the_retention(
     tmp_path: Path, clean_env: dict[str, str], real_cgroup_root: str
 ) -> None:
     """Real cgroups: cgroup_cpu reports a cgroup while it exists, and not after rmdir."""
@@ -212,7 +213,14 @@ def test_series_of_a_removed_cgroup_leave_at_the_next_cycle(
         paths = {p.cgroup.path for p in batch.points if p.cgroup}
         relative = leaf[len(real_cgroup_root.rstrip("/")):]
         assert relative in paths
+        leaf_id = os.stat(leaf).st_ino
         os.rmdir(leaf)
+        # Gone: its last values are still exported for the retention...
+        batch = pipeline.run_cycle()
+        assert relative in {p.cgroup.path for p in batch.points if p.cgroup}
+        assert pipeline.cgroups.ref(leaf_id) == CgroupRef(leaf_id, relative, gone=True)
+        # ...and leave with the first cycle after it.
+        pipeline.cgroups.gone_retention_s = 0.0
         batch = pipeline.run_cycle()
         assert relative not in {p.cgroup.path for p in batch.points if p.cgroup}
     finally:

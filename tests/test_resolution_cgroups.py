@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,8 +213,15 @@ def test_resolution_on_real_cgroups(layout: Layout, world: tuple[CgroupTree, Pro
     (point,) = processor.process(Batch([Point(CPU, refs["starting"], (), 1.0)])).points
     assert dict(point.resource.labels)["container"] == "sidecar"  # type: ignore[union-attr]
 
-    # The pod is deleted: its cgroups are dropped and counted, once per cgroup per cycle.
+    # The pod is deleted: its cgroups keep its labels for kpod.cgroup.gone_retention (their
+    # final counts are still exported), then they are dropped and counted, once per cgroup
+    # per cycle.
+    processor.context.cgroups.gone_retention_s = 0.3
+    processor.store.retention_s = 0.3
     processor.store.replace([])
+    kept = processor.process(Batch([Point(CPU, ref, (), 1.0) for ref in refs.values()])).points
+    assert kept and {dict(p.resource.labels)["pod"] for p in kept} == {"web-1"}  # type: ignore[union-attr]
+    time.sleep(0.35)
     assert processor.process(Batch([Point(CPU, ref, (), 1.0) for ref in refs.values()])).points == []
     assert self_metrics.get(UNRESOLVED_METRIC, (("reason", "unknown_pod"),)) == len(refs)
 

@@ -2,7 +2,8 @@
 
 SOAK_CYCLES create/delete cycles of real kubepods-shaped cgroups with a live process each and
 the matching API events from the fake API server, against the agent process in informer mode
-at poll 1 s: 40 cycles in `make test`, 500 in `make soak` (which also writes docs/perf/soak.md).
+at poll 1 s: 100 cycles in `make test` (the warm-up alone is 70), 500 in `make soak` (which also
+writes docs/perf/soak.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from kpod.exporters.prometheus.exposition import Renderer
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point, Resource
 
 REPO = Path(__file__).resolve().parents[1]
-CYCLES = int(os.environ.get("SOAK_CYCLES", "40"))
+CYCLES = int(os.environ.get("SOAK_CYCLES", "100"))
 
 
 @pytest.mark.kernel

@@ -66,6 +66,9 @@ log = logging.getLogger("kpod.ebpf")
 BPF_STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
 KPROBE_PMU_TYPE = "/sys/bus/event_source/devices/kprobe/type"
 CGROUP_KEY_FIELD = "cgroup_id"
+# Maps every object has (bpf/kpod.bpf.h) but bpf/cgroups.bpf.o owns: the others reuse its
+# (kpod.kernel.cgroupwatch), so they are one kernel map, reported once, under their owner.
+SHARED_MAPS = ("kpod_watched", "kpod_watch_cfg")
 
 PROGRAM_RUN_SECONDS = MetricDef(
     "kpod.bpf.program.run.seconds",
@@ -303,9 +306,18 @@ _FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to
 class LoadedObject:
     """A loaded, attached BPF object plus what Python knows about its maps."""
 
-    def __init__(self, name: str, obj: libbpf.BpfObject, layouts: dict[str, MapLayout], routes: list[Route]) -> None:
+    def __init__(
+        self,
+        name: str,
+        obj: libbpf.BpfObject,
+        layouts: dict[str, MapLayout],
+        routes: list[Route],
+        reused: frozenset[str] = frozenset(),
+    ) -> None:
         self.name = name
         self.obj = obj
+        # Maps this object shares with the one that owns them (not its own to report).
+        self.reused = reused
         self.layouts = layouts
         self.routes = routes
         self.loaded_at_ns = time.time_ns()
@@ -321,7 +333,11 @@ class LoadedObject:
         return self.obj.closed
 
     def map_names(self) -> list[str]:
-        return list(self.obj.maps)
+        """The maps this object owns (shared ones it reuses are its owner's)."""
+        return [n for n in self.obj.maps if n not in self.reused]
+
+    def own_maps(self) -> dict[str, libbpf.Map]:
+        return {n: m for n, m in self.obj.maps.items() if n not in self.reused}
 
     def error_counts(self) -> dict[str, int]:
         """Failed inserts per map, as the kernel counted them."""
@@ -392,7 +408,7 @@ class BpfRegistry:
                 if route.active:
                     loaded += 1
                     states[route.program] = False
-                elif route.reason not in _NOT_FAILURES:
+                elif route.reason not in _NOT_FAILURES and not route.reason.startswith(_IDLE_COMPANION):
                     states.setdefault(route.program, True)
         for running in receivers:
             specs = getattr(running.receiver, "program_specs", ())
@@ -411,7 +427,7 @@ class BpfRegistry:
         for obj in self.objects():
             try:
                 errors = obj.error_counts()
-                maps = list(obj.obj.maps.items())
+                maps = list(obj.own_maps().items())
             except (libbpf.LibbpfError, ValueError):  # closed by its receiver meanwhile
                 continue
             for name, bpf_map in maps:
@@ -437,6 +453,7 @@ class BpfRegistry:
 
 # Route reasons that are choices, not failures.
 _NOT_FAILURES = ("disabled by config", "an earlier alternative is used")
+_IDLE_COMPANION = "runs only with "  # ProgramSpec.with_programs whose partners are not in use
 
 REGISTRY = BpfRegistry()
 
@@ -510,6 +527,8 @@ def load_object(
     before_attach: Callable[[libbpf.BpfObject], None] | None = None,
     before_load: Callable[[libbpf.BpfObject], None] | None = None,
     force_routes: frozenset[str] = frozenset(),
+    shared_maps: dict[str, int] | None = None,
+    map_sizes: dict[str, int] | None = None,
 ) -> LoadedObject:
     """Open, size, load and attach `<name>.bpf.o`, and register it.
 
@@ -518,6 +537,9 @@ def load_object(
 
     `before_attach(obj)` runs after load and before any program is attached: the place to
     fill maps the programs read (a filter) so that no event is seen with them empty.
+    `shared_maps` (name -> fd): maps of another loaded object this one uses instead of
+    creating its own (bpf_map__reuse_fd; kpod.kernel.cgroupwatch owns kpod_watched).
+    `map_sizes` (name -> max_entries) overrides the size of those maps.
 
     Per-cgroup maps (key has `cgroup_id`) get `max_entries`.  A program that fails to verify
     or attach is dropped if it is optional (its route says why); a required one fails the
@@ -530,9 +552,14 @@ def load_object(
         obj = libbpf.BpfObject.open(path)
         try:
             layouts = btflayout.map_layouts(obj)
+            reused = frozenset(n for n in (shared_maps or {}) if n in obj.maps)
             for map_name, layout in layouts.items():
-                if layout.has_key_field(CGROUP_KEY_FIELD):
+                if layout.has_key_field(CGROUP_KEY_FIELD) and map_name not in reused:
                     obj.maps[map_name].set_max_entries(max_entries)
+            for map_name, size in (map_sizes or {}).items():
+                obj.maps[map_name].set_max_entries(size)
+            for map_name in reused:
+                obj.maps[map_name].reuse_fd((shared_maps or {})[map_name])
             if before_load is not None:
                 before_load(obj)
             routes = _plan(obj, specs, enabled - set(dropped), force_routes)
@@ -572,7 +599,7 @@ def load_object(
                 dropped.update(retry)
                 obj.close()
                 continue
-            loaded = LoadedObject(name, obj, layouts, routes)
+            loaded = LoadedObject(name, obj, layouts, routes, reused)
             REGISTRY.add(loaded)
             return loaded
         except BaseException:
@@ -744,6 +771,7 @@ class BpfReceiver(Receiver):
         reason = self.preflight()
         if reason:
             raise ComponentUnavailable(reason)
+        shared = self.acquire_shared_maps()
         try:
             self.loaded = load_object(
                 self.object_name,
@@ -754,8 +782,10 @@ class BpfReceiver(Receiver):
                 before_attach=self.before_attach,
                 before_load=self.before_load,
                 force_routes=self.force_routes,
+                shared_maps=shared,
             )
         except (libbpf.LibbpfError, LayoutError) as exc:
+            self.release_shared_maps()
             detail = next((ln for ln in reversed(getattr(exc, "log_lines", [])) if ln.strip()), "")
             raise ComponentUnavailable(f"{self.object_name}.bpf.o: {exc}" + (f" ({detail})" if detail else "")) from exc
         for route in self.loaded.routes:
@@ -772,6 +802,15 @@ class BpfReceiver(Receiver):
         if self.loaded is not None:
             self.loaded.close()
             self.loaded = None
+        self.release_shared_maps()
+
+    def acquire_shared_maps(self) -> dict[str, int]:
+        """Maps of another object this one reuses (name -> fd), taken before each load:
+        kpod.kernel.cgroupwatch.CgroupBpfReceiver shares the cgroup watch's."""
+        return {}
+
+    def release_shared_maps(self) -> None:
+        """Give back what acquire_shared_maps took (at shutdown, or when the load failed)."""
 
     def routes(self) -> list[Route]:
         if self.loaded is not None:
@@ -827,12 +866,15 @@ class BpfReceiver(Receiver):
         return self.loaded is not None and any(r.active and metric_name in r.feeds for r in self.loaded.routes)
 
     def read_cgroup_map(self, map_name: str) -> list[tuple[CgroupRef, Any]]:
-        """(cgroup, value) of every entry of a live cgroup; entries of gone cgroups are deleted.
+        """(cgroup, value) of every entry the index knows, live or gone; the entries of
+        cgroups it no longer knows are deleted.
 
-        An id that does not resolve is deleted only when it did not resolve in the previous
-        cycle either: a cgroup created after the index's last walk gets one cycle to appear
-        instead of having its counter reset.  Scalar values come back as int, structs as the
-        BTF-derived ctypes struct.
+        A removed cgroup stays known for the index's gone_retention (`CgroupRef.gone` set):
+        its final counts keep being reported under the labels it had.  An id that does not
+        resolve is deleted only when it did not resolve in the previous cycle either: a cgroup
+        created after the index's last walk gets one cycle to appear instead of having its
+        counter reset.  Scalar values come back as int, structs as the BTF-derived ctypes
+        struct.
         """
         assert self.loaded is not None
         layout = self.loaded.layouts[map_name]

@@ -25,7 +25,7 @@ import logging
 import os
 import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ctypes import (
     POINTER,
     byref,
@@ -49,6 +49,7 @@ BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_MAP_TYPE_INODE_STORAGE = 28
 BPF_MAP_TYPE_TASK_STORAGE = 29
@@ -77,6 +78,7 @@ MAP_TYPE_NAMES = {
     BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     BPF_MAP_TYPE_LRU_HASH: "lru_hash",
     BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+    BPF_MAP_TYPE_RINGBUF: "ringbuf",
     BPF_MAP_TYPE_SK_STORAGE: "sk_storage",
     BPF_MAP_TYPE_INODE_STORAGE: "inode_storage",
     BPF_MAP_TYPE_TASK_STORAGE: "task_storage",
@@ -141,6 +143,9 @@ def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
 
 _print_callback = _PRINT_FN(_on_libbpf_print)  # module-level: must outlive every call
 
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size)
+_RINGBUF_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p, c_size_t)
+
 
 def _sig(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> None:
     fn = getattr(lib, name)
@@ -187,6 +192,10 @@ def lib() -> ctypes.CDLL:
         _sig(handle, "bpf_map__set_type", c_int, p, c_int)
         _sig(handle, "bpf_map__set_map_flags", c_int, p, c_uint32)
         _sig(handle, "bpf_map__initial_value", p, p, POINTER(ctypes.c_size_t))
+        _sig(handle, "bpf_map__reuse_fd", c_int, p, c_int)
+        _sig(handle, "ring_buffer__new", p, c_int, _RINGBUF_FN, p, p)
+        _sig(handle, "ring_buffer__consume", c_int, p)
+        _sig(handle, "ring_buffer__free", None, p)
         _sig(handle, "bpf_map__key_size", c_uint32, p)
         _sig(handle, "bpf_map__value_size", c_uint32, p)
         _sig(handle, "bpf_map__btf_key_type_id", c_uint32, p)
@@ -365,6 +374,13 @@ class Map:
     def fd(self) -> int:
         return lib().bpf_map__fd(self._live)
 
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: this object uses the existing map `fd` (same type, key, value, size)
+        instead of creating its own: two objects then share one kernel map."""
+        rc = lib().bpf_map__reuse_fd(self._live, fd)
+        if rc:
+            raise LibbpfError(rc, f"{self.name}: reuse_fd({fd})")
+
     # Element access works on raw bytes; kpod.kernel.btflayout turns them into structs.
 
     def lookup(self, key: bytes) -> bytes | None:
@@ -407,8 +423,9 @@ class Map:
 
     @property
     def countable(self) -> bool:
-        """False for local-storage maps: userspace cannot iterate them and they have no capacity."""
-        return self.type not in LOCAL_STORAGE_TYPES
+        """False for local-storage maps (userspace cannot iterate them and they have no capacity)
+        and ring buffers (a byte queue, no entries)."""
+        return self.type not in LOCAL_STORAGE_TYPES and self.type != BPF_MAP_TYPE_RINGBUF
 
     @property
     def can_fill(self) -> bool:
@@ -486,6 +503,36 @@ class Map:
         for key in keys[done + 1 :]:
             done += self.delete(key)
         return done
+
+
+class RingBuffer:
+    """A consumer of a BPF_MAP_TYPE_RINGBUF map: `consume()` hands every record waiting to
+    `on_record(bytes)` without blocking, and returns how many there were.  Not thread-safe:
+    one consumer."""
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]) -> None:
+        self._on_record = on_record
+        self._callback = _RINGBUF_FN(self._sample)  # kept: libbpf calls it until free
+        self._ptr: int | None = lib().ring_buffer__new(map_fd, self._callback, None, None)
+        if not self._ptr:
+            raise LibbpfError(_errno_or(), f"ring_buffer__new(fd {map_fd})")
+
+    def _sample(self, ctx: int, data: int, size: int) -> int:
+        self._on_record(ctypes.string_at(data, size))
+        return 0
+
+    def consume(self) -> int:
+        if not self._ptr:
+            return 0
+        rc = lib().ring_buffer__consume(self._ptr)
+        if rc < 0:
+            raise LibbpfError(rc, "ring_buffer__consume")
+        return rc
+
+    def close(self) -> None:
+        if self._ptr:
+            lib().ring_buffer__free(self._ptr)
+            self._ptr = None
 
 
 class BpfObject:

@@ -8,6 +8,10 @@ bytes, which is what keeps a node's worth of pods inside the memory budget.
 Readers (the k8sattributes processor, the net_iface receiver) call `PodStore.snapshot()`: an
 immutable mapping that writers replace as a whole (copy on write), so a reader never takes a
 lock and never sees half an update.
+
+A deleted pod is kept aside for `retention_s` (kpod.cgroup.gone_retention): its containers'
+cgroups are removed by then, but their final counts are still exported and need the pod's
+names.  `get()` finds it there; `snapshot()` and `len()` are the pods that exist.
 """
 
 from __future__ import annotations
@@ -114,10 +118,16 @@ class PodStore:
     `last_error` is the last discovery error (kept while the last good pods keep being served).
     """
 
-    def __init__(self) -> None:
+    # Deleted pods kept at most (the oldest go first): a bound under any churn.
+    MAX_RECENTLY_DELETED = 4096
+
+    def __init__(self, retention_s: float = 120.0) -> None:
         self._lock = threading.Lock()
         self._pods: Mapping[str, PodInfo] = _EMPTY
         self._static: Mapping[str, PodInfo] = _EMPTY
+        self.retention_s = retention_s
+        # uid (and a static pod's config hash) -> (pod, monotonic time it was deleted), oldest first.
+        self._deleted: dict[str, tuple[PodInfo, float]] = {}
         self.generation = 0
         self.synced = False
         self.last_error = ""
@@ -130,8 +140,32 @@ class PodStore:
         return self._pods
 
     def get(self, uid: str) -> PodInfo | None:
-        """The pod whose cgroup carries `uid`: its metadata.uid, or a static pod's config hash."""
-        return self._pods.get(uid) or self._static.get(uid)
+        """The pod whose cgroup carries `uid`: its metadata.uid, or a static pod's config hash;
+        also a pod deleted less than `retention_s` ago."""
+        pod = self._pods.get(uid) or self._static.get(uid)
+        if pod is not None:
+            return pod
+        deleted = self._deleted.get(uid)
+        if deleted is not None and time.monotonic() - deleted[1] < self.retention_s:
+            return deleted[0]
+        return None
+
+    def exists(self, uid: str) -> bool:
+        """The pod is in the current list (not deleted)."""
+        return uid in self._pods or uid in self._static
+
+    def recently_deleted(self) -> int:
+        return len(self._deleted)
+
+    def expire_deleted(self) -> None:
+        """Forget deleted pods older than the retention; readers that cache what they derived
+        from the pods see `generation` move."""
+        now = time.monotonic()
+        if all(now - at < self.retention_s for _, at in self._deleted.values()):
+            return
+        with self._lock:
+            self._deleted = {u: e for u, e in self._deleted.items() if now - e[1] < self.retention_s}
+            self.generation += 1
 
     def __len__(self) -> int:
         return len(self._pods)
@@ -140,8 +174,20 @@ class PodStore:
 
     def _publish(self, pods: dict[str, PodInfo]) -> None:
         # Called with the lock held.  Two read-only views, swapped by assignment (atomic in
-        # CPython), so readers need no lock.
+        # CPython), so readers need no lock.  Pods that leave are kept aside (see get()).
+        now = time.monotonic()
+        deleted = {
+            uid: entry for uid, entry in self._deleted.items() if now - entry[1] < self.retention_s and uid not in pods
+        }
+        for uid, pod in self._pods.items():
+            if uid not in pods:
+                deleted[uid] = (pod, now)
+                if pod.static_uid and pod.static_uid != uid:
+                    deleted[pod.static_uid] = (pod, now)
+        while len(deleted) > self.MAX_RECENTLY_DELETED:
+            del deleted[next(iter(deleted))]
         static = {p.static_uid: p for p in pods.values() if p.static_uid and p.static_uid != p.uid}
+        self._deleted = deleted  # replaced whole, like the views: readers need no lock
         self._pods = MappingProxyType(pods)
         self._static = MappingProxyType(static)
         self.generation += 1

@@ -17,8 +17,11 @@ whose cgroup belongs to no known, allowed pod is dropped and its cgroup counted 
 `kpod.cgroups.unresolved{reason}` (kpod_cgroups_unresolved_total) once per cycle.
 
 Several cgroups can get one label set: the pod sandbox and CRI-O's conmon cgroups are all
-container="" of their pod.  The pipeline merges such points after the processors (values and
-histogram buckets summed, "pod overhead": kpod.model.merge_duplicates).
+container="" of their pod, and a restarted container's old cgroup (gone, still retained) has
+the labels of its new one.  The pipeline merges such points after the processors (values and
+histogram buckets summed, "pod overhead" and a restart's continuity: kpod.model.merge_duplicates).
+Counters of cgroups that are let go are carried per label set (continuity.py): a container's
+counters never go back.
 
 The `PodStore` (pods.py) that discovery fills is this processor's own; `status()` reports how
 many pods it holds (the pipeline shows that as pods_known in /debug/status).
@@ -30,6 +33,7 @@ import time
 from typing import Any
 
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
+from kpod.processors.k8sattributes.continuity import Continuity
 from kpod.processors.k8sattributes.pods import PodStore
 from kpod.processors.k8sattributes.resolve import (
     DROP_FILTERED,
@@ -80,6 +84,10 @@ class K8sAttributesProcessor(Processor):
                 abspath=context.cgroups.abspath if context.cgroups is not None else None,
                 proc_root=settings.cgroup.proc_root,
             )
+        retention = context.cgroups.gone_retention_s if context.cgroups is not None else 120.0
+        if self.store is not None:
+            self.store.retention_s = retention
+        self.continuity = Continuity(retention)
         # (cgroup id, path) -> Resource or drop reason, valid for one store generation.
         self._cache: dict[tuple[int, str], Resource | Drop] = {}
         self._cache_generation = -1
@@ -128,8 +136,14 @@ class K8sAttributesProcessor(Processor):
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode, "node": self.node, "cached_cgroups": len(self._cache)}
+        out.update(self.continuity.status())
         if self.store is not None:
-            out.update(pods=len(self.store), synced=self.store.synced, last_error=self.store.last_error)
+            out.update(
+                pods=len(self.store),
+                recently_deleted_pods=self.store.recently_deleted(),
+                synced=self.store.synced,
+                last_error=self.store.last_error,
+            )
         if self.discovery is not None:
             out.update(self.discovery.status())
         return out
@@ -175,6 +189,7 @@ class K8sAttributesProcessor(Processor):
         if self.store is not None:
             self.context.self_metrics.set(PODS_METRIC, PODS_HELP, float(len(self.store)))
             self._report_discovery()
+            self.store.expire_deleted()
             if self.store.generation != self._cache_generation:
                 # Pods changed: names, filters and "all started" may have changed with them.
                 self._cache.clear()
@@ -194,6 +209,16 @@ class K8sAttributesProcessor(Processor):
                 dropped.setdefault(found, set()).add(point.cgroup.id)
         for reason, ids in dropped.items():
             self.context.self_metrics.inc(UNRESOLVED_METRIC, UNRESOLVED_HELP, (("reason", reason),), len(ids))
-        batch.points = kept
+        cgroups = self.context.cgroups
+        if cgroups is not None:
+            # The pipeline may have raised the retention since we were built.
+            self.continuity.retention_s = cgroups.gone_retention_s
+            if self.store is not None:
+                self.store.retention_s = cgroups.gone_retention_s
+            gone = {ref.id: ref.path for ref in cgroups.gone()}
+            kept = self.continuity.remember(kept, cgroups.live_ids(), gone, now)
+        store = self.store
+        pod_exists = (lambda uid: store.get(uid) is not None) if store is not None else None
+        batch.points = self.continuity.add_carried(kept, now, pod_exists)
         self._prune(now)
         return batch
