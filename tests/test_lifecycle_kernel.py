@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from kernel_util import (
     M_FAIL,
     N_OK,
     SYSCALL_WORKLOAD_C,
     Z_EOF,
-    Workload,
     cgroup2_root,
     cgroup_tree,
     compile_c,
@@ -33,13 +33,14 @@ from kernel_util import (
     mounts,
     points_for,
     started_syscall_workload,
-    workloads,
+    wait_blocked,
 )
 from kpod.receivers.cpu_sched import CpuSchedReceiver
 from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
 from kpod.component import Context, EmptyConfig
 from kpod.kernel import cgroupwatch
+from kpod.kernel.syscalls import default_tracked
 from kpod.selfmetrics import SelfMetrics
 
 pytestmark = kernel_test
@@ -138,54 +139,122 @@ def test_kubernetes_modes_count_pods_only(tmp_path: Path) -> None:
 
 
 NESTED = 1200
-WANDER = """
-import os, sys
-paths = sys.stdin.readline().split()
-for path in paths:
-    with open(path + "/cgroup.procs", "w") as f:
-        f.write(str(os.getpid()))
-    os.getppid()
-print("done", flush=True)
-sys.stdin.readline()
+# Moves itself through the cgroups listed in argv[1] (one per line, read before "ready", while
+# it is outside any pod) and makes each of the default tracked syscalls once in each: the
+# move is openat + write + close of cgroup.procs, then read, connect, sendto, recvfrom,
+# accept4, epoll_wait (epoll_pwait on arm64: glibc's epoll_wait) and futex.  Counted per
+# cgroup, 1200 cgroups x 10 syscalls would be 12000 sys_stats keys: more than the default
+# map (10240).  Then "done" (one more write), and it waits.
+WANDER_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+	static char paths[2000][1024];
+	int n = 0, i, fd, ep, s, word = 0;
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t len = sizeof(addr);
+	struct epoll_event ev;
+	char pid[32], c, buf[4];
+	FILE *list = fopen(argv[1], "r");
+
+	while (n < 2000 && list && fgets(paths[n], sizeof(paths[n]) - 16, list)) {
+		paths[n][strcspn(paths[n], "\n")] = 0;
+		strcat(paths[n++], "/cgroup.procs");
+	}
+	snprintf(pid, sizeof(pid), "%d", getpid());
+	ep = epoll_create1(0);
+	s = socket(AF_INET, SOCK_DGRAM, 0);
+	if (!list || ep < 0 || s < 0 || bind(s, (struct sockaddr *)&addr, sizeof(addr)) ||
+		getsockname(s, (struct sockaddr *)&addr, &len))
+		return 2;
+	if (write(1, "ready\n", 6) != 6 || read(0, &c, 1) != 1)  /* moved into the container meanwhile */
+		return 3;
+	for (i = 0; i < n; i++) {
+		fd = open(paths[i], O_WRONLY);
+		if (fd < 0 || write(fd, pid, strlen(pid)) < 0 || close(fd))
+			return 4;
+		if (read(-1, &c, 1) != -1 ||
+			connect(s, (struct sockaddr *)&addr, sizeof(addr)) ||
+			sendto(s, "x", 1, 0, NULL, 0) != 1 ||
+			recvfrom(s, buf, sizeof(buf), 0, NULL, NULL) != 1 ||
+			accept4(s, NULL, NULL, 0) != -1 ||
+			epoll_wait(ep, &ev, 1, 0) != 0 ||
+			syscall(SYS_futex, &word, FUTEX_WAKE, 1, NULL, NULL, 0) != 0)
+			return 5;
+	}
+	if (write(1, "done\n", 5) != 5)
+		return 6;
+	(void)read(0, &c, 1);
+	return 0;
+}
 """
 
 
-def test_nested_cgroups_take_no_entries_and_leave_room_for_others() -> None:
-    """1200 cgroups below one container (cgroup delegation), a process making a getppid() in
-    each, maps of 1024 entries: the container takes one sys_stats entry and its switches one
-    sched_cgroups entry, counted to the container; a pod started afterwards gets its series.
-    Counted per cgroup instead, these 1200 (cgroup, getppid) keys would not fit."""
-    ctx = context("syscall", scope="kubepods", map_max_entries=1024)
-    syscalls = SyscallReceiver(ctx, SyscallConfig(tracked_syscalls=["getppid"]))
+def test_nested_cgroups_take_no_entries_and_leave_room_for_others(tmp_path: Path) -> None:
+    """1200 cgroups below one container (cgroup delegation), a process moving through them and
+    making each default tracked syscall once in each, maps of the default size: the container
+    takes one sys_stats entry per syscall and its switches one sched_cgroups entry, everything
+    counted to the container; a pod started afterwards gets its series, and nothing failed to
+    insert.  Counted per cgroup instead, the 12000 (cgroup, syscall) keys would not fit."""
+    binary = compile_c(WANDER_C, tmp_path, "wander")
+    ctx = context("syscall", scope="kubepods")
+    assert ctx.settings.bpf.map_max_entries == 10240
+    default = default_tracked()
+    assert len(default) == 10
+    syscalls = SyscallReceiver(ctx, SyscallConfig())
     sched = CpuSchedReceiver(Context("cpu_sched", ctx.settings, ctx.cgroups, SelfMetrics()), EmptyConfig())
-    with cgroup_tree() as tree, workloads() as procs:
+    with cgroup_tree() as tree:
         syscalls.start()
         sched.start()
+        wanderer: subprocess.Popen[bytes] | None = None
         try:
+            assert syscalls.watch is not None and syscalls.watch.filtering
             pod = tree.pod()
             root = cgroup2_root()
             base = pod.container_dir.relative_to(root)
             wide = [tree.mkdir(f"{base}/delegated/n{i}") for i in range(NESTED - 25)]
             deep = [tree.mkdir(f"{base}/delegated/" + "/".join(f"d{j}" for j in range(i + 1))) for i in range(25)]
-            wanderer = Workload(WANDER)
-            procs.append(wanderer)
+            listing = tmp_path / "cgroups"
+            listing.write_text("".join(f"{p}\n" for p in [*wide, *deep]))
+            wanderer = subprocess.Popen([str(binary), str(listing)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert wanderer.stdin is not None and wanderer.stdout is not None
+            assert wanderer.stdout.readline() == b"ready\n"
+            wait_blocked(wanderer.pid)
             tree.move(wanderer.pid, pod.container_dir)
-            wanderer.go()
-            wanderer.send(" ".join(str(p) for p in [*wide, *deep]))
-            assert wanderer.readline(120) == "done"
+            wanderer.stdin.write(b"g")
+            wanderer.stdin.flush()
+            if wanderer.stdout.readline() != b"done\n":
+                pytest.fail(f"the wanderer failed: exit {wanderer.wait(10)}")
             later = tree.pod()
-            other = Workload("os.getppid()\nos.getppid()\nprint('x', flush=True)\nsys.stdin.readline()\n")
-            procs.append(other)
-            tree.move(other.pid, later.container_dir)
-            other.go()
-            assert other.readline() == "x"
+            with started_syscall_workload(compile_c(SYSCALL_WORKLOAD_C, tmp_path, "workload")) as proc:
+                tree.move(proc.pid, later.container_dir)
+                finish_syscall_workload(proc)
             batch = _collect(syscalls)
-            assert _by_syscall(batch, "kpod.syscall.count", pod.container_id) == {"getppid": NESTED}
-            assert _by_syscall(batch, "kpod.syscall.count", later.container_id) == {"getppid": 2}
+            # The read of "go" was entered outside any pod: not counted (no stamp at entry).
+            expected = dict.fromkeys(default, NESTED)
+            expected["write"] = NESTED + 1
+            counts = _by_syscall(batch, "kpod.syscall.count", pod.container_id)
+            assert {name: counts.get(name) for name in expected} == expected
+            errors = _by_syscall(batch, "kpod.syscall.errors", pod.container_id)
+            assert {name: v for name, v in errors.items() if v} == {"read": NESTED, "accept4": NESTED}
+            assert _by_syscall(batch, "kpod.syscall.count", later.container_id)["read"] == M_FAIL + Z_EOF
             stats = syscalls.loaded.obj.maps["sys_stats"]
             layout = syscalls.loaded.layouts["sys_stats"]
             owners = [int(layout.key(k).cgroup_id) for k, _ in stats.lookup_batch()]
-            assert sorted(owners) == sorted([pod.container_id, later.container_id]), owners
+            assert set(owners) == {pod.container_id, later.container_id}, owners
+            assert owners.count(pod.container_id) == len(default)
             assert syscalls.loaded.error_counts()["sys_stats"] == 0
             switches = _collect(sched)
             assert points_for(switches, "kpod.cpu.context.switches", pod.container_id)
@@ -193,7 +262,14 @@ def test_nested_cgroups_take_no_entries_and_leave_room_for_others() -> None:
             sched_keys = {int.from_bytes(k[:8], "little") for k in sched.loaded.obj.maps["sched_cgroups"].keys()}  # noqa: SIM118
             assert not sched_keys & nested_ids
             assert sched.loaded.error_counts()["sched_cgroups"] == 0
+            assert not set(_watched(syscalls.watch)) & nested_ids, "nested cgroups took kpod_watched entries"
         finally:
+            if wanderer is not None:
+                wanderer.kill()
+                wanderer.wait(10)
+                for stream in (wanderer.stdin, wanderer.stdout):
+                    if stream:
+                        stream.close()
             sched.shutdown()
             syscalls.shutdown()
 
