@@ -40,6 +40,7 @@ from kernel_util import (
     kernel_test,
     mounts,
     pure_cgroup2_memory,
+    uncached_file,
 )
 
 pytestmark = kernel_test
@@ -55,7 +56,7 @@ def agent_config(kubeconfig: str, port: int, poll: str, retention: str = "2m") -
         f"kpod: {{profile: custom, poll_interval: {poll}, node_name: {NODE}, discovery: {{mode: informer}},"
         f" cgroup: {{root: {cgroup2_root()}, gone_retention: {retention}}}, filter: {{exclude_namespaces: []}},"
         f" syscall: {{tracked_syscalls: [getppid]}}}}\n"
-        "receivers: {memory: {major_faults: false}, syscall: {}, net_tcp: {rtt: false}, cpu_sched: {},"
+        "receivers: {memory: {}, syscall: {}, net_tcp: {rtt: false}, cpu_sched: {},"
         " cgroup_cpu: {}}\n"
         f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}', backoff_initial: 200ms, backoff_max: 2s}}\n"
         f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
@@ -179,7 +180,7 @@ def test_oom_kill_of_a_container_removed_at_once_counts_one_with_the_default_pol
 # --- a container that lives between two cycles --------------------------------------------------
 
 SENDS_AND_CALLS = """
-import os, socket, sys
+import mmap, os, socket, sys, time
 port, nbytes, calls = (int(x) for x in sys.argv[1:4])
 c = socket.create_connection(('127.0.0.1', port))
 data = b'j' * nbytes
@@ -189,9 +190,19 @@ while sent < nbytes:
 c.close()
 for _ in range(calls):
     os.getppid()
+# Major faults: every page of a file not in the page cache, no read-ahead (MADV_RANDOM).
+f = open(sys.argv[4], 'rb')
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+m.madvise(mmap.MADV_RANDOM)
+total = sum(m[off] for off in range(0, len(m), 4096))
+# Voluntary context switches, each a wake-up that waits in the run queue.
+for _ in range(SLEEPS):
+    time.sleep(0.0002)
 """
 
 CALLS = 777
+SLEEPS = 500
+FAULT_FILE = 4 << 20  # 1024 pages
 
 
 class Listener:
@@ -222,8 +233,12 @@ class Listener:
         self.sock.close()
 
 
-def run_job(cgroup: Path, port: int, nbytes: int, calls: int) -> None:
-    code = SENDS_AND_CALLS.replace("sys.argv[1:4]", f"[{port}, {nbytes}, {calls}]")
+def run_job(cgroup: Path, port: int, nbytes: int, calls: int, fault_file: Path) -> None:
+    code = (
+        SENDS_AND_CALLS.replace("sys.argv[1:4]", f"[{port}, {nbytes}, {calls}]")
+        .replace("sys.argv[4]", repr(str(fault_file)))
+        .replace("SLEEPS", str(SLEEPS))
+    )
     proc = run_in(cgroup, code)
     assert proc.wait(60) == 0
 
@@ -242,18 +257,28 @@ def test_a_container_born_and_removed_between_two_cycles_is_counted_exactly(tmp_
                 status = {"name": "job", "containerID": f"containerd://{container_hex(job)}", "ready": False,
                           "restartCount": 0, "state": {"terminated": {"exitCode": 0}}}  # fmt: skip
                 api.update_pod(pod.uid, lambda p, s=status: p["status"]["containerStatuses"].append(s))
-                run_job(job.container_dir, listener.port, ODD_BYTES, CALLS)
+                with uncached_file(FAULT_FILE) as fault_file:
+                    run_job(job.container_dir, listener.port, ODD_BYTES, CALLS, fault_file)
                 remove_when_empty(tree, job.container_dir)
                 if cycles(agent) == done:
                     break  # born, worked and removed between two cycles, as wanted
             else:
                 pytest.fail("a cycle kept running while the job lived")
             wait_cycle(agent, done, 30)
-            agent.wait_until(lambda: listener.received == [ODD_BYTES], 10, "the listener got everything")
+            agent.wait_until(lambda: len(listener.received) == _attempt + 1, 10, "the listener saw the connection")
+            assert listener.received[-1] == ODD_BYTES, "the listener got everything"
             samples = agent.metrics()
             assert series(samples, "kpod_net_tcp_bytes_sent_total", "job-1", "job") == [ODD_BYTES]
             assert series(samples, "kpod_syscall_count_total", "job-1", "job", syscall="getppid") == [CALLS]
             assert series(samples, "kpod_syscall_errors_total", "job-1", "job", syscall="getppid") == [0.0]
+            # Its switches, run-queue waits and major faults too: at least one per sleep and
+            # per page (its start-up and exit add a few, nothing takes any away).
+            (switches,) = series(samples, "kpod_cpu_context_switches_total", "job-1", "job")
+            assert switches >= SLEEPS
+            (waits,) = series(samples, "kpod_cpu_runqueue_latency_seconds_count", "job-1", "job")
+            assert waits >= SLEEPS
+            (faults,) = series(samples, "kpod_mem_major_page_faults_total", "job-1", "job")
+            assert faults >= FAULT_FILE // 4096
     finally:
         listener.close()
 
