@@ -234,6 +234,13 @@ def metrics_markdown() -> str:
         "seconds (`le` from 2^-20 s, 0.95 us, to 32 s, then `+Inf`).  Values are the kernel's cumulative",
         "counters as read, never re-added per cycle.",
         "",
+        "When containers die, restart or live briefly (docs/LIFECYCLE.md): a container whose cgroup is removed keeps",
+        "its series, with its final values and its labels, for `kpod.cgroup.gone_retention` (default 2 m), then they",
+        "leave `/metrics`; a container that lived between two cycles appears with its counts at the next one; a",
+        "restarted container (same pod and name, new cgroup) continues its counters from the old instance's final",
+        "values, so they never decrease within the agent's run (an agent restart starts them at 0: a counter reset).",
+        "`kpod_mem_oom_kills_total` exists at 0 for every container the agent knows.",
+        "",
     ]
     for doc in docs:
         hooks = program_hooks(doc.cls)

@@ -46,6 +46,9 @@ NOT_MEASURED: dict[tuple[str, str], str] = {
     ("docs/kubernetes.md", "100 ms"): "the scrape-duration bound the e2e test asserts",
     ("docs/otlp.md", "4 MiB"): "gRPC's default message size limit",
     ("docs/otlp.md", "-20 %"): "the configured retry jitter",
+    ("docs/LIFECYCLE.md", "256 KiB"): "the size of the cgroup events ring buffer (bpf/cgroups.bpf.c)",
+    ("docs/LIFECYCLE.md", "20 ms"): "the signal interval of the SA_RESTART test input (test_bpf_syscall.py)",
+    ("docs/TROUBLESHOOTING.md", "256 KiB"): "the size of the cgroup events ring buffer (bpf/cgroups.bpf.c)",
 }
 # Sections measured before their figures were kept, as those runs printed them (less the prose
 # moved to docs/perf/readings/): nothing may change them; `make bench` replaces them, and then
