@@ -575,7 +575,6 @@ def test_oom_kill_of_a_runc_container(chart_node: ChartNode, pods: list[RuncPod]
     assert not hog.cgroup_dirs(), "runc delete removed the container's cgroups"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: a kill whose cgroup is gone before the next cycle is not counted")
 def test_oom_kill_counted_when_the_runtime_deletes_the_cgroup_at_once(chart_node: ChartNode,
                                                                       pods: list[RuncPod]) -> None:  # fmt: skip
     pod, hog = _oom_killed(chart_node, pods, "oomfast", delete_at_once=True)

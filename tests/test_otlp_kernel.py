@@ -149,7 +149,8 @@ def test_bpf_self_metrics_and_map_fill_in_debug_status(tmp_path: Path, clean_env
         maps = {m["map"]: m for m in status["bpf_maps"] if m["object"] == "cpu_sched"}
         assert set(maps) == set(objects[0].map_names())
         # Its own maps (the cgroup watch's shared ones are reported under their owner, "cgroups").
-        cgroup_maps = [n for n in objects[0].map_names() if objects[0].layouts[n].has_key_field(CGROUP_KEY_FIELD)]
+        own = set(objects[0].map_names())
+        cgroup_maps = [n for n, lay in objects[0].layouts.items() if n in own and lay.has_key_field(CGROUP_KEY_FIELD)]
         assert cgroup_maps
         for name in cgroup_maps:
             assert maps[name]["capacity"] == 4096
