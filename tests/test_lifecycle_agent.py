@@ -73,7 +73,7 @@ def running(tmp_path: Path, poll: str, retention: str = "2m") -> Iterator[tuple[
                          tmp_path, port)  # fmt: skip
     try:
         agent.start()
-        agent.wait_ready(60)
+        agent.wait_ready(240)  # generous: five BPF objects verified under qemu TCG on a busy host
         yield agent, api
     finally:
         agent.stop()
