@@ -256,7 +256,8 @@ def _check_components(config: AgentConfig) -> bool:
         if spec.factory.check is None:
             continue
         for finding in spec.factory.check(config.kpod, spec.config):
-            print(f"{spec.id + ':':<14}{finding.text}")
+            # Aligned with the lines above; a space even after an id as long as the column.
+            print(f"{spec.id + ':':<13} {finding.text}")
             ok = ok and finding.ok
     return ok
 

@@ -55,6 +55,7 @@ def test_informer_passes_with_the_right_token_and_ca(api: FakeApiServer, certs: 
     status, lines = run_check(tmp_path, capsys, *informer(api.write_kubeconfig(str(tmp_path / "kc"), certs.ca)))
     assert status == 0, lines
     (line,) = lines
+    assert line.startswith("k8sattributes: informer: API server "), line  # as docs/TROUBLESHOOTING.md shows it
     assert "accepts the token" in line and "may list and watch the pods of node 'node-a'" in line, line
     # It really asked: a list with the node's field selector, then a watch.
     asked = [(path, q.get("fieldSelector"), q.get("watch")) for path, q in api.requests]
@@ -112,6 +113,7 @@ def test_kubelet_passes_with_tls_verified(kubelet: FakeKubelet, certs: Certs, tm
     status, lines = run_check(tmp_path, capsys, kubelet_config(kubelet, tmp_path, certs.ca))
     assert status == 0, lines
     (line,) = lines
+    assert line.startswith("k8sattributes: kubelet: "), line
     assert "answers with 2 pods" in line and f"its certificate verifies against {certs.ca}" in line, line
 
 
