@@ -429,44 +429,52 @@ def test_defaults_are_the_agents_defaults_where_the_spec_does_not_differ(tmp_pat
 # ----------------------------------------------------------------------------- schema and lint
 
 
-BAD_VALUES = [
-    {"config": {"pollInterval": "30s"}},
-    {"config": {"pollInterval": 10}},
-    {"config": {"profile": "maximal"}},
-    {"config": {"profile": "custom"}},  # custom needs pipelineReceivers
-    {"config": {"discovery": {"mode": "local"}}},
-    {"config": {"discovery": {"kubeletPollInterval": "30"}}},
-    {"config": {"cgroup": {"procRoot": "host/proc"}}},
-    {"config": {"filter": {"excludeNamespaces": "kube-system"}}},
-    {"config": {"filters": {}}},  # a typo is an error, not a silently ignored key
-    {"config": {"bpf": {"enabled": "yes"}}},
-    {"config": {"bpf": {"mapMaxEntries": 0}}},
-    {"config": {"syscall": {"trackedSyscalls": ["Read"]}}},  # not a syscall name (lower case)
-    {"image": {"repository": 5}},
-    {"resources": "small"},
-    {"capabilities": ["SYS_ADMIN", "BPF", "PERFMON"]},
-    {"capabilities": ["SYS_PTRACE"]},
-    {"hostPID": "true"},
-    {"otlp": {"enabled": True}},  # no endpoint
-    {"otlp": {"protocol": "http"}},
-    {"otlp": {"tlsClientCert": "yes"}},
-    {"serviceMonitor": {"enabled": 1}},
-    {"metrics": {"port": 70000}},
-    {"tolerations": {"operator": "Exists"}},
-    {"hostMounts": {"tracefs": "no"}},
-    {"hostMounts": {"btf": True}},  # no such mount any more: an error, not silently ignored
-    {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},  # every agent scraped twice
-    {"serviceMonitor": {"enabled": True}, "service": {"enabled": False}},  # a monitor selecting nothing
-    {"serviceMonitor": {"scheme": "ftp"}},
-    {"metrics": {"bearerTokenSecret": {"name": "t", "key": ""}}},
-    {"priorityClassQuota": {"pods": 0}},
+# Each wrong value with the place in the values that the schema names: it is refused for its own
+# reason (not for another value that the test happens to get wrong).
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"config": {"pollInterval": "30s"}}, "/config/pollInterval"),
+    ({"config": {"pollInterval": 10}}, "/config/pollInterval"),
+    ({"config": {"profile": "maximal"}}, "/config/profile"),
+    ({"config": {"profile": "custom"}}, "/config/pipelineReceivers"),  # custom needs pipelineReceivers
+    ({"config": {"discovery": {"mode": "local"}}}, "/config/discovery/mode"),
+    ({"config": {"discovery": {"kubeletPollInterval": "30"}}}, "/config/discovery/kubeletPollInterval"),
+    ({"config": {"cgroup": {"procRoot": "host/proc"}}}, "/config/cgroup/procRoot"),
+    ({"config": {"filter": {"excludeNamespaces": "kube-system"}}}, "/config/filter/excludeNamespaces"),
+    ({"config": {"filters": {}}}, "/config"),  # a typo is an error, not a silently ignored key
+    ({"config": {"bpf": {"enabled": "yes"}}}, "/config/bpf/enabled"),
+    ({"config": {"bpf": {"mapMaxEntries": 0}}}, "/config/bpf/mapMaxEntries"),
+    # not a syscall name (lower case)
+    ({"config": {"syscall": {"trackedSyscalls": ["Read"]}}}, "/config/syscall/trackedSyscalls/0"),
+    ({"image": {"repository": 5}}, "/image/repository"),
+    ({"resources": "small"}, "/resources"),
+    ({"capabilities": ["SYS_ADMIN", "BPF", "PERFMON"]}, "/capabilities/0"),
+    ({"capabilities": ["SYS_PTRACE"]}, "/capabilities"),
+    ({"hostPID": "true"}, "/hostPID"),
+    ({"otlp": {"enabled": True}}, "/otlp/endpoint"),  # no endpoint
+    ({"otlp": {"protocol": "http"}}, "/otlp/protocol"),
+    ({"otlp": {"tlsClientCert": "yes"}}, "/otlp/tlsClientCert"),
+    ({"serviceMonitor": {"enabled": 1}}, "/serviceMonitor/enabled"),
+    ({"metrics": {"port": 70000}}, "/metrics/port"),
+    ({"tolerations": {"operator": "Exists"}}, "/tolerations"),
+    ({"hostMounts": {"tracefs": "no"}}, "/hostMounts/tracefs"),
+    # no such mount any more: an error, not silently ignored
+    ({"hostMounts": {"btf": True}}, "/hostMounts"),
+    # every agent scraped twice
+    ({"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}, "/podMonitor/enabled"),
+    # a monitor selecting nothing
+    ({"serviceMonitor": {"enabled": True}, "service": {"enabled": False}}, "/service/enabled"),
+    ({"serviceMonitor": {"scheme": "ftp"}}, "/serviceMonitor/scheme"),
+    ({"metrics": {"bearerTokenSecret": {"name": "t", "key": ""}}}, "/metrics/bearerTokenSecret/key"),
+    ({"priorityClassQuota": {"pods": 0}}, "/priorityClassQuota/pods"),
 ]
 
 
-@pytest.mark.parametrize("values", BAD_VALUES, ids=lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
-def test_schema_rejects_wrong_values(values: dict[str, Any]) -> None:
-    with pytest.raises(helm.HelmError):
+@pytest.mark.parametrize(("values", "where"), BAD_VALUES,
+                         ids=[yaml.safe_dump(v, default_flow_style=True).strip() for v, _ in BAD_VALUES])  # fmt: skip
+def test_schema_rejects_wrong_values(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmError) as refused:
         render(values)
+    assert f"at '{where}'" in str(refused.value), str(refused.value)
 
 
 def test_schema_accepts_every_default_and_the_full_example() -> None:
