@@ -71,4 +71,21 @@ static __always_inline __u64 kpod_sk_cgroup_id(const struct sock *sk, bool force
 	return BPF_CORE_READ(cgrp, kn, id);
 }
 
+/* The same for an untyped socket pointer (a kprobe's argument kept in a map): probe reads. */
+static __always_inline __u64 kpod_sk_cgroup_id_read(const struct sock *sk, bool force_val)
+{
+	struct cgroup *cgrp;
+	__u64 val = 0;
+
+	if (!force_val && bpf_core_field_exists(((struct sock_cgroup_data___new *)0)->cgroup))
+		return BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	bpf_probe_read_kernel(&val, sizeof(val), (const void *)&sk->sk_cgrp_data);
+	if (val & KPOD_SOCK_CGROUP_TAG_BITS)
+		return KPOD_ROOT_CGROUP_ID;
+	cgrp = (struct cgroup *)(unsigned long)val;
+	if (!cgrp)
+		return KPOD_ROOT_CGROUP_ID;
+	return BPF_CORE_READ(cgrp, kn, id);
+}
+
 #endif /* __KPOD_CORE_FIXES_BPF_H */

@@ -13,8 +13,8 @@
  *    sock_{send,recv}msg_nosec with the return value; only ret > 0 on TCP stream sockets, and
  *    MSG_PEEK reads are skipped (peeked bytes stay queued and are counted when consumed).
  *  - kernels without those tracepoints (6.1): fexit/tcp_sendmsg and fexit/tcp_recvmsg
- *    (return value, same socket cgroup), else kretprobes that see only the return value and
- *    charge current's cgroup (process context: the caller), counting MSG_PEEK too.
+ *    (return value, same socket cgroup), else a kprobe at entry (the socket, MSG_PEEK) paired
+ *    with a kretprobe at return (below).
  *  Userspace picks one route per direction at load time (bpf_program__set_autoload).
  *  Before 6.5, sendfile/splice bytes are seen at tcp_sendpage in addition (below).
  *
@@ -54,6 +54,7 @@ struct {
 struct net_errors_value {
 	__u64 net_tcp;
 	__u64 net_rtt;
+	__u64 tcp_calls;
 };
 KPOD_ERRORS_MAP(net_errors, struct net_errors_value);
 
@@ -67,13 +68,13 @@ const volatile bool kpod_force_sock_cgroup_val = false;
  * fexit hand us typed (BTF) pointers: on the new layout plain dereferences compile to direct,
  * fault-safe loads (a NULL anywhere reads as 0), cheaper than bpf_probe_read_kernel calls.
  */
-static __always_inline __u64 sk_cgroup_id(const struct sock *sk)
+static __always_inline __u64 sk_charge(const struct sock *sk, __u64 sk_cgroup)
 {
 	struct kpod_watch_cfg *cfg = NULL;
 	__u64 charge, val = 0;
 
 	/* The socket owner's cgroup as kpod_charge_quick() maps it: 0 for sockets of no pod. */
-	if (kpod_charge_quick(kpod_sk_cgroup_id(sk, kpod_force_sock_cgroup_val), &charge, &cfg) || !cfg)
+	if (kpod_charge_quick(sk_cgroup, &charge, &cfg) || !cfg)
 		return charge;
 	/*
 	 * Possibly nested in a container: its cgroup pointer, untyped, from the first 8 bytes of
@@ -84,6 +85,17 @@ static __always_inline __u64 sk_cgroup_id(const struct sock *sk)
 	if (val & KPOD_SOCK_CGROUP_TAG_BITS)
 		return 0;
 	return kpod_charge_nested_read(cfg, (const struct cgroup *)(unsigned long)val);
+}
+
+static __always_inline __u64 sk_cgroup_id(const struct sock *sk)
+{
+	return sk_charge(sk, kpod_sk_cgroup_id(sk, kpod_force_sock_cgroup_val));
+}
+
+/* The same for an untyped socket pointer (a kprobe's argument, kept in a map): probe reads. */
+static __always_inline __u64 sk_cgroup_id_read(const struct sock *sk)
+{
+	return sk_charge(sk, kpod_sk_cgroup_id_read(sk, kpod_force_sock_cgroup_val));
 }
 
 static __always_inline bool is_tcp_stream(const struct sock *sk)
@@ -173,19 +185,100 @@ int BPF_PROG(tcp_recvmsg_exit, struct sock *sk, struct msghdr *msg, size_t len, 
 	return 0;
 }
 
-/* --- bytes, fallback 2: kretprobes (return value only; process context, so current) ---- */
+/* --- bytes, fallback 2: kprobe at entry + kretprobe at return -------------------------- */
+
+/*
+ * A kretprobe sees only the return value.  The entry kprobe of the same function keeps the
+ * call's socket, and whether it peeks, per thread (a thread is inside one TCP call at a time),
+ * and the return charges the SOCKET's cgroup and skips peeks, as the other routes do.  Where
+ * the entry was not kept (the map was full, or the entry program did not run because another
+ * kprobe program was running on that CPU), the return falls back to the caller's cgroup:
+ * the bytes are still counted, only their cgroup may differ (process context: the caller).
+ *
+ * What this route cannot see: a return the kernel does not hook.  A kretprobe holds one
+ * instance per call in flight, at most `maxactive` (libbpf's perf-event kretprobes get the
+ * kernel's default, max(10, 2 x possible CPUs) on preemptible kernels); a call entered while
+ * all are taken (many threads blocked in recv) is not seen at return (docs/KERNELS.md).
+ * LRU: an entry left by such a missed return is overwritten by the thread's next call, or
+ * evicted.
+ */
+struct tcp_call {
+	__u64 sk;
+	__u32 peek;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);  /* threads inside a TCP call at once; 1 where no kprobe runs */
+	__type(key, __u32);          /* thread id */
+	__type(value, struct tcp_call);
+} tcp_calls SEC(".maps");
+
+/* Set by userspace: tcp_recvmsg's `flags` is its 4th parameter since 5.19, the 5th before
+ * (a `nonblock` came first); the constant lets the verifier drop the other read. */
+const volatile bool kpod_recvmsg_flags_5th = false;
+
+static __always_inline void call_begins(const struct sock *sk, __u32 peek)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct tcp_call call = { .sk = (__u64)(unsigned long)sk, .peek = peek };
+
+	if (bpf_map_update_elem(&tcp_calls, &tid, &call, BPF_ANY))
+		kpod_count_error(&net_errors, ERR_OFF(tcp_calls));
+}
+
+/* The cgroup to charge at return, 0 for a peek (or no pod's); the thread's entry is consumed. */
+static __always_inline __u64 call_ends(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct tcp_call *call = bpf_map_lookup_elem(&tcp_calls, &tid);
+	const struct sock *sk;
+	__u32 peek;
+
+	if (!call)
+		return kpod_charge_current_read();
+	sk = (const struct sock *)(unsigned long)call->sk;
+	peek = call->peek;
+	bpf_map_delete_elem(&tcp_calls, &tid);
+	if (peek)
+		return 0;
+	return sk_cgroup_id_read(sk);
+}
+
+SEC("kprobe/tcp_sendmsg")
+int BPF_KPROBE(tcp_sendmsg_entry, struct sock *sk)
+{
+	call_begins(sk, 0);
+	return 0;
+}
 
 SEC("kretprobe/tcp_sendmsg")
 int BPF_KRETPROBE(tcp_sendmsg_ret, int ret)
 {
-	add_sent(kpod_charge_current_read(), ret);
+	__u64 cgroup_id = call_ends();
+
+	if (cgroup_id)
+		add_sent(cgroup_id, ret);
+	return 0;
+}
+
+SEC("kprobe/tcp_recvmsg")
+int BPF_KPROBE(tcp_recvmsg_entry, struct sock *sk)
+{
+	long flags = kpod_recvmsg_flags_5th ? (long)PT_REGS_PARM5(ctx) : (long)PT_REGS_PARM4(ctx);
+
+	call_begins(sk, (flags & KPOD_MSG_PEEK) ? 1 : 0);
 	return 0;
 }
 
 SEC("kretprobe/tcp_recvmsg")
 int BPF_KRETPROBE(tcp_recvmsg_ret, int ret)
 {
-	add_received(kpod_charge_current_read(), ret);
+	__u64 cgroup_id = call_ends();
+
+	if (cgroup_id)
+		add_received(cgroup_id, ret);
 	return 0;
 }
 
@@ -207,10 +300,20 @@ int BPF_PROG(tcp_sendpage_exit, struct sock *sk, struct page *page, int offset, 
 	return 0;
 }
 
+SEC("kprobe/tcp_sendpage")
+int BPF_KPROBE(tcp_sendpage_entry, struct sock *sk)
+{
+	call_begins(sk, 0);
+	return 0;
+}
+
 SEC("kretprobe/tcp_sendpage")
 int BPF_KRETPROBE(tcp_sendpage_ret, int ret)
 {
-	add_sent(bpf_get_current_cgroup_id(), ret);  /* process context: sendfile's caller */
+	__u64 cgroup_id = call_ends();
+
+	if (cgroup_id)
+		add_sent(cgroup_id, ret);
 	return 0;
 }
 

@@ -7,7 +7,8 @@ changes and RTT samples fire mostly in softirq, on whatever task the CPU interru
 - kpod.net.tcp.bytes.sent / .received: bytes send/recv calls RETURNED (really moved), not the
   lengths requested.  Route per direction, first available: tp_btf/sock_{send,recv}_length
   (6.x), fexit/tcp_{send,recv}msg (kernels without those tracepoints, e.g. 6.1), kretprobes
-  (return value only; charged to the calling task's cgroup and MSG_PEEK reads counted).
+  paired with kprobes at entry that keep the socket and MSG_PEEK per thread (arm64 before 6.4;
+  returns beyond the kernel's kretprobe `maxactive` calls in flight are missed: docs/KERNELS.md).
   Before 6.5, sendfile and splice to a socket are counted at tcp_sendpage, beside.
 - The socket's cgroup: sk_cgrp_data.cgroup (5.15+), else the pre-5.15 tagged union
   (bpf/core_fixes.bpf.h); kpod.bpf.force_routes: sock_cgroup_val takes the old route anywhere.
@@ -29,11 +30,13 @@ from kpod.component import Factory
 from kpod.kernel import btflayout, libbpf
 from kpod.kernel.cgroupwatch import CgroupBpfReceiver
 from kpod.kernel.ebpf import (
+    FORCE_KPROBE,
     FORCE_SOCK_CGROUP_VAL,
     PROGRAM_RUN_SECONDS,
     PROGRAM_RUNS,
     ProgramSpec,
     Route,
+    hook_unavailable,
     set_rodata,
 )
 from kpod.model import Batch, Kind, MetricDef, Point, attributes
@@ -72,6 +75,10 @@ TCP_RECVMSG_PARAMS = 5
 # tcp_probe reads tcp_sock through this kfunc; tcp_probe_read (one probe read) stands in without it.
 RDONLY_CAST_KFUNC = "bpf_rdonly_cast"
 SENDPAGE_FEED = f"{BYTES_SENT.name} (sendfile, splice: tcp_sendpage, before 6.5)"
+# What the kretprobe routes' entry kprobes feed: the call's socket (and MSG_PEEK) for the return.
+SENT_ENTRY_FEED = f"{BYTES_SENT.name} (the kretprobe's socket, kept at entry)"
+SENDPAGE_ENTRY_FEED = f"{SENDPAGE_FEED} (the kretprobe's socket, kept at entry)"
+RECEIVED_ENTRY_FEED = f"{BYTES_RECEIVED.name} (the kretprobe's socket and MSG_PEEK, kept at entry)"
 
 
 @dataclass
@@ -106,12 +113,20 @@ class NetTcpReceiver(CgroupBpfReceiver):
         ProgramSpec("tcp_send_length", feeds=(BYTES_SENT.name,), optional=True),
         ProgramSpec("tcp_sendmsg_exit", feeds=(BYTES_SENT.name,), optional=True),
         ProgramSpec("tcp_sendmsg_ret", feeds=(BYTES_SENT.name,), optional=True),
+        # The kretprobes' entry kprobes keep each call's socket (and MSG_PEEK) for the return.
+        ProgramSpec("tcp_sendmsg_entry", feeds=(SENT_ENTRY_FEED,), optional=True, with_programs=("tcp_sendmsg_ret",)),
         # Before 6.5 sendfile and splice reach tcp_sendpage, not tcp_sendmsg: counted beside.
         ProgramSpec("tcp_sendpage_exit", feeds=(SENDPAGE_FEED,), optional=True),
         ProgramSpec("tcp_sendpage_ret", feeds=(SENDPAGE_FEED,), optional=True),
+        ProgramSpec(
+            "tcp_sendpage_entry", feeds=(SENDPAGE_ENTRY_FEED,), optional=True, with_programs=("tcp_sendpage_ret",)
+        ),
         ProgramSpec("tcp_recv_length", feeds=(BYTES_RECEIVED.name,), optional=True),
         ProgramSpec("tcp_recvmsg_exit", feeds=(BYTES_RECEIVED.name,), optional=True),
         ProgramSpec("tcp_recvmsg_ret", feeds=(BYTES_RECEIVED.name,), optional=True),
+        ProgramSpec(
+            "tcp_recvmsg_entry", feeds=(RECEIVED_ENTRY_FEED,), optional=True, with_programs=("tcp_recvmsg_ret",)
+        ),
         ProgramSpec("tcp_retransmit", feeds=(RETRANSMITS.name,), optional=True),
         ProgramSpec("tcp_set_state", feeds=(CONNECTIONS.name,), optional=True),
         # bpf_rdonly_cast (6.2+) first; it fails to load on older kernels and is dropped.
@@ -134,6 +149,20 @@ class NetTcpReceiver(CgroupBpfReceiver):
     def before_load(self, obj: libbpf.BpfObject) -> None:
         if FORCE_SOCK_CGROUP_VAL in self.force_routes:
             set_rodata(obj, "kpod_force_sock_cgroup_val", 1)
+        recvmsg_params = kernel_function_params("tcp_recvmsg")
+        if recvmsg_params is not None and recvmsg_params > TCP_RECVMSG_PARAMS:
+            set_rodata(obj, "kpod_recvmsg_flags_5th", 1)  # before 5.19: (sk, msg, len, nonblock, flags, ...)
+        if not self.kprobes_possible():
+            obj.maps["tcp_calls"].set_max_entries(1)  # the kprobe route's per-thread calls: unused
+
+    def kprobes_possible(self) -> bool:
+        """Whether a kretprobe route could be taken on this kernel: only where a byte
+        tracepoint is missing, or tcp_sendpage exists (before 6.5), or kprobes are forced."""
+        if FORCE_KPROBE in self.force_routes:
+            return True
+        if kernel_function_params("tcp_sendpage") is not None:
+            return True
+        return any(hook_unavailable(f"tp_btf/sock_{d}_length") for d in ("send", "recv"))
 
     def choices(self) -> dict[str, str]:
         if FORCE_SOCK_CGROUP_VAL in self.force_routes:
