@@ -266,9 +266,13 @@ int BPF_KRETPROBE(tcp_sendmsg_ret, int ret)
 SEC("kprobe/tcp_recvmsg")
 int BPF_KPROBE(tcp_recvmsg_entry, struct sock *sk)
 {
-	long flags = kpod_recvmsg_flags_5th ? (long)PT_REGS_PARM5(ctx) : (long)PT_REGS_PARM4(ctx);
+	long flags4 = (long)PT_REGS_PARM4(ctx), flags5 = (long)PT_REGS_PARM5(ctx);
 
-	call_begins(sk, (flags & KPOD_MSG_PEEK) ? 1 : 0);
+	/* Both read at fixed offsets: the verifier refuses a ctx load at a computed one, which
+	 * is what clang makes of choosing between the two loads. */
+	barrier_var(flags4);
+	barrier_var(flags5);
+	call_begins(sk, ((kpod_recvmsg_flags_5th ? flags5 : flags4) & KPOD_MSG_PEEK) ? 1 : 0);
 	return 0;
 }
 
