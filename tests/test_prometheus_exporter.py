@@ -279,3 +279,19 @@ def test_renders_the_bytes_the_previous_renderer_did() -> None:
     for cycle in range(60):
         batch = _tricky_batch(rng, cycle) if cycle % 5 else node_batch(pods=3, seed=cycle)
         assert current.render(batch) == previous.render(batch), f"cycle {cycle}"
+    # Cycles where few histograms change (rendered series by series, the others' text reused),
+    # then all of them, then few again; a sum alone changing (NaN never equals itself).
+    batch = node_batch(pods=4, seed=1)
+    for cycle in range(12):
+        points = list(batch.points)
+        histograms = [i for i, p in enumerate(points) if isinstance(p.value, HistogramValue)]
+        share = 1.0 if cycle == 6 else rng.choice((0.0, 0.1, 0.5))
+        for i in rng.sample(histograms, int(share * len(histograms))):
+            value = points[i].value
+            counts = tuple(c + rng.randrange(3) for c in value.counts)  # type: ignore[union-attr]
+            total = rng.choice((value.sum + 1.0, float("nan"), 3.0)) if cycle % 2 else value.sum  # type: ignore[union-attr]
+            points[i] = Point(points[i].metric, points[i].cgroup, points[i].attributes,
+                              HistogramValue(value.bounds, counts if cycle % 3 else value.counts, total),  # type: ignore[union-attr]
+                              points[i].resource)  # fmt: skip
+        batch = Batch(points)
+        assert current.render(batch) == previous.render(batch), f"few changed, cycle {cycle}"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import accumulate
-from operator import attrgetter
+from itertools import accumulate, compress
+from operator import and_, attrgetter, eq, not_
 
 from kpod.exporters.prometheus.labels import LabelCache, group
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
@@ -116,15 +116,18 @@ class _Family:
     """What the renderer keeps of a family between cycles: its series' labels and shapes (a
     value's type; a histogram's bounds), in order, each series' text with holes for its
     numbers (`pieces`, by labels and shape), and their concatenation (`template`), which one
-    bytes-format call fills with the family's numbers."""
+    bytes-format call fills with the family's numbers.  A histogram family keeps its values too,
+    and each series' text when it was rendered series by series (`chunks`)."""
 
-    __slots__ = ("labels", "pieces", "shape", "template")
+    __slots__ = ("chunks", "labels", "pieces", "shape", "template", "values")
 
     def __init__(self, labels: list[str], shape: tuple[object, ...], pieces: dict[tuple[str, object], bytes]) -> None:
         self.labels = labels
         self.shape = shape
         self.pieces = pieces
         self.template = b"".join(pieces.values())
+        self.values: list[HistogramValue] | None = None
+        self.chunks: list[bytes] | None = None
 
     def same(self, labels: list[str], shape: tuple[object, ...]) -> bool:
         # Identity first: a series' label text is the same object every cycle (labels.py), and
@@ -262,6 +265,20 @@ class Renderer:
         shape = tuple(map(_bounds, values))
         if previous is None or not previous.same(labels, shape):
             previous = _Family.rebuilt(previous, labels, shape, partial(self._histogram_template, family))
+        elif previous.values is not None:
+            # On a real node most histograms do not change from one cycle to the next: when at
+            # most half of them did, only those are rendered again (series by series), and the
+            # others' text is reused.  Compared in C: counts and sums (bounds are the shape).
+            unchanged = list(
+                map(
+                    and_,
+                    map(eq, map(_counts, previous.values), map(_counts, values)),
+                    map(eq, map(_sum, previous.values), map(_sum, values)),
+                )
+            )
+            if 2 * (len(values) - sum(unchanged)) <= len(values):
+                return previous, _histogram_series(previous, values, unchanged), len(labels)
+        previous.values, previous.chunks = values, None
         return previous, previous.template % _histogram_numbers(values), len(labels)
 
     def _histogram_template(self, family: str, labels: str, bounds: tuple[float, ...]) -> bytes:
@@ -279,6 +296,20 @@ class Renderer:
         if les is None:
             les = self._les_cache[bounds] = [format_value(float(b)) for b in bounds] + ["+Inf"]
         return les
+
+
+def _histogram_series(family: _Family, values: list[HistogramValue], unchanged: list[bool]) -> bytes:
+    """A histogram family's text, series by series: the kept text of the unchanged ones, the
+    changed ones (all of them when the last cycle kept no text per series) rendered anew."""
+    chunks = family.chunks
+    if chunks is None:
+        chunks = [b""] * len(values)
+        unchanged = [False] * len(values)
+    pieces = list(family.pieces.values())
+    for index in compress(range(len(values)), map(not_, unchanged)):
+        chunks[index] = pieces[index] % _histogram_numbers([values[index]])
+    family.values, family.chunks = values, chunks
+    return b"".join(chunks)
 
 
 def _histogram_numbers(values: list[HistogramValue]) -> tuple[object, ...]:
