@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import accumulate, compress
+from itertools import accumulate, compress, repeat
 from operator import and_, attrgetter, eq, not_
 
 from kpod.exporters.prometheus.labels import LabelCache, group
@@ -121,7 +121,7 @@ class _Family:
 
     __slots__ = ("chunks", "labels", "pieces", "shape", "template", "values")
 
-    def __init__(self, labels: list[str], shape: tuple[object, ...], pieces: dict[tuple[str, object], bytes]) -> None:
+    def __init__(self, labels: list[str], shape: object, pieces: dict[tuple[str, object], bytes]) -> None:
         self.labels = labels
         self.shape = shape
         self.pieces = pieces
@@ -129,7 +129,7 @@ class _Family:
         self.values: list[HistogramValue] | None = None
         self.chunks: list[bytes] | None = None
 
-    def same(self, labels: list[str], shape: tuple[object, ...]) -> bool:
+    def same(self, labels: list[str], shape: object) -> bool:
         # Identity first: a series' label text is the same object every cycle (labels.py), and
         # so are the bounds of a receiver's histograms.
         return self.shape == shape and self.labels == labels
@@ -138,14 +138,16 @@ class _Family:
     def rebuilt(
         previous: _Family | None,
         labels: list[str],
-        shape: tuple[object, ...],
+        shape: object,
         piece: Callable[[str, object], bytes],
+        shapes: Iterable[object] | None = None,
     ) -> _Family:
         """The family of these series: the pieces of series it had already are reused (a pod
-        that comes or goes costs its own series' pieces, not the family's)."""
+        that comes or goes costs its own series' pieces, not the family's).  `shapes` are the
+        series' shapes when `shape` is not their tuple (one type for all of them)."""
         known = previous.pieces if previous is not None else {}
         pieces = {}
-        for key in zip(labels, shape, strict=True):
+        for key in zip(labels, shape if shapes is None else shapes, strict=True):  # type: ignore[call-overload]
             text = known.get(key)
             pieces[key] = text if text is not None else piece(*key)
         return _Family(labels, shape, pieces)
@@ -234,17 +236,20 @@ class Renderer:
         and such a family is rendered line by line and not kept."""
         labels = list(points)
         values = tuple(points.values())
-        shape = tuple(map(type, values))
+        kinds = set(map(type, values))
+        # The shape: the values' one type (most families), else each value's.
+        shape: object = next(iter(kinds)) if len(kinds) == 1 else tuple(map(type, values))
         if previous is None or not previous.same(labels, shape):
-            if not set(shape) <= _SCALAR_TYPES:
+            if not kinds <= _SCALAR_TYPES:
                 lines = [
                     _scalar_piece(sample, series, type(value)) % (value if type(value) is int else _shown(value))
                     for series, value in points.items()
                     if not isinstance(value, HistogramValue)
                 ]
                 return None, b"".join(lines), len(lines)
-            previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample))
-        if int not in shape or len(set(shape)) > 1:
+            shapes = repeat(shape, len(values)) if len(kinds) == 1 else None
+            previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample), shapes)
+        if shape is not int:
             values = tuple(_all_shown(values))
         return previous, previous.template % values, len(values)
 
@@ -269,15 +274,11 @@ class Renderer:
             # On a real node most histograms do not change from one cycle to the next: when at
             # most half of them did, only those are rendered again (series by series), and the
             # others' text is reused.  Compared in C: counts and sums (bounds are the shape).
-            unchanged = list(
-                map(
-                    and_,
-                    map(eq, map(_counts, previous.values), map(_counts, values)),
-                    map(eq, map(_sum, previous.values), map(_sum, values)),
-                )
-            )
-            if 2 * (len(values) - sum(unchanged)) <= len(values):
-                return previous, _histogram_series(previous, values, unchanged), len(labels)
+            same_sums = list(map(eq, map(_sum, previous.values), map(_sum, values)))
+            if 2 * sum(same_sums) >= len(values):  # else more than half changed: no need to look further
+                unchanged = list(map(and_, same_sums, map(eq, map(_counts, previous.values), map(_counts, values))))
+                if 2 * (len(values) - sum(unchanged)) <= len(values):
+                    return previous, _histogram_series(previous, values, unchanged), len(labels)
         previous.values, previous.chunks = values, None
         return previous, previous.template % _histogram_numbers(values), len(labels)
 
