@@ -211,6 +211,76 @@ def test_image_repository_is_required_with_a_message_that_says_how() -> None:
         render_chart({})
 
 
+# The documents a user reads before `helm install`: their commands must work as written.
+HELM_DOCS = [REPO / "README.md", REPO / "deploy" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _set_values(flags: str) -> dict[str, Any]:
+    """`--set a.b=x,c=y --set ...` as Helm reads it (booleans and integers typed, keys dotted)."""
+    values: dict[str, Any] = {}
+    for assignment in re.findall(r"--set[= ]([^\s`]+)", flags):
+        for pair in assignment.split(","):
+            key, _, text = pair.partition("=")
+            value: Any = {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
+            *parents, leaf = key.split(".")
+            node = values
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return values
+
+
+def _helm_commands(text: str) -> list[str]:
+    """Every `helm install`/`helm upgrade` command of a document, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return re.findall(r"^\s*(helm (?:install|upgrade) .*)$", joined, re.M)
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
+    return [
+        leaf
+        for key, value in values.items()
+        for leaf in (_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+    ]
+
+
+def _in_schema(path: str) -> bool:
+    """Whether values.schema.json names this dotted value (its properties, level by level)."""
+    node = json.loads((CHART / "values.schema.json").read_text())
+    for part in path.split("."):
+        node = node.get("properties", {}).get(part)
+        if node is None:
+            return False
+    return True
+
+
+def test_documented_helm_commands_and_settings_render() -> None:
+    """A user copies the docs' commands: each `helm install`/`helm upgrade` renders as written
+    (image included: the chart has no default image), and every `--set` the prose suggests
+    names a value of the chart and renders with the install command's image."""
+    commands: list[tuple[str, str]] = []
+    suggested: list[tuple[str, str]] = []
+    for doc in HELM_DOCS:
+        name, text = str(doc.relative_to(REPO)), doc.read_text()
+        commands += [(name, command) for command in _helm_commands(text)]
+        prose = re.sub(r"^\s*helm (?:install|upgrade) .*$", "", re.sub(r"\\\n\s*", " ", text), flags=re.M)
+        suggested += [(name, flag) for flag in re.findall(r"--set[= ][^\s`]+", prose)]
+    assert any(name == "README.md" and "install" in command for name, command in commands), commands
+    assert suggested, "the docs suggest --set flags (priority class quota, monitors)"
+    for name, command in [*commands, *suggested]:
+        values = _set_values(command)
+        unknown = [leaf for leaf in _leaves(values) if not _in_schema(leaf)]
+        assert not unknown, f"{name}: {command}: no such chart value {unknown}"
+        if (name, command) in suggested:
+            values.setdefault("image", {}).setdefault("repository", IMAGE)
+        try:
+            objs = objects(render_chart(values))
+        except helm.HelmError as error:
+            raise AssertionError(f"{name}: `{command}` does not render: {error}") from None
+        repository = values["image"]["repository"]
+        assert agent_container(objs)["image"].startswith(f"{repository}:"), (name, command)
+
+
 def test_prometheusrule_groups_pass_promtool(tmp_path: Path) -> None:
     require_tools("promtool")
     (rule,) = by_kind(objects(render({"prometheusRule": {"enabled": True}})))["PrometheusRule"]
