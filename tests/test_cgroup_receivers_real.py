@@ -672,3 +672,30 @@ def test_mount_tables_keep_nothing_outside_procfs_and_close_with_their_owner(tmp
     del real
     gc.collect()
     assert open_mountinfos() == before
+
+
+@needs_root_and_cgroup2
+def test_index_ids_are_the_directories_inodes_and_unchanged_entries_stay(scratch: Scratch) -> None:
+    """The walk takes each cgroup's id from its directory entry (d_ino), not a stat per
+    directory: every id is the directory's inode, as the kernel's cgroup id is.  A walk that
+    finds nothing changed keeps the refs of the last one (points of a cgroup share one); a
+    cgroup made inside a container makes the container a non-leaf and the new one a leaf."""
+    s = scratch
+    base, pods = _pod_tree(s, pods=2, containers=2)
+    index = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base))
+    index.refresh()
+    known = index.known_ids()
+    assert len(known) == 1 + 1 + 2 + 4  # kubepods, burstable, two pods, four containers
+    for cgroup_id in known:
+        path = index.path_of(cgroup_id)
+        assert path is not None and os.stat(index.abspath(path)).st_ino == cgroup_id, path
+    containers = sorted(c[len(base) :] for group in pods for c in group)
+    assert sorted(r.path for r in index.workloads()) == containers
+    before = {r.id: r for r in index.workloads()}
+    index.refresh()
+    assert all(index.ref(cgroup_id) is ref for cgroup_id, ref in before.items())
+    nested = s.mkdirs(f"{pods[0][0]}/nested")
+    index.refresh()
+    leaves = {r.path: r.id for r in index.workloads()}
+    assert nested[len(base) :] in leaves and pods[0][0][len(base) :] not in leaves
+    assert leaves[nested[len(base) :]] == os.stat(nested).st_ino

@@ -204,17 +204,28 @@ class CgroupIndex:
     def _walk(self) -> dict[int, CgroupEntry]:
         """id -> entry of every cgroup in scope.  Cgroups that vanish mid-walk are skipped."""
         found: dict[int, CgroupEntry] = {}
+        previous = self._by_id
         prefix_len = len(self.root) if self.root != "/" else 0
-        stack = list(self._walk_roots())
-        while stack:
-            directory = stack.pop()
+        # (directory, its inode): a child's inode is its directory entry's d_ino, which kernfs
+        # reports as the inode number (the cgroup id), so only the walk's roots need a stat.
+        stack: list[tuple[str, int]] = []
+        for top in self._walk_roots():
             try:
-                inode = os.stat(directory).st_ino
-                children = [e.path for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+                stack.append((top, os.stat(top).st_ino))
+            except OSError:
+                continue
+        while stack:
+            directory, inode = stack.pop()
+            try:
+                children = [(e.path, e.inode()) for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
             except OSError:
                 continue  # removed while we walked
             relative = directory[prefix_len:] or "/"
-            found[inode] = CgroupEntry(CgroupRef(inode, relative), is_leaf=not children)
+            leaf = not children
+            entry = previous.get(inode)
+            if entry is None or entry.is_leaf != leaf or entry.ref.path != relative:
+                entry = CgroupEntry(CgroupRef(inode, relative), is_leaf=leaf)
+            found[inode] = entry  # the same objects as last walk while nothing changed
             stack.extend(children)
         return found
 
