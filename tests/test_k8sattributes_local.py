@@ -114,6 +114,38 @@ def test_one_resource_object_per_cgroup() -> None:
     assert first.points[0].resource is first.points[1].resource is second.points[0].resource
 
 
+def test_given_points_stay_as_they_are_and_a_run_of_one_cgroup_is_resolved_once() -> None:
+    """Kept points are new points with their resource: the ones given (a receiver's batch, which
+    the pipeline hands over again while that receiver is not due) are never changed, so the
+    pipeline need not copy the batch first.  Consecutive points of one cgroup are resolved
+    once; the same cgroup again after another one is looked up again (from the cache)."""
+    processor, _ = make()
+    looked_up: list[int] = []
+    resolve = processor.resolve
+
+    def counting(point: Point) -> Resource | str:
+        assert point.cgroup is not None
+        looked_up.append(point.cgroup.id)
+        return resolve(point)
+
+    processor.resolve = counting  # type: ignore[method-assign]
+    assert not K8sAttributesProcessor.mutates_data
+    a, b = CgroupRef(5, "/system.slice/a.service"), CgroupRef(6, "/system.slice/b.service")
+    given = [
+        Point(CPU, a, (), 1.0),
+        Point(HIST, a, (), HistogramValue((1.0,), (1, 2), 3)),
+        Point(CPU, b, (), 2.0),
+        Point(CPU, a, (("cpu", "0"),), 3.0),
+    ]
+    out = processor.process(Batch(list(given)))
+    assert all(p.resource is None for p in given)
+    assert [(p.metric, p.cgroup, p.attributes, p.value) for p in out.points] == [
+        (p.metric, p.cgroup, p.attributes, p.value) for p in given
+    ]
+    assert [labels_of(p)["container"] for p in out.points] == ["a.service", "a.service", "b.service", "a.service"]
+    assert looked_up == [5, 6, 5]
+
+
 def test_include_labels_are_present_and_empty_in_local_mode() -> None:
     settings = KpodSettings()
     settings.filter.include_labels = ["app.kubernetes.io/name", "team"]

@@ -49,7 +49,7 @@ from kpod.processors.k8sattributes.resolve import (
 from kpod.processors.k8sattributes.selector import PodFilter, include_label_names
 
 from kpod.component import ComponentUnavailable, Context, Processor
-from kpod.model import Batch, Point, Resource
+from kpod.model import Batch, CgroupRef, Point, Resource
 
 UNRESOLVED_METRIC = "kpod.cgroups.unresolved"
 UNRESOLVED_HELP = "cgroups whose points were dropped: no known pod, filtered out or gone (per cycle)"
@@ -58,7 +58,9 @@ PODS_HELP = "pods of this node that discovery knows"
 
 
 class K8sAttributesProcessor(Processor):
-    mutates_data = True
+    # It never changes a point it is given: a kept point is a new one with its resource (one
+    # pass, where a copy of the batch and then a pass over it were two).
+    mutates_data = False
 
     def __init__(self, context: Context, config: K8sAttributesConfig) -> None:
         super().__init__(context, config)
@@ -195,18 +197,28 @@ class K8sAttributesProcessor(Processor):
                 self._cache.clear()
                 self._cache_generation = self.store.generation
         kept: list[Point] = []
+        keep = kept.append
         dropped: dict[str, set[int]] = {}
+        # Receivers emit a cgroup's points one after another (the same CgroupRef object): the
+        # cgroup is resolved once per run of points, not once per point.
+        run: CgroupRef | None = None
+        resource: Resource | None = None
         for point in batch.points:
-            if point.cgroup is None:
-                kept.append(point)
+            cgroup = point.cgroup
+            if cgroup is None:
+                keep(point)
                 continue
-            found = self.resolve(point)
-            self._last_used[(point.cgroup.id, point.cgroup.path)] = now
-            if isinstance(found, Resource):
-                point.resource = found
-                kept.append(point)
-            else:
-                dropped.setdefault(found, set()).add(point.cgroup.id)
+            if cgroup is not run:
+                run = cgroup
+                found = self.resolve(point)
+                self._last_used[(cgroup.id, cgroup.path)] = now
+                if isinstance(found, Resource):
+                    resource = found
+                else:
+                    resource = None
+                    dropped.setdefault(found, set()).add(cgroup.id)
+            if resource is not None:
+                keep(Point(point.metric, cgroup, point.attributes, point.value, resource, point.start_time_ns))
         for reason, ids in dropped.items():
             self.context.self_metrics.inc(UNRESOLVED_METRIC, UNRESOLVED_HELP, (("reason", reason),), len(ids))
         cgroups = self.context.cgroups
