@@ -4,9 +4,14 @@ Receivers only collect; scheduling is here (as the OpenTelemetry Collector keeps
 scraper controller, not in the scrapers).  A receiver that fails to start or to collect is
 logged once per distinct reason, counted in kpod_collection_errors_total{receiver}, retried
 with backoff (doubling, up to MAX_BACKOFF_CYCLES intervals), and never stops the others.
-Receivers collect concurrently, each in its own daemon thread, so one that hangs past the
-cycle timeout is abandoned (and not started again until it returns) instead of blocking the
-cycle or the agent's exit.
+
+Receivers collect one after another in a collecting thread: the GIL serialises their Python
+work anyway, and a thread per receiver cost more CPU than it overlapped (GIL hand-offs on every
+read; docs/perf/cycle.md, threaded vs serial).  A receiver that holds its thread longer than
+STALL_S (or a quarter of the timeout) is left to it, and a new thread takes the receivers
+still waiting, so one that hangs delays the others by that much and no more.  One still
+running at the cycle timeout is abandoned (and not started again until it returns) instead of
+blocking the cycle or the agent's exit.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +40,9 @@ COLLECTION_DURATION = MetricDef(
 )
 
 MAX_BACKOFF_CYCLES = 32
+# How long one receiver may hold the collecting thread before the receivers waiting behind it
+# get a thread of their own (at most a quarter of the cycle timeout).
+STALL_S = 0.1
 
 
 @dataclass
@@ -97,10 +106,11 @@ class Scheduler:
         running.next_due = time.monotonic() + backoff * running.interval_s
 
     def collect_due(self, started: float, timeout_s: float) -> None:
-        """Collect from every receiver due at `started` (monotonic), concurrently, until
-        `timeout_s` after it; a receiver not started yet (or failed) is started first.  Never
-        overlaps a receiver's previous collection."""
-        threads: list[tuple[ScheduledReceiver, threading.Thread]] = []
+        """Collect from every receiver due at `started` (monotonic), one after another in a
+        collecting thread (see the module doc), until `timeout_s` after it; a receiver not
+        started yet (or failed) is started first.  Never overlaps a receiver's previous
+        collection."""
+        waiting: deque[ScheduledReceiver] = deque()
         for running in self.receivers:
             if started < running.next_due or running.busy.is_set():
                 continue
@@ -109,18 +119,68 @@ class Scheduler:
                 if not running.started:
                     continue
             running.busy.set()
-            thread = threading.Thread(
-                target=self._collect_one, args=(running,), name=f"collect-{running.id}", daemon=True
-            )
-            thread.start()
-            threads.append((running, thread))
+            waiting.append(running)
+        if not waiting:
+            return
+        due = list(waiting)
+        lock = threading.Lock()
+        # Per collecting thread, the monotonic time its current receiver began.
+        began: dict[threading.Thread, float] = {}
+
+        def work() -> None:
+            me = threading.current_thread()
+            name = me.name
+            try:
+                while True:
+                    with lock:
+                        if not waiting:
+                            began.pop(me, None)
+                            return
+                        running = waiting.popleft()
+                        began[me] = time.monotonic()
+                    me.name = f"collect-{running.id}"  # who reads what, in logs and profiles
+                    self._collect_one(running)
+            finally:
+                me.name = name
+
         deadline = started + timeout_s
-        for running, thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                # Abandoned: it keeps `busy` set until it returns, so it never runs twice at once.
+        stall = min(STALL_S, timeout_s / 4)
+        threads: list[threading.Thread] = []
+
+        def spawn() -> None:
+            thread = threading.Thread(target=work, name="collect", daemon=True)
+            with lock:
+                began[thread] = time.monotonic()  # counted from now, before it runs
+            threads.append(thread)
+            thread.start()
+
+        spawn()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            with lock:
+                stalled = bool(waiting) and all(now - since >= stall for since in began.values())
+                earliest = min(began.values(), default=now)
+            if stalled:
+                spawn()  # every thread is held by one receiver: the waiting ones get another
+                continue
+            live = [t for t in threads if t.is_alive()]
+            if not live:
+                break
+            wake = deadline if not waiting else min(deadline, earliest + stall)
+            live[0].join(max(0.0, min(wake - now, stall)))
+        with lock:
+            never = list(waiting)
+            waiting.clear()  # no thread starts another one after the deadline
+        for running in due:
+            if running.busy.is_set():
+                # Abandoned, or never reached: a running one keeps `busy` set until it returns,
+                # so it never runs twice at once.
                 self._failed(running, f"collection timed out after {timeout_s:g}s", "failing")
                 running.last_batch = None
+                if running in never:
+                    running.busy.clear()
 
     def _collect_one(self, running: ScheduledReceiver) -> None:
         began = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 
 from kpod.cgroup.index import CgroupIndex
 from kpod.config import load_config
-from kpod.model import CgroupRef
+from kpod.model import Batch, CgroupRef
 from kpod.pipeline import Pipeline
 from kpod.registry import Registry
 
@@ -165,6 +166,44 @@ def test_hanging_receiver_is_abandoned_and_never_overlaps(
         assert "timed out" in pipeline.status.receivers["constant/slow"].reason
     finally:
         pipeline.shutdown()
+
+
+def test_receivers_collect_one_after_another_in_one_thread(
+    tmp_path: Path, test_plugin: Path, clean_env: dict[str, str]
+) -> None:
+    """The GIL serialises receivers' Python work, so a thread each costs CPU and overlaps little:
+    an ordinary cycle collects every due receiver in one collecting thread (not the cycle's
+    own), one at a time, each under its own name there."""
+    receivers = {f"constant/r{i}": f"{{value: {i}}}" for i in range(4)}
+    pipeline = Pipeline(plugin_config(tmp_path, clean_env, receivers), empty_index(tmp_path))
+    seen: list[tuple[str, int, str]] = []  # (receiver, thread ident, thread name) as each collects
+    active = [0, 0]  # (now, most at once)
+    for running in pipeline.receivers:
+        collect = running.receiver.collect
+
+        def recording(collect=collect, rid=running.id) -> Batch:  # type: ignore[no-untyped-def]
+            active[0] += 1
+            active[1] = max(active)
+            thread = threading.current_thread()
+            seen.append((rid, thread.ident or 0, thread.name))
+            try:
+                time.sleep(0.005)
+                return collect()
+            finally:
+                active[0] -= 1
+
+        running.receiver.collect = recording  # type: ignore[method-assign]
+    pipeline.start()
+    try:
+        batch = pipeline.run_cycle(timeout_s=5)
+    finally:
+        pipeline.shutdown()
+    assert sorted(rid for rid, _, _ in seen) == sorted(receivers)
+    assert len({ident for _, ident, _ in seen}) == 1 and seen[0][1] != threading.get_ident()
+    assert [name for _, _, name in seen] == [f"collect-{rid}" for rid, _, _ in seen]
+    assert active[1] == 1
+    values = {p.attributes[0][1]: p.value for p in batch.points if p.metric.name == "test.constant"}
+    assert values == {rid: float(rid[-1]) for rid in receivers}
 
 
 def test_per_receiver_interval_keeps_last_values_between_collections(
