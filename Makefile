@@ -144,6 +144,8 @@ test-vm-arm64: setup vm-setup-arm64
 # Writes docs/perf/<section>.md (figures only, with the run's id, commit, machine and command),
 # their raw figures in docs/perf/data/, and docs/PERFORMANCE.md; interpretation is hand-written
 # in docs/perf/readings/.  `python -m bench --assemble` / `--render` rebuild without measuring.
+# KPOD_BENCH_BASELINE=<worktree of an older commit>: bench.scale and bench.cycle measure it beside
+# this tree in the same run (before and after).
 bench: setup
 	$(PY) -m bench
 

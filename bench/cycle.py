@@ -196,6 +196,7 @@ Paths opened by more than one reader in a cycle (this tree), by readers: {shared
 def measure(pods: int = PODS, cycles: int = CYCLES, rounds: int = ROUNDS, baseline: Path | None = None) -> Measured:
     if os.geteuid() != 0:
         raise NotMeasured("needs root (creates cgroups, loads BPF programs)")
+    baseline = baseline or sections.baseline_from_env()
     data = run(pods, cycles, rounds, baseline, log=lambda m: print(m, file=sys.stderr))
     command = ".venv/bin/python -m bench.cycle"
     if (pods, cycles, rounds) != (PODS, CYCLES, ROUNDS):
@@ -210,7 +211,9 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=PODS)
     parser.add_argument("--cycles", type=int, default=CYCLES)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--baseline", type=Path, help="a worktree of an older commit with its .venv")
+    parser.add_argument(
+        "--baseline", type=Path, help=f"a worktree of an older commit with its .venv (or ${sections.BASELINE_ENV})"
+    )
     parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/cycle.md")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -10,9 +10,9 @@ N kubepods-shaped pod cgroups (systemd driver, burstable QoS, containerd scopes)
 cgroup, alternately 2 and 1 containers per pod (1.5 N containers), each container with
 one live process: a bash loop waking once a second (`read -t 1`), so the eBPF receivers see
 scheduling and system calls in every container at a negligible load.  On this hybrid host the
-memory and blkio controllers live on v1, so the same relative paths are made there too and the
-processes moved in, as a kubelet does on a hybrid node (the cgroup receivers read v1 memory and
-blkio files there).  The fake API server (tests/fake_apiserver.py) serves the N pods, and the
+memory, blkio, cpu and cpuacct controllers live on v1, so the same relative paths are made there
+too and the processes moved in, as a kubelet does on a hybrid node (the cgroup receivers read
+their v1 files there).  The fake API server (tests/fake_apiserver.py) serves the N pods, and the
 agent runs as its own process (`kpod-metrics run`, informer mode, comprehensive profile, poll
 1 s, Prometheus exporter), so every pod's series are labelled as on a node.
 
@@ -106,8 +106,8 @@ SCRAPE_TARGET_PODS = 110
 # such scrapes slower than SLOW_SCRAPE_MS are listed.
 LOOPBACK_MSS = 65483
 SLOW_SCRAPE_MS = 20.0
-# Controllers whose v1 files the agent reads on a hybrid host (cgroup_memory, disk).
-V1_CONTROLLERS = ("memory", "blkio")
+# Controllers whose v1 files the agent reads on a hybrid host (cgroup_memory, disk, cgroup_cpu).
+V1_CONTROLLERS = ("memory", "blkio", "cpu", "cpuacct")
 CYCLE_LINE = re.compile(r"kpod\.agent: cycle (\d+): (\d+) points in ([0-9.]+)s")
 # A container's process: wakes once a second, exits on EOF (if the bench dies, so do they).
 WORKLOAD = "while read -t 1 _ || [ $? -gt 128 ]; do :; done"
@@ -645,7 +645,7 @@ def render(data: dict[str, Any]) -> str:
         )
     return f"""## Scale: cycle time, CPU, scrape latency at {sizes} pods; RSS over time
 
-- Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio mirrors where the host has them),
+- Node: real kubepods-shaped cgroups (cgroup2, with v1 memory/blkio/cpu/cpuacct mirrors where the host has them),
   alternately 2 and 1 containers per pod, a live process per container waking once a second; the
   pods served by tests/fake_apiserver.py over HTTPS; the agent as its own process, in-cluster
   (service account token and CA), informer mode, {data["profile"]} profile, poll {poll_s:g} s,
@@ -734,6 +734,7 @@ def measure(sizes: tuple[int, ...] = SIZES, rss_minutes: float | None = None, ba
     if os.geteuid() != 0:
         raise NotMeasured("needs root (creates cgroups, loads BPF programs)")
     minutes = rss_minutes_from_env() if rss_minutes is None else rss_minutes
+    baseline = baseline or sections.baseline_from_env()
     results, rss = run(sizes, minutes, baseline, log=lambda m: print(m, file=sys.stderr))
     command = ".venv/bin/python -m bench.scale"
     if sizes != SIZES:
@@ -774,7 +775,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--rss-minutes", type=float, default=rss_minutes_from_env())
-    parser.add_argument("--baseline", type=Path, help="a worktree of an older commit with its .venv (before/after)")
+    parser.add_argument(
+        "--baseline", type=Path, help=f"a worktree of an older commit with its .venv (or ${sections.BASELINE_ENV})"
+    )
     parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/scale.md")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the finally blocks kill our processes and remove our cgroups.

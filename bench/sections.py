@@ -52,6 +52,16 @@ SECTIONS: dict[str, str] = {
 # text that run printed, and only a new run (`make bench`) can replace it.
 LEGACY_MARK = "as printed; its raw figures were not kept"
 
+# `make bench KPOD_BENCH_BASELINE=<worktree of an older commit, set up with make setup>`: the
+# benches that compare two trees (bench.scale, bench.cycle) measure that one beside this one,
+# before and after in the same run.
+BASELINE_ENV = "KPOD_BENCH_BASELINE"
+
+
+def baseline_from_env() -> Path | None:
+    value = os.environ.get(BASELINE_ENV, "")
+    return Path(value) if value else None
+
 
 class Measured(NamedTuple):
     """What one run of a module produced: the command that reproduces it and its raw figures."""
