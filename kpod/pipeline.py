@@ -132,7 +132,7 @@ class Pipeline:
     # ------------------------------------------------------------------ cycles
 
     def run_cycle(self, timeout_s: float | None = None) -> Batch:
-        """Collect from every due receiver (concurrently, see kpod.scheduler), process, merge,
+        """Collect from every due receiver (in a collecting thread, see kpod.scheduler), process, merge,
         export."""
         started = time.monotonic()
         if timeout_s is None:
