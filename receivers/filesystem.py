@@ -5,8 +5,18 @@ Per container (leaf cgroup) with a live process, from that process's view of the
   * <proc_root>/<pid>/mountinfo lists the container's mounts (its root overlay, volumes,
     emptyDirs, tmpfs mounts); kept open and read again only when the kernel reports a change
     (kpod.cgroup.mounttables);
-  * statvfs(<proc_root>/<pid>/root/<mountpoint>) measures each one in the container's own
-    mount namespace, so nothing has to be mounted or entered by the agent.
+  * each one is measured in the container's own mount namespace through <proc_root>/<pid>/root,
+    so nothing has to be mounted or entered by the agent.
+
+A pod controls its mounts and every name on the way to them (docs/SECURITY.md, "A hostile
+pod"), so measuring goes through kpod.fsprobe: a worker process looks each mount point up
+inside the container's root without following any symlink (kpod.kernel.inroot), checks that
+it reached the very mount mountinfo names (its mount id) and statvfs's it there, under a
+deadline.  A path that leads elsewhere is not reported (never a host filesystem under a pod's
+labels); a mount that hangs costs its own series only (dropped while stuck, retried with
+backoff, in kpod_filesystem_stuck_mounts and /debug/status); a pod's series are capped
+(`max_series_per_pod`, whole mounts, in mountinfo order), the rest counted in
+kpod_series_dropped_total{receiver, reason}.
 
 Reported: mounts of real filesystems.  Skipped:
   * pseudo filesystems (proc, sysfs, cgroup, devpts, mqueue, ...) and anything mounted under
@@ -14,10 +24,16 @@ Reported: mounts of real filesystems.  Skipped:
   * bind-mounted single files (/etc/hosts, /etc/resolv.conf, /etc/hostname,
     /dev/termination-log, secrets projected as files): they are not filesystems of the
     container, and they would repeat the node's disk under many names (reference-pitfalls.md
-    item 10).  A file mount is recognised by its path or, for any bind mount (root != "/"),
-    by stat telling a regular file;
+    item 10).  A file mount is recognised by its path or by what the lookup reached not
+    being a directory;
   * repeats: each filesystem (device number) once per container, under its first mountpoint in
-    mountinfo order (the root "/" comes first).
+    mountinfo order that measures (the root "/" comes first).
+
+Within a cycle, a (device, root in the filesystem) measured through one container's path is
+not measured again for another container that has it too: mountinfo, which the kernel writes,
+says that container has that filesystem, and the figures are the filesystem's.  A container
+whose shared mount could not be measured through the first container's path (that path was a
+trap, or hung) is measured through its own.
 
 Values (bytes, gauges): capacity = f_blocks * f_frsize, available = f_bavail * f_frsize (what an
 unprivileged writer can still use), usage = (f_blocks - f_bfree) * f_frsize (as df "Used").
@@ -39,15 +55,19 @@ Pure string work, no path is resolved; an overlay whose upperdir is not found st
 from __future__ import annotations
 
 import os
-import stat as stat_mod
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
-from kpod.cgroup.files import CgroupFileReceiver, read_text
+from kpod.cgroup.files import CgroupFileReceiver, pod_cgroup_path, read_text
 from kpod.cgroup.mounttables import MountTables
 from kpod.cgroup.parsers import MountInfo, parse_mountinfo, unescape_mountinfo
 from kpod.component import ComponentUnavailable, Context, Factory
+from kpod.fsprobe.client import Probe, Result, StatfsProbes
 from kpod.kernel.preflight import capability_gaps
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
+from kpod.units import Duration
 
 _MP = ("device", "fstype", "mountpoint")
 CAPACITY = MetricDef("kpod.fs.capacity.bytes", Kind.GAUGE, "By", "Filesystem size", _MP)
@@ -78,9 +98,17 @@ CAPABILITY_LOSSES = {
 }
 
 
+STUCK_MOUNTS = "kpod.filesystem.stuck.mounts"
+STUCK_MOUNTS_HELP = "Mounts whose statfs hung past its deadline and has not measured since (their series are dropped)."
+PROBE_TIMEOUTS = "kpod.filesystem.probe.timeouts"
+PROBE_TIMEOUTS_HELP = "Mount measurements that passed their deadline (each holds a worker thread until it returns)."
+SERIES_PER_MOUNT = 3
+MAX_ROUNDS = 4  # worker exchanges per collection (see FilesystemReceiver._measure)
+
+
 # Per mount, ready for the per-cycle loop: device, (device, root) cache key, mountpoint,
-# the point attributes, and whether it is a bind mount (root != "/": may be a single file).
-_Entry = tuple[tuple[int, int], tuple[tuple[int, int], str], str, tuple[tuple[str, str], ...], bool]
+# the point attributes, and the mount id (what the lookup must reach).
+_Entry = tuple[tuple[int, int], tuple[tuple[int, int], str], str, tuple[tuple[str, str], ...], int]
 
 
 @dataclass
@@ -89,6 +117,22 @@ class FilesystemConfig:
     exclude_fstypes: list[str] = field(default_factory=list)
     # Mountpoints (and everything below them) to skip.
     exclude_mountpoints: list[str] = field(default_factory=list)
+    # A mount whose measurement takes longer is stuck: its series are dropped until it answers
+    # (at most a quarter of the cycle timeout is waited, whatever this says).
+    statfs_timeout: Duration = field(default_factory=lambda: Duration.parse("1s"))
+    # Stuck measurements a pod may have at once (each holds one worker thread); its other
+    # mounts are not measured meanwhile.
+    max_stuck_mounts_per_pod: int = 4
+    # Series per pod at most (3 per filesystem: whole filesystems, in mountinfo order).
+    max_series_per_pod: int = 192
+
+    def validate(self) -> None:
+        if self.max_stuck_mounts_per_pod < 1:
+            raise ValueError("max_stuck_mounts_per_pod: must be at least 1")
+        if self.max_series_per_pod < SERIES_PER_MOUNT:
+            raise ValueError(f"max_series_per_pod: must be at least {SERIES_PER_MOUNT}")
+        if not 0 < self.statfs_timeout.seconds <= 60:
+            raise ValueError("statfs_timeout: must be more than 0s and at most 60s")
 
 
 def candidate_mounts(
@@ -159,11 +203,20 @@ def backing_filesystem(mount: MountInfo, host_mounts: list[MountInfo]) -> tuple[
     return f"{mount.dev[0]}:{mount.dev[1]}", mount.fstype
 
 
+@dataclass
+class _Container:
+    ref: CgroupRef
+    pod: str  # the pod cgroup (or the container's own path outside Kubernetes)
+    root: str  # <proc_root>/<pid>/root
+    entries: list[_Entry]
+
+
 class FilesystemReceiver(CgroupFileReceiver):
     metrics = (CAPACITY, USAGE, AVAILABLE)
 
     def __init__(self, context: Context, config: FilesystemConfig) -> None:
         super().__init__(context, config)
+        self.config: FilesystemConfig = config
         self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
         self._exclude_fstypes = frozenset(config.exclude_fstypes)
         self._exclude_points = tuple(config.exclude_mountpoints)
@@ -173,6 +226,15 @@ class FilesystemReceiver(CgroupFileReceiver):
         self._host_mounts: list[MountInfo] | None = None
         # Each container's mountinfo, kept open and read again only when it changed.
         self._tables = MountTables(self.proc_root)
+        settings = context.settings
+        self._cycle_s = settings.cycle_timeout.seconds or settings.poll_interval.seconds
+        deadline = min(config.statfs_timeout.seconds, self._cycle_s / 4)
+        self._probes = StatfsProbes(self.log, deadline, config.max_stuck_mounts_per_pod)
+        self._last: dict[str, int] = {}
+        context.self_metrics.set(STUCK_MOUNTS, STUCK_MOUNTS_HELP, 0, (("receiver", self.id),))
+        context.self_metrics.inc(PROBE_TIMEOUTS, PROBE_TIMEOUTS_HELP, (("receiver", self.id),), 0)
+        for reason in ("mount_stuck", "mount_unreachable", "pod_limit"):
+            self._dropped(reason, 0)
 
     def preflight(self) -> str | None:
         if not os.path.exists(f"{self.proc_root}/1/mountinfo"):
@@ -180,40 +242,66 @@ class FilesystemReceiver(CgroupFileReceiver):
         return None
 
     def route(self) -> str:
-        return f"statvfs via {self.proc_root}/<pid>/root for the mounts in {self.proc_root}/<pid>/mountinfo"
+        return (
+            f"statvfs via {self.proc_root}/<pid>/root for the mounts in {self.proc_root}/<pid>/mountinfo, "
+            "in a worker process, looked up without symlinks and checked against mountinfo"
+        )
 
     def start(self) -> None:
         reason = self.preflight()
         if reason:
             raise ComponentUnavailable(reason)
+        try:
+            self._probes.start()
+        except OSError as error:
+            raise ComponentUnavailable(f"cannot start the statfs worker: {error}") from error
         # Runs without them, but loses data; say so once (docs/CAPABILITIES.md).
         for line in capability_gaps(CAPABILITY_LOSSES):
             self.log.warning(line)
 
     def shutdown(self) -> None:
+        self._probes.shutdown()
         self._tables.close()
 
-    def status(self) -> dict[str, object]:
-        return {"mount_tables_kept": self._tables.kept, "mount_tables_read": self._tables.reads}
+    def status(self) -> dict[str, Any]:
+        return {
+            "statfs_worker_pid": self._probes.worker_pid,
+            "probes_hanging": self._probes.pending,
+            "stuck_mounts": self._probes.stuck(),
+            "last_cycle": dict(self._last),
+            "mount_tables_kept": self._tables.kept,
+            "mount_tables_read": self._tables.reads,
+        }
 
     def collect(self) -> Batch:
-        batch = Batch()
-        # (device, root inside the filesystem) -> statvfs result, or None for a regular file.
-        # Within one cycle the same subtree of the same filesystem measures the same through
-        # any container's root (keyed by root too, so per-directory quotas stay apart).
-        measured: dict[tuple[tuple[int, int], str], os.statvfs_result | None] = {}
         live: set[int] = set()
         self._host_mounts = None
+        containers = []
         self._tables.begin()
         for ref in self.context.cgroups.workloads():
             pids = self._pids(ref)
             if pids:
-                self._collect_container(ref, pids, batch, measured, live)
+                container = self._container(ref, pids, live)
+                if container is not None:
+                    containers.append(container)
         self._tables.end()
         # Forget the mount tables of processes that were not read this cycle.
         for pid in self._mount_cache.keys() - live:
             del self._mount_cache[pid]
-        return batch
+        # Half the cycle at most: the collection must end before the pipeline abandons it.
+        return self._measure(containers, budget_s=self._cycle_s / 2)
+
+    def _container(self, ref: CgroupRef, pids: list[int], live: set[int]) -> _Container | None:
+        # Any process of the container sees the container's mounts; the first one that is
+        # still alive will do.  Its exit between the reads is the usual "pod ended" error.
+        try:
+            pid, text = self._tables.read(ref.id, pids)
+        except OSError:
+            self._error()
+            return None
+        live.add(pid)
+        pod = pod_cgroup_path(ref.path) or ref.path
+        return _Container(ref, pod, f"{self.proc_root}/{pid}/root", self._candidates(pid, text))
 
     def _candidates(self, pid: int, text: str) -> list[_Entry]:
         # A container's mount table rarely changes: parse it again only when its text does,
@@ -225,7 +313,7 @@ class FilesystemReceiver(CgroupFileReceiver):
         for m in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points):
             device, fstype = backing_filesystem(m, self._host_table() if m.fstype == "overlay" else [])
             attrs = (("device", device), ("fstype", fstype), ("mountpoint", m.mount_point))
-            entries.append((m.dev, (m.dev, m.root), m.mount_point, attrs, m.root != "/"))
+            entries.append((m.dev, (m.dev, m.root), m.mount_point, attrs, m.mount_id))
         self._mount_cache[pid] = (text, entries)
         return entries
 
@@ -237,48 +325,116 @@ class FilesystemReceiver(CgroupFileReceiver):
                 self._host_mounts = []  # overlays then keep their own device
         return self._host_mounts
 
-    def _collect_container(
-        self,
-        ref: CgroupRef,
-        pids: list[int],
-        batch: Batch,
-        measured: dict[tuple[tuple[int, int], str], os.statvfs_result | None],
-        live: set[int],
-    ) -> None:
-        # Any process of the container sees the container's mounts; the first one that is
-        # still alive will do.  Its exit between the reads is the usual "pod ended" error.
-        try:
-            pid, text = self._tables.read(ref.id, pids)
-        except OSError:
-            self._error()
-            return
-        live.add(pid)
-        root = f"{self.proc_root}/{pid}/root"
-        add = batch.points.append
-        seen: set[tuple[int, int]] = set()
-        for dev, key, mount_point, attrs, is_bind in self._candidates(pid, text):
-            if dev in seen:
-                continue  # the same filesystem under another mountpoint: once per container
-            if key in measured:
-                vfs = measured[key]
-            else:
-                path = root + mount_point
-                try:
-                    # A bind-mounted single file (root != "/" and a regular file) is not a
-                    # filesystem of the container: remembered as None.
-                    is_file = is_bind and stat_mod.S_ISREG(os.stat(path).st_mode)
-                    vfs = None if is_file else os.statvfs(path)
-                except OSError:
-                    self._error()
+    @staticmethod
+    def _probe(container: _Container, entry: _Entry) -> Probe:
+        dev, _, mount_point, _, mount_id = entry
+        key = (container.ref.id, mount_id, mount_point)
+        return Probe(key, container.pod, container.root, mount_point, mount_id, dev)
+
+    def _measure(self, containers: list[_Container], budget_s: float) -> Batch:
+        """Measure each container's filesystems in rounds of probes (one worker exchange each):
+
+        * a container's filesystem (device) is tried under its first mount point; under the
+          next one only if that one was not measured (a file, unreachable, failed);
+        * a (device, root) measured (or found a file) for one container is not probed again
+          for another; one being probed for another container waits a round for its result;
+        * a pod gets probes for at most as many filesystems as its series cap allows;
+        * at most MAX_ROUNDS rounds: what is still unresolved then counts as unreachable.
+        """
+        batch = Batch()
+        counts = {"measured": 0, "not_a_directory": 0, "not_the_mount": 0, "failed": 0, "stuck": 0, "capped": 0,
+                  "probes": 0}  # fmt: skip
+        room = {c.pod: self.config.max_series_per_pod // SERIES_PER_MOUNT for c in containers}
+        todo: list[_Filesystem] = []
+        for container in containers:
+            by_dev: dict[tuple[int, int], _Filesystem] = {}
+            for entry in container.entries:
+                fs = by_dev.get(entry[0])
+                if fs is None:
+                    fs = by_dev[entry[0]] = _Filesystem(container, [])
+                    todo.append(fs)
+                fs.entries.append(entry)
+        shared: dict[tuple[tuple[int, int], str], Result] = {}
+        interval = self.context.settings.poll_interval.seconds
+        deadline = time.monotonic() + budget_s
+        for _ in range(MAX_ROUNDS):
+            if not todo:
+                break
+            probes: dict[Hashable, Probe] = {}
+            asked: dict[tuple[tuple[int, int], str], Hashable] = {}
+            waiting: list[_Filesystem] = []
+            planned = dict.fromkeys(room, 0)
+            for fs in todo:
+                pod = fs.container.pod
+                if planned[pod] >= room[pod]:
+                    counts["capped"] += 1  # the pod's cap: not measured at all
                     continue
-                measured[key] = vfs
-            if vfs is None:
-                continue
-            seen.add(dev)
-            frsize = vfs.f_frsize
-            add(Point(CAPACITY, ref, attrs, float(vfs.f_blocks * frsize)))
-            add(Point(USAGE, ref, attrs, float((vfs.f_blocks - vfs.f_bfree) * frsize)))
-            add(Point(AVAILABLE, ref, attrs, float(vfs.f_bavail * frsize)))
+                entry = fs.entries[fs.next]
+                fs.key = None  # None: the result is the shared one of its (device, root)
+                if entry[1] not in shared and entry[1] not in asked:
+                    probe = self._probe(fs.container, entry)
+                    probes[probe.key] = probe
+                    asked[entry[1]] = fs.key = probe.key
+                # else: measured already, or another container's probe of it answers this round
+                waiting.append(fs)
+                planned[pod] += 1
+            counts["probes"] += len(probes)
+            results = self._probes.measure(list(probes.values()), max(0.0, deadline - time.monotonic()), interval)
+            for share, key in asked.items():
+                if results[key].outcome in ("measured", "not_a_directory"):
+                    shared[share] = results[key]
+            todo = []
+            for fs in waiting:
+                entry = fs.entries[fs.next]
+                result = results.get(fs.key) if fs.key is not None else shared.get(entry[1])
+                if result is None:
+                    todo.append(fs)  # its (device, root) was probed for another container: next round
+                    continue
+                outcome = result.outcome
+                if outcome == "measured":
+                    assert result.vfs is not None
+                    if room[fs.container.pod] <= 0:
+                        counts["capped"] += 1
+                        continue
+                    room[fs.container.pod] -= 1
+                    counts["measured"] += 1
+                    blocks, bfree, bavail, frsize = result.vfs
+                    ref, attrs = fs.container.ref, entry[3]
+                    batch.points.append(Point(CAPACITY, ref, attrs, float(blocks * frsize)))
+                    batch.points.append(Point(USAGE, ref, attrs, float((blocks - bfree) * frsize)))
+                    batch.points.append(Point(AVAILABLE, ref, attrs, float(bavail * frsize)))
+                elif outcome in ("stuck", "stuck_limit", "deferred"):
+                    counts["stuck"] += 1
+                else:
+                    counts[outcome if outcome in counts else "failed"] += 1
+                    fs.next += 1
+                    if fs.next < len(fs.entries):
+                        todo.append(fs)  # the same filesystem under its next mount point
+        counts["not_the_mount"] += len(todo)  # still unresolved after MAX_ROUNDS
+        self._account(counts)
+        return batch
+
+    def _account(self, counts: dict[str, int]) -> None:
+        if counts["failed"]:
+            self._error(counts["failed"])
+        self._dropped("mount_stuck", SERIES_PER_MOUNT * counts["stuck"])
+        self._dropped("mount_unreachable", SERIES_PER_MOUNT * counts["not_the_mount"])
+        self._dropped("pod_limit", SERIES_PER_MOUNT * counts["capped"])
+        labels = (("receiver", self.id),)
+        metrics = self.context.self_metrics
+        metrics.set(STUCK_MOUNTS, STUCK_MOUNTS_HELP, float(len(self._probes.stuck())), labels)
+        metrics.set_counter(PROBE_TIMEOUTS, PROBE_TIMEOUTS_HELP, float(self._probes.timeouts), labels)
+        self._last = counts
+
+
+@dataclass(eq=False)
+class _Filesystem:
+    """One filesystem (device) of one container: its mount points in mountinfo order."""
+
+    container: _Container
+    entries: list[_Entry]
+    next: int = 0  # the mount point to try
+    key: Hashable | None = None  # of this round's own probe
 
 
 factory = Factory(

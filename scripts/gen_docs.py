@@ -48,7 +48,8 @@ FILE_SOURCES = {
     "cgroup_memory": "cgroup2 `memory.current` and `memory.stat` (`inactive_file`); v1 `memory.usage_in_bytes`",
     "disk": "cgroup2 `io.stat` (`rbytes`, `wbytes`, `rios`, `wios`); v1 `blkio.throttle.io_service*`",
     "net_iface": "`<proc_root>/<pid>/net/dev` of one process per pod network namespace",
-    "filesystem": "`statvfs(<proc_root>/<pid>/root/<mountpoint>)` for the mounts in `<proc_root>/<pid>/mountinfo`",
+    "filesystem": "`statvfs` of the mounts in `<proc_root>/<pid>/mountinfo`, each looked up inside "
+    "`<proc_root>/<pid>/root` (no symlink followed, the mount checked) by a worker process under a deadline",
     "pressure": "cgroup2 `cpu.pressure`, `memory.pressure`, `io.pressure` (`total=`)",
     "bpf_maps": "BPF map iteration (`bpf(BPF_MAP_GET_NEXT_KEY)`) and the objects' `*_errors` maps",
 }
@@ -168,8 +169,10 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(prometheus name, type, unit, description, labels) of the pipeline's own metrics."""
     from kpod.exporters.prometheus import exporter as prometheus
     from kpod.processors.k8sattributes import processor as k8sattributes
+    from kpod.receivers import filesystem
 
     from kpod import selfmetrics
+    from kpod.cgroup import files
 
     exporter = ("exporter",)
     defs = [
@@ -185,6 +188,9 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         (selfmetrics.EXPORTER_DROPPED_POINTS, Kind.COUNTER, "1", selfmetrics.EXPORTER_DROPPED_POINTS_HELP, exporter),
         (selfmetrics.EXPORTER_QUEUE_BATCHES, Kind.GAUGE, "1", selfmetrics.EXPORTER_QUEUE_BATCHES_HELP, exporter),
         (prometheus.HTTP_REFUSED, Kind.COUNTER, "1", prometheus.HTTP_REFUSED_HELP, (*exporter, "reason")),
+        (files.SERIES_DROPPED, Kind.COUNTER, "1", files.SERIES_DROPPED_HELP, ("receiver", "reason")),
+        (filesystem.STUCK_MOUNTS, Kind.GAUGE, "1", filesystem.STUCK_MOUNTS_HELP, ("receiver",)),
+        (filesystem.PROBE_TIMEOUTS, Kind.COUNTER, "1", filesystem.PROBE_TIMEOUTS_HELP, ("receiver",)),
     ]  # fmt: skip
     try:  # the agent's process and BPF program self-metrics, where that module exists
         from kpod import agentmetrics

@@ -5,6 +5,7 @@ README for what each holds) and a node-shaped tree built from them.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import CgroupMounts
 from kpod.cgroup.parsers import parse_mountinfo
 from kpod.component import Context
+from kpod.kernel.inroot import mount_of
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
@@ -165,15 +167,27 @@ def build_tree(base: Path, pods: int = 110, layout: str = "v2", driver: str = "s
     return tree
 
 
-def _own_mountinfo(text: str, pid: int) -> str:
+def _mount_id(path: Path) -> int:
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        reached = mount_of(fd)
+    finally:
+        os.close(fd)
+    assert reached.mount_id is not None, "statx has no mount id here (kernel before 5.8?)"
+    return reached.mount_id
+
+
+def _own_mountinfo(text: str, pid: int, mount_id: int) -> str:
     """The captured container mountinfo, made this container's own as on a real node: its
-    own mount ids, root overlay (0:24), /run tmpfs (0:27) and /data tmpfs (0:34).  The
-    node's disk (254:0), the 9p share and the pseudo filesystems stay shared."""
+    own root overlay (0:24), /run tmpfs (0:27) and /data tmpfs (0:34).  The node's disk
+    (254:0), the 9p share and the pseudo filesystems stay shared.  Every line names
+    `mount_id`, the mount the fake root's directories really are on: the filesystem receiver
+    measures a mount only where its lookup reaches the mount that mountinfo names."""
     own = {"0:24": f"0:{100000 + pid}", "0:27": f"0:{200000 + pid}", "0:34": f"0:{300000 + pid}"}
     lines = []
     for line in text.splitlines():
         fields = line.split(" ")
-        fields[0] = str(int(fields[0]) + pid * 100)
+        fields[0] = str(mount_id)
         fields[1] = str(int(fields[1]) + pid * 100)
         fields[2] = own.get(fields[2], fields[2])
         lines.append(" ".join(fields))
@@ -210,7 +224,6 @@ def _write_container(tree: Tree, n: int, c: Container, pod: Pod, mountinfo: str,
     (pdir / "net").mkdir()
     (pdir / "ns" / "net").symlink_to(pod.netns_file)
     (pdir / "net" / "dev").write_text(net_dev)
-    (pdir / "mountinfo").write_text(_own_mountinfo(mountinfo, c.pid))
     root = base / "roots" / str(c.pid)
     for point in mountpoints:
         target = root / point.lstrip("/")
@@ -220,3 +233,4 @@ def _write_container(tree: Tree, n: int, c: Container, pod: Pod, mountinfo: str,
         else:
             target.mkdir(parents=True, exist_ok=True)
     (pdir / "root").symlink_to(root)
+    (pdir / "mountinfo").write_text(_own_mountinfo(mountinfo, c.pid, _mount_id(root)))

@@ -84,10 +84,10 @@ def test_odd_interface_and_mount_names_are_reported_as_they_are(scratch: Scratch
         agent.wait_ready()
 
         def reported() -> bool:
-            names = {x.labels.get("interface") for x in agent.metrics() if x.name == "kpod_net_iface_tx_bytes_total"}
-            return bool(names)
+            names = {x.name for x in agent.metrics()}
+            return {"kpod_net_iface_tx_bytes_total", "kpod_fs_capacity_bytes"} <= names
 
-        agent.wait_until(reported, 15, "reporting interfaces")
+        agent.wait_until(reported, 15, "reporting interfaces and filesystems")
         samples = agent.metrics()
         log = agent.log()
         assert agent.stop() == 0

@@ -144,6 +144,13 @@ def test_kernel_and_cgroup_access_do_not_use_components_or_each_other() -> None:
             assert not {t for t in targets if t.startswith(("kpod.kernel", *FRAMEWORK_OUTSIDE[2:]))}, module
 
 
+def test_the_statfs_worker_imports_only_kernel_access() -> None:
+    """kpod.fsprobe runs in its own process (docs/SECURITY.md): it must stay small and must
+    not drag the agent in."""
+    reached = {t for module, targets in GRAPH.items() if module.startswith("kpod.fsprobe") for t in targets}
+    assert reached <= {m for m in MODULES if m.startswith(("kpod.fsprobe", "kpod.kernel.inroot"))}, reached
+
+
 # Each module on its own: project modules are dropped from sys.modules between imports, so a
 # module that only works when another was imported first fails here.
 ALONE = """

@@ -22,6 +22,12 @@ from kpod.model import CgroupRef
 # The scheduler's family: a file that cannot be read counts as the receiver's collection error.
 from kpod.scheduler import COLLECTION_ERRORS, COLLECTION_ERRORS_HELP
 
+SERIES_DROPPED = "kpod.series.dropped"
+SERIES_DROPPED_HELP = (
+    "Series a receiver did not report, by receiver and reason: pod_limit (the pod's series cap), "
+    "mount_stuck (a measurement that hung), mount_unreachable (a mount point that leads elsewhere)."
+)
+
 _READ_CHUNK = 65536
 # Longest line of cgroup.procs ("4194304\n") and of /proc/<pid>/net/dev (a 15-byte name and 16
 # 20-digit counters), with room to spare.
@@ -160,6 +166,11 @@ class CgroupFileReceiver(Receiver):
         self.context.self_metrics.inc(
             COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, labels=(("receiver", self.id),), amount=amount
         )
+
+    def _dropped(self, reason: str, series: int) -> None:
+        """Count series not reported (a cap, a mount that hangs...); 0 declares the series."""
+        labels = (("receiver", self.id), ("reason", reason))
+        self.context.self_metrics.inc(SERIES_DROPPED, SERIES_DROPPED_HELP, labels=labels, amount=series)
 
     def _read(
         self,
