@@ -11,7 +11,8 @@ repeat the pod's interfaces N times (reference-pitfalls.md item 10).  Per cycle:
   3. The process's network namespace is identified by the inode of <proc_root>/<pid>/ns/net.
      A namespace already reported this cycle is skipped (two groups in one netns), and so is
      the host's (that of <proc_root>/1): host-network pods would report the node's interfaces.
-  4. <proc_root>/<pid>/net/dev is parsed and emitted, minus excluded interfaces (`lo` by default).
+  4. <proc_root>/<pid>/net/dev is parsed and emitted, minus excluded interfaces (`lo` by default),
+     at most `max_series_per_pod` series per pod (a pod creates as many interfaces as it likes).
 
 Points carry the pod's cgroup (the group's cgroup), not a container's: the enrichment processor
 then labels them with namespace and pod and no container.  Counters are cumulative as the
@@ -71,6 +72,13 @@ class NetIfaceConfig:
     # The host's network namespace, whose pods (hostNetwork) are skipped.  Empty: <proc_root>/1/ns/net,
     # or /proc/self/ns/net when pid 1 cannot be read (the agent then must run with hostNetwork).
     host_netns_path: str = ""
+    # Series per pod at most (8 per interface: whole interfaces, in the kernel's order, which
+    # lists a namespace's first interfaces first); the rest is counted in kpod_series_dropped_total.
+    max_series_per_pod: int = 128
+
+    def validate(self) -> None:
+        if self.max_series_per_pod < len(_FIELDS):
+            raise ValueError(f"max_series_per_pod: must be at least {len(_FIELDS)} (one interface)")
 
 
 class NetIfaceReceiver(CgroupFileReceiver):
@@ -84,6 +92,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
         self._pod_refs: dict[str, CgroupRef] = {}
         self._excluded = frozenset(config.exclude_interfaces)
         self._last = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
+        self._dropped("pod_limit", 0)
 
     def _host_ns(self) -> tuple[int, str]:
         """(inode, path) of the host's network namespace.
@@ -195,12 +204,20 @@ class NetIfaceReceiver(CgroupFileReceiver):
         return batch
 
     def _emit(self, ref: CgroupRef, interfaces: dict[str, NetDevCounters], batch: Batch) -> None:
+        room = self.config.max_series_per_pod // len(_FIELDS)
+        dropped = 0
         for name, counters in interfaces.items():
             if name in self._excluded:
                 continue
+            if room <= 0:
+                dropped += 1  # a pod's many interfaces: it loses its own series, and only those
+                continue
+            room -= 1
             attrs = (("interface", name),)
             for metric, attr in _FIELDS:
                 batch.add(Point(metric, ref, attrs, float(getattr(counters, attr))))
+        if dropped:
+            self._dropped("pod_limit", dropped * len(_FIELDS))
 
 
 factory = Factory(

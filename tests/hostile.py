@@ -153,12 +153,13 @@ def pod_cgroups(s: Scratch, pods: int = 1, containers: int = 1) -> tuple[Path, l
     return base, out
 
 
-def agent_config(base: Path, port: int, receivers: dict[str, str], *, kpod: str = "", exporter: str = "") -> str:
+def agent_config(base: Path, port: int, receivers: dict[str, str], *, kpod: str = "", exporter: str = "",
+                 poll: str = "300ms") -> str:  # fmt: skip
     """Local mode, the cgroups under `base` only, the given receivers (id -> YAML flow map)."""
     names = ", ".join(receivers)
     listed = "\n".join(f"  {rid}: {cfg or '{}'}" for rid, cfg in receivers.items())
     return (
-        f"kpod: {{profile: custom, poll_interval: 300ms, discovery: {{mode: local}}, cgroup: {{root: '{base}'}}"
+        f"kpod: {{profile: custom, poll_interval: {poll}, discovery: {{mode: local}}, cgroup: {{root: '{base}'}}"
         f"{', ' + kpod if kpod else ''}}}\n"
         f"receivers:\n{listed}\n"
         f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'{', ' + exporter if exporter else ''}}}\n"

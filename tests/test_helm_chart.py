@@ -206,6 +206,18 @@ def test_monitors_scrape_plain_http_without_tls_or_token() -> None:
         assert not {"tlsConfig", "authorization", "metricRelabelings"} & set(endpoint)
 
 
+def test_monitors_carry_a_sample_limit() -> None:
+    """A scrape of more samples than sampleLimit is refused by Prometheus: no pod can flood it
+    through the agent.  On by default on both monitors; 0 means none."""
+    for key in ("serviceMonitor", "podMonitor"):
+        for given, expected in ((None, 100000), (250000, 250000), (0, None)):
+            values: dict[str, Any] = {key: {"enabled": True}}
+            if given is not None:
+                values[key]["sampleLimit"] = given
+            (monitor,) = [o for o in objects(render(values)) if o["kind"] in CRD_KINDS]
+            assert monitor["spec"].get("sampleLimit") == expected, (key, given)
+
+
 def test_image_repository_is_required_with_a_message_that_says_how() -> None:
     with pytest.raises(helm.HelmError, match=r"image.repository is required: build the image \(make image\)"):
         render_chart({})
@@ -536,6 +548,8 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"serviceMonitor": {"scheme": "ftp"}}, "/serviceMonitor/scheme"),
     ({"metrics": {"bearerTokenSecret": {"name": "t", "key": ""}}}, "/metrics/bearerTokenSecret/key"),
     ({"priorityClassQuota": {"pods": 0}}, "/priorityClassQuota/pods"),
+    ({"serviceMonitor": {"sampleLimit": -1}}, "/serviceMonitor/sampleLimit"),
+    ({"podMonitor": {"sampleLimit": "100k"}}, "/podMonitor/sampleLimit"),
 ]
 
 
