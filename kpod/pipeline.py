@@ -34,6 +34,15 @@ LAST_CYCLE = MetricDef(
 PROCESSOR_ERRORS = MetricDef(
     "kpod.processor.errors", Kind.COUNTER, "1", "Cycles not exported because a processor failed.", ("processor",)
 )
+CGROUPS_UNREADABLE = MetricDef(
+    "kpod.cgroups.unreadable", Kind.GAUGE, "1",
+    "Cgroups the last walk of the tree could not list, by reason (errno name): their subtrees are in no receiver's "
+    "data (examples in /debug/status).", ("reason",),
+)  # fmt: skip
+CGROUP_LONG_PATHS = MetricDef(
+    "kpod.cgroup.long.paths", Kind.GAUGE, "1",
+    "Cgroups whose path is past PATH_MAX (4096 bytes), walked and read through openat from a parent directory.",
+)  # fmt: skip
 
 
 class Pipeline:
@@ -77,7 +86,9 @@ class Pipeline:
             processors=lambda: {p.id: p.status() for p in self.processors},
             bpf_maps=bpf_map_fill,
             pods_known=self.pods_known,
+            cgroups=self.cgroups.walk_status,
         )
+        self._unreadable_reasons: set[str] = set()
         self.scheduler = Scheduler(self.receivers, self.self_metrics)
 
     def pods_known(self) -> int | None:
@@ -140,6 +151,7 @@ class Pipeline:
             timeout_s = configured or self.settings.poll_interval.seconds
         self.cgroups.new_cycle()
         self.cgroups.refresh()
+        self._report_walk()
         self.scheduler.collect_due(started, timeout_s)
 
         # A receiver that was not due this cycle contributes its last batch; points of cgroups
@@ -188,6 +200,19 @@ class Pipeline:
                 log.warning("exporter %s: %s: %s", exporter.id, type(error).__name__, error)
         self.status.cycle_done()
         return batch
+
+
+    def _report_walk(self) -> None:
+        """The cgroup walk's own figures: what it could not list (by reason), what it reached
+        only through openat (paths past PATH_MAX)."""
+        walk = self.cgroups.walk_status()
+        metrics = self.self_metrics
+        metrics.set(CGROUP_LONG_PATHS.name, CGROUP_LONG_PATHS.description, float(walk.get("long_paths", 0)))
+        unreadable: dict[str, int] = walk.get("unreadable", {})
+        for reason in self._unreadable_reasons | set(unreadable):  # a reason that went away: 0, not stale
+            count = float(unreadable.get(reason, 0))
+            metrics.set(CGROUPS_UNREADABLE.name, CGROUPS_UNREADABLE.description, count, (("reason", reason),))
+        self._unreadable_reasons |= set(unreadable)
 
 
 def _quietly(action: object, component_id: str) -> None:

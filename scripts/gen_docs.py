@@ -179,7 +179,8 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         (scheduler.COLLECTION_ERRORS, Kind.COUNTER, "1", scheduler.COLLECTION_ERRORS_HELP, ("receiver",)),
         *[(m.name, m.kind, m.unit, m.description, m.attribute_keys)
           for m in (scheduler.COLLECTION_DURATION, pipeline.SERIES, pipeline.BUILD_INFO, pipeline.CYCLES,
-                    pipeline.LAST_CYCLE, pipeline.PROCESSOR_ERRORS)],
+                    pipeline.LAST_CYCLE, pipeline.PROCESSOR_ERRORS, pipeline.CGROUPS_UNREADABLE,
+                    pipeline.CGROUP_LONG_PATHS)],
         (pipeline.PARSER_SKIPPED, Kind.COUNTER, "1", pipeline.PARSER_SKIPPED_HELP, ("parser",)),
         (k8sattributes.UNRESOLVED_METRIC, Kind.COUNTER, "1", k8sattributes.UNRESOLVED_HELP, ("reason",)),
         (k8sattributes.PODS_METRIC, Kind.GAUGE, "1", k8sattributes.PODS_HELP, ()),

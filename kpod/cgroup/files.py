@@ -9,6 +9,7 @@ container, the live processes of a cgroup).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -16,6 +17,7 @@ from typing import ClassVar
 
 from kpod.cgroup.mounts import CgroupMounts
 from kpod.cgroup.parsers import parse_cgroup_procs
+from kpod.cgroup.paths import is_dir, open_long
 from kpod.component import ComponentUnavailable, Receiver
 from kpod.model import CgroupRef
 
@@ -38,6 +40,15 @@ NET_DEV_MAX_RECORD = 512
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        return open_long(path, os.O_RDONLY)  # a cgroup nested past PATH_MAX (kpod.cgroup.paths)
+
+
 def read_text(path: str, max_record: int = 0) -> str:
     """The whole file as text.  Raises OSError (FileNotFoundError when it vanished).
 
@@ -49,7 +60,7 @@ def read_text(path: str, max_record: int = 0) -> str:
     short of the caller's buffer only when the next record does not fit that page, so a
     first read shorter than a page minus the longest record is the whole file: no EOF read.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open(path)
     try:
         data = os.read(fd, _READ_CHUNK)
         if data and not (max_record and len(data) < _PAGE - max_record):
@@ -74,7 +85,7 @@ def read_record(path: str) -> str:
     the syscalls of a cycle).  Not for multi-record files (cgroup.procs, mountinfo, net/dev):
     seq_file may stop those short of EOF at a page boundary; use read_text.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open(path)
     try:
         data = os.read(fd, _READ_CHUNK)
         if len(data) == _READ_CHUNK:  # larger than any such file: be safe, read on
@@ -192,7 +203,7 @@ class CgroupFileReceiver(Receiver):
                 return self.context.cgroups.reads.read_text(path, max_record)
             return read_record(path) if record else read_text(path, max_record)
         except FileNotFoundError:
-            if cgroup_dir is not None and os.path.isdir(cgroup_dir):
+            if cgroup_dir is not None and is_dir(cgroup_dir):
                 return None
             self._error()
             return None

@@ -12,20 +12,29 @@ gone as a tombstone with the path it had, for `gone_retention_s`: a container cr
 removed between two walks is known by its path, and the final counts of a removed one are
 still exported under its labels.  `ref()` answers for tombstones with `CgroupRef.gone` set;
 `known_ids()` includes them; `workloads()` (cgroup files to read) does not.
+
+Nothing under the root is skipped without a word: a directory that vanishes mid-walk is the
+normal end of a cgroup, any other failure to list one is counted by reason (its errno) in
+`walk_status()`, which the pipeline exports (kpod_cgroups_unreadable{reason}) and shows in
+/debug/status.  A chain nested past PATH_MAX is walked (and its files read) through openat from
+a parent directory (kpod.cgroup.paths), and counted too (kpod_cgroup_long_paths).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from kpod.cgroup.files import CycleReads
 from kpod.cgroup.mounts import KUBEPODS_TOPS, CgroupMounts, parse_mountinfo_cgroups, read_mountinfo
+from kpod.cgroup.paths import PATH_LIMIT, open_long
 from kpod.model import CgroupRef
 
 log = logging.getLogger("kpod.cgroups")
@@ -54,6 +63,10 @@ def kind_of_path(path: str) -> str | None:
         return QOS
     depth = len(parts) - pod_at  # 1: the pod, 2: a container, more: nested
     return POD if depth == 1 else CONTAINER if depth == 2 else NESTED
+
+
+_EXAMPLES = 5  # unreadable cgroups named in walk_status(), at most
+_SHOWN = 200  # characters of such a path shown (its end: the deepest names tell most)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,9 @@ class CgroupIndex:
         self._gone: dict[int, Tombstone] = {}
         self._sources: list[CgroupEventSource] = []
         self._walked_at = 0.0
+        self._walk_figures: dict[str, Any] = {
+            "cgroups": 0, "long_paths": 0, "unreadable": {}, "unreadable_examples": []
+        }  # fmt: skip
         self.reads = CycleReads()  # files several receivers read in one cycle
         self._root_level: int | None = None
 
@@ -202,7 +218,8 @@ class CgroupIndex:
             self._walked_at = now
 
     def _walk(self) -> dict[int, CgroupEntry]:
-        """id -> entry of every cgroup in scope.  Cgroups that vanish mid-walk are skipped."""
+        """id -> entry of every cgroup in scope.  Cgroups that vanish mid-walk are skipped; any
+        other that cannot be listed is counted by reason (see the module doc)."""
         found: dict[int, CgroupEntry] = {}
         previous = self._by_id
         prefix_len = len(self.root) if self.root != "/" else 0
@@ -214,12 +231,24 @@ class CgroupIndex:
                 stack.append((top, os.stat(top).st_ino))
             except OSError:
                 continue
+        unreadable: Counter[str] = Counter()
+        examples: list[str] = []
+        long_paths = 0
         while stack:
             directory, inode = stack.pop()
             try:
-                children = [(e.path, e.inode()) for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
-            except OSError:
+                if len(directory) < PATH_LIMIT:
+                    children = [(e.path, e.inode()) for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+                else:
+                    long_paths += 1
+                    children = _list_long(directory)
+            except FileNotFoundError:
                 continue  # removed while we walked
+            except OSError as error:
+                unreadable[errno.errorcode.get(error.errno or 0, "unknown")] += 1
+                if len(examples) < _EXAMPLES:
+                    examples.append(_shown(directory[prefix_len:]))
+                continue
             relative = directory[prefix_len:] or "/"
             leaf = not children
             entry = previous.get(inode)
@@ -227,7 +256,19 @@ class CgroupIndex:
                 entry = CgroupEntry(CgroupRef(inode, relative), is_leaf=leaf)
             found[inode] = entry  # the same objects as last walk while nothing changed
             stack.extend(children)
+        if unreadable and unreadable != Counter(self._walk_figures["unreadable"]):
+            log.warning("cgroups the walk cannot list (their subtrees are not reported): %s; e.g. %s",
+                        dict(unreadable), examples[0])  # fmt: skip
+        with self._lock:
+            self._walk_figures = {"cgroups": len(found), "long_paths": long_paths, "unreadable": dict(unreadable),
+                                  "unreadable_examples": examples}  # fmt: skip
         return found
+
+    def walk_status(self) -> dict[str, Any]:
+        """The last walk: cgroups found, how many had paths past PATH_MAX (read through openat),
+        how many could not be listed by reason (errno name), and a few of those."""
+        with self._lock:
+            return dict(self._walk_figures)
 
     def path_of(self, cgroup_id: int) -> str | None:
         """The path of a cgroup id (also of a gone one), walking again (rate-limited) when the
@@ -288,3 +329,17 @@ class CgroupIndex:
         leaf itself (a host with no cgroups below the root: its processes are the workload).
         """
         return [e.ref for e in self._by_id.values() if e.is_leaf]
+
+
+def _list_long(directory: str) -> list[tuple[str, int]]:
+    """(path, inode) of the child directories of a cgroup whose path is past PATH_MAX."""
+    fd = open_long(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as entries:
+            return [(f"{directory}/{e.name}", e.inode()) for e in entries if e.is_dir(follow_symlinks=False)]
+    finally:
+        os.close(fd)
+
+
+def _shown(path: str) -> str:
+    return path if len(path) <= _SHOWN else "..." + path[-_SHOWN:]
