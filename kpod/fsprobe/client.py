@@ -29,6 +29,7 @@ from kpod.fsprobe.protocol import Answer, Request
 
 MAX_BACKOFF_STRIKES = 6  # 2^5 = 32 intervals at most between retries of a mount that hung
 READY_TIMEOUT_S = 10.0
+FRAME_GRACE_S = 1.0  # past the budget, time left to finish a request frame already begun
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ class Result:
 _OUTCOMES = {
     protocol.MEASURED: "measured", protocol.NOT_A_DIRECTORY: "not_a_directory",
     protocol.NOT_THE_MOUNT: "not_the_mount", protocol.FAILED: "failed", protocol.STUCK: "stuck",
-    protocol.STUCK_LIMIT: "stuck_limit",
+    protocol.STUCK_LIMIT: "stuck_limit", protocol.CANCELLED: "deferred",
 }  # fmt: skip
 
 
@@ -86,6 +87,7 @@ class StatfsProbes:
         self._stuck: dict[Hashable, _Stuck] = {}
         self._pending: dict[int, Hashable] = {}  # probe id -> key, of probes answered STUCK
         self._orphans: dict[int, Probe] = {}  # probes of earlier cycles not answered in time
+        self._deferred: set[Hashable] = set()  # keys the last cycle could not measure in time
         self.timeouts = 0  # probes that passed their deadline, since start
         self.restarts = 0
         self._interval_s = 30.0  # the backoff unit: the receiver's interval (measure() sets it)
@@ -180,49 +182,76 @@ class StatfsProbes:
                 results[probe.key] = Result("stuck_limit")
             else:
                 sending.append(probe)
+        # What the last cycle could not measure in time goes first: a worker slower than the
+        # budget must not leave the same mounts unmeasured cycle after cycle.
+        sending.sort(key=lambda p: p.key not in self._deferred)
         inflight: dict[int, Probe] = {}
-        frames = []
+        # Requests of earlier cycles still queued in the worker are stale: drop them first.
+        frames: list[tuple[int, bytes]] = [(protocol.CANCEL_ID, protocol.encode_cancel())] if self._orphans else []
         for probe in sending:
             rid = self._next_id
             self._next_id += 1
             inflight[rid] = probe
             pod = self._pods.setdefault(probe.pod, len(self._pods) + 1)
-            frames.append(protocol.encode_request(Request(rid, probe.root, probe.mount_point, probe.mount_id,
-                                                          probe.dev, pod)))  # fmt: skip
-        if frames and not self._send(b"".join(frames), inflight, results, began + budget_s):
-            return results
+            request = Request(rid, probe.root, probe.mount_point, probe.mount_id, probe.dev, pod)
+            frames.append((rid, protocol.encode_request(request)))
+        if frames:
+            unsent = self._send(frames, inflight, results, began + budget_s)
+            if unsent is None:
+                return results
+            for rid in unsent:  # never written: the worker does not know them (no orphan)
+                results[inflight.pop(rid).key] = Result("deferred")
         self._receive(results, inflight, began + budget_s)
         for rid, probe in inflight.items():  # the worker did not answer in time (busy or gone)
             results[probe.key] = Result("deferred")
             self._orphans[rid] = probe  # its answer may still say STUCK: then it is pending
+        self._deferred = {key for key, result in results.items() if result.outcome == "deferred"}
         # Forget what is over: mounts measured again, gone mounts that hang no thread.
         wanted = {p.key for p in probes}
         for key in [k for k, s in self._stuck.items() if s.pending is None and k not in wanted]:
             del self._stuck[key]
         return results
 
-    def _send(self, data: bytes, inflight: dict[int, Probe], results: dict[Hashable, Result], until: float) -> bool:
-        """Write all requests, reading answers meanwhile (the worker writes while we write)."""
+    def _send(
+        self, frames: list[tuple[int, bytes]], inflight: dict[int, Probe], results: dict[Hashable, Result],
+        until: float,
+    ) -> list[int] | None:
+        """Write the requests, reading answers meanwhile (the worker writes while we write).
+        Past `until`, stop at the next frame boundary: the ids never written are returned (a
+        frame begun is always finished, or the worker would read the next one askew).  None:
+        the worker is gone."""
         assert self._worker is not None
-        view = memoryview(data)
-        while view:
-            left = until - time.monotonic()
-            if left <= 0:
+        data = memoryview(b"".join(frame for _, frame in frames))
+        ends: list[int] = []
+        for _, frame in frames:
+            ends.append((ends[-1] if ends else 0) + len(frame))
+        written, next_frame = 0, 0
+        while written < len(data):
+            while next_frame < len(ends) and ends[next_frame] <= written:
+                next_frame += 1
+            at_boundary = next_frame == 0 or ends[next_frame - 1] == written
+            now = time.monotonic()
+            if now >= until and at_boundary:
                 break
-            writable, readable = self._wait(left, write=True)
+            if now >= until + FRAME_GRACE_S:  # the worker stopped reading mid-frame
+                self._lost_worker("stopped reading its requests")
+                for probe in inflight.values():
+                    results[probe.key] = Result("failed", errno=errno.EPIPE)
+                return None
+            writable, readable = self._wait(max(0.0, until - now) if at_boundary else FRAME_GRACE_S, write=True)
             if readable:
                 self._receive(results, inflight, 0.0)
             if writable:
                 try:
-                    view = view[os.write(self._worker.to_worker, view[:65536]) :]
+                    written += os.write(self._worker.to_worker, data[written : written + 65536])
                 except BlockingIOError:
                     continue
                 except OSError:
                     self._lost_worker("closed its pipe")
                     for probe in inflight.values():
                         results[probe.key] = Result("failed", errno=errno.EPIPE)
-                    return False
-        return True
+                    return None
+        return [rid for (rid, _), end in zip(frames, ends, strict=True) if end > written and rid in inflight]
 
     def _wait(self, timeout: float, write: bool = False) -> tuple[bool, bool]:
         assert self._worker is not None

@@ -26,7 +26,12 @@ NOT_THE_MOUNT = 2  # the path leads elsewhere (a symlink on the way, overmounted
 FAILED = 3  # errno says why
 STUCK = 4  # still running past its deadline; a LATE answer follows if it ever returns
 STUCK_LIMIT = 5  # not run: its pod has as many stuck probes as it may (or the worker is full)
+CANCELLED = 6  # not run: a CANCEL came first (the agent gave up on it; a new cycle has begun)
 LATE = 0x100  # or'ed into the outcome of an answer to a request already answered STUCK
+
+
+# A request with this id is no probe: it cancels every request still queued (not yet running).
+CANCEL_ID = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,10 @@ class Answer:
     @property
     def late(self) -> bool:
         return bool(self.outcome & LATE)
+
+
+def encode_cancel() -> bytes:
+    return encode_request(Request(CANCEL_ID, "", "", 0, (0, 0), 0))
 
 
 def encode_request(request: Request) -> bytes:

@@ -13,6 +13,10 @@ answer carries what it returned).  A pod has at most `max_stuck_per_pod` calls i
 that many are stuck, its queued requests get STUCK_LIMIT without a call.  At MAX_LANES threads,
 all stuck, every new request does.  Idle lanes beyond one end.
 
+A CANCEL (request id 0) drops whatever is still queued: the agent sends it when a new cycle
+begins with requests of the last one unanswered, so that a worker that fell behind serves the
+current cycle, not stale ones.
+
 Prints nothing, ever: stdout is the answer pipe and stderr is not read.  SIGINT is ignored (a
 terminal's ^C goes to the agent, which ends this process by closing its stdin).
 """
@@ -30,6 +34,8 @@ import threading
 import time
 
 from kpod.fsprobe.protocol import (
+    CANCEL_ID,
+    CANCELLED,
     FAILED,
     LATE,
     MEASURED,
@@ -195,7 +201,10 @@ class Worker:
         with self.cond:
             full = len(self.lanes) >= MAX_LANES and all(lane.reported for lane in self.lanes)
             for request in requests:
-                if full:
+                if request.id == CANCEL_ID:  # the agent moved on: what waits is stale, drop it
+                    refused.extend(Answer(r.id, CANCELLED) for queue in self.queues.values() for r in queue)
+                    self.queues.clear()
+                elif full:
                     refused.append(Answer(request.id, STUCK_LIMIT))
                 else:
                     self.queues.setdefault(request.group, collections.deque()).append(request)
