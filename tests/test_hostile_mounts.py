@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from agent_proc import AgentProcess, Sample, free_port
+from agent_proc import AgentProcess, Sample, free_port, rss_kib, thread_count
 from hostile import REPO, Scratch, agent_config, pod_cgroups, scratch, skip_reason
 
 from kpod.kernel.inroot import mount_of, open_in_root
@@ -115,6 +115,7 @@ def test_a_hung_fuse_mount_costs_only_its_own_series(scratch: Scratch, tmp_path:
     # The calls really hang, in the worker process (one thread each) and not in the agent.
     worker = details["statfs_worker_pid"]
     assert waiting_in_fuse(worker) == 5 and waiting_in_fuse(agent.pid) == 0
+    worker_rss, worker_threads = rss_kib(worker), thread_count(worker)
 
     # The server answers a-hang1: the late answer clears it, a retry measures it.
     assert pod_a.stdin is not None and pod_a.stdout is not None
@@ -126,7 +127,10 @@ def test_a_hung_fuse_mount_costs_only_its_own_series(scratch: Scratch, tmp_path:
     assert value(agent.metrics(), "kpod_filesystem_stuck_mounts") == 4
 
     # SIGTERM with four calls still hung: the agent exits 0, within the 5 s of its contract.
+    began = time.monotonic()
     assert agent.stop(timeout_s=5.0) == 0, agent.log()[-2000:]
+    print(f"\nhung FUSE: 5 calls hung, worker {worker_threads} threads, {worker_rss} KiB RSS; "
+          f"agent exit 0 in {time.monotonic() - began:.2f}s")  # fmt: skip
     assert "Traceback" not in agent.log()
     # The worker outlives it only while mounts hang: the pods' end aborts their connections.
     assert os.path.exists(f"/proc/{worker}")
