@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from agent_proc import AgentProcess, free_port
 from kernel_util import enable_controllers, mounts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,3 +214,128 @@ def oom_kills(cgroup: Path) -> int:
                 if key == "oom_kill":
                     return int(value)
     return 0
+
+
+# ------------------------------------------------------------------------------ the metrics port
+
+TOKEN = "hostile-port-token-5f4dcc3b5aa765d6"
+# What the standard library's server read in full before the token check: up to 100 lines of 64 KiB.
+BIG_HEAD = (
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+    + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 65000) for i in range(97))
+    + b"\r\n"
+)
+# The chart's limit is 512 MiB; half of it leaves the old server no chance and the agent
+# (about 35 MiB here) lots of room.
+MEMORY_LIMIT = 256 << 20
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().split("\n"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def port_agent(s: Scratch, tmp_path: Path, *, memory: bool = True, args: tuple[str, ...] = ()) -> AgentProcess:
+    """An agent with a bearer token, reading one empty pod cgroup, in a memory cgroup of ours
+    (the metrics-port attacks: tests/test_hostile_port.py, bench/hostile.py)."""
+    base, _ = pod_cgroups(s)
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    port = free_port()
+    config = agent_config(base, port, {"cgroup_cpu": ""}, exporter=f"bearer_token_file: '{token}'")
+    prefix = in_cgroup_prefix(memory_cgroup(s, MEMORY_LIMIT)) if memory else ()
+    agent = AgentProcess(config, tmp_path, port, prefix=prefix, args=args).start()
+    s.defer(f"agent {agent.pid}", agent.stop)
+    agent.wait_ready()
+    return agent
+
+
+def scrape(agent: AgentProcess, timeout: float = 5.0) -> int:
+    return len(agent.get("/metrics", {"Authorization": f"Bearer {TOKEN}"}, timeout=timeout))
+
+
+def flood(port: int, clients: int, hold_s: float = 0.0) -> list[str]:
+    """`clients` concurrent connections from 4 loopback addresses, each sending BIG_HEAD, or
+    with `hold_s` all of it but the blank line that ends it, then holding the connection that
+    long; what each of them saw."""
+    outcomes: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            source = (f"127.0.2.{i % 4}", 0)
+            with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=source) as sock:
+                sock.sendall(BIG_HEAD[:-2] if hold_s else BIG_HEAD)
+                time.sleep(hold_s)
+                outcomes.append(sock.recv(64).split(b"\r\n")[0].decode() or "closed")
+        except OSError as error:
+            outcomes.append(type(error).__name__)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
+# A request that never ends: what a trickling client sends, a byte at a time.
+PARTIAL = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: "
+
+
+def slow_clients(port: int, count: int = 3000, addresses: int = 200) -> list[socket.socket]:
+    """`count` connections from `addresses` loopback addresses (15 each for the defaults: under
+    the per-client cap, so it is the total cap and the eviction of unproven connections that
+    hold), none of which sends anything yet."""
+    clients = []
+    for i in range(count):
+        sock = socket.socket()
+        sock.bind((f"127.0.1.{1 + i % addresses}", 0))
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(("127.0.0.1", port))
+        clients.append(sock)
+    return clients
+
+
+def trickle(clients: list[socket.socket], step: int) -> None:
+    """One more byte of PARTIAL from each client, as a trickling client does."""
+    byte = PARTIAL[step % len(PARTIAL) : step % len(PARTIAL) + 1]
+    for sock in clients:
+        with contextlib.suppress(OSError):
+            sock.send(byte)
+
+
+def truncated_answered(clients: list[socket.socket]) -> int:
+    """The clients end their requests' sending side; how many of them then get an answer."""
+    for sock in clients:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+    time.sleep(1.5)
+    answered = 0
+    for sock in clients:
+        with contextlib.suppress(OSError):
+            answered += sock.recv(16).startswith(b"HTTP/")
+    return answered
+
+
+# ------------------------------------------------------------------------------ a pod's many mounts
+
+# A private mount namespace with `count` tmpfs mounts (each its own filesystem) under `base`.
+MANY_MOUNTS = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+base, count = sys.argv[1], int(sys.argv[2])
+if libc.unshare(0x00020000):
+    raise OSError(ctypes.get_errno(), "unshare")
+if libc.mount(b"none", b"/", b"", ctypes.c_ulong(0x4000 | (1 << 18)), b""):
+    raise OSError(ctypes.get_errno(), "make-rprivate")
+for i in range(count):
+    path = f"{base}/m{i:05d}".encode()
+    os.mkdir(path)
+    if libc.mount(b"kpodh", path, b"tmpfs", ctypes.c_ulong(0), b"size=64k"):
+        raise OSError(ctypes.get_errno(), path)
+print("ready", flush=True)
+sys.stdin.readline()
+"""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from agent_proc import AgentProcess, Sample, free_port
-from hostile import Scratch, agent_config, pod_cgroups, run, scratch, skip_reason
+from hostile import MANY_MOUNTS, Scratch, agent_config, pod_cgroups, run, scratch, skip_reason
 from kpod.receivers.filesystem import FilesystemConfig
 from kpod.receivers.net_iface import NetIfaceConfig
 
@@ -29,23 +29,6 @@ VETH_PAIRS = 250  # 500 interfaces
 FS_CAP = FilesystemConfig().max_series_per_pod
 NET_CAP = NetIfaceConfig().max_series_per_pod
 
-# A private mount namespace with `count` tmpfs mounts (each its own filesystem) under `base`.
-MANY_MOUNTS = r"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-base, count = sys.argv[1], int(sys.argv[2])
-if libc.unshare(0x00020000):
-    raise OSError(ctypes.get_errno(), "unshare")
-if libc.mount(b"none", b"/", b"", ctypes.c_ulong(0x4000 | (1 << 18)), b""):
-    raise OSError(ctypes.get_errno(), "make-rprivate")
-for i in range(count):
-    path = f"{base}/m{i:05d}".encode()
-    os.mkdir(path)
-    if libc.mount(b"kpodh", path, b"tmpfs", ctypes.c_ulong(0), b"size=64k"):
-        raise OSError(ctypes.get_errno(), path)
-print("ready", flush=True)
-sys.stdin.readline()
-"""
 
 
 def of(samples: list[Sample], container: Path, prefix: str) -> list[Sample]:

@@ -10,86 +10,37 @@ bounds that hold now are in docs/SECURITY.md ("The metrics port"); these tests m
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import http.client
 import json
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from agent_proc import AgentProcess, free_port, thread_count
-from hostile import Scratch, agent_config, in_cgroup_prefix, memory_cgroup, oom_kills, pod_cgroups, scratch, skip_reason
+from agent_proc import thread_count
+from hostile import (
+    BIG_HEAD,
+    TOKEN,
+    Scratch,
+    flood,
+    oom_kills,
+    port_agent,
+    scrape,
+    scratch,
+    skip_reason,
+    slow_clients,
+    status_kib,
+    trickle,
+    truncated_answered,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))]
 __all__ = ["scratch"]
 
-TOKEN = "hostile-port-token-5f4dcc3b5aa765d6"
-# What the standard library's server read in full before the token check: up to 100 lines of 64 KiB.
-BIG_HEAD = (
-    b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
-    + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 65000) for i in range(97))
-    + b"\r\n"
-)
-# The chart's limit is 512 MiB; half of it leaves the old server no chance and the agent
-# (about 35 MiB here) lots of room.
-MEMORY_LIMIT = 256 << 20
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().split("\n"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
-def start_agent(s: Scratch, tmp_path: Path, *, memory: bool = True, args: tuple[str, ...] = ()) -> AgentProcess:
-    """An agent with a bearer token, reading one empty pod cgroup, in a memory cgroup of ours."""
-    base, _ = pod_cgroups(s)
-    token = tmp_path / "token"
-    token.write_text(TOKEN + "\n")
-    port = free_port()
-    config = agent_config(base, port, {"cgroup_cpu": ""}, exporter=f"bearer_token_file: '{token}'")
-    prefix = in_cgroup_prefix(memory_cgroup(s, MEMORY_LIMIT)) if memory else ()
-    agent = AgentProcess(config, tmp_path, port, prefix=prefix, args=args).start()
-    s.defer(f"agent {agent.pid}", agent.stop)
-    agent.wait_ready()
-    return agent
-
-
-def scrape(agent: AgentProcess, timeout: float = 5.0) -> int:
-    return len(agent.get("/metrics", {"Authorization": f"Bearer {TOKEN}"}, timeout=timeout))
-
-
-def flood(port: int, clients: int, hold_s: float = 0.0) -> list[str]:
-    """`clients` concurrent connections from 4 loopback addresses, each sending BIG_HEAD, or
-    with `hold_s` all of it but the blank line that ends it, then holding the connection that
-    long; what each of them saw."""
-    outcomes: list[str] = []
-
-    def one(i: int) -> None:
-        try:
-            source = (f"127.0.2.{i % 4}", 0)
-            with socket.create_connection(("127.0.0.1", port), timeout=20, source_address=source) as sock:
-                sock.sendall(BIG_HEAD[:-2] if hold_s else BIG_HEAD)
-                time.sleep(hold_s)
-                outcomes.append(sock.recv(64).split(b"\r\n")[0].decode() or "closed")
-        except OSError as error:
-            outcomes.append(type(error).__name__)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return outcomes
-
-
 def test_header_floods_cost_the_agent_a_few_mib(scratch: Scratch, tmp_path: Path) -> None:
-    agent = start_agent(scratch, tmp_path)
+    agent = port_agent(scratch, tmp_path)
     memcg = Path(agent.prefix[-1])
     scrape(agent)
     time.sleep(1.0)  # a few cycles: the agent's own steady state
@@ -113,27 +64,15 @@ def test_header_floods_cost_the_agent_a_few_mib(scratch: Scratch, tmp_path: Path
 
 
 def test_thousands_of_slow_clients_do_not_stall_scrapes(scratch: Scratch, tmp_path: Path) -> None:
-    agent = start_agent(scratch, tmp_path)
+    agent = port_agent(scratch, tmp_path)
     baseline_threads = thread_count(agent.pid)
-    attackers: list[socket.socket] = []
+    attackers = slow_clients(agent.port)
     scratch.defer("attack sockets", lambda: [a.close() for a in attackers])
-    # 3000 partial requests from 200 loopback addresses (15 each: under the per-client cap, so
-    # it is the total cap and the eviction of unproven connections that hold).
-    for i in range(3000):
-        sock = socket.socket()
-        sock.bind((f"127.0.1.{1 + i % 200}", 0))
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect(("127.0.0.1", agent.port))
-        attackers.append(sock)
-    partial = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: "
     failures, scrapes, most_threads = [], 0, 0
     began = time.monotonic()
     step = 0
     while time.monotonic() - began < 12.0:  # past the 10 s header deadline
-        for sock in attackers:  # one byte each per round, as a trickling client does
-            with contextlib.suppress(OSError):
-                sock.send(partial[step % len(partial) : step % len(partial) + 1])
+        trickle(attackers, step)
         step += 1
         try:
             scrape(agent)
@@ -147,14 +86,7 @@ def test_thousands_of_slow_clients_do_not_stall_scrapes(scratch: Scratch, tmp_pa
     # One server thread whatever the number of clients (the old server: one per connection).
     assert most_threads <= baseline_threads + 8, (baseline_threads, most_threads)
     # The clients end their requests' sending side: a truncated request is never answered.
-    for sock in attackers:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-    time.sleep(1.5)
-    answered = 0
-    for sock in attackers:
-        with contextlib.suppress(OSError):
-            answered += sock.recv(16).startswith(b"HTTP/")
+    answered = truncated_answered(attackers)
     assert answered == 0, f"{answered} truncated requests were answered"
     for sock in attackers:
         sock.close()
@@ -164,7 +96,7 @@ def test_thousands_of_slow_clients_do_not_stall_scrapes(scratch: Scratch, tmp_pa
 
 
 def test_resets_are_one_debug_line_in_the_log_format(scratch: Scratch, tmp_path: Path) -> None:
-    agent = start_agent(scratch, tmp_path, memory=False, args=("--log-format", "json", "--log-level", "debug"))
+    agent = port_agent(scratch, tmp_path, memory=False, args=("--log-format", "json", "--log-level", "debug"))
     linger = struct.pack("ii", 1, 0)  # close() sends RST
     for i in range(400):
         sock = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
@@ -198,7 +130,7 @@ def test_accept_encoding_q_values(accept_encoding: str, gzipped: bool) -> None:
 
 
 def test_gzip_q_zero_is_served_plain_by_the_agent(scratch: Scratch, tmp_path: Path) -> None:
-    agent = start_agent(scratch, tmp_path, memory=False)
+    agent = port_agent(scratch, tmp_path, memory=False)
     connection = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
     try:
         for accept_encoding, encoding in (("gzip;q=0", None), ("gzip;q=0.3", "gzip"), ("gzip", "gzip")):
