@@ -16,15 +16,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from kpod.exporters.prometheus.config import PrometheusConfig
 from kpod.exporters.prometheus.exporter import PrometheusExporter
-from kpod.exporters.prometheus.exposition import Renderer
+from kpod.exporters.prometheus.exposition import TEXT_CONTENT_TYPE, Renderer
 from kpod.exporters.prometheus.protobuf import BOTH, NATIVE, ProtobufRenderer
+from kpod.exporters.prometheus.server import TEXT
 
 from bench.render_previous import Renderer as PreviousRenderer
 from bench.sections import Measured
@@ -118,31 +121,73 @@ def render_times(pods: int = 110, rounds: int = 31) -> dict[str, Any]:
     }
 
 
-def scrape_latency(pods: int = 110, scrapes: int = 200) -> dict[str, float]:
+class _StdlibHandler(BaseHTTPRequestHandler):
+    """The scrape path as it was before the event loop (issue 19): the standard library's
+    ThreadingHTTPServer, a thread per connection, serving the same bytes."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    bodies: dict[bool, bytes] = {}  # gzipped? -> the text exposition
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+        body = self.bodies[gzipped]
+        self.send_response(200)
+        self.send_header("Content-Type", TEXT_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _scrapes(address: tuple[str, int], headers: dict[str, str], count: int) -> list[float]:
+    connection = http.client.HTTPConnection(*address, timeout=10)
+    samples = []
+    for _ in range(count):
+        began = time.perf_counter()
+        connection.request("GET", "/metrics", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        samples.append(time.perf_counter() - began)
+    connection.close()
+    return samples
+
+
+def scrape_latency(pods: int = 110, scrapes: int = 200, rounds: int = 4) -> dict[str, float]:
+    """Scrape latency of the agent's server and, side by side in the same run, of the standard
+    library's threaded server it replaced, serving the same bytes: `rounds` alternating rounds
+    of scrapes/rounds GETs per server and encoding, each over one keep-alive connection."""
     context = Context(
         id="prometheus", settings=KpodSettings(), cgroups=CgroupIndex("/nonexistent"), self_metrics=SelfMetrics()
     )
     exporter = PrometheusExporter(context, PrometheusConfig(endpoint="127.0.0.1:0"))
     exporter.start()
+    stdlib = ThreadingHTTPServer(("127.0.0.1", 0), _StdlibHandler)
+    stdlib.daemon_threads = True
+    threading.Thread(target=stdlib.serve_forever, daemon=True).start()
     try:
         exporter.export(node_batch(pods))
+        _StdlibHandler.bodies = {gz: exporter.exposition.body(TEXT, gz) for gz in (False, True)}
+        servers = {"": exporter.address, "stdlib_": (str(stdlib.server_address[0]), int(stdlib.server_address[1]))}
         results: dict[str, float] = {"scrapes": scrapes}
         for label, headers in (("plain", {}), ("gzip", {"Accept-Encoding": "gzip"})):
-            connection = http.client.HTTPConnection(*exporter.address, timeout=10)
-            samples = []
-            for _ in range(scrapes):
-                began = time.perf_counter()
-                connection.request("GET", "/metrics", headers=headers)
-                response = connection.getresponse()
-                response.read()
-                samples.append(time.perf_counter() - began)
-            connection.close()
-            samples.sort()
-            results[f"{label}_p50_ms"] = statistics.median(samples) * 1000
-            results[f"{label}_p99_ms"] = samples[int(len(samples) * 0.99) - 1] * 1000
+            samples: dict[str, list[float]] = {name: [] for name in servers}
+            for _ in range(rounds):
+                for name, address in servers.items():
+                    samples[name] += _scrapes(address, headers, scrapes // rounds)
+            for name, taken in samples.items():
+                taken.sort()
+                results[f"{name}{label}_p50_ms"] = statistics.median(taken) * 1000
+                results[f"{name}{label}_p99_ms"] = taken[int(len(taken) * 0.99) - 1] * 1000
         return results
     finally:
         exporter.shutdown()
+        stdlib.shutdown()
+        stdlib.server_close()
 
 
 def _rss_kib(pid: int) -> int:
@@ -255,6 +300,12 @@ def render(data: dict[str, Any]) -> str:
              f"{scrape['gzip_p50_ms']:.2f} / {scrape['gzip_p99_ms']:.2f} ms",
              scrape["gzip_p50_ms"] <= SCRAPE_TARGET_MS),
             *[
+                (f"the same, {label}, on the standard library's threaded server (the server before issue 19), "
+                 "p50 / p99", "reference",
+                 f"{scrape[f'stdlib_{label}_p50_ms']:.2f} / {scrape[f'stdlib_{label}_p99_ms']:.2f} ms", None)
+                for label in ("plain", "gzip") if f"stdlib_{label}_p50_ms" in scrape
+            ],
+            *[
                 (f"idle agent RSS, Prometheus exporter only, {profile} profile", f"<= {RSS_TARGET_MIB:g} MiB",
                  f"{mib:.1f} MiB", mib <= RSS_TARGET_MIB)
                 for profile, mib in rss.items()
@@ -271,21 +322,22 @@ Node-sized batch (bench/synthetic.py): {data['pods']} pods x the comprehensive p
 {pb['both'] / 1e6:.2f} MB with native and classic buckets, {pb['native'] / 1e6:.2f} MB native only
 ({pb_gz['both'] / 1e6:.2f} / {pb_gz['native'] / 1e6:.2f} MB gzipped).  Render: CPU time, median over
 {r['rounds']} renders, the {renderers} renderers taking turns on each batch.  Scrape: {scrape['scrapes']} GETs of
-/metrics per encoding over one keep-alive loopback connection.  Idle RSS: a `kpod-metrics run`
+/metrics per encoding and server over keep-alive loopback connections, the agent's server and the
+standard library's taking turns in rounds.  Idle RSS: a `kpod-metrics run`
 process after {IDLE_S:g} s of cycles.
 
 {table}
 """
 
 
-def _table(rows: list[tuple[str, str, str, bool]]) -> str:
+def _table(rows: list[tuple[str, str, str, bool | None]]) -> str:
     lines = ["| figure | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {name} | {target} | {measured} | {_met(ok)} |" for name, target, measured, ok in rows]
     return "\n".join(lines)
 
 
-def _met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
+def _met(ok: bool | None) -> str:
+    return "" if ok is None else "yes" if ok else "**no**"
 
 
 if __name__ == "__main__":
