@@ -46,6 +46,7 @@ SECTIONS: dict[str, str] = {
     "cycle": "bench.cycle",
     "image": "bench.image",
     "series": "bench.series",
+    "hostile": "bench.hostile",
 }
 
 # A section measured before its raw figures were kept carries this in its run line: it is the
