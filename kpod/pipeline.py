@@ -86,7 +86,7 @@ class Pipeline:
             processors=lambda: {p.id: p.status() for p in self.processors},
             bpf_maps=bpf_map_fill,
             pods_known=self.pods_known,
-            cgroups=self.cgroups.walk_status,
+            cgroup_walk=self.cgroups.walk_status,
         )
         self._unreadable_reasons: set[str] = set()
         self.scheduler = Scheduler(self.receivers, self.self_metrics)

@@ -168,7 +168,7 @@ def test_cgroups_past_path_max_are_read_and_unlistable_ones_counted(scratch: Scr
     long_paths = sum(1 for path in chain.paths if len(path) >= 4095)
     assert value(samples, "kpod_cgroup_long_paths") == long_paths
     assert value(samples, "kpod_cgroups_unreadable", reason="EACCES") == 1
-    walk = agent.status()["cgroups"]
+    walk = agent.status()["cgroup_walk"]
     assert walk["unreadable"] == {"EACCES": 1} and walk["long_paths"] == long_paths
     assert walk["unreadable_examples"] == ["/locked"]
     assert "cannot list" in agent.log() and "Traceback" not in agent.log()
