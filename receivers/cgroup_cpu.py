@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from kpod.cgroup.files import ControllerFilesReceiver, v1_path
 from kpod.cgroup.parsers import parse_cpu_stat, parse_single_int
+from kpod.cgroup.paths import exists, is_dir
 from kpod.component import Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 
@@ -93,7 +94,7 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
         # exists, a cgroup without a v1 counterpart simply has no such file.
         mounts = self.context.cgroups.mounts
         cpuacct = v1_path(mounts, "cpuacct", ref.path)
-        if cpuacct is not None and not os.path.isdir(cpuacct) and os.path.exists(directory + "/cpu.stat"):
+        if cpuacct is not None and not is_dir(cpuacct) and exists(directory + "/cpu.stat"):
             # A cgroup only in the cgroup2 tree of a hybrid host (made there alone): its usage
             # is in cgroup2's cpu.stat, and no quota of a v1 cpu controller applies to it.
             self._collect_v2(ref, directory, batch)

@@ -54,3 +54,13 @@ def is_dir(path: str) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def exists(path: str) -> bool:
+    """os.path.exists for paths of any length."""
+    try:
+        fd = open_long(path, os.O_PATH)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
