@@ -145,8 +145,8 @@ def render(data: dict[str, Any]) -> str:
         return f"| {label} | {cells} |"
 
     rows = [
-        row("cycle, receivers in threads", [t["cycle"] for t in trees.values()]),
-        row("cycle, receivers one after another", [t["serial"] for t in trees.values()]),
+        row("cycle, receivers as the tree's scheduler runs them", [t["cycle"] for t in trees.values()]),
+        row("cycle, receivers one after another in the cycle's thread", [t["serial"] for t in trees.values()]),
     ]
     steps = sorted({s for t in trees.values() for s in t["steps"]}, key=lambda s: -this["steps"].get(s, 0.0))
     rows += [row(step, [t["steps"].get(step, 0.0) for t in trees.values()]) for step in steps]

@@ -661,8 +661,8 @@ def render(data: dict[str, Any]) -> str:
 {HEADER}
 {chr(10).join(rows)}
 
-Per receiver, median of the last collection's duration over {data["status_cycles"]} cycles (ms; the
-receivers run concurrently):
+Per receiver, median of the last collection's duration over {data["status_cycles"]} cycles (ms of wall
+clock, waiting for the GIL and the CPU included):
 
 | receiver | {" | ".join(f"{r.pods} pods, {r.tree}" for r in results)} |
 |---|{"---:|" * len(results)}

@@ -63,7 +63,6 @@ LEGACY_SECTIONS = {
     "core": "df984375fb493721",
     "k8s": "9a6353e9bf652fe9",
     "otlp": "38126c628a0ab393",
-    "scale": "8c2fdb138340d3ad",
 }
 FIGURE = re.compile(
     r"[~+-]?\d[\d,.]*(?:-\d[\d.]*)? ?(?:MiB|MB|KiB|kB|GiB|GB|ms|us|µs|ns|%)(?![A-Za-z])|~?\d+(?:\.\d+)?x\b"
