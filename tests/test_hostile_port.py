@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_proc import thread_count
+from agent_proc import AgentProcess, parse_exposition, thread_count
 from hostile import (
     BIG_HEAD,
     TOKEN,
@@ -63,9 +63,18 @@ def test_header_floods_cost_the_agent_a_few_mib(scratch: Scratch, tmp_path: Path
           f"(RSS before {before} KiB)")  # fmt: skip
 
 
+def cycles_and_errors(agent: AgentProcess) -> tuple[float, float]:
+    """(collection cycles completed, collection errors of all receivers) from a scrape."""
+    samples = parse_exposition(agent.get("/metrics", {"Authorization": f"Bearer {TOKEN}"}, timeout=10).decode())
+    cycles = sum(x.value for x in samples if x.name == "kpod_collection_cycles_total")
+    errors = sum(x.value for x in samples if x.name == "kpod_collection_errors_total")
+    return cycles, errors
+
+
 def test_thousands_of_slow_clients_do_not_stall_scrapes(scratch: Scratch, tmp_path: Path) -> None:
     agent = port_agent(scratch, tmp_path)
     baseline_threads = thread_count(agent.pid)
+    cycles_before, errors_before = cycles_and_errors(agent)
     attackers = slow_clients(agent.port)
     scratch.defer("attack sockets", lambda: [a.close() for a in attackers])
     failures, scrapes, most_threads = [], 0, 0
@@ -83,6 +92,11 @@ def test_thousands_of_slow_clients_do_not_stall_scrapes(scratch: Scratch, tmp_pa
         time.sleep(0.2)
     assert not failures, failures
     assert scrapes > 20
+    # The collection went on meanwhile (the old server's 3000 threads starved it: every receiver
+    # timed out): more cycles completed, no receiver failed.
+    cycles_during, errors_during = cycles_and_errors(agent)
+    assert cycles_during > cycles_before and errors_during == errors_before, (
+        cycles_before, cycles_during, errors_before, errors_during)  # fmt: skip
     # One server thread whatever the number of clients (the old server: one per connection).
     assert most_threads <= baseline_threads + 8, (baseline_threads, most_threads)
     # The clients end their requests' sending side: a truncated request is never answered.
@@ -92,7 +106,8 @@ def test_thousands_of_slow_clients_do_not_stall_scrapes(scratch: Scratch, tmp_pa
         sock.close()
     assert scrape(agent) > 0 and agent.alive()
     print(f"\nslow clients: 3000 trickling connections, {scrapes} scrapes all answered, "
-          f"threads {baseline_threads} -> at most {most_threads}, 0 truncated requests answered")  # fmt: skip
+          f"threads {baseline_threads} -> at most {most_threads}, 0 truncated requests answered, "
+          f"{cycles_during - cycles_before:.0f} cycles meanwhile, no collection error")  # fmt: skip
 
 
 def test_resets_are_one_debug_line_in_the_log_format(scratch: Scratch, tmp_path: Path) -> None:
@@ -176,3 +191,32 @@ def test_request_head_parsing() -> None:
     assert raw[end + blank :] == b"GET"  # a pipelined request stays for later
     assert not parse_head(b"GET / HTTP/1.1\nConnection: close", 64).keep_alive
     assert find_head_end(b"GET / HTTP/1.1\r\nHost: x\r\n") == (-1, 0)
+
+
+def test_debug_status_is_computed_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """/debug/status walks receivers and BPF maps in the server's one thread: a client asking
+    for it in a loop gets the same bytes until a second has passed (server.STATUS_CACHE_S)."""
+    from types import SimpleNamespace
+
+    from kpod.exporters.prometheus import server
+    from kpod.exporters.prometheus.config import TlsSettings
+    from kpod.exporters.prometheus.http import Request
+
+    computed: list[float] = []
+    clock = [1000.0]
+
+    class Status:
+        def snapshot(self) -> dict[str, object]:
+            computed.append(clock[0])
+            return {"snapshot": len(computed)}
+
+    source = SimpleNamespace(exposition=None, series=0, agent_status=Status())
+    monkeypatch.setattr(server, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    scrape_server = server.ScrapeServer("prometheus", "127.0.0.1:0", TlsSettings(), "", source)  # type: ignore[arg-type]
+    request = Request("GET", "/debug/status", "HTTP/1.1", {}, True)
+    bodies = [scrape_server.respond(request).body for _ in range(500)]
+    assert len(computed) == 1 and len(set(bodies)) == 1
+    clock[0] += server.STATUS_CACHE_S * 0.9
+    assert scrape_server.respond(request).body == bodies[0] and len(computed) == 1
+    clock[0] += server.STATUS_CACHE_S * 0.2
+    assert json.loads(scrape_server.respond(request).body)["snapshot"] == 2 and len(computed) == 2
