@@ -157,7 +157,7 @@ def _scrapes(address: tuple[str, int], headers: dict[str, str], count: int) -> l
     return samples
 
 
-def scrape_latency(pods: int = 110, scrapes: int = 200, rounds: int = 4) -> dict[str, float]:
+def scrape_latency(pods: int = 110, scrapes: int = 400, rounds: int = 10) -> dict[str, float]:
     """Scrape latency of the agent's server and, side by side in the same run, of the standard
     library's threaded server it replaced, serving the same bytes: `rounds` alternating rounds
     of scrapes/rounds GETs per server and encoding, each over one keep-alive connection."""
