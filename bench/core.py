@@ -178,7 +178,7 @@ def scrape_latency(pods: int = 110, scrapes: int = 400, rounds: int = 10) -> dic
             samples: dict[str, list[float]] = {name: [] for name in servers}
             for _ in range(rounds):
                 for name, address in servers.items():
-                    samples[name] += _scrapes(address, headers, scrapes // rounds)
+                    samples[name] += _scrapes(address, headers, max(1, scrapes // rounds))
             for name, taken in samples.items():
                 taken.sort()
                 results[f"{name}{label}_p50_ms"] = statistics.median(taken) * 1000

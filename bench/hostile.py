@@ -7,7 +7,9 @@
   trickling clients; the agent's threads meanwhile;
 - hung FUSE mounts (tests/hung_fuse.py): the statfs worker's threads and memory before and with
   five hung calls, the filesystem collection's duration, the time SIGTERM takes to end the agent;
-- a pod with 3000 tmpfs mounts and 500 interfaces: its series, the measurements per cycle.
+- a pod with 3000 tmpfs mounts and 500 interfaces: its series, the measurements per cycle;
+- scrape latency of the agent's server beside the standard library's threaded server it
+  replaced (bench/core.py's scrape_latency), serving the same bytes in one run.
 
 The attacks are the tests' (tests/hostile.py, tests/test_hostile_*.py); this module measures
 what the tests only bound.  Needs root (cgroups, namespaces, mounts).
@@ -45,6 +47,7 @@ from hostile import (  # noqa: E402
     truncated_answered,
 )
 
+from bench.core import scrape_latency  # noqa: E402
 from bench.sections import Measured, NotMeasured  # noqa: E402
 
 HUNG_FUSE = str(REPO / "tests" / "hung_fuse.py")
@@ -194,7 +197,8 @@ def measure() -> Measured:
         directories = [Path(tmp, name) for name in ("port", "mounts", "caps")]
         for directory in directories:
             directory.mkdir()
-        data = {"port": port(directories[0]), "mounts": mounts(directories[1]), "caps": caps(directories[2])}
+        data = {"port": port(directories[0]), "mounts": mounts(directories[1]), "caps": caps(directories[2]),
+                "scrape": scrape_latency()}  # fmt: skip
     return Measured(".venv/bin/python -m bench.hostile", data)
 
 
@@ -223,6 +227,15 @@ def render(data: dict[str, Any]) -> str:
          f"{c['fs_series']} / {c['net_series']}", f"{c['probes_per_cycle']} measurements per cycle; collection "
          f"{c['fs_collect_ms']:.1f} / {c['net_collect_ms']:.1f} ms"),
     ]  # fmt: skip
+    scrape = data.get("scrape")
+    if scrape is not None:  # bench/core.py's scrape_latency: the server before issue 19 beside this one
+        rows += [
+            (f"scrape latency, {label}, 110-pod exposition: this agent's server / the standard library's threaded "
+             "server it replaced, p50", f"{scrape[f'{label}_p50_ms']:.2f} / {scrape[f'stdlib_{label}_p50_ms']:.2f} ms",
+             f"p99 {scrape[f'{label}_p99_ms']:.2f} / {scrape[f'stdlib_{label}_p99_ms']:.2f} ms; "
+             f"{scrape['scrapes']:.0f} GETs each, the two servers taking turns in rounds (bench/core.py)")
+            for label in ("plain", "gzip")
+        ]  # fmt: skip
     table = ["| figure | measured | context |", "|---|---|---|"]
     table += [f"| {name} | {value} | {context} |" for name, value, context in rows]
     return "## Hostile pods and clients: the bounds under attack\n\n" + "\n".join(table) + "\n"
