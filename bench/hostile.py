@@ -119,7 +119,8 @@ def mounts(workdir: Path) -> dict[str, Any]:
         (a,), (b,), (c,) = pods
         _pod(s, b, [s.mkdir(workdir / "b-ok")])
         port_number = free_port()
-        config = agent_config(base, port_number, {"filesystem": "{max_stuck_mounts_per_pod: 3}"})
+        # 1 s cycles: a busy machine must not make the 300 ms default cycle the thing measured.
+        config = agent_config(base, port_number, {"filesystem": "{max_stuck_mounts_per_pod: 3}"}, poll="1s")
         agent = AgentProcess(config, workdir, port_number).start()
         s.defer(f"agent {agent.pid}", agent.stop)
         agent.wait_ready()
