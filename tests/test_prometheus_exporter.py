@@ -226,15 +226,20 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
 
 
 
+# Module constants, as receivers' metrics are: a renderer keeps what it knows of a family by its
+# MetricDef, which compares by identity.
+TRICKY_COUNTER = MetricDef("kpod.test.events", Kind.COUNTER, "1", "Events.", ("kind",))
+TRICKY_GAUGE = MetricDef("kpod.test.level", Kind.GAUGE, "s", "Level.")
+TRICKY_HISTOGRAM = MetricDef("kpod.test.latency", Kind.HISTOGRAM, "s", "Latency.", ("syscall",))
+
+
 def _tricky_batch(rng: random.Random, cycle: int) -> Batch:
     """A batch with what the renderer's fast paths must not get wrong: series coming and going
     and changing order, resources rebuilt with the same labels, floats that are integral, not
     finite or huge, ints beyond 64 bits, sums of every kind, a histogram value in a counter and a
     number in a histogram family, a repeated series, short and long count tuples, other bounds,
     points without a resource, and label values with '%', quotes and bytes that are not UTF-8."""
-    counter = MetricDef("kpod.test.events", Kind.COUNTER, "1", "Events.", ("kind",))
-    gauge = MetricDef("kpod.test.level", Kind.GAUGE, "s", "Level.")
-    histogram = MetricDef("kpod.test.latency", Kind.HISTOGRAM, "s", "Latency.", ("syscall",))
+    counter, gauge, histogram = TRICKY_COUNTER, TRICKY_GAUGE, TRICKY_HISTOGRAM
     numbers = [0, 7, 2**70, -3, 0.0, -0.0, 3.0, 0.25, 1e15, 1e16, 123456789.125, 2.5e-7,
                float("nan"), float("inf"), float("-inf")]  # fmt: skip
     other_bounds = (0.001, 0.01, 0.1)

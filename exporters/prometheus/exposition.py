@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import accumulate, compress, repeat
-from operator import and_, attrgetter, eq, not_
+from operator import and_, attrgetter, eq, itemgetter, not_
 
 from kpod.exporters.prometheus.labels import LabelCache, group
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
@@ -114,18 +114,18 @@ def _all_shown(numbers: Sequence[float]) -> Sequence[object]:
 
 class _Family:
     """What the renderer keeps of a family between cycles: its series' labels and shapes (a
-    value's type; a histogram's bounds), in order, each series' text with holes for its
-    numbers (`pieces`, by labels and shape), and their concatenation (`template`), which one
+    value's type; a histogram's bounds), in order, each series' shape and text with holes for its
+    numbers (`pieces`, by labels), and the concatenation of those texts (`template`), which one
     bytes-format call fills with the family's numbers.  A histogram family keeps its values too,
     and each series' text when it was rendered series by series (`chunks`)."""
 
     __slots__ = ("chunks", "labels", "pieces", "shape", "template", "values")
 
-    def __init__(self, labels: list[str], shape: object, pieces: dict[tuple[str, object], bytes]) -> None:
+    def __init__(self, labels: list[str], shape: object, pieces: dict[str, tuple[object, bytes]]) -> None:
         self.labels = labels
         self.shape = shape
         self.pieces = pieces
-        self.template = b"".join(pieces.values())
+        self.template = b"".join(map(_text, pieces.values()))
         self.values: list[HistogramValue] | None = None
         self.chunks: list[bytes] | None = None
 
@@ -144,15 +144,18 @@ class _Family:
     ) -> _Family:
         """The family of these series: the pieces of series it had already are reused (a pod
         that comes or goes costs its own series' pieces, not the family's).  `shapes` are the
-        series' shapes when `shape` is not their tuple (one type for all of them)."""
-        known = previous.pieces if previous is not None else {}
-        pieces = {}
-        for key in zip(labels, shape if shapes is None else shapes, strict=True):  # type: ignore[call-overload]
-            text = known.get(key)
-            pieces[key] = text if text is not None else piece(*key)
+        series' shapes when `shape` is not their tuple (one type for all of them).  Looked up by
+        label text, whose hash is kept, and checked for the shape: this runs over every series
+        of a family each time one of its series comes or goes."""
+        known_get = (previous.pieces if previous is not None else {}).get
+        pieces: dict[str, tuple[object, bytes]] = {}
+        for series, form in zip(labels, shape if shapes is None else shapes, strict=True):  # type: ignore[call-overload]
+            found = known_get(series)
+            pieces[series] = found if found is not None and found[0] == form else (form, piece(series, form))
         return _Family(labels, shape, pieces)
 
 
+_text = itemgetter(1)
 _SCALAR_TYPES = {int, float}
 _bounds = attrgetter("bounds")
 _counts = attrgetter("counts")
@@ -306,7 +309,7 @@ def _histogram_series(family: _Family, values: list[HistogramValue], unchanged: 
     if chunks is None:
         chunks = [b""] * len(values)
         unchanged = [False] * len(values)
-    pieces = list(family.pieces.values())
+    pieces = list(map(_text, family.pieces.values()))
     for index in compress(range(len(values)), map(not_, unchanged)):
         chunks[index] = pieces[index] % _histogram_numbers([values[index]])
     family.values, family.chunks = values, chunks
