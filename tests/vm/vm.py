@@ -70,8 +70,9 @@ ARM64_USERLAND = ("python3", "python3.11", "libbpf1", "bpftool", "iproute2", "ut
 # An AArch32 (armhf) static busybox in the arm64 root, at this path: 32-bit syscalls for the
 # compat test (their numbers are the arm table's, not arm64's).
 ARMHF_BUSYBOX = "usr/local/bin/busybox-armhf"
-# Python packages of the arm64 venv: the agent's dependencies and what the guest's tests import.
-GUEST_TEST_REQUIREMENTS = ("pytest",)
+# Python packages of the arm64 venv: the agent's dependencies and what the guest's tests import
+# (prometheus_client: tests/agent_proc.py parses the agent's scrape with it).
+GUEST_TEST_REQUIREMENTS = ("pytest", "prometheus_client")
 
 
 @dataclass(frozen=True)
