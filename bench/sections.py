@@ -37,6 +37,7 @@ SECTIONS: dict[str, str] = {
     "cgroup": "bench.cgroup_receivers",
     "bpf": "bench.bpf_cost",
     "bpf_net_syscall": "bench.bpf_net_syscall",
+    "bpf_routes": "bench.bpf_routes",
     "hist": "bench.hist_slot",
     "filter": "bench.filter_cost",
     "k8s": "bench.discovery_memory",

@@ -232,6 +232,31 @@ def _samples() -> dict[str, dict[str, Any]]:
             "load_s": {"net": [0.0358, 0.04], "syscall": [0.014, 0.015]},
             "memlock": {"net_rtt": 3_212_752, "sys_stats": 3_376_624},
         },
+        "bpf_routes": {
+            "kernels": {
+                "host": {
+                    "kernel": "6.18.44 x86_64", "cpus": 2, "ops": 2000, "reps": 1,
+                    "pairs": {
+                        "syscall: entry stamps": {
+                            "no programs": {"wall_ns": 213.0},
+                            "task storage": {"wall_ns": 400.0, "programs": {"sys_enter": 90.0, "sys_exit": 145.5},
+                                             "runs": {"sys_enter": 2000, "sys_exit": 2000}, "event_ns": 235.5,
+                                             "route": "sys_enter (tp_btf/sys_enter), sys_exit (tp_btf/sys_exit)"},
+                            "tid hash": {"wall_ns": 600.0, "programs": {"sys_enter": 180.0, "sys_exit": 226.0},
+                                         "runs": {"sys_enter": 2000, "sys_exit": 2000}, "event_ns": 406.0,
+                                         "route": "sys_enter (tp_btf/sys_enter), sys_exit (tp_btf/sys_exit)"},
+                        },
+                        "net_tcp: bytes": {
+                            "no programs": {"wall_ns": 30000.0},
+                            "first route": {"wall_ns": 31000.0, "programs": {"tcp_send_length": 75.0}, "runs": {},
+                                            "event_ns": 75.0, "route": "tcp_send_length (tp_btf/sock_send_length)"},
+                            "kprobe + kretprobe": {"error": "not this route here: tcp_sendmsg_ret: no kprobes"},
+                        },
+                    },
+                },
+                "vm": {"did_not_run": "the amd64 VM is not prepared (make vm-setup)"},
+            },
+        },
         "hist": {
             "events": 1000, "rounds": 3, "libbpf": "1.1", "kernel": "6.18.44", "load_end": 1.2,
             "per_round": {
@@ -298,6 +323,7 @@ PRINTED = {
     "core": "31.8 MiB",
     "bpf": "163 ns (931,364 runs)",
     "bpf_net_syscall": "**234.8**",
+    "bpf_routes": "sys_exit (tp_btf/sys_exit) | 406.0 | 1.72 | 600 | 1.50 | 213 |",
     "hist": "| 93.2 | +12.0 ns |",
     "series": "| comprehensive | ~69 | 309.0 | 57.0 | 9.0 | 110 |",
     "k8s": "+1.8 MiB",
