@@ -16,11 +16,15 @@ from helpers import TOOL_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The folder the project was developed beside, named once: this file describes references to it
+# and so must not hold one itself.
+BESIDE = "shared"
+
 # What a reference to the outside looks like.  The lookbehinds keep paths inside a longer path
 # (`workdir=/rw/work/`, `<pid>/root/`) and words such as "kpod_shared/" from matching.
 OUTSIDE = re.compile(
-    r"\.\./shared\b"  # the folder beside the repository
-    r"|(?<![\w/.-])shared/(?:fixtures|notes|hooks|seed|README)"  # ... named by its content
+    rf"\.\./{BESIDE}\b"  # the folder beside the repository
+    rf"|(?<![\w/.-]){BESIDE}/(?:fixtures|notes|hooks|seed|README)"  # ... named by its content
     r"|KPOD_SHARED"  # the variable that pointed the tests at it
     r"|(?<![\w.>)-])/(?:work|home|root)/"  # absolute paths of a development machine
 )
@@ -61,11 +65,11 @@ def test_the_check_catches_each_kind_of_reference() -> None:
     """The pattern above is the test; show it matches what it must and spares what it must."""
     own = ("/srv/checkout/kpod/", "/srv/checkout/")
     for line in (
-        'FIXTURES = REPO.parent / "shared" / "fixtures"  # ../shared/fixtures',
-        "see shared/fixtures/README.md, surprise 1",
-        "(shared/notes/anchors.md)",
+        f'FIXTURES = REPO.parent / "{BESIDE}" / "fixtures"  # ../{BESIDE}/fixtures',
+        f"see {BESIDE}/fixtures/README.md, surprise 1",
+        f"({BESIDE}/notes/anchors.md)",
         'os.environ.get("KPOD_SHARED_FIXTURES")',
-        'FIXTURE = "/work/shared/fixtures/cgroup-v2-kernel-6.1"',
+        f'FIXTURE = "/work/{BESIDE}/fixtures/cgroup-v2-kernel-6.1"',
         "open('/root/kc.yaml')",
         "/srv/checkout/kpod/tests/fixtures",
     ):
