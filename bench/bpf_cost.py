@@ -352,19 +352,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/bpf.md")
     parser.add_argument("--json", metavar="FILE", help="write the command and raw figures to FILE")
     args = parser.parse_args()
-    try:
-        measured = measure(args.loops, args.runs)
-    except NotMeasured as reason:
-        if args.json:
-            Path(args.json).write_text(json.dumps({"command": "", "data": {"did_not_run": str(reason)}}))
-        raise SystemExit(str(reason)) from None
-    if args.json:
-        Path(args.json).write_text(json.dumps(measured._asdict()))
-    if args.write:
-        print(sections.write("bpf", measured).read_text())
-    else:
-        print(render(measured.data))
-    return 0
+    return sections.finish_main("bpf", lambda: measure(args.loops, args.runs), render, args.write, args.json)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import platform
 import re
@@ -281,19 +280,10 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/filter.md")
     parser.add_argument("--json", metavar="FILE", help="write the command and raw figures to FILE")
     args = parser.parse_args()
-    try:
-        measured = measure(args.rounds, args.loops, args.calls, args.cgroups)
-    except NotMeasured as reason:
-        if args.json:
-            Path(args.json).write_text(json.dumps({"command": "", "data": {"did_not_run": str(reason)}}))
-        raise SystemExit(str(reason)) from None
-    if args.json:
-        Path(args.json).write_text(json.dumps(measured._asdict()))
-    if args.write:
-        print(sections.write("filter", measured).read_text())
-    else:
-        print(render(measured.data))
-    return 0
+    def run() -> sections.Measured:
+        return measure(args.rounds, args.loops, args.calls, args.cgroups)
+
+    return sections.finish_main("filter", run, render, args.write, args.json)
 
 
 if __name__ == "__main__":

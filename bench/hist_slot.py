@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
-import json
 import os
 import platform
 import shutil
@@ -221,19 +220,7 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="keep the figures and write docs/perf/hist.md")
     parser.add_argument("--json", metavar="FILE", help="write the command and raw figures to FILE")
     args = parser.parse_args()
-    try:
-        measured = measure(args.events, args.rounds)
-    except NotMeasured as reason:
-        if args.json:
-            Path(args.json).write_text(json.dumps({"command": "", "data": {"did_not_run": str(reason)}}))
-        raise SystemExit(str(reason)) from None
-    if args.json:
-        Path(args.json).write_text(json.dumps(measured._asdict()))
-    if args.write:
-        print(sections.write("hist", measured).read_text())
-    else:
-        print(render(measured.data))
-    return 0
+    return sections.finish_main("hist", lambda: measure(args.events, args.rounds), render, args.write, args.json)
 
 
 if __name__ == "__main__":

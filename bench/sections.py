@@ -23,6 +23,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -157,6 +158,27 @@ def write(section: str, measured: Measured | None, perf_dir: Path = PERF, error:
         )
     path.write_text(text)
     return path
+
+
+def finish_main(
+    section: str,
+    run: Callable[[], Measured],
+    show: Callable[[dict[str, Any]], str],
+    write_section: bool,
+    json_path: str | None,
+) -> int:
+    """The end of a module's main(): run it, keep its raw figures in `json_path` (or why it did
+    not run), then write its section (`write_section`) or print what it measured."""
+    try:
+        measured = run()
+    except NotMeasured as reason:
+        if json_path:
+            Path(json_path).write_text(json.dumps({"command": "", "data": {"did_not_run": str(reason)}}))
+        raise SystemExit(str(reason)) from None
+    if json_path:
+        Path(json_path).write_text(json.dumps(measured._asdict()))
+    print(write(section, measured).read_text() if write_section else show(measured.data))
+    return 0
 
 
 def rendered(section: str, perf_dir: Path = PERF) -> str | None:
