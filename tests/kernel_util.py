@@ -497,11 +497,14 @@ int main(int argc, char **argv)
 @contextlib.contextmanager
 def started_syscall_workload(binary: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The syscall workload, started and blocked in its read of "go" (move it, then finish it)."""
-    proc = subprocess.Popen(
-        [str(binary), str(N_OK), str(M_FAIL), str(K_UNTRACKED), str(Z_EOF)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
+    with waiting_process([str(binary), str(N_OK), str(M_FAIL), str(K_UNTRACKED), str(Z_EOF)]) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def waiting_process(command: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A workload that prints "ready" and blocks in read(0) until "go"; killed at the end."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"

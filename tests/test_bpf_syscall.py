@@ -19,13 +19,11 @@ errors(read) == M; nothing for getuid or write.  The filter map is read back wit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +41,7 @@ from kernel_util import (
     points_for,
     started_syscall_workload,
     wait_blocked,
+    waiting_process,
 )
 from kpod.receivers.syscall import FILTER_MAP, TRACKED, SyscallConfig, SyscallReceiver
 
@@ -513,24 +512,6 @@ int main(int argc, char **argv)
 READS, GAP_MS = 3, 500
 
 
-@contextlib.contextmanager
-def _waiting(command: list[str]) -> Iterator[subprocess.Popen]:
-    """Start a workload that prints "ready" and blocks in read(0) until "go"."""
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        wait_blocked(proc.pid)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        for stream in (proc.stdin, proc.stdout):
-            if stream:
-                stream.close()
-
-
 def _slow_samples(hist, at_least: float) -> int:
     return sum(c for c, bound in zip(hist.counts, (*hist.bounds, float("inf")), strict=True) if bound >= at_least)
 
@@ -548,7 +529,7 @@ def test_reads_interrupted_by_signals_count_as_their_caller_sees_them(tmp_path: 
         cgroup_id = pod.container_id
         receiver.start()
         try:
-            with _waiting([str(binary), "1" if sa_restart else "0", str(READS), str(GAP_MS)]) as proc:
+            with waiting_process([str(binary), "1" if sa_restart else "0", str(READS), str(GAP_MS)]) as proc:
                 tree.move(proc.pid, pod.container_dir)
                 proc.stdin.write(b"g")
                 proc.stdin.flush()
@@ -585,7 +566,7 @@ def test_sleep_stopped_and_continued_is_one_call(tmp_path: Path) -> None:
         cgroup_id = pod.container_id
         receiver.start()
         try:
-            with _waiting([str(binary), "800"]) as proc:
+            with waiting_process([str(binary), "800"]) as proc:
                 tree.move(proc.pid, pod.container_dir)
                 proc.stdin.write(b"g")
                 proc.stdin.flush()
