@@ -44,6 +44,15 @@ def test_guest_is_debian_61_on_pure_cgroup2() -> None:
     assert os.path.ismount("/sys/fs/bpf") and os.path.ismount("/sys/kernel/tracing")
 
 
+def test_a_stalled_cpu_panics_the_guest() -> None:
+    """vm.py's STALL_WATCHDOG took effect: a soft lockup or an RCU stall ends the run at once."""
+    sysctl = Path("/proc/sys/kernel")
+    assert (sysctl / "softlockup_panic").read_text().strip() == "1"
+    assert (sysctl / "panic_on_rcu_stall").read_text().strip() == "1"
+    assert (sysctl / "watchdog_thresh").read_text().strip() == "30"
+    assert (sysctl / "panic_print").read_text().strip() == str(0x20)
+
+
 def test_kprobes_work_here() -> None:
     """The fallback routes need kprobes (6.18 hosts have none): a probe on tcp_sendmsg can be made."""
     tracing = Path("/sys/kernel/tracing")

@@ -126,3 +126,44 @@ def test_console_scripts_follow_the_entry_points(tmp_path: Path) -> None:
     script = (tmp_path / "bin" / "Demo-Tool").read_text()
     assert script.startswith("#!/venv/bin/python\n") and "from demo.cli import main" in script
     assert (tmp_path / "bin" / "Demo-Tool").stat().st_mode & 0o111
+
+
+def test_a_guest_kernel_stall_is_recognised_in_the_console() -> None:
+    # Lines as Debian's 6.1 printed them on the console of a CI run that hung under TCG.
+    hung = (
+        "[ 1369.587275] rcu: rcu_preempt kthread starved for 241545 jiffies! g79653 f0x0 RCU_GP_WAIT_FQS(5)\n"
+        "[ 1397.065041] watchdog: BUG: soft lockup - CPU#1 stuck for 928s! [pytest:650]\n"
+    )
+    assert vm.guest_stall(hung) == "BUG: soft lockup - CPU#1 stuck for 928s! [pytest:650]"
+    assert vm.guest_stall("[ 1432.599484] rcu: INFO: rcu_preempt self-detected stall on CPU\n")
+    # A test run's own output, OOM kills included, is not a stall.
+    ok = (
+        "[  114.667493] Memory cgroup out of memory: Killed process 231 (hog) total-vm:1320768kB\n"
+        "100 passed, 5 skipped in 492.33s (0:08:12)\n"
+    )
+    assert vm.guest_stall(ok) is None
+
+
+def test_the_guest_kernel_panics_on_a_stalled_cpu() -> None:
+    words = vm.kernel_cmdline(vm.Target(), "6.1.0-1-amd64", 4).split()
+    assert {"softlockup_panic=1", "sysctl.kernel.panic_on_rcu_stall=1", "panic=-1"} <= set(words)
+
+
+def test_a_stalled_guest_is_booted_again_once_and_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    # run() boots qemu; here it returns what a panicked guest leaves: a console, no exit code.
+    console = tmp_path / "console.log"
+    console.write_text("[ 97.1] watchdog: BUG: soft lockup - CPU#1 stuck for 63s! [pytest:650]\nKernel panic\n")
+    boots: list[int] = []
+
+    def fake_run(argv: list[str], **_: object) -> vm.RunResult:
+        boots.append(1)
+        return vm.RunResult(None, tmp_path, console, 100.0, False)
+
+    monkeypatch.setattr(vm, "run", fake_run)
+    assert vm.main(["run", "--quiet", "--", "true"]) == 125
+    assert len(boots) == 2  # the first boot and one retry, then the failure
+    err = capsys.readouterr().err
+    assert err.count("STALL: the guest kernel reported `BUG: soft lockup - CPU#1 stuck for 63s! [pytest:650]`") == 2
+    boots.clear()
+    assert vm.main(["run", "--quiet", "--stall-retries", "0", "--", "true"]) == 125 and len(boots) == 1

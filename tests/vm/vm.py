@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -566,11 +567,36 @@ def guest_script(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STALL_WATCHDOG = (
+    "watchdog_thresh=30",  # a soft lockup is reported after 2 x 30 s on one CPU
+    "softlockup_panic=1",
+    "softlockup_all_cpu_backtrace=1",
+    "rcupdate.rcu_cpu_stall_timeout=60",
+    "sysctl.kernel.panic_on_rcu_stall=1",
+    "panic_print=0x20",  # on panic, print the whole kernel log buffer
+)
+# What the guest kernel prints when one of its CPUs stalls: under TCG an emulator stall (a vCPU
+# that stops taking interrupts) looks exactly like this.
+STALL = re.compile(r"BUG: soft lockup - CPU#\d+ stuck for \d+s! \[[^\]]*\]|rcu_preempt self-detected stall on CPU"
+                   r"|rcu: INFO: rcu_\w+ detected stalls on CPUs")  # fmt: skip
+
+
+def guest_stall(console: str) -> str | None:
+    """The first line in which the guest kernel reported a stalled CPU, or None."""
+    found = STALL.search(console)
+    return found.group(0) if found else None
+
+
 def kernel_cmdline(target: Target, release: str, loglevel: int) -> str:
     words = [
         f"console={target.arch.console}",
         "panic=-1",  # a guest that dies reboots at once, and -no-reboot turns that into an exit
         f"loglevel={loglevel}",
+        # A CPU stuck in the kernel panics the guest within minutes instead of hanging until the
+        # host's timeout (a CI run once sat 1,000 s in a soft lockup), with every CPU's stack and
+        # the whole kernel log replayed on the console (loglevel hides the stacks otherwise).
+        # Thresholds far above anything a healthy TCG guest shows, even on a busy host.
+        *STALL_WATCHDOG,
         # Read by init.sh and guest.sh from /proc/cmdline: stage 2 lives in the host tree.
         f"kpod.guest={HERE / 'guest.sh'}",
     ]
@@ -731,6 +757,9 @@ def main(args: list[str] | None = None) -> int:
     )
     runp.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                       help="an environment variable for the guest command (repeatable)")  # fmt: skip
+    runp.add_argument("--stall-retries", type=int, default=1,
+                      help="boot again this many times when the guest kernel panics on a stalled CPU "
+                           "(a soft lockup or an RCU stall: under TCG, an emulator stall; default 1)")  # fmt: skip
     runp.add_argument("argv", nargs="+", help="the command (after --)")
     opts = parser.parse_args(args)
     target = Target(opts.arch)
@@ -739,9 +768,21 @@ def main(args: list[str] | None = None) -> int:
         log(f"ready: {target.arch.name} kernel {release}, {target.initramfs}")
         return 0
     env = dict(item.split("=", 1) for item in opts.env)
-    result = run(opts.argv, timeout=opts.timeout, cwd=Path(opts.cwd), target=target, smp=opts.smp,
-                 memory_mib=opts.memory, stream=not opts.quiet, loglevel=opts.loglevel, env=env,
-                 interactive=opts.interactive)  # fmt: skip
+    for attempt in range(1 + opts.stall_retries):
+        result = run(opts.argv, timeout=opts.timeout, cwd=Path(opts.cwd), target=target, smp=opts.smp,
+                     memory_mib=opts.memory, stream=not opts.quiet, loglevel=opts.loglevel, env=env,
+                     interactive=opts.interactive)  # fmt: skip
+        # A timed-out run has used its time already; a stall normally ends in a panic long before.
+        stalled = result.exit_code is None and not result.timed_out and result.console.exists()
+        stall = guest_stall(result.console.read_text(errors="replace")) if stalled else None
+        if stall is None:
+            break
+        # The guest kernel stopped, not a test: its stacks are in the console log.  Said on
+        # every run it happens, so a stall that comes back every time cannot hide.
+        log(f"STALL: the guest kernel reported `{stall}` after {result.seconds:.0f} s and panicked; "
+            f"console log (every CPU's stack): {result.console}")  # fmt: skip
+        if attempt < opts.stall_retries:
+            log(f"booting again ({attempt + 1} of {opts.stall_retries} retries after a kernel stall)")
     where = f"console log: {result.console}"
     if result.timed_out:
         log(f"FAILED: timed out after {result.seconds:.0f} s, VM killed; {where}")
