@@ -293,11 +293,15 @@ class FilesystemReceiver(CgroupFileReceiver):
 
     def _container(self, ref: CgroupRef, pids: list[int], live: set[int]) -> _Container | None:
         # Any process of the container sees the container's mounts; the first one that is
-        # still alive will do.  Its exit between the reads is the usual "pod ended" error.
+        # still alive will do.  All of them gone since cgroup.procs is the usual "pod ended":
+        # churn, not an error.
         try:
             pid, text = self._tables.read(ref.id, pids)
         except OSError:
-            self._error()
+            if any(os.path.isdir(f"{self.proc_root}/{pid}") for pid in pids):
+                self._error()
+            else:
+                self._vanished()
             return None
         live.add(pid)
         pod = pod_cgroup_path(ref.path) or ref.path

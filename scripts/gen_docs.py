@@ -189,6 +189,7 @@ def self_metrics() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         (selfmetrics.EXPORTER_DROPPED_POINTS, Kind.COUNTER, "1", selfmetrics.EXPORTER_DROPPED_POINTS_HELP, exporter),
         (selfmetrics.EXPORTER_QUEUE_BATCHES, Kind.GAUGE, "1", selfmetrics.EXPORTER_QUEUE_BATCHES_HELP, exporter),
         (prometheus.HTTP_REFUSED, Kind.COUNTER, "1", prometheus.HTTP_REFUSED_HELP, (*exporter, "reason")),
+        (files.VANISHED_READS, Kind.COUNTER, "1", files.VANISHED_READS_HELP, ("receiver",)),
         (files.SERIES_DROPPED, Kind.COUNTER, "1", files.SERIES_DROPPED_HELP, ("receiver", "reason")),
         (filesystem.STUCK_MOUNTS, Kind.GAUGE, "1", filesystem.STUCK_MOUNTS_HELP, ("receiver",)),
         (filesystem.PROBE_TIMEOUTS, Kind.COUNTER, "1", filesystem.PROBE_TIMEOUTS_HELP, ("receiver",)),

@@ -24,6 +24,11 @@ from kpod.model import CgroupRef
 # The scheduler's family: a file that cannot be read counts as the receiver's collection error.
 from kpod.scheduler import COLLECTION_ERRORS, COLLECTION_ERRORS_HELP
 
+VANISHED_READS = "kpod.collection.vanished"
+VANISHED_READS_HELP = (
+    "Reads a receiver skipped because their cgroup or process ended between the cycle's index and "
+    "the read, by receiver: the churn of a busy node, not an error."
+)
 SERIES_DROPPED = "kpod.series.dropped"
 SERIES_DROPPED_HELP = (
     "Series a receiver did not report, by receiver and reason: pod_limit (the pod's series cap), "
@@ -168,15 +173,28 @@ class CgroupFileReceiver(Receiver):
     """A receiver that reads files per cgroup: the error accounting they share.
 
     A file that cannot be read is skipped and counted in kpod.collection.errors{receiver};
-    the rest of the cycle goes on.  The one exception is a file that a live cgroup simply does
-    not have (a controller not enabled for that subtree): that is a property of the node, not
-    an error, and counting it every cycle would bury real errors.
+    the rest of the cycle goes on.  Two exceptions are not errors: a file that a live cgroup
+    simply does not have (a controller not enabled for that subtree) is a property of the node
+    and not counted; a file whose cgroup or process ended after the cycle's index listed it is
+    churn, counted apart in kpod.collection.vanished{receiver}.  Counting either as an error
+    would bury real errors and fire the collection-errors alert on every busy node (a soak
+    with pods living ~1 s gave 2-6 per cycle).
     """
 
     def _error(self, amount: int = 1) -> None:
         self.context.self_metrics.inc(
             COLLECTION_ERRORS, COLLECTION_ERRORS_HELP, labels=(("receiver", self.id),), amount=amount
         )
+
+    def _vanished(self) -> None:
+        self.context.self_metrics.inc(VANISHED_READS, VANISHED_READS_HELP, labels=(("receiver", self.id),))
+
+    def _failed(self, path: str, cgroup_dir: str | None) -> None:
+        """Count a read that failed: vanished when the file's cgroup (or /proc/<pid>) is gone."""
+        if is_dir(cgroup_dir if cgroup_dir is not None else os.path.dirname(path)):
+            self._error()
+        else:
+            self._vanished()
 
     def _dropped(self, reason: str, series: int) -> None:
         """Count series not reported (a cap, a mount that hangs...); 0 declares the series."""
@@ -205,13 +223,13 @@ class CgroupFileReceiver(Receiver):
         except FileNotFoundError:
             if cgroup_dir is not None and is_dir(cgroup_dir):
                 return None
-            self._error()
+            self._failed(path, cgroup_dir)
             return None
         except OSError as err:
-            # ENODEV/ESRCH: a process or cgroup torn down between open and read; EACCES: a
-            # process that changed credentials.  All are per-file, none stops the cycle.
+            # ENODEV/ESRCH: a process or cgroup torn down between open and read (vanished);
+            # EACCES: a process that changed credentials.  All are per-file, none stops the cycle.
             self.log.debug("reading %s: %s", path, err)
-            self._error()
+            self._failed(path, cgroup_dir)
             return None
 
     def _pids(self, ref: CgroupRef) -> list[int] | None:
