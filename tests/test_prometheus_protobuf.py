@@ -167,26 +167,64 @@ def test_random_histograms_round_trip() -> None:
         assert (h.zero_count, h.sample_count) == (counts[0], sum(counts))
 
 
+def decoded_histograms(body: bytes) -> list[object]:
+    return [metric.histogram for family in families(body) for metric in family.metric]
+
+
+def reference(value: HistogramValue, mode: str) -> object:
+    """What histogram_message() writes (every varint minimal, fields in metrics.proto's order),
+    decoded by the official classes."""
+    message = metrics_pb2().Histogram()
+    first = native_indexes(value.bounds) if mode != CLASSIC else None
+    message.ParseFromString(histogram_message(value, mode, first))
+    return message
+
+
 @pytest.mark.parametrize("mode", [BOTH, NATIVE, CLASSIC])
-def test_the_renderers_common_case_writes_what_histogram_message_writes(mode: str) -> None:
-    """The renderer writes the common histogram (counts below 2^28, one per bucket) on a path of
-    its own; it must write the bytes of the general histogram_message(), which the decoder
-    tests check, whatever the counts: empty, one bucket, the +Inf bucket, deltas beyond the
-    lookup table, counts near 2^28, and the rare shapes the general path takes."""
+def test_families_encoded_at_once_decode_as_histogram_message_writes(mode: str) -> None:
+    """The renderer encodes a whole histogram family at once (histogram_block.py: fixed-width
+    varints, its own field order); decoded by the official classes, every series must be the
+    message the series-by-series histogram_message() writes, whatever the counts: empty, only
+    the zero bucket, one bucket, the +Inf bucket, counts beyond 4-byte varints (the 8-byte
+    layout) and beyond 8-byte ones (series by series), a short or long count tuple."""
     rng = random.Random(28)
-    renderer = ProtobufRenderer(mode)
-    first = None if mode == CLASSIC else native_indexes(HIST_BOUNDS)
     buckets = len(HIST_BOUNDS) + 1
     shapes = [(0,) * buckets, (4,) + (0,) * (buckets - 1), (0,) * (buckets - 1) + (9,), (1,) * buckets]
     for _ in range(300):
-        big = rng.choice((10, 9000, 2**20, 2**27 // buckets, 2**29))
-        width = rng.choice((buckets,) * 8 + (buckets - 3, buckets + 2))
+        big = rng.choice((10, 9000, 2**20, 2**26 // buckets, 2**29, 2**50, 2**60))
+        width = rng.choice((buckets,) * 20 + (buckets - 3, buckets + 2))
         shapes.append(tuple(rng.choice((0, 0, 1, rng.randrange(big))) for _ in range(width)))
-    for counts in shapes:
-        value = HistogramValue(HIST_BOUNDS, counts, rng.random())
-        body, _ = renderer.render(Batch([Point(RUNQ, CgroupRef(1, "/"), (), value, RESOURCE)]))
-        expected = histogram_message(value, mode, first)
-        assert body.endswith(b"\x3a" + varint(len(expected)) + expected), counts
+    # Families of all sizes, each of one magnitude (a family's layout is chosen by its largest
+    # count) or mixed.
+    families_of_shapes = [shapes[:4], shapes] + [shapes[i : i + 37] for i in range(4, len(shapes), 37)]
+    for group_of_shapes in families_of_shapes:
+        values = [HistogramValue(HIST_BOUNDS, counts, rng.random()) for counts in group_of_shapes]
+        batch = Batch(
+            [Point(RUNQ, CgroupRef(i, "/"), (), value, Resource((("pod", f"p{i}"),))) for i, value in enumerate(values)]
+        )
+        decoded = decoded_histograms(ProtobufRenderer(mode).render(batch)[0])
+        assert decoded == [reference(value, mode) for value in values]
+
+
+def test_a_family_where_some_series_changed_is_the_family_encoded_anew() -> None:
+    """Series that did not change keep their bytes and the changed ones are encoded again in
+    place: the exposition decodes as the one a fresh renderer writes (the bytes may differ: a
+    family encoded at once writes all of its varints at the width its largest count needs)."""
+    rng = random.Random(7)
+    renderer = ProtobufRenderer(BOTH)
+    batch = node_batch(pods=20, seed=1)
+    renderer.render(batch)
+    for fraction in (0.0, 0.1, 0.5, 0.9):
+        points = list(batch.points)
+        for i, point in enumerate(points):
+            if isinstance(point.value, HistogramValue) and rng.random() < fraction:
+                counts = tuple(rng.randrange(2**30) if c else 0 for c in point.value.counts)  # 8-byte varints
+                points[i] = Point(point.metric, point.cgroup, point.attributes, HistogramValue(
+                    point.value.bounds, counts, point.value.sum), point.resource)  # fmt: skip
+        batch = Batch(points)
+        body = renderer.render(batch)[0]
+        assert families(body) == families(ProtobufRenderer(BOTH).render(batch)[0]), fraction
+        assert renderer.render(batch)[0] == body  # nothing changed: the same bytes
 
 
 def test_a_histogram_without_native_form_keeps_its_classic_buckets() -> None:
