@@ -6,8 +6,10 @@ and an unrelated second CA (for "wrong CA" tests), with the `openssl` command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -60,7 +62,9 @@ def make_certs(directory: Path, ip: str = "127.0.0.1") -> Certs:
 
 
 class FakeKubelet:
-    """Serves `pods` as a PodList at /pods.  `garbage = True` serves a broken body instead."""
+    """Serves `pods` as a PodList at /pods.  `garbage = True` serves a broken body instead;
+    `stream`, when set, makes each answer's body: its chunks are written as they come, without a
+    Content-Length (the body ends when the connection closes), until the client hangs up."""
 
     def __init__(self, token: str = "kubelet-token", certs: Certs | None = None) -> None:
         self.token = token
@@ -68,6 +72,7 @@ class FakeKubelet:
         self.pods: list[dict[str, Any]] = []
         self.garbage = False
         self.forbidden = False  # RBAC refuses the token's identity: 403 as the kubelet answers it
+        self.stream: Callable[[], Iterable[bytes]] | None = None
         self.requests = 0
         self._server: ThreadingHTTPServer | None = None
 
@@ -92,12 +97,24 @@ class FakeKubelet:
                                      b" subresource(s)=[pods])\n")  # fmt: skip
                 elif kubelet.garbage:
                     self._reply(200, b'{"kind": "PodList", "items": [{"metadata": ')
+                elif kubelet.stream is not None:
+                    self._stream(kubelet.stream())
                 else:
                     body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": kubelet.pods}
                     self._reply(200, json.dumps(body).encode())
 
             def _reply(self, code: int, data: bytes) -> None:
                 self.reply(code, data, "application/json")
+
+            def _stream(self, chunks: Iterable[bytes]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # the client hung up (a refused body)
+                    for chunk in chunks:
+                        self.wfile.write(chunk)
 
         self._server = serve_http(Handler, tls=server_tls(self.certs.cert, self.certs.key) if self.certs else None)
         return self

@@ -20,7 +20,8 @@ from collections.abc import Callable
 import atheris
 
 with atheris.instrument_imports():
-    from kpod.processors.k8sattributes.discovery import decode_pod_list, decode_watch_event
+    from kpod.processors.k8sattributes.discovery import decode_watch_event
+    from kpod.processors.k8sattributes.podlist import decode_pod_list
 
     from kpod.cgroup import parsers as p
     from kpod.cgroup.mounts import parse_mountinfo_cgroups

@@ -6,6 +6,7 @@ pod list; filters apply exactly as in informer mode (reference pitfall 9).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ import pytest
 from fake_apiserver import container_id, make_pod
 from fake_kubelet import Certs, FakeKubelet, make_certs
 from helpers import poll_until, require_tools
-from kpod.processors.k8sattributes import factory
+from kpod.processors.k8sattributes import discovery, factory, podlist
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.discovery import KubeletDiscovery
 from kpod.processors.k8sattributes.processor import UNRESOLVED_METRIC, K8sAttributesProcessor
@@ -244,3 +245,65 @@ def test_unexpanded_url_is_unavailable(tmp_path: Path, certs: Certs) -> None:
     with pytest.raises(ComponentUnavailable, match="environment variable"):
         h.processor.start()
     h.processor.shutdown()
+
+
+def test_a_body_sent_in_small_pieces_without_a_length(
+    kubelet: FakeKubelet, certs: Certs, pods: list[dict], tmp_path: Path
+) -> None:
+    """The body arrives as it is written (the decoder sees it in pieces, cut anywhere) and
+    ends when the kubelet closes the connection."""
+    body = json.dumps({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": pods}).encode()
+    kubelet.stream = lambda: (body[i : i + 97] for i in range(0, len(body), 97))
+    h = Harness(tmp_path, kubelet.url, certs.ca)
+    try:
+        h.processor.start()
+        labels = h.labels(cgroup_of(pods[1], container_id("shop/db-1/app")))
+        assert labels is not None and (labels["pod"], labels["namespace"]) == ("db-1", "shop")
+    finally:
+        h.processor.shutdown()
+
+
+def endless_list(pods: list[dict]) -> Iterator[bytes]:
+    """A PodList whose items never end (the same pods again and again)."""
+    yield b'{"kind": "PodList", "items": ['
+    item = json.dumps(pods[0]).encode()
+    while True:
+        yield item + b","
+
+
+def endless_pod(pods: list[dict]) -> Iterator[bytes]:
+    """A PodList whose first pod never ends (an annotation without an end)."""
+    yield b'{"kind": "PodList", "items": [{"metadata": {"uid": "x", "annotations": {"a": "'
+    while True:
+        yield b"x" * 65536
+
+
+@pytest.mark.parametrize(
+    ("stream", "cap", "expected"),
+    [
+        (endless_list, ("discovery", "MAX_RESPONSE_BYTES", 1 << 20), ": response larger than 1 MiB"),
+        (endless_pod, ("podlist", "MAX_VALUE_CHARS", 1 << 20), ": response has a value larger than 1 MiB"),
+    ],
+)
+def test_an_endless_response_is_refused_and_the_pods_stay(
+    kubelet: FakeKubelet,
+    certs: Certs,
+    pods: list[dict],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    stream: Callable[[list[dict]], Iterator[bytes]],
+    cap: tuple[str, str, int],
+    expected: str,
+) -> None:
+    """A kubelet (or whatever answers at its address) that never stops sending: the poll stops
+    reading at the cap (lowered here to 1 MiB) with one line naming the URL, and the last good
+    pods keep their labels."""
+    module, name, value = cap
+    monkeypatch.setattr(discovery if module == "discovery" else podlist, name, value)
+    h = Harness(tmp_path, kubelet.url, certs.ca)
+    try:
+        check_error_keeps_pods(h, pods, caplog, lambda: setattr(kubelet, "stream", lambda: stream(pods)), expected)
+        assert h.processor.store.last_error.startswith(kubelet.url)  # type: ignore[union-attr]
+    finally:
+        h.processor.shutdown()

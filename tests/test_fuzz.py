@@ -11,9 +11,11 @@ The number of examples is small in `make test` and large in `make fuzz`
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
 import string
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from kpod.exporters.prometheus.exposition import Renderer
-from kpod.processors.k8sattributes.discovery import decode_pod_list, decode_watch_event
+from kpod.processors.k8sattributes.discovery import decode_watch_event
+from kpod.processors.k8sattributes.podlist import PodListDecoder, PodListPage, decode_pod_list
 from kpod.processors.k8sattributes.pods import PodInfo, pod_from_json
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -474,11 +477,22 @@ def check_pod(pod: PodInfo) -> None:
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in pod.containers.items())
 
 
+def decode_in_pieces(data: bytes, cuts: list[int]) -> PodListPage:
+    """The decoder fed `data` cut at `cuts` (the kubelet's body arrives in chunks)."""
+    decoder = PodListDecoder()
+    points = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
+    for start, end in itertools.pairwise(points):
+        decoder.feed(data[start:end])
+    return decoder.finish()
+
+
 @fuzz()
-@given(st.lists(st.one_of(mutated_pods(), json_values), max_size=6), json_values)
-def test_pod_list_skips_and_counts_bad_items(items: list, metadata: object) -> None:
+@given(st.lists(st.one_of(mutated_pods(), json_values), max_size=6), json_values, st.lists(st.integers(0), max_size=8))
+def test_pod_list_skips_and_counts_bad_items(items: list, metadata: object, cuts: list[int]) -> None:
     document = {"kind": "PodList", "metadata": metadata, "items": items}
-    page = decode_pod_list(json.dumps(document).encode())
+    data = json.dumps(document).encode()
+    page = decode_pod_list(data)
+    assert decode_in_pieces(data, cuts) == page
     for pod in page.pods:
         check_pod(pod)
     assert len(page.pods) + page.skipped == len(items)
@@ -503,9 +517,23 @@ def test_pod_list_on_garbage_raises_only_value_error(data: bytes) -> None:
         pods = decode_pod_list(data, logging.getLogger("fuzz")).pods
     except ValueError as error:
         assert "\n" not in str(error) and len(str(error)) < 200
+        # Fed byte by byte it fails the same way.
+        with pytest.raises(ValueError, match=re.escape(str(error))):
+            decode_in_pieces(data, list(range(len(data))))
         return
     for pod in pods:
         check_pod(pod)
+    assert decode_in_pieces(data, list(range(len(data)))).pods == pods
+    # What the decoder replaces (json.loads, then each item) keeps the same pods.
+    assert [pod_from_json(item) for item in json.loads(data)["items"] if _usable(item)] == pods
+
+
+def _usable(item: object) -> bool:
+    try:
+        pod_from_json(item)  # type: ignore[arg-type]
+        return True
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        return False
 
 
 @fuzz()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from fake_apiserver import make_pod
-from kpod.processors.k8sattributes.discovery import decode_pod_list
+from kpod.processors.k8sattributes.podlist import decode_pod_list
 from kpod.processors.k8sattributes.pods import PodStore, pod_from_json
 
 A, B, C, OLD = "a" * 64, "b" * 64, "c" * 64, "d" * 64

@@ -6,6 +6,7 @@ point, from node-scoped pod discovery.
     resolve.py    cgroup -> Resource or a drop reason (LocalResolver, PodResolver)
     podpath.py    pure parser: cgroup path -> pod uid, container id, runtime, QoS
     pods.py       PodInfo and the PodStore discovery fills (copy on write)
+    podlist.py    pure decoder: a PodList's chunks -> PodInfo, pod by pod as they arrive
     discovery.py  InformerDiscovery, KubeletDiscovery: fill the PodStore in a thread
     apiserver.py  how the informer reaches the API server (in-cluster config or a kubeconfig)
     check.py      what `kpod-metrics check` asks of discovery (one request, one line with the fix)

@@ -11,38 +11,46 @@ node only (fieldSelector spec.nodeName=<node>: one watch per node, never the clu
     The store keeps the last known pods all along, so labels survive an API outage.
   Memory: requests are plain http.client GETs (apiserver.py: in a pod, the service account's
   token and CA, without importing the `kubernetes` package, which costs some 30 MiB; that
-  package only reads a kubeconfig outside a cluster); responses are parsed with `json`, and
-  each pod is cut down to a `PodInfo` at once.
+  package only reads a kubeconfig outside a cluster); a list page is decoded as it arrives
+  (podlist.PodListDecoder), each pod cut down to a `PodInfo` at once; a watch event is one line.
 
 `KubeletDiscovery` (mode: kubelet) polls the kubelet's /pods (already node-local) every
 kpod.discovery.kubelet.poll_interval with the service-account token; TLS verification against
-ca_file unless insecure_skip_verify; plain http allowed (a local proxy).  A failed poll (bad
-token, bad certificate, garbage) is logged and the last good list stays.
+ca_file unless insecure_skip_verify; plain http allowed (a local proxy).  The response is
+decoded as it arrives, pod by pod: at no time the whole body, nor the whole node's pods as JSON
+objects (which is what made kubelet mode's RSS exceed informer mode's).  A failed poll (bad
+token, bad certificate, garbage, a response over MAX_RESPONSE_BYTES or a pod over
+podlist.MAX_VALUE_CHARS) is logged in one line naming the URL, and the last good list stays.
 
 Both run in one daemon thread, started and stopped by the k8sattributes processor.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import os
 import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kpod.processors.k8sattributes import apiserver
+from kpod.processors.k8sattributes.podlist import MAX_VALUE_CHARS, PodListDecoder, PodListPage, scalar_text
 from kpod.processors.k8sattributes.pods import PodInfo, PodStore, pod_from_json
 
 from kpod.component import ComponentUnavailable
 from kpod.settings import KpodSettings
 
 LIST_PAGE_SIZE = 500
+CHUNK_BYTES = 65536  # read from the kubelet at a time
+# The kubelet's /pods at most: at 20 KB a pod (large for a pod), some 6,000 pods.  Beyond it the
+# poll fails with an error and the last good pods stay: a response that never ends is refused.
+MAX_RESPONSE_BYTES = 128 * 1024 * 1024
 
 
 class DiscoveryConfig(Protocol):
@@ -59,16 +67,6 @@ class Gone(Exception):
     """The resourceVersion we resume from is too old (HTTP 410 / ERROR event with code 410)."""
 
 
-@dataclass(frozen=True)
-class PodListPage:
-    """One decoded PodList document (a page of the API's list, or the kubelet's /pods)."""
-
-    pods: list[PodInfo]
-    resource_version: str
-    cont: str
-    skipped: int  # items that were not a usable pod
-
-
 def _load_json(data: bytes | str) -> Any:
     """json.loads, with every way garbage can fail turned into ValueError."""
     try:
@@ -76,41 +74,6 @@ def _load_json(data: bytes | str) -> Any:
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         # RecursionError: a document nested thousands deep (json recurses per level).
         raise ValueError(f"not JSON ({type(error).__name__})") from None
-
-
-def decode_pod_list(data: bytes | str, log: logging.Logger | None = None) -> PodListPage:
-    """Decode a PodList document.  Pure: never raises anything but ValueError.
-
-    Raises ValueError with a short reason for anything that is not a PodList.  A malformed
-    item is skipped (and counted), not fatal: one odd pod must not hide the others.
-    """
-    try:
-        document = _load_json(data)
-    except ValueError as error:
-        raise ValueError(f"response is {error}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("items"), list):
-        kind = document.get("kind") if isinstance(document, dict) else type(document).__name__
-        raise ValueError(f"response is not a PodList (kind {str(kind)[:64]!r})")
-    pods: list[PodInfo] = []
-    skipped = 0
-    for item in document["items"]:
-        try:
-            pods.append(pod_from_json(item))
-        except (ValueError, AttributeError, TypeError, RecursionError) as error:
-            skipped += 1
-            if log:
-                log.debug("skipping a malformed pod in the list: %s", type(error).__name__)
-    metadata = document.get("metadata")
-    if not isinstance(metadata, dict):
-        metadata = {}
-    return PodListPage(
-        pods, _scalar_text(metadata.get("resourceVersion")), _scalar_text(metadata.get("continue")), skipped
-    )
-
-
-def _scalar_text(value: Any) -> str:
-    # A resourceVersion or continue token is an opaque string; anything else is treated as absent.
-    return value if isinstance(value, str) else (str(value) if isinstance(value, int) and value else "")
 
 
 @dataclass(frozen=True)
@@ -157,7 +120,7 @@ def decode_watch_event(line: bytes | str) -> WatchEvent:
     metadata = obj.get("metadata")
     if not isinstance(metadata, dict):
         metadata = {}
-    version = _scalar_text(metadata.get("resourceVersion"))
+    version = scalar_text(metadata.get("resourceVersion"))
     if kind in ("ADDED", "MODIFIED"):
         try:
             return WatchEvent(kind, version, pod=pod_from_json(obj))
@@ -313,11 +276,13 @@ class InformerDiscovery(_Base):
                 query.append(("continue", cont))
             request = self._call(query, self.request_timeout)
             try:
-                data = request.read()
+                # Decoded as it arrives: never the whole page's JSON as Python objects at once.
+                decoder = PodListDecoder(self.log)
+                for chunk in request.chunks():
+                    decoder.feed(chunk)
+                page = decoder.finish()
             finally:
                 self._forget(request)
-            page = decode_pod_list(data, self.log)
-            del data
             self.skipped += page.skipped
             pods.extend(page.pods)
             cont = page.cont
@@ -344,6 +309,8 @@ class InformerDiscovery(_Base):
                 line, pending = pending[:newline], pending[newline + 1 :]
                 if line.strip():
                     yield line
+            if len(pending) > MAX_VALUE_CHARS:  # a line that never ends must not fill the memory
+                raise ValueError(f"a watch event larger than {MAX_VALUE_CHARS / 2**20:g} MiB")
         if pending.strip():
             yield pending
 
@@ -468,6 +435,10 @@ class KubeletDiscovery(_Base):
         self.insecure = kubelet.insecure_skip_verify
         self.request_timeout = request_timeout
         self.polls = 0
+        # The TLS context, made again only when the CA file changes (a context per poll would
+        # parse the CA and allocate OpenSSL's tables every time).
+        self._tls: ssl.SSLContext | None = None
+        self._tls_key: tuple[int, int, int] | None = None
 
     def start(self) -> None:
         if not self.url.startswith(("https://", "http://")):
@@ -482,17 +453,40 @@ class KubeletDiscovery(_Base):
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self.insecure:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            return context
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+            return self._tls
         try:
-            return ssl.create_default_context(cafile=self.ca_file)
+            info = os.stat(self.ca_file)
+            key = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if self._tls is None or key != self._tls_key:
+                self._tls = ssl.create_default_context(cafile=self.ca_file)
+                self._tls_key = key
         except (OSError, ssl.SSLError) as error:
+            self._tls = self._tls_key = None
             raise ValueError(f"CA file {self.ca_file}: {error}") from None
+        return self._tls
+
+    def _connect(self) -> tuple[http.client.HTTPConnection, str]:
+        """A connection to the kubelet (not yet open) and the request target (path?query).
+        Plain http.client: urllib.request would also send the request through a proxy named
+        in the environment (HTTPS_PROXY), where the node's own kubelet is not."""
+        parts = urllib.parse.urlsplit(self.url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.hostname or ""
+        if parts.scheme == "https":
+            context = self._ssl_context()
+            return http.client.HTTPSConnection(host, parts.port, timeout=self.request_timeout, context=context), target
+        return http.client.HTTPConnection(host, parts.port, timeout=self.request_timeout), target
 
     def fetch(self) -> list[PodInfo]:
-        """One poll.  Raises ValueError with a message a user can act on."""
+        """One poll.  Raises ValueError with a message a user can act on.
+
+        The response is decoded as it arrives (PodListDecoder): neither the whole body nor
+        the whole document as Python objects is ever held, only each pod's few fields.
+        """
         headers = {"Accept": "application/json"}
         try:
             with open(self.token_file) as handle:  # re-read: projected tokens rotate
@@ -500,29 +494,40 @@ class KubeletDiscovery(_Base):
         except OSError as error:
             if self.url.startswith("https://"):
                 raise ValueError(f"token file {self.token_file}: {error.strerror}") from None
-        request = urllib.request.Request(self.url, headers=headers)
-        context = self._ssl_context() if self.url.startswith("https://") else None
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout, context=context) as response:
-                data = response.read()
-        except urllib.error.HTTPError as error:
-            hint = " (the token was rejected)" if error.code in (401, 403) else ""
-            raise ValueError(f"{self.url}: HTTP {error.code} {error.reason}{hint}") from None
-        except urllib.error.URLError as error:
-            reason = error.reason
-            if isinstance(reason, ssl.SSLCertVerificationError):
-                raise ValueError(
-                    f"{self.url}: TLS certificate not trusted by {self.ca_file} ({reason.verify_message})"
-                ) from None
-            raise ValueError(f"{self.url}: {reason}") from None
+            connection, target = self._connect()
+            try:
+                connection.request("GET", target, headers=headers)
+                response = connection.getresponse()
+                if not 200 <= response.status <= 299:
+                    hint = " (the token was rejected)" if response.status in (401, 403) else ""
+                    raise ValueError(f"{self.url}: HTTP {response.status} {response.reason}{hint}")
+                page = self._decode(response)
+            finally:
+                connection.close()
+        except ssl.SSLCertVerificationError as error:
+            raise ValueError(
+                f"{self.url}: TLS certificate not trusted by {self.ca_file} ({error.verify_message})"
+            ) from None
         except (OSError, ssl.SSLError) as error:
             raise ValueError(f"{self.url}: {error}") from None
-        try:
-            page = decode_pod_list(data, self.log)
-        except ValueError as error:
-            raise ValueError(f"{self.url}: {error}") from None
+        except http.client.HTTPException as error:
+            raise ValueError(f"{self.url}: {type(error).__name__}: {error}".rstrip(": ")) from None
         self.skipped += page.skipped
         return page.pods
+
+    def _decode(self, response: http.client.HTTPResponse) -> PodListPage:
+        decoder = PodListDecoder(self.log)
+        received = 0
+        try:
+            while chunk := response.read1(CHUNK_BYTES):
+                received += len(chunk)
+                if received > MAX_RESPONSE_BYTES:
+                    raise ValueError(f"response larger than {MAX_RESPONSE_BYTES / 2**20:g} MiB")
+                decoder.feed(chunk)
+            return decoder.finish()
+        except ValueError as error:
+            raise ValueError(f"{self.url}: {error}") from None
 
     def _run(self) -> None:
         while not self._stop.is_set():
