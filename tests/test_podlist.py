@@ -99,16 +99,18 @@ def test_a_byte_order_mark_and_multibyte_characters_cut_anywhere() -> None:
         assert decode_chunks(iter([data[:cut], data[cut:]])).pods[0].name == "caf\u00e9-\u65e5\u672c", cut
 
 
-def test_decoding_in_chunks_holds_a_fraction_of_the_whole_document() -> None:
+@pytest.mark.parametrize("size", [512, CHUNK])
+def test_decoding_in_chunks_holds_a_fraction_of_the_whole_document(size: int) -> None:
     """110 pods: json.loads of the body builds every pod's objects at once; the decoder holds
-    one pod's and the undecoded remainder.  Allocations counted by tracemalloc (exact)."""
+    one pod's and the undecoded remainder, whether a pod spans many chunks (512 bytes) or a
+    chunk holds many pods.  Allocations counted by tracemalloc (exact)."""
     data = body_of(node_pods(110))
 
     def whole() -> list:
         return [pod_from_json(item) for item in json.loads(data)["items"]]
 
     def streamed() -> list:
-        return decode_chunks(chunked(data, CHUNK)).pods
+        return decode_chunks(chunked(data, size)).pods
 
     peaks = {}
     for decode in (whole, streamed):

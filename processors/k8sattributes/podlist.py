@@ -83,7 +83,7 @@ class PodListDecoder:
         self._pos = 0
         self._state = _START
         self._key = ""
-        self._retry_at = 0  # len(_text) - _pos from which a value that did not decode is retried
+        self._retry_at = 0  # text pending (len(_text) - _pos) before a value that failed is tried again
         self._eof = False
         self._items_ok = False  # the last "items" key held an array
         self._kind: Any = None
@@ -130,11 +130,8 @@ class PodListDecoder:
             while self._step():
                 pass
         except _Incomplete:
-            pending = len(self._text) - self._pos
-            if pending > self.max_value_chars:
+            if len(self._text) - self._pos > self.max_value_chars:
                 raise ValueError(f"response has a value larger than {_size(self.max_value_chars)}") from None
-            # Retried once twice as much text is there (or at the end): linear in the value's size.
-            self._retry_at = 2 * pending
 
     def _ready(self) -> bool:
         return self._eof or len(self._text) - self._pos >= self._retry_at
@@ -160,12 +157,18 @@ class PodListDecoder:
         except ValueError:
             if self._eof:
                 raise ValueError("response is not JSON (JSONDecodeError)") from None
-            raise _Incomplete from None
+            self._wait_for_more()
         if end == len(self._text) and not self._eof:
-            raise _Incomplete  # a number cut by the chunk ("12" of "123") decodes too
+            self._wait_for_more()  # a number cut by the chunk ("12" of "123") decodes too
         self._pos = end
         self._retry_at = 0
         return value
+
+    def _wait_for_more(self) -> None:
+        # Tried again once twice as much text is there (or at the end): a value that spans many
+        # chunks costs time linear in its size, not quadratic.
+        self._retry_at = 2 * (len(self._text) - self._pos)
+        raise _Incomplete
 
     def _expect(self, char: str) -> None:
         raise ValueError("response is not JSON (JSONDecodeError)")
