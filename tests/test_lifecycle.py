@@ -208,3 +208,42 @@ def test_histograms_are_carried_bucket_by_bucket() -> None:
     run({}, {1: HistogramValue(bounds, (1, 2, 3), 4.0)}, 1)
     merged = run({2: HistogramValue(bounds, (0, 1, 0), 0.5)}, {}, 2)
     assert merged == HistogramValue(bounds, (1, 3, 3), 4.5)
+
+
+def test_offsets_follow_their_label_set_among_other_pods_and_receivers() -> None:
+    """Two pods, each point's series read by two receivers in turn (a cgroup's points are not
+    all in one run); pod "web" restarts: its offset is added once, to its own label set only,
+    and pod "db" (no restart) is never touched."""
+    from kpod.model import merge_duplicates
+
+    c = Continuity(retention_s=10)
+    other = tuple(sorted({**dict(LABELS), "pod": "db"}.items()))
+    resources = {
+        1: _resource("old"),
+        2: _resource("new"),
+        9: Resource(other, (("container.id", "db"), ("k8s.pod.uid", "u2"))),
+    }
+
+    def cycle(values: dict[int, float], gone: set[int], now: float) -> dict[tuple[str, str], float]:
+        refs = {i: CgroupRef(i, f"/c{i}", gone=i in gone) for i in values}
+        points = [Point(metric, refs[i], (), v, resources[i]) for metric in (COUNTER, HIST) for i, v in values.items()]
+        points = [p for p in points if p.metric is COUNTER]  # the second "receiver" reads a gauge
+        points += [Point(GAUGE, refs[i], (), 1.0, resources[i]) for i in values]
+        points += [Point(COUNTER, refs[i], (("cpu", "1"),), v / 2, resources[i]) for i, v in values.items()]
+        live = {i for i in values if i not in gone}
+        points = c.remember(points, live, {i: f"/c{i}" for i in gone}, now)
+        points = c.add_carried(points, now, lambda uid: True)
+        out: dict[tuple[str, str], float] = {}
+        for point in merge_duplicates(points):
+            if point.metric is not COUNTER:
+                continue
+            key = (dict(point.resource.labels)["pod"], dict(point.attributes).get("cpu", ""))  # type: ignore[union-attr]
+            assert key not in out
+            out[key] = point.value  # type: ignore[assignment]
+        return out
+
+    assert cycle({1: 100.0, 9: 10.0}, set(), 0) == {("web", ""): 100, ("web", "1"): 50, ("db", ""): 10, ("db", "1"): 5}
+    assert cycle({9: 20.0}, set(), 1) == {("web", ""): 100, ("web", "1"): 50, ("db", ""): 20, ("db", "1"): 10}
+    assert cycle({2: 4.0, 9: 30.0}, set(), 2) == {("web", ""): 104, ("web", "1"): 52, ("db", ""): 30, ("db", "1"): 15}
+    assert cycle({2: 8.0, 9: 40.0}, set(), 3) == {("web", ""): 108, ("web", "1"): 54, ("db", ""): 40, ("db", "1"): 20}
+    assert c.status()["carried_series"] == 2

@@ -24,7 +24,7 @@ gone cgroup simply disappear.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,26 +33,14 @@ from kpod.model import CgroupRef, HistogramValue, Kind, MetricDef, Point, Resour
 OTEL_CONTAINER_ID = "container.id"
 OTEL_POD_UID = "k8s.pod.uid"
 
-SeriesKey = tuple[MetricDef, Any, Any]  # (metric, attributes, resource labels)
 CUMULATIVE = (Kind.COUNTER, Kind.HISTOGRAM)
 
 
-@dataclass(slots=True)
-class _Last:
-    """One series of one cgroup as last seen: enough to report it again or carry it."""
-
-    metric: MetricDef
-    attributes: Any
-    resource: Resource
-    value: float | HistogramValue
-    start_time_ns: int
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Carry:
     metric: MetricDef
     attributes: Any
-    resource: Resource
+    resource: Resource  # without container.id: the offset stands for several containers
     value: float | HistogramValue
     start_time_ns: int
     pod_uid: str
@@ -70,63 +58,81 @@ def _without_container_id(resource: Resource) -> Resource:
 
 class Continuity:
     """Per cycle, on the resolved points: `remember`, then `add_carried` (the pipeline then sums
-    the points of each label set)."""
+    the points of each label set).
+
+    Nothing is done per point while cgroups stay: the cycle's point list is kept as it is, and
+    only when a cgroup stops being live are its series looked up in the list of the cycle before.
+    """
 
     def __init__(self, retention_s: float) -> None:
         self.retention_s = retention_s
-        # cgroup id -> its cumulative series as last seen (live cgroups and retained gone ones).
-        self._last: dict[int, dict[tuple[MetricDef, Any], _Last]] = {}
-        self._gone_paths: dict[int, str] = {}
-        self._carry: dict[SeriesKey, _Carry] = {}
+        # The last cycle's points (a copy of the list, the points themselves are never changed)
+        # and the cgroups that were live or retained then.
+        self._previous: list[Point] = []
+        self._previous_ids: set[int] = set()
+        # Gone (retained) cgroups: their cumulative series as last seen, by (metric, attributes).
+        self._gone: dict[int, dict[tuple[MetricDef, Any], Point]] = {}
+        # Carried offsets by label set (resource labels), then by (metric, attributes).
+        self._carry: dict[Any, dict[tuple[MetricDef, Any], _Carry]] = {}
 
     def status(self) -> dict[str, int]:
-        return {"cgroups_remembered": len(self._last), "carried_series": len(self._carry)}
+        return {
+            "cgroups_remembered": len(self._previous_ids),
+            "carried_series": sum(len(series) for series in self._carry.values()),
+        }
 
     def remember(self, points: list[Point], live: set[int], gone: dict[int, str], now: float) -> list[Point]:
-        """Remember this cycle's cumulative series per cgroup; report again the series a gone
-        (retained) cgroup no longer has in the batch; carry the last values of cgroups the
-        index let go (neither `live` nor in `gone`, id -> path).  Returns the points to merge."""
-        seen: dict[int, dict[tuple[MetricDef, Any], _Last]] = {}
-        for point in points:
-            cgroup, resource = point.cgroup, point.resource
-            if cgroup is None or resource is None or point.metric.kind not in CUMULATIVE:
-                continue
-            series = seen.get(cgroup.id)
-            if series is None:
-                series = seen[cgroup.id] = {}
-            series[(point.metric, point.attributes)] = _Last(
-                point.metric, point.attributes, resource, point.value, point.start_time_ns
-            )
+        """Remember this cycle's points; report again the cumulative series a gone (retained)
+        cgroup no longer has in the batch; carry the last values of cgroups the index let go
+        (neither `live` nor in `gone`, id -> path).  Returns the points to merge."""
+        # Cgroups live (or gone without being tracked yet) last cycle and not live now: their
+        # series as the last cycle had them.
+        left = self._previous_ids - live
+        left.difference_update(self._gone)
+        if left:
+            last = _series_of(self._previous, left)
+            for cgroup_id in left:
+                series = last.get(cgroup_id, {})
+                if cgroup_id in gone:
+                    self._gone[cgroup_id] = series
+                else:
+                    self._fold(series.values(), now)  # let go by the index
         out = points
-        for cgroup_id, last in self._last.items():
-            if cgroup_id in live:
-                continue  # live: its receivers report it (or skipped it this cycle)
-            if cgroup_id not in gone:
-                self._fold(last.values(), now)  # let go by the index
-                continue
-            # Retained, gone: what its receivers can no longer read (cgroup files), last values stand.
-            now_seen = seen.setdefault(cgroup_id, {})
-            ref = None
-            for key, s in last.items():
-                if key in now_seen:
+        if self._gone:
+            current = _series_of(points, self._gone.keys())  # eBPF counters of gone cgroups go on
+            for cgroup_id, series in list(self._gone.items()):
+                if cgroup_id in live or cgroup_id not in gone:
+                    del self._gone[cgroup_id]
+                    if cgroup_id not in live:
+                        self._fold(series.values(), now)  # let go by the index
                     continue
-                if ref is None:
-                    ref = CgroupRef(cgroup_id, gone[cgroup_id], gone=True)
-                if out is points:
-                    out = list(points)
-                out.append(Point(s.metric, ref, s.attributes, s.value, s.resource, s.start_time_ns))
-                now_seen[key] = s
-        self._last = {i: series for i, series in seen.items() if i in live or i in gone}
+                # Retained, gone: what its receivers can no longer read (cgroup files), last values stand.
+                seen = current.get(cgroup_id, {})
+                ref = None
+                for key, s in series.items():
+                    if key in seen:
+                        continue
+                    if ref is None:
+                        ref = CgroupRef(cgroup_id, gone[cgroup_id], gone=True)
+                    if out is points:
+                        out = list(points)
+                    out.append(Point(s.metric, ref, s.attributes, s.value, s.resource, s.start_time_ns))
+                series.update(seen)
+        self._previous = points[:]  # the caller goes on changing its list (add_carried)
+        self._previous_ids = set(live)
+        self._previous_ids.update(gone)
         return out
 
-    def _fold(self, series: Any, now: float) -> None:
+    def _fold(self, series: Iterable[Point], now: float) -> None:
         for s in series:
-            key = (s.metric, s.attributes, s.resource.labels)
-            carry = self._carry.get(key)
+            if s.resource is None:
+                continue
+            mine = self._carry.setdefault(s.resource.labels, {})
+            key = (s.metric, s.attributes)
+            carry = mine.get(key)
             if carry is None:
-                self._carry[key] = _Carry(
-                    s.metric, s.attributes, s.resource, s.value, s.start_time_ns, _pod_uid(s.resource), now
-                )
+                resource = _without_container_id(s.resource)
+                mine[key] = _Carry(s.metric, s.attributes, resource, s.value, s.start_time_ns, _pod_uid(resource), now)
                 continue
             total = sum_values(carry.value, s.value)
             if total is not None:
@@ -138,53 +144,64 @@ class Continuity:
         """Add each label set's carried offset to one of its points (the pipeline sums them
         all), or report the offset alone for a label set with no cgroup now; drop offsets of
         pods gone for longer than the retention."""
-        if not self._carry:
+        carried = self._carry
+        if not carried:
             return points
-        used: set[SeriesKey] = set()
-        for point in points:  # a live cgroup keeps its label set's offset
-            if point.resource is not None and point.cgroup is not None and not point.cgroup.gone:
-                carry = self._carry.get((point.metric, point.attributes, point.resource.labels))
-                if carry is not None:
-                    carry.seen = now
+        used: set[_Carry] = set()
+        # A cgroup's points come one after another with one Resource: its label set is looked
+        # up once per run of points, a point's own series only when the label set has offsets.
+        run: Resource | None = None
+        mine: dict[tuple[MetricDef, Any], _Carry] | None = None
         for index, point in enumerate(points):
-            if point.resource is None or point.metric.kind not in CUMULATIVE:
+            resource = point.resource
+            if resource is not run:
+                run = resource
+                mine = carried.get(resource.labels) if resource is not None else None
+            if mine is None:
                 continue
-            key = (point.metric, point.attributes, point.resource.labels)
-            carry = self._carry.get(key)
-            if carry is None or key in used:
+            carry = mine.get((point.metric, point.attributes))
+            if carry is None:
                 continue
-            used.add(key)
+            if point.cgroup is not None and not point.cgroup.gone:
+                carry.seen = now  # a live cgroup keeps its label set's offset
+            if carry in used:
+                continue
+            used.add(carry)
             total = sum_values(point.value, carry.value)
             if total is None:
                 continue
             starts = [t for t in (point.start_time_ns, carry.start_time_ns) if t]
             points[index] = Point(
-                point.metric,
-                point.cgroup,
-                point.attributes,
-                total,
-                _without_container_id(point.resource),
-                min(starts) if starts else 0,
+                point.metric, point.cgroup, point.attributes, total, carry.resource, min(starts) if starts else 0
             )
-        expired: list[SeriesKey] = []
-        for key, carry in self._carry.items():
-            if key in used:
-                continue
-            if pod_exists is not None and carry.pod_uid and pod_exists(carry.pod_uid):
-                carry.seen = now
-            if now - carry.seen >= self.retention_s:
-                expired.append(key)
-                continue
-            points.append(
-                Point(
-                    carry.metric,
-                    None,
-                    carry.attributes,
-                    carry.value,
-                    _without_container_id(carry.resource),
-                    carry.start_time_ns,
+        for labels, mine in list(carried.items()):
+            for key, carry in list(mine.items()):
+                if carry in used:
+                    continue
+                if pod_exists is not None and carry.pod_uid and pod_exists(carry.pod_uid):
+                    carry.seen = now
+                if now - carry.seen >= self.retention_s:
+                    del mine[key]
+                    continue
+                points.append(
+                    Point(carry.metric, None, carry.attributes, carry.value, carry.resource, carry.start_time_ns)
                 )
-            )
-        for key in expired:
-            del self._carry[key]
+            if not mine:
+                del carried[labels]
         return points
+
+
+def _series_of(points: list[Point], ids: Collection[int]) -> dict[int, dict[tuple[MetricDef, Any], Point]]:
+    """The cumulative series of the cgroups `ids` among `points`, by cgroup (the last point of a
+    series wins)."""
+    out: dict[int, dict[tuple[MetricDef, Any], Point]] = {}
+    run: CgroupRef | None = None
+    series: dict[tuple[MetricDef, Any], Point] | None = None
+    for point in points:
+        cgroup = point.cgroup
+        if cgroup is not run:
+            run = cgroup
+            series = out.setdefault(cgroup.id, {}) if cgroup is not None and cgroup.id in ids else None
+        if series is not None and point.resource is not None and point.metric.kind in CUMULATIVE:
+            series[(point.metric, point.attributes)] = point
+    return out
