@@ -908,7 +908,7 @@ class BpfReceiver(Receiver):
         bounds = self._bounds
         if bounds is None:
             bounds = self._bounds = hist_bounds(self.loaded.hist_zero_shift, self.loaded.hist_slots)
-        return HistogramValue(bounds, tuple(int(c) for c in hist.slots), int(hist.sum) * 1e-9)
+        return HistogramValue(bounds, tuple(hist.slots), int(hist.sum) * 1e-9)  # a __u64 array: ints
 
     def program_cost_points(self) -> list[Point]:
         """kpod.bpf.program.run.seconds / .runs per program, when kernel.bpf_stats_enabled=1."""

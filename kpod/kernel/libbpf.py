@@ -446,9 +446,15 @@ class Map:
         return f"{self.type_name}: no fill level"
 
     def count(self) -> int | None:
-        """Entries in use, for maps that can fill (hash maps); None for the others (see can_fill)."""
+        """Entries in use, for maps that can fill (hash maps); None for the others (see can_fill).
+
+        Hash and LRU hash maps are counted with BPF_MAP_LOOKUP_BATCH, a syscall per 1,024
+        entries where get_next_key takes one per entry (bpf_maps counts every map each cycle);
+        per-CPU hashes (one value per possible CPU) walk their keys."""
         if not self.can_fill:
             return None
+        if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH):
+            return sum(count for _, _, count in self._batches(1024))
         return sum(1 for _ in self.keys())
 
     def lookup_batch(self, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
@@ -456,6 +462,17 @@ class Map:
 
         Hash maps only (per-CPU maps return one value per possible CPU: not handled here).
         """
+        ks, vs = self.key_size, self.value_size
+        out: list[tuple[bytes, bytes]] = []
+        for keys, values, count in self._batches(chunk):
+            raw_k, raw_v = keys.raw, values.raw
+            for i in range(count):
+                out.append((raw_k[i * ks : (i + 1) * ks], raw_v[i * vs : (i + 1) * vs]))
+        return out
+
+    def _batches(self, chunk: int) -> Iterator[tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char], int]]:
+        """(keys buffer, values buffer, entries in them) of each BPF_MAP_LOOKUP_BATCH call, to
+        the map's end.  The buffers are reused by the next call: read them before it."""
         handle = lib()
         ks, vs = self.key_size, self.value_size
         keys = ctypes.create_string_buffer(ks * chunk)
@@ -463,7 +480,6 @@ class Map:
         # The batch cursor is opaque; for hash maps the kernel uses a u32 bucket index.
         in_batch = ctypes.create_string_buffer(max(ks, 8))
         out_batch = ctypes.create_string_buffer(max(ks, 8))
-        out: list[tuple[bytes, bytes]] = []
         first = True
         while True:
             count = c_uint32(chunk)
@@ -473,14 +489,16 @@ class Map:
             err = -rc if rc else 0
             if rc and err != errno.ENOENT:
                 if err == errno.ENOSPC and chunk < (1 << 20):
-                    # A bucket holds more entries than the buffer: retry bigger.
-                    return self.lookup_batch(chunk * 4)
+                    # The next bucket holds more entries than the buffers (the kernel copied
+                    # nothing and kept the cursor): the same call again with bigger ones.
+                    chunk *= 4
+                    keys = ctypes.create_string_buffer(ks * chunk)
+                    values = ctypes.create_string_buffer(vs * chunk)
+                    continue
                 raise LibbpfError(rc, f"{self.name}: lookup_batch")
-            raw_k, raw_v = keys.raw, values.raw
-            for i in range(count.value):
-                out.append((raw_k[i * ks : (i + 1) * ks], raw_v[i * vs : (i + 1) * vs]))
+            yield keys, values, count.value
             if err == errno.ENOENT:  # no more entries
-                return out
+                return
             ctypes.memmove(in_batch, out_batch, len(out_batch))
             first = False
 
