@@ -194,10 +194,21 @@ def merge_duplicates(points: list[Point]) -> list[Point]:
     container.id).  A point whose value cannot be added to the first one's is left out.
     The pipeline applies this once per cycle, after the processors: the one place it happens.
     """
-    seen: dict[tuple[MetricDef, Attributes, Attributes | None], int] = {}
+    # A series is (metric, attributes, label set).  A label set is numbered once per run of
+    # points with one Resource (a cgroup's points come one after another), so that a point's key
+    # hashes a small int instead of the label tuple: this runs for every point of every cycle.
+    label_sets: dict[Attributes | None, int] = {}
+    run: object = False  # no point has this resource: the first point starts a run
+    label_set = 0
+    seen: dict[tuple[MetricDef, Attributes, int], int] = {}
     out: list[Point] = []
     for point in points:
-        key = (point.metric, point.attributes, point.resource.labels if point.resource is not None else None)
+        resource = point.resource
+        if resource is not run:
+            run = resource
+            labels = resource.labels if resource is not None else None
+            label_set = label_sets.setdefault(labels, len(label_sets))
+        key = (point.metric, point.attributes, label_set)
         index = seen.get(key)
         if index is None:
             seen[key] = len(out)
@@ -207,10 +218,10 @@ def merge_duplicates(points: list[Point]) -> list[Point]:
         value = sum_values(first.value, point.value)
         if value is None:
             continue
-        resource = first.resource
-        if resource is not None and point.resource is not None and resource.otel != point.resource.otel:
-            shared = set(point.resource.otel)
-            resource = Resource(resource.labels, tuple(item for item in resource.otel if item in shared))
+        merged = first.resource
+        if merged is not None and resource is not None and merged.otel != resource.otel:
+            shared = set(resource.otel)
+            merged = Resource(merged.labels, tuple(item for item in merged.otel if item in shared))
         starts = [t for t in (first.start_time_ns, point.start_time_ns) if t]
-        out[index] = Point(first.metric, first.cgroup, first.attributes, value, resource, min(starts) if starts else 0)
+        out[index] = Point(first.metric, first.cgroup, first.attributes, value, merged, min(starts) if starts else 0)
     return out

@@ -200,7 +200,9 @@ class K8sAttributesProcessor(Processor):
         keep = kept.append
         dropped: dict[str, set[int]] = {}
         # Receivers emit a cgroup's points one after another (the same CgroupRef object): the
-        # cgroup is resolved once per run of points, not once per point.
+        # cgroup is looked up once per run of points, and resolved once per cycle (by the
+        # object's identity: every ref is held by a point until this call returns).
+        resolved: dict[int, Resource | None] = {}
         run: CgroupRef | None = None
         resource: Resource | None = None
         for point in batch.points:
@@ -210,13 +212,18 @@ class K8sAttributesProcessor(Processor):
                 continue
             if cgroup is not run:
                 run = cgroup
-                found = self.resolve(point)
-                self._last_used[(cgroup.id, cgroup.path)] = now
-                if isinstance(found, Resource):
-                    resource = found
+                marker = id(cgroup)
+                if marker in resolved:
+                    resource = resolved[marker]
                 else:
-                    resource = None
-                    dropped.setdefault(found, set()).add(cgroup.id)
+                    found = self.resolve(point)
+                    self._last_used[(cgroup.id, cgroup.path)] = now
+                    if isinstance(found, Resource):
+                        resource = found
+                    else:
+                        resource = None
+                        dropped.setdefault(found, set()).add(cgroup.id)
+                    resolved[marker] = resource
             if resource is not None:
                 keep(Point(point.metric, cgroup, point.attributes, point.value, resource, point.start_time_ns))
         for reason, ids in dropped.items():
