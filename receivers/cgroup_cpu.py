@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from kpod.cgroup.files import ControllerFilesReceiver, v1_path
 from kpod.cgroup.parsers import parse_cpu_stat, parse_single_int
 from kpod.cgroup.paths import exists, is_dir
-from kpod.component import Factory
+from kpod.component import Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 
 USAGE = MetricDef("kpod.cpu.usage.seconds", Kind.COUNTER, "s", "CPU time consumed by the cgroup's tasks.")
@@ -65,17 +65,25 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
             return ROUTE_V2_USAGE, ""
         return route, reason
 
+    def __init__(self, context: Context, config: CgroupCpuConfig) -> None:
+        super().__init__(context, config)
+        # v1 route: the cgroups whose cpuacct.usage was read last cycle.  Their v1 directory
+        # is not looked for again (a stat per cgroup and cycle); the others' is, every cycle.
+        self._v1_read: set[int] = set()
+
     def collect(self) -> Batch:
         if self._route is None:
             self.start()
         batch = Batch()
         index = self.context.cgroups
+        if self._route == ROUTE_V1:
+            read: set[int] = set()
+            for ref in index.workloads():
+                self._collect_v1(ref, index.abspath(ref.path), batch, read)
+            self._v1_read = read
+            return batch
         for ref in index.workloads():
-            directory = index.abspath(ref.path)
-            if self._route == ROUTE_V1:
-                self._collect_v1(ref, directory, batch)
-            else:
-                self._collect_v2(ref, directory, batch)
+            self._collect_v2(ref, index.abspath(ref.path), batch)
         return batch
 
     def _collect_v2(self, ref: CgroupRef, directory: str, batch: Batch) -> None:
@@ -89,12 +97,17 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
         # Only where the cpu controller is enabled; absent is not zero.
         self._throttling(ref, stat, "throttled_usec", 1e6, batch)
 
-    def _collect_v1(self, ref: CgroupRef, directory: str, batch: Batch) -> None:
+    def _collect_v1(self, ref: CgroupRef, directory: str, batch: Batch, read: set[int]) -> None:
         # `directory` (the walked tree's) decides whether a missing file is an error: while it
         # exists, a cgroup without a v1 counterpart simply has no such file.
         mounts = self.context.cgroups.mounts
         cpuacct = v1_path(mounts, "cpuacct", ref.path)
-        if cpuacct is not None and not is_dir(cpuacct) and exists(directory + "/cpu.stat"):
+        if (
+            cpuacct is not None
+            and ref.id not in self._v1_read
+            and not is_dir(cpuacct)
+            and exists(directory + "/cpu.stat")
+        ):
             # A cgroup only in the cgroup2 tree of a hybrid host (made there alone): its usage
             # is in cgroup2's cpu.stat, and no quota of a v1 cpu controller applies to it.
             self._collect_v2(ref, directory, batch)
@@ -104,6 +117,7 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
             usage = parse_single_int(text) if text is not None else None
             if usage is not None:
                 batch.add(Point(USAGE, ref, (), usage / 1e9))
+                read.add(ref.id)
         cpu = v1_path(mounts, "cpu", ref.path)
         if cpu is not None:
             text = self._read(cpu + "/cpu.stat", directory)

@@ -166,7 +166,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
         for ref in members:
             for pid in self._pids(ref) or ():
                 try:
-                    return pid, os.stat(f"{self.proc_root}/{pid}/ns/net").st_ino
+                    return pid, netns_inode(f"{self.proc_root}/{pid}/ns/net")
                 except OSError:
                     continue  # exited since cgroup.procs was read: try the next one
         return None
@@ -218,6 +218,15 @@ class NetIfaceReceiver(CgroupFileReceiver):
                 batch.add(Point(metric, ref, attrs, float(getattr(counters, attr))))
         if dropped:
             self._dropped("pod_limit", dropped * len(_FIELDS))
+
+
+def netns_inode(link: str) -> int:
+    """The inode of the network namespace a /proc/<pid>/ns/net link names ("net:[4026531840]"):
+    its readlink, half the cost of a stat through it (once per pod and cycle).  Raises OSError."""
+    target = os.readlink(link)
+    if target.startswith("net:[") and target.endswith("]") and target[5:-1].isdigit():
+        return int(target[5:-1])
+    return os.stat(link).st_ino
 
 
 factory = Factory(
