@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import re
+import struct
 import sys
 import threading
 import time
@@ -730,6 +731,7 @@ class BpfReceiver(Receiver):
         self.loaded: LoadedObject | None = None
         self._map_state: dict[str, _MapState] = {}
         self._bounds: tuple[float, ...] | None = None
+        self._slots_unpack: Callable[[Any], tuple[int, ...]] | None = None
         self._vmlinux_released = False
 
     # -- configuration hooks for subclasses --
@@ -908,7 +910,14 @@ class BpfReceiver(Receiver):
         bounds = self._bounds
         if bounds is None:
             bounds = self._bounds = hist_bounds(self.loaded.hist_zero_shift, self.loaded.hist_slots)
-        return HistogramValue(bounds, tuple(hist.slots), int(hist.sum) * 1e-9)  # a __u64 array: ints
+        slots = hist.slots
+        unpack = self._slots_unpack
+        if unpack is None:
+            # The slots' bytes as ints in one struct call (indexing the ctypes array builds an
+            # int per slot through ctypes: 5x slower, for every cgroup's histogram each cycle).
+            array = type(slots)
+            unpack = self._slots_unpack = struct.Struct(f"{array._length_}{array._type_._type_}").unpack_from
+        return HistogramValue(bounds, unpack(slots), int(hist.sum) * 1e-9)
 
     def program_cost_points(self) -> list[Point]:
         """kpod.bpf.program.run.seconds / .runs per program, when kernel.bpf_stats_enabled=1."""
