@@ -148,6 +148,12 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
             _due_now(pipeline)
             pipeline.run_cycle()
             time.sleep(0.3)
+        try:
+            from kpod import gcpolicy  # as the agent's run loop does after its first cycle
+        except ImportError:
+            pass  # an older tree: the collector's defaults, as its agent had them
+        else:
+            gcpolicy.settle()
 
         steps: dict[str, float] = {}
         agent.cgroups.refresh = _timed("refresh", steps, agent.cgroups.refresh)  # type: ignore[method-assign]

@@ -14,6 +14,7 @@ from types import FrameType
 
 # The one place the framework touches cgroup access: it builds the index that every component
 # gets in its Context (tests/test_imports.py keeps it so).
+from kpod import gcpolicy
 from kpod.cgroup.index import CgroupIndex
 from kpod.cgroup.mounts import choose_hierarchy, read_mountinfo
 from kpod.config import AgentConfig
@@ -62,6 +63,7 @@ class Agent:
                 cycles += 1
                 if cycles == 1:
                     self._log_first_cycle(batch, time.monotonic() - began)
+                    gcpolicy.settle()  # started: what it holds now stays (kpod/gcpolicy.py)
                 log.debug("cycle %d: %d points in %.3fs", cycles, len(batch), time.monotonic() - began)
                 if max_cycles is not None and cycles >= max_cycles:
                     break
