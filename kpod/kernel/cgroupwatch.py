@@ -3,8 +3,10 @@
 bpf/cgroups.bpf.c hooks cgroup_mkdir and cgroup_rmdir.  This module loads it once per cgroup
 index (the first eBPF receiver to start does, the last one to shut down closes it) and:
 
-- drains its ring buffer into the index at the start of every walk (`CgroupEventSource`), so
-  the index knows cgroups that were created and removed between two cycles, with their paths;
+- drains its ring buffer into the index at the start of every refresh (`CgroupEventSource`), so
+  the index knows cgroups that were created and removed between two cycles, with their paths,
+  and follows them instead of walking while nothing was missed (`missed`: records the ring
+  buffer dropped, kpod_watched inserts that failed, entries the last sync had to add);
 - owns the maps every other object charges through (`kpod_watched`, `kpod_watch_cfg`, see
   kpod_charge() in bpf/kpod.bpf.h): `shared_maps()` gives their fds, which the loader makes
   each object reuse before it loads (bpf_map__reuse_fd);
@@ -12,7 +14,7 @@ index (the first eBPF receiver to start does, the last one to shut down closes i
   kpod_watched equal to the index after each walk: entries for live kubepods/QoS/pod/container
   cgroups the kernel missed are added (created before we attached, or an insert that failed),
   entries of cgroups that are neither live nor retained as gone are deleted.  The kernel adds
-  new ones itself at mkdir; userspace only catches up.
+  new ones itself at mkdir; userspace only catches up, and only when the index changed.
 
 Without this object (it fails to load, or kpod.bpf is off) receivers run as in local mode:
 every cgroup counts as itself, and gone cgroups are known from the walks alone.
@@ -45,6 +47,10 @@ SHARED_MAPS = (WATCHED_MAP, CFG_MAP)
 # entry of a per-cgroup map (not preallocated: memory follows the cgroups that exist).
 WATCHED_PER_ENTRY = 4
 EVENT_STRUCT = "cgroup_event"
+# The error counters (cgroups_errors in bpf/cgroups.bpf.c) that mean an event was not sent:
+# a record the full ring buffer dropped, a watched cgroup whose entry could not be inserted
+# (its children are then neither classified nor reported).
+LOSSES = ("cgroup_events", "kpod_watched")
 
 PROGRAMS = (
     ProgramSpec("cgroup_mkdir", feeds=("cgroup births",), tp_args=("struct cgroup *",)),
@@ -137,6 +143,11 @@ class CgroupWatch:
         self._ring: libbpf.RingBuffer | None = None
         self._pending: list[Event] = []
         self.stats = WatchStats()
+        # Kubernetes modes: no events below containers (bpf/cgroups.bpf.c), the index looks.
+        self.reports_nested = not self.filtering
+        self._losses = 0
+        self._synced_generation: int | None = None
+        self._sync_added = False  # the last sync added entries the kernel had missed
 
     # -- lifecycle --
 
@@ -208,9 +219,28 @@ class CgroupWatch:
         self.stats.events += len(events)
         return events
 
+    def missed(self) -> bool:
+        """Whether a cgroup may have come or gone unreported since the last call: records
+        dropped or entries not inserted (the kernel's counts), or entries the last sync added
+        (the kernel classifies a cgroup by its parent's entry: children of one it missed
+        were not reported either)."""
+        if self._ring is None or self.loaded is None:
+            return True
+        with self.loaded.reading() as alive:
+            if not alive:
+                return True
+            counts = self.loaded.error_counts()
+        losses = sum(counts.get(name, 0) for name in LOSSES)
+        missed = losses != self._losses or self._sync_added
+        self._losses, self._sync_added = losses, False
+        return missed
+
     def refreshed(self, index: Any) -> None:
-        if self.filtering:
+        if self.filtering and getattr(index, "generation", None) != self._synced_generation:
+            added = self.stats.added
             self.sync(index)
+            self._sync_added = self.stats.added != added
+            self._synced_generation = getattr(index, "generation", None)
 
     # -- kpod_watched --
 
