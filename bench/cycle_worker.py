@@ -195,10 +195,29 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
         opened: list[tuple[str, str]] = []
         recording = threading.Event()
 
+        def reader() -> str:
+            return threading.current_thread().name.removeprefix("collect-")
+
         def hook(event: str, args: tuple[Any, ...]) -> None:
             if event == "open" and recording.is_set() and isinstance(args[0], (str, bytes)):
                 path = os.fsdecode(args[0])
-                opened.append((threading.current_thread().name.removeprefix("collect-"), path))
+                flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+                # Kept directories (O_PATH) are not files read; a relative path is a file opened
+                # through one (openat), recorded with its full path below.
+                if not flags & os.O_PATH and path.startswith("/"):
+                    opened.append((reader(), path))
+
+        dirs_class = getattr(importlib.import_module("kpod.cgroup.files"), "CgroupDirs", None)
+        if dirs_class is not None:  # trees that open cgroup files through kept directories
+            dirs_open = dirs_class.open
+
+            def recorded_open(self: Any, path: str, flags: int) -> int | None:
+                fd = dirs_open(self, path, flags)
+                if fd is not None and recording.is_set():
+                    opened.append((reader(), path))
+                return fd
+
+            dirs_class.open = recorded_open
 
         sys.addaudithook(hook)
         _due_now(pipeline)

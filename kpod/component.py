@@ -47,6 +47,8 @@ class CgroupMountsView(Protocol):
 class CycleReadsView(Protocol):
     def read_text(self, path: str, max_record: int = 0) -> str: ...
 
+    def read(self, path: str, record: bool = False, max_record: int = 0) -> str: ...
+
 
 class Cgroups(Protocol):
     """The cgroup index every component gets in its Context: kpod.cgroup.index.CgroupIndex,

@@ -516,18 +516,36 @@ done
 
 @contextlib.contextmanager
 def _opens(paths: list[str]) -> Iterator[None]:
-    """Appends to `paths` every file this process opens while the context is active."""
+    """Appends to `paths` every file this process opens while the context is active: by path
+    (the audit hook), or through a kept directory (kpod.cgroup.dirs: openat, whose audit event
+    names the file relative to the directory, so it is recorded with its full path there).
+    Directories kept with O_PATH are not files read."""
+    from kpod.cgroup.dirs import CgroupDirs
+
     active = [True]
 
     def hook(event: str, args: tuple[object, ...]) -> None:
         if active[0] and event == "open" and isinstance(args[0], (str, bytes)):
-            paths.append(os.fsdecode(args[0]))
+            path = os.fsdecode(args[0])
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            if path.startswith("/") and not flags & os.O_PATH:
+                paths.append(path)
+
+    through_dirs = CgroupDirs.open
+
+    def recorded(self: CgroupDirs, path: str, flags: int) -> int | None:
+        fd = through_dirs(self, path, flags)
+        if fd is not None and active[0]:
+            paths.append(path)
+        return fd
 
     sys.addaudithook(hook)  # audit hooks cannot be removed: this one goes quiet instead
+    CgroupDirs.open = recorded  # type: ignore[method-assign]
     try:
         yield
     finally:
         active[0] = False
+        CgroupDirs.open = through_dirs  # type: ignore[method-assign]
 
 
 @needs_root_and_cgroup2
@@ -700,3 +718,83 @@ def test_index_ids_are_the_directories_inodes_and_unchanged_entries_stay(scratch
     leaves = {r.path: r.id for r in index.workloads()}
     assert nested[len(base) :] in leaves and pods[0][0][len(base) :] not in leaves
     assert leaves[nested[len(base) :]] == os.stat(nested).st_ino
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@needs_root_and_cgroup2
+def test_cgroup_dirs_open_the_files_of_the_directory_the_path_names_now(scratch: Scratch) -> None:
+    """kpod.cgroup.dirs against real cgroups: a file opened through the kept directory is the
+    file its full path names (same inode); a directory removed and made again under the same
+    path is the new one; one not read for KEEP_CYCLES cycles is closed; limit 0 keeps none."""
+    from kpod.cgroup.dirs import KEEP_CYCLES, CgroupDirs
+
+    s = scratch
+    _, pods = _pod_tree(s, pods=2, containers=1)
+    (first,), (second,) = pods
+    dirs = CgroupDirs()
+
+    def same_file(path: str) -> bool:
+        fd = dirs.open(path, os.O_RDONLY)
+        assert fd is not None
+        try:
+            return os.fstat(fd).st_ino == os.stat(path).st_ino and os.read(fd, 4096).startswith(b"some ")
+        finally:
+            os.close(fd)
+
+    try:
+        assert same_file(f"{first}/cpu.pressure") and same_file(f"{first}/io.pressure")
+        assert same_file(f"{second}/cpu.pressure")
+        assert dirs.kept == 2
+        os.rmdir(second)
+        os.mkdir(second)  # the same path, a new cgroup (Scratch removes it again)
+        assert same_file(f"{second}/cpu.pressure")
+        assert dirs.kept == 2
+        for _ in range(KEEP_CYCLES + 1):
+            dirs.new_cycle()
+            assert same_file(f"{second}/memory.pressure")
+        assert dirs.kept == 1  # first's directory was not read for KEEP_CYCLES cycles
+        with pytest.raises(FileNotFoundError):
+            dirs.open(f"{second}/no.such.file", os.O_RDONLY)
+        assert CgroupDirs(limit=0).open(f"{first}/cpu.pressure", os.O_RDONLY) is None
+    finally:
+        dirs.close()
+    assert dirs.kept == 0
+
+
+@needs_root_and_cgroup2
+def test_cgroup_dirs_close_the_descriptors_of_removed_cgroups(scratch: Scratch) -> None:
+    """A churn of cgroups read through the index's kept directories, as the cgroup-file
+    receivers read them (cycle after cycle, 40 containers made and removed each cycle): the
+    process's open descriptors (/proc/self/fd) never grow past the cgroups that are live or read
+    in the last KEEP_CYCLES cycles, and are back where they began once all are removed."""
+    from kpod.cgroup.dirs import KEEP_CYCLES
+
+    s = scratch
+    base, _ = _pod_tree(s, pods=1, containers=1)
+    index = CgroupIndex(base, scope="all")
+    reads = index.reads
+    before = _fds()
+    live: list[str] = []
+    try:
+        for cycle in range(8):
+            index.new_cycle()
+            index.refresh()
+            for n in range(40):
+                live.append(f"{base}/churn{cycle}-{n}")
+                os.mkdir(live[-1])
+            for path in live:
+                assert reads.read(f"{path}/cpu.pressure", record=True).startswith("some ")
+            assert _fds() - before <= len(live) + 40 * KEEP_CYCLES
+            while len(live) > 20 * (cycle + 1) // 2:  # half of them go
+                os.rmdir(live.pop(0))
+        assert reads.dirs.kept >= len(live)
+    finally:
+        for path in live:
+            os.rmdir(path)
+    for _ in range(KEEP_CYCLES + 1):
+        index.new_cycle()
+    assert reads.dirs.kept == 0
+    assert _fds() == before

@@ -15,6 +15,7 @@ import os
 import re
 from typing import ClassVar
 
+from kpod.cgroup.dirs import CgroupDirs
 from kpod.cgroup.mounts import CgroupMounts
 from kpod.cgroup.parsers import parse_cgroup_procs
 from kpod.cgroup.paths import is_dir, open_long
@@ -45,7 +46,11 @@ NET_DEV_MAX_RECORD = 512
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _open(path: str) -> int:
+def _open(path: str, dirs: CgroupDirs | None = None) -> int:
+    if dirs is not None:
+        fd = dirs.open(path, os.O_RDONLY)  # relative to its kept directory (kpod.cgroup.dirs)
+        if fd is not None:
+            return fd
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
@@ -54,7 +59,7 @@ def _open(path: str) -> int:
         return open_long(path, os.O_RDONLY)  # a cgroup nested past PATH_MAX (kpod.cgroup.paths)
 
 
-def read_text(path: str, max_record: int = 0) -> str:
+def read_text(path: str, max_record: int = 0, dirs: CgroupDirs | None = None) -> str:
     """The whole file as text.  Raises OSError (FileNotFoundError when it vanished).
 
     Bytes that are not UTF-8 are kept as surrogate escapes (os.fsdecode's convention), so
@@ -64,8 +69,10 @@ def read_text(path: str, max_record: int = 0) -> str:
     (cgroup.procs, net/dev).  seq_file fills a page-sized buffer record by record and stops
     short of the caller's buffer only when the next record does not fit that page, so a
     first read shorter than a page minus the longest record is the whole file: no EOF read.
+
+    `dirs`: open it relative to a kept descriptor of its directory (kpod.cgroup.dirs).
     """
-    fd = _open(path)
+    fd = _open(path, dirs)
     try:
         data = os.read(fd, _READ_CHUNK)
         if data and not (max_record and len(data) < _PAGE - max_record):
@@ -81,7 +88,7 @@ def read_text(path: str, max_record: int = 0) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def read_record(path: str) -> str:
+def read_record(path: str, dirs: CgroupDirs | None = None) -> str:
     """A file the kernel generates as ONE seq_file record: one read() returns all of it.
 
     For cgroup stat files (io.stat, memory.stat, memory.current, *.pressure, cpu.stat,
@@ -90,7 +97,7 @@ def read_record(path: str) -> str:
     the syscalls of a cycle).  Not for multi-record files (cgroup.procs, mountinfo, net/dev):
     seq_file may stop those short of EOF at a page boundary; use read_text.
     """
-    fd = _open(path)
+    fd = _open(path, dirs)
     try:
         data = os.read(fd, _READ_CHUNK)
         if len(data) == _READ_CHUNK:  # larger than any such file: be safe, read on
@@ -116,19 +123,27 @@ class CycleReads:
 
     def __init__(self) -> None:
         self._texts: dict[str, str | OSError] | None = None
+        # Every cgroup file is opened from a kept descriptor of its directory; swept per cycle.
+        self.dirs = CgroupDirs()
 
     def new_cycle(self) -> None:
         self._texts = {}
+        self.dirs.new_cycle()
+
+    def read(self, path: str, record: bool = False, max_record: int = 0) -> str:
+        """read_record(path) (`record`) or read_text(path, max_record), this cycle's file, opened
+        through its kept directory.  Raises OSError."""
+        return read_record(path, self.dirs) if record else read_text(path, max_record, self.dirs)
 
     def read_text(self, path: str, max_record: int = 0) -> str:
         """read_text(path, max_record), at most once per cycle.  Raises OSError."""
         texts = self._texts
         if texts is None:
-            return read_text(path, max_record)
+            return read_text(path, max_record, self.dirs)
         found = texts.get(path)
         if found is None:
             try:
-                found = read_text(path, max_record)
+                found = read_text(path, max_record, self.dirs)
             except OSError as error:
                 found = error
             texts[path] = found
@@ -217,9 +232,10 @@ class CgroupFileReceiver(Receiver):
         `once_per_cycle`: other receivers read it too this cycle (CycleReads).
         """
         try:
+            reads = self.context.cgroups.reads
             if once_per_cycle:
-                return self.context.cgroups.reads.read_text(path, max_record)
-            return read_record(path) if record else read_text(path, max_record)
+                return reads.read_text(path, max_record)
+            return reads.read(path, record, max_record)
         except FileNotFoundError:
             if cgroup_dir is not None and is_dir(cgroup_dir):
                 return None

@@ -1,0 +1,117 @@
+"""Cgroup files opened relative to their directory (openat), not by their full path.
+
+A container's cgroup file sits 6-8 names deep (/sys/fs/cgroup/kubepods.slice/
+kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope/cpu.stat),
+and opening it by path makes the kernel look up every name again, for each of the cgroup's
+files, every cycle.  `CgroupDirs` keeps an O_PATH descriptor per directory the receivers read
+in and opens each file with openat: one name to look up.  An O_PATH descriptor is a `struct
+file` and nothing else (no seq_file buffer, unlike an open cgroup file), and it does not keep
+the cgroup from being removed.  A directory past PATH_MAX is opened through
+kpod.cgroup.paths.open_long once, and its files with one openat from then on.
+
+One per cgroup index (its `reads`), shared by every receiver: a directory has one descriptor
+however many receivers read in it.  Receivers run in threads and the pipeline sweeps at the
+start of each cycle, so a descriptor is looked up, used and closed under one lock: it is never
+used after it was closed (its number could by then name another file).
+
+Lifetime: at the start of each cycle (`new_cycle`), the directories no read used during the
+last KEEP_CYCLES cycles are closed: a removed cgroup's descriptor goes at most that many cycles
+after its last read.  A path made again after its cgroup was removed is a new directory: the
+kept descriptor names the old one (whose files are gone), so when a file cannot be found
+through it, the directory is opened again by its path and the file looked for there.  At most
+`limit` directories are kept (a share of RLIMIT_NOFILE, like kpod.cgroup.mounttables); past it,
+files are opened by path as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import threading
+import weakref
+
+from kpod.cgroup.paths import open_long
+
+# A node's cgroups are a few thousand at most; past this, files are opened by path.
+MAX_KEPT = 8192
+# Cycles a directory stays open without a read (receivers slower than the poll interval read
+# every few cycles: they open it again then, one path lookup, as without this module).
+KEEP_CYCLES = 2
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY
+
+
+def default_limit() -> int:
+    """A quarter of the soft RLIMIT_NOFILE (kpod.cgroup.mounttables keeps up to another
+    quarter; BPF objects, sockets and the files being read need the rest), at most MAX_KEPT."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_KEPT
+    return max(0, min(MAX_KEPT, soft // 4))
+
+
+class CgroupDirs:
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = default_limit() if limit is None else limit
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        self._used: dict[str, int] = {}  # directory -> the cycle it was last read in
+        self._cycle = 0
+        # Closed with their owner too (an index a test never shut down).
+        weakref.finalize(self, _close_all, self._fds)
+
+    @property
+    def kept(self) -> int:
+        return len(self._fds)
+
+    def open(self, path: str, flags: int) -> int | None:
+        """os.open(path, flags | O_CLOEXEC) through the kept descriptor of its directory, or
+        None when no descriptor can be kept for it (the caller opens the path itself, which
+        also gives the path's own error).  Raises OSError for a file its directory lacks."""
+        directory, _, name = path.rpartition("/")
+        if not directory or not name:
+            return None
+        flags |= os.O_CLOEXEC
+        with self._lock:
+            fd = self._fds.get(directory)
+            if fd is not None:
+                self._used[directory] = self._cycle
+                try:
+                    return os.open(name, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    self._close(directory)  # gone, or made again under this path: a new directory
+            if len(self._fds) >= self.limit:
+                return None
+            try:
+                fd = open_long(directory, _DIR_FLAGS)
+            except OSError:
+                return None
+            self._fds[directory] = fd
+            self._used[directory] = self._cycle
+            return os.open(name, flags, dir_fd=fd)
+
+    def new_cycle(self) -> None:
+        """A cycle begins: close the directories not read in the last KEEP_CYCLES cycles."""
+        with self._lock:
+            self._cycle += 1
+            oldest = self._cycle - KEEP_CYCLES
+            for directory in [d for d, cycle in self._used.items() if cycle < oldest]:
+                self._close(directory)
+
+    def close(self) -> None:
+        with self._lock:
+            _close_all(self._fds)
+            self._used.clear()
+
+    def _close(self, directory: str) -> None:
+        self._used.pop(directory, None)
+        fd = self._fds.pop(directory, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
