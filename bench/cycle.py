@@ -129,8 +129,14 @@ def _merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "by_reader": rounds[-1]["files_by_reader"],
         "shared": rounds[-1]["files_shared_by"],
         "rss": statistics.median(r["rss_mib"] for r in rounds),
+        "fds": rounds[-1].get("fds_open"),
+        "dirs": rounds[-1].get("dirs_kept"),
         "labelled": min(r["labelled_pods"] for r in rounds),
     }
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def render(data: dict[str, Any]) -> str:
@@ -164,6 +170,15 @@ def render(data: dict[str, Any]) -> str:
         + " | ".join(f"{t['rss']:.1f}" for t in trees.values())
         + " |",
     ]
+    if any(t["fds"] is not None for t in trees.values()):  # runs before these were kept lack them
+        counts += [
+            "| open descriptors of the profiled process at the end | "
+            + " | ".join(_count(t["fds"]) for t in trees.values())
+            + " |",
+            "| of which cgroup directories kept for openat | "
+            + " | ".join(_count(t["dirs"]) for t in trees.values())
+            + " |",
+        ]
     readers = ", ".join(f"{who} {n}" for who, n in this["by_reader"].items())
     shared = ", ".join(f"{who}: {n}" for who, n in this["shared"].items()) or "none"
     loads = ", ".join(f"{x:.1f}" for x in data["loads"])

@@ -246,6 +246,10 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
             "floor": floor,
             "floor_distinct": distinct_floor,
             "rss_mib": _rss_kib() / 1024,
+            # Descriptors: the process's, and the cgroup directories kept for openat (trees
+            # that keep them: kpod.cgroup.dirs).
+            "fds_open": len(os.listdir("/proc/self/fd")),
+            "dirs_kept": getattr(getattr(agent.cgroups.reads, "dirs", None), "kept", None),
         }
     finally:
         pipeline.shutdown()
