@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fake_apiserver import FakeApiServer, Pod, container_id, make_pod
 from helpers import poll_until
-from kpod.processors.k8sattributes import factory
+from kpod.processors.k8sattributes import discovery, factory
 from kpod.processors.k8sattributes.config import K8sAttributesConfig
 from kpod.processors.k8sattributes.discovery import InformerDiscovery
 from kpod.processors.k8sattributes.pods import PodStore
@@ -473,3 +473,24 @@ def test_in_cluster_without_a_token_is_unavailable(tmp_path: Path) -> None:
 
     with pytest.raises(ComponentUnavailable, match="token"):
         apiserver.in_cluster({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, str(tmp_path))
+
+
+class _EndlessLine:
+    """A watch response that sends one good event, then a line that never ends."""
+
+    def chunks(self) -> Iterator[bytes]:
+        yield b'{"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}\n{"type": "ADDED", '
+        while True:
+            yield b"x" * 65536
+
+
+def test_a_watch_line_that_never_ends_is_refused_at_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile or broken server streams one endless event: the lines before it are read, and
+    the endless one fails the watch (which is then retried, the pods kept) at the cap, lowered
+    here to 1 MiB, instead of filling the memory."""
+    monkeypatch.setattr(discovery, "MAX_VALUE_CHARS", 1 << 20)
+    informer = InformerDiscovery.__new__(InformerDiscovery)
+    lines = informer._lines(_EndlessLine())
+    assert b"BOOKMARK" in next(lines)
+    with pytest.raises(ValueError, match=r"^a watch event larger than 1 MiB$"):
+        next(lines)
