@@ -24,8 +24,8 @@ two has no native form and keeps its classic buckets whatever the setting.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import accumulate, chain, compress
-from operator import add, and_, attrgetter, eq, not_
+from itertools import accumulate, chain, compress, repeat
+from operator import add, and_, attrgetter, eq, is_, not_
 from struct import Struct
 
 from kpod.exporters.prometheus.exposition import utf8_label_value
@@ -120,11 +120,11 @@ class _Histograms:
 
     __slots__ = ("body", "labels", "pieces", "values")
 
-    def __init__(self, labels: list[bytes], values: list[HistogramValue], pieces: list[bytes]) -> None:
+    def __init__(self, labels: list[bytes], values: list[HistogramValue]) -> None:
         self.labels = labels
         self.values = values
-        self.pieces = pieces
-        self.body = b"".join(pieces)
+        self.pieces: list[bytes] = []
+        self.body = b""
 
 
 class _Scalars:
@@ -138,16 +138,25 @@ class _Scalars:
     def __init__(self, labels: list[bytes], pieces: dict[bytes, bytes]) -> None:
         self.labels = labels
         self.pieces = pieces
-        self.pack = Struct("<" + "".join(f"{len(piece)}sd" for piece in pieces.values())).pack
+        lengths = list(map(len, pieces.values()))
+        if lengths and max(lengths) < len(_FORMATS):
+            self.pack = Struct("<" + "".join(map(_FORMATS.__getitem__, lengths))).pack
+        else:
+            self.pack = Struct("<" + "".join(f"{length}sd" for length in lengths)).pack
 
     @staticmethod
     def rebuilt(previous: _Scalars | None, labels: list[bytes], tag: bytes) -> _Scalars:
+        """The family of these series, reusing the pieces of those it had: this runs over every
+        series of every family each time a pod comes or goes, so the lookups are done in C and
+        only the new series go through Python."""
         known = previous.pieces if previous is not None else {}
-        pieces = {}
-        for series in labels:
-            piece = known.get(series)
-            pieces[series] = piece if piece is not None else _scalar_prefix(series, tag)
-        return _Scalars(labels, pieces)
+        found = list(map(known.get, labels))
+        for index in compress(range(len(labels)), map(is_, found, repeat(None))):
+            found[index] = _scalar_prefix(labels[index], tag)
+        return _Scalars(labels, dict(zip(labels, found, strict=True)))  # type: ignore[arg-type]
+
+
+_FORMATS = [f"{length}sd" for length in range(1024)]  # struct formats of a piece and its value
 
 
 def _scalar_prefix(labels: bytes, tag: bytes) -> bytes:
@@ -204,6 +213,9 @@ class ProtobufRenderer:
         previous_scalars, previous_histograms = self._scalars, self._histograms
         scalars: dict[MetricDef, _Scalars] = {}
         histograms: dict[MetricDef, _Histograms] = {}
+        # Histogram families to encode anew, all of those of the same bounds at once (a node's
+        # run-queue, RTT and syscall latencies): (where their MetricFamily goes in out, its head)
+        pending: list[tuple[int, bytes, _Histograms]] = []
         series = 0
         for metric, points in group(batch, self._labels).items():
             kind = metric.kind
@@ -213,6 +225,11 @@ class ProtobufRenderer:
                 histogram_family, body, count = self._histogram_family(points, previous_histograms.get(metric))
                 if histogram_family is not None:
                     histograms[metric] = histogram_family
+                if body is None:
+                    series += count
+                    pending.append((len(out), self._family_head(metric), histogram_family))  # type: ignore[arg-type]
+                    out += (b"", b"")
+                    continue
             else:
                 # Counter (3) or Gauge (2), each {value (1): double}.
                 tag = b"\x1a\x09\x09" if kind is Kind.COUNTER else b"\x12\x09\x09"
@@ -224,6 +241,20 @@ class ProtobufRenderer:
             series += count
             head = self._family_head(metric)
             out += (varint(len(head) + len(body)) + head, body)  # the body is copied once, by the join
+        by_bounds: dict[int, list[tuple[int, bytes, _Histograms]]] = {}
+        for one in pending:
+            by_bounds.setdefault(id(one[2].values[0].bounds), []).append(one)
+        for families in by_bounds.values():
+            labels = [series for _, _, family in families for series in family.labels]
+            values = [value for _, _, family in families for value in family.values]
+            pieces = self._encode(labels, values, True)
+            start = 0
+            for at, head, family in families:
+                end = start + PIECES * len(family.values)
+                family.pieces = pieces[start:end]
+                family.body = body = b"".join(family.pieces)
+                out[at : at + 2] = (varint(len(head) + len(body)) + head, body)
+                start = end
         self._scalars, self._histograms = scalars, histograms
         self._labels.prune(batch, series)
         return b"".join(out), series
@@ -251,12 +282,13 @@ class ProtobufRenderer:
 
     def _histogram_family(
         self, points: dict[bytes, float | HistogramValue], previous: _Histograms | None
-    ) -> tuple[_Histograms | None, bytes, int]:
+    ) -> tuple[_Histograms | None, bytes | None, int]:
         """A histogram family's Metric fields, what to keep of it and its number of series.
         Series whose value did not change keep their bytes (on a real node most kernel
         histograms do not change from one cycle to the next): when at most half of them
-        changed, only those are encoded again.  Values that are not histograms are left out,
-        and such a family is encoded series by series and not kept."""
+        changed, only those are encoded again.  A family to encode anew has no Metric fields
+        yet (None): render() encodes it with the others of its bounds.  Values that are not
+        histograms are left out, and such a family is encoded series by series and not kept."""
         values: list[HistogramValue] = list(points.values())  # type: ignore[arg-type]
         if set(map(type, values)) != {HistogramValue}:
             chunks = [self._one(series, value) for series, value in points.items() if isinstance(value, HistogramValue)]
@@ -281,8 +313,7 @@ class ProtobufRenderer:
                         pieces[PIECES * index : PIECES * index + PIECES] = encoded[PIECES * new : PIECES * new + PIECES]
                     previous.body = b"".join(pieces)
                     return previous, previous.body, len(values)
-        family = _Histograms(labels, values, self._encode(labels, values, True))
-        return family, family.body, len(values)
+        return _Histograms(labels, values), None, len(values)
 
     def _encode(self, labels: list[bytes], values: list[HistogramValue], whole: bool) -> list[bytes]:
         """The Metric fields of these histogram series, PIECES pieces per series: all at once
