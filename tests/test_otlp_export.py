@@ -614,3 +614,51 @@ def test_points_without_otel_attributes_keep_their_labels() -> None:
     finally:
         exporter.shutdown()
         receiver.stop()
+
+
+def test_exponential_points_of_any_counts_decode_to_the_kernel_buckets() -> None:
+    """Exponential histograms are encoded for all the points of a snapshot at once (fixed-width
+    varints, kpod.exporters.varint_slots); decoded by the official classes, every point holds
+    its kernel counts whatever they are: empty, only the zero bucket, the +Inf bucket, beyond
+    4-byte and 8-byte varints (those point by point), a short or long count tuple (padded or cut
+    to the bounds)."""
+    import random
+
+    from kpod.exporters.otlp.encoding import Encoder
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from otlp_receiver import as_exponential
+
+    from bench.synthetic import HIST_BOUNDS
+    from kpod.model import HistogramValue
+
+    metric = MetricDef("kpod.test.latency", Kind.HISTOGRAM, "s", "Latency.")
+    rng = random.Random(55)
+    buckets = len(HIST_BOUNDS) + 1
+    shapes = [(0,) * buckets, (4,) + (0,) * (buckets - 1), (0,) * (buckets - 1) + (9,), (1,) * buckets]
+    for _ in range(300):
+        big = rng.choice((10, 9000, 2**20, 2**26 // buckets, 2**29, 2**50, 2**60))
+        width = rng.choice((buckets,) * 20 + (buckets - 3, buckets + 2))
+        shapes.append(tuple(rng.choice((0, 0, 1, rng.randrange(big))) for _ in range(width)))
+    for group in [shapes[:4], shapes] + [shapes[i : i + 37] for i in range(4, len(shapes), 37)]:
+        values = [HistogramValue(HIST_BOUNDS, counts, rng.random()) for counts in group]
+        resource = Resource((("pod", "p"),), (("k8s.pod.name", "p"),))
+        batch = Batch([Point(metric, CgroupRef(1, "/"), (("n", str(i)),), v, resource) for i, v in enumerate(values)])
+        requests = Encoder({"service.name": "kpod-metrics"}, 1_000, 10**6, "exponential").requests(batch)
+        decoded = [
+            point
+            for body, _ in requests
+            for resource_metrics in ExportMetricsServiceRequest.FromString(body).resource_metrics
+            for scope in resource_metrics.scope_metrics
+            for message in scope.metrics
+            for point in message.exponential_histogram.data_points
+        ]
+        assert len(decoded) == len(values)
+        for point, value in zip(decoded, values, strict=True):
+            counts = (tuple(value.counts) + (0,) * buckets)[:buckets]
+            kernel = HistogramValue(value.bounds, counts, value.sum)
+            assert (point.count, point.zero_count, point.sum) == (sum(counts), counts[0], value.sum)
+            assert (point.scale, point.zero_threshold) == (0, HIST_BOUNDS[0])
+            got = {point.positive.offset + k: c for k, c in enumerate(point.positive.bucket_counts) if c}
+            assert got == as_exponential(kernel)
+            if got:  # the window of non-empty buckets: no empty bucket at either end
+                assert point.positive.bucket_counts[0] and point.positive.bucket_counts[-1]

@@ -17,13 +17,17 @@ A histogram whose bounds are not consecutive powers of two is always sent explic
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import add, attrgetter, itemgetter
 from struct import Struct
 
 from kpod.exporters.protowire import SMALL, field, varint, zigzag
+from kpod.exporters.varint_slots import WIDTHS, Slots
 
 from kpod import __version__
-from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Point, Resource, base2_exponent
+from kpod.model import Attributes, Batch, HistogramValue, Kind, MetricDef, Resource, base2_exponent
 
 SCOPE_NAME = "kpod-metrics"
 # A Collector's default gRPC receive limit is 4 MiB; keep a margin for framing and metadata.
@@ -36,6 +40,8 @@ CUMULATIVE = 2  # AggregationTemporality
 _u64 = Struct("<Q").pack
 _i64 = Struct("<q").pack
 _f64 = Struct("<d").pack
+_counts = attrgetter("counts")
+_sum = attrgetter("sum")
 # Bytes a length-delimited field may add around its content (tag, length varint up to 2^28).
 _FIELD_OVERHEAD = 5
 
@@ -49,15 +55,130 @@ def key_values(tag: int, items: Attributes | list[tuple[str, str]]) -> bytes:
 
 
 class _Bounds:
-    """What every histogram with these bounds shares."""
+    """What every histogram with these bounds shares, and the data points of many of them
+    encoded at once (histogram_points())."""
 
-    __slots__ = ("counts", "explicit", "exponent")
+    __slots__ = ("buckets", "explicit", "exponent", "prefixes", "slots", "threshold")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        # HistogramDataPoint.explicit_bounds (7), packed doubles, and the packing of the counts (6).
-        self.explicit = field(0x3A, Struct(f"<{len(bounds)}d").pack(*bounds))
-        self.counts = Struct(f"<{len(bounds) + 1}Q").pack
+        self.buckets = len(bounds) + 1
+        # HistogramDataPoint: count (4), sum (5), bucket_counts (6, packed fixed64), then
+        # explicit_bounds (7, packed doubles).
+        counts = b"\x32" + varint(8 * self.buckets)
+        self.explicit = (counts, field(0x3A, Struct(f"<{len(bounds)}d").pack(*bounds)))
         self.exponent = base2_exponent(bounds)
+        self.threshold = b"\x71" + _f64(bounds[0]) if bounds else b""  # zero_threshold (14)
+        # (varint width) -> the positive field (8) up to its packed counts, by window of non-empty
+        # buckets (varint_slots.Slots.window_keys)
+        self.prefixes: dict[int, list[bytes]] = {}
+        self.slots: dict[tuple[int, int], Slots] = {}  # (width, n) -> Slots
+
+    def _slots(self, width: int, n: int) -> Slots:
+        slots = self.slots.get((width, n))
+        if slots is None:
+            if len(self.slots) >= 4:
+                self.slots.clear()
+            slots = self.slots[(width, n)] = Slots(self.buckets, width, n)
+        return slots
+
+    def _prefixes(self, width: int) -> list[bytes]:
+        prefixes = self.prefixes.get(width)
+        if prefixes is None:
+            assert self.exponent is not None
+            series_bytes = self.buckets * width
+            prefixes = self.prefixes[width] = [b""] * (series_bytes * series_bytes + 1)
+            for low in range(1, self.buckets):
+                for high in range(low, self.buckets):
+                    packed = (high - low + 1) * width
+                    inner = b"\x08" + varint(zigzag(self.exponent + low - 1)) + b"\x12" + varint(packed)
+                    prefixes[low * width * series_bytes + high * width] = b"\x42" + varint(len(inner) + packed) + inner
+        return prefixes
+
+    def histogram_points(self, heads: list[bytes], values: list[HistogramValue], exponential: bool) -> list[bytes]:
+        """The data_points fields of these histograms, `heads` being each one's attributes and
+        times: HistogramDataPoint {attributes (9), start (2), time (3), count (4), sum (5),
+        bucket_counts (6), explicit_bounds (7)} or, if `exponential`, ExponentialHistogramDataPoint
+        {attributes (1), start, time, count, sum, zero_count (7), positive (8: Buckets {offset
+        (1), bucket_counts (2)}), zero_threshold (14)}; scale 0, the default, is absent.  min and
+        max stay unset: the kernel keeps neither.
+
+        Exponential: bucket k >= 1 of the kernel, (2^(e+k-1), 2^(e+k)], is index e + k - 1 at
+        scale 0 (index i covers (2^i, 2^(i+1)]), and the +Inf bucket goes to the index above the
+        last bound.  The positive buckets are the window from the first non-empty one to the last;
+        their counts are packed varints, written for all points at once (varint_slots.py) and
+        sliced to each point's window."""
+        n = len(values)
+        buckets = self.buckets
+        counts = list(map(_counts, values))
+        if set(map(len, counts)) != {buckets}:  # tolerate a short or long count tuple: pad or cut
+            counts = [(tuple(c) + (0,) * buckets)[:buckets] for c in counts]
+        totals = list(map(sum, counts))
+        sums = list(map(_sum, values))
+        if not exponential:
+            # count (4), sum (5), bucket_counts (6), explicit_bounds (7): one pack for all points.
+            middle, explicit = self.explicit
+            stride = buckets + 6
+            numbers: list[object] = [None] * (n * stride)
+            numbers[0::stride] = [0x21] * n
+            numbers[1::stride] = totals
+            numbers[2::stride] = [0x29] * n
+            numbers[3::stride] = sums
+            numbers[4::stride] = [middle] * n
+            for bucket in range(buckets):
+                numbers[5 + bucket :: stride] = list(map(itemgetter(bucket), counts))
+            numbers[5 + buckets :: stride] = [explicit] * n
+            size = 1 + 8 + 1 + 8 + len(middle) + 8 * buckets + len(explicit)
+            one = f"BQBd{len(middle)}s{buckets}Q{len(explicit)}s"
+            bodies = memoryview(Struct("<" + one * n).pack(*numbers))
+            lengths = map(add, map(len, heads), repeat(size, n))
+            parts = map(bodies.__getitem__, map(slice, range(0, n * size, size), range(size, (n + 1) * size, size)))
+            return list(map(b"".join, zip(repeat(b"\x0a", n), map(_length, lengths), heads, parts, strict=True)))
+        # count (4), sum (5), zero_count (7), then positive (8) and zero_threshold (14).
+        numbers = [None] * (6 * n)
+        numbers[0::6] = [0x21] * n
+        numbers[1::6] = totals
+        numbers[2::6] = [0x29] * n
+        numbers[3::6] = sums
+        numbers[4::6] = [0x39] * n
+        numbers[5::6] = list(map(itemgetter(0), counts))
+        fixed = memoryview(Struct("<" + "BQBdBQ" * n).pack(*numbers))
+        parts = list(map(fixed.__getitem__, map(slice, range(0, 27 * n, 27), range(27, 27 * n + 27, 27))))
+        positives: list[bytes] | None = None
+        for width in WIDTHS:
+            slots = self._slots(width, n)
+            packed = slots.pack(counts)
+            if packed is not None:
+                varints = slots.to_bytes(slots.varints(packed))
+                lows, highs = slots.windows(packed)
+                keys = slots.window_keys(lows, highs)
+                windows = map(varints.__getitem__, map(slice, lows, map(add, highs, repeat(width, n))))
+                positives = list(map(add, map(self._prefixes(width).__getitem__, keys), windows))
+                break
+        if positives is None:  # counts of 2^55 and more: point by point
+            positives = [self._positive(c) for c in counts]
+        threshold = self.threshold
+        lengths = map(add, map(add, map(len, heads), map(len, positives)), repeat(27 + len(threshold), n))
+        fields = zip(
+            repeat(b"\x0a", n), map(_length, lengths), heads, parts, positives, repeat(threshold, n), strict=True
+        )
+        return list(map(b"".join, fields))
+
+    def _positive(self, counts: Sequence[int]) -> bytes:
+        """The positive field of one point, its counts' varints minimal."""
+        assert self.exponent is not None
+        low, high = 1, len(counts)
+        while low < high and not counts[low]:
+            low += 1
+        while high > low and not counts[high - 1]:
+            high -= 1
+        if low >= high:
+            return b""
+        packed = b"".join(map(varint, counts[low:high]))
+        return field(0x42, b"\x08" + varint(zigzag(self.exponent + low - 1)) + b"\x12" + varint(len(packed)) + packed)
+
+
+def _length(n: int) -> bytes:
+    return SMALL[n] if n < 0x4000 else varint(n)
 
 
 class Encoder:
@@ -129,49 +250,6 @@ class Encoder:
 
     # -- data points ---------------------------------------------------------------------------
 
-    def _histogram_point(
-        self, point: Point, labels: Attributes, value: HistogramValue, times: bytes, info: _Bounds
-    ) -> bytes:
-        """HistogramDataPoint: attributes (9), start (2), time (3), count (4), sum (5),
-        bucket_counts (6), explicit_bounds (7).  min and max stay unset: the kernel keeps neither."""
-        counts = value.counts
-        buckets = len(value.bounds) + 1
-        if len(counts) != buckets:  # tolerate a short or long count tuple: pad or cut
-            counts = (tuple(counts) + (0,) * buckets)[:buckets]
-        attributes = self._point_attributes(point.attributes, labels, 0x4A)
-        return b"".join((
-            attributes, times, b"\x21", _u64(sum(counts)), b"\x29", _f64(value.sum),
-            b"\x32", varint(8 * buckets), info.counts(*counts), info.explicit,
-        ))  # fmt: skip
-
-    def _exponential_point(
-        self, point: Point, labels: Attributes, value: HistogramValue, times: bytes, exponent: int
-    ) -> bytes:
-        """ExponentialHistogramDataPoint: attributes (1), start (2), time (3), count (4), sum (5),
-        scale (6: 0, the default, so absent), zero_count (7), positive (8: Buckets {offset = 1,
-        bucket_counts = 2}), zero_threshold (14).  Bucket k >= 1 of the kernel, (2^(e+k-1),
-        2^(e+k)], is index e + k - 1 at scale 0 (index i covers (2^i, 2^(i+1)])."""
-        counts = value.counts
-        buckets = len(value.bounds) + 1
-        if len(counts) != buckets:
-            counts = (tuple(counts) + (0,) * buckets)[:buckets]
-        low, high = 1, buckets
-        while low < high and not counts[low]:
-            low += 1
-        while high > low and not counts[high - 1]:
-            high -= 1
-        if low < high:
-            packed = b"".join([SMALL[c] if c < 0x4000 else varint(c) for c in counts[low:high]])
-            buckets_field = b"\x08" + varint(zigzag(exponent + low - 1)) + b"\x12" + varint(len(packed)) + packed
-            positive = field(0x42, buckets_field)
-        else:
-            positive = b""
-        attributes = self._point_attributes(point.attributes, labels, 0x0A)
-        return b"".join((
-            attributes, times, b"\x21", _u64(sum(counts)), b"\x29", _f64(value.sum),
-            b"\x39", _u64(counts[0]), positive, b"\x71", _f64(value.bounds[0]),
-        ))  # fmt: skip
-
     # -- requests ------------------------------------------------------------------------------
 
     def requests(self, batch: Batch) -> list[tuple[bytes, int]]:
@@ -192,6 +270,9 @@ class Encoder:
         # (attributes, fallback labels, start, gauge) -> a number data point up to its value, as a
         # data_points field: a scalar point is this plus 9 bytes.
         number_heads: dict[tuple[Attributes, Attributes, int, bool], bytes] = {}
+        # (bounds, data field) -> the histogram points' lists, places, heads and values
+        Todo = tuple[list[list[bytes]], list[int], list[bytes], list[HistogramValue]]
+        histograms: dict[tuple[_Bounds, int], Todo] = {}
         for point in batch.points:
             metric = point.metric
             kind = kinds.get(metric)
@@ -222,12 +303,23 @@ class Encoder:
                 info = self._bounds_of(value.bounds)  # type: ignore[union-attr]
                 if exponential and info.exponent is not None:
                     data_tag = EXPONENTIAL_FIELD
-                    encoded = self._exponential_point(point, slot[2], value, times, info.exponent)  # type: ignore[arg-type]
+                    attributes = self._point_attributes(point.attributes, slot[2], 0x0A)
                 else:
-                    encoded = self._histogram_point(point, slot[2], value, times, info)  # type: ignore[arg-type]
-                # As a data_points field (1) of its Histogram already.
-                encoded = b"\x0a" + varint(len(encoded)) + encoded
+                    attributes = self._point_attributes(point.attributes, slot[2], 0x4A)
                 key: object = (metric, data_tag)
+                points = slot[1].get(key)
+                if points is None:
+                    points = slot[1][key] = (metric, data_tag, [])
+                # Encoded below with the other histograms of its bounds and kind, into its place.
+                todo = histograms.get((info, data_tag))
+                if todo is None:
+                    todo = histograms[(info, data_tag)] = ([], [], [], [])
+                todo[0].append(points[2])
+                todo[1].append(len(points[2]))
+                todo[2].append(attributes + times)
+                todo[3].append(value)
+                points[2].append(b"")
+                continue
             else:
                 head_key = (point.attributes, slot[2], start, gauge)
                 head = number_heads.get(head_key)
@@ -237,11 +329,14 @@ class Encoder:
                     body = self._point_attributes(point.attributes, slot[2], 0x3A) + times
                     head = number_heads[head_key] = b"\x0a" + varint(len(body) + 9) + body
                 encoded = head + (b"\x31" + _i64(value) if type(value) is int else b"\x21" + _f64(value))  # type: ignore[arg-type]
-                key = metric
-            points = slot[1].get(key)
+            points = slot[1].get(metric)
             if points is None:
-                points = slot[1][key] = (metric, data_tag, [])
+                points = slot[1][metric] = (metric, data_tag, [])
             points[2].append(encoded)
+        for (info, data_tag), (lists, places, heads, values) in histograms.items():
+            encoded = info.histogram_points(heads, values, data_tag == EXPONENTIAL_FIELD)
+            for points_list, place, one in zip(lists, places, encoded, strict=True):
+                points_list[place] = one
         self._resources = used  # only the resources of the latest snapshot stay cached
         if len(self._attributes) > 4 * len(batch) + 1000:
             self._attributes.clear()  # attribute sets of gone series
@@ -261,46 +356,76 @@ class Encoder:
 class _Requests:
     """Cuts grouped data points into requests of at most `max_points` points and under
     MAX_REQUEST_BYTES, in the order given (resource, then metric: a request repeats as few
-    resources and metrics as possible)."""
+    resources and metrics as possible).
+
+    A request is kept as the list of its pieces (fields' heads, data points, tails) and joined
+    once: every data point is copied once, where nesting the fields would copy it at each level
+    (a node's snapshot has ~3,900 Metric messages, one per pod and metric).  A ResourceMetrics'
+    head holds the length of all that follows it, so it is written when the resource closes, in
+    the place kept for it."""
 
     def __init__(self, max_points: int, scope: bytes) -> None:
         self.max_points = max_points
         self.scope = scope
         self.out: list[tuple[bytes, int]] = []
-        self.resources: list[bytes] = []  # finished ResourceMetrics fields of this request
+        self.pieces: list[bytes] = []  # this request so far
         self.resource: bytes | None = None  # the resource field being filled
-        self.metrics: list[bytes] = []  # its Metric fields so far
+        self.resource_at = 0  # where its head goes in pieces
+        self.scope_size = 0  # the size of its ScopeMetrics' content so far
         self.points = 0
         self.size = 0
 
     def _close_resource(self) -> None:
-        if self.resource is not None and self.metrics:
-            scope_metrics = field(0x12, self.scope + b"".join(self.metrics))
-            self.resources.append(field(0x0A, self.resource + scope_metrics))
-        self.resource, self.metrics = None, []
+        resource = self.resource
+        if resource is not None:
+            if self.scope_size > len(self.scope):  # it has metrics
+                scope_size = self.scope_size
+                scope_length = varint(scope_size)
+                resource_size = len(resource) + 1 + len(scope_length) + scope_size
+                self.pieces[self.resource_at] = b"".join(
+                    (b"\x0a", varint(resource_size), resource, b"\x12", scope_length, self.scope)
+                )
+            else:
+                del self.pieces[self.resource_at :]
+        self.resource = None
 
     def _close_request(self) -> None:
         self._close_resource()
-        if self.resources:
-            self.out.append((b"".join(self.resources), self.points))
-        self.resources, self.points, self.size = [], 0, 0
+        if self.pieces:
+            self.out.append((b"".join(self.pieces), self.points))
+        self.pieces, self.points, self.size = [], 0, 0
 
     def add(self, resource: bytes, head: bytes, data_tag: int, points: list[bytes]) -> None:
         """One metric's data points (each already a data_points field) of one resource."""
         tail = _DATA_TAILS[data_tag]
         if resource is not self.resource:
             self._close_resource()
+        elif self.points + len(points) <= self.max_points:
+            # The common case: the resource is open and its metric fits in this request.
+            data_size = sum(map(len, points))
+            grown = self.size + len(head) + len(tail) + 2 * _FIELD_OVERHEAD + data_size
+            if grown <= MAX_REQUEST_BYTES:
+                self.size = grown
+                self.points += len(points)
+                self._metric(head, data_tag, points, data_size + len(tail), tail)
+                return
         done = 0
+        pieces = self.pieces
         while done < len(points):
             if self.points >= self.max_points or self.size >= MAX_REQUEST_BYTES:
                 self._close_request()
+                pieces = self.pieces
             if self.resource is None:
                 self.resource = resource
+                self.resource_at = len(pieces)
+                pieces.append(b"")  # its head, written when it closes
+                self.scope_size = len(self.scope)
                 self.size += len(resource) + len(self.scope) + 3 * _FIELD_OVERHEAD
             self.size += len(head) + len(tail) + 2 * _FIELD_OVERHEAD
             room = self.max_points - self.points
             taken = points[done : done + room] if done or room < len(points) else points
-            grown = self.size + sum(map(len, taken))
+            data_size = sum(map(len, taken))
+            grown = self.size + data_size
             if grown > MAX_REQUEST_BYTES:  # rare: cut where the request is full
                 grown, kept = self.size, 0
                 for one in taken:
@@ -309,16 +434,32 @@ class _Requests:
                     grown += len(one)
                     kept += 1
                 taken = taken[:kept]
+                data_size = sum(map(len, taken))
                 grown = max(grown, MAX_REQUEST_BYTES)  # full: the next round starts a new request
             self.size = grown
             done += len(taken)
             self.points += len(taken)
             if taken:
-                self.metrics.append(field(0x12, head + field(data_tag, b"".join(taken) + tail)))
+                self._metric(head, data_tag, taken, data_size + len(tail), tail)
+
+    def _metric(self, head: bytes, data_tag: int, points: list[bytes], data_size: int, tail: bytes) -> None:
+        """A Metric field (ScopeMetrics.metrics, 2): its head, then the data field (gauge, sum,
+        histogram...) holding the points and the tail, `data_size` bytes."""
+        data_length = SMALL[data_size] if data_size < 0x4000 else varint(data_size)
+        metric_size = len(head) + 1 + len(data_length) + data_size
+        metric_length = SMALL[metric_size] if metric_size < 0x4000 else varint(metric_size)
+        pieces = self.pieces
+        pieces.append(b"".join((b"\x12", metric_length, head, _TAGS[data_tag], data_length)))
+        pieces += points
+        pieces.append(tail)
+        self.scope_size += 1 + len(metric_length) + metric_size
 
     def finish(self) -> list[tuple[bytes, int]]:
         self._close_request()
         return self.out
+
+
+_TAGS = [bytes((tag,)) for tag in range(256)]
 
 
 # Metric.data fields: gauge (5), sum (7), histogram (9), exponential_histogram (10).
