@@ -34,7 +34,7 @@ from bench.sections import Measured
 from bench.synthetic import HIST_BOUNDS, node_batch
 from kpod.cgroup.index import CgroupIndex
 from kpod.component import Context
-from kpod.model import Batch, Kind
+from kpod.model import Batch, Kind, Point
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 
@@ -98,6 +98,7 @@ def render_times(pods: int = 110, rounds: int = 31) -> dict[str, Any]:
             points[i] = other.points[i]
         base.points = points
         timed(base, partial, partial_wall)
+    churn = churn_times(pods, rounds, previous_renderer, text_renderer, protobuf["protobuf"])
     text, _, series = Renderer().render(base)
     both, _ = ProtobufRenderer(BOTH).render(base)
     native, _ = ProtobufRenderer(NATIVE).render(base)
@@ -118,7 +119,54 @@ def render_times(pods: int = 110, rounds: int = 31) -> dict[str, Any]:
         "all_changed_min_ms": {name: min(v[1:]) * 1000 for name, v in changed.items()},
         "all_changed_wall_ms": {name: statistics.median(v[1:]) * 1000 for name, v in changed_wall.items()},
         "third_changed_wall_ms": {name: statistics.median(v) * 1000 for name, v in partial_wall.items()},
+        "churn_ms": churn,
     }
+
+
+def _pods(batch: Batch) -> list[list[Point]]:
+    """A batch's points by pod (resource), in order."""
+    pods: dict[int, list[Point]] = {}
+    for point in batch.points:
+        pods.setdefault(id(point.resource), []).append(point)
+    return list(pods.values())
+
+
+def churn_times(
+    pods: int, rounds: int, previous: PreviousRenderer, text: Renderer, protobuf: ProtobufRenderer
+) -> dict[str, float]:
+    """CPU medians of a cycle where a pod went away and another came (a series set that changed:
+    the renderers rebuild what they keep per family), beside cycles of the same pods, every value
+    changed in both.  A node of `pods` pods, one of which is replaced by a new pod every other
+    cycle and back: steady, churn, churn, steady, ...; the renderers take turns on each batch."""
+    layout = _pods(node_batch(pods + 1, seed=1))
+    values = [_pods(node_batch(pods + 1, seed=seed)) for seed in range(2, 9)]
+
+    def batch(left_out: int, cycle: int) -> Batch:
+        points = []
+        for index, (pod, numbers) in enumerate(zip(layout, values[cycle % len(values)], strict=True)):
+            if index != left_out:
+                points += [
+                    Point(p.metric, p.cgroup, p.attributes, n.value, p.resource)
+                    for p, n in zip(pod, numbers, strict=True)
+                ]
+        return Batch(points)
+
+    renders = {
+        "text_previous": lambda b: previous.render_parts(b).openmetrics(),
+        "text": lambda b: text.render_parts(b).openmetrics(),
+        "protobuf": lambda b: protobuf.render(b),
+    }
+    taken: dict[str, list[float]] = {f"{name}_{kind}": [] for name in renders for kind in ("steady", "churn")}
+    cycle = 0
+    for round_number in range(rounds):
+        for kind, left_out in (("steady", pods), ("churn", round_number % pods), ("churn", pods), ("steady", pods)):
+            one = batch(left_out, cycle)
+            cycle += 1
+            for name, render in renders.items():
+                began = time.process_time()
+                render(one)
+                taken[f"{name}_{kind}"].append(time.process_time() - began)
+    return {name: statistics.median(v[2:]) * 1000 for name, v in taken.items()}
 
 
 class _StdlibHandler(BaseHTTPRequestHandler):
@@ -212,7 +260,9 @@ def idle_rss(profile_lines: str, label: str, cycles_s: float = IDLE_S) -> float:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KPOD_")}
         process = subprocess.Popen(
             [sys.executable, "-m", "kpod.cli", "run", "--config", str(config), "--log-level", "warning"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         try:
             deadline = time.monotonic() + 30
@@ -267,6 +317,22 @@ def _previous_rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     ]  # fmt: skip
 
 
+def _churn_rows(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """A cycle where a pod was replaced beside one of the same pods (runs before it was measured
+    have no such figures)."""
+    churn = r.get("churn_ms")
+    if not churn:
+        return []
+    return [
+        (f"a pod replaced by another (every value changed), CPU median: {label}; the same pods' cycle",
+         "near the same pods'", f"{churn[name + '_churn']:.1f} ms; {churn[name + '_steady']:.1f} ms "
+         f"({churn[name + '_churn'] / churn[name + '_steady']:.2f})",
+         churn[name + "_churn"] <= 1.15 * churn[name + "_steady"])
+        for name, label in (("text", "OpenMetrics"), ("protobuf", "protobuf (both)"),
+                            ("text_previous", "OpenMetrics, the renderer before issue 18"))
+    ]  # fmt: skip
+
+
 def render(data: dict[str, Any]) -> str:
     r, scrape, rss = data["render"], data["scrape"], data["rss_mib"]
     changed, third, least = r["all_changed_ms"], r["third_changed_ms"], r.get("all_changed_min_ms", {})
@@ -293,6 +359,7 @@ def render(data: dict[str, Any]) -> str:
              max(changed["protobuf_gzip"], changed["protobuf_native_gzip"]) <= changed["text_gzip"]),
             ("render protobuf (both / native), a third of the series changed, median", "-",
              f"{third['protobuf']:.1f} / {third['protobuf_native']:.1f} ms", True),
+            *_churn_rows(r),
             ("scrape latency over loopback, plain, p50 / p99", f"p50 <= {SCRAPE_TARGET_MS:g} ms",
              f"{scrape['plain_p50_ms']:.2f} / {scrape['plain_p99_ms']:.2f} ms",
              scrape["plain_p50_ms"] <= SCRAPE_TARGET_MS),
@@ -316,12 +383,12 @@ def render(data: dict[str, Any]) -> str:
     renderers = "four" if "text_previous" in changed else "three"
     return f"""## Core: exposition, scrape, memory
 
-Node-sized batch (bench/synthetic.py): {data['pods']} pods x the comprehensive profile's series =
-{r['series']:,} series ({r['histograms']:,} of them histograms with {r['buckets']} buckets),
-{r['bytes'] / 1e6:.1f} MB of text, {r['gzip_bytes'] / 1e6:.2f} MB gzipped (level 1); protobuf
-{pb['both'] / 1e6:.2f} MB with native and classic buckets, {pb['native'] / 1e6:.2f} MB native only
-({pb_gz['both'] / 1e6:.2f} / {pb_gz['native'] / 1e6:.2f} MB gzipped).  Render: CPU time, median over
-{r['rounds']} renders, the {renderers} renderers taking turns on each batch.  Scrape: {scrape['scrapes']} GETs of
+Node-sized batch (bench/synthetic.py): {data["pods"]} pods x the comprehensive profile's series =
+{r["series"]:,} series ({r["histograms"]:,} of them histograms with {r["buckets"]} buckets),
+{r["bytes"] / 1e6:.1f} MB of text, {r["gzip_bytes"] / 1e6:.2f} MB gzipped (level 1); protobuf
+{pb["both"] / 1e6:.2f} MB with native and classic buckets, {pb["native"] / 1e6:.2f} MB native only
+({pb_gz["both"] / 1e6:.2f} / {pb_gz["native"] / 1e6:.2f} MB gzipped).  Render: CPU time, median over
+{r["rounds"]} renders, the {renderers} renderers taking turns on each batch.  Scrape: {scrape["scrapes"]} GETs of
 {_scrapes_how(scrape)}.  Idle RSS: a `kpod-metrics run`
 process after {IDLE_S:g} s of cycles.
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import accumulate, compress, repeat
-from operator import and_, attrgetter, eq, itemgetter, not_
+from operator import and_, attrgetter, eq, is_not, itemgetter, not_
 
 from kpod.exporters.prometheus.labels import LabelCache, group
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
@@ -121,11 +121,13 @@ class _Family:
 
     __slots__ = ("chunks", "labels", "pieces", "shape", "template", "values")
 
-    def __init__(self, labels: list[str], shape: object, pieces: dict[str, tuple[object, bytes]]) -> None:
+    def __init__(
+        self, labels: list[str], shape: object, pieces: dict[str, tuple[object, bytes]], texts: Iterable[bytes]
+    ) -> None:
         self.labels = labels
         self.shape = shape
         self.pieces = pieces
-        self.template = b"".join(map(_text, pieces.values()))
+        self.template = b"".join(texts)
         self.values: list[HistogramValue] | None = None
         self.chunks: list[bytes] | None = None
 
@@ -140,21 +142,25 @@ class _Family:
         labels: list[str],
         shape: object,
         piece: Callable[[str, object], bytes],
-        shapes: Iterable[object] | None = None,
+        shapes: Sequence[object] | None = None,
     ) -> _Family:
         """The family of these series: the pieces of series it had already are reused (a pod
         that comes or goes costs its own series' pieces, not the family's).  `shapes` are the
-        series' shapes when `shape` is not their tuple (one type for all of them).  Looked up by
-        label text, whose hash is kept, and checked for the shape: this runs over every series
-        of a family each time one of its series comes or goes."""
-        known_get = (previous.pieces if previous is not None else {}).get
-        pieces: dict[str, tuple[object, bytes]] = {}
-        for series, form in zip(labels, shape if shapes is None else shapes, strict=True):  # type: ignore[call-overload]
-            found = known_get(series)
-            pieces[series] = found if found is not None and found[0] == form else (form, piece(series, form))
-        return _Family(labels, shape, pieces)
+        series' shapes when `shape` is not their tuple (one type for all of them).  This runs
+        over every series of every family each time a pod comes or goes: the lookups (by label
+        text, whose hash is kept) and the shape checks are done in C, and only the series that
+        are new (or changed shape) go through Python."""
+        forms: Sequence[object] = shape if shapes is None else shapes  # type: ignore[assignment]
+        known = previous.pieces if previous is not None else {}
+        found = list(map(known.get, labels, repeat(_MISSING, len(labels))))
+        for index in compress(range(len(labels)), map(is_not, map(_form, found), forms)):
+            if found[index][0] != forms[index]:  # new, or of another shape (equal shapes are kept)
+                found[index] = (forms[index], piece(labels[index], forms[index]))
+        return _Family(labels, shape, dict(zip(labels, found, strict=True)), map(_text, found))
 
 
+_MISSING = (object(), b"")  # a piece whose form matches none
+_form = itemgetter(0)
 _text = itemgetter(1)
 _SCALAR_TYPES = {int, float}
 _bounds = attrgetter("bounds")
@@ -250,7 +256,7 @@ class Renderer:
                     if not isinstance(value, HistogramValue)
                 ]
                 return None, b"".join(lines), len(lines)
-            shapes = repeat(shape, len(values)) if len(kinds) == 1 else None
+            shapes = [shape] * len(values) if len(kinds) == 1 else None
             previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample), shapes)
         if shape is not int:
             values = tuple(_all_shown(values))
