@@ -113,7 +113,8 @@ test: setup
 # (memory.max); the rest of tests/test_lifecycle_agent.py does not depend on the kernel's layout.
 VM_TESTS   ?= $(wildcard tests/vm/test_vm_guest.py tests/test_bpf_receivers.py tests/test_bpf_memory_v2.py \
                 tests/test_bpf_net.py tests/test_bpf_syscall.py tests/test_bpf_layout.py tests/test_bpf_routes.py \
-                tests/test_cgroup_receivers_real.py tests/test_resolution_cgroups.py tests/test_lifecycle_kernel.py) \
+                tests/test_cgroup_receivers_real.py tests/test_resolution_cgroups.py tests/test_lifecycle_kernel.py \
+                tests/test_cgroup_follow.py) \
               tests/test_lifecycle_agent.py::test_oom_kill_of_a_container_removed_at_once_counts_one_with_the_default_poll
 VM_TIMEOUT ?= 1500
 
