@@ -201,6 +201,7 @@ def merge_duplicates(points: list[Point]) -> list[Point]:
     run: object = False  # no point has this resource: the first point starts a run
     label_set = 0
     seen: dict[tuple[MetricDef, Attributes, int], int] = {}
+    first_seen = seen.setdefault
     out: list[Point] = []
     for point in points:
         resource = point.resource
@@ -208,10 +209,9 @@ def merge_duplicates(points: list[Point]) -> list[Point]:
             run = resource
             labels = resource.labels if resource is not None else None
             label_set = label_sets.setdefault(labels, len(label_sets))
-        key = (point.metric, point.attributes, label_set)
-        index = seen.get(key)
-        if index is None:
-            seen[key] = len(out)
+        count = len(out)
+        index = first_seen((point.metric, point.attributes, label_set), count)
+        if index == count:  # a new series (one dict operation for the common case)
             out.append(point)
             continue
         first = out[index]
