@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from kpod.exporters.prometheus.exposition import Renderer
 from kpod.processors.k8sattributes.discovery import decode_watch_event
@@ -512,6 +512,7 @@ def test_pod_list_skips_and_counts_bad_items(items: list, metadata: object, cuts
 @given(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
                  st.integers(1, 20000).map(lambda n: b"[" * n + b"]" * n),
                  st.integers(1, 20000).map(lambda n: b'{"items":' * n)))  # fmt: skip
+@example(b'{"":null,"":0.0}')  # found by this test: "0" of "0.0" fed alone was taken whole
 def test_pod_list_on_garbage_raises_only_value_error(data: bytes) -> None:
     try:
         pods = decode_pod_list(data, logging.getLogger("fuzz")).pods

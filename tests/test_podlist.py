@@ -92,6 +92,18 @@ def test_a_number_cut_by_a_chunk_is_not_taken_for_a_shorter_one() -> None:
         assert ([p.uid for p in page.pods], page.skipped, page.resource_version) == (["a"], 1, "12345"), cut
 
 
+def test_a_fraction_or_an_exponent_cut_by_a_chunk_is_not_an_error() -> None:
+    # "0" of "0.5" and "1" of "1e5" decode as numbers that stop before a tail the next chunk
+    # completes (the fuzz test found {"":0.0} fed byte by byte called "not JSON").
+    data = (b'{"x": 0.5, "y": 1e5, "z": -2E-3, "metadata": {"resourceVersion": "9", "n": 3.5e1}, '
+            b'"items": [{"metadata": {"uid": "A"}}]}')
+    for cut in range(1, len(data)):
+        page = decode_chunks(iter([data[:cut], data[cut:]]))
+        assert ([p.uid for p in page.pods], page.resource_version) == (["a"], "9"), cut
+    with pytest.raises(ValueError, match="not a PodList"):
+        decode_chunks(iter([b'{"":0', b'.0}']))
+
+
 def test_a_byte_order_mark_and_multibyte_characters_cut_anywhere() -> None:
     pod = make_pod("caf\u00e9-\u65e5\u672c", namespace="\u00fc")
     data = b"\xef\xbb\xbf" + body_of([pod])

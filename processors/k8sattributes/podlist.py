@@ -60,6 +60,15 @@ class _Incomplete(Exception):
     """More text is needed before the value at the current position can be decoded."""
 
 
+# What can follow the digits a number decoded so far, up to the end of the text: the rest of a
+# number the next chunk may complete.
+_NUMBER_TAIL = re.compile(r"[0-9.eE+-]+\Z")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def scalar_text(value: Any) -> str:
     """A resourceVersion or continue token is an opaque string; anything else reads as absent."""
     return value if isinstance(value, str) else (str(value) if isinstance(value, int) and value else "")
@@ -158,8 +167,10 @@ class PodListDecoder:
             if self._eof:
                 raise ValueError("response is not JSON (JSONDecodeError)") from None
             self._wait_for_more()
-        if end == len(self._text) and not self._eof:
-            self._wait_for_more()  # a number cut by the chunk ("12" of "123") decodes too
+        if not self._eof and (end == len(self._text) or (_is_number(value) and _NUMBER_TAIL.match(self._text, end))):
+            # A number cut by the chunk decodes too: "12" of "123", and "0" of "0.5" or "1" of
+            # "1e5" stop before a tail that could still go on.
+            self._wait_for_more()
         self._pos = end
         self._retry_at = 0
         return value
