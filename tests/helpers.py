@@ -8,6 +8,7 @@ it is missing (the machine is not set up as the Makefile says), it never skips.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import ssl
@@ -206,3 +207,15 @@ def receiver_classes() -> list[type[Receiver]]:
     from scripts import gen_docs
 
     return [doc.cls for doc in gen_docs.receivers()]
+
+
+def histogram_count_families(rng: random.Random, buckets: int) -> list[list[tuple[int, ...]]]:
+    """Kernel histogram count tuples an encoder must get right, cut into families of all sizes:
+    empty, only the zero bucket, only +Inf, all ones, then 300 random ones of every magnitude
+    (within and beyond 4- and 8-byte varints), mostly `buckets` long, some short or long."""
+    shapes = [(0,) * buckets, (4,) + (0,) * (buckets - 1), (0,) * (buckets - 1) + (9,), (1,) * buckets]
+    for _ in range(300):
+        big = rng.choice((10, 9000, 2**20, 2**26 // buckets, 2**29, 2**50, 2**60))
+        width = rng.choice((buckets,) * 20 + (buckets - 3, buckets + 2))
+        shapes.append(tuple(rng.choice((0, 0, 1, rng.randrange(big))) for _ in range(width)))
+    return [shapes[:4], shapes] + [shapes[i : i + 37] for i in range(4, len(shapes), 37)]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import require_tools
+from helpers import histogram_count_families, require_tools
 from kpod.exporters.otlp.config import OtlpConfig, TlsConfig, resolve_target
 from otlp_receiver import (
     GrpcReceiver,
@@ -634,12 +634,7 @@ def test_exponential_points_of_any_counts_decode_to_the_kernel_buckets() -> None
     metric = MetricDef("kpod.test.latency", Kind.HISTOGRAM, "s", "Latency.")
     rng = random.Random(55)
     buckets = len(HIST_BOUNDS) + 1
-    shapes = [(0,) * buckets, (4,) + (0,) * (buckets - 1), (0,) * (buckets - 1) + (9,), (1,) * buckets]
-    for _ in range(300):
-        big = rng.choice((10, 9000, 2**20, 2**26 // buckets, 2**29, 2**50, 2**60))
-        width = rng.choice((buckets,) * 20 + (buckets - 3, buckets + 2))
-        shapes.append(tuple(rng.choice((0, 0, 1, rng.randrange(big))) for _ in range(width)))
-    for group in [shapes[:4], shapes] + [shapes[i : i + 37] for i in range(4, len(shapes), 37)]:
+    for group in histogram_count_families(rng, buckets):
         values = [HistogramValue(HIST_BOUNDS, counts, rng.random()) for counts in group]
         resource = Resource((("pod", "p"),), (("k8s.pod.name", "p"),))
         batch = Batch([Point(metric, CgroupRef(1, "/"), (("n", str(i)),), v, resource) for i, v in enumerate(values)])

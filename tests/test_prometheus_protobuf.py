@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator
 
 import pytest
+from helpers import histogram_count_families
 from kpod.exporters.prometheus.exposition import Renderer
 from kpod.exporters.prometheus.protobuf import (
     BOTH,
@@ -188,16 +189,9 @@ def test_families_encoded_at_once_decode_as_histogram_message_writes(mode: str) 
     the zero bucket, one bucket, the +Inf bucket, counts beyond 4-byte varints (the 8-byte
     layout) and beyond 8-byte ones (series by series), a short or long count tuple."""
     rng = random.Random(28)
-    buckets = len(HIST_BOUNDS) + 1
-    shapes = [(0,) * buckets, (4,) + (0,) * (buckets - 1), (0,) * (buckets - 1) + (9,), (1,) * buckets]
-    for _ in range(300):
-        big = rng.choice((10, 9000, 2**20, 2**26 // buckets, 2**29, 2**50, 2**60))
-        width = rng.choice((buckets,) * 20 + (buckets - 3, buckets + 2))
-        shapes.append(tuple(rng.choice((0, 0, 1, rng.randrange(big))) for _ in range(width)))
     # Families of all sizes, each of one magnitude (a family's layout is chosen by its largest
     # count) or mixed.
-    families_of_shapes = [shapes[:4], shapes] + [shapes[i : i + 37] for i in range(4, len(shapes), 37)]
-    for group_of_shapes in families_of_shapes:
+    for group_of_shapes in histogram_count_families(rng, len(HIST_BOUNDS) + 1):
         values = [HistogramValue(HIST_BOUNDS, counts, rng.random()) for counts in group_of_shapes]
         batch = Batch(
             [Point(RUNQ, CgroupRef(i, "/"), (), value, Resource((("pod", f"p{i}"),))) for i, value in enumerate(values)]
