@@ -10,7 +10,9 @@ may make cgroups on this host at the same time: comparisons are restricted to th
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from kernel_util import cgroup2_root, cgroup_tree, context, kernel_test
@@ -19,6 +21,18 @@ from kpod.cgroup.index import CgroupIndex
 from kpod.kernel import cgroupwatch
 
 pytestmark = kernel_test
+
+
+@contextlib.contextmanager
+def _watched_index(scope: str) -> Iterator[CgroupIndex]:
+    """The cgroup index of `scope` fed by the kernel's cgroup events; the event source released after."""
+    ctx = context("syscall", scope=scope)
+    watch = cgroupwatch.acquire(ctx.cgroups, ctx.settings.bpf)
+    assert watch is not None
+    try:
+        yield ctx.cgroups
+    finally:
+        cgroupwatch.release(watch)
 
 
 def _view(index: CgroupIndex, under: list[Path]) -> tuple[dict[int, str], set[int]]:
@@ -52,70 +66,54 @@ def _follows(index: CgroupIndex, scope: str, under: list[Path]) -> None:
 
 def test_the_index_follows_pods_containers_and_nested_cgroups_without_walking() -> None:
     for scope in ("kubepods", "all"):
-        ctx = context("syscall", scope=scope)
-        index = ctx.cgroups
-        watch = cgroupwatch.acquire(index, ctx.settings.bpf)
-        assert watch is not None
-        try:
-            with cgroup_tree() as tree:
-                first = tree.pod()
-                pods = [first.pod_dir]
-                index.refresh()  # the first sync added what existed before the watch: one more walk
-                index.refresh()
-                _follows(index, scope, pods)
-                second = tree.pod(qos="guaranteed")
-                pods.append(second.pod_dir)
-                sidecar = tree.mkdir(str((first.pod_dir / "cri-containerd-sidecar.scope").relative_to(tree.root)))
-                _follows(index, scope, pods)
-                assert {first.container_id, second.container_id, sidecar.stat().st_ino} <= {
-                    r.id for r in index.workloads()
-                }
-                # Nested cgroups (no events in Kubernetes modes: the container is looked into).
-                deeper = tree.mkdir(str((first.container_dir / "init" / "deeper").relative_to(tree.root)))
-                _follows(index, scope, pods)
-                leaves = {r.id for r in index.workloads()}
-                assert deeper.stat().st_ino in leaves and first.container_id not in leaves
-                deeper.rmdir()
-                deeper.parent.rmdir()
-                tree.created = [p for p in tree.created if p not in (deeper, deeper.parent)]
-                _follows(index, scope, pods)
-                assert first.container_id in {r.id for r in index.workloads()}
-                # A container removed (after its nested cgroup): gone with its path.
-                nested = tree.mkdir(str((sidecar / "inner").relative_to(tree.root)))
-                _follows(index, scope, pods)
-                sidecar_id, nested_id = sidecar.stat().st_ino, nested.stat().st_ino
-                nested.rmdir()
-                sidecar.rmdir()
-                tree.created = [p for p in tree.created if p not in (nested, sidecar)]
-                _follows(index, scope, pods)
-                gone = {r.id: r.path for r in index.gone()}
-                assert gone[sidecar_id].endswith("/cri-containerd-sidecar.scope")
-                assert gone[nested_id].endswith("/cri-containerd-sidecar.scope/inner")
-                assert index.walk_status()["drift"] == 0
-        finally:
-            cgroupwatch.release(watch)
+        with _watched_index(scope) as index, cgroup_tree() as tree:
+            first = tree.pod()
+            pods = [first.pod_dir]
+            index.refresh()  # the first sync added what existed before the watch: one more walk
+            index.refresh()
+            _follows(index, scope, pods)
+            second = tree.pod(qos="guaranteed")
+            pods.append(second.pod_dir)
+            sidecar = tree.mkdir(str((first.pod_dir / "cri-containerd-sidecar.scope").relative_to(tree.root)))
+            _follows(index, scope, pods)
+            assert {first.container_id, second.container_id, sidecar.stat().st_ino} <= {r.id for r in index.workloads()}
+            # Nested cgroups (no events in Kubernetes modes: the container is looked into).
+            deeper = tree.mkdir(str((first.container_dir / "init" / "deeper").relative_to(tree.root)))
+            _follows(index, scope, pods)
+            leaves = {r.id for r in index.workloads()}
+            assert deeper.stat().st_ino in leaves and first.container_id not in leaves
+            deeper.rmdir()
+            deeper.parent.rmdir()
+            tree.created = [p for p in tree.created if p not in (deeper, deeper.parent)]
+            _follows(index, scope, pods)
+            assert first.container_id in {r.id for r in index.workloads()}
+            # A container removed (after its nested cgroup): gone with its path.
+            nested = tree.mkdir(str((sidecar / "inner").relative_to(tree.root)))
+            _follows(index, scope, pods)
+            sidecar_id, nested_id = sidecar.stat().st_ino, nested.stat().st_ino
+            nested.rmdir()
+            sidecar.rmdir()
+            tree.created = [p for p in tree.created if p not in (nested, sidecar)]
+            _follows(index, scope, pods)
+            gone = {r.id: r.path for r in index.gone()}
+            assert gone[sidecar_id].endswith("/cri-containerd-sidecar.scope")
+            assert gone[nested_id].endswith("/cri-containerd-sidecar.scope/inner")
+            assert index.walk_status()["drift"] == 0
 
 
 def test_events_lost_in_a_full_ring_buffer_make_the_index_walk() -> None:
     """Local mode reports every cgroup: 3000 made and removed between two refreshes overflow the
     256 KiB ring buffer; the index notices (the kernel's count of dropped records) and walks."""
-    ctx = context("syscall", scope="all")
-    index = ctx.cgroups
-    watch = cgroupwatch.acquire(index, ctx.settings.bpf)
-    assert watch is not None
-    try:
-        with cgroup_tree() as tree:
-            pod = tree.pod()
-            index.refresh()
-            before = index.walk_status()["walks"].get("events missed", 0)
-            for n in range(1500):
-                path = pod.container_dir / f"churn-{n}-{'x' * 100}"
-                os.mkdir(path)
-                os.rmdir(path)
-            kept = tree.mkdir(str((pod.pod_dir / "cri-containerd-after.scope").relative_to(tree.root)))
-            index.refresh()
-            assert index.walk_status()["walks"].get("events missed", 0) == before + 1
-            assert kept.stat().st_ino in index.live_ids()
-            assert _view(index, [pod.pod_dir]) == _walked("all", [pod.pod_dir])
-    finally:
-        cgroupwatch.release(watch)
+    with _watched_index("all") as index, cgroup_tree() as tree:
+        pod = tree.pod()
+        index.refresh()
+        before = index.walk_status()["walks"].get("events missed", 0)
+        for n in range(1500):
+            path = pod.container_dir / f"churn-{n}-{'x' * 100}"
+            os.mkdir(path)
+            os.rmdir(path)
+        kept = tree.mkdir(str((pod.pod_dir / "cri-containerd-after.scope").relative_to(tree.root)))
+        index.refresh()
+        assert index.walk_status()["walks"].get("events missed", 0) == before + 1
+        assert kept.stat().st_ino in index.live_ids()
+        assert _view(index, [pod.pod_dir]) == _walked("all", [pod.pod_dir])
