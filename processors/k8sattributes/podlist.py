@@ -184,6 +184,17 @@ class PodListDecoder:
     def _expect(self, char: str) -> None:
         raise ValueError("response is not JSON (JSONDecodeError)")
 
+    def _separator(self, close: str, after_comma: int, after_close: int) -> bool:
+        char = self._skip_space()
+        if char == ",":
+            self._state = after_comma
+        elif char == close:
+            self._state = after_close
+        else:
+            self._expect(char)
+        self._pos += 1
+        return True
+
     def _step(self) -> bool:
         """One move of the walk; False at the end of the document."""
         state = self._state
@@ -239,26 +250,10 @@ class PodListDecoder:
             self._item(self._value())
             self._state = _ITEM_NEXT
             return True
-        if state == _ITEM_NEXT:
-            char = self._skip_space()
-            if char == ",":
-                self._state = _ITEM
-            elif char == "]":
-                self._state = _NEXT
-            else:
-                self._expect(char)
-            self._pos += 1
-            return True
-        if state == _NEXT:
-            char = self._skip_space()
-            if char == ",":
-                self._state = _KEY
-            elif char == "}":
-                self._state = _END
-            else:
-                self._expect(char)
-            self._pos += 1
-            return True
+        if state == _ITEM_NEXT:  # after an item: another, or the end of "items"
+            return self._separator("]", _ITEM, _NEXT)
+        if state == _NEXT:  # after a top-level value: another key, or the end of the document
+            return self._separator("}", _KEY, _END)
         if state == _END:
             char = self._skip_space()
             if char:
