@@ -204,13 +204,6 @@ class CgroupFileReceiver(Receiver):
     def _vanished(self) -> None:
         self.context.self_metrics.inc(VANISHED_READS, VANISHED_READS_HELP, labels=(("receiver", self.id),))
 
-    def _failed(self, path: str, cgroup_dir: str | None) -> None:
-        """Count a read that failed: vanished when the file's cgroup (or /proc/<pid>) is gone."""
-        if is_dir(cgroup_dir if cgroup_dir is not None else os.path.dirname(path)):
-            self._error()
-        else:
-            self._vanished()
-
     def _dropped(self, reason: str, series: int) -> None:
         """Count series not reported (a cap, a mount that hangs...); 0 declares the series."""
         labels = (("receiver", self.id), ("reason", reason))
@@ -236,16 +229,18 @@ class CgroupFileReceiver(Receiver):
             if once_per_cycle:
                 return reads.read_text(path, max_record)
             return reads.read(path, record, max_record)
-        except FileNotFoundError:
-            if cgroup_dir is not None and is_dir(cgroup_dir):
-                return None
-            self._failed(path, cgroup_dir)
-            return None
         except OSError as err:
-            # ENODEV/ESRCH: a process or cgroup torn down between open and read (vanished);
-            # EACCES: a process that changed credentials.  All are per-file, none stops the cycle.
-            self.log.debug("reading %s: %s", path, err)
-            self._failed(path, cgroup_dir)
+            # Vanished when the file's cgroup (or /proc/<pid>) is gone: ENOENT, or ENODEV/ESRCH
+            # for one torn down between open and read.  Else a missing file in a cgroup that
+            # still exists is "not provided here"; any other failure (EACCES: a process that
+            # changed credentials) is an error.  All are per-file, none stops the cycle.
+            missing = isinstance(err, FileNotFoundError)
+            if not missing:
+                self.log.debug("reading %s: %s", path, err)
+            if not is_dir(cgroup_dir if cgroup_dir is not None else os.path.dirname(path)):
+                self._vanished()
+            elif cgroup_dir is None or not missing:
+                self._error()
             return None
 
     def _pids(self, ref: CgroupRef) -> list[int] | None:
