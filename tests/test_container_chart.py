@@ -175,6 +175,15 @@ class ChartNode:
         assert len(found) <= 1, f"{name}{labels}: {len(found)} series"
         return found[0] if found else None
 
+    def explain(self, receiver: str, pod: str) -> str:
+        """What the agent says of a receiver and a pod, for a failure message: the pod's series of
+        that receiver (any labels), the receiver's /debug/status and the end of the agent's log."""
+        prefix = {"filesystem": "kpod_fs_"}.get(receiver, f"kpod_{receiver}_")
+        series = [(s.name, s.labels, s.value) for s in self.metrics() if s.name.startswith(prefix)
+                  and s.labels.get("pod") == pod]  # fmt: skip
+        status = self.status()["receivers"].get(receiver)
+        return f"series {series}; status {json.dumps(status)}; log {self.logs()}"
+
     def wait_value(self, name: str, done: Callable[[float | None], bool], timeout: float = 30.0,
                    **labels: str) -> float | None:  # fmt: skip
         """Poll until done(value); returns the last value either way (the caller asserts)."""
@@ -437,7 +446,9 @@ def test_filesystem_usage_of_a_container_mount(chart_node: ChartNode, pods: list
     assert writer.readline() == "written"
     where = {"namespace": NAMESPACE, "pod": pod.name, "container": "writer", "mountpoint": "/data"}
     usage = chart_node.wait_value("kpod_fs_usage_bytes", lambda v: v == DATA_BYTES, **where)
-    assert usage == DATA_BYTES, f"agent {usage}, tmpfs holds {DATA_BYTES // 4096} pages"
+    assert usage == DATA_BYTES, (
+        f"agent {usage}, tmpfs holds {DATA_BYTES // 4096} pages; {chart_node.explain('filesystem', pod.name)}"
+    )
     assert chart_node.value("kpod_fs_capacity_bytes", **where) == TMPFS_BYTES
     assert chart_node.value("kpod_fs_available_bytes", **where) == TMPFS_BYTES - DATA_BYTES
 
