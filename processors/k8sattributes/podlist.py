@@ -30,7 +30,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from kpod.processors.k8sattributes.pods import PodInfo, pod_from_json
 
@@ -41,6 +41,9 @@ MAX_VALUE_CHARS = 16 * 1024 * 1024
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 _BAD_JSON = (ValueError, RecursionError)  # JSONDecodeError is a ValueError
+# What every malformed body says, whichever step finds it (json.loads' failure type, as the
+# whole-body decoder said it).
+NOT_JSON = "response is not JSON (JSONDecodeError)"
 
 # States of the walk through the top-level object.
 _START, _KEY_OR_END, _KEY, _COLON, _VALUE, _ITEM_OR_END, _ITEM, _ITEM_NEXT, _NEXT, _END, _OTHER = range(11)
@@ -124,7 +127,7 @@ class PodListDecoder:
         if self._state == _OTHER:
             return self._other_document()
         if self._state != _END:
-            raise ValueError("response is not JSON (JSONDecodeError)")  # the body ended inside the document
+            raise ValueError(NOT_JSON)  # the body ended inside the document
         if not self._items_ok:
             raise ValueError(f"response is not a PodList (kind {str(self._kind)[:64]!r})")
         metadata = self._metadata if isinstance(self._metadata, dict) else {}
@@ -165,7 +168,7 @@ class PodListDecoder:
             raise ValueError("response is not JSON (RecursionError)") from None
         except ValueError:
             if self._eof:
-                raise ValueError("response is not JSON (JSONDecodeError)") from None
+                raise ValueError(NOT_JSON) from None
             self._wait_for_more()
         if not self._eof and (end == len(self._text) or (_is_number(value) and _NUMBER_TAIL.match(self._text, end))):
             # A number cut by the chunk decodes too: "12" of "123", and "0" of "0.5" or "1" of
@@ -181,8 +184,9 @@ class PodListDecoder:
         self._retry_at = 2 * (len(self._text) - self._pos)
         raise _Incomplete
 
-    def _expect(self, char: str) -> None:
-        raise ValueError("response is not JSON (JSONDecodeError)")
+    @staticmethod
+    def _malformed() -> NoReturn:
+        raise ValueError(NOT_JSON)
 
     def _separator(self, close: str, after_comma: int, after_close: int) -> bool:
         char = self._skip_space()
@@ -191,7 +195,7 @@ class PodListDecoder:
         elif char == close:
             self._state = after_close
         else:
-            self._expect(char)
+            self._malformed()
         self._pos += 1
         return True
 
@@ -204,7 +208,7 @@ class PodListDecoder:
                 self._pos += 1
                 self._state = _KEY_OR_END
             elif char == "":
-                raise ValueError("response is not JSON (JSONDecodeError)")
+                raise ValueError(NOT_JSON)
             else:
                 self._state = _OTHER  # decoded whole at the end, for its error message
             return True
@@ -217,11 +221,11 @@ class PodListDecoder:
                 self._key = self._value()
                 self._state = _COLON
             else:
-                self._expect(char)
+                self._malformed()
             return True
         if state == _COLON:
             if self._skip_space() != ":":
-                self._expect(self._text[self._pos : self._pos + 1])
+                self._malformed()
             self._pos += 1
             self._state = _VALUE
             return True
@@ -257,7 +261,7 @@ class PodListDecoder:
         if state == _END:
             char = self._skip_space()
             if char:
-                raise ValueError("response is not JSON (JSONDecodeError)")
+                raise ValueError(NOT_JSON)
             return False
         # _OTHER: the top level is not an object; held whole (bounded) for finish().
         if len(self._text) - self._pos > self.max_value_chars:
