@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 from pathlib import Path
 
 from kpod.fsprobe import protocol
@@ -70,3 +71,27 @@ def test_a_lookup_that_leads_elsewhere_is_not_measured(tmp_path: Path) -> None:
         client.shutdown()
     assert {key: r.outcome for key, r in results.items()} == {
         "real": "measured", "link": "not_the_mount", "other": "not_the_mount"}  # fmt: skip
+
+
+def test_a_worker_whose_pipes_are_numbered_past_fd_setsize_still_measures(tmp_path: Path) -> None:
+    """The agent keeps a descriptor per cgroup directory and mount table: at a few hundred pods
+    it holds more than 1024, and a worker started then gets pipes that select() refuses
+    ("filedescriptor out of range").  Hold 1100 descriptors, then start and use a worker."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2048
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), max(hard, wanted)))
+    held: list[int] = []
+    client = StatfsProbes(logging.getLogger("test"), deadline_s=1.0, max_stuck_per_pod=4)
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        client.start()
+        assert client._worker is not None and client._worker.from_worker > 1024, "the pipes must lie past 1024"
+        results = client.measure([probe_of(tmp_path, "tmp")], budget_s=10.0, interval_s=1.0)
+        assert results["tmp"].outcome == "measured", results
+        assert results["tmp"].vfs is not None and results["tmp"].vfs[0] == os.statvfs(tmp_path).f_blocks
+    finally:
+        client.shutdown()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

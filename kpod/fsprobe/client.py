@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import select
 import subprocess
@@ -112,7 +113,7 @@ class StatfsProbes:
         # Wait for its first answer (id 0): a cycle must not spend its budget on the start-up.
         until = time.monotonic() + READY_TIMEOUT_S
         while len(worker.inbox) < protocol.ANSWER_SIZE and time.monotonic() < until:
-            select.select([from_worker], [], [], until - time.monotonic())
+            _ready(from_worker, None, until - time.monotonic())
             try:
                 data = os.read(from_worker, protocol.ANSWER_SIZE)
             except BlockingIOError:
@@ -255,9 +256,7 @@ class StatfsProbes:
 
     def _wait(self, timeout: float, write: bool = False) -> tuple[bool, bool]:
         assert self._worker is not None
-        writers = [self._worker.to_worker] if write else []
-        readable, writable, _ = select.select([self._worker.from_worker], writers, [], max(0.0, timeout))
-        return bool(writable), bool(readable)
+        return _ready(self._worker.from_worker, self._worker.to_worker if write else None, timeout)
 
     def _receive(self, results: dict[Hashable, Result], inflight: dict[int, Probe], until: float) -> None:
         """Read answers until every in-flight probe has one or `until` (monotonic) passes; with
@@ -348,3 +347,16 @@ def _stop(worker: _Worker) -> None:
         worker.process.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         worker.process.wait(0.2)  # reaped if it could die; a thread in D state keeps it (not the agent)
+
+
+def _ready(read_fd: int, write_fd: int | None, timeout: float) -> tuple[bool, bool]:
+    """(writable, readable) of the worker's pipes within `timeout` seconds.  poll(), not
+    select(): the agent keeps a descriptor per cgroup directory and mount table, so on a busy
+    node a worker started again gets pipes numbered past select()'s FD_SETSIZE (1024)."""
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    if write_fd is not None:
+        poller.register(write_fd, select.POLLOUT)
+    events = dict(poller.poll(max(0, math.ceil(timeout * 1000))))
+    # A closed pipe reports POLLHUP/POLLERR: readable (the read says EOF) or writable (EPIPE).
+    return bool(write_fd is not None and events.get(write_fd, 0)), bool(events.get(read_fd, 0))
