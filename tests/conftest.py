@@ -27,6 +27,9 @@ recording = kpod_testplugin:recording_processor
 
 [kpod.exporters]
 recording = kpod_testplugin:recording_exporter
+
+[kpod.settings_checks]
+node_name = kpod_testplugin:check_node_name
 """
 
 

@@ -23,7 +23,7 @@ from kpod.config.env import substitute_env
 from kpod.config.errors import ConfigError, short
 from kpod.config.overrides import apply_overrides, blame_environment
 from kpod.config.yamlfile import LineMap, parse_yaml
-from kpod.registry import Registry, UnknownComponent, split_id
+from kpod.registry import Registry, UnknownComponent, is_built_in, split_id
 from kpod.settings import KpodSettings
 from kpod.units import Duration
 
@@ -121,7 +121,7 @@ def _load_config(
     except ConfigError as error:
         raise blame_environment(error, env_sources) from None
     try:
-        _finish_settings(kpod, raw_kpod, root.child("kpod", document), environ, registry)
+        _finish_settings(kpod, raw_kpod, root.child("kpod", document), environ, registry, _names_plugins(document))
     except ConfigError as error:
         raise blame_environment(error, env_sources) from None
 
@@ -212,6 +212,7 @@ def _finish_settings(
     where: Where,
     environ: typing.Mapping[str, str],
     registry: Registry,
+    plugins: bool = True,
 ) -> None:
     """Cross-field checks, defaults that depend on the environment, and the checks that
     components own for settings of the `kpod:` section (the registry's settings checks)."""
@@ -248,7 +249,7 @@ def _finish_settings(
             f"unknown route(s) {', '.join(unknown_routes)}; known: {', '.join(kpod.bpf.FORCE_ROUTES)}"
         )
     try:
-        checks = registry.settings_checks()
+        checks = registry.settings_checks(installed=plugins)
     except UnknownComponent as error:
         raise where.error(str(error)) from None
     for key, check in checks:
@@ -259,6 +260,16 @@ def _finish_settings(
             check(value)
         except ValueError as error:
             raise at(key).error(str(error)) from None
+
+
+def _names_plugins(document: dict[str, Any]) -> bool:
+    """Whether the file declares a component whose type is not built in: then the settings
+    checks of installed plugins run too (kpod/registry.py reads installed metadata only then)."""
+    for kind, section in (("receiver", "receivers"), ("processor", "processors"), ("exporter", "exporters")):
+        declared = document.get(section)
+        if isinstance(declared, dict) and any(not is_built_in(kind, split_id(str(cid))[0]) for cid in declared):
+            return True
+    return False
 
 
 def _requires_bpf(registry: Registry, type_name: str) -> bool:

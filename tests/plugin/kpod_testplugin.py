@@ -95,3 +95,12 @@ def _create_constant(context: Context, config: ConstantConfig) -> ConstantReceiv
 constant = Factory("constant", "receiver", ConstantConfig, _create_constant, "test plugin receiver")
 recording_processor = Factory("recording", "processor", RecordingConfig, RecordingProcessor)
 recording_exporter = Factory("recording", "exporter", RecordingConfig, RecordingExporter)
+
+# A settings check of the plugin's own (entry point group kpod.settings_checks): refuses one
+# node name, so that a test can see it run.
+REFUSED_NODE_NAME = "refused-by-testplugin"
+
+
+def check_node_name(node_name: str) -> None:
+    if node_name == REFUSED_NODE_NAME:
+        raise ValueError(f"the test plugin refuses node name {REFUSED_NODE_NAME!r}")
