@@ -32,6 +32,11 @@ class PrometheusConfig:
     # exposition: every scraper gets the text formats, as before).  Text formats always carry classic buckets.
     histograms: str = field(default="both", metadata={"choices": ("both", "native", "classic")})
 
+    @property
+    def protobuf(self) -> bool:
+        """Whether the protobuf exposition is offered (`histograms` is not classic)."""
+        return self.histograms != "classic"
+
     def validate(self) -> None:
         try:
             parse_endpoint(self.endpoint)

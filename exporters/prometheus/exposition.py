@@ -21,6 +21,8 @@ from kpod.model import Batch, HistogramValue, Kind, MetricDef
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+# Rendered by protobuf.py, which the exporter imports only when a scrape first asks for it.
+PROTOBUF_CONTENT_TYPE = "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited"
 
 
 def utf8_label_value(value: str) -> str:

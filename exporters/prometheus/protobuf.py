@@ -28,6 +28,7 @@ from itertools import accumulate, chain, compress, repeat
 from operator import add, and_, attrgetter, eq, is_, not_
 from struct import Struct
 
+from kpod.exporters.prometheus.exposition import PROTOBUF_CONTENT_TYPE as PROTOBUF_CONTENT_TYPE
 from kpod.exporters.prometheus.exposition import utf8_label_value
 from kpod.exporters.prometheus.histogram_block import PIECES, BlockLayout
 from kpod.exporters.prometheus.labels import LabelCache, group
@@ -35,8 +36,6 @@ from kpod.exporters.prometheus.naming import label_name, prometheus_name
 from kpod.exporters.protowire import field, varint, zigzag
 
 from kpod.model import Batch, HistogramValue, Kind, MetricDef, base2_exponent
-
-PROTOBUF_CONTENT_TYPE = "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited"
 
 # The `histograms` setting: which buckets a histogram carries in this exposition.
 CLASSIC, NATIVE, BOTH = "classic", "native", "both"

@@ -31,9 +31,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from kpod.exporters.prometheus.config import TlsSettings, parse_endpoint
-from kpod.exporters.prometheus.exposition import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE
+from kpod.exporters.prometheus.exposition import OPENMETRICS_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE, TEXT_CONTENT_TYPE
 from kpod.exporters.prometheus.http import HttpLoop, Limits, Request, Response
-from kpod.exporters.prometheus.protobuf import PROTOBUF_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from kpod.status import AgentStatus
