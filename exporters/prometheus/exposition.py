@@ -9,9 +9,10 @@ rendering work.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import accumulate, compress, repeat
+from itertools import accumulate, chain, compress, repeat
 from operator import and_, attrgetter, eq, is_not, itemgetter, not_
 
 from kpod.exporters.prometheus.labels import LabelCache, group
@@ -115,20 +116,20 @@ def _all_shown(numbers: Sequence[float]) -> Sequence[object]:
 
 
 class _Family:
-    """What the renderer keeps of a family between cycles: its series' labels and shapes (a
-    value's type; a histogram's bounds), in order, each series' shape and text with holes for its
-    numbers (`pieces`, by labels), and the concatenation of those texts (`template`), which one
-    bytes-format call fills with the family's numbers.  A histogram family keeps its values too,
-    and each series' text when it was rendered series by series (`chunks`)."""
+    """What the renderer keeps of a family between cycles: its series' labels and shape (the
+    values' one type, or each series' form: a value's type, a histogram's bounds), in order, and
+    the concatenation of the series' texts with holes for their numbers (`template`), which one
+    bytes-format call fills with the family's numbers; where each series' text ends in it
+    (`ends`).  A series' text is a slice of the template: kept once, not also as bytes of its
+    own (about 1.5 MiB at 110 pods).  A histogram family keeps its values too, and each series'
+    text when it was rendered series by series (`chunks`)."""
 
-    __slots__ = ("chunks", "labels", "pieces", "shape", "template", "values")
+    __slots__ = ("chunks", "ends", "labels", "shape", "template", "values")
 
-    def __init__(
-        self, labels: list[str], shape: object, pieces: dict[str, tuple[object, bytes]], texts: Iterable[bytes]
-    ) -> None:
+    def __init__(self, labels: list[str], shape: object, texts: Sequence[bytes | memoryview]) -> None:
         self.labels = labels
         self.shape = shape
-        self.pieces = pieces
+        self.ends = array("Q", accumulate(map(len, texts)))
         self.template = b"".join(texts)
         self.values: list[HistogramValue] | None = None
         self.chunks: list[bytes] | None = None
@@ -138,27 +139,37 @@ class _Family:
         # so are the bounds of a receiver's histograms.
         return self.shape == shape and self.labels == labels
 
+    def piece(self, index: int) -> bytes:
+        """The text of series `index`."""
+        return self.template[self.ends[index - 1] if index else 0 : self.ends[index]]
+
+    def pieces(self) -> dict[str, tuple[object, memoryview]]:
+        """Each series' form and text (a view into the template), by labels."""
+        view = memoryview(self.template)
+        texts = map(view.__getitem__, map(slice, chain((0,), self.ends), self.ends))
+        return dict(zip(self.labels, zip(_forms(self.shape, len(self.labels)), texts, strict=True), strict=True))
+
     @staticmethod
     def rebuilt(
-        previous: _Family | None,
-        labels: list[str],
-        shape: object,
-        piece: Callable[[str, object], bytes],
-        shapes: Sequence[object] | None = None,
+        previous: _Family | None, labels: list[str], shape: object, piece: Callable[[str, object], bytes]
     ) -> _Family:
-        """The family of these series: the pieces of series it had already are reused (a pod
-        that comes or goes costs its own series' pieces, not the family's).  `shapes` are the
-        series' shapes when `shape` is not their tuple (one type for all of them).  This runs
-        over every series of every family each time a pod comes or goes: the lookups (by label
-        text, whose hash is kept) and the shape checks are done in C, and only the series that
-        are new (or changed shape) go through Python."""
-        forms: Sequence[object] = shape if shapes is None else shapes  # type: ignore[assignment]
-        known = previous.pieces if previous is not None else {}
+        """The family of these series: the texts of series it had already are reused (a pod
+        that comes or goes costs its own series' texts, not the family's).  This runs over every
+        series of every family each time a pod comes or goes: the lookups (by label text, whose
+        hash is kept) and the shape checks are done in C, and only the series that are new (or
+        changed shape) go through Python."""
+        forms = list(_forms(shape, len(labels)))
+        known = previous.pieces() if previous is not None else {}
         found = list(map(known.get, labels, repeat(_MISSING, len(labels))))
         for index in compress(range(len(labels)), map(is_not, map(_form, found), forms)):
             if found[index][0] != forms[index]:  # new, or of another shape (equal shapes are kept)
                 found[index] = (forms[index], piece(labels[index], forms[index]))
-        return _Family(labels, shape, dict(zip(labels, found, strict=True)), map(_text, found))
+        return _Family(labels, shape, list(map(_text, found)))
+
+
+def _forms(shape: object, count: int) -> Iterable[object]:
+    """Each series' form: a family's shape is their tuple, or the one type of all of them."""
+    return shape if type(shape) is tuple else repeat(shape, count)  # type: ignore[return-value]
 
 
 _MISSING = (object(), b"")  # a piece whose form matches none
@@ -260,8 +271,7 @@ class Renderer:
                     if not isinstance(value, HistogramValue)
                 ]
                 return None, b"".join(lines), len(lines)
-            shapes = [shape] * len(values) if len(kinds) == 1 else None
-            previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample), shapes)
+            previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample))
         if shape is not int:
             values = tuple(_all_shown(values))
         return previous, previous.template % values, len(values)
@@ -319,9 +329,8 @@ def _histogram_series(family: _Family, values: list[HistogramValue], unchanged: 
     if chunks is None:
         chunks = [b""] * len(values)
         unchanged = [False] * len(values)
-    pieces = list(map(_text, family.pieces.values()))
     for index in compress(range(len(values)), map(not_, unchanged)):
-        chunks[index] = pieces[index] % _histogram_numbers([values[index]])
+        chunks[index] = family.piece(index) % _histogram_numbers([values[index]])
     family.values, family.chunks = values, chunks
     return b"".join(chunks)
 
