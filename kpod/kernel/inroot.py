@@ -23,7 +23,6 @@ Both are system calls through ctypes (the standard library has neither openat2 n
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -51,7 +50,9 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library this process already runs on (dlopen(NULL)): ctypes.util.find_library would run
+# ldconfig in a child process and import subprocess, tempfile and shutil for it.
+_libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
 _statx = getattr(_libc, "statx", None)  # glibc 2.28+

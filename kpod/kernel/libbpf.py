@@ -19,7 +19,6 @@ the latest failed load are kept on the exception, since the verifier's reason is
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -112,7 +111,9 @@ LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library this process already runs on (dlopen(NULL)): ctypes.util.find_library would run
+# ldconfig in a child process and import subprocess, tempfile and shutil for it.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
 _libc.vsnprintf.restype = c_int
 
