@@ -312,6 +312,8 @@ class FilesystemReceiver(CgroupFileReceiver):
         # and keep what the loop below needs per mount ready-made.
         cached = self._mount_cache.get(pid)
         if cached is not None and cached[0] == text:
+            if cached[0] is not text:  # read again, unchanged: keep the one text the tables keep
+                self._mount_cache[pid] = (text, cached[1])
             return cached[1]
         entries: list[_Entry] = []
         for m in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points):
