@@ -226,6 +226,37 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
 
 
 
+def test_a_body_made_only_to_be_gzipped_is_not_kept(exporter: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scraped only with gzip (as Prometheus scrapes), a cycle keeps the gzip and not the plain
+    body it was made from; a scrape that then asks for a plain body gets it, rendered again."""
+    renders = []
+    real_render = Renderer.render_parts
+
+    def counted_render(self: Renderer, batch: Batch) -> Rendered:
+        renders.append(batch)
+        return real_render(self, batch)
+
+    monkeypatch.setattr(Renderer, "render_parts", counted_render)
+    batch = node_batch(pods=2)
+    expected = real_render(Renderer(), batch)
+    text, openmetrics = expected.text(), expected.openmetrics()
+    address = exporter.address  # type: ignore[attr-defined]
+    om = {"Accept": "application/openmetrics-text;version=1.0.0"}
+    exporter.export(batch)  # type: ignore[attr-defined]
+    assert gzip.decompress(get(address, "/metrics", {**om, "Accept-Encoding": "gzip"}).body) == openmetrics  # type: ignore[attr-defined]
+    exporter.export(batch)  # type: ignore[attr-defined]
+    exposition = exporter.exposition  # type: ignore[attr-defined]
+    assert set(exposition._bodies) == {("openmetrics", True)}
+    assert len(renders) == 2
+    assert gzip.decompress(get(address, "/metrics", {**om, "Accept-Encoding": "gzip"}).body) == openmetrics  # type: ignore[attr-defined]
+    assert len(renders) == 2  # served as made
+    assert get(address, "/metrics", om).body == openmetrics  # type: ignore[attr-defined]
+    assert get(address, "/metrics").body == text  # type: ignore[attr-defined]
+    assert len(renders) == 3  # rendered again once, for both plain bodies
+    exporter.export(batch)  # type: ignore[attr-defined]
+    assert set(exporter.exposition._bodies) == {("openmetrics", True), ("openmetrics", False), ("text", False)}  # type: ignore[attr-defined]
+
+
 # Module constants, as receivers' metrics are: a renderer keeps what it knows of a family by its
 # MetricDef, which compares by identity.
 TRICKY_COUNTER = MetricDef("kpod.test.events", Kind.COUNTER, "1", "Events.", ("kind",))

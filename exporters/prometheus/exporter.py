@@ -124,9 +124,17 @@ class PrometheusExporter(Exporter):
         if self.config.protobuf:
             renders[PROTOBUF] = lambda: self._render_protobuf(batch)
         exposition = Exposition(renders, self._render_lock)
-        for fmt, gzipped in self._asked or {(OPENMETRICS, False): now}:
+        wanted = self._asked or {(OPENMETRICS, False): now}
+        for fmt, gzipped in wanted:
             if exposition.offers(fmt):
                 exposition.body(fmt, gzipped)
+        # What scrapers asked for lately is made.  A format's plain body made only to be gzipped
+        # is not kept (Prometheus asks for gzip: a megabyte at 110 pods), nor then the rendered
+        # samples (views into that body): a scrape that asks for something else after all has
+        # it rendered from the batch again.
+        if exposition.drop_plain({fmt for fmt, gzipped in wanted if not gzipped}):
+            with self._render_lock:
+                rendered.clear()
         self.context.self_metrics.inc(EXPORTER_SENT_POINTS, EXPORTER_SENT_POINTS_HELP, self._labels, len(batch))
         self.exposition = exposition
 

@@ -79,6 +79,18 @@ class Exposition:
         with self._lock:
             return set(self.served)
 
+    def drop_plain(self, keep: set[str]) -> bool:
+        """Forget the plain bodies that were only made to be gzipped: those of formats whose
+        gzip is made and whose plain body is not in `keep` (what scrapes asked for lately).  A
+        scrape that asks for one after all has it rendered again.  Whether any was dropped."""
+        dropped = False
+        with self._lock:
+            for fmt, gzipped in list(self._bodies):
+                if not gzipped and fmt not in keep and (fmt, True) in self._bodies:
+                    del self._bodies[(fmt, False)]
+                    dropped = True
+        return dropped
+
     def body(self, fmt: str, gzipped: bool = False, scrape: bool = False) -> bytes:
         """The body of `fmt` (a format it offers), rendered now if it was not yet."""
         key = (fmt, gzipped)
