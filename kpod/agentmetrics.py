@@ -75,7 +75,7 @@ def process_stats(proc: str = "/proc", pid: str = "self") -> dict[str, float]:
     except (OSError, IndexError, ValueError):
         pass
     with contextlib.suppress(OSError):
-        out[OPEN_FDS] = float(len(os.listdir(f"{base}/fd")))
+        out[OPEN_FDS] = float(_open_fds(f"{base}/fd"))
     try:
         with open(f"{base}/limits", newline="\n") as handle:
             for line in handle:
@@ -86,6 +86,15 @@ def process_stats(proc: str = "/proc", pid: str = "self") -> dict[str, float]:
     except OSError:
         pass
     return out
+
+
+def _open_fds(fd_dir: str) -> int:
+    """Descriptors open in a process: since Linux 6.2 the size of its /proc/<pid>/fd (the kernel
+    counts its descriptor table), before that (size 0) one entry per descriptor.  Listing costs
+    about 1 us per descriptor and the agent keeps one per cgroup directory (kpod.cgroup.dirs):
+    a millisecond per cycle at 110 pods, against a few microseconds for the stat."""
+    size = os.stat(fd_dir).st_size
+    return size if size > 0 else len(os.listdir(fd_dir))
 
 
 _PROCESS_HELP = {

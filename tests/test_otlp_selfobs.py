@@ -216,3 +216,24 @@ def test_process_stats_of_another_process() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_process_open_fds_counts_every_descriptor() -> None:
+    """process_open_fds of a process with exactly 3 + 300 descriptors (the stat of its fd
+    directory since Linux 6.2, its listing before: either must count every one)."""
+    extra = [os.open("/", os.O_PATH | os.O_CLOEXEC) for _ in range(300)]
+    try:
+        child = subprocess.Popen(["sleep", "30"], pass_fds=extra)
+    finally:
+        for fd in extra:
+            os.close(fd)
+    try:
+        # Asleep: past the dynamic loader's and the locale's files, which it opens and closes.
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "S":
+            assert time.monotonic() < deadline, "sleep never slept"
+            time.sleep(0.01)
+        assert process_stats(pid=str(child.pid))["process.open_fds"] == 3 + 300
+    finally:
+        child.kill()
+        child.wait()
