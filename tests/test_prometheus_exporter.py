@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 from helpers import require_tools
-from kpod.exporters.prometheus.exposition import Rendered, Renderer, escape_label_value
+from kpod.exporters.prometheus.exposition import Rendered, Renderer, escape_label_value, format_value
 from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
@@ -342,3 +342,30 @@ def test_renders_the_bytes_the_previous_renderer_did() -> None:
                               points[i].resource)  # fmt: skip
         batch = Batch(points)
         assert _rendered(current, batch, cycle) == previous.render(batch), f"few changed, cycle {cycle}"
+
+
+def test_float_families_render_each_value_as_format_value_writes_it() -> None:
+    """Families whose values are all floats (bytes, counts and idle zeros read as floats: most
+    of a node's) take a path of their own: all whole, whole and fractional mixed, whole ones
+    at and past 1e15, -0.0, and not finite; every line is the previous renderer's, cycle after
+    cycle over the same series."""
+    from bench.render_previous import Renderer as PreviousRenderer
+
+    rng = random.Random(17)
+    whole = [0.0, -0.0, 3.0, 4096.0, 1e14, 999999999999999.0, -7.0]
+    fractional = [0.25, 1.5e-7, 123456789.125, -2.5]
+    huge = [1e15, 1e16, -1e15]
+    odd = [float("nan"), float("inf"), float("-inf")]
+    current, previous = Renderer(), PreviousRenderer()
+    for cycle in range(80):
+        mixes = [whole, whole + fractional, fractional, whole + huge, whole + fractional + huge, whole + odd]
+        pools = rng.choice(mixes)
+        values = [rng.choice(pools) for _ in range(rng.randrange(1, 12))]
+        points = [
+            Point(TRICKY_GAUGE, CgroupRef(index, f"/c{index}"), (), value, Resource((("pod", f"p{index}"),)))
+            for index, value in enumerate(values)
+        ]
+        text, openmetrics, series = current.render(Batch(points))
+        assert (text, openmetrics, series) == previous.render(Batch(points)), f"cycle {cycle}: {values}"
+        lines = [line for line in text.decode().splitlines() if not line.startswith("#")]
+        assert [line.rsplit(" ", 1)[1] for line in lines] == [format_value(v) for v in values], values

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import accumulate, chain, compress, repeat
@@ -103,13 +104,25 @@ def _shown(value: float) -> object:
 
 
 def _all_shown(numbers: Sequence[float]) -> Sequence[object]:
-    """`numbers` for %a holes: themselves if repr() writes each one right (checked in C: every
-    one an int, or every one a finite float with a fraction, as sums and seconds almost always
-    are), else each one through _shown()."""
+    """`numbers` for %a holes, checked and converted in C where it can be: all ints are
+    themselves; all finite floats are themselves where they have a fraction (sums, seconds) and
+    ints where they are whole (bytes, counts and idle zeros: most of a node's floats) and below
+    1e15, as format_value() writes them.  Any other mix goes through _shown() one by one."""
     kinds = set(map(type, numbers))
     if kinds == {float}:
-        if all(map(math.isfinite, numbers)) and not any(map(float.is_integer, numbers)):
-            return numbers
+        if all(map(math.isfinite, numbers)):
+            whole = list(map(float.is_integer, numbers))
+            if not any(whole):
+                return numbers
+            if all(whole):
+                if max(map(abs, numbers)) < 1e15:
+                    return list(map(int, numbers))
+            else:
+                integral = list(compress(numbers, whole))
+                if max(map(abs, integral)) < 1e15:
+                    shown = list(numbers)
+                    deque(map(shown.__setitem__, compress(range(len(shown)), whole), map(int, integral)), maxlen=0)
+                    return shown
     elif kinds <= {int}:
         return numbers
     return list(map(_shown, numbers))
