@@ -117,3 +117,45 @@ def test_events_lost_in_a_full_ring_buffer_make_the_index_walk() -> None:
         assert index.walk_status()["walks"].get("events missed", 0) == before + 1
         assert kept.stat().st_ino in index.live_ids()
         assert _view(index, [pod.pod_dir]) == _walked("all", [pod.pod_dir])
+
+
+def test_containers_looked_into_through_the_receivers_kept_descriptors() -> None:
+    """Receivers keep a descriptor of each container's directory (kpod.cgroup.dirs) and the
+    index looks into containers through it (fstat, no path lookup).  A nested cgroup made in
+    one is still seen, and a container removed and made again under the same name (the kept
+    descriptor then names the removed directory) is the new cgroup, the old one gone."""
+    with _watched_index("kubepods") as index, cgroup_tree() as tree:
+        pod = tree.pod()
+        pods = [pod.pod_dir]
+        index.refresh()
+        index.refresh()
+
+        def read_container() -> None:
+            index.reads.new_cycle()
+            index.reads.read(str(pod.container_dir / "cgroup.procs"))  # as a receiver does
+            assert index.reads.dirs.stat(str(pod.container_dir)) is not None
+
+        read_container()
+        _follows(index, "kubepods", pods)
+        nested = tree.mkdir(str((pod.container_dir / "inner").relative_to(tree.root)))
+        read_container()
+        _follows(index, "kubepods", pods)
+        assert nested.stat().st_ino in {r.id for r in index.workloads()}
+        nested.rmdir()
+        tree.created = [p for p in tree.created if p != nested]
+        read_container()
+        _follows(index, "kubepods", pods)
+        assert pod.container_id in {r.id for r in index.workloads()}
+        old_id = pod.container_id
+        os.rmdir(pod.container_dir)
+        os.mkdir(pod.container_dir)
+        new_id = pod.container_id
+        assert new_id != old_id
+        assert index.reads.dirs.stat(str(pod.container_dir)).st_ino == old_id  # still the removed one
+        _follows(index, "kubepods", pods)
+        assert new_id in {r.id for r in index.workloads()} and old_id not in index.live_ids()
+        assert {r.id: r.path for r in index.gone()}[old_id] == index.ref(new_id).path
+        read_container()  # the kept descriptor is now the new directory's
+        assert index.reads.dirs.stat(str(pod.container_dir)).st_ino == new_id
+        _follows(index, "kubepods", pods)
+        assert index.walk_status()["drift"] == 0

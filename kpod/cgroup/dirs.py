@@ -90,6 +90,15 @@ class CgroupDirs:
             self._used[directory] = self._cycle
             return os.open(name, flags, dir_fd=fd)
 
+    def stat(self, directory: str) -> os.stat_result | None:
+        """fstat of the kept descriptor of `directory`, None when none is kept (no descriptor is
+        opened for this).  The directory it names may since have been removed (fstat still
+        answers for it: the caller's next read finds its files gone) or made again under this
+        path (another inode: the caller compares with the id it expects)."""
+        with self._lock:
+            fd = self._fds.get(directory)
+            return os.fstat(fd) if fd is not None else None
+
     def new_cycle(self) -> None:
         """A cycle begins: close the directories not read in the last KEEP_CYCLES cycles."""
         with self._lock:

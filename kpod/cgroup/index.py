@@ -14,17 +14,21 @@ still exported under its labels.  `ref()` answers for tombstones with `CgroupRef
 `known_ids()` includes them; `workloads()` (cgroup files to read) does not.
 
 Walking costs a scandir per cgroup every cycle (most of it kernel time), though cgroups change
-rarely.  So once a source says it reports every change (`CgroupEventSource.missed`, the kernel's
-events through kpod.kernel.cgroupwatch), the index follows its events instead of walking: a
-mkdir adds the cgroup (its path checked with one stat), an rmdir removes it.  Cgroups below a
-container have no events in Kubernetes modes (the kernel charges them to their container), so
-each container is stat'ed per cycle and walked only when it has subdirectories (kernfs counts
-them in st_nlink) or is not listable by all.  It walks the whole tree again on any doubt: the
-first refresh after a source was added, events the source lost (its ring buffer was full, or
-the kernel missed a pod-level cgroup), an event it cannot place (a path outside the tree, a
-parent it does not know, a path naming another directory: cgroup namespaces, truncated paths),
-no kubepods root yet, a miss in `ref()` (rate-limited), and every FULL_WALK_INTERVAL_S anyway;
-what such a periodic walk finds different from the events is counted (`walk_status()["drift"]`).
+rarely.  So once a source says it reports every change (`CgroupEventSource.missed`, the
+kernel's events through kpod.kernel.cgroupwatch), the index follows its events instead of
+walking: a mkdir adds the cgroup (its path checked with one stat), an rmdir removes it.
+Cgroups below a container have no events in Kubernetes modes (the kernel charges them to their
+container), so each container is stat'ed per cycle and walked only when it has subdirectories
+(kernfs counts them in st_nlink) or is not listable by all.  The stat is an fstat of the
+receivers' kept descriptor of its directory (kpod.cgroup.dirs: no path lookup) when that names
+the expected inode, else of its path; a container removed after the events were taken is then
+noticed in the next refresh's events, as one removed a moment after its stat always was.  It
+walks the whole tree again on any doubt: the first refresh after a source was added, events the
+source lost (its ring buffer was full, or the kernel missed a pod-level cgroup), an event it
+cannot place (a path outside the tree, a parent it does not know, a path naming another
+directory: cgroup namespaces, truncated paths), no kubepods root yet, a miss in `ref()`
+(rate-limited), and every FULL_WALK_INTERVAL_S anyway; what such a periodic walk finds
+different from the events is counted (`walk_status()["drift"]`).
 
 Nothing under the root is skipped without a word: a directory that vanishes mid-walk is the
 normal end of a cgroup, any other failure to list one is counted by reason (its errno) in
@@ -389,11 +393,16 @@ class CgroupIndex:
             self._containers = [(i, e.ref.path) for i, e in found.items() if kind_of_path(e.ref.path) == CONTAINER]
         nested = [i for i, e in found.items() if kind_of_path(e.ref.path) == NESTED] if self._has_nested else []
         tops: list[tuple[str, int]] = []
+        kept = self.reads.dirs.stat
         for cgroup_id, path in self._containers:
             try:
-                st = os.stat(self.abspath(path))
+                # The receivers' kept descriptor of the directory first (no path lookup); one
+                # that names another inode (the path was made again since) is not it.
+                st = kept(self.abspath(path))
+                if st is None or st.st_ino != cgroup_id:
+                    st = os.stat(self.abspath(path))
             except FileNotFoundError:
-                return None  # removed: its rmdir is on its way; the walk says it now
+                return None  # removed: its rmdir is on its way; the walk says it now (by path only)
             except OSError:
                 tops.append((self.abspath(path), cgroup_id))
                 continue
