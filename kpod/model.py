@@ -19,7 +19,8 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import compress, pairwise
+from operator import attrgetter
 
 # Attribute tuples are sorted (key, value) pairs: hashable, cheap to compare, and the order
 # in which labels are rendered.
@@ -192,36 +193,86 @@ def merge_duplicates(points: list[Point]) -> list[Point]:
     values are summed (sum_values), the earliest start time is kept, and so are the OTel
     resource attributes they all share (a merged point stands for several containers: no single
     container.id).  A point whose value cannot be added to the first one's is left out.
-    The pipeline applies this once per cycle, after the processors: the one place it happens.
+    The pipeline applies this once per cycle, after the processors: the one place it happens
+    (through a SeriesMerger, which finds the duplicates again only when the batch's series
+    changed).
     """
+    return _merge(points, _duplicates(points))
+
+
+class SeriesMerger:
+    """merge_duplicates, cycle after cycle: a batch whose points are the last one's series in
+    the same order (metrics, attributes and resources compared as lists, in C: the same objects
+    cycle after cycle) has its duplicates at the same places, so they are not looked for again
+    (a dict operation per point, the Python loop of _duplicates).  Values are merged anew."""
+
+    __slots__ = ("_plan", "_series")
+
+    def __init__(self) -> None:
+        self._series: tuple[list[MetricDef], list[Attributes], list[Resource | None]] | None = None
+        self._plan: _Plan = None
+
+    def __call__(self, points: list[Point]) -> list[Point]:
+        series = (list(map(_metric, points)), list(map(_attributes, points)), list(map(_resource, points)))
+        if series != self._series:
+            self._plan = _duplicates(points)
+        self._series = series
+        return _merge(points, self._plan)
+
+
+_metric = attrgetter("metric")
+_attributes = attrgetter("attributes")
+_resource = attrgetter("resource")
+
+# (each later point of a series with its first point's index, whether each point is the first
+# of its series); None when every point is.
+_Plan = tuple[list[tuple[int, int]], list[bool]] | None
+
+
+def _duplicates(points: list[Point]) -> _Plan:
+    """Where the points of one series are: see merge_duplicates."""
     # A series is (metric, attributes, label set).  A label set is numbered once per run of
     # points with one Resource (a cgroup's points come one after another), so that a point's key
-    # hashes a small int instead of the label tuple: this runs for every point of every cycle.
+    # hashes a small int instead of the label tuple.
     label_sets: dict[Attributes | None, int] = {}
     run: object = False  # no point has this resource: the first point starts a run
     label_set = 0
     seen: dict[tuple[MetricDef, Attributes, int], int] = {}
     first_seen = seen.setdefault
-    out: list[Point] = []
-    for point in points:
+    later: list[tuple[int, int]] = []
+    for index, point in enumerate(points):
         resource = point.resource
         if resource is not run:
             run = resource
             labels = resource.labels if resource is not None else None
             label_set = label_sets.setdefault(labels, len(label_sets))
-        count = len(out)
-        index = first_seen((point.metric, point.attributes, label_set), count)
-        if index == count:  # a new series (one dict operation for the common case)
-            out.append(point)
-            continue
-        first = out[index]
+        first = first_seen((point.metric, point.attributes, label_set), index)
+        if first != index:
+            later.append((index, first))
+    if not later:
+        return None
+    firsts = [True] * len(points)
+    for index, _ in later:
+        firsts[index] = False
+    return later, firsts
+
+
+def _merge(points: list[Point], plan: _Plan) -> list[Point]:
+    """The points with each series' later points merged into its first (see merge_duplicates)."""
+    if plan is None:
+        return list(points)
+    later, firsts = plan
+    out = list(points)
+    for index, at in later:
+        point, first = points[index], out[at]
         value = sum_values(first.value, point.value)
         if value is None:
             continue
+        resource = point.resource
         merged = first.resource
         if merged is not None and resource is not None and merged.otel != resource.otel:
             shared = set(resource.otel)
             merged = Resource(merged.labels, tuple(item for item in merged.otel if item in shared))
         starts = [t for t in (first.start_time_ns, point.start_time_ns) if t]
-        out[index] = Point(first.metric, first.cgroup, first.attributes, value, merged, min(starts) if starts else 0)
-    return out
+        out[at] = Point(first.metric, first.cgroup, first.attributes, value, merged, min(starts) if starts else 0)
+    return list(compress(out, firsts))

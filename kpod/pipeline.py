@@ -3,8 +3,8 @@
 Start order is exporters, processors, receivers (so nothing is produced before it can be
 consumed); shutdown is the reverse.  Each cycle the receivers that are due collect (when, and
 what happens when one fails or hangs, is kpod.scheduler's), the processors run in order, points
-of one series are merged (kpod.model.merge_duplicates), the agent's own metrics are added and
-every exporter gets the batch.
+of one series are merged (kpod.model.merge_duplicates, through a SeriesMerger), the agent's own
+metrics are added and every exporter gets the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kpod import __version__
 from kpod.agentmetrics import bpf_map_fill, update_bpf_metrics, update_process_metrics
 from kpod.component import Cgroups, Context, Exporter, Processor, Receiver
 from kpod.config import AgentConfig, ComponentConfig
-from kpod.model import Batch, Kind, MetricDef, merge_duplicates
+from kpod.model import Batch, Kind, MetricDef, SeriesMerger
 from kpod.scheduler import ScheduledReceiver, Scheduler
 from kpod.selfmetrics import SelfMetrics, parser_skips
 from kpod.status import AgentStatus, ReceiverStatus
@@ -89,6 +89,7 @@ class Pipeline:
             cgroup_walk=self.cgroups.walk_status,
         )
         self._unreadable_reasons: set[str] = set()
+        self._merge = SeriesMerger()
         self.scheduler = Scheduler(self.receivers, self.self_metrics)
 
     def pods_known(self) -> int | None:
@@ -177,7 +178,7 @@ class Pipeline:
                 return batch
         # One point per series (a pod's sandbox and pod-level cgroups share one label set): the
         # one place duplicates are merged, so that both exporters see the same series.
-        batch.points = merge_duplicates(batch.points)
+        batch.points = self._merge(batch.points)
         self.self_metrics.set(SERIES.name, SERIES.description, len(batch))
         self.self_metrics.inc(CYCLES.name, CYCLES.description)
         self.self_metrics.set(LAST_CYCLE.name, LAST_CYCLE.description, time.time(), unit="s")
