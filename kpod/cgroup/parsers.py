@@ -24,6 +24,7 @@ well-formed path costs nothing more.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kpod.selfmetrics import count_parser_skip as _skip
@@ -61,6 +62,21 @@ def parse_flat_keyed(text: str) -> tuple[dict[str, int], int]:
     A line must be exactly two fields, a key and an integer.  Unknown keys are kept (a newer
     kernel adds fields; callers pick what they know).  If a key repeats, the last one wins.
     """
+    if _FLAT_FILE.fullmatch(text) is not None:
+        # The kernel's shape, checked by one regex: every line "key digits\n", so the file's
+        # words alternate key, value (this runs for every cpu.stat of the node each cycle).
+        words = iter(text.split())
+        return dict(zip(words, map(int, words), strict=True)), 0
+    return _parse_flat_keyed_lines(text)
+
+
+# Every line one key (no whitespace in it: str.split and the regex's \S agree on what
+# whitespace is), one space and ASCII digits; an empty file too.
+_FLAT_FILE = re.compile(r"(?:\S+ [0-9]+\n)*")
+
+
+def _parse_flat_keyed_lines(text: str) -> tuple[dict[str, int], int]:
+    """parse_flat_keyed line by line: any text, every odd line counted."""
     values: dict[str, int] = {}
     skipped = 0
     for line in text.split("\n"):
@@ -116,6 +132,8 @@ def parse_single_int(text: str) -> int | None:
 
     None also for "max" (memory.max without a limit) and for an empty or garbled file.
     """
+    if text[-1:] == "\n" and text[:-1].isdigit() and text.isascii():
+        return int(text)  # the kernel's "%llu\n"
     fields = text.split()
     if len(fields) != 1:
         if fields:
@@ -201,6 +219,25 @@ def parse_pressure_totals(text: str) -> dict[str, int]:
     without a valid `total` is skipped.  The averages are not parsed: the counters need only the
     total, and this runs for three files of every cgroup of the node per cycle.
     """
+    shaped = _PSI_FILE.fullmatch(text)
+    if shaped is not None:  # the kernel's shape, checked by one regex
+        some, full = shaped.groups()
+        totals = {} if some is None else {"some": int(some)}
+        if full is not None:
+            totals["full"] = int(full)
+        return totals
+    return _parse_pressure_lines(text)
+
+
+# kernel/sched/psi.c, psi_show(): "some" then "full" (either may be absent: a cgroup's cpu has
+# no "full" before 5.13, irq.pressure has only "full"), each "%s avg10=%lu.%02lu avg60=%lu.%02lu
+# avg300=%lu.%02lu total=%llu\n".
+_PSI_LINE = r" avg10=[0-9]+\.[0-9]+ avg60=[0-9]+\.[0-9]+ avg300=[0-9]+\.[0-9]+ total=([0-9]+)\n"
+_PSI_FILE = re.compile(f"(?:some{_PSI_LINE})?(?:full{_PSI_LINE})?")
+
+
+def _parse_pressure_lines(text: str) -> dict[str, int]:
+    """parse_pressure_totals line by line: any text, every odd line counted."""
     totals: dict[str, int] = {}
     for line in text.split("\n"):
         kind = line[:4]
