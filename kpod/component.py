@@ -49,6 +49,8 @@ class CycleReadsView(Protocol):
 
     def read(self, path: str, record: bool = False, max_record: int = 0) -> str: ...
 
+    def read_kept(self, path: str) -> str: ...
+
 
 class Cgroups(Protocol):
     """The cgroup index every component gets in its Context: kpod.cgroup.index.CgroupIndex,

@@ -88,7 +88,7 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
 
     def _collect_v2(self, ref: CgroupRef, directory: str, batch: Batch) -> None:
         # A cgroup gone between the walk and the read is skipped and counted by _read.
-        text = self._read(directory + "/cpu.stat", directory)
+        text = self._read(directory + "/cpu.stat", directory, record=True)
         if text is None:
             return
         stat = parse_cpu_stat(text)
@@ -120,7 +120,7 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
                 read.add(ref.id)
         cpu = v1_path(mounts, "cpu", ref.path)
         if cpu is not None:
-            text = self._read(cpu + "/cpu.stat", directory)
+            text = self._read(cpu + "/cpu.stat", directory, record=True)
             if text is not None:
                 self._throttling(ref, parse_cpu_stat(text), "throttled_time", 1e9, batch)
 

@@ -47,7 +47,7 @@ IO = MetricDef(
     _KIND,
 )
 
-_FILES = (("cpu.pressure", CPU), ("memory.pressure", MEMORY), ("io.pressure", IO))
+_FILES = (("/cpu.pressure", CPU), ("/memory.pressure", MEMORY), ("/io.pressure", IO))
 _KINDS = {"some": (("kind", "some"),), "full": (("kind", "full"),)}
 
 
@@ -80,11 +80,15 @@ class PressureReceiver(CgroupFileReceiver):
         batch = Batch()
         add = batch.points.append  # about 6 points per cgroup: skip the method lookup
         cgroups = self.context.cgroups
+        read = cgroups.reads.read_kept  # each file kept open, read again from its start
         for ref in cgroups.workloads():
             directory = cgroups.abspath(ref.path)
             for name, metric in _FILES:
-                text = self._read(f"{directory}/{name}", directory, record=True)
-                if text is None:
+                path = directory + name
+                try:
+                    text = read(path)
+                except OSError as err:
+                    self._failed(err, path, directory)
                     continue
                 for kind, total_usec in parse_pressure_totals(text).items():
                     add(Point(metric, ref, _KINDS[kind], total_usec / 1e6))

@@ -764,6 +764,112 @@ def test_cgroup_dirs_open_the_files_of_the_directory_the_path_names_now(scratch:
     assert dirs.kept == 0
 
 
+_BURN = r"""
+import sys, time
+print("ready", flush=True)
+for _ in sys.stdin:
+    end = time.thread_time() + 0.05
+    while time.thread_time() < end:
+        pass
+    print("done", flush=True)
+"""
+
+
+def _by_path(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+@needs_root_and_cgroup2
+def test_kept_files_read_afresh_the_file_the_path_names_now(scratch: Scratch, tmp_path: Path) -> None:
+    """kpod.cgroup.kept against real cgroups: a kept cpu.stat read again gives the kernel's
+    figure now (CPU burnt in between shows), with no descriptor opened; a removed cgroup's file
+    raises FileNotFoundError and is no longer kept; one made again under the same path is the
+    new cgroup's; a file not read for KEEP_CYCLES cycles is closed; limit 0 and plain files
+    (not a cgroup filesystem) are read and not kept."""
+    from kpod.cgroup.kept import KEEP_CYCLES, KeptFiles
+
+    s = scratch
+    _, pods = _pod_tree(s, pods=2, containers=1)
+    (first,), (second,) = pods
+    proc = s.spawn([sys.executable, "-c", _BURN], [first])
+    assert proc.stdin and proc.stdout and proc.stdout.readline().strip() == "ready"
+    kept = KeptFiles(_by_path)
+
+    def usage(path: str) -> int:
+        return parse_flat_keyed(kept.read(path).decode())[0]["usage_usec"]
+
+    try:
+        before = usage(f"{first}/cpu.stat")
+        assert kept.kept == 1
+        fds = _fds()
+        proc.stdin.write("burn\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        after = usage(f"{first}/cpu.stat")
+        truth = parse_flat_keyed(Path(first, "cpu.stat").read_text())[0]["usage_usec"]
+        assert before + 40_000 <= after <= truth, (before, after, truth)  # 50 ms burnt
+        assert _fds() == fds and kept.kept == 1  # read through the kept descriptor
+        assert kept.read(f"{second}/cpu.pressure").startswith(b"some ")
+        assert kept.kept == 2
+        os.rmdir(second)
+        with pytest.raises(FileNotFoundError):
+            kept.read(f"{second}/cpu.pressure")
+        assert kept.kept == 1
+        os.mkdir(second)  # the same path, a new cgroup (Scratch removes it again)
+        assert usage(f"{second}/cpu.stat") == 0 and kept.kept == 2
+        for _ in range(KEEP_CYCLES + 1):
+            kept.new_cycle()
+            assert usage(f"{second}/cpu.stat") == 0
+        assert kept.kept == 1  # first's cpu.stat was not read for KEEP_CYCLES cycles
+        none = KeptFiles(_by_path, limit=0)
+        assert none.read(f"{first}/cpu.pressure").startswith(b"some ") and none.kept == 0
+        plain = tmp_path / "cpu.stat"
+        plain.write_text("usage_usec 5\n")
+        assert kept.read(str(plain)) == b"usage_usec 5\n" and kept.kept == 1
+    finally:
+        kept.close()
+    assert kept.kept == 0
+
+
+@needs_root_and_cgroup2
+def test_kept_files_close_the_descriptors_of_removed_cgroups(scratch: Scratch) -> None:
+    """A churn of cgroups whose files are read through kept descriptors cycle after cycle (40
+    made and some removed each cycle): the process's descriptors never grow past the cgroups
+    that are live or read in the last KEEP_CYCLES cycles, a removed cgroup's file is closed at
+    its first failed read, and all are closed once every cgroup is gone."""
+    from kpod.cgroup.kept import KEEP_CYCLES, KeptFiles
+
+    s = scratch
+    base, _ = _pod_tree(s, pods=1, containers=1)
+    kept = KeptFiles(_by_path)
+    before = _fds()
+    live: list[str] = []
+    try:
+        for cycle in range(8):
+            kept.new_cycle()
+            for n in range(40):
+                live.append(f"{base}/churn{cycle}-{n}")
+                os.mkdir(live[-1])
+            for path in live:
+                assert kept.read(f"{path}/cpu.pressure").startswith(b"some ")
+            assert kept.kept >= len(live)
+            assert _fds() - before <= len(live) + 40 * KEEP_CYCLES
+            while len(live) > 20 * (cycle + 1) // 2:  # half of them go
+                gone = live.pop(0)
+                os.rmdir(gone)
+        held = kept.kept  # the last one removed was read in this cycle: still kept
+        with pytest.raises(FileNotFoundError):
+            kept.read(f"{gone}/cpu.pressure")
+        assert kept.kept == held - 1
+    finally:
+        for path in live:
+            os.rmdir(path)
+    for _ in range(KEEP_CYCLES + 1):
+        kept.new_cycle()
+    assert kept.kept == 0
+    assert _fds() == before
+
+
 @needs_root_and_cgroup2
 def test_cgroup_dirs_close_the_descriptors_of_removed_cgroups(scratch: Scratch) -> None:
     """A churn of cgroups read through the index's kept directories, as the cgroup-file

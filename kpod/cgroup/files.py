@@ -16,6 +16,7 @@ import re
 from typing import ClassVar
 
 from kpod.cgroup.dirs import CgroupDirs
+from kpod.cgroup.kept import KeptFiles
 from kpod.cgroup.mounts import CgroupMounts
 from kpod.cgroup.parsers import parse_cgroup_procs
 from kpod.cgroup.paths import is_dir, open_long
@@ -125,10 +126,19 @@ class CycleReads:
         self._texts: dict[str, str | OSError] | None = None
         # Every cgroup file is opened from a kept descriptor of its directory; swept per cycle.
         self.dirs = CgroupDirs()
+        dirs = self.dirs
+        # Single-record stat files stay open and are read again from their start (read_kept).
+        self.files = KeptFiles(lambda path: _open(path, dirs))
 
     def new_cycle(self) -> None:
         self._texts = {}
         self.dirs.new_cycle()
+        self.files.new_cycle()
+
+    def read_kept(self, path: str) -> str:
+        """A single-record file (see read_record) read through a descriptor kept open across
+        cycles (kpod.cgroup.kept): one pread instead of open, read and close.  Raises OSError."""
+        return self.files.read(path).decode("utf-8", "surrogateescape")
 
     def read(self, path: str, record: bool = False, max_record: int = 0) -> str:
         """read_record(path) (`record`) or read_text(path, max_record), this cycle's file, opened
@@ -221,27 +231,35 @@ class CgroupFileReceiver(Receiver):
 
         `cgroup_dir`: the directory that holds the file; when given, a missing file in a
         directory that still exists is "not provided here" and not counted.
-        `record`: the file is a single seq_file record (see read_record).
+        `record`: the file is a single seq_file record (see read_record), read through a
+        descriptor kept across cycles (CycleReads.read_kept).
         `once_per_cycle`: other receivers read it too this cycle (CycleReads).
         """
         try:
             reads = self.context.cgroups.reads
             if once_per_cycle:
                 return reads.read_text(path, max_record)
-            return reads.read(path, record, max_record)
+            if record:
+                return reads.read_kept(path)
+            return reads.read(path, False, max_record)
         except OSError as err:
-            # Vanished when the file's cgroup (or /proc/<pid>) is gone: ENOENT, or ENODEV/ESRCH
-            # for one torn down between open and read.  Else a missing file in a cgroup that
-            # still exists is "not provided here"; any other failure (EACCES: a process that
-            # changed credentials) is an error.  All are per-file, none stops the cycle.
-            missing = isinstance(err, FileNotFoundError)
-            if not missing:
-                self.log.debug("reading %s: %s", path, err)
-            if not is_dir(cgroup_dir if cgroup_dir is not None else os.path.dirname(path)):
-                self._vanished()
-            elif cgroup_dir is None or not missing:
-                self._error()
+            self._failed(err, path, cgroup_dir)
             return None
+
+    def _failed(self, err: OSError, path: str, cgroup_dir: str | None = None) -> None:
+        """Count a read of `path` that raised `err` (see _read), for receivers that read
+        through `reads` themselves."""
+        # Vanished when the file's cgroup (or /proc/<pid>) is gone: ENOENT, or ENODEV/ESRCH
+        # for one torn down between open and read.  Else a missing file in a cgroup that
+        # still exists is "not provided here"; any other failure (EACCES: a process that
+        # changed credentials) is an error.  All are per-file, none stops the cycle.
+        missing = isinstance(err, FileNotFoundError)
+        if not missing:
+            self.log.debug("reading %s: %s", path, err)
+        if not is_dir(cgroup_dir if cgroup_dir is not None else os.path.dirname(path)):
+            self._vanished()
+        elif cgroup_dir is None or not missing:
+            self._error()
 
     def _pids(self, ref: CgroupRef) -> list[int] | None:
         """The processes of a cgroup from its cgroup.procs (never a /proc scan)."""
