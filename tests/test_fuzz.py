@@ -194,6 +194,36 @@ def test_pressure_on_garbage_is_non_negative(text: str) -> None:
     assert set(totals) <= {"some", "full"} and all(v >= 0 for v in totals.values())
 
 
+# Lines in the kernel's shape most of the time, so that both the regex-checked fast path of a
+# parser and its line-by-line path are taken; each must give what the other would.
+flat_key = st.one_of(st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+                     st.text(alphabet="ab_0" + ODD_NAME_CHARS + " \t", min_size=0, max_size=4))  # fmt: skip
+flat_value = st.one_of(numbers.map(str), numbers.map(str), st.sampled_from(ODD_TOKENS))
+flat_line = st.tuples(flat_key, st.sampled_from([" ", " ", " ", "  ", "\t", ""]), flat_value).map("".join)
+
+
+@fuzz(2)
+@given(st.lists(flat_line, max_size=8), st.sampled_from(["\n", "", "\n\n"]))
+def test_flat_keyed_fast_path_agrees_with_the_line_by_line_reading(lines: list[str], end: str) -> None:
+    text = "\n".join(lines) + end
+    assert p.parse_flat_keyed(text) == p._parse_flat_keyed_lines(text)
+
+
+psi_number = st.one_of(st.floats(0, 100, allow_nan=False).map(lambda f: f"{f:.2f}"), st.sampled_from(ODD_TOKENS))
+psi_line = st.tuples(
+    st.sampled_from(["some", "full", "some", "full", "somewhat", ""]),
+    st.tuples(psi_number, psi_number, psi_number),
+    st.one_of(numbers.map(str), numbers.map(str), st.sampled_from(ODD_TOKENS)),
+).map(lambda t: f"{t[0]} avg10={t[1][0]} avg60={t[1][1]} avg300={t[1][2]} total={t[2]}")
+
+
+@fuzz(2)
+@given(st.lists(st.one_of(psi_line, psi_line, words.map(str)), max_size=3), st.sampled_from(["\n", "", " \n"]))
+def test_pressure_fast_path_agrees_with_the_line_by_line_reading(lines: list[str], end: str) -> None:
+    text = "\n".join(lines) + end
+    assert p.parse_pressure_totals(text) == p._parse_pressure_lines(text)
+
+
 @fuzz()
 @given(mixed_lines(st.integers(1, 2**22).map(str)))
 def test_cgroup_procs_keeps_pids_only(case: tuple[str, list[str]]) -> None:
