@@ -123,6 +123,9 @@ def _merged(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "floor": statistics.median(r["floor"]["total_ms"] for r in rounds),
         "floor_system": statistics.median(r["floor"]["system_ms"] for r in rounds),
         "floor_distinct": statistics.median(r["floor_distinct"]["total_ms"] for r in rounds),
+        "floor_kept": statistics.median(r["floor_kept"]["total_ms"] for r in rounds if "floor_kept" in r)
+        if any("floor_kept" in r for r in rounds)
+        else None,
         "points": rounds[-1]["points"],
         "files": rounds[-1]["files_opened"],
         "distinct": rounds[-1]["files_distinct"],
@@ -161,6 +164,10 @@ def render(data: dict[str, Any]) -> str:
         row("floor, of which system CPU", [t["floor_system"] for t in trees.values()]),
         row("floor, each distinct file once", [t["floor_distinct"] for t in trees.values()]),
     ]
+    if all(t["floor_kept"] is not None for t in trees.values()):
+        rows.append(
+            row("floor, pread at offset 0 on descriptors opened beforehand", [t["floor_kept"] for t in trees.values()])
+        )
     counts = [
         f"| points per cycle | {' | '.join(str(t['points']) for t in trees.values())} |",
         f"| files opened per cycle | {' | '.join(str(t['files']) for t in trees.values())} |",

@@ -15,9 +15,11 @@ What it measures, all in CPU time (the machine is shared: wall clock is noise):
 - serial: the same cycles with the receivers' collects run one after another in the cycle's
   own thread (no thread per receiver), interleaved with threaded cycles;
 - files: every path the cycle opens (a `sys.addaudithook` on "open", only in one extra cycle
-  after the timed ones), by receiver;
+  after the timed ones), by receiver, and every file it reads through a descriptor kept open
+  (kpod.cgroup.kept: read again, not opened);
 - floor: os.open / os.read (until EOF) / os.close of exactly those paths, in the order and
-  number the cycle opened them, in a tight loop; its user and system CPU per pass.
+  number the cycle opened them, in a tight loop; its user and system CPU per pass; and the
+  same paths each opened once beforehand and read with one pread at offset 0 per pass.
 """
 
 from __future__ import annotations
@@ -78,6 +80,40 @@ def floor_pass(paths: list[str]) -> int:
         finally:
             os.close(fd)
     return total
+
+
+def measure_floor_kept(paths: list[str], passes: int) -> dict[str, float]:
+    """The floor without open and close: every path opened once beforehand, then per pass one
+    pread at offset 0 of each (a seq_file prints the file afresh), as kpod.cgroup.kept reads."""
+    fds = []
+    for path in paths:
+        try:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            continue
+
+    readable = []
+    for fd in fds:  # the files a pread at 0 can read (all the cycle's are seq_files)
+        try:
+            os.pread(fd, CHUNK, 0)
+        except OSError:
+            continue
+        readable.append(fd)
+    try:
+        before = os.times()
+        for _ in range(passes):
+            for fd in readable:
+                os.pread(fd, CHUNK, 0)
+        after = os.times()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {
+        "user_ms": (after.user - before.user) * 1000 / passes,
+        "system_ms": (after.system - before.system) * 1000 / passes,
+        "total_ms": (after.user - before.user + after.system - before.system) * 1000 / passes,
+        "passes": passes,
+    }
 
 
 def _rss_kib() -> int:
@@ -194,12 +230,15 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
         # One more cycle with an audit hook recording every file opened, and by whom.
         opened: list[tuple[str, str]] = []
         recording = threading.Event()
+        inside_kept = threading.local()
 
         def reader() -> str:
             return threading.current_thread().name.removeprefix("collect-")
 
         def hook(event: str, args: tuple[Any, ...]) -> None:
             if event == "open" and recording.is_set() and isinstance(args[0], (str, bytes)):
+                if getattr(inside_kept, "active", False):
+                    return
                 path = os.fsdecode(args[0])
                 flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
                 # Kept directories (O_PATH) are not files read; a relative path is a file opened
@@ -213,11 +252,30 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
 
             def recorded_open(self: Any, path: str, flags: int) -> int | None:
                 fd = dirs_open(self, path, flags)
-                if fd is not None and recording.is_set():
+                if fd is not None and recording.is_set() and not getattr(inside_kept, "active", False):
                     opened.append((reader(), path))
                 return fd
 
             dirs_class.open = recorded_open
+
+        try:  # trees that read cgroup stat files through descriptors kept open (kpod.cgroup.kept)
+            kept_class = importlib.import_module("kpod.cgroup.kept").KeptFiles
+        except ImportError:
+            kept_class = None
+        if kept_class is not None:
+            kept_read = kept_class.read
+
+            def recorded_read(self: Any, path: str) -> bytes:
+                if not recording.is_set():
+                    return kept_read(self, path)
+                opened.append((reader(), path))
+                inside_kept.active = True  # a kept file opened now is recorded here, not again
+                try:
+                    return kept_read(self, path)
+                finally:
+                    inside_kept.active = False
+
+            kept_class.read = recorded_read
 
         sys.addaudithook(hook)
         _due_now(pipeline)
@@ -232,6 +290,7 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
         by_reader = Counter(who for who, _ in opened)
         floor = measure_floor(paths, passes=max(40, cycles * 2))
         distinct_floor = measure_floor(sorted(set(paths)), passes=max(40, cycles * 2))
+        kept_floor = measure_floor_kept(paths, passes=max(40, cycles * 2))
         result = {
             "labelled_pods": labelled,
             "points": points,
@@ -245,6 +304,7 @@ def main(config_path: str, pods: int, cycles: int, out: str) -> None:
             "files_shared_by": dict(shared.most_common()),
             "floor": floor,
             "floor_distinct": distinct_floor,
+            "floor_kept": kept_floor,
             "rss_mib": _rss_kib() / 1024,
             # Descriptors: the process's, and the cgroup directories kept for openat (trees
             # that keep them: kpod.cgroup.dirs).
