@@ -12,9 +12,11 @@ fixture tree) would still be read through its descriptor after its directory was
 
 A cgroup stat file (cpu.stat, memory.stat, memory.current, *.pressure, io.stat, cpuacct.usage,
 blkio.throttle.*) is one seq_file record: its show() prints the whole file at once, and a read
-at offset 0 makes seq_file start over (fs/seq_file.c: seq_read_iter resets its iterator when
-the position is 0), so one `pread(fd, n, 0)` per cycle returns what open/read/close did, printed
-afresh.  Not for multi-record files (cgroup.procs, mountinfo): kpod.cgroup.files.read_text.
+at offset 0 makes seq_file start over (fs/seq_file.c: a read at a position other than where the
+last one ended traverses from the first record, and since 4.x a read at 0 resets the iterator
+outright; kernfs, which serves cgroup and cgroup v1 files, passes pread to seq_file as it is),
+so one `pread(fd, n, 0)` per cycle returns what open/read/close did, printed afresh.  Not for
+multi-record files (cgroup.procs, mountinfo): kpod.cgroup.files.read_text.
 
 Lifetime, as kpod.cgroup.dirs: at the start of each cycle (`new_cycle`) the files no read used
 in the last KEEP_CYCLES cycles are closed.  A file whose cgroup was removed fails its read
