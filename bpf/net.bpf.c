@@ -31,7 +31,8 @@ char LICENSE[] SEC("license") = "GPL";
 struct net_tcp_value {
 	__u64 bytes_sent;
 	__u64 bytes_received;
-	__u64 retransmits;     /* retransmitted skbs (tcp:tcp_retransmit_skb with no error) */
+	__u64 retransmits;     /* retransmitted segments: tcp_skb_pcount() of each skb that
+				* tcp:tcp_retransmit_skb reports without error */
 	__u64 conn_active;     /* SYN_SENT -> ESTABLISHED (connect) */
 	__u64 conn_passive;    /* SYN_RECV -> ESTABLISHED (accept side) */
 };
@@ -328,15 +329,37 @@ struct trace_event_raw_tcp_retransmit_skb___kpod {
 	int err;
 } __attribute__((preserve_access_index));
 
+/*
+ * The segments this retransmission adds to the kernel's own counters: __tcp_retransmit_skb adds
+ * tcp_skb_pcount(skb) (TCP_SKB_CB(skb)->tcp_gso_segs, read after tcp_fragment cut the skb to
+ * what goes out) to tcpi_total_retrans and to TcpRetransSegs, and one skb may carry many
+ * segments (GSO/TSO).  The tracepoint fires later in the same call on the same skb, whose
+ * control block the transmission does not change (it sends a clone or a copy).  The field has
+ * been there since 3.18; the CO-RE check only keeps the program loadable on a kernel whose BTF
+ * lacks the type, where each skb counts as one segment.
+ */
+static __always_inline __u64 retransmitted_segments(const struct sk_buff *skb)
+{
+	const struct tcp_skb_cb *cb = (const struct tcp_skb_cb *)&skb->cb[0];
+
+	if (!bpf_core_field_exists(struct tcp_skb_cb, tcp_gso_segs))
+		return 1;
+	return BPF_CORE_READ(cb, tcp_gso_segs);
+}
+
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(tcp_retransmit)
 {
 	const struct sock *sk = (const struct sock *)ctx[0];
+	const struct sk_buff *skb = (const struct sk_buff *)ctx[1];
 	struct net_tcp_value *v;
 
 	/*
 	 * CO-RE resolves the check to a constant at load, so on kernels whose tracepoint has two
-	 * arguments the verifier never sees the ctx[2] access.
+	 * arguments the verifier never sees the ctx[2] access.  Before 6.11 the tracepoint fires
+	 * only for a successful retransmission; from 6.11 on it fires for failures too, with err:
+	 * both count only successes.  (The kernel also counts a transmission that failed after
+	 * the segments were counted, which TcpExtTCPRetransFail counts as well: docs/METRICS.md.)
 	 */
 	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb___kpod, err)) {
 		if ((int)ctx[2] != 0)
@@ -344,7 +367,7 @@ int BPF_PROG(tcp_retransmit)
 	}
 	v = tcp_value(sk_cgroup_id(sk));
 	if (v)
-		__sync_fetch_and_add(&v->retransmits, 1);
+		__sync_fetch_and_add(&v->retransmits, retransmitted_segments(skb));
 	return 0;
 }
 

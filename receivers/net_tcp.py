@@ -12,9 +12,10 @@ changes and RTT samples fire mostly in softirq, on whatever task the CPU interru
   Before 6.5, sendfile and splice to a socket are counted at tcp_sendpage, beside.
 - The socket's cgroup: sk_cgrp_data.cgroup (5.15+), else the pre-5.15 tagged union
   (bpf/core_fixes.bpf.h); kpod.bpf.force_routes: sock_cgroup_val takes the old route anywhere.
-- kpod.net.tcp.retransmits: retransmitted skbs (tcp:tcp_retransmit_skb; on 6.11+ only those
-  whose retransmission succeeded).  One skb may carry several segments (TCP_INFO's
-  tcpi_total_retrans counts segments).
+- kpod.net.tcp.retransmits: retransmitted segments, as the kernel counts them in TCP_INFO's
+  tcpi_total_retrans and TcpRetransSegs: tcp_skb_pcount() of each skb tcp:tcp_retransmit_skb
+  reports (one GSO/TSO skb carries several segments); on 6.11+ only those whose retransmission
+  succeeded, as before 6.11, where the tracepoint fires for nothing else.
 - kpod.net.tcp.connections{direction}: transitions to ESTABLISHED, `direction="active"` from
   SYN_SENT (connect) and `direction="passive"` from SYN_RECV (the accepting side).
 - kpod.net.tcp.rtt: the socket's smoothed RTT at each tcp_probe (each incoming segment on an
@@ -50,7 +51,12 @@ BYTES_RECEIVED = MetricDef(
     "By",
     "Bytes received on the cgroup's TCP sockets (as returned by recv; peeks not counted)",
 )
-RETRANSMITS = MetricDef("kpod.net.tcp.retransmits", Kind.COUNTER, "1", "TCP skbs retransmitted on the cgroup's sockets")
+RETRANSMITS = MetricDef(
+    "kpod.net.tcp.retransmits",
+    Kind.COUNTER,
+    "{segment}",
+    "TCP segments retransmitted on the cgroup's sockets (as TCP_INFO's tcpi_total_retrans counts them)",
+)
 CONNECTIONS = MetricDef(
     "kpod.net.tcp.connections",
     Kind.COUNTER,
@@ -218,6 +224,6 @@ factory = Factory(
     "receiver",
     NetTcpConfig,
     NetTcpReceiver,
-    "eBPF: TCP bytes (as returned), retransmits, connections and smoothed RTT per socket-owning cgroup",
+    "eBPF: TCP bytes (as returned), retransmitted segments, connections and smoothed RTT per socket-owning cgroup",
     requires_bpf=True,
 )

@@ -14,10 +14,11 @@ import ctypes
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -203,6 +204,101 @@ def test_retransmits_charged_to_the_sending_pod(tmp_path: Path) -> None:
             assert got == truth, (got, truth)
             assert value(batch, "kpod.net.tcp.retransmits", pod_b.container_id) == 0
             assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == 1001
+        finally:
+            receiver.shutdown()
+
+
+# The independent side of the segment test: every tcp_retransmit_skb event (successful or not,
+# so never fewer than the successful ones the agent sees), per network namespace, in a map.
+SKB_COUNTER_SOURCE = """
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);    /* the socket's network namespace (its inode number) */
+	__type(value, __u64);  /* tracepoint events: one per retransmitted skb */
+} skbs SEC(".maps");
+SEC("tp_btf/tcp_retransmit_skb")
+int count_skbs(unsigned long long *ctx)
+{
+	const struct sock *sk = (const struct sock *)ctx[0];
+	__u32 netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	__u64 one = 1, *n = bpf_map_lookup_elem(&skbs, &netns);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else
+		bpf_map_update_elem(&skbs, &netns, &one, BPF_NOEXIST);
+	return 0;
+}
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+@contextlib.contextmanager
+def retransmitted_skbs(directory: Path, ns: str) -> Iterator[Callable[[], int]]:
+    """Counts tcp_retransmit_skb events on sockets of network namespace `ns` from now until exit
+    (detached and closed also on failure); yields the function that reads the count."""
+    require_tools("clang")
+    src, obj_path = directory / "skbs.bpf.c", directory / "skbs.bpf.o"
+    src.write_text(SKB_COUNTER_SOURCE)
+    arch = {"x86_64": "x86", "aarch64": "arm64"}[os.uname().machine]
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", "-I", str(REPO / "bpf"),
+                    "-c", str(src), "-o", str(obj_path)], check=True)  # fmt: skip
+    with libbpf.BpfObject.open(str(obj_path)) as obj:
+        obj.load()
+        obj.programs["count_skbs"].attach()
+        key = os.stat(f"/run/netns/{ns}").st_ino.to_bytes(4, sys.byteorder)
+        yield lambda: int.from_bytes(obj.maps["skbs"].lookup(key) or bytes(8), sys.byteorder)
+
+
+def netns_tcp_mib(ns: str) -> dict[str, int]:
+    """The namespace's own Tcp: MIB (/proc/net/snmp as nstat reads it; per network namespace)."""
+    lines = [line.split() for line in subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+                                                     capture_output=True, text=True, check=True).stdout.splitlines()
+             if line.startswith("Tcp:")]  # fmt: skip
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+
+
+def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> None:
+    """The kernel counts a retransmission as tcp_skb_pcount(skb) segments (tcpi_total_retrans,
+    TcpRetransSegs); under GSO one retransmitted skb carries several.  The namespace's loopback
+    gets a 1500-byte MTU (MSS 1448, 64 KiB GSO skbs), the whole first flight of 300 kB is
+    dropped, and after the drop the sender's slow start retransmits the rest of it several
+    segments per skb.  The agent must count the segments, as the kernel does."""
+    drop = build_drop_program(tmp_path)
+    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
+    nbytes = 300_001
+    with private_netns() as ns, cgroup_tree() as tree, workloads() as procs, retransmitted_skbs(tmp_path, ns) as skbs:
+        subprocess.run(["ip", "-n", ns, "link", "set", "dev", "lo", "mtu", "1500"], check=True)
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            a, b = transfer(tree, procs, pod_a, pod_b, netns=ns, nbytes=nbytes)
+            mib_before = netns_tcp_mib(ns)
+            subprocess.run(
+                ["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric", "obj", str(drop), "sec", "xdp"], check=True
+            )
+            try:
+                a.send("send")
+                time.sleep(1.0)  # the first flight is lost; RTO and loss probes fire
+            finally:
+                subprocess.run(["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric", "off"], check=True)
+            assert json.loads(b.readline(timeout=60))["received"] == nbytes
+            a_result = json.loads(a.readline(timeout=60))
+            truth = tcp_info(a_result["info"]).tcpi_total_retrans
+            mib = netns_tcp_mib(ns)
+            batch = collect(receiver)
+            got = value(batch, "kpod.net.tcp.retransmits", pod_a.container_id)
+            events = skbs()
+            # Only A's connection lives in this namespace: its MIB is that socket's, as nstat shows it.
+            assert mib["RetransSegs"] - mib_before["RetransSegs"] == truth
+            # The scenario did what it is for: fewer retransmitted skbs than segments.
+            assert 0 < events < truth, (events, truth)
+            assert got == truth, (got, truth, events)
+            assert value(batch, "kpod.net.tcp.retransmits", pod_b.container_id) == 0
+            assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == nbytes
         finally:
             receiver.shutdown()
 
