@@ -264,14 +264,20 @@ def netns_tcp_mib(ns: str) -> dict[str, int]:
 def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> None:
     """The kernel counts a retransmission as tcp_skb_pcount(skb) segments (tcpi_total_retrans,
     TcpRetransSegs); under GSO one retransmitted skb carries several.  The namespace's loopback
-    gets a 1500-byte MTU (MSS 1448, 64 KiB GSO skbs), the whole first flight of 300 kB is
-    dropped, and after the drop the sender's slow start retransmits the rest of it several
+    gets a 1500-byte MTU (MSS 1448, GSO skbs of up to 44 segments), the whole first flight of
+    300 kB is dropped, and after the drop the sender's slow start retransmits it several
     segments per skb.  The agent must count the segments, as the kernel does."""
     drop = build_drop_program(tmp_path)
     receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
     nbytes = 300_001
     with private_netns() as ns, cgroup_tree() as tree, workloads() as procs, retransmitted_skbs(tmp_path, ns) as skbs:
         subprocess.run(["ip", "-n", ns, "link", "set", "dev", "lo", "mtu", "1500"], check=True)
+        # Multi-segment retransmissions at any machine speed (the namespace's own settings, gone
+        # with it): skbs of at least 16 segments (where the RTT is long, as under qemu TCG, TSO
+        # autosizing makes them as small as 2), and plain RTO recovery, whose slow start
+        # retransmits 2, 4, 8 ... segments per skb (F-RTO may send new data instead).
+        subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", "echo 16 > /proc/sys/net/ipv4/tcp_min_tso_segs"
+                        " && echo 0 > /proc/sys/net/ipv4/tcp_frto"], check=True)  # fmt: skip
         pod_a, pod_b = tree.pod(), tree.pod()
         receiver.start()
         try:
