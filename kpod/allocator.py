@@ -15,6 +15,12 @@ from many short threads.  Two of its defaults hold memory the agent no longer us
 
 Applied once, before the agent starts any thread (an arena limit does not shrink arenas that
 exist).  The RSS this saves is measured in docs/perf/readings/scale.md.
+
+Tried and left out (ad hoc, 110 pods, kubelet mode, four agents side by side for a minute):
+M_ARENA_MAX 1, and malloc_trim(0) once a second, each moved RSS by less than 0.5 MiB, within
+what two identical agents differ by.  Little of the agent's memory is free malloc memory (about
+1.3 MiB free in the arenas, mallinfo2); most of it is Python objects in obmalloc's arenas (13 MiB,
+under 1 MiB of it free) and the code of imported modules, which only importing less reduces.
 """
 
 from __future__ import annotations
