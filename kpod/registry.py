@@ -4,8 +4,8 @@ Built-in components are entry points of this package (pyproject.toml), and a thi
 package's components are entry points of that package.  The built-in ones are also listed in
 BUILT_IN, so that the agent finds them without reading any installed distribution's metadata:
 importlib.metadata and what it imports (zipfile, csv, importlib.resources ...) are about 1 MiB
-of the agent's resident memory that a node running only built-in components would carry for its
-whole life (measured in docs/perf/readings/scale.md).  The installed entry points are read the
+of the agent's resident memory (tracemalloc, at start) that a node running only built-in
+components would carry for its whole life.  The installed entry points are read the
 first time a config names a type that is not built in (and for the list of known types in an
 error message).  tests/test_registry.py checks that BUILT_IN and pyproject.toml's entry points
 are the same.  A type's module is imported only when a config names it.
