@@ -33,6 +33,7 @@ struct net_tcp_value {
 	__u64 bytes_received;
 	__u64 retransmits;     /* retransmitted segments: tcp_skb_pcount() of each skb that
 				* tcp:tcp_retransmit_skb reports without error */
+	__u64 bytes_retransmitted;  /* the payload of those skbs (skb->len), as tcpi_bytes_retrans */
 	__u64 conn_active;     /* SYN_SENT -> ESTABLISHED (connect) */
 	__u64 conn_passive;    /* SYN_RECV -> ESTABLISHED (accept side) */
 };
@@ -359,15 +360,19 @@ int BPF_PROG(tcp_retransmit)
 	 * arguments the verifier never sees the ctx[2] access.  Before 6.11 the tracepoint fires
 	 * only for a successful retransmission; from 6.11 on it fires for failures too, with err:
 	 * both count only successes.  (The kernel also counts a transmission that failed after
-	 * the segments were counted, which TcpExtTCPRetransFail counts as well: docs/METRICS.md.)
+	 * the segments were counted, which TcpExtTCPRetransFail counts as well: docs/TROUBLESHOOTING.md.)
+	 * The kernel adds skb->len to tcpi_bytes_retrans at the same place: the payload, as the
+	 * control block, is not changed by the transmission.
 	 */
 	if (bpf_core_field_exists(struct trace_event_raw_tcp_retransmit_skb___kpod, err)) {
 		if ((int)ctx[2] != 0)
 			return 0;  /* not retransmitted (e.g. -EBUSY: still queued in the host) */
 	}
 	v = tcp_value(sk_cgroup_id(sk));
-	if (v)
-		__sync_fetch_and_add(&v->retransmits, retransmitted_segments(skb));
+	if (!v)
+		return 0;
+	__sync_fetch_and_add(&v->retransmits, retransmitted_segments(skb));
+	__sync_fetch_and_add(&v->bytes_retransmitted, BPF_CORE_READ(skb, len));
 	return 0;
 }
 

@@ -16,6 +16,9 @@ changes and RTT samples fire mostly in softirq, on whatever task the CPU interru
   tcpi_total_retrans and TcpRetransSegs: tcp_skb_pcount() of each skb tcp:tcp_retransmit_skb
   reports (one GSO/TSO skb carries several segments); on 6.11+ only those whose retransmission
   succeeded, as before 6.11, where the tracepoint fires for nothing else.
+- kpod.net.tcp.bytes.retransmitted: the payload bytes of those retransmissions (skb->len), as
+  TCP_INFO's tcpi_bytes_retrans counts them: beside bytes.sent, the retransmit ratio in one
+  unit (the recording rules' namespace_pod:kpod_net_tcp_retransmit_ratio:rate5m).
 - kpod.net.tcp.connections{direction}: transitions to ESTABLISHED, `direction="active"` from
   SYN_SENT (connect) and `direction="passive"` from SYN_RECV (the accepting side).
 - kpod.net.tcp.rtt: the socket's smoothed RTT at each tcp_probe (each incoming segment on an
@@ -56,6 +59,12 @@ RETRANSMITS = MetricDef(
     Kind.COUNTER,
     "{segment}",
     "TCP segments retransmitted on the cgroup's sockets (as TCP_INFO's tcpi_total_retrans counts them)",
+)
+BYTES_RETRANSMITTED = MetricDef(
+    "kpod.net.tcp.bytes.retransmitted",
+    Kind.COUNTER,
+    "By",
+    "Payload bytes retransmitted on the cgroup's TCP sockets (as TCP_INFO's tcpi_bytes_retrans counts them)",
 )
 CONNECTIONS = MetricDef(
     "kpod.net.tcp.connections",
@@ -111,7 +120,10 @@ def kernel_struct_members(name: str) -> tuple[btflayout.BtfMember, ...]:
 
 
 class NetTcpReceiver(CgroupBpfReceiver):
-    metrics = (BYTES_SENT, BYTES_RECEIVED, RETRANSMITS, CONNECTIONS, RTT, PROGRAM_RUN_SECONDS, PROGRAM_RUNS)
+    metrics = (
+        BYTES_SENT, BYTES_RECEIVED, RETRANSMITS, BYTES_RETRANSMITTED, CONNECTIONS, RTT, PROGRAM_RUN_SECONDS,
+        PROGRAM_RUNS,
+    )  # fmt: skip
     object_name = "net"
     # All optional: the receiver is useful with any subset of its hooks.  Same `feeds` =
     # alternatives, first available wins (the others get autoload off).
@@ -133,7 +145,7 @@ class NetTcpReceiver(CgroupBpfReceiver):
         ProgramSpec(
             "tcp_recvmsg_entry", feeds=(RECEIVED_ENTRY_FEED,), optional=True, with_programs=("tcp_recvmsg_ret",)
         ),
-        ProgramSpec("tcp_retransmit", feeds=(RETRANSMITS.name,), optional=True),
+        ProgramSpec("tcp_retransmit", feeds=(RETRANSMITS.name, BYTES_RETRANSMITTED.name), optional=True),
         ProgramSpec("tcp_set_state", feeds=(CONNECTIONS.name,), optional=True),
         # bpf_rdonly_cast (6.2+) first; it fails to load on older kernels and is dropped.
         ProgramSpec("tcp_probe", feeds=(RTT.name,), optional=True),
@@ -211,6 +223,7 @@ class NetTcpReceiver(CgroupBpfReceiver):
                 batch.add(self.point(BYTES_RECEIVED, ref, float(v.bytes_received)))
             if retransmits:
                 batch.add(self.point(RETRANSMITS, ref, float(v.retransmits)))
+                batch.add(self.point(BYTES_RETRANSMITTED, ref, float(v.bytes_retransmitted)))
             if connections:
                 batch.add(Point(CONNECTIONS, ref, ACTIVE, float(v.conn_active), None, start))
                 batch.add(Point(CONNECTIONS, ref, PASSIVE, float(v.conn_passive), None, start))

@@ -170,12 +170,13 @@ def build() -> dict[str, Any]:
             (f"sum by (namespace, pod) (rate(kpod_net_tcp_retransmits_total{{{SEL}}}[{RI}]))", "{{namespace}}/{{pod}}"),
         ],
         "pps",
+        "Segments retransmitted per second, as the kernel counts them (tcpi_total_retrans).",
     )
     lay.panel(
         "TCP retransmit ratio by pod",
         [(f"namespace_pod:kpod_net_tcp_retransmit_ratio:rate5m{{{SEL}}}", "{{namespace}}/{{pod}}")],
         "percentunit",
-        "Retransmitted segments per packet sent by the pod (recording rule).",
+        "Bytes retransmitted per byte sent on the pod's TCP sockets (recording rule).",
     )
     lay.panel(
         "TCP smoothed RTT p50 / p99 by pod",

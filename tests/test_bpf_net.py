@@ -123,7 +123,9 @@ def test_loopback_transfer_exact_bytes_connections_and_rtt(receiver_class: type[
             assert value(batch, "kpod.net.tcp.connections", A, direction="passive") == 0
             assert value(batch, "kpod.net.tcp.connections", B, direction="passive") == 1
             assert value(batch, "kpod.net.tcp.connections", B, direction="active") == 0
+            # Retransmits (usually none on loopback): segments and payload bytes, as TCP_INFO counts them.
             assert value(batch, "kpod.net.tcp.retransmits", A) == tcp_info(a_result["info"]).tcpi_total_retrans
+            assert value(batch, "kpod.net.tcp.bytes.retransmitted", A) == tcp_info(a_result["info"]).tcpi_bytes_retrans
             # RTT: non-empty for both sockets' pods.
             rtt_a = value(batch, "kpod.net.tcp.rtt", A)
             rtt_b = value(batch, "kpod.net.tcp.rtt", B)
@@ -203,6 +205,11 @@ def test_retransmits_charged_to_the_sending_pod(tmp_path: Path) -> None:
             # One 1001-byte skb: each retransmission is one segment, so skbs == segments.
             assert got == truth, (got, truth)
             assert value(batch, "kpod.net.tcp.retransmits", pod_b.container_id) == 0
+            # Their payload (a lone FIN retransmitted has none), as tcpi_bytes_retrans counts it.
+            bytes_truth = tcp_info(a_result["info"]).tcpi_bytes_retrans
+            assert bytes_truth >= 1001
+            assert value(batch, "kpod.net.tcp.bytes.retransmitted", pod_a.container_id) == bytes_truth
+            assert value(batch, "kpod.net.tcp.bytes.retransmitted", pod_b.container_id) == 0
             assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == 1001
         finally:
             receiver.shutdown()
@@ -304,6 +311,10 @@ def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> Non
             assert 0 < events < truth, (events, truth)
             assert got == truth, (got, truth, events)
             assert value(batch, "kpod.net.tcp.retransmits", pod_b.container_id) == 0
+            # Their payload, as the kernel adds it up (tcpi_bytes_retrans).
+            bytes_truth = tcp_info(a_result["info"]).tcpi_bytes_retrans
+            assert bytes_truth > 0
+            assert value(batch, "kpod.net.tcp.bytes.retransmitted", pod_a.container_id) == bytes_truth
             assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == nbytes
         finally:
             receiver.shutdown()
