@@ -204,15 +204,21 @@ class ChartNode:
         when the next one is more than `margin_s` away (its start: the earliest receiver start
         of the last cycle plus the poll interval)."""
         poll_s = CHART_VALUES["config"]["pollInterval"] / 1000
-        for _ in range(20):
+        # Where wait_cycles sees a cycle end drifts against the cycles by a few tens of ms per
+        # look (measured: 0.40, 0.37, ... -0.01, then 0.97 s to the next cycle): enough looks
+        # to sweep a whole poll interval, not half of one (20 looks once failed in CI).
+        slack: list[float] = []
+        for _ in range(60):
             self.wait_cycles(1)
             ran = [r for r in self.status()["receivers"].values() if r["last_collect_unix"]]
             began = min(r["last_collect_unix"] - r["last_duration_seconds"] for r in ran)
-            if began + poll_s - time.time() > margin_s:
+            slack.append(round(began + poll_s - time.time(), 3))
+            if slack[-1] > margin_s:
                 podman("pause", self.container)
                 break
         else:
-            raise AssertionError(f"the agent's cycles leave less than {margin_s} s between them: {self.logs()}")
+            raise AssertionError(f"the agent's cycles leave less than {margin_s} s between them (time to the next "
+                                 f"cycle, each look: {slack}): {self.logs()}")  # fmt: skip
         try:
             yield
         finally:
