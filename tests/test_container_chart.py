@@ -204,9 +204,11 @@ class ChartNode:
         when the next one is more than `margin_s` away (its start: the earliest receiver start
         of the last cycle plus the poll interval)."""
         poll_s = CHART_VALUES["config"]["pollInterval"] / 1000
-        # Where wait_cycles sees a cycle end drifts against the cycles by a few tens of ms per
-        # look (measured: 0.40, 0.37, ... -0.01, then 0.97 s to the next cycle): enough looks
-        # to sweep a whole poll interval, not half of one (20 looks once failed in CI).
+        # /debug/status is made at most once a second (STATUS_CACHE_S: it is the server's one
+        # thread's work), so what a look sees is up to a second old, and that age drifts against
+        # the cycles by a few tens of ms per look (measured: 0.40, 0.37, ... -0.01, then 0.97 s
+        # to the next cycle).  Enough looks to sweep a whole poll interval, not half of one
+        # (20 looks once failed in CI).
         slack: list[float] = []
         for _ in range(60):
             self.wait_cycles(1)
