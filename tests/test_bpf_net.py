@@ -247,12 +247,7 @@ char LICENSE[] SEC("license") = "GPL";
 def retransmitted_skbs(directory: Path, ns: str) -> Iterator[Callable[[], int]]:
     """Counts tcp_retransmit_skb events on sockets of network namespace `ns` from now until exit
     (detached and closed also on failure); yields the function that reads the count."""
-    require_tools("clang")
-    src, obj_path = directory / "skbs.bpf.c", directory / "skbs.bpf.o"
-    src.write_text(SKB_COUNTER_SOURCE)
-    arch = {"x86_64": "x86", "aarch64": "arm64"}[os.uname().machine]
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", "-I", str(REPO / "bpf"),
-                    "-c", str(src), "-o", str(obj_path)], check=True)  # fmt: skip
+    obj_path = compile_bpf(directory, "skbs", SKB_COUNTER_SOURCE)
     with libbpf.BpfObject.open(str(obj_path)) as obj:
         obj.load()
         obj.programs["count_skbs"].attach()
@@ -331,14 +326,20 @@ PROBE_SOURCE = (
 )
 
 
-def build_probes(directory: Path) -> Path:
+def compile_bpf(directory: Path, name: str, source: str) -> Path:
+    """`source` compiled as the project's BPF objects are (against bpf/vmlinux.h) into
+    directory/<name>.bpf.o."""
     require_tools("clang")
-    src, obj_path = directory / "probes.bpf.c", directory / "probes.bpf.o"
-    src.write_text(PROBE_SOURCE)
+    src, obj_path = directory / f"{name}.bpf.c", directory / f"{name}.bpf.o"
+    src.write_text(source)
     arch = {"x86_64": "x86", "aarch64": "arm64"}[os.uname().machine]
     subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", "-I", str(REPO / "bpf"),
                     "-c", str(src), "-o", str(obj_path)], check=True)  # fmt: skip
     return obj_path
+
+
+def build_probes(directory: Path) -> Path:
+    return compile_bpf(directory, "probes", PROBE_SOURCE)
 
 
 def kernel_refuses(probes: Path, section: str) -> str | None:
