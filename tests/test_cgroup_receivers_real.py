@@ -729,7 +729,8 @@ def test_cgroup_dirs_open_the_files_of_the_directory_the_path_names_now(scratch:
     """kpod.cgroup.dirs against real cgroups: a file opened through the kept directory is the
     file its full path names (same inode); a directory removed and made again under the same
     path is the new one; one not read for KEEP_CYCLES cycles is closed; limit 0 keeps none."""
-    from kpod.cgroup.dirs import KEEP_CYCLES, CgroupDirs
+    from kpod.cgroup.dirs import CgroupDirs
+    from kpod.cgroup.keptfds import KEEP_CYCLES
 
     s = scratch
     _, pods = _pod_tree(s, pods=2, containers=1)
@@ -786,7 +787,8 @@ def test_kept_files_read_afresh_the_file_the_path_names_now(scratch: Scratch, tm
     raises FileNotFoundError and is no longer kept; one made again under the same path is the
     new cgroup's; a file not read for KEEP_CYCLES cycles is closed; limit 0 and plain files
     (not a cgroup filesystem) are read and not kept."""
-    from kpod.cgroup.kept import KEEP_CYCLES, KeptFiles
+    from kpod.cgroup.kept import KeptFiles
+    from kpod.cgroup.keptfds import KEEP_CYCLES
 
     s = scratch
     _, pods = _pod_tree(s, pods=2, containers=1)
@@ -837,7 +839,8 @@ def test_kept_files_close_the_descriptors_of_removed_cgroups(scratch: Scratch) -
     made and some removed each cycle): the process's descriptors never grow past the cgroups
     that are live or read in the last KEEP_CYCLES cycles, a removed cgroup's file is closed at
     its first failed read, and all are closed once every cgroup is gone."""
-    from kpod.cgroup.kept import KEEP_CYCLES, KeptFiles
+    from kpod.cgroup.kept import KeptFiles
+    from kpod.cgroup.keptfds import KEEP_CYCLES
 
     s = scratch
     base, _ = _pod_tree(s, pods=1, containers=1)
@@ -876,7 +879,7 @@ def test_cgroup_dirs_close_the_descriptors_of_removed_cgroups(scratch: Scratch) 
     receivers read them (cycle after cycle, 40 containers made and removed each cycle): the
     process's open descriptors (/proc/self/fd) never grow past the cgroups that are live or read
     in the last KEEP_CYCLES cycles, and are back where they began once all are removed."""
-    from kpod.cgroup.dirs import KEEP_CYCLES
+    from kpod.cgroup.keptfds import KEEP_CYCLES
 
     s = scratch
     base, _ = _pod_tree(s, pods=1, containers=1)

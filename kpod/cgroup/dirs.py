@@ -25,45 +25,15 @@ files are opened by path as before.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import threading
-import weakref
 
+from kpod.cgroup.keptfds import KeptDescriptors
 from kpod.cgroup.paths import open_long
 
-# A node's cgroups are a few thousand at most; past this, files are opened by path.
-MAX_KEPT = 8192
-# Cycles a directory stays open without a read (receivers slower than the poll interval read
-# every few cycles: they open it again then, one path lookup, as without this module).
-KEEP_CYCLES = 2
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY
 
 
-def default_limit() -> int:
-    """A quarter of the soft RLIMIT_NOFILE (kpod.cgroup.mounttables keeps up to another
-    quarter; BPF objects, sockets and the files being read need the rest), at most MAX_KEPT."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_KEPT
-    return max(0, min(MAX_KEPT, soft // 4))
-
-
-class CgroupDirs:
-    def __init__(self, limit: int | None = None) -> None:
-        self.limit = default_limit() if limit is None else limit
-        self._lock = threading.Lock()
-        self._fds: dict[str, int] = {}
-        self._used: dict[str, int] = {}  # directory -> the cycle it was last read in
-        self._cycle = 0
-        # Closed with their owner too (an index a test never shut down).
-        weakref.finalize(self, _close_all, self._fds)
-
-    @property
-    def kept(self) -> int:
-        return len(self._fds)
-
+class CgroupDirs(KeptDescriptors):
     def open(self, path: str, flags: int) -> int | None:
         """os.open(path, flags | O_CLOEXEC) through the kept descriptor of its directory, or
         None when no descriptor can be kept for it (the caller opens the path itself, which
@@ -86,8 +56,7 @@ class CgroupDirs:
                 fd = open_long(directory, _DIR_FLAGS)
             except OSError:
                 return None
-            self._fds[directory] = fd
-            self._used[directory] = self._cycle
+            self._keep(directory, fd)
             return os.open(name, flags, dir_fd=fd)
 
     def stat(self, directory: str) -> os.stat_result | None:
@@ -98,29 +67,3 @@ class CgroupDirs:
         with self._lock:
             fd = self._fds.get(directory)
             return os.fstat(fd) if fd is not None else None
-
-    def new_cycle(self) -> None:
-        """A cycle begins: close the directories not read in the last KEEP_CYCLES cycles."""
-        with self._lock:
-            self._cycle += 1
-            oldest = self._cycle - KEEP_CYCLES
-            for directory in [d for d, cycle in self._used.items() if cycle < oldest]:
-                self._close(directory)
-
-    def close(self) -> None:
-        with self._lock:
-            _close_all(self._fds)
-            self._used.clear()
-
-    def _close(self, directory: str) -> None:
-        self._used.pop(directory, None)
-        fd = self._fds.pop(directory, None)
-        if fd is not None:
-            os.close(fd)
-
-
-def _close_all(fds: dict[str, int]) -> None:
-    for fd in fds.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()

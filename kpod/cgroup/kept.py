@@ -37,29 +37,14 @@ could by then name another file).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import threading
-import weakref
 from collections.abc import Callable, Iterable
 
+from kpod.cgroup.keptfds import KeptDescriptors
 from kpod.cgroup.parsers import parse_mountinfo
 
-# Files the cycle reads are about 1,500 at 110 pods and 3,400 at 250; past this, by path.
-MAX_KEPT = 8192
-KEEP_CYCLES = 2
 # Larger than any cgroup stat file; one that fills it is read on until its end.
 _CHUNK = 65536
-
-
-def default_limit() -> int:
-    """A quarter of the soft RLIMIT_NOFILE (kpod.cgroup.dirs and kpod.cgroup.mounttables keep
-    up to a quarter each; BPF objects and sockets need the rest), at most MAX_KEPT."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_KEPT
-    return max(0, min(MAX_KEPT, soft // 4))
 
 
 def cgroupfs_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
@@ -72,24 +57,15 @@ def cgroupfs_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
     return frozenset(os.makedev(*m.dev) for m in mounts if m.fstype in ("cgroup", "cgroup2"))
 
 
-class KeptFiles:
+class KeptFiles(KeptDescriptors):
     def __init__(
         self, open_file: Callable[[str], int], limit: int | None = None, devices: Iterable[int] | None = None
     ) -> None:
         """`open_file(path)`: a new read-only descriptor of `path` (raises OSError).
         `devices`: the st_dev of files that may be kept (default: cgroupfs_devices(), at first use)."""
-        self.limit = default_limit() if limit is None else limit
+        super().__init__(limit)
         self._open_file = open_file
         self._devices = None if devices is None else frozenset(devices)
-        self._lock = threading.Lock()
-        self._fds: dict[str, int] = {}
-        self._used: dict[str, int] = {}  # path -> the cycle it was last read in
-        self._cycle = 0
-        weakref.finalize(self, _close_all, self._fds)
-
-    @property
-    def kept(self) -> int:
-        return len(self._fds)
 
     def read(self, path: str) -> bytes:
         """The whole file, generated afresh.  Raises OSError as opening and reading it would."""
@@ -113,8 +89,7 @@ class KeptFiles:
                 os.close(fd)
                 raise
             if keep:
-                self._fds[path] = fd
-                self._used[path] = self._cycle
+                self._keep(path, fd)
             else:
                 os.close(fd)
             return data
@@ -124,25 +99,6 @@ class KeptFiles:
             self._devices = cgroupfs_devices()
         return os.fstat(fd).st_dev in self._devices
 
-    def new_cycle(self) -> None:
-        """A cycle begins: close the files not read in the last KEEP_CYCLES cycles."""
-        with self._lock:
-            self._cycle += 1
-            oldest = self._cycle - KEEP_CYCLES
-            for path in [p for p, cycle in self._used.items() if cycle < oldest]:
-                self._close(path)
-
-    def close(self) -> None:
-        with self._lock:
-            _close_all(self._fds)
-            self._used.clear()
-
-    def _close(self, path: str) -> None:
-        self._used.pop(path, None)
-        fd = self._fds.pop(path, None)
-        if fd is not None:
-            os.close(fd)
-
 
 def _read_on(fd: int, data: bytes) -> bytes:
     chunks = [data]
@@ -151,10 +107,3 @@ def _read_on(fd: int, data: bytes) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
-
-
-def _close_all(fds: dict[str, int]) -> None:
-    for fd in fds.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
