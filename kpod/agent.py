@@ -7,15 +7,18 @@ must complete within 5 s, and the process exits 0.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 # The one place the framework touches cgroup access: it builds the index that every component
 # gets in its Context (tests/test_imports.py keeps it so).
 from kpod import gcpolicy
 from kpod.cgroup.index import CgroupIndex
+from kpod.cgroup.keptfds import NOFILE_WANTED, default_limit, raise_nofile_limit
 from kpod.cgroup.mounts import choose_hierarchy, read_mountinfo
 from kpod.config import AgentConfig
 from kpod.model import Batch
@@ -40,9 +43,27 @@ def build_cgroup_index(config: AgentConfig) -> CgroupIndex:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        # Before the index and the receivers are built: each kind of kept descriptor takes a
+        # share of the soft limit as it is when its owner is made (kpod.cgroup.keptfds).
+        self.nofile_raised_from, self.nofile_refused = _raise_nofile_limit()
         self.cgroups = build_cgroup_index(config)
         self.pipeline = Pipeline(config, self.cgroups)
+        self.pipeline.status.sections["open_files"] = self.open_files_status
         self.stop_event = threading.Event()
+
+    def open_files_status(self) -> dict[str, Any]:
+        """/debug/status: the descriptor limits and how many cgroup directories and files are
+        kept open against their share (past it they are read by path: the slow path)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        reads = self.cgroups.reads
+        return {
+            "soft_limit": soft,
+            "hard_limit": hard,
+            "raised_from": self.nofile_raised_from,
+            "raise_refused": self.nofile_refused,
+            "kept_cgroup_directories": {"kept": reads.dirs.kept, "limit": reads.dirs.limit},
+            "kept_cgroup_files": {"kept": reads.files.kept, "limit": reads.files.limit},
+        }
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if signum is not None:
@@ -93,6 +114,31 @@ class Agent:
             len(pods), series, seconds, running, len(self.pipeline.receivers),
             "" if known is None else f"; discovery knows {known} pods on this node",
         )  # fmt: skip
+
+
+def _raise_nofile_limit() -> tuple[int | None, str]:
+    """Raise the soft RLIMIT_NOFILE (kpod.cgroup.keptfds.raise_nofile_limit) and say so once:
+    (the soft limit before, when it was raised; why it could not be, when refused)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        old, new = raise_nofile_limit()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        log.warning(
+            "open files: cannot raise the soft RLIMIT_NOFILE from %d toward %d (hard %d): %s; cgroup directories, "
+            "cgroup files and mount tables kept open across cycles stay at %d of each, the rest are read by path "
+            "every cycle",
+            soft, min(hard, NOFILE_WANTED), hard, reason, default_limit(),
+        )  # fmt: skip
+        return None, reason
+    if new == old:
+        return None, ""
+    log.info(
+        "open files: soft RLIMIT_NOFILE raised %d -> %d (hard %d): cgroup directories, cgroup files and mount "
+        "tables kept open across cycles may take a quarter of it each (the limits in /debug/status)",
+        old, new, hard,
+    )  # fmt: skip
+    return old, ""
 
 
 def install_signal_handlers(agent: Agent) -> None:

@@ -270,6 +270,7 @@ class FilesystemReceiver(CgroupFileReceiver):
             "stuck_mounts": self._probes.stuck(),
             "last_cycle": dict(self._last),
             "mount_tables_kept": self._tables.kept,
+            "mount_tables_limit": self._tables.limit,
             "mount_tables_read": self._tables.reads,
         }
 

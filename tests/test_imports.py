@@ -24,6 +24,8 @@ FRAMEWORK_OUTSIDE = ("kpod.kernel", "kpod.cgroup", "kpod.receivers", "kpod.proce
 ALLOWED = {
     ("kpod.agent", "kpod.cgroup.index"): "the agent builds the cgroup index every component gets in its Context",
     ("kpod.agent", "kpod.cgroup.mounts"): "... from the cgroup2 mount it finds in mountinfo",
+    ("kpod.agent", "kpod.cgroup.keptfds"): "... after raising the soft RLIMIT_NOFILE that the index's kept "
+    "descriptors take their shares of",
     ("kpod.cli", "kpod.cgroup.mounts"): "`kpod-metrics check` prints the node's cgroup layout (that command only)",
     ("kpod.cli", "kpod.kernel.preflight"): "`kpod-metrics check` prints the kernel's facts (that command only)",
     ("kpod.cli", "kpod.kernel.ebpf"): "`kpod-metrics check` asks whether seccomp refuses bpf() "

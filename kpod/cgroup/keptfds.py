@@ -2,15 +2,17 @@
 (directories, for openat) and kpod.cgroup.kept (stat files, for pread) share.
 
 At the start of each cycle (`new_cycle`) the descriptors no read used during the last
-KEEP_CYCLES cycles are closed.  At most `limit` are kept (a share of RLIMIT_NOFILE); past it the
-caller opens by path as without keeping.  Receivers run in threads and the pipeline sweeps at the
-start of each cycle, so subclasses look a descriptor up, use it and close it under `_lock`: it is
-never used after it was closed (its number could by then name another file).
+KEEP_CYCLES cycles are closed.  At most `limit` are kept (a share of the soft RLIMIT_NOFILE, which
+the agent raises at start: raise_nofile_limit); past it the caller opens by path as without
+keeping.  Receivers run in threads and the pipeline sweeps at the start of each cycle, so
+subclasses look a descriptor up, use it and close it under `_lock`: it is never used after it was
+closed (its number could by then name another file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import threading
@@ -19,6 +21,11 @@ import weakref
 # A node's cgroups are a few thousand at most (about 1,500 files read at 110 pods, 3,400 at
 # 250); past this, by path.
 MAX_KEPT = 8192
+# The soft RLIMIT_NOFILE the agent raises itself to (raise_nofile_limit): where every kind of
+# kept descriptor reaches its cap (a quarter each, see default_limit), a quarter (8192) left for
+# BPF objects, sockets, the statfs worker's pipes and the files being read.  A higher soft limit
+# would keep no more.  Nothing in the agent process select()s (FD_SETSIZE is 1024): it polls.
+NOFILE_WANTED = 4 * MAX_KEPT
 # Cycles a descriptor stays open without a read (receivers slower than the poll interval read
 # every few cycles: they open it again then, as without keeping).
 KEEP_CYCLES = 2
@@ -32,6 +39,25 @@ def default_limit() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_KEPT
     return max(0, min(MAX_KEPT, soft // 4))
+
+
+def raise_nofile_limit(wanted: int = NOFILE_WANTED) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to min(hard, `wanted`), never lower it: (old soft, new soft).
+
+    Container runtimes often start a process with soft 1024 and a far higher hard limit (Go
+    programs raise soft to hard themselves; Python does not), which would keep 256 descriptors
+    of each kind and read the rest by path every cycle.  Raising the soft limit up to the hard
+    one needs no privilege.  Raises OSError when setrlimit is refused (a seccomp filter, an
+    LSM); the limit is then unchanged."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except ValueError as error:  # how Python reports EPERM: "not allowed to raise maximum limit"
+            raise OSError(errno.EPERM, "setrlimit refused with EPERM (a seccomp filter or an LSM)") from error
+        return soft, target
+    return soft, soft
 
 
 class KeptDescriptors:
