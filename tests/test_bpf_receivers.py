@@ -36,9 +36,11 @@ from kernel_util import (
 from kpod.receivers.bpf_maps import BpfMapsReceiver
 from kpod.receivers.cpu_sched import CpuSchedReceiver
 from kpod.receivers.memory import MemoryConfig, MemoryReceiver
+from kpod.receivers.net_tcp import NetTcpConfig, NetTcpReceiver
+from kpod.receivers.syscall import SyscallConfig, SyscallReceiver
 
 from kpod.component import ComponentUnavailable, EmptyConfig, Receiver
-from kpod.kernel import libbpf
+from kpod.kernel import btflayout, libbpf
 from kpod.kernel.bpfinfo import map_id
 from kpod.kernel.ebpf import REGISTRY
 from kpod.model import Batch
@@ -581,3 +583,35 @@ def test_route_names_the_hooks() -> None:
     route = memory.route()
     assert "tp_btf/mark_victim" in route and "perf_event" in route
     assert libbpf.version().startswith("1.")
+
+
+def _status_after_first_collection(receiver: Receiver) -> dict[str, object]:
+    """The receiver's /debug/status section after its first collection, which drops the
+    kernel's parsed BTF; fails if the status parses it again."""
+    collect(receiver)
+    assert btflayout._vmlinux is None, "the first collection keeps the kernel's parsed BTF"
+    status = receiver.status()
+    assert btflayout._vmlinux is None, "status() parsed the kernel's BTF again (about 6 MiB kept for good)"
+    return status
+
+
+@pytest.mark.parametrize("name", ["cpu_sched", "syscall", "net_tcp"])
+def test_status_does_not_parse_the_kernel_btf_again(name: str) -> None:
+    """/debug/status asks each eBPF receiver for its choices (stamps, socket cgroup layout),
+    which some make from the kernel's BTF: asked after the first collection, that parsed it
+    again and kept it for the agent's life (RSS +6 MiB after one status request)."""
+    receiver: Receiver = {
+        "cpu_sched": lambda: CpuSchedReceiver(context("cpu_sched"), EmptyConfig()),
+        "syscall": lambda: SyscallReceiver(context("syscall"), SyscallConfig()),
+        "net_tcp": lambda: NetTcpReceiver(context("net_tcp"), NetTcpConfig()),
+    }[name]()
+    receiver.start()
+    try:
+        status = _status_after_first_collection(receiver)
+        assert status["loaded"] is True and status["choices"], status
+        # Started again (as after a failure): loading parses the BTF; the next collection drops it.
+        receiver.shutdown()
+        receiver.start()
+        assert _status_after_first_collection(receiver)["choices"] == status["choices"]
+    finally:
+        receiver.shutdown()

@@ -733,6 +733,8 @@ class BpfReceiver(Receiver):
         self._bounds: tuple[float, ...] | None = None
         self._slots_unpack: Callable[[Any], tuple[int, ...]] | None = None
         self._vmlinux_released = False
+        # choices() as decided when the object was loaded (see started_choices()).
+        self._started_choices: dict[str, str] | None = None
 
     # -- configuration hooks for subclasses --
 
@@ -749,6 +751,15 @@ class BpfReceiver(Receiver):
         """Subclasses: routes chosen by data layout rather than by program, e.g.
         {"stamps": "tid hash (kernel refuses task-local storage ...)"}, for check and the log."""
         return {}
+
+    def started_choices(self) -> dict[str, str]:
+        """choices() of the running object, as they were made at its start.  They cannot change
+        while it runs, and asking choices() again after the first collection would parse the
+        kernel's BTF again (several subclasses read it), which release_vmlinux() dropped: about
+        6 MiB kept for the agent's life and a parse per /debug/status request."""
+        if self._started_choices is None:
+            self._started_choices = self.choices()
+        return self._started_choices
 
     @property
     def force_routes(self) -> frozenset[str]:
@@ -773,6 +784,9 @@ class BpfReceiver(Receiver):
         reason = self.preflight()
         if reason:
             raise ComponentUnavailable(reason)
+        # Loading parses the kernel's BTF again: the first collection after it drops it again
+        # (a receiver started again after a failure would otherwise keep it).
+        self._vmlinux_released = False
         shared = self.acquire_shared_maps()
         try:
             self.loaded = load_object(
@@ -793,7 +807,8 @@ class BpfReceiver(Receiver):
         for route in self.loaded.routes:
             state = "on" if route.active else f"off ({route.reason})"
             self.log.info("%s: %s -> %s", route.program, route.hook, state)
-        for what, chosen in self.choices().items():
+        self._started_choices = None
+        for what, chosen in self.started_choices().items():
             self.log.info("%s: %s", what, chosen)
         if not any(r.active for r in self.loaded.routes):
             reasons = "; ".join(f"{r.program}: {r.reason}" for r in self.loaded.routes)
@@ -828,7 +843,8 @@ class BpfReceiver(Receiver):
         reason = self.preflight()
         if reason:
             return f"unavailable: {reason}"
-        choices = [f"{what}: {chosen}" for what, chosen in self.choices().items()]
+        chosen = self.started_choices() if self.loaded is not None else self.choices()
+        choices = [f"{what}: {choice}" for what, choice in chosen.items()]
         return "; ".join([describe_routes(self.routes()), *choices])
 
     def status(self) -> dict[str, Any]:
@@ -837,7 +853,7 @@ class BpfReceiver(Receiver):
         return {
             "loaded": True,
             "routes": {r.program: (r.hook if r.active else f"off: {r.reason}") for r in self.loaded.routes},
-            **({"choices": self.choices()} if self.choices() else {}),
+            **({"choices": self.started_choices()} if self.started_choices() else {}),
             "map_update_errors": self.loaded.error_counts(),
         }
 
