@@ -64,6 +64,47 @@ def parse_exposition(text: str) -> list[Sample]:
     ]
 
 
+CYCLES_TOTAL = "kpod_collection_cycles_total"
+LAST_CYCLE_END = "kpod_collection_last_cycle_timestamp_seconds"
+
+
+@dataclass(frozen=True)
+class CycleMark:
+    """Where the agent's cycles stood at a scrape of /metrics.  Exact: the exposition is made at
+    the end of each cycle, whereas /debug/status is made at most once a second
+    (exporters/prometheus/server.py STATUS_CACHE_S), so what it says of cycles is up to a second old."""
+
+    cycles: int
+    ended_unix: float  # when the last cycle completed (the agent's time.time()); 0 before the first
+
+
+def cycle_mark(exposition: str) -> CycleMark:
+    """The cycle counter and the last cycle's end in a text exposition (0 before the first cycle)."""
+    cycles, ended = 0, 0.0
+    for line in exposition.splitlines():
+        name, _, rest = line.partition(" ")
+        if name == CYCLES_TOTAL:
+            cycles = int(float(rest.split()[0]))
+        elif name == LAST_CYCLE_END:
+            ended = float(rest.split()[0])
+    return CycleMark(cycles, ended)
+
+
+def wait_cycles(scrape: Callable[[], str], count: int = 1, timeout_s: float = 30.0,
+                explain: Callable[[], str] = lambda: "") -> CycleMark:  # fmt: skip
+    """Until `count` more cycles have completed than at the first scrape (so the last of them
+    began after the call); returns the mark that shows it.  `scrape` returns /metrics; asked
+    every 20 ms, so the return follows that cycle's end by about one scrape."""
+    target = cycle_mark(scrape()).cycles + count
+    deadline = time.monotonic() + timeout_s
+    while True:
+        mark = cycle_mark(scrape())
+        if mark.cycles >= target:
+            return mark
+        assert time.monotonic() < deadline, f"not {count} more cycles in {timeout_s} s (at {mark}): {explain()}"
+        time.sleep(0.02)
+
+
 @dataclass
 class AgentProcess:
     config_text: str
@@ -135,6 +176,18 @@ class AgentProcess:
 
     def status(self) -> dict[str, Any]:
         return json.loads(self.get("/debug/status"))
+
+    def cycle_mark(self) -> CycleMark:
+        return cycle_mark(self._scrape_alive())
+
+    def wait_cycles(self, count: int = 1, timeout_s: float = 30.0) -> CycleMark:
+        """Until `count` more cycles have completed (module `wait_cycles`); fails at once if the agent exits."""
+        return wait_cycles(self._scrape_alive, count, timeout_s, lambda: "log:\n" + self.log()[-3000:])
+
+    def _scrape_alive(self) -> str:
+        if not self.alive():
+            raise AssertionError(f"agent exited ({self.process and self.process.returncode}):\n{self.log()[-3000:]}")
+        return self.get("/metrics").decode()
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
         """Signal the agent and wait; SIGKILL if it does not exit.  Returns the exit code."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import ssl
 import textwrap
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_proc import Sample, parse_exposition
+from agent_proc import CycleMark, Sample, parse_exposition, wait_cycles
 from engine import (
     BuiltImage,
     ChartNotEmulated,
@@ -160,13 +161,9 @@ class ChartNode:
     def logs(self) -> str:
         return container_logs(self.container)[-4000:]
 
-    def wait_cycles(self, count: int = 2, timeout: float = 30.0) -> None:
+    def wait_cycles(self, count: int = 2, timeout: float = 30.0) -> CycleMark:
         """Until `count` more collection cycles have completed (the newest then started after now)."""
-        target = self.status()["cycles"] + count
-        deadline = time.monotonic() + timeout
-        while self.status()["cycles"] < target:
-            assert time.monotonic() < deadline, f"no {count} cycles in {timeout}s: {self.logs()}"
-            time.sleep(0.1)
+        return wait_cycles(lambda: self.get("/metrics")[1].decode(), count, timeout, self.logs)
 
     def value(self, name: str, **labels: str) -> float | None:
         found = [
@@ -198,33 +195,46 @@ class ChartNode:
         self.api.add_pod(pod.api_object())
 
     @contextlib.contextmanager
-    def frozen_between_cycles(self, margin_s: float = 0.5) -> Iterator[None]:
+    def frozen_between_cycles(self, margin_s: float = 0.25, attempts: int = 10) -> Iterator[None]:
         """The agent container paused (freezer) while no collection runs: whatever the block
-        does happens between two cycles, however long it takes.  Entered right after a cycle,
-        when the next one is more than `margin_s` away (its start: the earliest receiver start
-        of the last cycle plus the poll interval)."""
+        does happens between two cycles, however long it takes.
+
+        The agent starts its cycles on a grid (kpod/agent.py: one poll interval apart from the
+        first; a late cycle skips ticks, keeping the phase), so the next cycle starts at the
+        first tick after the last one's end.  The end is exact on /metrics (wait_cycles); the
+        phase is the earliest receiver start of a cycle (/debug/status, of any cycle: its cache
+        does not matter), a few ms after its tick, which `margin_s` covers.  The pause counts
+        only if `podman pause` returned more than `margin_s` before the next tick; else the
+        agent is let go and the next cycle's end tried."""
         poll_s = CHART_VALUES["config"]["pollInterval"] / 1000
-        # /debug/status is made at most once a second (STATUS_CACHE_S: it is the server's one
-        # thread's work), so what a look sees is up to a second old, and that age drifts against
-        # the cycles by a few tens of ms per look (measured: 0.40, 0.37, ... -0.01, then 0.97 s
-        # to the next cycle).  Enough looks to sweep a whole poll interval, not half of one
-        # (20 looks once failed in CI).
+        tick = 0.0
         slack: list[float] = []
-        for _ in range(60):
-            self.wait_cycles(1)
-            ran = [r for r in self.status()["receivers"].values() if r["last_collect_unix"]]
-            began = min(r["last_collect_unix"] - r["last_duration_seconds"] for r in ran)
-            slack.append(round(began + poll_s - time.time(), 3))
+        for _ in range(attempts):
+            tick = self._earliest_tick(tick, poll_s)
+            ended = self.wait_cycles(1).ended_unix
+            next_start = tick + math.ceil((ended - tick) / poll_s) * poll_s
+            podman("pause", self.container)
+            slack.append(round(next_start - time.time(), 3))
             if slack[-1] > margin_s:
-                podman("pause", self.container)
                 break
+            podman("unpause", self.container)
         else:
-            raise AssertionError(f"the agent's cycles leave less than {margin_s} s between them (time to the next "
-                                 f"cycle, each look: {slack}): {self.logs()}")  # fmt: skip
+            raise AssertionError(f"could not pause the agent {margin_s} s before its next cycle (time to the next "
+                                 f"cycle once paused, each try: {slack}): {self.logs()}")  # fmt: skip
         try:
             yield
         finally:
             podman("unpause", self.container)
+
+    def _earliest_tick(self, tick: float, poll_s: float) -> float:
+        """A moment of the agent's cycle grid: the earliest receiver start of the cycle in
+        /debug/status, or `tick` if that one was earlier in the grid's phase (0: none yet)."""
+        ran = [r for r in self.status()["receivers"].values() if r["last_collect_unix"]]
+        began = min(r["last_collect_unix"] - r["last_duration_seconds"] for r in ran)
+        if not tick:
+            return began
+        offset = (began - tick + poll_s / 2) % poll_s - poll_s / 2  # in (-poll/2, poll/2]
+        return tick + min(offset, 0.0)
 
 
 def service_account(directory: Path, token: str, ca_file: str) -> Path:
