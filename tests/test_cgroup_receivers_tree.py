@@ -241,6 +241,20 @@ def test_vanished_cgroup_is_counted_apart_and_cycle_kept(fresh_tree: Tree) -> No
         assert sm.get(COLLECTION_ERRORS, (("receiver", name),)) == 0
 
 
+CGROUP_FILE_RECEIVERS = ("cgroup_cpu", "cgroup_memory", "disk", "pressure", "net_iface", "filesystem")
+
+
+def test_vanished_reads_are_exported_at_zero_before_any(tree: Tree) -> None:
+    """Each cgroup-file receiver's kpod_collection_vanished_total is there at 0 from its start,
+    not from the first pod that ends during a cycle (until then the agent's families would
+    follow the node's churn, and increase() would miss the first count)."""
+    sm = SelfMetrics()
+    for name in CGROUP_FILE_RECEIVERS:
+        make(tree, name, sm).collect()  # nothing vanishes in this tree
+    zeros = {p.attributes: p.value for p in sm.points() if p.metric.name == VANISHED_READS}
+    assert zeros == {(("receiver", name),): 0.0 for name in CGROUP_FILE_RECEIVERS}
+
+
 def test_unreadable_file_of_a_live_cgroup_is_an_error(fresh_tree: Tree) -> None:
     sm = SelfMetrics()
     receiver = make(fresh_tree, "pressure", sm)
