@@ -125,14 +125,6 @@ def series(samples: list[Sample], name: str, pod: str, container: str, **labels:
     ]
 
 
-def cycles(agent: AgentProcess) -> float:
-    return next((s.value for s in agent.metrics() if s.name == "kpod_collection_cycles_total"), 0.0)
-
-
-def wait_cycle(agent: AgentProcess, after: float, timeout_s: float) -> None:
-    agent.wait_until(lambda: cycles(agent) > after, timeout_s, f"a cycle after cycle {after:.0f}")
-
-
 # --- OOM kill, then the cgroup removed at once, default poll ------------------------------------
 
 HOG = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))\n"
@@ -163,14 +155,15 @@ def test_oom_kill_of_a_container_removed_at_once_counts_one_with_the_default_pol
             agent.wait_until(
                 lambda: series(agent.metrics(), "kpod_mem_oom_kills_total", "oom-1", "app") == [0.0], 45, "a 0 series"
             )
-            done = cycles(agent)
+            done = agent.cycle_mark().cycles
             hog = run_in(pod.container_dir, HOG, *([memcg] if memcg else []))
             assert hog.wait(120) == -9, "the hog should be OOM-killed"
             remove_when_empty(tree, pod.container_dir)  # at once, as runc does
             if memcg is not None:
                 remove_when_empty(v1, memcg)
-            assert cycles(agent) == done, "a cycle ran between the kill and the removal: not the case tested"
-            wait_cycle(agent, done, 45)
+            between = agent.cycle_mark().cycles == done
+            assert between, "a cycle ran between the kill and the removal: not the case tested"
+            agent.wait_cycles(1, 45)
             samples = agent.metrics()
             assert series(samples, "kpod_mem_oom_kills_total", "oom-1", "app") == [1.0]
             assert not [s for s in samples if s.name == "kpod_mem_oom_kills_total" and s.value
@@ -250,9 +243,9 @@ def test_a_container_born_and_removed_between_two_cycles_is_counted_exactly(tmp_
             pod = tree.pod()  # the pod's first container: a long-lived "app" with no work
             api.add_pod(make_pod("job-1", namespace=NAMESPACE, node=NODE, uid=pod.uid,
                                  containers=[("app", container_hex(pod))]))  # fmt: skip
-            wait_cycle(agent, cycles(agent), 30)
             for _attempt in range(3):
-                done = cycles(agent)
+                # Right after a cycle's end: the job has the whole poll interval to live and go.
+                done = agent.wait_cycles(1, 30).cycles
                 job = new_container(tree, pod)
                 status = {"name": "job", "containerID": f"containerd://{container_hex(job)}", "ready": False,
                           "restartCount": 0, "state": {"terminated": {"exitCode": 0}}}  # fmt: skip
@@ -260,11 +253,11 @@ def test_a_container_born_and_removed_between_two_cycles_is_counted_exactly(tmp_
                 with uncached_file(FAULT_FILE) as fault_file:
                     run_job(job.container_dir, listener.port, ODD_BYTES, CALLS, fault_file)
                 remove_when_empty(tree, job.container_dir)
-                if cycles(agent) == done:
+                if agent.cycle_mark().cycles == done:
                     break  # born, worked and removed between two cycles, as wanted
             else:
                 pytest.fail("a cycle kept running while the job lived")
-            wait_cycle(agent, done, 30)
+            agent.wait_cycles(1, 30)
             agent.wait_until(lambda: len(listener.received) == _attempt + 1, 10, "the listener saw the connection")
             assert listener.received[-1] == ODD_BYTES, "the listener got everything"
             samples = agent.metrics()
@@ -311,7 +304,7 @@ def test_a_restarted_containers_counters_never_decrease(tmp_path: Path) -> None:
                 if s.labels.get("pod") == "web-1" and s.labels.get("container") == "app" and s.name in MONOTONIC:
                     history.setdefault((s.name, s.labels.get("syscall", "")), []).append(s.value)
 
-        wait_cycle(agent, cycles(agent), 20)
+        agent.wait_cycles(1, 20)
         worker = run_in(first.container_dir, WORK)
         while worker.poll() is None:
             scrape()
