@@ -25,7 +25,7 @@ from agent_proc import (
     still_present,
 )
 from fake_apiserver import FakeApiServer, make_pod
-from helpers import free_port
+from helpers import free_port, poll_until
 from kernel_util import Workload, cgroup2_root, cgroup_tree, context, kernel_test, workloads
 
 pytestmark = kernel_test
@@ -243,7 +243,9 @@ def test_full_map_counts_errors_then_recovers_after_the_cgroups_go() -> None:
                 procs.append(w)
                 tree.move(w.pid, pod.container_dir)
                 w.go()
-            time.sleep(0.3)
+            # Until a fifth pod's task has been scheduled (a busy machine may take a while to
+            # run all eight): then the map is full and an insert has failed.
+            poll_until(lambda: map_state()[1] > 0, timeout=30, interval=0.05)
             entries, errors = map_state()
             assert entries == capacity and errors > 0
             collect()  # nothing crashes with a full map
