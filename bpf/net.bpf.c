@@ -32,8 +32,10 @@ struct net_tcp_value {
 	__u64 bytes_sent;
 	__u64 bytes_received;
 	__u64 retransmits;     /* retransmitted segments: tcp_skb_pcount() of each skb that
-				* tcp:tcp_retransmit_skb reports without error */
-	__u64 bytes_retransmitted;  /* the payload of those skbs (skb->len), as tcpi_bytes_retrans */
+				* tcp:tcp_retransmit_skb reports without error, and one per
+				* SYN-ACK a listener retransmits (tcp:tcp_retransmit_synack) */
+	__u64 bytes_retransmitted;  /* the payload of those skbs (skb->len), as tcpi_bytes_retrans;
+				     * a SYN-ACK has none */
 	__u64 conn_active;     /* SYN_SENT -> ESTABLISHED (connect) */
 	__u64 conn_passive;    /* SYN_RECV -> ESTABLISHED (accept side) */
 };
@@ -373,6 +375,28 @@ int BPF_PROG(tcp_retransmit)
 		return 0;
 	__sync_fetch_and_add(&v->retransmits, retransmitted_segments(skb));
 	__sync_fetch_and_add(&v->bytes_retransmitted, BPF_CORE_READ(skb, len));
+	return 0;
+}
+
+/*
+ * SYN-ACKs retransmitted by a listener, which tcp:tcp_retransmit_skb never sees: a request
+ * (SYN_RECV) has no write queue.  tcp_rtx_synack (net/ipv4/tcp_output.c, the same in 5.8, 6.1
+ * and 6.18) is called when the listener's request timer fires and when the client's SYN comes
+ * again; when the SYN-ACK went out it adds one to TcpRetransSegs and TcpExtTCPSynRetrans and
+ * fires this tracepoint.  `sk` is the listener (made by the pod's process; an accepted socket
+ * later inherits its cgroup), or for a passive TCP Fast Open connection the child socket,
+ * whose tcpi_total_retrans the kernel then counts it in.  One segment, no payload: the kernel
+ * adds nothing to tcpi_bytes_retrans here (only __tcp_retransmit_skb does), nor do we.
+ * Rare by nature (lost SYN-ACKs: a SYN flood, a lossy path to clients): no per-packet cost.
+ */
+SEC("tp_btf/tcp_retransmit_synack")
+int BPF_PROG(tcp_retransmit_synack)
+{
+	const struct sock *sk = (const struct sock *)ctx[0];
+	struct net_tcp_value *v = tcp_value(sk_cgroup_id(sk));
+
+	if (v)
+		__sync_fetch_and_add(&v->retransmits, 1);
 	return 0;
 }
 

@@ -12,13 +12,16 @@ changes and RTT samples fire mostly in softirq, on whatever task the CPU interru
   Before 6.5, sendfile and splice to a socket are counted at tcp_sendpage, beside.
 - The socket's cgroup: sk_cgrp_data.cgroup (5.15+), else the pre-5.15 tagged union
   (bpf/core_fixes.bpf.h); kpod.bpf.force_routes: sock_cgroup_val takes the old route anywhere.
-- kpod.net.tcp.retransmits: retransmitted segments, as the kernel counts them in TCP_INFO's
-  tcpi_total_retrans and TcpRetransSegs: tcp_skb_pcount() of each skb tcp:tcp_retransmit_skb
+- kpod.net.tcp.retransmits: retransmitted segments, as the kernel counts them in TcpRetransSegs
+  and TCP_INFO's tcpi_total_retrans: tcp_skb_pcount() of each skb tcp:tcp_retransmit_skb
   reports (one GSO/TSO skb carries several segments); on 6.11+ only those whose retransmission
-  succeeded, as before 6.11, where the tracepoint fires for nothing else.
-- kpod.net.tcp.bytes.retransmitted: the payload bytes of those retransmissions (skb->len), as
-  TCP_INFO's tcpi_bytes_retrans counts them: beside bytes.sent, the retransmit ratio in one
-  unit (the recording rules' namespace_pod:kpod_net_tcp_retransmit_ratio:rate5m).
+  succeeded, as before 6.11, where the tracepoint fires for nothing else.  Plus one per SYN-ACK
+  a listener retransmits (tcp:tcp_retransmit_synack; TcpExtTCPSynRetrans counts them too),
+  charged to the listener's cgroup: a server pod whose SYN-ACKs are lost shows them (an
+  accepted socket's tcpi_total_retrans starts at its handshake's).
+- kpod.net.tcp.bytes.retransmitted: the payload bytes of the retransmitted skbs (skb->len), as
+  TCP_INFO's tcpi_bytes_retrans counts them (a SYN-ACK has none): beside bytes.sent, the
+  retransmit ratio in one unit (the recording rules' namespace_pod:kpod_net_tcp_retransmit_ratio:rate5m).
 - kpod.net.tcp.connections{direction}: transitions to ESTABLISHED, `direction="active"` from
   SYN_SENT (connect) and `direction="passive"` from SYN_RECV (the accepting side).
 - kpod.net.tcp.rtt: the socket's smoothed RTT at each tcp_probe (each incoming segment on an
@@ -58,7 +61,8 @@ RETRANSMITS = MetricDef(
     "kpod.net.tcp.retransmits",
     Kind.COUNTER,
     "{segment}",
-    "TCP segments retransmitted on the cgroup's sockets (as TCP_INFO's tcpi_total_retrans counts them)",
+    "TCP segments retransmitted on the cgroup's sockets, SYN-ACKs of its listeners included (as TcpRetransSegs"
+    " counts them)",
 )
 BYTES_RETRANSMITTED = MetricDef(
     "kpod.net.tcp.bytes.retransmitted",
@@ -94,6 +98,9 @@ SENDPAGE_FEED = f"{BYTES_SENT.name} (sendfile, splice: tcp_sendpage, before 6.5)
 SENT_ENTRY_FEED = f"{BYTES_SENT.name} (the kretprobe's socket, kept at entry)"
 SENDPAGE_ENTRY_FEED = f"{SENDPAGE_FEED} (the kretprobe's socket, kept at entry)"
 RECEIVED_ENTRY_FEED = f"{BYTES_RECEIVED.name} (the kretprobe's socket and MSG_PEEK, kept at entry)"
+# SYN-ACKs a listener retransmits: counted with the other retransmitted segments, from their own
+# tracepoint (no skb of a write queue), beside tcp_retransmit rather than instead of it.
+SYNACK_FEED = f"{RETRANSMITS.name} (SYN-ACKs of listeners)"
 
 
 @dataclass
@@ -146,6 +153,7 @@ class NetTcpReceiver(CgroupBpfReceiver):
             "tcp_recvmsg_entry", feeds=(RECEIVED_ENTRY_FEED,), optional=True, with_programs=("tcp_recvmsg_ret",)
         ),
         ProgramSpec("tcp_retransmit", feeds=(RETRANSMITS.name, BYTES_RETRANSMITTED.name), optional=True),
+        ProgramSpec("tcp_retransmit_synack", feeds=(SYNACK_FEED,), optional=True),
         ProgramSpec("tcp_set_state", feeds=(CONNECTIONS.name,), optional=True),
         # bpf_rdonly_cast (6.2+) first; it fails to load on older kernels and is dropped.
         ProgramSpec("tcp_probe", feeds=(RTT.name,), optional=True),

@@ -170,7 +170,7 @@ def build() -> dict[str, Any]:
             (f"sum by (namespace, pod) (rate(kpod_net_tcp_retransmits_total{{{SEL}}}[{RI}]))", "{{namespace}}/{{pod}}"),
         ],
         "pps",
-        "Segments retransmitted per second, as the kernel counts them (tcpi_total_retrans).",
+        "Segments retransmitted per second, listeners' SYN-ACKs included, as the kernel counts them (TcpRetransSegs).",
     )
     lay.panel(
         "TCP retransmit ratio by pod",

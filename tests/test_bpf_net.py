@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BpftoolBtf, require_tools
+from helpers import BpftoolBtf, poll_until, require_tools
 from kernel_util import (
     ODD_BYTES,
     REPO,
@@ -84,12 +84,45 @@ char LICENSE[] __attribute__((section("license"), used)) = "GPL";
 """
 
 
-def build_drop_program(tmp_path: Path) -> Path:
+# Drops the IPv4 TCP segments without SYN: a handshake's SYN and SYN-ACK pass, the client's
+# ACK that completes it does not, so the listener's request waits and retransmits its SYN-ACK.
+DROP_NON_SYN_XDP = """
+struct xdp_md { unsigned int data, data_end; };
+__attribute__((section("xdp"), used)) int drop_non_syn(struct xdp_md *ctx)
+{
+	unsigned char *data = (unsigned char *)(unsigned long)ctx->data;
+	unsigned char *end = (unsigned char *)(unsigned long)ctx->data_end;
+	unsigned char *ip = data + 14, *tcp;
+
+	if (ip + 20 > end || data[12] != 0x08 || data[13] != 0x00 || ip[9] != 6)
+		return 2;  /* XDP_PASS: not IPv4 TCP (loopback frames have an Ethernet header) */
+	tcp = ip + (ip[0] & 0x0f) * 4;
+	if (tcp + 14 > end)
+		return 2;
+	return (tcp[13] & 0x02) ? 2 : 1;  /* SYN passes, anything else is dropped */
+}
+char LICENSE[] __attribute__((section("license"), used)) = "GPL";
+"""
+
+
+def build_drop_program(tmp_path: Path, source: str = DROP_ALL_XDP) -> Path:
     require_tools("clang")
     src, obj = tmp_path / "drop.bpf.c", tmp_path / "drop.bpf.o"
-    src.write_text(DROP_ALL_XDP)
+    src.write_text(source)
     subprocess.run(["clang", "-O2", "-target", "bpf", "-c", str(src), "-o", str(obj)], check=True)
     return obj
+
+
+@contextlib.contextmanager
+def dropping(ns: str, program: Path) -> Iterator[None]:
+    """The XDP `program` on the namespace's loopback (generic XDP: every packet in the namespace
+    goes through it on receive) for the block; detached afterwards, also on failure."""
+    lo = ["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric"]
+    subprocess.run([*lo, "obj", str(program), "sec", "xdp"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*lo, "off"], check=True)
 
 
 class ProbeReadReceiver(NetTcpReceiver):
@@ -188,14 +221,9 @@ def test_retransmits_charged_to_the_sending_pod(tmp_path: Path) -> None:
             a, b = transfer(tree, procs, pod_a, pod_b, netns=ns, nbytes=1001)
             # Every packet on the namespace's loopback is dropped on receive: A's data is lost
             # after A sent it successfully, so A must retransmit once the drop is gone.
-            subprocess.run(
-                ["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric", "obj", str(drop), "sec", "xdp"], check=True
-            )
-            try:
+            with dropping(ns, drop):
                 a.send("send")
                 time.sleep(1.0)  # a few RTO / tail-loss-probe rounds
-            finally:
-                subprocess.run(["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric", "off"], check=True)
             assert json.loads(b.readline(timeout=60))["received"] == 1001
             a_result = json.loads(a.readline(timeout=60))
             truth = tcp_info(a_result["info"]).tcpi_total_retrans
@@ -256,11 +284,18 @@ def retransmitted_skbs(directory: Path, ns: str) -> Iterator[Callable[[], int]]:
 
 
 def netns_tcp_mib(ns: str) -> dict[str, int]:
-    """The namespace's own Tcp: MIB (/proc/net/snmp as nstat reads it; per network namespace)."""
-    lines = [line.split() for line in subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
-                                                     capture_output=True, text=True, check=True).stdout.splitlines()
-             if line.startswith("Tcp:")]  # fmt: skip
-    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+    """The namespace's own TCP counters (per network namespace) under nstat's names: the Tcp:
+    table of /proc/net/snmp (TcpRetransSegs) and the TcpExt: one of /proc/net/netstat
+    (TcpExtTCPSynRetrans).  Each table is a line of names followed by a line of values."""
+    text = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp", "/proc/net/netstat"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    lines = [line.split() for line in text.splitlines() if line.startswith(("Tcp:", "TcpExt:"))]
+    mib: dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        assert names[0] == values[0], (names, values)
+        table = names[0].rstrip(":")
+        mib.update({table + name: int(value) for name, value in zip(names[1:], values[1:], strict=True)})
+    return mib
 
 
 def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> None:
@@ -285,14 +320,9 @@ def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> Non
         try:
             a, b = transfer(tree, procs, pod_a, pod_b, netns=ns, nbytes=nbytes)
             mib_before = netns_tcp_mib(ns)
-            subprocess.run(
-                ["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric", "obj", str(drop), "sec", "xdp"], check=True
-            )
-            try:
+            with dropping(ns, drop):
                 a.send("send")
                 time.sleep(1.0)  # the first flight is lost; RTO and loss probes fire
-            finally:
-                subprocess.run(["ip", "-n", ns, "link", "set", "dev", "lo", "xdpgeneric", "off"], check=True)
             assert json.loads(b.readline(timeout=60))["received"] == nbytes
             a_result = json.loads(a.readline(timeout=60))
             truth = tcp_info(a_result["info"]).tcpi_total_retrans
@@ -301,7 +331,7 @@ def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> Non
             got = value(batch, "kpod.net.tcp.retransmits", pod_a.container_id)
             events = skbs()
             # Only A's connection lives in this namespace: its MIB is that socket's, as nstat shows it.
-            assert mib["RetransSegs"] - mib_before["RetransSegs"] == truth
+            assert mib["TcpRetransSegs"] - mib_before["TcpRetransSegs"] == truth
             # The scenario did what it is for: fewer retransmitted skbs than segments.
             assert 0 < events < truth, (events, truth)
             assert got == truth, (got, truth, events)
@@ -313,6 +343,74 @@ def test_retransmits_count_segments_of_multi_segment_skbs(tmp_path: Path) -> Non
             assert value(batch, "kpod.net.tcp.bytes.sent", pod_a.container_id) == nbytes
         finally:
             receiver.shutdown()
+
+
+def test_synack_retransmits_charged_to_the_listening_pod(tmp_path: Path) -> None:
+    """A listener's SYN-ACK retransmissions count in the namespace's TcpRetransSegs (and
+    TcpExtTCPSynRetrans), not through tcp_retransmit_skb: tcp_rtx_synack has a tracepoint of
+    its own.  Pod B listens, pod A connects; the namespace's loopback drops every segment
+    without SYN, so A's handshake ACK is lost and B's request retransmits its SYN-ACK, after
+    about 1 s, then 2 s later.  The drop stays until the kernel has counted two (a count, not
+    a flag), then A's data completes the handshake.  B's cgroup must count exactly the SYN-ACKs
+    the namespace counted, which is also what B's accepted socket reports
+    (tcp_create_openreq_child starts its total_retrans at the request's), and A's cgroup none
+    of them."""
+    drop = build_drop_program(tmp_path, DROP_NON_SYN_XDP)
+    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
+    with private_netns() as ns, cgroup_tree() as tree, workloads() as procs:
+        pod_a, pod_b = tree.pod(), tree.pod()
+        receiver.start()
+        try:
+            synack = {r.program: r for r in receiver.loaded.routes}["tcp_retransmit_synack"]
+            assert synack.active, synack
+            mib_before = netns_tcp_mib(ns)
+            with dropping(ns, drop):
+                a, b = transfer(tree, procs, pod_a, pod_b, netns=ns, nbytes=1001)  # A's connect() returned
+                before = mib_before["TcpExtTCPSynRetrans"]
+                counted = poll_until(lambda: netns_tcp_mib(ns)["TcpExtTCPSynRetrans"] >= before + 2, 120, 0.1)
+                assert counted, f"not two SYN-ACKs retransmitted in 120 s: {netns_tcp_mib(ns)}"
+            a.send("send")
+            b_result = json.loads(b.readline(timeout=120))
+            a_result = json.loads(a.readline(timeout=120))
+            assert b_result["received"] == 1001
+            mib = netns_tcp_mib(ns)
+            batch = collect(receiver)
+            segs = mib["TcpRetransSegs"] - mib_before["TcpRetransSegs"]
+            synacks = mib["TcpExtTCPSynRetrans"] - mib_before["TcpExtTCPSynRetrans"]
+            a_info, b_info = tcp_info(a_result["info"]), tcp_info(b_result["info"])
+            seen = {"TcpRetransSegs": segs, "TcpExtTCPSynRetrans": synacks, "A tcpi_total_retrans":
+                    a_info.tcpi_total_retrans, "B tcpi_total_retrans": b_info.tcpi_total_retrans}  # fmt: skip
+            # B sent no data before reading its TCP_INFO: its retransmissions are the SYN-ACKs.
+            assert synacks >= 2 and b_info.tcpi_total_retrans == synacks, seen
+            # Whatever else the namespace retransmitted is A's own (none, unless a loaded machine
+            # delayed B's ACK of A's data past A's loss probe).
+            assert segs == synacks + a_info.tcpi_total_retrans, seen
+            assert value(batch, "kpod.net.tcp.retransmits", pod_b.container_id) == synacks, seen
+            assert value(batch, "kpod.net.tcp.retransmits", pod_a.container_id) == a_info.tcpi_total_retrans, seen
+            # A SYN-ACK carries no payload, and tcpi_bytes_retrans does not count it.
+            assert b_info.tcpi_bytes_retrans == 0
+            assert value(batch, "kpod.net.tcp.bytes.retransmitted", pod_b.container_id) == 0
+            assert value(batch, "kpod.net.tcp.connections", pod_b.container_id, direction="passive") == 1
+        finally:
+            receiver.shutdown()
+
+
+def test_retransmits_without_the_synack_tracepoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel whose BTF has no tcp_retransmit_synack tracepoint: that program alone is off,
+    with the reason, and the other retransmissions are still counted."""
+    real = ebpf.hook_unavailable
+    hidden = "tp_btf/tcp_retransmit_synack"
+    monkeypatch.setattr(ebpf, "hook_unavailable", lambda s: f"hidden by the test: {s}" if s == hidden else real(s))
+    receiver = NetTcpReceiver(context("net_tcp"), NetTcpConfig(rtt=False))
+    receiver.start()
+    try:
+        routes = {r.program: r for r in receiver.loaded.routes}
+        assert not routes["tcp_retransmit_synack"].active
+        assert routes["tcp_retransmit_synack"].reason == f"hidden by the test: {hidden}"
+        assert routes["tcp_retransmit"].active, routes["tcp_retransmit"]
+        assert receiver.feeds_active("kpod.net.tcp.retransmits")
+    finally:
+        receiver.shutdown()
 
 
 # Empty programs on the fallback hooks: the independent side of the fallback test.  What they
