@@ -203,7 +203,7 @@ class Encoder:
         self._resources: dict[Attributes, tuple[Attributes, bytes]] = {}
         self._attributes: dict[tuple[int, Attributes, Attributes], bytes] = {}
         self._metrics: dict[MetricDef, bytes] = {}
-        self._kinds: dict[MetricDef, tuple[int | None, bool, bool]] = {}  # data field, histogram?, gauge?
+        self._kinds: dict[MetricDef, tuple[int | None, int, bytes]] = {}  # data field, point kind, metric head
         self._bounds: dict[int, tuple[tuple[float, ...], _Bounds]] = {}
 
     # -- what repeats -----------------------------------------------------------------------
@@ -256,85 +256,114 @@ class Encoder:
         """(serialized ExportMetricsServiceRequest, points) per request: at most max_points
         points each, and under MAX_REQUEST_BYTES."""
         time_bytes = _u64(batch.time_ns)
-        gauge_times = b"\x19" + time_bytes
-        times_of: dict[int, bytes] = {}
-        # merged resource attributes -> (resource field, {metric key: (metric, data field, [point])})
-        grouped: dict[Attributes, tuple[bytes, dict[object, tuple[MetricDef, int, list[bytes]]]]] = {}
-        # id(Resource) -> (Resource, its group's metrics, fallback labels): Resources are shared by
-        # all points of a cgroup, so this is looked up by identity, not by hashing attributes.
-        Group = dict[object, tuple[MetricDef, int, list[bytes]]]
-        by_resource: dict[int, tuple[Resource | None, Group, Attributes]] = {}
+        default_start = self._start_time_ns
+        gauge_times = b"\x19" + time_bytes  # a gauge has no start (the SDK sends none either)
+        times_of: dict[int, bytes] = {}  # start -> start (2) and time (3)
+        # merged resource attributes -> (resource field, {metric key: (metric head, data field, [point])})
+        grouped: dict[Attributes, tuple[bytes, _Metrics]] = {}
+        # id(Resource) -> (Resource, its group's metrics, fallback labels, its heads): Resources are
+        # shared by all points of a cgroup, so this is looked up by identity, not by hashing
+        # attributes, and only when the resource changes from one point to the next.
+        by_resource: dict[int, tuple[Resource | None, _Metrics, Attributes, list[dict[Attributes, bytes]]]] = {}
         exponential = self.histograms == EXPONENTIAL
         kinds = self._kinds
         used: dict[Attributes, tuple[Attributes, bytes]] = {}
-        # (attributes, fallback labels, start, gauge) -> a number data point up to its value, as a
-        # data_points field: a scalar point is this plus 9 bytes.
-        number_heads: dict[tuple[Attributes, Attributes, int, bool], bytes] = {}
+        # fallback labels -> by point kind (_COUNTER ... _EXPONENTIAL), a point's attributes -> its
+        # head at the default start: a number data point up to its value, as a data_points field
+        # (a scalar point is this plus 9 bytes), or a histogram point's attributes and times.
+        heads_of: dict[Attributes, list[dict[Attributes, bytes]]] = {}
+        # (attributes, fallback labels, start, kind) -> the head of a point with a start of its own
+        started_heads: dict[tuple[Attributes, Attributes, int, int], bytes] = {}
         # (bounds, data field) -> the histogram points' lists, places, heads and values
         Todo = tuple[list[list[bytes]], list[int], list[bytes], list[HistogramValue]]
         histograms: dict[tuple[_Bounds, int], Todo] = {}
+        last_resource: object = histograms  # no point's resource
+        metrics_of: _Metrics = {}
+        labels: Attributes = ()
+        heads: list[dict[Attributes, bytes]] = []
+        last_bounds: object = histograms
+        info: _Bounds | None = None
         for point in batch.points:
             metric = point.metric
             kind = kinds.get(metric)
             if kind is None:
-                kind = kinds[metric] = (_DATA_FIELDS.get(metric.kind), metric.kind is Kind.HISTOGRAM,
-                                        metric.kind is Kind.GAUGE)  # fmt: skip
-            data_tag, histogram, gauge = kind
-            value = point.value
-            if data_tag is None or isinstance(value, HistogramValue) is not histogram:
-                continue  # a receiver bug; one bad point must not fail the request
-            resource = point.resource
-            slot = by_resource.get(id(resource))
-            if slot is None or slot[0] is not resource:
-                otel = resource.otel if resource is not None else ()
-                merged, resource_field = used[otel] = self._resource(otel)
-                group = grouped.get(merged)
-                if group is None:
-                    group = grouped[merged] = (resource_field, {})
-                # A resource with Prometheus labels only: its labels become point attributes, or
-                # its series would collide with other resources'.
-                labels = resource.labels if resource is not None and not resource.otel else ()
-                slot = by_resource[id(resource)] = (resource, group[1], labels)
-            start = point.start_time_ns or self._start_time_ns
-            if histogram:
-                times = times_of.get(start)
-                if times is None:
-                    times = times_of[start] = b"\x11" + _u64(start) + b"\x19" + time_bytes
-                info = self._bounds_of(value.bounds)  # type: ignore[union-attr]
-                if exponential and info.exponent is not None:
-                    data_tag = EXPONENTIAL_FIELD
-                    attributes = self._point_attributes(point.attributes, slot[2], 0x0A)
-                else:
-                    attributes = self._point_attributes(point.attributes, slot[2], 0x4A)
-                key: object = (metric, data_tag)
-                points = slot[1].get(key)
-                if points is None:
-                    points = slot[1][key] = (metric, data_tag, [])
-                # Encoded below with the other histograms of its bounds and kind, into its place.
-                todo = histograms.get((info, data_tag))
-                if todo is None:
-                    todo = histograms[(info, data_tag)] = ([], [], [], [])
-                todo[0].append(points[2])
-                todo[1].append(len(points[2]))
-                todo[2].append(attributes + times)
-                todo[3].append(value)
-                points[2].append(b"")
+                kind = kinds[metric] = (
+                    _DATA_FIELDS.get(metric.kind),
+                    _HISTOGRAM if metric.kind is Kind.HISTOGRAM else _GAUGE if metric.kind is Kind.GAUGE else _COUNTER,
+                    self._metric_head(metric),
+                )
+            data_tag, code, metric_head = kind
+            if data_tag is None:
                 continue
+            value = point.value
+            if code == _HISTOGRAM:
+                if not isinstance(value, HistogramValue):
+                    continue  # a receiver bug; one bad point must not fail the request
+                number = b""
+            elif type(value) is int:
+                number = _int_value(0x31, value)
+            elif type(value) is float or not isinstance(value, HistogramValue):
+                number = _double_value(0x21, value)
             else:
-                head_key = (point.attributes, slot[2], start, gauge)
-                head = number_heads.get(head_key)
+                continue
+            resource = point.resource
+            if resource is not last_resource:
+                slot = by_resource.get(id(resource))
+                if slot is None or slot[0] is not resource:
+                    otel = resource.otel if resource is not None else ()
+                    merged, resource_field = used[otel] = self._resource(otel)
+                    group = grouped.get(merged)
+                    if group is None:
+                        group = grouped[merged] = (resource_field, {})
+                    # A resource with Prometheus labels only: its labels become point attributes,
+                    # or its series would collide with other resources'.
+                    labels = resource.labels if resource is not None and not resource.otel else ()
+                    heads = heads_of.get(labels) or heads_of.setdefault(labels, [{}, {}, {}, {}])
+                    slot = by_resource[id(resource)] = (resource, group[1], labels, heads)
+                last_resource, metrics_of, labels, heads = slot
+            if code == _HISTOGRAM:
+                bounds = value.bounds  # type: ignore[union-attr]
+                if bounds is not last_bounds:
+                    info = self._bounds_of(bounds)
+                    last_bounds = bounds
+                assert info is not None
+                if exponential and info.exponent is not None:
+                    code, data_tag = _EXPONENTIAL, EXPONENTIAL_FIELD
+                key: object = (metric, data_tag)
+            else:
+                key = metric
+            start = point.start_time_ns
+            if not start or start == default_start:
+                kind_heads = heads[code]
+                head = kind_heads.get(point.attributes)
                 if head is None:
-                    # A gauge has no start (the SDK sends none either).
-                    times = gauge_times if gauge else b"\x11" + _u64(start) + b"\x19" + time_bytes
-                    body = self._point_attributes(point.attributes, slot[2], 0x3A) + times
-                    head = number_heads[head_key] = b"\x0a" + varint(len(body) + 9) + body
-                encoded = head + (b"\x31" + _i64(value) if type(value) is int else b"\x21" + _f64(value))  # type: ignore[arg-type]
-            points = slot[1].get(metric)
+                    head = kind_heads[point.attributes] = self._point_head(
+                        point.attributes, labels, code, default_start, time_bytes, gauge_times, times_of
+                    )
+            else:
+                head_key = (point.attributes, labels, start, code)
+                head = started_heads.get(head_key)
+                if head is None:
+                    head = started_heads[head_key] = self._point_head(
+                        point.attributes, labels, code, start, time_bytes, gauge_times, times_of
+                    )
+            points = metrics_of.get(key)
             if points is None:
-                points = slot[1][metric] = (metric, data_tag, [])
-            points[2].append(encoded)
-        for (info, data_tag), (lists, places, heads, values) in histograms.items():
-            encoded = info.histogram_points(heads, values, data_tag == EXPONENTIAL_FIELD)
+                points = metrics_of[key] = (metric_head, data_tag, [])
+            if number:
+                points[2].append(head + number)
+                continue
+            # A histogram: encoded below with the other histograms of its bounds and kind, into its place.
+            todo = histograms.get((info, data_tag))  # type: ignore[arg-type]
+            if todo is None:
+                todo = histograms[(info, data_tag)] = ([], [], [], [])  # type: ignore[index]
+            todo[0].append(points[2])
+            todo[1].append(len(points[2]))
+            todo[2].append(head)
+            todo[3].append(value)  # type: ignore[arg-type]
+            points[2].append(b"")
+        for (bounds_info, data_tag), (lists, places, histogram_heads, values) in histograms.items():
+            encoded = bounds_info.histogram_points(histogram_heads, values, data_tag == EXPONENTIAL_FIELD)
             for points_list, place, one in zip(lists, places, encoded, strict=True):
                 points_list[place] = one
         self._resources = used  # only the resources of the latest snapshot stay cached
@@ -342,9 +371,31 @@ class Encoder:
             self._attributes.clear()  # attribute sets of gone series
         builder = _Requests(self.max_points, self._scope)
         for resource_field, metrics in grouped.values():
-            for metric, data_tag, encoded in metrics.values():
-                builder.add(resource_field, self._metric_head(metric), data_tag, encoded)
+            builder.add_resource(resource_field, list(metrics.values()))
         return builder.finish()
+
+    def _point_head(
+        self,
+        attributes: Attributes,
+        labels: Attributes,
+        code: int,
+        start: int,
+        time_bytes: bytes,
+        gauge_times: bytes,
+        times_of: dict[int, bytes],
+    ) -> bytes:
+        """What a point of this kind, attributes and start holds before its value: a number data
+        point's data_points field up to its value (9 bytes: a double or int64), a histogram
+        point's attributes and times."""
+        times = times_of.get(start)
+        if times is None:
+            times = times_of[start] = b"\x11" + _u64(start) + b"\x19" + time_bytes
+        if code == _HISTOGRAM:
+            return self._point_attributes(attributes, labels, 0x4A) + times
+        if code == _EXPONENTIAL:
+            return self._point_attributes(attributes, labels, 0x0A) + times
+        body = self._point_attributes(attributes, labels, 0x3A) + (gauge_times if code == _GAUGE else times)
+        return b"\x0a" + varint(len(body) + 9) + body
 
     def payloads(self, batch: Batch) -> list[Payload]:
         """The batch as gzip-compressed serialized requests: what the queue holds.  A node's
@@ -394,6 +445,38 @@ class _Requests:
         if self.pieces:
             self.out.append((b"".join(self.pieces), self.points))
         self.pieces, self.points, self.size = [], 0, 0
+
+    def add_resource(self, resource: bytes, metrics: list[tuple[bytes, int, list[bytes]]]) -> None:
+        """The metrics (head, data field, data points) of one resource: in one ResourceMetrics of
+        this request when they all fit (the common case, with the sizes add() would have
+        reached), else metric by metric."""
+        sizes = [sum(map(len, points)) for _, _, points in metrics]
+        count = sum([len(points) for _, _, points in metrics])
+        tails = [_DATA_TAILS[data_tag] for _, data_tag, _ in metrics]
+        grown = self.size + len(resource) + len(self.scope) + 3 * _FIELD_OVERHEAD + sum(sizes)
+        grown += sum(map(len, tails)) + sum([len(head) for head, _, _ in metrics]) + 2 * _FIELD_OVERHEAD * len(metrics)
+        if not metrics or self.points + count > self.max_points or grown > MAX_REQUEST_BYTES:
+            for head, data_tag, points in metrics:
+                self.add(resource, head, data_tag, points)
+            return
+        self._close_resource()
+        pieces = self.pieces
+        self.resource = resource
+        self.resource_at = len(pieces)
+        pieces.append(b"")  # its head, written when it closes
+        scope_size = len(self.scope)
+        for (head, data_tag, points), data_size, tail in zip(metrics, sizes, tails, strict=True):
+            data_size += len(tail)
+            data_length = SMALL[data_size] if data_size < 0x4000 else varint(data_size)
+            metric_size = len(head) + 1 + len(data_length) + data_size
+            metric_length = SMALL[metric_size] if metric_size < 0x4000 else varint(metric_size)
+            pieces.append(b"".join((b"\x12", metric_length, head, _TAGS[data_tag], data_length)))
+            pieces += points
+            pieces.append(tail)
+            scope_size += 1 + len(metric_length) + metric_size
+        self.scope_size = scope_size
+        self.size = grown
+        self.points += count
 
     def add(self, resource: bytes, head: bytes, data_tag: int, points: list[bytes]) -> None:
         """One metric's data points (each already a data_points field) of one resource."""
@@ -460,6 +543,13 @@ class _Requests:
 
 
 _TAGS = [bytes((tag,)) for tag in range(256)]
+# A number point's value: as_double (4) or as_int (6).
+_double_value = Struct("<Bd").pack
+_int_value = Struct("<Bq").pack
+# Kinds of point, by how their heads differ.
+_COUNTER, _GAUGE, _HISTOGRAM, _EXPONENTIAL = range(4)
+# A resource group's metrics: metric (or metric and data field) -> (metric head, data field, [point])
+_Metrics = dict[object, tuple[bytes, int, list[bytes]]]
 
 
 # Metric.data fields: gauge (5), sum (7), histogram (9), exponential_histogram (10).
