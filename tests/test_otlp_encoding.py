@@ -22,8 +22,8 @@ START_NS = 1_600_000_000_000_000_000
 
 def varied_batch(seed: int) -> Batch:
     """A node batch (OTel resources, every kind of point), and what is rarer: the agent's own
-    points (no resource), a resource with Prometheus labels only (they become point attributes,
-    overriding a point's own), a point's own start time, text to replace, histograms of bounds
+    points (no resource), two resources with Prometheus labels only (they become point
+    attributes, overriding a point's own), a point's own start time, text to replace, histograms of bounds
     that are not powers of two, of counts beyond 4- and 8-byte varints, of short and long count
     tuples, and points of the wrong kind (skipped)."""
     rng = random.Random(seed)
@@ -47,6 +47,14 @@ def varied_batch(seed: int) -> Batch:
         for i, counts in enumerate(counts_family):
             value = HistogramValue(bounds, counts, rng.random())
             batch.add(Point(latency, cgroup, (("family", name), ("n", str(i))), value, bare, start_time_ns=i))
+    # A second resource of Prometheus labels only: in the same ResourceMetrics as the first (no
+    # OTel attributes either), its points told apart by its own labels.
+    other = Resource((("cgroup", "/system.slice/y"),))
+    for resource in (other, bare):
+        batch.add(Point(counter, cgroup, (("dir", "rx"),), 11, resource))
+        batch.add(Point(latency, cgroup, (("family", "small"), ("n", "0")), HistogramValue(HIST_BOUNDS, (1,) * 27, 2.0),
+                        resource))  # fmt: skip
+        batch.add(Point(latency, cgroup, (("route", "odd"),), HistogramValue(odd, (0, 1, 0, 0, 2), 0.5), resource))
     wide = hist_bounds(20, 27)
     for i in range(5):
         counts = tuple(rng.randrange(2**40) if 2 <= k <= 9 else 0 for k in range(27))
