@@ -19,7 +19,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, repeat
 from operator import add, attrgetter, itemgetter
 from struct import Struct
 
@@ -117,31 +117,20 @@ class _Bounds:
         if not exponential:
             # count (4), sum (5), bucket_counts (6), explicit_bounds (7): one pack for all points.
             middle, explicit = self.explicit
-            stride = buckets + 6
-            numbers: list[object] = [None] * (n * stride)
-            numbers[0::stride] = [0x21] * n
-            numbers[1::stride] = totals
-            numbers[2::stride] = [0x29] * n
-            numbers[3::stride] = sums
-            numbers[4::stride] = [middle] * n
-            for bucket in range(buckets):
-                numbers[5 + bucket :: stride] = list(map(itemgetter(bucket), counts))
-            numbers[5 + buckets :: stride] = [explicit] * n
             size = 1 + 8 + 1 + 8 + len(middle) + 8 * buckets + len(explicit)
-            one = f"BQBd{len(middle)}s{buckets}Q{len(explicit)}s"
-            bodies = memoryview(Struct("<" + one * n).pack(*numbers))
-            lengths = map(add, map(len, heads), repeat(size, n))
+            # Not kept from cycle to cycle: a Struct of n points' fields holds ~200 bytes per point.
+            packer = Struct("<" + f"BQBd{len(middle)}s{buckets}Q{len(explicit)}s" * n)
+            numbers = zip(repeat(0x21, n), totals, repeat(0x29, n), sums, repeat(middle, n), strict=True)
+            bodies = memoryview(packer.pack(*chain.from_iterable(map(chain, numbers, counts, repeat((explicit,), n)))))
+            # Each point's data_points field head (tag, length) and attributes and times: few
+            # distinct ones, the points of one series set sharing one.
+            prefixes = {head: b"\x0a" + _length(len(head) + size) + head for head in set(heads)}
             parts = map(bodies.__getitem__, map(slice, range(0, n * size, size), range(size, (n + 1) * size, size)))
-            return list(map(b"".join, zip(repeat(b"\x0a", n), map(_length, lengths), heads, parts, strict=True)))
+            return list(map(add, map(prefixes.__getitem__, heads), parts))
         # count (4), sum (5), zero_count (7), then positive (8) and zero_threshold (14).
-        numbers = [None] * (6 * n)
-        numbers[0::6] = [0x21] * n
-        numbers[1::6] = totals
-        numbers[2::6] = [0x29] * n
-        numbers[3::6] = sums
-        numbers[4::6] = [0x39] * n
-        numbers[5::6] = list(map(itemgetter(0), counts))
-        fixed = memoryview(Struct("<" + "BQBdBQ" * n).pack(*numbers))
+        zero_counts = map(itemgetter(0), counts)
+        fixed_fields = zip(repeat(0x21, n), totals, repeat(0x29, n), sums, repeat(0x39, n), zero_counts, strict=True)
+        fixed = memoryview(Struct("<" + "BQBdBQ" * n).pack(*chain.from_iterable(fixed_fields)))
         parts = list(map(fixed.__getitem__, map(slice, range(0, 27 * n, 27), range(27, 27 * n + 27, 27))))
         positives: list[bytes] | None = None
         for width in WIDTHS:
@@ -157,10 +146,9 @@ class _Bounds:
         if positives is None:  # counts of 2^55 and more: point by point
             positives = [self._positive(c) for c in counts]
         threshold = self.threshold
-        lengths = map(add, map(add, map(len, heads), map(len, positives)), repeat(27 + len(threshold), n))
-        fields = zip(
-            repeat(b"\x0a", n), map(_length, lengths), heads, parts, positives, repeat(threshold, n), strict=True
-        )
+        lengths = list(map(add, map(add, map(len, heads), map(len, positives)), repeat(27 + len(threshold), n)))
+        length_varints = map(SMALL.__getitem__ if max(lengths, default=0) < len(SMALL) else varint, lengths)
+        fields = zip(repeat(b"\x0a", n), length_varints, heads, parts, positives, repeat(threshold, n), strict=True)
         return list(map(b"".join, fields))
 
     def _positive(self, counts: Sequence[int]) -> bytes:
@@ -259,12 +247,14 @@ class Encoder:
         default_start = self._start_time_ns
         gauge_times = b"\x19" + time_bytes  # a gauge has no start (the SDK sends none either)
         times_of: dict[int, bytes] = {}  # start -> start (2) and time (3)
-        # merged resource attributes -> (resource field, {metric key: (metric head, data field, [point])})
+        # merged resource attributes -> (resource field, its metrics)
         grouped: dict[Attributes, tuple[bytes, _Metrics]] = {}
-        # id(Resource) -> (Resource, its group's metrics, fallback labels, its heads): Resources are
-        # shared by all points of a cgroup, so this is looked up by identity, not by hashing
-        # attributes, and only when the resource changes from one point to the next.
-        by_resource: dict[int, tuple[Resource | None, _Metrics, Attributes, list[dict[Attributes, bytes]]]] = {}
+        # id(Resource) -> (Resource, its own view of its group's metrics, fallback labels, its heads,
+        # its group's metrics): Resources are shared by all points of a cgroup, so this is looked
+        # up by identity, not by hashing attributes, and only when the resource changes from one
+        # point to the next.  A group holds the points of several Resources when they merge into
+        # the same attributes (Prometheus labels only: their points' attributes differ by labels).
+        by_resource: dict[int, tuple[Resource | None, _Entries, Attributes, list[_Heads], _Metrics]] = {}
         exponential = self.histograms == EXPONENTIAL
         kinds = self._kinds
         used: dict[Attributes, tuple[Attributes, bytes]] = {}
@@ -278,34 +268,17 @@ class Encoder:
         Todo = tuple[list[list[bytes]], list[int], list[bytes], list[HistogramValue]]
         histograms: dict[tuple[_Bounds, int], Todo] = {}
         last_resource: object = histograms  # no point's resource
-        metrics_of: _Metrics = {}
+        entries: _Entries = {}
+        group_metrics: _Metrics = {}
         labels: Attributes = ()
         heads: list[dict[Attributes, bytes]] = []
-        last_bounds: object = histograms
+        # The latest histogram's bounds, what they share, its kind and data field, and where the
+        # histograms of those bounds and kind wait to be encoded: set by the first histogram.
+        last_bounds: object = histograms  # no histogram's bounds
         info: _Bounds | None = None
+        bounds_code, bounds_tag = _HISTOGRAM, _DATA_FIELDS[Kind.HISTOGRAM]
+        todo: Todo = ([], [], [], [])
         for point in batch.points:
-            metric = point.metric
-            kind = kinds.get(metric)
-            if kind is None:
-                kind = kinds[metric] = (
-                    _DATA_FIELDS.get(metric.kind),
-                    _HISTOGRAM if metric.kind is Kind.HISTOGRAM else _GAUGE if metric.kind is Kind.GAUGE else _COUNTER,
-                    self._metric_head(metric),
-                )
-            data_tag, code, metric_head = kind
-            if data_tag is None:
-                continue
-            value = point.value
-            if code == _HISTOGRAM:
-                if not isinstance(value, HistogramValue):
-                    continue  # a receiver bug; one bad point must not fail the request
-                number = b""
-            elif type(value) is int:
-                number = _int_value(0x31, value)
-            elif type(value) is float or not isinstance(value, HistogramValue):
-                number = _double_value(0x21, value)
-            else:
-                continue
             resource = point.resource
             if resource is not last_resource:
                 slot = by_resource.get(id(resource))
@@ -319,49 +292,75 @@ class Encoder:
                     # or its series would collide with other resources'.
                     labels = resource.labels if resource is not None and not resource.otel else ()
                     heads = heads_of.get(labels) or heads_of.setdefault(labels, [{}, {}, {}, {}])
-                    slot = by_resource[id(resource)] = (resource, group[1], labels, heads)
-                last_resource, metrics_of, labels, heads = slot
-            if code == _HISTOGRAM:
-                bounds = value.bounds  # type: ignore[union-attr]
-                if bounds is not last_bounds:
-                    info = self._bounds_of(bounds)
-                    last_bounds = bounds
-                assert info is not None
-                if exponential and info.exponent is not None:
+                    slot = by_resource[id(resource)] = (resource, {}, labels, heads, group[1])
+                last_resource, entries, labels, heads, group_metrics = slot
+            metric = point.metric
+            value = point.value
+            entry = entries.get(metric)
+            if entry is None:  # the metric's first point of this resource
+                kind = kinds.get(metric)
+                if kind is None:
+                    kind = kinds[metric] = (_DATA_FIELDS.get(metric.kind), _CODES.get(metric.kind, _COUNTER),
+                                            self._metric_head(metric))  # fmt: skip
+                data_tag, code, metric_head = kind
+                if data_tag is None or (code == _HISTOGRAM) is not isinstance(value, HistogramValue):
+                    continue  # a receiver bug; one bad point must not fail the request
+                if code == _HISTOGRAM and exponential and self._bounds_of(value.bounds).exponent is not None:  # type: ignore[union-attr]
                     code, data_tag = _EXPONENTIAL, EXPONENTIAL_FIELD
-                key: object = (metric, data_tag)
-            else:
-                key = metric
+                points = _group_points(group_metrics, metric, metric_head, data_tag, code)
+                entry = entries[metric] = (points, code, heads[code])
+            points, code, kind_heads = entry
+            if code < _HISTOGRAM:
+                if type(value) is int:
+                    number = _int_value(0x31, value)
+                elif type(value) is float or not isinstance(value, HistogramValue):
+                    number = _double_value(0x21, value)
+                else:
+                    continue  # a receiver bug
+                start = point.start_time_ns
+                if not start or start == default_start:
+                    head = kind_heads.get(point.attributes)
+                    if head is None:
+                        head = kind_heads[point.attributes] = self._point_head(
+                            point.attributes, labels, code, default_start, time_bytes, gauge_times, times_of
+                        )
+                else:
+                    head = self._started_head(point.attributes, labels, code, start, time_bytes, gauge_times,
+                                              times_of, started_heads)  # fmt: skip
+                points.append(head + number)
+                continue
+            if not isinstance(value, HistogramValue):
+                continue  # a receiver bug
+            bounds = value.bounds
+            if bounds is not last_bounds:
+                info = self._bounds_of(bounds)
+                last_bounds = bounds
+                bounds_code = _EXPONENTIAL if exponential and info.exponent is not None else _HISTOGRAM
+                bounds_tag = EXPONENTIAL_FIELD if bounds_code == _EXPONENTIAL else _DATA_FIELDS[Kind.HISTOGRAM]
+                todo = histograms.get((info, bounds_tag)) or histograms.setdefault((info, bounds_tag), ([], [], [], []))
+            if bounds_code != code:  # not the kind of histogram of the metric's first point here
+                key = (metric, bounds_code)
+                other = entries.get(key)
+                if other is None:
+                    points = _group_points(group_metrics, metric, kinds[metric][2], bounds_tag, bounds_code)
+                    other = entries[key] = (points, bounds_code, heads[bounds_code])
+                points, code, kind_heads = other
             start = point.start_time_ns
             if not start or start == default_start:
-                kind_heads = heads[code]
                 head = kind_heads.get(point.attributes)
                 if head is None:
                     head = kind_heads[point.attributes] = self._point_head(
                         point.attributes, labels, code, default_start, time_bytes, gauge_times, times_of
                     )
             else:
-                head_key = (point.attributes, labels, start, code)
-                head = started_heads.get(head_key)
-                if head is None:
-                    head = started_heads[head_key] = self._point_head(
-                        point.attributes, labels, code, start, time_bytes, gauge_times, times_of
-                    )
-            points = metrics_of.get(key)
-            if points is None:
-                points = metrics_of[key] = (metric_head, data_tag, [])
-            if number:
-                points[2].append(head + number)
-                continue
-            # A histogram: encoded below with the other histograms of its bounds and kind, into its place.
-            todo = histograms.get((info, data_tag))  # type: ignore[arg-type]
-            if todo is None:
-                todo = histograms[(info, data_tag)] = ([], [], [], [])  # type: ignore[index]
-            todo[0].append(points[2])
-            todo[1].append(len(points[2]))
+                head = self._started_head(point.attributes, labels, code, start, time_bytes, gauge_times,
+                                          times_of, started_heads)  # fmt: skip
+            # Encoded below with the other histograms of its bounds and kind, into its place.
+            todo[0].append(points)
+            todo[1].append(len(points))
             todo[2].append(head)
-            todo[3].append(value)  # type: ignore[arg-type]
-            points[2].append(b"")
+            todo[3].append(value)
+            points.append(b"")
         for (bounds_info, data_tag), (lists, places, histogram_heads, values) in histograms.items():
             encoded = bounds_info.histogram_points(histogram_heads, values, data_tag == EXPONENTIAL_FIELD)
             for points_list, place, one in zip(lists, places, encoded, strict=True):
@@ -373,6 +372,25 @@ class Encoder:
         for resource_field, metrics in grouped.values():
             builder.add_resource(resource_field, list(metrics.values()))
         return builder.finish()
+
+    def _started_head(
+        self,
+        attributes: Attributes,
+        labels: Attributes,
+        code: int,
+        start: int,
+        time_bytes: bytes,
+        gauge_times: bytes,
+        times_of: dict[int, bytes],
+        started_heads: dict[tuple[Attributes, Attributes, int, int], bytes],
+    ) -> bytes:
+        """_point_head() of a point with a start of its own (not the agent's)."""
+        key = (attributes, labels, start, code)
+        head = started_heads.get(key)
+        if head is None:
+            head = started_heads[key] = self._point_head(attributes, labels, code, start, time_bytes, gauge_times,
+                                                         times_of)  # fmt: skip
+        return head
 
     def _point_head(
         self,
@@ -425,6 +443,7 @@ class _Requests:
         self.scope_size = 0  # the size of its ScopeMetrics' content so far
         self.points = 0
         self.size = 0
+        self.headers = _Headers()
 
     def _close_resource(self) -> None:
         resource = self.resource
@@ -446,17 +465,21 @@ class _Requests:
             self.out.append((b"".join(self.pieces), self.points))
         self.pieces, self.points, self.size = [], 0, 0
 
-    def add_resource(self, resource: bytes, metrics: list[tuple[bytes, int, list[bytes]]]) -> None:
+    def add_resource(self, resource: bytes, metrics: list[tuple[bytes, int, list[bytes], int]]) -> None:
         """The metrics (head, data field, data points) of one resource: in one ResourceMetrics of
         this request when they all fit (the common case, with the sizes add() would have
         reached), else metric by metric."""
-        sizes = [sum(map(len, points)) for _, _, points in metrics]
-        count = sum([len(points) for _, _, points in metrics])
-        tails = [_DATA_TAILS[data_tag] for _, data_tag, _ in metrics]
+        if not metrics:
+            return
+        heads, data_tags, lists, _ = zip(*metrics, strict=True)
+        tails = list(map(_DATA_TAILS.__getitem__, data_tags))
+        count = sum(map(len, lists))
+        # Each Metric's data field: its points and tail.
+        sizes = list(map(add, map(sum, map(map, repeat(len), lists)), map(len, tails)))
         grown = self.size + len(resource) + len(self.scope) + 3 * _FIELD_OVERHEAD + sum(sizes)
-        grown += sum(map(len, tails)) + sum([len(head) for head, _, _ in metrics]) + 2 * _FIELD_OVERHEAD * len(metrics)
-        if not metrics or self.points + count > self.max_points or grown > MAX_REQUEST_BYTES:
-            for head, data_tag, points in metrics:
+        grown += sum(map(len, heads)) + 2 * _FIELD_OVERHEAD * len(metrics)
+        if self.points + count > self.max_points or grown > MAX_REQUEST_BYTES:
+            for head, data_tag, points, _ in metrics:
                 self.add(resource, head, data_tag, points)
             return
         self._close_resource()
@@ -464,17 +487,10 @@ class _Requests:
         self.resource = resource
         self.resource_at = len(pieces)
         pieces.append(b"")  # its head, written when it closes
-        scope_size = len(self.scope)
-        for (head, data_tag, points), data_size, tail in zip(metrics, sizes, tails, strict=True):
-            data_size += len(tail)
-            data_length = SMALL[data_size] if data_size < 0x4000 else varint(data_size)
-            metric_size = len(head) + 1 + len(data_length) + data_size
-            metric_length = SMALL[metric_size] if metric_size < 0x4000 else varint(metric_size)
-            pieces.append(b"".join((b"\x12", metric_length, head, _TAGS[data_tag], data_length)))
-            pieces += points
-            pieces.append(tail)
-            scope_size += 1 + len(metric_length) + metric_size
-        self.scope_size = scope_size
+        headers = list(map(self.headers.__getitem__, zip(heads, data_tags, sizes, strict=True)))
+        # header, points..., tail of each metric
+        pieces += chain.from_iterable(chain.from_iterable(zip(zip(headers), lists, zip(tails), strict=True)))
+        self.scope_size = len(self.scope) + sum(map(len, headers)) + sum(sizes)
         self.size = grown
         self.points += count
 
@@ -543,13 +559,47 @@ class _Requests:
 
 
 _TAGS = [bytes((tag,)) for tag in range(256)]
+
+
+class _Headers(dict[tuple[bytes, int, int], bytes]):
+    """(metric head, data field, the data field's size) -> the Metric field up to its data field's
+    content: metrics of one kind and as many points of the same sizes (a node's pods) share it."""
+
+    def __missing__(self, key: tuple[bytes, int, int]) -> bytes:
+        head, data_tag, data_size = key
+        data_length = varint(data_size)
+        header = self[key] = b"".join(
+            (b"\x12", varint(len(head) + 1 + len(data_length) + data_size), head, _TAGS[data_tag], data_length)
+        )
+        return header
+
+
 # A number point's value: as_double (4) or as_int (6).
 _double_value = Struct("<Bd").pack
 _int_value = Struct("<Bq").pack
 # Kinds of point, by how their heads differ.
 _COUNTER, _GAUGE, _HISTOGRAM, _EXPONENTIAL = range(4)
-# A resource group's metrics: metric (or metric and data field) -> (metric head, data field, [point])
-_Metrics = dict[object, tuple[bytes, int, list[bytes]]]
+_CODES = {Kind.COUNTER: _COUNTER, Kind.GAUGE: _GAUGE, Kind.HISTOGRAM: _HISTOGRAM}
+# A resource group's metrics: metric (or metric and point kind) -> (metric head, data field,
+# [point], point kind).
+_Metrics = dict[object, tuple[bytes, int, list[bytes], int]]
+# One Resource's view of them: metric (or metric and point kind) -> ([point], point kind, the heads
+# of its kind and of the Resource's labels).
+_Heads = dict[Attributes, bytes]
+_Entries = dict[object, tuple[list[bytes], int, _Heads]]
+
+
+def _group_points(group: _Metrics, metric: MetricDef, metric_head: bytes, data_tag: int, code: int) -> list[bytes]:
+    """The points of this metric and kind of point in a resource group: under the metric for the
+    kind of its first point there, under (metric, kind) for the other kind of histogram."""
+    found = group.get(metric)
+    if found is None:
+        found = group[metric] = (metric_head, data_tag, [], code)
+    elif found[3] != code:
+        found = group.get((metric, code))
+        if found is None:
+            found = group[(metric, code)] = (metric_head, data_tag, [], code)
+    return found[2]
 
 
 # Metric.data fields: gauge (5), sum (7), histogram (9), exponential_histogram (10).
