@@ -150,7 +150,7 @@ def encode_costs(pods: int = PODS, rounds: int = 7) -> dict[str, Any]:
     take turns on the same batches; medians over rounds."""
     sys.path.insert(0, str(REPO / "tests"))
     from kpod.exporters.otlp.encoding import Encoder
-    from test_otlp_export import with_otel
+    from otlp_receiver import with_otel
 
     from bench.otlp_sdk import SdkEncoder
     from bench.synthetic import node_batch

@@ -4,7 +4,8 @@ Both listen on 127.0.0.1 only, record every request they accept (decoded with th
 opentelemetry-proto classes), and can be told to answer with an error, to be slow, or to be
 stopped and started again on the same port.  TLS material comes from `make_tls()` (openssl CLI).
 `make_exporter()` points an OTLP exporter at one of them; `assert_delivered_equal()` compares
-what arrived with the batch that was exported, point for point.
+what arrived with the batch that was exported, point for point.  `with_otel()` gives the
+synthetic node batch (bench.synthetic) the OTel resource attributes k8sattributes would set.
 """
 
 from __future__ import annotations
@@ -32,12 +33,37 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
 from kpod.component import Context
-from kpod.model import Batch, HistogramValue, Kind, Point
+from kpod.model import Batch, HistogramValue, Kind, MetricDef, Point, Resource
 from kpod.selfmetrics import SelfMetrics
 from kpod.settings import KpodSettings
 from kpod.units import Duration
 
 Request = metrics_service_pb2.ExportMetricsServiceRequest
+
+
+def with_otel(batch: Batch) -> Batch:
+    """The synthetic node batch with the OTel resource attributes k8sattributes would set."""
+    resources: dict[Any, Resource] = {}
+    for point in batch.points:
+        labels = point.resource.labels if point.resource else ()
+        resource = resources.get(labels)
+        if resource is None:
+            found = dict(labels)
+            otel = {
+                "k8s.namespace.name": found["namespace"],
+                "k8s.pod.name": found["pod"],
+                "k8s.pod.uid": f"uid-{found['pod']}",
+                "k8s.container.name": found["container"],
+                "container.id": f"cid-{found['pod']}",
+                "k8s.node.name": found["node"],
+            }
+            resource = resources[labels] = Resource(labels, tuple(sorted(otel.items())))
+        point.resource = resource
+    return batch
+
+
+def self_point(name: str, value: float) -> Point:
+    return Point(MetricDef(name, Kind.GAUGE, "1", "agent"), None, (("exporter", "x"),), value)
 
 
 @dataclass

@@ -9,8 +9,8 @@ import random
 import pytest
 from helpers import histogram_count_families
 from kpod.exporters.otlp.encoding import Encoder
+from otlp_receiver import self_point, with_otel
 from otlp_reference import reference_requests
-from test_otlp_export import self_point, with_otel
 
 from bench.synthetic import HIST_BOUNDS, node_batch
 from kpod.kernel.ebpf import hist_bounds

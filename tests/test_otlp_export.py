@@ -22,7 +22,9 @@ from otlp_receiver import (
     flatten,
     make_exporter,
     make_tls,
+    self_point,
     total_points,
+    with_otel,
 )
 
 from bench.synthetic import node_batch
@@ -32,31 +34,6 @@ from kpod.selfmetrics import SelfMetrics
 from kpod.units import Duration
 
 PROTOCOLS = ("grpc", "http/protobuf")
-
-
-def with_otel(batch: Batch) -> Batch:
-    """The synthetic node batch with the OTel resource attributes k8sattributes would set."""
-    resources: dict[Any, Resource] = {}
-    for point in batch.points:
-        labels = point.resource.labels if point.resource else ()
-        resource = resources.get(labels)
-        if resource is None:
-            found = dict(labels)
-            otel = {
-                "k8s.namespace.name": found["namespace"],
-                "k8s.pod.name": found["pod"],
-                "k8s.pod.uid": f"uid-{found['pod']}",
-                "k8s.container.name": found["container"],
-                "container.id": f"cid-{found['pod']}",
-                "k8s.node.name": found["node"],
-            }
-            resource = resources[labels] = Resource(labels, tuple(sorted(otel.items())))
-        point.resource = resource
-    return batch
-
-
-def self_point(name: str, value: float) -> Point:
-    return Point(MetricDef(name, Kind.GAUGE, "1", "agent"), None, (("exporter", "x"),), value)
 
 
 # --------------------------------------------------------------------------- delivery
