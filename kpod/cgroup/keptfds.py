@@ -17,6 +17,8 @@ import os
 import resource
 import threading
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 # A node's cgroups are a few thousand at most (about 1,500 files read at 110 pods, 3,400 at
 # 250); past this, by path.
@@ -29,6 +31,9 @@ NOFILE_WANTED = 4 * MAX_KEPT
 # Cycles a descriptor stays open without a read (receivers slower than the poll interval read
 # every few cycles: they open it again then, as without keeping).
 KEEP_CYCLES = 2
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def default_limit() -> int:
@@ -67,8 +72,9 @@ class KeptDescriptors:
         self._fds: dict[str, int] = {}
         self._used: dict[str, int] = {}  # path -> the cycle it was last used in
         self._cycle = 0
-        # Closed with their owner too (one a test never shut down).
-        weakref.finalize(self, _close_all, self._fds)
+        # Closed with their owner too (one a test never shut down), or at the interpreter's exit,
+        # when receiver threads that overran their collection may still be keeping files.
+        weakref.finalize(self, _close_all_at_exit, self._lock, self._fds)
 
     @property
     def kept(self) -> int:
@@ -84,7 +90,7 @@ class KeptDescriptors:
 
     def close(self) -> None:
         with self._lock:
-            _close_all(self._fds)
+            close_all(self._fds, int)
             self._used.clear()
 
     def _keep(self, path: str, fd: int) -> None:
@@ -99,8 +105,25 @@ class KeptDescriptors:
             os.close(fd)
 
 
-def _close_all(fds: dict[str, int]) -> None:
-    for fd in fds.values():
+def close_all(kept: dict[K, V], fd_of: Callable[[V], int]) -> None:
+    """Close and forget every descriptor of `kept` (fd_of(value) is its number).  One entry at a
+    time (popitem is atomic): a thread that keeps another meanwhile, as at the interpreter's exit,
+    cannot make this fail, and what it kept is closed too."""
+    while kept:
+        try:
+            _, value = kept.popitem()
+        except KeyError:
+            return
         with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
+            os.close(fd_of(value))
+
+
+def _close_all_at_exit(lock: threading.Lock, fds: dict[str, int]) -> None:
+    """The finalizer: under the lock when it can be had within a second (a daemon thread stopped
+    while holding it must not hang the exit), else without it."""
+    locked = lock.acquire(timeout=1.0)
+    try:
+        close_all(fds, int)
+    finally:
+        if locked:
+            lock.release()

@@ -18,14 +18,15 @@ One thread at a time (the receiver that owns it): `begin`, any number of `read`,
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import select
 import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
+from kpod.cgroup.keptfds import close_all
 from kpod.cgroup.parsers import parse_mountinfo
 
 _READ_CHUNK = 65536
@@ -74,6 +75,9 @@ class _Table:
     text: str
 
 
+_fd_of = attrgetter("fd")
+
+
 class MountTables:
     def __init__(self, proc_root: str = "/proc", limit: int | None = None) -> None:
         self.proc_root = proc_root.rstrip("/") or "/"
@@ -83,7 +87,7 @@ class MountTables:
         self._tables: dict[Hashable, _Table] = {}
         # Files still open when the owner is dropped without close() (a receiver a test never
         # shut down) are closed with it.
-        weakref.finalize(self, _close_all, self._tables)
+        weakref.finalize(self, close_all, self._tables, _fd_of)
         self._poll = select.poll()
         self._changed: set[int] = set()
         self._used: set[Hashable] = set()
@@ -153,8 +157,3 @@ class MountTables:
         os.close(table.fd)
 
 
-def _close_all(tables: dict[Hashable, _Table]) -> None:
-    for table in tables.values():
-        with contextlib.suppress(OSError):
-            os.close(table.fd)
-    tables.clear()
