@@ -224,7 +224,11 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
     warmup = max(cycles // 10, int((2 * RETENTION_S + 3) / 0.1))
     if warmup >= cycles:
         raise ValueError(f"{cycles} cycles end before the warm-up ({warmup} cycles, {warmup / 10:g} s)")
-    tree = CgroupTree(Path(root))
+    # The agent's cgroup root is a directory of our own: a kubepods tree directly below the
+    # cgroup2 root is shared with anything else that makes pods on this host (other test runs),
+    # whose cgroups would come and go in the agent's descriptors, series and maps mid-soak.
+    outer = CgroupTree(Path(root))
+    tree = CgroupTree(outer.mkdir(f"kpod-soak-{uuid.uuid4().hex[:10]}"))
     live: list[_Pod] = []
     deleted_ids: set[int] = set()
     deleted_names: set[str] = set()
@@ -235,13 +239,13 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
         kubeconfig = api.write_kubeconfig(str(workdir / "kubeconfig"))
         config = (
             f"kpod: {{profile: {profile}, poll_interval: {POLL}, node_name: {NODE}, discovery: {{mode: informer}},"
-            f" cgroup: {{root: {root}, gone_retention: {RETENTION_S:g}s}}, filter: {{exclude_namespaces: []}}}}\n"
+            f" cgroup: {{root: {tree.root}, gone_retention: {RETENTION_S:g}s}}, filter: {{exclude_namespaces: []}}}}\n"
             f"processors:\n  k8sattributes: {{kubeconfig: '{kubeconfig}', backoff_initial: 200ms, backoff_max: 2s}}\n"
             f"exporters:\n  prometheus: {{endpoint: '127.0.0.1:{port}'}}\n"
         )
         agent = AgentProcess(config, workdir, port).start()
         agent.wait_ready(60)
-        time.sleep(3)  # eBPF receivers started, a few cycles done
+        agent.wait_cycles(3, 60)  # eBPF receivers started, a few cycles done
         ours = bpf_ids_of(agent.pid)
         result.map_entries_before = _map_entries(agent)
         began = time.monotonic()
@@ -276,8 +280,14 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
         live.clear()
         result.seconds = time.monotonic() - began
         # Gone cgroups and deleted pods are let go after the retention, their carried counts
-        # after the retention again; then three poll intervals: they leave maps and exposition.
-        time.sleep(2 * RETENTION_S + 3 * 1.0 + 1.5)
+        # after the retention again; then three cycles: they leave maps and exposition.  Each
+        # step is taken by a cycle that began after its retention ended: waited for as cycles
+        # (two: the second began after the call), not as seconds, which a busy machine stretches.
+        agent.wait_cycles(2, 60)  # the gone cgroups noticed
+        for _ in range(2):
+            time.sleep(RETENTION_S)
+            agent.wait_cycles(2, 60)
+        agent.wait_cycles(3, 60)
         result.rss_end_kib = _quiet_min(agent.pid, rss_kib)
         result.threads_end = _quiet_min(agent.pid, thread_count)
         result.fds_end = _quiet_min(agent.pid, fd_count)
@@ -306,6 +316,7 @@ def run_soak(cycles: int, window: int = 5, workdir: Path | None = None, log=prin
         if agent is not None and agent.alive():
             agent.stop()
         tree.cleanup()
+        outer.cleanup()
         api.stop()
     return result
 
