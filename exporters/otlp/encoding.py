@@ -317,34 +317,26 @@ class Encoder:
                     number = _double_value(0x21, value)
                 else:
                     continue  # a receiver bug
-                start = point.start_time_ns
-                if not start or start == default_start:
-                    head = kind_heads.get(point.attributes)
-                    if head is None:
-                        head = kind_heads[point.attributes] = self._point_head(
-                            point.attributes, labels, code, default_start, time_bytes, gauge_times, times_of
-                        )
-                else:
-                    head = self._started_head(point.attributes, labels, code, start, time_bytes, gauge_times,
-                                              times_of, started_heads)  # fmt: skip
-                points.append(head + number)
-                continue
-            if not isinstance(value, HistogramValue):
-                continue  # a receiver bug
-            bounds = value.bounds
-            if bounds is not last_bounds:
-                info = self._bounds_of(bounds)
-                last_bounds = bounds
-                bounds_code = _EXPONENTIAL if exponential and info.exponent is not None else _HISTOGRAM
-                bounds_tag = EXPONENTIAL_FIELD if bounds_code == _EXPONENTIAL else _DATA_FIELDS[Kind.HISTOGRAM]
-                todo = histograms.get((info, bounds_tag)) or histograms.setdefault((info, bounds_tag), ([], [], [], []))
-            if bounds_code != code:  # not the kind of histogram of the metric's first point here
-                key = (metric, bounds_code)
-                other = entries.get(key)
-                if other is None:
-                    points = _group_points(group_metrics, metric, kinds[metric][2], bounds_tag, bounds_code)
-                    other = entries[key] = (points, bounds_code, heads[bounds_code])
-                points, code, kind_heads = other
+            else:
+                if not isinstance(value, HistogramValue):
+                    continue  # a receiver bug
+                bounds = value.bounds
+                if bounds is not last_bounds:
+                    info = self._bounds_of(bounds)
+                    last_bounds = bounds
+                    bounds_code = _EXPONENTIAL if exponential and info.exponent is not None else _HISTOGRAM
+                    bounds_tag = EXPONENTIAL_FIELD if bounds_code == _EXPONENTIAL else _DATA_FIELDS[Kind.HISTOGRAM]
+                    todo = histograms.get((info, bounds_tag)) or histograms.setdefault(
+                        (info, bounds_tag), ([], [], [], [])
+                    )
+                if bounds_code != code:  # not the kind of histogram of the metric's first point here
+                    key = (metric, bounds_code)
+                    other = entries.get(key)
+                    if other is None:
+                        points = _group_points(group_metrics, metric, kinds[metric][2], bounds_tag, bounds_code)
+                        other = entries[key] = (points, bounds_code, heads[bounds_code])
+                    points, code, kind_heads = other
+            # The point's head (its attributes and times), the same for numbers and histograms.
             start = point.start_time_ns
             if not start or start == default_start:
                 head = kind_heads.get(point.attributes)
@@ -355,6 +347,9 @@ class Encoder:
             else:
                 head = self._started_head(point.attributes, labels, code, start, time_bytes, gauge_times,
                                           times_of, started_heads)  # fmt: skip
+            if code < _HISTOGRAM:
+                points.append(head + number)
+                continue
             # Encoded below with the other histograms of its bounds and kind, into its place.
             todo[0].append(points)
             todo[1].append(len(points))
