@@ -36,14 +36,14 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-def default_limit() -> int:
-    """A quarter of the soft RLIMIT_NOFILE, at most MAX_KEPT: kept directories, kept files and
+def default_limit(cap: int = MAX_KEPT) -> int:
+    """A quarter of the soft RLIMIT_NOFILE, at most `cap`: kept directories, kept files and
     kept mount tables (kpod.cgroup.mounttables) take up to a quarter each; BPF objects, sockets
     and the files being read need the rest."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return MAX_KEPT
-    return max(0, min(MAX_KEPT, soft // 4))
+        return cap
+    return max(0, min(cap, soft // 4))
 
 
 def raise_nofile_limit(wanted: int = NOFILE_WANTED) -> tuple[int, int]:

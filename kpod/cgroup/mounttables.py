@@ -19,27 +19,17 @@ One thread at a time (the receiver that owns it): `begin`, any number of `read`,
 from __future__ import annotations
 
 import os
-import resource
 import select
 import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
-from kpod.cgroup.keptfds import close_all
+from kpod.cgroup.keptfds import close_all, default_limit
 from kpod.cgroup.parsers import parse_mountinfo
 
 _READ_CHUNK = 65536
 _MAX_KEPT = 4096
-
-
-def default_limit() -> int:
-    """A quarter of the soft RLIMIT_NOFILE (BPF objects, sockets and cgroup reads need the rest),
-    at most _MAX_KEPT."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return _MAX_KEPT
-    return max(0, min(_MAX_KEPT, soft // 4))
 
 
 def on_procfs(path: str) -> bool:
@@ -82,7 +72,7 @@ class MountTables:
     def __init__(self, proc_root: str = "/proc", limit: int | None = None) -> None:
         self.proc_root = proc_root.rstrip("/") or "/"
         if limit is None:
-            limit = default_limit() if on_procfs(self.proc_root) else 0
+            limit = default_limit(_MAX_KEPT) if on_procfs(self.proc_root) else 0
         self.limit = limit
         self._tables: dict[Hashable, _Table] = {}
         # Files still open when the owner is dropped without close() (a receiver a test never
