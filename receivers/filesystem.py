@@ -64,7 +64,7 @@ from kpod.cgroup.files import CgroupFileReceiver, pod_cgroup_path, read_text
 from kpod.cgroup.mounttables import MountTables
 from kpod.cgroup.parsers import MountInfo, parse_mountinfo, unescape_mountinfo
 from kpod.component import ComponentUnavailable, Context, Factory
-from kpod.fsprobe.client import Probe, Result, StatfsProbes
+from kpod.fsprobe.client import Probe, StatfsProbes
 from kpod.kernel.preflight import capability_gaps
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
 from kpod.units import Duration
@@ -106,9 +106,12 @@ SERIES_PER_MOUNT = 3
 MAX_ROUNDS = 4  # worker exchanges per collection (see FilesystemReceiver._measure)
 
 
-# Per mount, ready for the per-cycle loop: device, (device, root) cache key, mountpoint,
-# the point attributes, and the mount id (what the lookup must reach).
-_Entry = tuple[tuple[int, int], tuple[tuple[int, int], str], str, tuple[tuple[str, str], ...], int]
+# Per mount, ready for the per-cycle loop: the (device, root) a measurement is shared by, the
+# point attributes, and the probe that measures it through this container's path.
+_Mount = tuple[tuple[tuple[int, int], str], tuple[tuple[str, str], ...], Probe]
+# One filesystem (device) of a container: its mounts in mountinfo order (the first that measures
+# is reported).
+_Filesystem = tuple[_Mount, ...]
 
 
 @dataclass
@@ -203,12 +206,28 @@ def backing_filesystem(mount: MountInfo, host_mounts: list[MountInfo]) -> tuple[
     return f"{mount.dev[0]}:{mount.dev[1]}", mount.fstype
 
 
-@dataclass
+@dataclass(eq=False)
 class _Container:
+    """A container as the per-cycle loop needs it, kept while its process and mount table
+    stay the same (the cycle's work per container is then a lookup)."""
+
     ref: CgroupRef
     pod: str  # the pod cgroup (or the container's own path outside Kubernetes)
-    root: str  # <proc_root>/<pid>/root
-    entries: list[_Entry]
+    pid: int  # the process whose mount table and root are used
+    text: str  # that mount table, as MountTables returned it
+    filesystems: tuple[_Filesystem, ...]  # in mountinfo order of their first mount
+
+
+def plan_filesystems(
+    key: Hashable, pod: str, root: str, mounts: list[tuple[MountInfo, tuple[tuple[str, str], ...]]]
+) -> tuple[_Filesystem, ...]:
+    """A container's candidate mounts (with their point attributes) grouped by device, each
+    with its probe: what `_measure` walks every cycle, made once per mount table.  Pure."""
+    by_dev: dict[tuple[int, int], list[_Mount]] = {}
+    for m, attrs in mounts:
+        probe = Probe((key, m.mount_id, m.mount_point), pod, root, m.mount_point, m.mount_id, m.dev)
+        by_dev.setdefault(m.dev, []).append(((m.dev, m.root), attrs, probe))
+    return tuple(tuple(group) for group in by_dev.values())
 
 
 class FilesystemReceiver(CgroupFileReceiver):
@@ -220,7 +239,8 @@ class FilesystemReceiver(CgroupFileReceiver):
         self.proc_root = context.settings.cgroup.proc_root.rstrip("/") or "/"
         self._exclude_fstypes = frozenset(config.exclude_fstypes)
         self._exclude_points = tuple(config.exclude_mountpoints)
-        self._mount_cache: dict[int, tuple[str, list[_Entry]]] = {}
+        # Per container (cgroup id), rebuilt when its process or mount table changes.
+        self._containers: dict[int, _Container] = {}
         # The host's mount table (for overlays' upper layers): read at most once per cycle,
         # and only when a container's mount table changed.
         self._host_mounts: list[MountInfo] | None = None
@@ -275,24 +295,21 @@ class FilesystemReceiver(CgroupFileReceiver):
         }
 
     def collect(self) -> Batch:
-        live: set[int] = set()
         self._host_mounts = None
-        containers = []
+        containers: dict[int, _Container] = {}
         self._tables.begin()
         for ref in self.context.cgroups.workloads():
             pids = self._pids(ref)
             if pids:
-                container = self._container(ref, pids, live)
+                container = self._container(ref, pids)
                 if container is not None:
-                    containers.append(container)
+                    containers[ref.id] = container
         self._tables.end()
-        # Forget the mount tables of processes that were not read this cycle.
-        for pid in self._mount_cache.keys() - live:
-            del self._mount_cache[pid]
+        self._containers = containers  # forgets the containers not read this cycle
         # Half the cycle at most: the collection must end before the pipeline abandons it.
-        return self._measure(containers, budget_s=self._cycle_s / 2)
+        return self._measure(list(containers.values()), budget_s=self._cycle_s / 2)
 
-    def _container(self, ref: CgroupRef, pids: list[int], live: set[int]) -> _Container | None:
+    def _container(self, ref: CgroupRef, pids: list[int]) -> _Container | None:
         # Any process of the container sees the container's mounts; the first one that is
         # still alive will do.  All of them gone since cgroup.procs is the usual "pod ended":
         # churn, not an error.
@@ -304,25 +321,26 @@ class FilesystemReceiver(CgroupFileReceiver):
             else:
                 self._vanished()
             return None
-        live.add(pid)
+        # A container's mount table rarely changes: plan it again only when its text does
+        # (or its process or path), and keep what the per-cycle loop needs ready-made.
+        known = self._containers.get(ref.id)
+        if known is not None and known.pid == pid and known.ref == ref:
+            if known.text is text:
+                return known
+            if known.text == text:  # read again, unchanged: keep the one text the tables keep
+                known.text = text
+                return known
         pod = pod_cgroup_path(ref.path) or ref.path
-        return _Container(ref, pod, f"{self.proc_root}/{pid}/root", self._candidates(pid, text))
+        root = f"{self.proc_root}/{pid}/root"
+        return _Container(ref, pod, pid, text, plan_filesystems(ref.id, pod, root, self._candidates(text)))
 
-    def _candidates(self, pid: int, text: str) -> list[_Entry]:
-        # A container's mount table rarely changes: parse it again only when its text does,
-        # and keep what the loop below needs per mount ready-made.
-        cached = self._mount_cache.get(pid)
-        if cached is not None and cached[0] == text:
-            if cached[0] is not text:  # read again, unchanged: keep the one text the tables keep
-                self._mount_cache[pid] = (text, cached[1])
-            return cached[1]
-        entries: list[_Entry] = []
+    def _candidates(self, text: str) -> list[tuple[MountInfo, tuple[tuple[str, str], ...]]]:
+        """The mounts of a mount table worth measuring, each with its point attributes."""
+        out = []
         for m in candidate_mounts(parse_mountinfo(text), self._exclude_fstypes, self._exclude_points):
             device, fstype = backing_filesystem(m, self._host_table() if m.fstype == "overlay" else [])
-            attrs = (("device", device), ("fstype", fstype), ("mountpoint", m.mount_point))
-            entries.append((m.dev, (m.dev, m.root), m.mount_point, attrs, m.mount_id))
-        self._mount_cache[pid] = (text, entries)
-        return entries
+            out.append((m, (("device", device), ("fstype", fstype), ("mountpoint", m.mount_point))))
+        return out
 
     def _host_table(self) -> list[MountInfo]:
         if self._host_mounts is None:
@@ -331,12 +349,6 @@ class FilesystemReceiver(CgroupFileReceiver):
             except OSError:
                 self._host_mounts = []  # overlays then keep their own device
         return self._host_mounts
-
-    @staticmethod
-    def _probe(container: _Container, entry: _Entry) -> Probe:
-        dev, _, mount_point, _, mount_id = entry
-        key = (container.ref.id, mount_id, mount_point)
-        return Probe(key, container.pod, container.root, mount_point, mount_id, dev)
 
     def _measure(self, containers: list[_Container], budget_s: float) -> Batch:
         """Measure each container's filesystems in rounds of probes (one worker exchange each):
@@ -349,74 +361,78 @@ class FilesystemReceiver(CgroupFileReceiver):
         * at most MAX_ROUNDS rounds: what is still unresolved then counts as unreachable.
         """
         batch = Batch()
+        points = batch.points
         counts = {"measured": 0, "not_a_directory": 0, "not_the_mount": 0, "failed": 0, "stuck": 0, "capped": 0,
                   "probes": 0}  # fmt: skip
-        room = {c.pod: self.config.max_series_per_pod // SERIES_PER_MOUNT for c in containers}
-        todo: list[_Filesystem] = []
-        for container in containers:
-            by_dev: dict[tuple[int, int], _Filesystem] = {}
-            for entry in container.entries:
-                fs = by_dev.get(entry[0])
-                if fs is None:
-                    fs = by_dev[entry[0]] = _Filesystem(container, [])
-                    todo.append(fs)
-                fs.entries.append(entry)
-        shared: dict[tuple[tuple[int, int], str], Result] = {}
+        room = dict.fromkeys((c.pod for c in containers), self.config.max_series_per_pod // SERIES_PER_MOUNT)
+        # What is left to resolve: (container, filesystem, which of its mounts to try).
+        todo = [(c, fs, 0) for c in containers for fs in c.filesystems]
+        # (device, root) -> its capacity, usage and available bytes, or None for a file.
+        shared: dict[tuple[tuple[int, int], str], tuple[float, float, float] | None] = {}
         interval = self.context.settings.poll_interval.seconds
         deadline = time.monotonic() + budget_s
         for _ in range(MAX_ROUNDS):
             if not todo:
                 break
-            probes: dict[Hashable, Probe] = {}
+            probes: list[Probe] = []
             asked: dict[tuple[tuple[int, int], str], Hashable] = {}
-            waiting: list[_Filesystem] = []
+            # With the key of this round's own probe, or None: the result is the shared one.
+            waiting: list[tuple[_Container, _Filesystem, int, Hashable | None]] = []
             planned = dict.fromkeys(room, 0)
-            for fs in todo:
-                pod = fs.container.pod
+            for container, fs, index in todo:
+                pod = container.pod
                 if planned[pod] >= room[pod]:
                     counts["capped"] += 1  # the pod's cap: not measured at all
                     continue
-                entry = fs.entries[fs.next]
-                fs.key = None  # None: the result is the shared one of its (device, root)
-                if entry[1] not in shared and entry[1] not in asked:
-                    probe = self._probe(fs.container, entry)
-                    probes[probe.key] = probe
-                    asked[entry[1]] = fs.key = probe.key
+                share, _, probe = fs[index]
+                key = None
+                if share not in shared and share not in asked:
+                    probes.append(probe)
+                    asked[share] = key = probe.key
                 # else: measured already, or another container's probe of it answers this round
-                waiting.append(fs)
+                waiting.append((container, fs, index, key))
                 planned[pod] += 1
             counts["probes"] += len(probes)
-            results = self._probes.measure(list(probes.values()), max(0.0, deadline - time.monotonic()), interval)
+            results = self._probes.measure(probes, max(0.0, deadline - time.monotonic()), interval)
             for share, key in asked.items():
-                if results[key].outcome in ("measured", "not_a_directory"):
-                    shared[share] = results[key]
-            todo = []
-            for fs in waiting:
-                entry = fs.entries[fs.next]
-                result = results.get(fs.key) if fs.key is not None else shared.get(entry[1])
-                if result is None:
-                    todo.append(fs)  # its (device, root) was probed for another container: next round
-                    continue
-                outcome = result.outcome
-                if outcome == "measured":
+                result = results[key]
+                if result.outcome == "measured":
                     assert result.vfs is not None
-                    if room[fs.container.pod] <= 0:
+                    blocks, bfree, bavail, frsize = result.vfs
+                    shared[share] = (float(blocks * frsize), float((blocks - bfree) * frsize), float(bavail * frsize))
+                elif result.outcome == "not_a_directory":
+                    shared[share] = None
+            todo = []
+            for container, fs, index, key in waiting:
+                share, attrs, _ = fs[index]
+                if key is None:
+                    if share not in shared:
+                        todo.append((container, fs, index))  # probed for another container: next round
+                        continue
+                    values = shared[share]
+                    outcome = "measured" if values is not None else "not_a_directory"
+                else:
+                    outcome = results[key].outcome
+                    values = shared.get(share)
+                if outcome == "measured":
+                    assert values is not None
+                    pod = container.pod
+                    if room[pod] <= 0:
                         counts["capped"] += 1
                         continue
-                    room[fs.container.pod] -= 1
+                    room[pod] -= 1
                     counts["measured"] += 1
-                    blocks, bfree, bavail, frsize = result.vfs
-                    ref, attrs = fs.container.ref, entry[3]
-                    batch.points.append(Point(CAPACITY, ref, attrs, float(blocks * frsize)))
-                    batch.points.append(Point(USAGE, ref, attrs, float((blocks - bfree) * frsize)))
-                    batch.points.append(Point(AVAILABLE, ref, attrs, float(bavail * frsize)))
+                    ref = container.ref
+                    capacity, usage, available = values
+                    points.append(Point(CAPACITY, ref, attrs, capacity))
+                    points.append(Point(USAGE, ref, attrs, usage))
+                    points.append(Point(AVAILABLE, ref, attrs, available))
                 elif outcome in ("stuck", "stuck_limit", "deferred"):
                     counts["stuck"] += 1
                 else:
                     counts[outcome if outcome in counts else "failed"] += 1
-                    fs.next += 1
-                    if fs.next < len(fs.entries):
-                        todo.append(fs)  # the same filesystem under its next mount point
+                    if index + 1 < len(fs):
+                        todo.append((container, fs, index + 1))  # the same filesystem under its next mount point
         counts["not_the_mount"] += len(todo)  # still unresolved after MAX_ROUNDS
         self._account(counts)
         return batch
@@ -432,16 +448,6 @@ class FilesystemReceiver(CgroupFileReceiver):
         metrics.set(STUCK_MOUNTS, STUCK_MOUNTS_HELP, float(len(self._probes.stuck())), labels)
         metrics.set_counter(PROBE_TIMEOUTS, PROBE_TIMEOUTS_HELP, float(self._probes.timeouts), labels)
         self._last = counts
-
-
-@dataclass(eq=False)
-class _Filesystem:
-    """One filesystem (device) of one container: its mount points in mountinfo order."""
-
-    container: _Container
-    entries: list[_Entry]
-    next: int = 0  # the mount point to try
-    key: Hashable | None = None  # of this round's own probe
 
 
 factory = Factory(
