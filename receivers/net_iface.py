@@ -13,6 +13,8 @@ repeat the pod's interfaces N times (reference-pitfalls.md item 10).  Per cycle:
      the host's (that of <proc_root>/1): host-network pods would report the node's interfaces.
   4. <proc_root>/<pid>/net/dev is parsed and emitted, minus excluded interfaces (`lo` by default),
      at most `max_series_per_pod` series per pod (a pod creates as many interfaces as it likes).
+     The file is kept open per namespace and read again from its start (kpod.cgroup.netdevfiles):
+     what opening it again would read, without the open.
 
 Points carry the pod's cgroup (the group's cgroup), not a container's: the enrichment processor
 then labels them with namespace and pod and no container.  Counters are cumulative as the
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from kpod.cgroup.files import NET_DEV_MAX_RECORD, CgroupFileReceiver, pod_cgroup_path
+from kpod.cgroup.netdevfiles import NetDevFiles, netns_inode
 from kpod.cgroup.parsers import NetDevCounters, parse_net_dev
 from kpod.component import ComponentUnavailable, Context, Factory
 from kpod.kernel.preflight import capability_gaps
@@ -57,6 +61,8 @@ _FIELDS: tuple[tuple[MetricDef, str], ...] = (
     (RX_DROPS, "rx_drops"),
     (TX_DROPS, "tx_drops"),
 )
+_METRICS = tuple(metric for metric, _ in _FIELDS)
+_VALUES = attrgetter(*(attr for _, attr in _FIELDS))  # one call for an interface's eight values
 
 
 NO_PTRACE_LOSS = (
@@ -82,7 +88,7 @@ class NetIfaceConfig:
 
 
 class NetIfaceReceiver(CgroupFileReceiver):
-    metrics = tuple(metric for metric, _ in _FIELDS)
+    metrics = _METRICS
 
     def __init__(self, context: Context, config: NetIfaceConfig) -> None:
         super().__init__(context, config)
@@ -92,6 +98,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
         self._pod_refs: dict[str, CgroupRef] = {}
         self._excluded = frozenset(config.exclude_interfaces)
         self._last = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
+        self._files = NetDevFiles(self.proc_root, NET_DEV_MAX_RECORD)
         self._dropped("pod_limit", 0)
 
     def _host_ns(self) -> tuple[int, str]:
@@ -137,8 +144,12 @@ class NetIfaceReceiver(CgroupFileReceiver):
         for line in capability_gaps({"CAP_SYS_PTRACE": NO_PTRACE_LOSS}):
             self.log.warning(line)
 
+    def shutdown(self) -> None:
+        self._files.close()
+
     def status(self) -> dict[str, object]:
-        return {"route": self.route(), **self._last}
+        return {"route": self.route(), **self._last, "net_dev_kept": self._files.kept,
+                "net_dev_opened": self._files.opened}  # fmt: skip
 
     def _groups(self) -> dict[str, list[CgroupRef]]:
         """Leaves grouped by pod cgroup path (a non-pod leaf is its own group), in a stable order."""
@@ -178,6 +189,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
         seen: set[int] = set()
         stats = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
         groups = self._groups()
+        self._files.begin()
         for group_path, members in groups.items():
             found = self._one_pid_netns(members)
             if found is None:
@@ -189,8 +201,10 @@ class NetIfaceReceiver(CgroupFileReceiver):
             if netns in seen:
                 stats["shared_skipped"] += 1
                 continue
-            text = self._read(f"{self.proc_root}/{pid}/net/dev", max_record=NET_DEV_MAX_RECORD)
-            if text is None:
+            try:
+                text = self._files.read(netns, pid)
+            except OSError as err:
+                self._failed(err, f"{self.proc_root}/{pid}/net/dev")
                 continue
             ref = self._pod_ref(group_path, members)
             if ref is None:
@@ -198,6 +212,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
             seen.add(netns)
             stats["namespaces"] += 1
             self._emit(ref, parse_net_dev(text), batch)
+        self._files.end()
         self._last = stats
         for path in self._pod_refs.keys() - groups.keys():
             del self._pod_refs[path]  # pods that are gone
@@ -206,6 +221,7 @@ class NetIfaceReceiver(CgroupFileReceiver):
     def _emit(self, ref: CgroupRef, interfaces: dict[str, NetDevCounters], batch: Batch) -> None:
         room = self.config.max_series_per_pod // len(_FIELDS)
         dropped = 0
+        points = batch.points
         for name, counters in interfaces.items():
             if name in self._excluded:
                 continue
@@ -214,19 +230,10 @@ class NetIfaceReceiver(CgroupFileReceiver):
                 continue
             room -= 1
             attrs = (("interface", name),)
-            for metric, attr in _FIELDS:
-                batch.add(Point(metric, ref, attrs, float(getattr(counters, attr))))
+            for metric, value in zip(_METRICS, _VALUES(counters), strict=True):
+                points.append(Point(metric, ref, attrs, float(value)))
         if dropped:
             self._dropped("pod_limit", dropped * len(_FIELDS))
-
-
-def netns_inode(link: str) -> int:
-    """The inode of the network namespace a /proc/<pid>/ns/net link names ("net:[4026531840]"):
-    its readlink, half the cost of a stat through it (once per pod and cycle).  Raises OSError."""
-    target = os.readlink(link)
-    if target.startswith("net:[") and target.endswith("]") and target[5:-1].isdigit():
-        return int(target[5:-1])
-    return os.stat(link).st_ino
 
 
 factory = Factory(

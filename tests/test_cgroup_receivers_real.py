@@ -220,6 +220,61 @@ def test_net_iface_real_netns(scratch: Scratch) -> None:
     assert receiver.status()["host_network_skipped"] == 1 and receiver.status()["namespaces"] == 1
     assert host.poll() is None
 
+    # The next collection reads the namespace's file kept open (kpod.cgroup.netdevfiles), afresh:
+    # 2 more frames in, as /proc/<pid>/net/dev opened now says.
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((host_if, 0))
+        for _ in range(2):
+            raw.send(b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x02" + b"\x88\xb6" + b"\x00" * 46)
+    again = _series(receiver.collect())
+    truth = parse_net_dev(Path(f"/proc/{idle.pid}/net/dev").read_text())["eth0"]
+    assert again[("kpod.net.iface.rx.packets", pod_path, eth0)] == truth.rx_packets == 5
+    assert again[("kpod.net.iface.rx.bytes", pod_path, eth0)] == truth.rx_bytes == 300
+    assert again.keys() == got.keys()
+    assert receiver.status()["net_dev_opened"] == 1 and receiver.status()["net_dev_kept"] == 1
+    receiver.shutdown()
+
+
+@needs_root_and_cgroup2
+def test_net_iface_reads_the_namespace_its_pods_process_is_in_now(scratch: Scratch) -> None:
+    """A pod whose process is now in another network namespace is read there, not through the
+    file kept for the namespace it was in; the kept file of a namespace no pod is in any more is
+    closed after the collection."""
+    require_tools("ip")
+    s = scratch
+    namespaces = [f"{s.tag}a", f"{s.tag}b"]
+    for ns, bridge in zip(namespaces, ("kpodbra", "kpodbrb"), strict=True):
+        _run("ip", "netns", "add", ns)
+        s.on_close(["ip", "netns", "del", ns])
+        _run("ip", "netns", "exec", ns, "ip", "link", "add", bridge, "type", "bridge")
+    base, pods = _pod_tree(s, pods=1, containers=1)
+    container = pods[0][0]
+    pod_path = container[len(base) :].rpartition("/")[0]
+    wait = [sys.executable, "-c", "import sys; print('in', flush=True); sys.stdin.readline()"]
+    first = s.spawn(["ip", "netns", "exec", namespaces[0], *wait], [container])
+    assert first.stdout and first.stdout.readline().strip() == "in"  # in its namespace by now
+
+    index = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base))
+    index.refresh()
+    receiver = NetIfaceReceiver(make_context("net_iface", index), NetIfaceConfig(host_netns_path="/proc/self/ns/net"))
+    receiver.start()
+    try:
+        assert {k[2] for k in _series(receiver.collect())} == {(("interface", "kpodbra"),)}
+        assert {k[2] for k in _series(receiver.collect())} == {(("interface", "kpodbra"),)}
+        assert receiver.status()["net_dev_opened"] == 1  # the second read was the kept file's
+        # The pod's only process is now one in the other namespace.
+        second = s.spawn(["ip", "netns", "exec", namespaces[1], *wait], [container])
+        assert second.stdout and second.stdout.readline().strip() == "in"
+        first.kill()
+        first.wait()
+        got = _series(receiver.collect())
+        assert {(k[1], k[2]) for k in got} == {(pod_path, (("interface", "kpodbrb"),))}
+        truth = parse_net_dev(Path(f"/proc/{second.pid}/net/dev").read_text())["kpodbrb"]
+        assert got[("kpod.net.iface.tx.packets", pod_path, (("interface", "kpodbrb"),))] == truth.tx_packets
+        assert receiver.status()["net_dev_opened"] == 2 and receiver.status()["net_dev_kept"] == 1
+    finally:
+        receiver.shutdown()
+
 
 # ------------------------------------------------------------------------------------------ filesystem
 
