@@ -26,7 +26,6 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from kpod.fsprobe import protocol
-from kpod.fsprobe.protocol import Answer, Request
 
 MAX_BACKOFF_STRIKES = 6  # 2^5 = 32 intervals at most between retries of a mount that hung
 READY_TIMEOUT_S = 10.0
@@ -194,8 +193,8 @@ class StatfsProbes:
             self._next_id += 1
             inflight[rid] = probe
             pod = self._pods.setdefault(probe.pod, len(self._pods) + 1)
-            request = Request(rid, probe.root, probe.mount_point, probe.mount_id, probe.dev, pod)
-            frames.append((rid, protocol.encode_request(request)))
+            frame = protocol.request_frame(rid, probe.root, probe.mount_point, probe.mount_id, probe.dev, pod)
+            frames.append((rid, frame))
         if frames:
             unsent = self._send(frames, inflight, results, began + budget_s)
             if unsent is None:
@@ -276,7 +275,7 @@ class StatfsProbes:
                 return
             if data:
                 self._worker.inbox += data
-                for answer in protocol.decode_answers(self._worker.inbox):
+                for answer in protocol.decode_answer_fields(self._worker.inbox):
                     self._answered(answer, inflight, results)
                 continue
             left = until - time.monotonic()
@@ -284,10 +283,13 @@ class StatfsProbes:
                 return
             self._wait(left)
 
-    def _answered(self, answer: Answer, inflight: dict[int, Probe], results: dict[Hashable, Result]) -> None:
-        outcome = answer.outcome & ~protocol.LATE
-        if answer.late:
-            key = self._pending.pop(answer.id, None)
+    def _answered(self, answer: tuple[int, int, int, int, int, int, int], inflight: dict[int, Probe],
+                  results: dict[Hashable, Result]) -> None:  # fmt: skip
+        """One answer, as protocol.decode_answer_fields gives it (the fields of an Answer)."""
+        rid, flagged, err, blocks, bfree, bavail, frsize = answer
+        outcome = flagged & ~protocol.LATE
+        if flagged & protocol.LATE:
+            key = self._pending.pop(rid, None)
             state = self._stuck.get(key) if key is not None else None
             if state is not None:  # the hung call returned: retry after a backoff
                 state.pending = None
@@ -295,10 +297,10 @@ class StatfsProbes:
                 self.log.info("statfs of %s returned after hanging; retrying in %.0fs", state.mount_point,
                               self._backoff_s(state))  # fmt: skip
             return
-        probe = inflight.pop(answer.id, None)
+        probe = inflight.pop(rid, None)
         orphan = probe is None
         if orphan:
-            probe = self._orphans.pop(answer.id, None)
+            probe = self._orphans.pop(rid, None)
             if probe is None:
                 return
         name = _OUTCOMES.get(outcome, "failed")
@@ -309,15 +311,14 @@ class StatfsProbes:
                 state = self._stuck[probe.key] = _Stuck(probe.pod, probe.mount_point, time.time())
                 self.log.warning("statfs of %s (pod cgroup %s) hangs: its series are dropped until it answers",
                                  probe.mount_point, probe.pod)  # fmt: skip
-            state.pending = answer.id
+            state.pending = rid
             state.strikes = min(state.strikes + 1, MAX_BACKOFF_STRIKES)
-            self._pending[answer.id] = probe.key
+            self._pending[rid] = probe.key
         elif probe.key in self._stuck and name != "stuck_limit":
             del self._stuck[probe.key]  # it answers again
         if orphan:
             return  # the answer of an earlier cycle: only its STUCK mattered (above)
-        vfs = (answer.blocks, answer.bfree, answer.bavail, answer.frsize) if name == "measured" else None
-        results[probe.key] = Result(name, vfs, answer.errno)
+        results[probe.key] = Result(name, (blocks, bfree, bavail, frsize) if name == "measured" else None, err)
 
     def _backoff_s(self, state: _Stuck) -> float:
         return self._interval_s * 2 ** max(0, state.strikes - 1)

@@ -173,15 +173,18 @@ class Worker:
                     request = self._take(refused)
                 if request is not None:
                     lane.request, lane.started, lane.reported = request, time.monotonic(), False
-            self.reply(refused)
+            if refused:  # at once: the main thread may have no tick left to write them
+                self.reply(refused)
             if request is None:
                 continue
             answer = measure(request)
             with self.cond:
                 late = lane.reported
                 # Queued while the lane still counts as busy: the main thread's next tick
-                # (which it keeps ticking while a lane is busy) writes it out.
-                self.reply([Answer(answer.id, answer.outcome | (LATE if late else 0), *_figures(answer))], flush=late)
+                # (which it keeps ticking while a lane is busy) writes it out.  Written at once
+                # when nothing else is queued (the agent is waiting for the last answers).
+                answered = Answer(answer.id, answer.outcome | (LATE if late else 0), *_figures(answer))
+                self.reply([answered], flush=late or not self.queues)
                 lane.request = None
                 self.running[request.group] -= 1
                 if late:
