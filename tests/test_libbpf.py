@@ -86,6 +86,27 @@ def test_update_lookup_iterate_batch_delete(loaded: libbpf.BpfObject) -> None:
     assert bpf_map.delete(_key(layout, ids[-1])) is False
 
 
+def test_interleaved_batch_reads_do_not_write_into_each_other(loaded: libbpf.BpfObject) -> None:
+    """Batch reads write into memory kept between reads; a read started while another is
+    between two batches (two collecting threads) gets memory of its own."""
+    layout = btflayout.map_layouts(loaded)["sched_cgroups"]
+    bpf_map = loaded.maps["sched_cgroups"]
+    ids = list(range(2000, 2040))
+    for i in ids:
+        bpf_map.update(_key(layout, i), _value(layout, i))
+    assert bpf_map.count() == len(ids)  # the kept memory exists, and is free again
+    first = bpf_map._batches(5)
+    seen = next(first)[2]
+    keys, _, count = next(first)  # not the map's first entries: a new read writes others there
+    held = ctypes.string_at(keys, count * bpf_map.key_size)
+    assert count > 0
+    pairs = bpf_map.lookup_batch()
+    assert sorted(layout.key(k).cgroup_id for k, _ in pairs) == ids
+    assert all(layout.value(v).switches == layout.key(k).cgroup_id for k, v in pairs)
+    assert ctypes.string_at(keys, count * bpf_map.key_size) == held  # not overwritten meanwhile
+    assert seen + count + sum(n for _, _, n in first) == len(ids)
+
+
 def test_full_hash_map_refuses_inserts(loaded: libbpf.BpfObject) -> None:
     layout = btflayout.map_layouts(loaded)["sched_cgroups"]
     bpf_map = loaded.maps["sched_cgroups"]

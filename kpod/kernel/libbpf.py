@@ -311,6 +311,51 @@ class Program:
         return link
 
 
+# Entries per BPF_MAP_LOOKUP_BATCH call at most; fewer where keys and values do not fit in the
+# batch scratch buffer.
+MAX_BATCH = 1024
+
+
+class _BatchScratch:
+    """The memory batch lookups write into, kept between reads and lent to one read at a time.
+
+    Every cycle reads a dozen hash maps (bpf_maps counts them, the receivers read them).  A
+    fresh zeroed buffer per read, for 1,024 entries of 240-byte values (histograms), is a
+    240 KiB block, mmapped and faulted in each time (kpod.allocator sends blocks from 128 KiB
+    up to mmap), and copying all of it out (`.raw`) made another: most of the CPU of reading
+    a map of a few hundred entries.  A read that finds the buffer lent out (two collecting
+    threads), or needs more than it holds, gets one of its own.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._free: ctypes.Array[ctypes.c_char] | None = None
+
+    def take(self, size: int) -> ctypes.Array[ctypes.c_char]:
+        if size <= self.size:
+            with self._lock:
+                free, self._free = self._free, None
+            if free is not None:
+                return free
+        return ctypes.create_string_buffer(max(size, self.size))
+
+    def give(self, buffer: ctypes.Array[ctypes.c_char]) -> None:
+        if len(buffer) != self.size:
+            return  # a larger one, for a bucket that did not fit: not kept
+        with self._lock:
+            self._free = buffer
+
+
+# 64 KiB: keys and values of 256 histogram entries, of 1,024 counter entries.
+_SCRATCH = _BatchScratch(64 * 1024)
+
+
+def _split(raw: bytes, size: int) -> list[bytes]:
+    """`raw` cut into consecutive pieces of `size` bytes."""
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
 class Map:
     def __init__(self, obj: BpfObject, ptr: int) -> None:
         self._obj = obj
@@ -449,59 +494,66 @@ class Map:
     def count(self) -> int | None:
         """Entries in use, for maps that can fill (hash maps); None for the others (see can_fill).
 
-        Hash and LRU hash maps are counted with BPF_MAP_LOOKUP_BATCH, a syscall per 1,024
-        entries where get_next_key takes one per entry (bpf_maps counts every map each cycle);
-        per-CPU hashes (one value per possible CPU) walk their keys."""
+        Hash and LRU hash maps are counted with BPF_MAP_LOOKUP_BATCH, a syscall per batch where
+        get_next_key takes one per entry (bpf_maps counts every map each cycle); per-CPU hashes
+        (one value per possible CPU) walk their keys."""
         if not self.can_fill:
             return None
         if self.type in (BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH):
-            return sum(count for _, _, count in self._batches(1024))
+            return sum(count for _, _, count in self._batches(MAX_BATCH))
         return sum(1 for _ in self.keys())
 
-    def lookup_batch(self, chunk: int = 1024) -> list[tuple[bytes, bytes]]:
-        """All (key, value) pairs via BPF_MAP_LOOKUP_BATCH, `chunk` entries per syscall.
+    def lookup_batch(self, chunk: int = MAX_BATCH) -> list[tuple[bytes, bytes]]:
+        """All (key, value) pairs via BPF_MAP_LOOKUP_BATCH, at most `chunk` entries per syscall.
 
         Hash maps only (per-CPU maps return one value per possible CPU: not handled here).
         """
         ks, vs = self.key_size, self.value_size
         out: list[tuple[bytes, bytes]] = []
         for keys, values, count in self._batches(chunk):
-            raw_k, raw_v = keys.raw, values.raw
-            for i in range(count):
-                out.append((raw_k[i * ks : (i + 1) * ks], raw_v[i * vs : (i + 1) * vs]))
+            # Only the entries the kernel wrote: the buffers are larger than most batches.
+            raw_k = ctypes.string_at(keys, count * ks)
+            raw_v = ctypes.string_at(values, count * vs)
+            out.extend(zip(_split(raw_k, ks), _split(raw_v, vs), strict=True))
         return out
 
-    def _batches(self, chunk: int) -> Iterator[tuple[ctypes.Array[ctypes.c_char], ctypes.Array[ctypes.c_char], int]]:
-        """(keys buffer, values buffer, entries in them) of each BPF_MAP_LOOKUP_BATCH call, to
-        the map's end.  The buffers are reused by the next call: read them before it."""
+    def _batches(self, chunk: int) -> Iterator[tuple[int, int, int]]:
+        """(address of the keys, address of the values, entries there) of each
+        BPF_MAP_LOOKUP_BATCH call, to the map's end.  The memory is reused by the next call:
+        read it before asking for the next batch."""
         handle = lib()
         ks, vs = self.key_size, self.value_size
-        keys = ctypes.create_string_buffer(ks * chunk)
-        values = ctypes.create_string_buffer(vs * chunk)
+        chunk = max(1, min(chunk, _SCRATCH.size // (ks + vs)))
+        buffer = _SCRATCH.take(chunk * (ks + vs))
         # The batch cursor is opaque; for hash maps the kernel uses a u32 bucket index.
         in_batch = ctypes.create_string_buffer(max(ks, 8))
         out_batch = ctypes.create_string_buffer(max(ks, 8))
         first = True
-        while True:
-            count = c_uint32(chunk)
-            rc = handle.bpf_map_lookup_batch(
-                self.fd, None if first else in_batch, out_batch, keys, values, byref(count), None
-            )
-            err = -rc if rc else 0
-            if rc and err != errno.ENOENT:
-                if err == errno.ENOSPC and chunk < (1 << 20):
-                    # The next bucket holds more entries than the buffers (the kernel copied
-                    # nothing and kept the cursor): the same call again with bigger ones.
-                    chunk *= 4
-                    keys = ctypes.create_string_buffer(ks * chunk)
-                    values = ctypes.create_string_buffer(vs * chunk)
-                    continue
-                raise LibbpfError(rc, f"{self.name}: lookup_batch")
-            yield keys, values, count.value
-            if err == errno.ENOENT:  # no more entries
-                return
-            ctypes.memmove(in_batch, out_batch, len(out_batch))
-            first = False
+        try:
+            while True:
+                keys = ctypes.addressof(buffer)
+                values = keys + chunk * ks
+                count = c_uint32(chunk)
+                rc = handle.bpf_map_lookup_batch(
+                    self.fd, None if first else in_batch, out_batch, keys, values, byref(count), None
+                )
+                err = -rc if rc else 0
+                if rc and err != errno.ENOENT:
+                    if err == errno.ENOSPC and chunk < (1 << 20):
+                        # The next bucket holds more entries than the buffer (the kernel copied
+                        # nothing and kept the cursor): the same call again with a bigger one.
+                        chunk *= 4
+                        _SCRATCH.give(buffer)
+                        buffer = _SCRATCH.take(chunk * (ks + vs))
+                        continue
+                    raise LibbpfError(rc, f"{self.name}: lookup_batch")
+                yield keys, values, count.value
+                if err == errno.ENOENT:  # no more entries
+                    return
+                ctypes.memmove(in_batch, out_batch, len(out_batch))
+                first = False
+        finally:
+            _SCRATCH.give(buffer)
 
     def delete_batch(self, keys: list[bytes]) -> int:
         """Delete keys with BPF_MAP_DELETE_BATCH; returns how many were deleted.
