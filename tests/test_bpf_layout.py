@@ -80,6 +80,31 @@ def test_conventions(obj_path: Path) -> None:
                 assert obj.maps[name].type_name in ("hash", "lru_hash"), f"{name}: per-cgroup maps are hashes"
 
 
+@pytest.mark.parametrize("obj_path", OBJECTS, ids=lambda p: p.name)
+def test_readers_agree_with_the_ctypes_view(obj_path: Path) -> None:
+    """key_field_reader and value_reader (struct, no ctypes object per entry) read what the
+    ctypes key and value types read, on random bytes of every map's key and value size."""
+    rng = random.Random(obj_path.name)
+    with libbpf.BpfObject.open(str(obj_path)) as obj:
+        layouts = btflayout.map_layouts(obj)
+        cgroup_maps = [n for n, lay in layouts.items() if lay.has_key_field(CGROUP_KEY_FIELD)]
+        for name in cgroup_maps:
+            layout = layouts[name]
+            cgroup_of, value_of = layout.key_field_reader(CGROUP_KEY_FIELD), layout.value_reader()
+            for _ in range(20):
+                raw_key = rng.randbytes(ctypes.sizeof(layout.key_type))
+                raw_value = rng.randbytes(ctypes.sizeof(layout.value_type))
+                assert cgroup_of(raw_key) == getattr(layout.key(raw_key), CGROUP_KEY_FIELD), name
+                expected = layout.value(raw_value)
+                got = value_of(raw_value)
+                if isinstance(expected, ctypes._SimpleCData):
+                    assert isinstance(got, int) and got == expected.value, name
+                else:
+                    assert type(got) is layout.value_type and bytes(got) == raw_value, name
+    if obj_path.name == "mem.bpf.o":
+        assert any(issubclass(layouts[n].value_type, ctypes._SimpleCData) for n in cgroup_maps), "integer values"
+
+
 def test_map_names_unique_across_objects() -> None:
     seen: dict[str, str] = {}
     for obj_path in OBJECTS:

@@ -16,7 +16,9 @@ object's BTF (an independent parser).
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
+from collections.abc import Callable
 from ctypes import c_uint32
 from dataclasses import dataclass
 from typing import Any
@@ -323,12 +325,43 @@ class MapLayout:
     def value(self, raw: bytes) -> Any:
         return self.value_type.from_buffer_copy(raw)
 
+    def key_field_reader(self, name: str) -> Callable[[bytes], int]:
+        """A function reading the integer member `name` of a raw key: the same number as
+        `key(raw).name`, without building a ctypes struct per key (every entry of every
+        per-cgroup map, every cycle)."""
+        member = dict(self.key_type._fields_)[name]
+        offset = getattr(self.key_type, name).offset
+        unpack = _int_unpacker(member)
+        if unpack is None:
+            return lambda raw: int(getattr(self.key(raw), name))
+        return lambda raw: unpack(raw, offset)[0]
+
+    def value_reader(self) -> Callable[[bytes], Any]:
+        """A function turning a raw value into what `value(raw)` holds: an int for an integer
+        value type (read with struct, as `value(raw).value`), the ctypes struct otherwise."""
+        unpack = _int_unpacker(self.value_type)
+        if unpack is None:
+            return self.value_type.from_buffer_copy
+        return lambda raw: unpack(raw)[0]
+
     def has_key_field(self, name: str) -> bool:
         return any(f[0] == name for f in getattr(self.key_type, "_fields_", ()))
 
     def value_fields(self) -> list[str]:
         """The value struct's member names (padding the builder added left out)."""
         return [f[0] for f in getattr(self.value_type, "_fields_", ()) if not f[0].startswith(PAD_PREFIX)]
+
+
+def _int_unpacker(ctype: Any) -> Callable[..., tuple[Any, ...]] | None:
+    """struct's unpack_from for a ctypes integer type (native size: c_uint64 is c_ulong, "L"
+    is 8 bytes natively), or None for anything else (structs, arrays, c_char, c_bool)."""
+    code = getattr(ctype, "_type_", None)
+    if not isinstance(code, str) or code not in "bBhHiIlLqQ":
+        return None
+    unpacker = struct.Struct(code)
+    if unpacker.size != ctypes.sizeof(ctype):
+        return None
+    return unpacker.unpack_from
 
 
 def map_layouts(obj: libbpf.BpfObject) -> dict[str, MapLayout]:

@@ -40,7 +40,6 @@ How to add a program (net.bpf.c, syscall.bpf.c, ...)
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import math
@@ -716,7 +715,11 @@ def hist_bounds(zero_shift: int, slots: int) -> tuple[float, ...]:
 
 @dataclass
 class _MapState:
-    # cgroup ids seen unresolved in the previous cycle: deleted if still unresolved now.
+    """What read_cgroup_map keeps per map: its readers (built once from the layout) and the
+    cgroup ids seen unresolved in the previous cycle (deleted if still unresolved now)."""
+
+    cgroup_of: Callable[[bytes], int]  # a raw key's cgroup id
+    value_of: Callable[[bytes], Any]  # a raw value as an int or the BTF-derived struct
     pending: set[int] = field(default_factory=set)
 
 
@@ -895,29 +898,33 @@ class BpfReceiver(Receiver):
         struct.
         """
         assert self.loaded is not None
-        layout = self.loaded.layouts[map_name]
         bpf_map = self.loaded.obj.maps[map_name]
-        state = self._map_state.setdefault(map_name, _MapState())
+        state = self._map_state.get(map_name)
+        if state is None:
+            layout = self.loaded.layouts[map_name]
+            state = self._map_state[map_name] = _MapState(
+                layout.key_field_reader(CGROUP_KEY_FIELD), layout.value_reader()
+            )
+        cgroup_of, value_of, ref_of = state.cgroup_of, state.value_of, self.context.cgroups.ref
         out: list[tuple[CgroupRef, Any]] = []
         unresolved: set[int] = set()
         stale: list[bytes] = []
         for raw_key, raw_value in bpf_map.lookup_batch():
-            cgroup_id = int(getattr(layout.key(raw_key), CGROUP_KEY_FIELD))
-            ref = self.context.cgroups.ref(cgroup_id)
+            cgroup_id = cgroup_of(raw_key)
+            ref = ref_of(cgroup_id)
             if ref is None:
                 unresolved.add(cgroup_id)
                 if cgroup_id in state.pending:
                     stale.append(raw_key)
                 continue
-            value = layout.value(raw_value)
-            out.append((ref, value.value if isinstance(value, ctypes._SimpleCData) else value))
+            out.append((ref, value_of(raw_value)))
         if stale:
             try:
                 deleted = bpf_map.delete_batch(stale)
                 self.log.debug("%s: deleted %d entries of gone cgroups", map_name, deleted)
             except libbpf.LibbpfError as exc:
                 self.log.warning("%s: deleting entries of gone cgroups failed: %s", map_name, exc)
-        state.pending = unresolved - {int(getattr(layout.key(k), CGROUP_KEY_FIELD)) for k in stale}
+        state.pending = unresolved - {cgroup_of(k) for k in stale}
         return out
 
     def histogram(self, hist: Any) -> HistogramValue:
