@@ -344,6 +344,66 @@ def test_renders_the_bytes_the_previous_renderer_did() -> None:
         assert _rendered(current, batch, cycle) == previous.render(batch), f"few changed, cycle {cycle}"
 
 
+def _same_series_changes(batch: Batch, rng: random.Random, cycle: int) -> Batch:
+    """The batch's series with new values, and once in a while one change of what a series is
+    (a point's metric, attributes, resource or cgroup, or two points' order) that the renderer
+    must notice although most of its points are the objects of the cycle before."""
+    points = [
+        Point(p.metric, p.cgroup, p.attributes,
+              HistogramValue(p.value.bounds, tuple(c + rng.randrange(2) for c in p.value.counts), p.value.sum + 1.0)
+              if isinstance(p.value, HistogramValue) else p.value + rng.randrange(3),
+              p.resource, p.start_time_ns)
+        for p in batch.points
+    ]  # fmt: skip
+    at = rng.randrange(len(points))
+    point = points[at]
+    change = cycle % 8
+    if change == 1 and point.resource is not None:  # an equal resource, another object: same labels
+        point.resource = Resource(point.resource.labels, point.resource.otel)
+    elif change == 2 and point.resource is not None:  # another pod's labels
+        point.resource = Resource((*point.resource.labels[:-1], ("pod", f"other-{cycle}")), point.resource.otel)
+    elif change == 3:  # equal attributes, another tuple; then other attributes
+        point.attributes = tuple(point.attributes) + ((("kind", "x"),) if cycle % 16 == 3 else ())
+    elif change == 4:  # a point of another family of the same kind at that place
+        others = [p.metric for p in points if p.metric.kind is point.metric.kind and p.metric is not point.metric]
+        if others:
+            point.metric = rng.choice(others)
+    elif change == 5:  # two points trade places
+        other = rng.randrange(len(points))
+        points[at], points[other] = points[other], points[at]
+    elif change == 6:  # a point without a resource: its cgroup names it
+        point.resource = None
+    elif change == 7:  # the same point without a resource, of another cgroup (equal, then not)
+        bare = [p for p in points if p.resource is None and p.cgroup is not None]
+        if bare:
+            bare[0].cgroup = CgroupRef(bare[0].cgroup.id, bare[0].cgroup.path + ("" if cycle % 16 == 7 else "/x"))
+    return Batch(points)
+
+
+def test_a_batch_of_the_same_series_renders_as_the_previous_renderer() -> None:
+    """Cycle after cycle the same series in the same order: the renderer takes each family's
+    values out of the batch by position (labels.Grouping) and looks at its points one by one
+    only when their series changed.  Every change of a point's metric, attributes, resource or
+    cgroup (points without a resource), equal objects that are new, and points that trade places:
+    the text, OpenMetrics and protobuf bodies are those of renderers that keep nothing."""
+    from kpod.exporters.prometheus.protobuf import ProtobufRenderer
+
+    from bench.render_previous import Renderer as PreviousRenderer
+
+    rng = random.Random(17)
+    current, protobuf = Renderer(), ProtobufRenderer()
+    batch = node_batch(pods=4, seed=3)
+    self_metric = MetricDef("kpod.test.self", Kind.COUNTER, "1", "Self.", ("kind",))
+    batch.points += [
+        Point(TRICKY_GAUGE, CgroupRef(9, "/system.slice/x.service"), (), 1.5),
+        Point(self_metric, None, (("kind", "a"),), 2),
+    ]
+    for cycle in range(64):
+        batch = _same_series_changes(batch, rng, cycle)
+        assert _rendered(current, batch, cycle) == PreviousRenderer().render(batch), f"cycle {cycle}"
+        assert protobuf.render(batch) == ProtobufRenderer().render(batch), f"cycle {cycle}"
+
+
 def test_float_families_render_each_value_as_format_value_writes_it() -> None:
     """Families whose values are all floats (bytes, counts and idle zeros read as floats: most
     of a node's) take a path of their own: all whole, whole and fractional mixed, whole ones

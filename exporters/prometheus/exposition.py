@@ -16,7 +16,7 @@ from functools import partial
 from itertools import accumulate, chain, compress, repeat
 from operator import and_, attrgetter, eq, is_not, itemgetter, not_
 
-from kpod.exporters.prometheus.labels import LabelCache, group
+from kpod.exporters.prometheus.labels import Grouping, LabelCache
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
 
 from kpod.model import Batch, HistogramValue, Kind, MetricDef
@@ -214,6 +214,7 @@ class Renderer:
 
     def __init__(self) -> None:
         self._labels = LabelCache(_pairs, _join_labels)
+        self._grouping = Grouping(self._labels)
         self._les_cache: dict[tuple[float, ...], list[str]] = {}
         # metric -> (text HELP/TYPE lines, OpenMetrics HELP/TYPE lines, family name, sample name)
         self._heads: dict[MetricDef, tuple[bytes, bytes, str, str]] = {}
@@ -235,12 +236,12 @@ class Renderer:
         previous = self._families
         kept: dict[MetricDef, _Family] = {}
         series = 0
-        for metric, points in group(batch, self._labels).items():
+        for metric, (labels, values) in self._grouping(batch).items():
             text_head, openmetrics_head, family_text, sample = self._family_head(metric)
             if metric.kind is Kind.HISTOGRAM:
-                family, chunk, count = self._histogram_family(family_text, points, previous.get(metric))
+                family, chunk, count = self._histogram_family(family_text, labels, values, previous.get(metric))
             else:
-                family, chunk, count = self._scalar_family(sample, points, previous.get(metric))
+                family, chunk, count = self._scalar_family(sample, labels, values, previous.get(metric))
             if family is not None:
                 kept[metric] = family
             series += count
@@ -266,13 +267,11 @@ class Renderer:
         return head
 
     def _scalar_family(
-        self, sample: str, points: dict[str, float | HistogramValue], previous: _Family | None
+        self, sample: str, labels: list[str], values: tuple[float | HistogramValue, ...], previous: _Family | None
     ) -> tuple[_Family | None, bytes, int]:
-        """A counter or gauge family's lines, what to keep of it and its number of series.
-        Values that are neither ints nor floats (a histogram value in a counter) are left out,
-        and such a family is rendered line by line and not kept."""
-        labels = list(points)
-        values = tuple(points.values())
+        """A counter or gauge family's lines (its series' labels and values), what to keep of it
+        and its number of series.  Values that are neither ints nor floats (a histogram value in
+        a counter) are left out, and such a family is rendered line by line and not kept."""
         kinds = set(map(type, values))
         # The shape: the values' one type (most families), else each value's.
         shape: object = next(iter(kinds)) if len(kinds) == 1 else tuple(map(type, values))
@@ -280,7 +279,7 @@ class Renderer:
             if not kinds <= _SCALAR_TYPES:
                 lines = [
                     _scalar_piece(sample, series, type(value)) % (value if type(value) is int else _shown(value))
-                    for series, value in points.items()
+                    for series, value in zip(labels, values, strict=True)
                     if not isinstance(value, HistogramValue)
                 ]
                 return None, b"".join(lines), len(lines)
@@ -290,19 +289,18 @@ class Renderer:
         return previous, previous.template % values, len(values)
 
     def _histogram_family(
-        self, family: str, points: dict[str, float | HistogramValue], previous: _Family | None
+        self, family: str, labels: list[str], given: tuple[float | HistogramValue, ...], previous: _Family | None
     ) -> tuple[_Family | None, bytes, int]:
         """A histogram family's lines, what to keep of it and its number of series (see
         _scalar_family); values that are not histograms are left out."""
-        if set(map(type, points.values())) != {HistogramValue}:
+        if set(map(type, given)) != {HistogramValue}:
             chunks = [
                 self._histogram_template(family, series, value.bounds) % _histogram_numbers([value])
-                for series, value in points.items()
+                for series, value in zip(labels, given, strict=True)
                 if isinstance(value, HistogramValue)
             ]
             return None, b"".join(chunks), len(chunks)
-        labels = list(points)
-        values: list[HistogramValue] = list(points.values())  # type: ignore[arg-type]
+        values: list[HistogramValue] = list(given)  # type: ignore[arg-type]
         shape = tuple(map(_bounds, values))
         if previous is None or not previous.same(labels, shape):
             previous = _Family.rebuilt(previous, labels, shape, partial(self._histogram_template, family))

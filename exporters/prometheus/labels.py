@@ -12,6 +12,8 @@ of it keeps its cached bytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import compress, repeat
+from operator import is_, itemgetter
 from typing import Generic, TypeVar
 
 from kpod.model import Attributes, Batch, HistogramValue, MetricDef, Point, Resource
@@ -23,7 +25,7 @@ Head = tuple[Resource, L, dict[Attributes, L]]
 
 
 class LabelCache(Generic[L]):
-    """group() reads `heads` inline (the fast path); a renderer calls prune() once per render,
+    """plan() reads `heads` inline (the fast path); a renderer calls prune() once per render,
     so that resources of gone cgroups do not pile up."""
 
     def __init__(self, encode: Callable[[Iterable[tuple[str, str]]], L], join: Callable[[L, L], L]) -> None:
@@ -76,21 +78,76 @@ class LabelCache(Generic[L]):
             self._tails.clear()
 
 
-def group(batch: Batch, cache: LabelCache[L]) -> dict[MetricDef, dict[L, float | HistogramValue]]:
-    """The batch's values by metric and encoded labels: the first point of a series is the one
-    rendered.  The pipeline hands over one point per series (kpod.model.merge_duplicates adds up
-    a pod's sandbox and pod-level cgroups, which share one label set); should a batch repeat a
-    series anyway, Prometheus would reject a scrape that repeats it.  This runs over every point
-    of every cycle: the label lookup is written out here."""
+# A family's series, in first-seen order: their encoded labels, and what takes their values (a
+# tuple) out of the list of the batch's values.
+Take = Callable[[list[object]], tuple[object, ...]]
+Plan = dict[MetricDef, tuple[list[L], Take]]
+
+
+class Grouping(Generic[L]):
+    """The batch's values by metric, each family's series with their encoded labels, cycle after
+    cycle: the first point of a series is the one rendered.  The pipeline hands over one point per
+    series (kpod.model.merge_duplicates adds up a pod's sandbox and pod-level cgroups, which share
+    one label set); should a batch repeat a series anyway, Prometheus would reject a scrape that
+    repeats it.
+
+    Which point is which family's which series depends only on the points' metrics, attributes
+    and label owners (the resource, or the cgroup of a point without one), and these are the same,
+    in the same order, cycle after cycle while no pod comes or goes.  They are compared as lists
+    (in C: the same objects cycle after cycle), and only when they changed is the batch planned
+    again point by point (plan()); otherwise the values are taken out of the batch by position, in
+    C.  A new Resource object with the same labels and OTel attributes compares equal: its labels
+    are the same text."""
+
+    __slots__ = ("_cache", "_plan", "_positions", "_series")
+
+    def __init__(self, cache: LabelCache[L]) -> None:
+        self._cache = cache
+        self._series: tuple[list[object], ...] | None = None
+        self._plan: Plan[L] = {}
+        # 0, 1, 2, ...: each int made once (enumerate() makes one per point past 256, per plan).
+        self._positions: list[int] = []
+
+    def __call__(self, batch: Batch) -> dict[MetricDef, tuple[list[L], tuple[float | HistogramValue, ...]]]:
+        points = batch.points
+        series = _series(points)
+        if series != self._series:
+            if len(self._positions) < len(points):
+                self._positions.extend(range(len(self._positions), len(points)))
+            self._plan = plan(points, self._cache, self._positions)
+        self._series = series
+        values = [point.value for point in points]
+        return {metric: (labels, take(values)) for metric, (labels, take) in self._plan.items()}  # type: ignore[misc]
+
+
+def _series(points: list[Point]) -> tuple[list[object], ...]:
+    """What the labels of the batch's series depend on: each point's resource, metric and
+    attributes, and the cgroups of the points without a resource (LabelCache.bare)."""
+    # Comprehensions, not map(attrgetter): an attribute read in a comprehension is the
+    # interpreter's specialised slot read, about half the cost of attrgetter's.
+    resources = [point.resource for point in points]
+    bare = compress(points, map(is_, resources, repeat(None)))
+    return (
+        resources,
+        [point.metric for point in points],
+        [point.attributes for point in points],
+        [point.cgroup for point in bare],
+    )
+
+
+def plan(points: list[Point], cache: LabelCache[L], positions: Iterable[int]) -> Plan[L]:
+    """Each family's series (the first point of each label set, see Grouping), point by point
+    (`positions`: 0, 1, 2, ...).  This runs over every point each time the batch's series
+    changed: the label lookup is written out here."""
     heads_get = cache.heads.get
-    grouped: dict[MetricDef, dict[L, float | HistogramValue]] = {}
+    grouped: dict[MetricDef, dict[L, int]] = {}
     grouped_get = grouped.get
     # A receiver emits a cgroup's points one after the other: the labels of their resource are
     # looked up once per run of points.
     last: Resource | None = None
     head: Head[L] | None = None
     joined_get: Callable[[Attributes], L | None] = {}.get
-    for point in batch.points:
+    for index, point in zip(positions, points, strict=False):  # positions may be longer
         resource = point.resource
         if resource is not last:
             last = resource
@@ -109,8 +166,16 @@ def group(batch: Batch, cache: LabelCache[L]) -> dict[MetricDef, dict[L, float |
             labels = found if found is not None else cache.joined(head, attrs)
         else:
             labels = head[1]
-        points = grouped_get(point.metric)
-        if points is None:
-            points = grouped[point.metric] = {}
-        points.setdefault(labels, point.value)
-    return grouped
+        family = grouped_get(point.metric)
+        if family is None:
+            family = grouped[point.metric] = {}
+        family.setdefault(labels, index)
+    return {metric: (list(family), _take(list(family.values()))) for metric, family in grouped.items()}
+
+
+def _take(indexes: list[int]) -> Take:
+    """What takes the values at `indexes` out of a list, as a tuple."""
+    if len(indexes) == 1:
+        only = indexes[0]
+        return lambda values: (values[only],)
+    return itemgetter(*indexes)  # type: ignore[return-value]

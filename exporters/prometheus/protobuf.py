@@ -31,7 +31,7 @@ from struct import Struct
 from kpod.exporters.prometheus.exposition import PROTOBUF_CONTENT_TYPE as PROTOBUF_CONTENT_TYPE
 from kpod.exporters.prometheus.exposition import utf8_label_value
 from kpod.exporters.prometheus.histogram_block import PIECES, BlockLayout
-from kpod.exporters.prometheus.labels import LabelCache, group
+from kpod.exporters.prometheus.labels import Grouping, LabelCache
 from kpod.exporters.prometheus.naming import label_name, prometheus_name
 from kpod.exporters.protowire import field, varint, zigzag
 
@@ -177,6 +177,7 @@ class ProtobufRenderer:
             raise ValueError(f"histograms: expected classic, native or both, got {histograms!r}")
         self.histograms = histograms
         self._labels = LabelCache(_label_pairs, add)
+        self._grouping = Grouping(self._labels)
         self._heads: dict[MetricDef, bytes] = {}
         self._scalars: dict[MetricDef, _Scalars] = {}
         self._histograms: dict[MetricDef, _Histograms] = {}
@@ -216,10 +217,11 @@ class ProtobufRenderer:
         # run-queue, RTT and syscall latencies): (where their MetricFamily goes in out, its head)
         pending: list[tuple[int, bytes, _Histograms]] = []
         series = 0
-        for metric, points in group(batch, self._labels).items():
+        for metric, (labels, values) in self._grouping(batch).items():
             kind = metric.kind
             if kind not in _TYPES:
                 continue
+            points = dict(zip(labels, values, strict=True))
             if kind is Kind.HISTOGRAM:
                 histogram_family, body, count = self._histogram_family(points, previous_histograms.get(metric))
                 if histogram_family is not None:
