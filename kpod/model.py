@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import compress, pairwise
-from operator import attrgetter
 
 # Attribute tuples are sorted (key, value) pairs: hashable, cheap to compare, and the order
 # in which labels are rendered.
@@ -213,16 +212,18 @@ class SeriesMerger:
         self._plan: _Plan = None
 
     def __call__(self, points: list[Point]) -> list[Point]:
-        series = (list(map(_metric, points)), list(map(_attributes, points)), list(map(_resource, points)))
+        # Comprehensions, not map(attrgetter): an attribute read in a comprehension is the
+        # interpreter's specialised slot read, about half the cost of attrgetter's.
+        series = (
+            [point.metric for point in points],
+            [point.attributes for point in points],
+            [point.resource for point in points],
+        )
         if series != self._series:
             self._plan = _duplicates(points)
         self._series = series
         return _merge(points, self._plan)
 
-
-_metric = attrgetter("metric")
-_attributes = attrgetter("attributes")
-_resource = attrgetter("resource")
 
 # (each later point of a series with its first point's index, whether each point is the first
 # of its series); None when every point is.
