@@ -221,9 +221,8 @@ class ProtobufRenderer:
             kind = metric.kind
             if kind not in _TYPES:
                 continue
-            points = dict(zip(labels, values, strict=True))
             if kind is Kind.HISTOGRAM:
-                histogram_family, body, count = self._histogram_family(points, previous_histograms.get(metric))
+                histogram_family, body, count = self._histogram_family(labels, values, previous_histograms.get(metric))
                 if histogram_family is not None:
                     histograms[metric] = histogram_family
                 if body is None:
@@ -234,7 +233,7 @@ class ProtobufRenderer:
             else:
                 # Counter (3) or Gauge (2), each {value (1): double}.
                 tag = b"\x1a\x09\x09" if kind is Kind.COUNTER else b"\x12\x09\x09"
-                family, body, count = self._scalar_family(points, previous_scalars.get(metric), tag)
+                family, body, count = self._scalar_family(labels, values, previous_scalars.get(metric), tag)
                 if family is not None:
                     scalars[metric] = family
             if not count:
@@ -262,27 +261,25 @@ class ProtobufRenderer:
 
     @staticmethod
     def _scalar_family(
-        points: dict[bytes, float | HistogramValue], previous: _Scalars | None, tag: bytes
+        labels: list[bytes], values: tuple[float | HistogramValue, ...], previous: _Scalars | None, tag: bytes
     ) -> tuple[_Scalars | None, bytes, int]:
-        """A counter or gauge family's Metric fields, what to keep of it and its number of
-        series.  Values that are histograms are left out, and such a family is encoded series by
-        series and not kept."""
-        values = tuple(points.values())
+        """A counter or gauge family's Metric fields (its series' labels and values), what to
+        keep of it and its number of series.  Values that are histograms are left out, and such a
+        family is encoded series by series and not kept."""
         if set(map(type, values)) <= _PACKED_TYPES:
-            labels = list(points)
             if previous is None or previous.labels != labels:  # identity first: labels.py
                 previous = _Scalars.rebuilt(previous, labels, tag)
             numbers = chain.from_iterable(zip(previous.pieces.values(), values, strict=True))
             return previous, previous.pack(*numbers), len(values)
         chunks = [
             _scalar_prefix(series, tag) + _pack_double(value)  # type: ignore[arg-type]
-            for series, value in points.items()
+            for series, value in zip(labels, values, strict=True)
             if not isinstance(value, HistogramValue)
         ]
         return None, b"".join(chunks), len(chunks)
 
     def _histogram_family(
-        self, points: dict[bytes, float | HistogramValue], previous: _Histograms | None
+        self, labels: list[bytes], given: tuple[float | HistogramValue, ...], previous: _Histograms | None
     ) -> tuple[_Histograms | None, bytes | None, int]:
         """A histogram family's Metric fields, what to keep of it and its number of series.
         Series whose value did not change keep their bytes (on a real node most kernel
@@ -290,11 +287,14 @@ class ProtobufRenderer:
         changed, only those are encoded again.  A family to encode anew has no Metric fields
         yet (None): render() encodes it with the others of its bounds.  Values that are not
         histograms are left out, and such a family is encoded series by series and not kept."""
-        values: list[HistogramValue] = list(points.values())  # type: ignore[arg-type]
+        values: list[HistogramValue] = list(given)  # type: ignore[arg-type]
         if set(map(type, values)) != {HistogramValue}:
-            chunks = [self._one(series, value) for series, value in points.items() if isinstance(value, HistogramValue)]
+            chunks = [
+                self._one(series, value)
+                for series, value in zip(labels, values, strict=True)
+                if isinstance(value, HistogramValue)
+            ]
             return None, b"".join(chunks), len(chunks)
-        labels = list(points)
         if previous is not None and previous.labels == labels:  # identity first: labels.py
             # Compared in C: sums, then (unless more than half of them changed) counts and bounds.
             last = previous.values
