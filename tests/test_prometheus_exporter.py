@@ -404,6 +404,35 @@ def test_a_batch_of_the_same_series_renders_as_the_previous_renderer() -> None:
         assert protobuf.render(batch) == ProtobufRenderer().render(batch), f"cycle {cycle}"
 
 
+def test_pods_that_come_and_go_render_as_the_previous_renderer() -> None:
+    """A family whose series changed keeps the texts of those it had, as runs of its previous
+    template: pods leaving at the start, the middle and the end, new pods at the end and in the
+    middle, pods coming back, all of them gone and back, a counter's values turning from ints
+    to floats (another form).  Every body is the previous renderer's."""
+    from bench.render_previous import Renderer as PreviousRenderer
+
+    node = node_batch(pods=12, seed=1)
+    pods: dict[Resource | None, list[Point]] = {}
+    for point in node.points:
+        pods.setdefault(point.resource, []).append(point)
+    every = list(pods.values())
+    current = Renderer()
+    layouts = [
+        every[:10], every[1:10], every[:4] + every[5:10], every[:9], every[:9] + every[10:12],
+        every[:3] + every[10:11] + every[3:9], every[:10], [], every[:10], every[6:] + every[:6], every[:10],
+    ]  # fmt: skip
+    for cycle, layout in enumerate(layouts * 2):
+        floats = cycle >= len(layouts) and cycle % 2 == 0
+        points = [
+            Point(p.metric, p.cgroup, p.attributes,
+                  float(p.value) + 0.5 if floats and isinstance(p.value, int) else p.value,
+                  p.resource)
+            for pod in layout for p in pod
+        ]  # fmt: skip
+        batch = Batch(points)
+        assert _rendered(current, batch, cycle) == PreviousRenderer().render(batch), f"cycle {cycle}"
+
+
 def test_float_families_render_each_value_as_format_value_writes_it() -> None:
     """Families whose values are all floats (bytes, counts and idle zeros read as floats: most
     of a node's) take a path of their own: all whole, whole and fractional mixed, whole ones

@@ -13,8 +13,8 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from itertools import accumulate, chain, compress, repeat
-from operator import and_, attrgetter, eq, is_not, itemgetter, not_
+from itertools import accumulate, chain, compress, pairwise, repeat
+from operator import add, and_, attrgetter, eq, ne, not_
 
 from kpod.exporters.prometheus.labels import Grouping, LabelCache
 from kpod.exporters.prometheus.naming import family_name, label_name, prometheus_name
@@ -139,11 +139,11 @@ class _Family:
 
     __slots__ = ("chunks", "ends", "labels", "shape", "template", "values")
 
-    def __init__(self, labels: list[str], shape: object, texts: Sequence[bytes | memoryview]) -> None:
+    def __init__(self, labels: list[str], shape: object, template: bytes, ends: array[int]) -> None:
         self.labels = labels
         self.shape = shape
-        self.ends = array("Q", accumulate(map(len, texts)))
-        self.template = b"".join(texts)
+        self.template = template
+        self.ends = ends
         self.values: list[HistogramValue] | None = None
         self.chunks: list[bytes] | None = None
 
@@ -156,28 +156,46 @@ class _Family:
         """The text of series `index`."""
         return self.template[self.ends[index - 1] if index else 0 : self.ends[index]]
 
-    def pieces(self) -> dict[str, tuple[object, memoryview]]:
-        """Each series' form and text (a view into the template), by labels."""
-        view = memoryview(self.template)
-        texts = map(view.__getitem__, map(slice, chain((0,), self.ends), self.ends))
-        return dict(zip(self.labels, zip(_forms(self.shape, len(self.labels)), texts, strict=True), strict=True))
-
     @staticmethod
     def rebuilt(
         previous: _Family | None, labels: list[str], shape: object, piece: Callable[[str, object], bytes]
     ) -> _Family:
         """The family of these series: the texts of series it had already are reused (a pod
         that comes or goes costs its own series' texts, not the family's).  This runs over every
-        series of every family each time a pod comes or goes: the lookups (by label text, whose
-        hash is kept) and the shape checks are done in C, and only the series that are new (or
-        changed shape) go through Python."""
-        forms = list(_forms(shape, len(labels)))
-        known = previous.pieces() if previous is not None else {}
-        found = list(map(known.get, labels, repeat(_MISSING, len(labels))))
-        for index in compress(range(len(labels)), map(is_not, map(_form, found), forms)):
-            if found[index][0] != forms[index]:  # new, or of another shape (equal shapes are kept)
-                found[index] = (forms[index], piece(labels[index], forms[index]))
-        return _Family(labels, shape, list(map(_text, found)))
+        series of every family each time a pod comes or goes: where each series was (looked up
+        by its label text, whose hash is kept) and whether it had the same form are found in C,
+        and so are the runs of series that follow one another in both families.  Each run is
+        one slice of the previous template (a pod that comes or goes splits a family into a
+        few), and only the series that are new (or changed shape) go through Python."""
+        old = previous if previous is not None else _EMPTY_FAMILY
+        count, missing = len(labels), len(old.labels)
+        forms = list(_forms(shape, count))
+        # Where each series was in the previous family (`missing`: it was not), and whether it
+        # was there in the same form (equal shapes are kept).
+        where = list(map(dict(zip(old.labels, range(missing), strict=True)).get, labels, repeat(missing, count)))
+        if type(shape) is not tuple and shape == old.shape:  # one type for all, as before
+            kept = list(map(ne, where, repeat(missing)))
+        else:
+            old_forms = [*_forms(old.shape, missing), _NO_FORM]
+            kept = list(map(eq, map(old_forms.__getitem__, where), forms))
+        # A series joins the run before it when both are kept and it came right after that one.
+        follows = map(eq, where[1:], map(add, where, repeat(1)))
+        joins = chain((False,), map(and_, map(and_, follows, kept[1:]), kept))
+        starts = list(compress(range(count), map(not_, joins)))
+        view = memoryview(old.template)
+        texts: list[bytes | memoryview] = []
+        ends = array("Q")
+        at = 0  # where the next text goes in the new template
+        for first, stop in pairwise([*starts, count]):
+            if kept[first]:  # series first..stop-1 were where[first]..where[stop-1]
+                begin = old.ends[where[first] - 1] if where[first] else 0
+                ends.extend(map(add, old.ends[where[first] : where[stop - 1] + 1], repeat(at - begin)))
+                texts.append(view[begin : old.ends[where[stop - 1]]])
+            else:  # one series, new or of another form
+                texts.append(piece(labels[first], forms[first]))
+                ends.append(at + len(texts[-1]))
+            at = ends[-1]
+        return _Family(labels, shape, b"".join(texts), ends)
 
 
 def _forms(shape: object, count: int) -> Iterable[object]:
@@ -185,9 +203,8 @@ def _forms(shape: object, count: int) -> Iterable[object]:
     return shape if type(shape) is tuple else repeat(shape, count)  # type: ignore[return-value]
 
 
-_MISSING = (object(), b"")  # a piece whose form matches none
-_form = itemgetter(0)
-_text = itemgetter(1)
+_NO_FORM = object()  # the form of a series a family does not have: equal to none
+_EMPTY_FAMILY = _Family([], int, b"", array("Q"))
 _SCALAR_TYPES = {int, float}
 _bounds = attrgetter("bounds")
 _counts = attrgetter("counts")
