@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 from helpers import require_tools
+from kpod.exporters.prometheus import exposition
 from kpod.exporters.prometheus.exposition import Rendered, Renderer, escape_label_value, format_value
 from kpod.exporters.prometheus.naming import family_name, prometheus_name
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
@@ -314,12 +315,20 @@ def _rendered(renderer: Renderer, batch: Batch, cycle: int) -> tuple[bytes, byte
     return rendered.text(), openmetrics, rendered.series
 
 
-def test_renders_the_bytes_the_previous_renderer_did() -> None:
+# The size of the blocks a family's text is made in (exposition.BLOCK): as it is (the node
+# batches' histogram families are made in several), and small enough for every family to be.
+BLOCK_SIZES = pytest.mark.parametrize("block", [exposition.BLOCK, 97], ids=["block", "small-blocks"])
+
+
+@BLOCK_SIZES
+def test_renders_the_bytes_the_previous_renderer_did(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The renderer was rewritten for speed (issue 18); its output is the previous one's, byte
     for byte (bench/render_previous.py is that renderer, kept for the side-by-side bench), over
     cycles that exercise every cache and every fallback of the new one, with either body
     joined first."""
     from bench.render_previous import Renderer as PreviousRenderer
+
+    monkeypatch.setattr(exposition, "BLOCK", block)
 
     rng = random.Random(18)
     current, previous = Renderer(), PreviousRenderer()
@@ -404,12 +413,15 @@ def test_a_batch_of_the_same_series_renders_as_the_previous_renderer() -> None:
         assert protobuf.render(batch) == ProtobufRenderer().render(batch), f"cycle {cycle}"
 
 
-def test_pods_that_come_and_go_render_as_the_previous_renderer() -> None:
+@BLOCK_SIZES
+def test_pods_that_come_and_go_render_as_the_previous_renderer(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A family whose series changed keeps the texts of those it had, as runs of its previous
     template: pods leaving at the start, the middle and the end, new pods at the end and in the
     middle, pods coming back, all of them gone and back, a counter's values turning from ints
     to floats (another form).  Every body is the previous renderer's."""
     from bench.render_previous import Renderer as PreviousRenderer
+
+    monkeypatch.setattr(exposition, "BLOCK", block)
 
     node = node_batch(pods=12, seed=1)
     pods: dict[Resource | None, list[Point]] = {}
@@ -431,6 +443,7 @@ def test_pods_that_come_and_go_render_as_the_previous_renderer() -> None:
         ]  # fmt: skip
         batch = Batch(points)
         assert _rendered(current, batch, cycle) == PreviousRenderer().render(batch), f"cycle {cycle}"
+        assert any(family.blocks for family in current._families.values()) == bool(layout)  # made in blocks
 
 
 def test_float_families_render_each_value_as_format_value_writes_it() -> None:

@@ -137,15 +137,23 @@ class _Family:
     own (about 1.5 MiB at 110 pods).  A histogram family keeps its values too, and each series'
     text when it was rendered series by series (`chunks`)."""
 
-    __slots__ = ("chunks", "ends", "labels", "shape", "template", "values")
+    __slots__ = ("blocks", "chunks", "ends", "labels", "shape", "template", "values")
 
     def __init__(self, labels: list[str], shape: object, template: bytes, ends: array[int]) -> None:
         self.labels = labels
         self.shape = shape
         self.template = template
         self.ends = ends
+        self.blocks = _blocks(ends, shape)
         self.values: list[HistogramValue] | None = None
         self.chunks: list[bytes] | None = None
+
+    def fill(self, numbers: tuple[object, ...]) -> list[bytes]:
+        """The family's text with `numbers` in its holes, in blocks of about BLOCK bytes."""
+        if self.blocks is None:
+            return [self.template % numbers]
+        template = self.template
+        return [template[start:end] % numbers[first:stop] for start, end, first, stop in self.blocks]
 
     def same(self, labels: list[str], shape: object) -> bool:
         # Identity first: a series' label text is the same object every cycle (labels.py), and
@@ -196,6 +204,36 @@ class _Family:
                 ends.append(at + len(texts[-1]))
             at = ends[-1]
         return _Family(labels, shape, b"".join(texts), ends)
+
+
+# A family's text is made in blocks of about this many bytes (a series' text at most more), each
+# below glibc's mmap threshold (128 KiB, kpod/allocator.py): a block comes from the heap, where
+# a larger text would be mapped and its pages faulted in afresh every cycle (0.8 vs 0.45 ms for
+# a 600 KB histogram family, ad hoc).
+BLOCK = 64 * 1024
+
+
+def _blocks(ends: array[int], shape: object) -> list[tuple[int, int, int, int]] | None:
+    """Where a family's template is cut into blocks, at series' ends: (start, end) in the
+    template and (first, stop) in its numbers, per block; None when it is one block."""
+    if not ends or ends[-1] <= BLOCK:
+        return None
+    holes = map(_holes, shape) if type(shape) is tuple else repeat(_holes(shape))
+    blocks = []
+    start = first = stop = 0
+    last = len(ends) - 1
+    for index, (end, count) in enumerate(zip(ends, holes, strict=False)):
+        stop += count
+        if end - start >= BLOCK or index == last:
+            blocks.append((start, end, first, stop))
+            start, first = end, stop
+    return blocks
+
+
+def _holes(form: object) -> int:
+    """The numbers in the text of a series of this form: a histogram's (its form is its bounds)
+    cumulative counts, +Inf's included, its sum and its count; a counter's or gauge's value."""
+    return len(form) + 3 if type(form) is tuple else 1  # type: ignore[arg-type]
 
 
 def _forms(shape: object, count: int) -> Iterable[object]:
@@ -249,22 +287,22 @@ class Renderer:
         body that is megabytes long."""
         text: list[bytes] = []  # each family's HELP/TYPE lines, in either format
         openmetrics: list[bytes] = []
-        samples: list[bytes] = []
+        samples: list[list[bytes]] = []  # each family's, in parts
         previous = self._families
         kept: dict[MetricDef, _Family] = {}
         series = 0
         for metric, (labels, values) in self._grouping(batch).items():
             text_head, openmetrics_head, family_text, sample = self._family_head(metric)
             if metric.kind is Kind.HISTOGRAM:
-                family, chunk, count = self._histogram_family(family_text, labels, values, previous.get(metric))
+                family, parts, count = self._histogram_family(family_text, labels, values, previous.get(metric))
             else:
-                family, chunk, count = self._scalar_family(sample, labels, values, previous.get(metric))
+                family, parts, count = self._scalar_family(sample, labels, values, previous.get(metric))
             if family is not None:
                 kept[metric] = family
             series += count
             text.append(text_head)
             openmetrics.append(openmetrics_head)
-            samples.append(chunk)
+            samples.append(parts)
         self._families = kept
         self._labels.prune(batch, series)
         heads = {"text": text, "openmetrics": openmetrics}
@@ -285,9 +323,9 @@ class Renderer:
 
     def _scalar_family(
         self, sample: str, labels: list[str], values: tuple[float | HistogramValue, ...], previous: _Family | None
-    ) -> tuple[_Family | None, bytes, int]:
-        """A counter or gauge family's lines (its series' labels and values), what to keep of it
-        and its number of series.  Values that are neither ints nor floats (a histogram value in
+    ) -> tuple[_Family | None, list[bytes], int]:
+        """A counter or gauge family's lines (its series' labels and values, in parts), what to
+        keep of it and its number of series.  Values that are neither ints nor floats (a histogram value in
         a counter) are left out, and such a family is rendered line by line and not kept."""
         kinds = set(map(type, values))
         # The shape: the values' one type (most families), else each value's.
@@ -299,24 +337,24 @@ class Renderer:
                     for series, value in zip(labels, values, strict=True)
                     if not isinstance(value, HistogramValue)
                 ]
-                return None, b"".join(lines), len(lines)
+                return None, lines, len(lines)
             previous = _Family.rebuilt(previous, labels, shape, partial(_scalar_piece, sample))
         if shape is not int:
             values = tuple(_all_shown(values))
-        return previous, previous.template % values, len(values)
+        return previous, previous.fill(values), len(values)
 
     def _histogram_family(
         self, family: str, labels: list[str], given: tuple[float | HistogramValue, ...], previous: _Family | None
-    ) -> tuple[_Family | None, bytes, int]:
-        """A histogram family's lines, what to keep of it and its number of series (see
-        _scalar_family); values that are not histograms are left out."""
+    ) -> tuple[_Family | None, list[bytes], int]:
+        """A histogram family's lines (in parts), what to keep of it and its number of series
+        (see _scalar_family); values that are not histograms are left out."""
         if set(map(type, given)) != {HistogramValue}:
             chunks = [
                 self._histogram_template(family, series, value.bounds) % _histogram_numbers([value])
                 for series, value in zip(labels, given, strict=True)
                 if isinstance(value, HistogramValue)
             ]
-            return None, b"".join(chunks), len(chunks)
+            return None, chunks, len(chunks)
         values: list[HistogramValue] = list(given)  # type: ignore[arg-type]
         shape = tuple(map(_bounds, values))
         if previous is None or not previous.same(labels, shape):
@@ -331,7 +369,7 @@ class Renderer:
                 if 2 * (len(values) - sum(unchanged)) <= len(values):
                     return previous, _histogram_series(previous, values, unchanged), len(labels)
         previous.values, previous.chunks = values, None
-        return previous, previous.template % _histogram_numbers(values), len(labels)
+        return previous, previous.fill(_histogram_numbers(values)), len(labels)
 
     def _histogram_template(self, family: str, labels: str, bounds: tuple[float, ...]) -> bytes:
         """The text of one histogram series with %d holes for the cumulative counts and the
@@ -350,7 +388,7 @@ class Renderer:
         return les
 
 
-def _histogram_series(family: _Family, values: list[HistogramValue], unchanged: list[bool]) -> bytes:
+def _histogram_series(family: _Family, values: list[HistogramValue], unchanged: list[bool]) -> list[bytes]:
     """A histogram family's text, series by series: the kept text of the unchanged ones, the
     changed ones (all of them when the last cycle kept no text per series) rendered anew."""
     chunks = family.chunks
@@ -360,7 +398,7 @@ def _histogram_series(family: _Family, values: list[HistogramValue], unchanged: 
     for index in compress(range(len(values)), map(not_, unchanged)):
         chunks[index] = family.piece(index) % _histogram_numbers([values[index]])
     family.values, family.chunks = values, chunks
-    return b"".join(chunks)
+    return list(chunks)  # the family changes its own list next cycle, the render keeps this one
 
 
 def _histogram_numbers(values: list[HistogramValue]) -> tuple[object, ...]:
@@ -390,18 +428,23 @@ def _histogram_numbers(values: list[HistogramValue]) -> tuple[object, ...]:
 
 class Rendered:
     """One batch's text and OpenMetrics bodies, joined when first asked for: each family's
-    HELP/TYPE lines in either format (`heads`), its samples (the same in both), and a format's
-    last line (`tails`).  The body joined first takes the samples' place: the other format is
-    joined from views into it, so a cycle holds its samples once (in a body), not once more as
-    the chunks they were rendered in (about a megabyte at 110 pods)."""
+    HELP/TYPE lines in either format (`heads`), its samples (the same in both, in the parts they
+    were rendered in), and a format's last line (`tails`).  The body joined first takes the
+    samples' place: the other format is joined from views into it, so a cycle holds its samples
+    once (in a body), not once more as the parts they were rendered in (about a megabyte at 110
+    pods)."""
 
     __slots__ = ("_bodies", "_heads", "_samples", "_tails", "series")
 
     def __init__(
-        self, heads: dict[str, list[bytes]], samples: list[bytes], tails: dict[str, bytes], series: int
+        self,
+        heads: dict[str, list[bytes]],
+        samples: list[list[bytes]] | list[list[memoryview]],
+        tails: dict[str, bytes],
+        series: int,
     ) -> None:
         self._heads = heads
-        self._samples: list[bytes] | list[memoryview] = samples
+        self._samples = samples
         self._tails = tails
         self._bodies: dict[str, bytes] = {}
         self.series = series
@@ -410,18 +453,21 @@ class Rendered:
         body = self._bodies.get(fmt)
         if body is None:
             heads, samples = self._heads[fmt], self._samples
-            parts: list[bytes | memoryview] = [b""] * (2 * len(samples))
-            parts[0::2], parts[1::2] = heads, samples
+            parts: list[bytes | memoryview] = []
+            for head, family in zip(heads, samples, strict=True):
+                parts.append(head)
+                parts += family
             parts.append(self._tails[fmt])
             body = self._bodies[fmt] = b"".join(parts)
             if len(self._bodies) == len(self._heads):  # every format joined: nothing more to keep
                 self._heads, self._samples = {}, []
             elif len(self._bodies) == 1:
                 view, at, views = memoryview(body), 0, []
-                for head, sample in zip(heads, samples, strict=True):
+                for head, family in zip(heads, samples, strict=True):
                     at += len(head)
-                    views.append(view[at : at + len(sample)])
-                    at += len(sample)
+                    size = sum(map(len, family))
+                    views.append([view[at : at + size]])
+                    at += size
                 self._samples = views
         return body
 
