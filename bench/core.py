@@ -26,6 +26,7 @@ from typing import Any
 from kpod.exporters.prometheus.config import PrometheusConfig
 from kpod.exporters.prometheus.exporter import PrometheusExporter
 from kpod.exporters.prometheus.exposition import TEXT_CONTENT_TYPE, Renderer
+from kpod.exporters.prometheus.http import joined
 from kpod.exporters.prometheus.protobuf import BOTH, NATIVE, ProtobufRenderer
 from kpod.exporters.prometheus.server import TEXT
 
@@ -219,7 +220,7 @@ def scrape_latency(pods: int = 110, scrapes: int = 400, rounds: int = 10) -> dic
     threading.Thread(target=stdlib.serve_forever, daemon=True).start()
     try:
         exporter.export(node_batch(pods))
-        _StdlibHandler.bodies = {gz: exporter.exposition.body(TEXT, gz) for gz in (False, True)}
+        _StdlibHandler.bodies = {gz: joined(exporter.exposition.body(TEXT, gz)) for gz in (False, True)}
         servers = {"": exporter.address, "stdlib_": (str(stdlib.server_address[0]), int(stdlib.server_address[1]))}
         results: dict[str, float] = {"scrapes": scrapes}
         for label, headers in (("plain", {}), ("gzip", {"Accept-Encoding": "gzip"})):

@@ -138,6 +138,34 @@ def test_tls_serves_https_and_survives_plain_http_clients(certificate: tuple[Pat
         exporter.shutdown()  # type: ignore[attr-defined]
 
 
+def test_tls_serves_a_node_exposition_as_rendered(certificate: tuple[Path, Path]) -> None:
+    """A node's exposition is served in the parts it was rendered in (hundreds of them, more
+    than one TLS send of 64 KiB takes): over TLS it arrives as the renderer made it, plain and
+    gzipped, in either format."""
+    import gzip
+
+    from kpod.exporters.prometheus.config import TlsSettings
+    from kpod.exporters.prometheus.exposition import Renderer
+
+    from bench.synthetic import node_batch
+
+    cert, key = certificate
+    exporter = make_exporter(tls=TlsSettings(cert_file=str(cert), key_file=str(key)))
+    try:
+        batch = node_batch(pods=20)
+        exporter.export(batch)  # type: ignore[attr-defined]
+        text, openmetrics, _ = Renderer().render(batch)
+        assert len(text) > 10 * 64 * 1024
+        trusting = ssl.create_default_context(cafile=str(cert))
+        om = {"Accept": "application/openmetrics-text;version=1.0.0"}
+        assert get(exporter, "/metrics", context=trusting) == (200, text)
+        assert get(exporter, "/metrics", om, context=trusting) == (200, openmetrics)
+        status, zipped = get(exporter, "/metrics", {**om, "Accept-Encoding": "gzip"}, context=trusting)
+        assert status == 200 and gzip.decompress(zipped) == openmetrics
+    finally:
+        exporter.shutdown()  # type: ignore[attr-defined]
+
+
 def test_tls_with_token_together(certificate: tuple[Path, Path], token_file: Path) -> None:
     from kpod.exporters.prometheus.config import TlsSettings
 

@@ -168,10 +168,12 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
     """Each format is rendered and compressed at most once per cycle, whatever the number of
     scrapes; export() renders ahead what scrapes asked for lately, and only that."""
     from kpod.exporters.prometheus import exporter as exporter_module
+    from kpod.exporters.prometheus import server as server_module
     from kpod.exporters.prometheus.protobuf import ProtobufRenderer
 
     calls = {"render": 0, "protobuf": 0, "gzip": 0}
-    real_render, real_protobuf, real_compress = Renderer.render_parts, ProtobufRenderer.render, gzip.compress
+    real_render, real_protobuf = Renderer.render_parts, ProtobufRenderer.render
+    real_compress = server_module.gzipped_body
 
     def counted_render(self: Renderer, batch: Batch) -> Rendered:
         calls["render"] += 1
@@ -181,13 +183,13 @@ def test_scrape_serves_the_cached_exposition(exporter: object, monkeypatch: pyte
         calls["protobuf"] += 1
         return real_protobuf(self, batch)
 
-    def counted_compress(data: bytes, *args: object, **kwargs: object) -> bytes:
+    def counted_compress(body: bytes | list[bytes]) -> bytes:
         calls["gzip"] += 1
-        return real_compress(data, *args, **kwargs)  # type: ignore[arg-type]
+        return real_compress(body)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Renderer, "render_parts", counted_render)
     monkeypatch.setattr(ProtobufRenderer, "render", counted_protobuf)
-    monkeypatch.setattr(gzip, "compress", counted_compress)
+    monkeypatch.setattr(server_module, "gzipped_body", counted_compress)
     batch = node_batch(pods=2)
     exporter.export(batch)  # type: ignore[attr-defined]
     assert calls == {"render": 1, "protobuf": 0, "gzip": 0}  # before any scrape: the text formats' samples

@@ -118,8 +118,8 @@ class PrometheusExporter(Exporter):
             return rendered[0]
 
         renders: dict[str, Render] = {
-            TEXT: lambda: {TEXT: samples().text()},
-            OPENMETRICS: lambda: {OPENMETRICS: samples().openmetrics()},
+            TEXT: lambda: {TEXT: samples().parts(TEXT)},
+            OPENMETRICS: lambda: {OPENMETRICS: samples().parts(OPENMETRICS)},
         }
         if self.config.protobuf:
             renders[PROTOBUF] = lambda: self._render_protobuf(batch)
@@ -130,8 +130,8 @@ class PrometheusExporter(Exporter):
                 exposition.body(fmt, gzipped)
         # What scrapers asked for lately is made.  A format's plain body made only to be gzipped
         # is not kept (Prometheus asks for gzip: a megabyte at 110 pods), nor then the rendered
-        # samples (views into that body): a scrape that asks for something else after all has
-        # it rendered from the batch again.
+        # samples (that body's parts): a scrape that asks for something else after all has it
+        # rendered from the batch again.
         if exposition.drop_plain({fmt for fmt, gzipped in wanted if not gzipped}):
             with self._render_lock:
                 rendered.clear()

@@ -47,7 +47,10 @@ READING, WRITING, HANDSHAKE = "reading", "writing", "handshake"
 # no room at the total cap, a connection displaced to make room, a request head over the size
 # or line bound, a malformed request, a request not complete (or not answered) in time.
 REFUSED_REASONS = ("client_limit", "connection_limit", "evicted", "header_limit", "bad_request", "deadline")
-_SEND_CHUNK = 1 << 20  # per send() on TLS; plain sockets take what the kernel buffer takes
+# Per send() on TLS (below glibc's mmap threshold: the buffers are joined up to this size);
+# plain sockets take what the kernel buffer takes, from at most _IOV_MAX buffers per sendmsg().
+_SEND_CHUNK = 64 * 1024
+_IOV_MAX = 1024
 _ACCEPTS_PER_WAKEUP = 64  # so that a connection flood cannot starve the connections we have
 _ACCEPT_PAUSE_S = 0.1  # after EMFILE: the listener stays readable, do not spin on it
 
@@ -83,10 +86,24 @@ class Request:
         return self.headers.get(name, "")
 
 
+# A response body: bytes, or the buffers it is made of, in order (a rendered exposition's
+# parts: sent as they are with one sendmsg, never joined into one).
+Body = bytes | list[bytes | memoryview]
+
+
+def body_length(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else sum(map(len, body))
+
+
+def joined(body: Body) -> bytes:
+    """The body as one bytes object."""
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
 @dataclass(frozen=True)
 class Response:
     status: int
-    body: bytes
+    body: Body
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
     # The client showed it is entitled to what it asked (the right token, or no token needed):
@@ -420,7 +437,7 @@ class HttpLoop:
         conn.proven = conn.proven or response.proven
         close = not request.keep_alive
         body = response.body if request.method != "HEAD" else b""
-        self._send(conn, response_head(response, len(response.body), close), body, close)
+        self._send(conn, response_head(response, body_length(response.body), close), body, close)
 
     def _fail(self, conn: _Conn, error: BadRequest, reason: str) -> None:
         """Answer a request we will not serve, then close: no more of it is read."""
@@ -432,11 +449,12 @@ class HttpLoop:
         response = Response(error.status, body, headers=headers)
         self._send(conn, response_head(response, len(body), True), body, True)
 
-    def _send(self, conn: _Conn, head: bytes, body: bytes, close: bool) -> None:
+    def _send(self, conn: _Conn, head: bytes, body: Body, close: bool) -> None:
         conn.state = WRITING
         conn.close_after = close
         conn.deadline = conn.started + self.limits.request_deadline_s
-        conn.out = [memoryview(head), memoryview(body)] if body else [memoryview(head)]
+        buffers = [body] if isinstance(body, bytes) else body
+        conn.out = [memoryview(head), *(memoryview(buffer) for buffer in buffers if len(buffer))]
         self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
         self._write(conn)
 
@@ -445,7 +463,7 @@ class HttpLoop:
         while conn.out:
             # Plain: head and body in one sendmsg (one segment when they fit, no Nagle wait).
             tls = isinstance(sock, ssl.SSLSocket)
-            sent = sock.send(conn.out[0][:_SEND_CHUNK]) if tls else sock.sendmsg(conn.out)
+            sent = sock.send(_leading(conn.out, _SEND_CHUNK)) if tls else sock.sendmsg(conn.out[:_IOV_MAX])
             while sent and conn.out:
                 first = conn.out[0]
                 if sent >= len(first):
@@ -466,3 +484,18 @@ class HttpLoop:
             conn.idle = False
             conn.deadline = now + self.limits.header_deadline_s
             self._next_request(conn)
+
+
+def _leading(buffers: list[memoryview], size: int) -> bytes | memoryview:
+    """The first `size` bytes of `buffers` (all of them if fewer), as one buffer: a TLS send
+    takes one, and one per buffer would be a record and a system call for each family."""
+    first = buffers[0]
+    if len(first) >= size or len(buffers) == 1:
+        return first[:size]
+    out, left = [], size
+    for buffer in buffers:
+        out.append(buffer[:left])
+        left -= len(out[-1])
+        if not left:
+            break
+    return b"".join(out)
