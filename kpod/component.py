@@ -51,6 +51,8 @@ class CycleReadsView(Protocol):
 
     def read_kept(self, path: str) -> str: ...
 
+    def read_kept_bytes(self, path: str) -> bytes: ...
+
 
 class Cgroups(Protocol):
     """The cgroup index every component gets in its Context: kpod.cgroup.index.CgroupIndex,

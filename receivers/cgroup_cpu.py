@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kpod.cgroup.files import ControllerFilesReceiver, v1_path
+from kpod.cgroup.files import ControllerFilesReceiver, ParseMemo, v1_path
 from kpod.cgroup.parsers import parse_cpu_stat, parse_single_int
 from kpod.cgroup.paths import exists, is_dir
 from kpod.component import Context, Factory
@@ -43,6 +43,37 @@ THROTTLED_SECONDS = MetricDef(
 ROUTE_V2 = "cpu.stat (cgroup2 cpu controller)"
 ROUTE_V1 = "cpuacct.usage + cpu.stat (v1 cpuacct and cpu controllers)"
 ROUTE_V2_USAGE = "cpu.stat usage_usec (cgroup2 without the cpu controller: no throttling)"
+
+
+# What the receiver makes of a cpu.stat: (metric, value) of each point, remembered by the file's
+# bytes (ParseMemo: a cpu.stat without a quota prints the same zeros cycle after cycle, and an idle
+# cgroup's usage does not move).  cpuacct.usage is one number that moves whenever the cgroup ran:
+# parsed every cycle.
+Values = tuple[tuple[MetricDef, float], ...]
+
+
+def throttling_values(stat: dict[str, int], time_key: str, per_second: float) -> Values:
+    """The CFS throttling points of a parsed cpu.stat (the cpu controller's keys; absent is not 0)."""
+    values: list[tuple[MetricDef, float]] = []
+    if "nr_periods" in stat:
+        values.append((PERIODS, stat["nr_periods"]))
+    if "nr_throttled" in stat:
+        values.append((THROTTLED_PERIODS, stat["nr_throttled"]))
+    if time_key in stat:
+        values.append((THROTTLED_SECONDS, stat[time_key] / per_second))
+    return tuple(values)
+
+
+def v2_values(text: str) -> Values:
+    """cgroup2 cpu.stat: usage, and throttling where the cpu controller is enabled."""
+    stat = parse_cpu_stat(text)
+    usage: Values = ((USAGE, stat["usage_usec"] / 1e6),) if "usage_usec" in stat else ()
+    return usage + throttling_values(stat, "throttled_usec", 1e6)
+
+
+def v1_throttling_values(text: str) -> Values:
+    """v1 cpu.stat: throttling (throttled_time in nanoseconds)."""
+    return throttling_values(parse_cpu_stat(text), "throttled_time", 1e9)
 
 
 @dataclass
@@ -70,12 +101,16 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
         # v1 route: the cgroups whose cpuacct.usage was read last cycle.  Their v1 directory
         # is not looked for again (a stat per cgroup and cycle); the others' is, every cycle.
         self._v1_read: set[int] = set()
+        self._v2_values = ParseMemo(v2_values)
+        self._v1_throttling = ParseMemo(v1_throttling_values)
 
     def collect(self) -> Batch:
         if self._route is None:
             self.start()
         batch = Batch()
         index = self.context.cgroups
+        self._v2_values.new_cycle()
+        self._v1_throttling.new_cycle()
         if self._route == ROUTE_V1:
             read: set[int] = set()
             for ref in index.workloads():
@@ -87,15 +122,10 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
         return batch
 
     def _collect_v2(self, ref: CgroupRef, directory: str, batch: Batch) -> None:
-        # A cgroup gone between the walk and the read is skipped and counted by _read.
-        text = self._read(directory + "/cpu.stat", directory, record=True)
-        if text is None:
-            return
-        stat = parse_cpu_stat(text)
-        if "usage_usec" in stat:
-            batch.add(Point(USAGE, ref, (), stat["usage_usec"] / 1e6))
-        # Only where the cpu controller is enabled; absent is not zero.
-        self._throttling(ref, stat, "throttled_usec", 1e6, batch)
+        # A cgroup gone between the walk and the read is skipped and counted by _read_bytes.
+        data = self._read_bytes(directory + "/cpu.stat", directory)
+        if data is not None:
+            _add(batch, ref, self._v2_values(data))
 
     def _collect_v1(self, ref: CgroupRef, directory: str, batch: Batch, read: set[int]) -> None:
         # `directory` (the walked tree's) decides whether a missing file is an error: while it
@@ -120,18 +150,14 @@ class CgroupCpuReceiver(ControllerFilesReceiver):
                 read.add(ref.id)
         cpu = v1_path(mounts, "cpu", ref.path)
         if cpu is not None:
-            text = self._read(cpu + "/cpu.stat", directory, record=True)
-            if text is not None:
-                self._throttling(ref, parse_cpu_stat(text), "throttled_time", 1e9, batch)
+            data = self._read_bytes(cpu + "/cpu.stat", directory)
+            if data is not None:
+                _add(batch, ref, self._v1_throttling(data))
 
-    @staticmethod
-    def _throttling(ref: CgroupRef, stat: dict[str, int], time_key: str, per_second: float, batch: Batch) -> None:
-        if "nr_periods" in stat:
-            batch.add(Point(PERIODS, ref, (), stat["nr_periods"]))
-        if "nr_throttled" in stat:
-            batch.add(Point(THROTTLED_PERIODS, ref, (), stat["nr_throttled"]))
-        if time_key in stat:
-            batch.add(Point(THROTTLED_SECONDS, ref, (), stat[time_key] / per_second))
+
+def _add(batch: Batch, ref: CgroupRef, values: Values) -> None:
+    for metric, value in values:
+        batch.add(Point(metric, ref, (), value))
 
 
 factory = Factory(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kpod.cgroup.files import ControllerFilesReceiver, read_text, v1_path
+from kpod.cgroup.files import ControllerFilesReceiver, ParseMemo, read_text, v1_path
 from kpod.cgroup.parsers import DevNum, parse_blkio_throttle, parse_devname, parse_io_stat
 from kpod.component import Context, Factory
 from kpod.model import Batch, CgroupRef, Kind, MetricDef, Point
@@ -64,6 +64,9 @@ class DiskReceiver(ControllerFilesReceiver):
         self._names: dict[DevNum, tuple[str, float]] = {}
         self._no_data = 0  # v1 cgroups whose files were only "Total 0" in the last cycle
         self._unresolved: set[DevNum] = set()  # devices without a uevent this cycle
+        # Parses remembered by the files' bytes: most cgroups did no I/O since the last cycle.
+        self._io_stat = ParseMemo(parse_io_stat)
+        self._blkio = ParseMemo(parse_blkio_throttle)
 
     def status(self) -> dict[str, object]:
         return {
@@ -99,6 +102,8 @@ class DiskReceiver(ControllerFilesReceiver):
             self.start()
         batch = Batch()
         self._unresolved.clear()
+        self._io_stat.new_cycle()
+        self._blkio.new_cycle()
         if self._route == ROUTE_V2:
             for ref in self.context.cgroups.workloads():
                 self._collect_v2(ref, batch)
@@ -110,10 +115,10 @@ class DiskReceiver(ControllerFilesReceiver):
 
     def _collect_v2(self, ref: CgroupRef, batch: Batch) -> None:
         directory = self.context.cgroups.abspath(ref.path)
-        text = self._read(directory + "/io.stat", directory, record=True)
-        if not text:
+        data = self._read_bytes(directory + "/io.stat", directory)
+        if not data:
             return  # empty io.stat: the cgroup did no block I/O yet
-        for dev, stats in parse_io_stat(text).items():
+        for dev, stats in self._io_stat(data).items():
             attrs = (("device", self.device_name(dev)),)
             for key, metric in _V2_KEYS:
                 value = stats.get(key)
@@ -127,15 +132,15 @@ class DiskReceiver(ControllerFilesReceiver):
         # A missing v1 directory while the cgroup2 one still exists is a workload the blkio
         # hierarchy does not mirror (not an error); if both are gone the pod ended mid-cycle.
         unified = self.context.cgroups.abspath(ref.path)
-        service = self._read(directory + "/blkio.throttle.io_service_bytes", unified, record=True)
+        service = self._read_bytes(directory + "/blkio.throttle.io_service_bytes", unified)
         if service is None:
             return
-        bytes_by_dev = parse_blkio_throttle(service)
+        bytes_by_dev = self._blkio(service)
         if not bytes_by_dev:
             self._no_data += 1  # "Total 0" only: no data, not zero I/O
             return
-        served = self._read(directory + "/blkio.throttle.io_serviced", unified, record=True)
-        ios_by_dev = parse_blkio_throttle(served) if served else {}
+        served = self._read_bytes(directory + "/blkio.throttle.io_serviced", unified)
+        ios_by_dev = self._blkio(served) if served else {}
         for dev, ops in bytes_by_dev.items():
             attrs = (("device", self.device_name(dev)),)
             for op, metric in _V1_BYTES:

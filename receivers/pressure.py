@@ -19,10 +19,10 @@ unavailable.
 
 from __future__ import annotations
 
-from kpod.cgroup.files import CgroupFileReceiver, read_text
+from kpod.cgroup.files import CgroupFileReceiver, ParseMemo, read_text
 from kpod.cgroup.parsers import parse_pressure_totals
 from kpod.component import ComponentUnavailable, Context, EmptyConfig, Factory
-from kpod.model import Batch, Kind, MetricDef, Point
+from kpod.model import Attributes, Batch, Kind, MetricDef, Point
 
 _KIND = ("kind",)
 CPU = MetricDef(
@@ -51,11 +51,17 @@ _FILES = (("/cpu.pressure", CPU), ("/memory.pressure", MEMORY), ("/io.pressure",
 _KINDS = {"some": (("kind", "some"),), "full": (("kind", "full"),)}
 
 
+def pressure_values(text: str) -> tuple[tuple[Attributes, float], ...]:
+    """(kind attributes, total stall in seconds) of each line of a *.pressure file."""
+    return tuple((_KINDS[kind], total_usec / 1e6) for kind, total_usec in parse_pressure_totals(text).items())
+
+
 class PressureReceiver(CgroupFileReceiver):
     metrics = (CPU, MEMORY, IO)
 
     def __init__(self, context: Context, config: EmptyConfig) -> None:
         super().__init__(context, config)
+        self._values = ParseMemo(pressure_values)  # an idle cgroup's files print the same bytes
 
     def preflight(self) -> str | None:
         if self.context.cgroups.ebpf_unattributable:  # the pods' tree is a v1 hierarchy
@@ -80,18 +86,20 @@ class PressureReceiver(CgroupFileReceiver):
         batch = Batch()
         add = batch.points.append  # about 6 points per cgroup: skip the method lookup
         cgroups = self.context.cgroups
-        read = cgroups.reads.read_kept  # each file kept open, read again from its start
+        read = cgroups.reads.read_kept_bytes  # each file kept open, read again from its start
+        values = self._values
+        values.new_cycle()
         for ref in cgroups.workloads():
             directory = cgroups.abspath(ref.path)
             for name, metric in _FILES:
                 path = directory + name
                 try:
-                    text = read(path)
+                    data = read(path)
                 except OSError as err:
                     self._failed(err, path, directory)
                     continue
-                for kind, total_usec in parse_pressure_totals(text).items():
-                    add(Point(metric, ref, _KINDS[kind], total_usec / 1e6))
+                for attributes, seconds in values(data):
+                    add(Point(metric, ref, attributes, seconds))
         return batch
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections import Counter
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -413,3 +414,82 @@ def test_read_helpers_return_whole_files(tmp_path: Path) -> None:
         with open(path) as f:
             expected = f.read()
         assert read_text(path, max_record=512 if "net" in path else 0) == expected
+
+
+# ------------------------------------------------------------------------------------------ parses remembered
+
+# The files each receiver parses through a ParseMemo (kpod.cgroup.files), by layout.
+_MEMO_FILES = {
+    "pressure": {"v2": ("cpu.pressure", "memory.pressure", "io.pressure")},
+    "cgroup_cpu": {"v2": ("cpu.stat",)},
+    "disk": {"v2": ("io.stat",), "hybrid": ("blkio.throttle.io_service_bytes", "blkio.throttle.io_serviced")},
+}
+
+
+def _points(batch: Batch) -> list[tuple[object, ...]]:
+    """Everything a point carries, the value's type included (an int is not a float)."""
+    return [(p.metric, p.cgroup, p.attributes, p.value, type(p.value), p.resource, p.start_time_ns) for p in batch]
+
+
+def _memo_file(tree: Tree, ref_path: str, file: str) -> Path:
+    """Where `file` of a workload is: the v1 blkio tree for blkio files (hybrid)."""
+    if file.startswith("blkio."):
+        return Path(tree.mounts.v1[file.split(".")[0]] + ref_path, file)
+    return Path(tree.cgroup_root + ref_path, file)
+
+
+@pytest.mark.parametrize("name", sorted(_MEMO_FILES))
+def test_remembered_parses_give_what_a_fresh_receiver_gives(fresh_tree: Tree, name: str) -> None:
+    """A receiver that parses through a ParseMemo exports, cycle after cycle, exactly the
+    points a new receiver (nothing remembered) collects from the same files: when nothing
+    changed (every parse remembered), when a file of one cgroup changed (its new values, not
+    the remembered ones), and when it is damaged (each read's skipped line counted again)."""
+    from kpod.selfmetrics import parser_skips
+
+    receiver = make(fresh_tree, name)
+    batch = receiver.collect()
+    first = _points(batch)
+    assert first == _points(make(fresh_tree, name).collect()) and first
+    assert _points(receiver.collect()) == first  # every file's bytes seen: every parse remembered
+
+    files = _MEMO_FILES[name].get(fresh_tree.layout, _MEMO_FILES[name]["v2"])
+    # The workload with the most points (files with data; not an empty io.stat, not "Total 0").
+    ((ref, _),) = Counter(p.cgroup for p in batch).most_common(1)
+    assert ref is not None
+    for file in files:  # every number of its files moved on
+        path = _memo_file(fresh_tree, ref.path, file)
+        path.write_text(re.sub(r"\d+", lambda m: str(int(m.group()) + 7), path.read_text()))
+    changed = _points(receiver.collect())
+    assert changed == _points(make(fresh_tree, name).collect()) and changed != first
+
+    for file in files:  # a line no parser accepts
+        path = _memo_file(fresh_tree, ref.path, file)
+        path.write_text(path.read_text() + "some total= garbage here\n")
+    before = sum(parser_skips().values())
+    damaged = _points(receiver.collect())
+    once = sum(parser_skips().values()) - before
+    assert once > 0 and damaged == _points(make(fresh_tree, name).collect())
+    before = sum(parser_skips().values())
+    assert _points(receiver.collect()) == damaged
+    assert sum(parser_skips().values()) - before == once  # counted at every read, not remembered
+
+
+def test_parse_memo_parses_each_content_once_and_forgets_what_two_cycles_did_not_read() -> None:
+    from kpod.cgroup.files import ParseMemo
+
+    parsed: list[str] = []
+
+    def parse(text: str) -> tuple[str, ...]:
+        parsed.append(text)
+        return tuple(text.split())
+
+    memo = ParseMemo(parse)
+    memo.new_cycle()
+    assert memo(b"a b") == ("a", "b") and memo(b"a b") == ("a", "b") and memo(b"\xff c") == ("\udcff", "c")
+    assert parsed == ["a b", "\udcff c"]  # the same bytes twice in a cycle: parsed once
+    memo.new_cycle()
+    assert memo(b"a b") == ("a", "b") and len(parsed) == 2  # seen in the last cycle
+    memo.new_cycle()
+    memo.new_cycle()  # "\xff c" unread for two cycles, "a b" for one
+    assert memo(b"\xff c") == ("\udcff", "c") and memo(b"a b") == ("a", "b")
+    assert parsed == ["a b", "\udcff c", "\udcff c", "a b"]

@@ -13,12 +13,13 @@ import errno
 import functools
 import os
 import re
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar
 
 from kpod.cgroup.dirs import CgroupDirs
 from kpod.cgroup.kept import KeptFiles
 from kpod.cgroup.mounts import CgroupMounts
-from kpod.cgroup.parsers import parse_cgroup_procs
+from kpod.cgroup.parsers import parse_cgroup_procs, skipped_in_this_thread
 from kpod.cgroup.paths import is_dir, open_long
 from kpod.component import ComponentUnavailable, Context, Receiver
 from kpod.model import CgroupRef
@@ -140,6 +141,10 @@ class CycleReads:
         cycles (kpod.cgroup.kept): one pread instead of open, read and close.  Raises OSError."""
         return self.files.read(path).decode("utf-8", "surrogateescape")
 
+    def read_kept_bytes(self, path: str) -> bytes:
+        """read_kept's bytes, not decoded (for ParseMemo).  Raises OSError."""
+        return self.files.read(path)
+
     def read(self, path: str, record: bool = False, max_record: int = 0) -> str:
         """read_record(path) (`record`) or read_text(path, max_record), this cycle's file, opened
         through its kept directory.  Raises OSError."""
@@ -192,6 +197,48 @@ def pod_cgroup_path(cgroup_path: str) -> str | None:
     parent, _, _ = cgroup_path.rpartition("/")
     name = parent.rpartition("/")[2]
     return parent if parent and _POD_DIR.search(name) else None
+
+
+T = TypeVar("T")
+_UNKNOWN: Any = object()
+
+
+class ParseMemo(Generic[T]):
+    """A parse of a file's text remembered by the file's bytes, for the next cycle.
+
+    Most of a node's cgroups are idle from one cycle to the next: their PSI files print the same
+    averages and totals, a cpu.stat without a quota the same zeros, blkio the same "Total 0",
+    and idle cgroups print byte for byte the same files as each other.  Such a file is still read
+    every cycle and its bytes compared (a dict lookup); only the decoding and parsing of bytes
+    already parsed is saved.  `parse` is pure (kpod.cgroup.parsers, and what a receiver makes of
+    its result), so its result for those bytes is the one it would return again; callers read it
+    and never change it.  A parse that skipped a line is not remembered, so
+    kpod.parser.skipped.lines counts every read of a damaged file as before.
+
+    Kept: the results of the bytes seen in the last cycle and in this one (`new_cycle` begins a
+    cycle), so it holds at most two cycles' distinct files.  One per receiver and file kind,
+    used from that receiver's collect only.
+    """
+
+    def __init__(self, parse: Callable[[str], T]) -> None:
+        self._parse = parse
+        self._last: dict[bytes, T] = {}
+        self._seen: dict[bytes, T] = {}
+
+    def new_cycle(self) -> None:
+        self._last, self._seen = self._seen, {}
+
+    def __call__(self, data: bytes) -> T:
+        found = self._last.get(data, _UNKNOWN)
+        if found is _UNKNOWN:
+            found = self._seen.get(data, _UNKNOWN)
+            if found is _UNKNOWN:
+                skipped = skipped_in_this_thread()
+                found = self._parse(data.decode("utf-8", "surrogateescape"))
+                if skipped_in_this_thread() != skipped:
+                    return found
+        self._seen[data] = found
+        return found
 
 
 class CgroupFileReceiver(Receiver):
@@ -249,6 +296,15 @@ class CgroupFileReceiver(Receiver):
             if record:
                 return reads.read_kept(path)
             return reads.read(path, False, max_record)
+        except OSError as err:
+            self._failed(err, path, cgroup_dir)
+            return None
+
+    def _read_bytes(self, path: str, cgroup_dir: str) -> bytes | None:
+        """A single-record file's bytes through its kept descriptor (for a ParseMemo), or count
+        the failure as _read(path, cgroup_dir, record=True) does and return None."""
+        try:
+            return self.context.cgroups.reads.read_kept_bytes(path)
         except OSError as err:
             self._failed(err, path, cgroup_dir)
             return None

@@ -25,9 +25,24 @@ well-formed path costs nothing more.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 
-from kpod.selfmetrics import count_parser_skip as _skip
+from kpod.selfmetrics import count_parser_skip
+
+_skipped_here = threading.local()  # lines skipped in each thread: skipped_in_this_thread
+
+
+def _skip(parser: str, lines: int = 1) -> None:
+    count_parser_skip(parser, lines)
+    _skipped_here.lines = getattr(_skipped_here, "lines", 0) + lines
+
+
+def skipped_in_this_thread() -> int:
+    """Lines the parsers skipped in the calling thread so far: a caller that remembers what a
+    parser returned (kpod.cgroup.files.ParseMemo) tells a clean parse from one that skipped."""
+    return getattr(_skipped_here, "lines", 0)
+
 
 # A device number as (major, minor): the key of io.stat and blkio lines, and of /sys/dev/block.
 DevNum = tuple[int, int]
