@@ -96,6 +96,8 @@ class NetIfaceReceiver(CgroupFileReceiver):
         self._host_netns: int | None = None
         self._host_netns_path = ""
         self._pod_refs: dict[str, CgroupRef] = {}
+        # The last grouping and the index generation it was made at (see _groups).
+        self._grouped: tuple[int, dict[str, list[CgroupRef]]] | None = None
         self._excluded = frozenset(config.exclude_interfaces)
         self._last = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
         self._files = NetDevFiles(self.proc_root, NET_DEV_MAX_RECORD)
@@ -152,10 +154,16 @@ class NetIfaceReceiver(CgroupFileReceiver):
                 "net_dev_opened": self._files.opened}  # fmt: skip
 
     def _groups(self) -> dict[str, list[CgroupRef]]:
-        """Leaves grouped by pod cgroup path (a non-pod leaf is its own group), in a stable order."""
-        groups: dict[str, list[CgroupRef]] = {}
-        for ref in sorted(self.context.cgroups.workloads(), key=lambda r: r.path):
-            groups.setdefault(pod_cgroup_path(ref.path) or ref.path, []).append(ref)
+        """Leaves grouped by pod cgroup path (a non-pod leaf is its own group), in a stable order.
+
+        Made again only when the index's cgroups changed (its generation moves with every change
+        of the live set), not every cycle: the caller does not change it."""
+        index = self.context.cgroups
+        if self._grouped is not None and self._grouped[0] == index.generation:
+            return self._grouped[1]
+        generation = index.generation  # before reading: a change meanwhile makes it stale at once
+        groups = group_by_pod(index.workloads())
+        self._grouped = (generation, groups)
         return groups
 
     def _pod_ref(self, group_path: str, members: list[CgroupRef]) -> CgroupRef | None:
@@ -234,6 +242,14 @@ class NetIfaceReceiver(CgroupFileReceiver):
                 points.append(Point(metric, ref, attrs, float(value)))
         if dropped:
             self._dropped("pod_limit", dropped * len(_FIELDS))
+
+
+def group_by_pod(workloads: list[CgroupRef]) -> dict[str, list[CgroupRef]]:
+    """Leaves by pod cgroup path (a non-pod leaf is its own group), groups and members by path."""
+    groups: dict[str, list[CgroupRef]] = {}
+    for ref in sorted(workloads, key=lambda r: r.path):
+        groups.setdefault(pod_cgroup_path(ref.path) or ref.path, []).append(ref)
+    return groups
 
 
 factory = Factory(

@@ -174,6 +174,24 @@ def test_net_iface_once_per_pod_namespace(tree: Tree) -> None:
     assert point.cgroup is not None and point.cgroup.id == os.stat(tree.cgroup_root + point.cgroup.path).st_ino
 
 
+def test_net_iface_follows_the_pods_the_index_knows(fresh_tree: Tree, tmp_path: Path) -> None:
+    """The grouping by pod is kept between cycles while the index's cgroups stay the same, and
+    made again when they change: a pod that appears, and one that goes, between two cycles."""
+    pods = [p for p in fresh_tree.pods if not p.host_network]
+    late, gone = Path(fresh_tree.cgroup_root + pods[0].path), Path(fresh_tree.cgroup_root + pods[1].path)
+    aside = tmp_path / "aside"
+    late.rename(aside)  # not there at the first cycle
+    receiver = make(fresh_tree, "net_iface")
+    index = receiver.context.cgroups
+    first = {path for _, path, _ in by_key(receiver.collect())}
+    assert pods[0].path not in first and pods[1].path in first
+    assert {path for _, path, _ in by_key(receiver.collect())} == first  # nothing changed: the same
+    aside.rename(late)
+    shutil.rmtree(gone)
+    index.refresh()
+    assert {path for _, path, _ in by_key(receiver.collect())} == (first | {pods[0].path}) - {pods[1].path}
+
+
 def test_net_iface_loopback_configurable(tree: Tree) -> None:
     got = by_key(make(tree, "net_iface", exclude_interfaces=[]).collect())
     assert {attrs for _, _, attrs in got} == {(("interface", "lo"),), (("interface", "eth0"),)}
