@@ -1,4 +1,5 @@
-"""A small HTTP/1.1 server for answers that are already bytes: one thread, one event loop, bounded.
+"""A small HTTP/1.1 server for answers that are already made (bytes, or an exposition's parts): one
+thread, one event loop, bounded.
 
 Anything that reaches the metrics port may be hostile (docs/SECURITY.md, "The metrics port").
 The standard library's server read up to 100 header lines of 64 KiB each per request before
@@ -92,12 +93,12 @@ Body = bytes | list[bytes | memoryview]
 
 
 def body_length(body: Body) -> int:
-    return len(body) if isinstance(body, bytes) else sum(map(len, body))
+    return sum(map(len, body)) if isinstance(body, list) else len(body)
 
 
 def joined(body: Body) -> bytes:
     """The body as one bytes object."""
-    return body if isinstance(body, bytes) else b"".join(body)
+    return b"".join(body) if isinstance(body, list) else body
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ class HttpLoop:
         conn.state = WRITING
         conn.close_after = close
         conn.deadline = conn.started + self.limits.request_deadline_s
-        buffers = [body] if isinstance(body, bytes) else body
+        buffers = body if isinstance(body, list) else [body]
         conn.out = [memoryview(head), *(memoryview(buffer) for buffer in buffers if len(buffer))]
         self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
         self._write(conn)

@@ -176,7 +176,7 @@ def gzipped_body(body: Body) -> bytes:
     """The gzip of a body, made from its parts as they are (not joined first).  Level 1:
     several times faster than the default 9 for a few % more bytes."""
     compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip member
-    out = [compressor.compress(part) for part in ([body] if isinstance(body, bytes) else body)]
+    out = [compressor.compress(part) for part in (body if isinstance(body, list) else [body])]
     out.append(compressor.flush())
     return b"".join(out)
 
