@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from cgroup_tree import HYBRID_MEM, V2, Tree, build_tree
-from kpod.receivers.filesystem import backing_filesystem, candidate_mounts, containing_mount
+from kpod.receivers.filesystem import backing_filesystem, candidate_mounts, containing_mount, plan_filesystems
 
 from kpod.cgroup.files import COLLECTION_ERRORS, VANISHED_READS, pod_cgroup_path
 from kpod.cgroup.parsers import parse_flat_keyed, parse_mountinfo, parse_single_int
 from kpod.component import Receiver
+from kpod.fsprobe.client import Probe
 from kpod.model import Batch, Point
 from kpod.selfmetrics import SelfMetrics
 
@@ -339,6 +340,25 @@ def test_candidate_mounts_of_captured_container() -> None:
         "/",
         "/usr/lib/modules/6.1.0-56-amd64",
     ]
+
+
+def test_plan_filesystems_groups_a_containers_mounts_by_device() -> None:
+    """What the per-cycle loop walks: one group per device in the order of its first mount, its
+    mounts in mountinfo order, each with the (device, root) its measurement is shared by and
+    the probe of that mount through the container's root."""
+    mounts = candidate_mounts(parse_mountinfo((V2 / "proc" / "mountinfo-container.txt").read_text()))
+    attrs = {m.mount_point: (("mountpoint", m.mount_point),) for m in mounts}
+    plan = plan_filesystems(7, "/pod", "/proc/42/root", [(m, attrs[m.mount_point]) for m in mounts])
+    assert [[probe.mount_point for _, _, probe in fs] for fs in plan] == [
+        [m.mount_point for m in mounts if m.dev == dev] for dev in dict.fromkeys(m.dev for m in mounts)
+    ]
+    assert "/usr/lib/modules/6.1.0-56-amd64" in [probe.mount_point for _, _, probe in plan[0]]  # the root's device
+    for fs in plan:
+        for share, mount_attrs, probe in fs:
+            mount = next(m for m in mounts if m.mount_id == probe.mount_id)
+            assert share == (mount.dev, mount.root) and mount_attrs == attrs[mount.mount_point]
+            assert probe == Probe((7, mount.mount_id, mount.mount_point), "/pod", "/proc/42/root",
+                                  mount.mount_point, mount.mount_id, mount.dev)  # fmt: skip
 
 
 # A containerd node: / on the NVMe disk, /var/lib/containerd on a disk of its own, a tmpfs.
