@@ -198,29 +198,31 @@ class NetIfaceReceiver(CgroupFileReceiver):
         stats = {"namespaces": 0, "host_network_skipped": 0, "shared_skipped": 0}
         groups = self._groups()
         self._files.begin()
-        for group_path, members in groups.items():
-            found = self._one_pid_netns(members)
-            if found is None:
-                continue  # no live process: nothing to attribute, and no namespace to read
-            pid, netns = found
-            if netns == self._host_netns:
-                stats["host_network_skipped"] += 1
-                continue
-            if netns in seen:
-                stats["shared_skipped"] += 1
-                continue
-            try:
-                text = self._files.read(netns, pid)
-            except OSError as err:
-                self._failed(err, f"{self.proc_root}/{pid}/net/dev")
-                continue
-            ref = self._pod_ref(group_path, members)
-            if ref is None:
-                continue
-            seen.add(netns)
-            stats["namespaces"] += 1
-            self._emit(ref, parse_net_dev(text), batch)
-        self._files.end()
+        try:  # end() also after a failure: the files of gone pods' namespaces are closed
+            for group_path, members in groups.items():
+                found = self._one_pid_netns(members)
+                if found is None:
+                    continue  # no live process: nothing to attribute, and no namespace to read
+                pid, netns = found
+                if netns == self._host_netns:
+                    stats["host_network_skipped"] += 1
+                    continue
+                if netns in seen:
+                    stats["shared_skipped"] += 1
+                    continue
+                try:
+                    text = self._files.read(netns, pid)
+                except OSError as err:
+                    self._failed(err, f"{self.proc_root}/{pid}/net/dev")
+                    continue
+                ref = self._pod_ref(group_path, members)
+                if ref is None:
+                    continue
+                seen.add(netns)
+                stats["namespaces"] += 1
+                self._emit(ref, parse_net_dev(text), batch)
+        finally:
+            self._files.end()
         self._last = stats
         for path in self._pod_refs.keys() - groups.keys():
             del self._pod_refs[path]  # pods that are gone

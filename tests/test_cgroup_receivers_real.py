@@ -272,6 +272,15 @@ def test_net_iface_reads_the_namespace_its_pods_process_is_in_now(scratch: Scrat
         truth = parse_net_dev(Path(f"/proc/{second.pid}/net/dev").read_text())["kpodbrb"]
         assert got[("kpod.net.iface.tx.packets", pod_path, (("interface", "kpodbrb"),))] == truth.tx_packets
         assert receiver.status()["net_dev_opened"] == 2 and receiver.status()["net_dev_kept"] == 1
+        # A collection that fails half-way still closes what it did not read: a failure every
+        # cycle must not keep gone pods' namespaces alive.
+        def fail(members: object) -> None:
+            raise RuntimeError("half-way")
+
+        receiver._one_pid_netns = fail  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="half-way"):
+            receiver.collect()
+        assert receiver.status()["net_dev_kept"] == 0
     finally:
         receiver.shutdown()
 

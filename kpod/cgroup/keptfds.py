@@ -74,7 +74,7 @@ class KeptDescriptors:
         self._cycle = 0
         # Closed with their owner too (one a test never shut down), or at the interpreter's exit,
         # when receiver threads that overran their collection may still be keeping files.
-        weakref.finalize(self, _close_all_at_exit, self._lock, self._fds)
+        weakref.finalize(self, close_all_at_exit, self._lock, self._fds)
 
     @property
     def kept(self) -> int:
@@ -118,7 +118,7 @@ def close_all(kept: dict[K, V], fd_of: Callable[[V], int]) -> None:
             os.close(fd_of(value))
 
 
-def _close_all_at_exit(lock: threading.Lock, fds: dict[str, int]) -> None:
+def close_all_at_exit(lock: threading.Lock, fds: dict[K, int]) -> None:
     """The finalizer: under the lock when it can be had within a second (a daemon thread stopped
     while holding it must not hang the exit), else without it."""
     locked = lock.acquire(timeout=1.0)

@@ -22,15 +22,19 @@ no process of a pod was found in it, when it is closed.  At most `limit` files a
 of RLIMIT_NOFILE); past it, and every file when `proc_root` is not a procfs (a test's fixture
 tree), a file is opened, read and closed each collection as without this.
 
-One thread at a time (the receiver that owns it): `begin`, any number of `read`, `end`.
+One collection at a time (the receiver that owns it): `begin`, any number of `read`, `end`.
+A descriptor is looked up, read and closed under `_lock`, as in kpod.cgroup.keptfds: `close` at
+shutdown may run while a collection the pipeline abandoned still reads, and a number closed
+under it could by then name another file.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
-from kpod.cgroup.keptfds import close_all, default_limit
+from kpod.cgroup.keptfds import close_all, close_all_at_exit, default_limit
 from kpod.cgroup.mounttables import on_procfs
 
 _CHUNK = 65536
@@ -70,8 +74,9 @@ class NetDevFiles:
             # directories, stat files and mount tables): one per pod, a few hundred on a node.
             limit = default_limit() // 4 if on_procfs(self.proc_root) else 0
         self.limit = limit
+        self._lock = threading.Lock()
         self._fds: dict[int, int] = {}  # namespace inode -> descriptor
-        weakref.finalize(self, close_all, self._fds, int)
+        weakref.finalize(self, close_all_at_exit, self._lock, self._fds)
         self._used: set[int] = set()
         self.opened = 0  # files opened (kept or not) since start
 
@@ -87,19 +92,22 @@ class NetDevFiles:
         of its ns/net this collection).  Raises OSError as opening and reading
         <proc_root>/<pid>/net/dev would."""
         self._used.add(netns)
-        fd = self._fds.get(netns)
-        if fd is not None:
-            try:
-                return read_from_start(fd, self.max_record)
-            except OSError:
-                self._close(netns)  # read it through the process, below
+        with self._lock:
+            fd = self._fds.get(netns)
+            if fd is not None:
+                try:
+                    return read_from_start(fd, self.max_record)
+                except OSError:
+                    self._close(netns)  # read it through the process, below
         fd = os.open(f"{self.proc_root}/{pid}/net/dev", os.O_RDONLY | os.O_CLOEXEC)
         self.opened += 1
         try:
             text = read_from_start(fd, self.max_record)
             if len(self._fds) < self.limit and self._still_in(pid, netns):
-                self._fds[netns] = fd
-                fd = -1
+                with self._lock:
+                    if netns not in self._fds:
+                        self._fds[netns] = fd
+                        fd = -1
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -115,13 +123,16 @@ class NetDevFiles:
     def end(self) -> None:
         """The collection is over: close the files of namespaces it did not read (their pods
         are gone, or moved to the host's namespace)."""
-        for netns in self._fds.keys() - self._used:
-            self._close(netns)
+        with self._lock:
+            for netns in self._fds.keys() - self._used:
+                self._close(netns)
 
     def close(self) -> None:
-        close_all(self._fds, int)
+        with self._lock:
+            close_all(self._fds, int)
 
     def _close(self, netns: int) -> None:
+        """Close the kept file of `netns` (under _lock)."""
         fd = self._fds.pop(netns, None)
         if fd is not None:
             os.close(fd)
