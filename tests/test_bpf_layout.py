@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import BpftoolBtf
@@ -103,6 +104,15 @@ def test_readers_agree_with_the_ctypes_view(obj_path: Path) -> None:
                     assert type(got) is layout.value_type and bytes(got) == raw_value, name
     if obj_path.name == "mem.bpf.o":
         assert any(issubclass(layouts[n].value_type, ctypes._SimpleCData) for n in cgroup_maps), "integer values"
+
+
+@pytest.mark.parametrize("ctype", [ctypes.c_uint64, ctypes.c_int32, ctypes.c_bool, ctypes.c_double, ctypes.c_char])
+def test_value_reader_gives_a_simple_types_python_value(ctype: Any) -> None:
+    """A map whose value is a simple type gives its Python value (as read_cgroup_map reported
+    `value(raw).value` before the struct readers), whether struct can read it or not."""
+    layout = btflayout.MapLayout("m", ctypes.c_uint64, ctype, "__u64", ctype.__name__)
+    raw = bytes(ctype(1))
+    assert layout.value_reader()(raw) == ctype.from_buffer_copy(raw).value
 
 
 def test_map_names_unique_across_objects() -> None:

@@ -337,12 +337,16 @@ class MapLayout:
         return lambda raw: unpack(raw, offset)[0]
 
     def value_reader(self) -> Callable[[bytes], Any]:
-        """A function turning a raw value into what `value(raw)` holds: an int for an integer
-        value type (read with struct, as `value(raw).value`), the ctypes struct otherwise."""
+        """A function turning a raw value into what read_cgroup_map reports: an integer value
+        type read with struct (as `value(raw).value`), another simple type's `value(raw).value`
+        (c_bool, c_double...), the ctypes struct otherwise."""
         unpack = _int_unpacker(self.value_type)
-        if unpack is None:
-            return self.value_type.from_buffer_copy
-        return lambda raw: unpack(raw)[0]
+        if unpack is not None:
+            return lambda raw: unpack(raw)[0]
+        from_raw = self.value_type.from_buffer_copy
+        if issubclass(self.value_type, ctypes._SimpleCData):
+            return lambda raw: from_raw(raw).value
+        return from_raw
 
     def has_key_field(self, name: str) -> bool:
         return any(f[0] == name for f in getattr(self.key_type, "_fields_", ()))
