@@ -37,7 +37,7 @@ from kernel_util import (
 )
 from kpod.receivers.net_tcp import RTT, TCP_RECVMSG_PARAMS, NetTcpConfig, NetTcpReceiver
 
-from kpod.kernel import btflayout, ebpf, libbpf
+from kpod.kernel import bpfinfo, btflayout, ebpf, libbpf
 
 pytestmark = kernel_test
 
@@ -219,6 +219,7 @@ def test_retransmits_charged_to_the_sending_pod(tmp_path: Path) -> None:
         receiver.start()
         try:
             a, b = transfer(tree, procs, pod_a, pod_b, netns=ns, nbytes=1001)
+            misses_before = recursion_misses(receiver, "tcp_retransmit")
             # Every packet on the namespace's loopback is dropped on receive: A's data is lost
             # after A sent it successfully, so A must retransmit once the drop is gone.
             with dropping(ns, drop):
@@ -230,8 +231,13 @@ def test_retransmits_charged_to_the_sending_pod(tmp_path: Path) -> None:
             assert truth > 0, "the drop did not cause a retransmission"
             batch = collect(receiver)
             got = value(batch, "kpod.net.tcp.retransmits", pod_a.container_id)
-            # One 1001-byte skb: each retransmission is one segment, so skbs == segments.
-            assert got == truth, (got, truth)
+            # One 1001-byte skb: each retransmission is one segment, so skbs == segments.  The
+            # kernel skips a tracing program that fires on a CPU where it is already running (a
+            # softirq's retransmission interrupting another socket's in process context) and
+            # counts it in the program's recursion_misses: on a busy machine the one way a
+            # retransmission can go uncounted, and never one counted that did not happen.
+            misses = recursion_misses(receiver, "tcp_retransmit") - misses_before
+            assert truth - misses <= got <= truth, (got, truth, f"recursion misses {misses}")
             assert value(batch, "kpod.net.tcp.retransmits", pod_b.container_id) == 0
             # Their payload (a lone FIN retransmitted has none), as tcpi_bytes_retrans counts it.
             bytes_truth = tcp_info(a_result["info"]).tcpi_bytes_retrans
@@ -281,6 +287,14 @@ def retransmitted_skbs(directory: Path, ns: str) -> Iterator[Callable[[], int]]:
         obj.programs["count_skbs"].attach()
         key = os.stat(f"/run/netns/{ns}").st_ino.to_bytes(4, sys.byteorder)
         yield lambda: int.from_bytes(obj.maps["skbs"].lookup(key) or bytes(8), sys.byteorder)
+
+
+def recursion_misses(receiver: NetTcpReceiver, program: str) -> int:
+    """How often the kernel skipped `program` because it was already running on that CPU
+    (bpf_prog_info.recursion_misses, 5.12+; 0 where the kernel does not report it)."""
+    assert receiver.loaded is not None
+    info = bpfinfo.prog_info(receiver.loaded.obj.programs[program].fd)
+    return int(getattr(info, "recursion_misses", 0))
 
 
 def netns_tcp_mib(ns: str) -> dict[str, int]:
