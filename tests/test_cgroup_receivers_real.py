@@ -675,6 +675,70 @@ def test_mount_tables_are_read_again_only_after_a_mount_change(scratch: Scratch,
         receiver.shutdown()
 
 
+# As runc's init does: in its own mount namespace and already in the container's cgroup, it
+# mounts the rootfs and a volume below it, then pivot_root's there and detaches the old root.
+_PIVOTER = r"""
+import ctypes, os, subprocess, sys
+new_root = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kpodroot", new_root], check=True)
+os.mkdir(new_root + "/data")
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kpoddata", new_root + "/data"], check=True)
+libc = ctypes.CDLL(None, use_errno=True)
+pivot_root = {"x86_64": 155, "aarch64": 41}[os.uname().machine]
+print("ready", flush=True)
+sys.stdin.readline()
+os.chdir(new_root)
+if libc.syscall(pivot_root, b".", b".") or libc.umount2(b".", 2):  # MNT_DETACH
+    raise OSError(ctypes.get_errno(), "pivot_root")
+os.chdir("/")
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+@needs_root_and_cgroup2
+def test_a_mount_table_kept_from_before_the_pivot_root_of_its_process_is_opened_again(
+    scratch: Scratch, tmp_path: Path
+) -> None:
+    """A container's process is in its cgroup before it pivot_root's into its rootfs (runc's
+    init): a mountinfo kept open from then is written relative to the root it had when opened,
+    so after the pivot it no longer shows the container's mounts.  The receiver sees the
+    container's "/" and "/data" at the next collection, as a fresh mountinfo does."""
+    require_tools("unshare")
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("pivot_root's syscall number is only known here for x86_64 and aarch64")
+    s = scratch
+    new_root = tmp_path / "rootfs"
+    new_root.mkdir()
+    base, pods = _pod_tree(s, pods=1, containers=1)
+    container = pods[0][0]
+    proc = s.spawn(["unshare", "-m", "--propagation", "private", sys.executable, "-c", _PIVOTER, str(new_root)],
+                   [container])  # fmt: skip
+    assert proc.stdin and proc.stdout and proc.stdout.readline().strip() == "ready"
+    index = CgroupIndex(base, scope="kubepods", mounts=CgroupMounts(base))
+    index.refresh()
+    receiver = FilesystemReceiver(make_context("filesystem", index), FilesystemConfig())
+    path = container[len(base) :]
+
+    def mountpoints() -> set[str]:
+        return {dict(k[2])["mountpoint"] for k in _series(receiver.collect()) if k[1] == path}
+
+    try:
+        before = mountpoints()
+        assert str(new_root / "data") in before and "/data" not in before  # the host's root, seen from outside
+        assert receiver.status()["mount_tables_kept"] == 1
+        proc.stdin.write("pivot\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        fresh = {line.split()[4] for line in Path(f"/proc/{proc.pid}/mountinfo").read_text().splitlines()}
+        assert fresh == {"/", "/data"}, fresh
+        assert mountpoints() == {"/", "/data"}
+        assert mountpoints() == {"/", "/data"}  # kept again, from the new root
+        assert receiver.status()["mount_tables_kept"] == 1
+    finally:
+        receiver.shutdown()
+
+
 @needs_root_and_cgroup2
 def test_cgroup_procs_is_read_once_per_cycle_by_filesystem_and_net_iface(scratch: Scratch) -> None:
     """Within one cycle (index.new_cycle(), as the pipeline does), filesystem and net_iface

@@ -7,6 +7,17 @@ process of its cgroup), asks the kernel once per collection which of them change
 call for all), and reads only those again.  A container's mounts change when a volume is
 mounted, not every second; generating a mountinfo costs the kernel a path walk per mount.
 
+An open mountinfo is bound to what its process had when it was opened: its mount namespace
+and its root directory (fs/proc_namespace.c, mounts_open_common), and paths are written
+relative to that root, mounts outside it left out.  A process may change either later while
+keeping its pid: runc's init joins the container's cgroup before it mounts the container's
+volumes and pivot_root's into its rootfs (and chroot and unshare(CLONE_NEWNS) do the same).
+A table opened before then would go on reading the host's root, where the container's /data
+is not "/data" (after pivot_root it is not reachable at all): so each kept table also keeps
+the identity of its process's root directory (device, inode) and mount namespace (inode),
+taken before it was opened, and is opened again when they differ (two stat calls per kept
+container and collection; a process whose root the agent may not stat is read every time).
+
 What keeping a file costs: a file descriptor, and it holds the container's mount namespace
 (and the process's root) until the collection after its process left the cgroup, when it is
 closed.  At most `limit` files are kept (a share of RLIMIT_NOFILE); containers beyond it, and
@@ -58,11 +69,19 @@ def _read_from_start(fd: int) -> str:
     return b"".join(chunks).decode("utf-8", "surrogateescape")  # as kpod.cgroup.files.read_text
 
 
+def _view(proc_root: str, pid: int) -> tuple[int, int, int]:
+    """What a process's mountinfo shows depends on: its root directory (device, inode) and its
+    mount namespace (inode).  Raises OSError when the process is gone."""
+    root = os.stat(f"{proc_root}/{pid}/root")
+    return root.st_dev, root.st_ino, os.stat(f"{proc_root}/{pid}/ns/mnt").st_ino
+
+
 @dataclass
 class _Table:
     pid: int
     fd: int
     text: str
+    view: tuple[int, int, int]  # _view of its process, taken before the file was opened
 
 
 _fd_of = attrgetter("fd")
@@ -95,12 +114,12 @@ class MountTables:
     def read(self, key: Hashable, pids: Sequence[int]) -> tuple[int, str]:
         """(pid, mountinfo text) for the container `key` whose live processes are `pids` (from
         its cgroup.procs this collection): the kept table while its process is among them and
-        nothing changed, else the first process's table that can be read.  Raises OSError
-        when none can."""
+        nothing changed (neither its mounts nor the process's root or mount namespace), else the
+        first process's table that can be read.  Raises OSError when none can."""
         self._used.add(key)
         table = self._tables.get(key)
         if table is not None:
-            if table.pid in pids:
+            if table.pid in pids and self._same_view(table):
                 if table.fd not in self._changed:
                     return table.pid, table.text
                 try:
@@ -111,7 +130,12 @@ class MountTables:
                     pass  # read it again through a process that is there
             self._close(key)
         error: OSError = FileNotFoundError(f"no process of {key!r} to read a mount table from")
+        room = len(self._tables) < self.limit
         for pid in pids:
+            # Taken before the open: a change in between makes the next read open it again; a
+            # file whose view is older than the one recorded is never kept.  A root the agent
+            # may not look at (a process holding capabilities it lacks) is read every time.
+            view = self._view(pid) if room else None
             try:
                 fd = os.open(f"{self.proc_root}/{pid}/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
             except OSError as failure:
@@ -124,13 +148,22 @@ class MountTables:
                 error = failure
                 continue
             self.reads += 1
-            if len(self._tables) < self.limit:
-                self._tables[key] = _Table(pid, fd, text)
+            if view is not None:
+                self._tables[key] = _Table(pid, fd, text, view)
                 self._poll.register(fd, select.POLLPRI)
             else:
                 os.close(fd)
             return pid, text
         raise error
+
+    def _view(self, pid: int) -> tuple[int, int, int] | None:
+        try:
+            return _view(self.proc_root, pid)
+        except OSError:
+            return None
+
+    def _same_view(self, table: _Table) -> bool:
+        return self._view(table.pid) == table.view
 
     def end(self) -> None:
         """The collection is over: close the tables of containers it did not read."""
@@ -145,5 +178,3 @@ class MountTables:
         table = self._tables.pop(key)
         self._poll.unregister(table.fd)
         os.close(table.fd)
-
-
