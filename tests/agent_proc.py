@@ -92,9 +92,10 @@ def cycle_mark(exposition: str) -> CycleMark:
 
 def wait_cycles(scrape: Callable[[], str], count: int = 1, timeout_s: float = 30.0,
                 explain: Callable[[], str] = lambda: "") -> CycleMark:  # fmt: skip
-    """Until `count` more cycles have completed than at the first scrape (so the last of them
-    began after the call); returns the mark that shows it.  `scrape` returns /metrics; asked
-    every 20 ms, so the return follows that cycle's end by about one scrape."""
+    """Until `count` more cycles have completed than at the first scrape; returns the mark that
+    shows it.  The first of them may have begun before the call (the mark counts cycles that
+    ended; one may be running): with `count` >= 2 the last one began after it.  `scrape` returns
+    /metrics; asked every 20 ms, so the return follows that cycle's end by about one scrape."""
     target = cycle_mark(scrape()).cycles + count
     deadline = time.monotonic() + timeout_s
     while True:

@@ -244,7 +244,8 @@ def test_a_container_born_and_removed_between_two_cycles_is_counted_exactly(tmp_
             api.add_pod(make_pod("job-1", namespace=NAMESPACE, node=NODE, uid=pod.uid,
                                  containers=[("app", container_hex(pod))]))  # fmt: skip
             for _attempt in range(3):
-                # Right after a cycle's end: the job has the whole poll interval to live and go.
+                # Right after a cycle's end: the job has the rest of the poll interval to live and
+                # go (the next cycle starts one interval after that one started).
                 done = agent.wait_cycles(1, 30).cycles
                 job = new_container(tree, pod)
                 status = {"name": "job", "containerID": f"containerd://{container_hex(job)}", "ready": False,
@@ -254,10 +255,14 @@ def test_a_container_born_and_removed_between_two_cycles_is_counted_exactly(tmp_
                     run_job(job.container_dir, listener.port, ODD_BYTES, CALLS, fault_file)
                 remove_when_empty(tree, job.container_dir)
                 if agent.cycle_mark().cycles == done:
-                    break  # born, worked and removed between two cycles, as wanted
+                    break  # no cycle ended while the job lived: born, worked and removed between two
             else:
                 pytest.fail("a cycle kept running while the job lived")
-            agent.wait_cycles(1, 30)
+            # The mark counts cycles that ended: the next one may have begun before the removal and
+            # still be running (on a loaded node a cycle takes seconds), its counts read before the
+            # job's sends.  Cycles run one at a time, so the second to end from now began after
+            # the removal: its exposition holds what the job did, all of it.
+            agent.wait_cycles(2, 45)
             agent.wait_until(lambda: len(listener.received) == _attempt + 1, 10, "the listener saw the connection")
             assert listener.received[-1] == ODD_BYTES, "the listener got everything"
             samples = agent.metrics()
