@@ -78,12 +78,12 @@ class KeptFiles(KeptDescriptors):
                     self._close(path)  # its cgroup was removed: the path's own answer, below
                 else:
                     self._used[path] = self._cycle
-                    return data if len(data) < _CHUNK else _read_on(fd, data)
+                    return data if len(data) < _CHUNK else read_on(fd, data)
             fd = self._open_file(path)
             try:
                 data = os.pread(fd, _CHUNK, 0)
                 if len(data) == _CHUNK:
-                    data = _read_on(fd, data)
+                    data = read_on(fd, data)
                 keep = len(self._fds) < self.limit and self._keepable(fd)
             except BaseException:
                 os.close(fd)
@@ -100,7 +100,8 @@ class KeptFiles(KeptDescriptors):
         return os.fstat(fd).st_dev in self._devices
 
 
-def _read_on(fd: int, data: bytes) -> bytes:
+def read_on(fd: int, data: bytes) -> bytes:
+    """`data` (read at offset 0) and the rest of the file after it, by pread to its end."""
     chunks = [data]
     offset = len(data)
     while chunk := os.pread(fd, _CHUNK, offset):

@@ -34,6 +34,7 @@ import os
 import threading
 import weakref
 
+from kpod.cgroup.kept import read_on
 from kpod.cgroup.keptfds import close_all, close_all_at_exit, default_limit
 from kpod.cgroup.mounttables import on_procfs
 
@@ -47,12 +48,7 @@ def read_from_start(fd: int, max_record: int) -> str:
     the whole file (seq_file fills a page record by record), as kpod.cgroup.files.read_text."""
     data = os.pread(fd, _CHUNK, 0)
     if data and len(data) >= _PAGE - max_record:
-        chunks = [data]
-        offset = len(data)
-        while chunk := os.pread(fd, _CHUNK, offset):
-            chunks.append(chunk)
-            offset += len(chunk)
-        data = b"".join(chunks)
+        data = read_on(fd, data)
     return data.decode("utf-8", "surrogateescape")
 
 
